@@ -1,0 +1,96 @@
+// image_io.hpp: reading and writing pipecr images (format v1, docs/image-format.md).
+//
+// The writer streams: records go to a Sink as they are added, and a pipe's data is passed in
+// chunks, so writing an image never holds more than one chunk of queued bytes. The reader
+// takes the whole image as bytes in memory (a buffer, or a read-only mapping of the file),
+// verifies every checksum, length and cross-reference, and returns plain records whose
+// PipeRecord::data views those bytes: nothing is copied and nothing is parsed twice.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "pipecr/error.hpp"
+#include "pipecr/image.hpp"
+
+namespace pipecr::image {
+
+// Where a Writer's bytes go.
+class Sink {
+ public:
+  virtual ~Sink() = default;
+  [[nodiscard]] virtual Expected<void> write(std::span<const std::byte> bytes) = 0;
+};
+
+class MemorySink final : public Sink {
+ public:
+  [[nodiscard]] Expected<void> write(std::span<const std::byte> bytes) override;
+  [[nodiscard]] std::vector<std::byte>& bytes() { return buf_; }
+ private:
+  std::vector<std::byte> buf_;
+};
+
+// Appends to a fd (a file, a pipe), buffered; flush() before closing. `name` is used in errors.
+class FdSink final : public Sink {
+ public:
+  FdSink(int fd, std::string name);
+  ~FdSink() override;
+  [[nodiscard]] Expected<void> write(std::span<const std::byte> bytes) override;
+  [[nodiscard]] Expected<void> flush();
+ private:
+  int fd_;
+  std::string name_;
+  std::vector<std::byte> buf_;
+};
+
+// Writes one image. Call begin(), then records in this order: processes, pipes (each pipe's
+// record may be followed by its data: begin_data, data..., end_data), files, fds; then finish().
+// The writer checks the order and the data lengths; misuse returns Errc::invalid_argument.
+class Writer {
+ public:
+  explicit Writer(Sink& sink);
+  [[nodiscard]] Expected<void> begin(const ImageInfo& info);
+  [[nodiscard]] Expected<void> add(const ProcessRecord& p);
+  [[nodiscard]] Expected<void> add(const PipeRecord& p);  // metadata and slot table; not p.data
+  [[nodiscard]] Expected<void> begin_data(uint64_t pipe_id, uint64_t len);
+  [[nodiscard]] Expected<void> data(std::span<const std::byte> chunk);
+  [[nodiscard]] Expected<void> end_data();
+  [[nodiscard]] Expected<void> add(const FileRecord& f);
+  [[nodiscard]] Expected<void> add(const FdRecord& f);
+  [[nodiscard]] Expected<void> finish();
+  ~Writer();
+  Writer(const Writer&) = delete;
+  Writer& operator=(const Writer&) = delete;
+
+ private:
+  struct State;
+  State* st_;
+};
+
+// Parse and verify a whole image. Errors: Errc::bad_image (truncated, corrupt, inconsistent: the
+// message names the byte offset and the problem), Errc::image_version (a format version or a
+// required record type this build does not know).
+[[nodiscard]] Expected<Image> parse(std::span<const std::byte> bytes);
+
+// Encode a complete Image held in memory (PipeRecord::data set for every pipe with slots).
+[[nodiscard]] Expected<std::vector<std::byte>> encode(const Image& img);
+
+// A read-only mapping of an image file. Errors: Errc::not_found, Errc::permission, Errc::system.
+class MappedFile {
+ public:
+  [[nodiscard]] static Expected<MappedFile> open(const std::string& path);
+  MappedFile(MappedFile&& o) noexcept;
+  MappedFile& operator=(MappedFile&& o) noexcept;
+  ~MappedFile();
+  [[nodiscard]] std::span<const std::byte> bytes() const { return {static_cast<const std::byte*>(addr_), size_}; }
+
+ private:
+  MappedFile(void* addr, size_t size) : addr_(addr), size_(size) {}
+  void* addr_ = nullptr;
+  size_t size_ = 0;
+};
+
+}  // namespace pipecr::image

@@ -1,0 +1,50 @@
+// syscalls.hpp: thin wrappers over the system calls pipecr depends on.
+//
+// Each returns Expected<>; a failure carries the call, its arguments and errno, e.g.
+// "tee(in=5, out=7, len=65536): Resource temporarily unavailable". Calls glibc lacks
+// (kcmp, pidfd_open, pidfd_getfd) go through syscall(2).
+#pragma once
+
+#include <sys/types.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <string>
+
+#include "pipecr/error.hpp"
+#include "sys/unique_fd.hpp"
+
+namespace pipecr::sys {
+
+struct PipePair {
+  UniqueFd read;
+  UniqueFd write;
+};
+
+[[nodiscard]] Expected<PipePair> make_pipe(int flags);
+[[nodiscard]] Expected<int> get_pipe_size(int fd);
+[[nodiscard]] Expected<int> set_pipe_size(int fd, int size);
+[[nodiscard]] Expected<int> bytes_queued(int fd);  // FIONREAD
+[[nodiscard]] Expected<int> get_fl(int fd);
+[[nodiscard]] Expected<void> set_fl(int fd, int flags);
+[[nodiscard]] Expected<int> get_fd_flags(int fd);  // F_GETFD
+
+// tee/splice with SPLICE_F_NONBLOCK. A return of 0 means the source had nothing (and no writer).
+[[nodiscard]] Expected<size_t> tee_nb(int in, int out, size_t len);
+[[nodiscard]] Expected<size_t> splice_nb(int in, int out, size_t len);
+
+// Read exactly up to buf.size() once (retrying EINTR); 0 at EOF.
+[[nodiscard]] Expected<size_t> read_some(int fd, std::span<std::byte> buf);
+// Write all of buf (retrying EINTR and short writes).
+[[nodiscard]] Expected<void> write_all(int fd, std::span<const std::byte> buf, const char* what = "write");
+
+// kcmp(KCMP_FILE): <0, 0, >0 like strcmp: orders open file descriptions across processes.
+[[nodiscard]] Expected<int> kcmp_file(pid_t pid1, int fd1, pid_t pid2, int fd2);
+[[nodiscard]] Expected<UniqueFd> pidfd_open(pid_t pid);
+[[nodiscard]] Expected<UniqueFd> pidfd_getfd(int pidfd, int fd, pid_t pid_for_errors);
+
+// An errno from a call named `call` with printf-style arguments already formatted in `args`.
+[[nodiscard]] Error call_error(const char* call, const std::string& args);
+
+}  // namespace pipecr::sys
