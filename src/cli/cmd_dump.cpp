@@ -1,0 +1,65 @@
+// cmd_dump.cpp: `pipecr dump -t PID [-t PID ...] [--tree] -o IMAGE [--json] [--leave-stopped]`.
+//
+// Raises the soft RLIMIT_NOFILE to the hard one first: the dump holds one scratch pipe per
+// non-empty pipe until the image is written.
+#include <sys/resource.h>
+
+#include <memory>
+#include <vector>
+
+#include <fmt/format.h>
+
+#include "cli/command.hpp"
+#include "cli/image_json.hpp"
+#include "dump/process.hpp"
+
+namespace pipecr::cli {
+namespace {
+
+struct Options {
+  std::vector<pid_t> pids;
+  bool tree = false;
+  bool leave_stopped = false;
+  bool json = false;
+  bool verbose = false;
+  std::string output;
+};
+
+void raise_nofile() {
+  rlimit rl {};
+  if (::getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+    rl.rlim_cur = rl.rlim_max;
+    ::setrlimit(RLIMIT_NOFILE, &rl);
+  }
+}
+
+Expected<int> run_dump(const Options& o, CommandContext& ctx) {
+  raise_nofile();
+  dump::DumpOptions opts{.pids = o.pids, .tree = o.tree, .leave_stopped = o.leave_stopped};
+  Image records;
+  auto stats = dump::dump_to_file(opts, o.output, &records);
+  if (!stats) return tl::unexpected(stats.error());
+  if (o.json) fmt::print(ctx.out, "{}\n", render_json(image_to_json(records)));
+  if (o.verbose)
+    fmt::print(ctx.err, "pipecr dump: {} processes, {} pipes, {} open files, {} fds, {} bytes; stopped for {:.3f} ms\n",
+               records.processes.size(), stats->pipes, stats->files, stats->fds, stats->bytes,
+               static_cast<double>(stats->stopped_ns) / 1e6);
+  return kExitOk;
+}
+
+RunFn setup(CLI::App& app, CommandContext& ctx) {
+  auto o = std::make_shared<Options>();
+  app.add_option("-t,--target", o->pids, "a process to dump (repeat for more)")->required();
+  app.add_flag("--tree", o->tree, "also dump every descendant of the given processes");
+  app.add_option("-o,--output", o->output, "the image file to write (atomically, mode 0600)")->required();
+  app.add_flag("--json", o->json, "print the records written, as `pipecr show --json` would");
+  app.add_flag("--leave-stopped", o->leave_stopped,
+               "leave the processes in a group stop (SIGCONT resumes them) instead of resuming them");
+  app.add_flag("-v,--verbose", o->verbose, "say how much was dumped and how long the processes stood stopped");
+  return [o, &ctx]() -> Expected<int> { return run_dump(*o, ctx); };
+}
+
+const Registrar kDump{"dump", "checkpoint every pipe and FIFO held by running processes into an image", 30, setup};
+
+}  // namespace
+}  // namespace pipecr::cli
