@@ -1,0 +1,361 @@
+// process_dump_test.cpp: dump real processes and check what the image says, and that the
+// processes run on with their pipes exactly as they were (each child checks its own pipes after
+// the dump and reports through its exit status).
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/ioctl.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstring>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <string>
+#include <thread>
+
+#include <gtest/gtest.h>
+
+#include "dump/process.hpp"
+#include "image/image_io.hpp"
+
+namespace pipecr {
+namespace {
+
+// A forked child running `body`; killed and reaped on every path.
+class Child {
+ public:
+  explicit Child(const std::function<int(int ready_fd)>& body) {
+    int p[2];
+    if (pipe2(p, O_CLOEXEC) != 0) return;
+    pid_ = fork();
+    if (pid_ == 0) {
+      // Only what the body builds: stdio on /dev/null (under ctest they are pipes), nothing inherited.
+      int null = open("/dev/null", O_RDWR);
+      for (int fd = 0; fd < 3; ++fd) dup2(null, fd);
+      dup2(p[1], 3);
+      syscall(SYS_close_range, 4, ~0U, 0);
+      _exit(body(3));
+    }
+    close(p[1]);
+    // The child closes its end when its state is built: EOF, and the ready pipe is gone from its fds.
+    char c;
+    ready_ = read(p[0], &c, 1) == 0 && kill(pid_, 0) == 0;
+    close(p[0]);
+  }
+  ~Child() {
+    if (pid_ > 0 && !reaped_) {
+      kill(pid_, SIGKILL);
+      waitpid(pid_, nullptr, 0);
+    }
+  }
+  pid_t pid() const { return pid_; }
+  bool ready() const { return ready_; }
+  // Signals SIGUSR1 and returns the exit status (-1 on a signal death).
+  int finish() {
+    kill(pid_, SIGUSR1);
+    int st = 0;
+    waitpid(pid_, &st, 0);
+    reaped_ = true;
+    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+  }
+
+ private:
+  pid_t pid_ = -1;
+  bool ready_ = false;
+  bool reaped_ = false;
+};
+
+void signal_ready(int fd) { close(fd); }
+
+void wait_usr1() {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGUSR1);
+  int sig;
+  sigwait(&set, &sig);
+}
+
+void block_usr1() {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGUSR1);
+  sigprocmask(SIG_BLOCK, &set, nullptr);
+}
+
+// State letter and tracer of a process: nothing may be left stopped or traced.
+std::pair<char, int> state_of(pid_t pid) {
+  std::ifstream f("/proc/" + std::to_string(pid) + "/status");
+  std::string line;
+  char state = '?';
+  int tracer = -1;
+  while (std::getline(f, line)) {
+    if (line.rfind("State:", 0) == 0) state = line[7];
+    if (line.rfind("TracerPid:", 0) == 0) tracer = std::stoi(line.substr(10));
+  }
+  return {state, tracer};
+}
+
+void expect_running(pid_t pid) {
+  auto [state, tracer] = state_of(pid);
+  EXPECT_NE(state, 'T') << pid;
+  EXPECT_NE(state, 't') << pid;
+  EXPECT_EQ(tracer, 0) << pid;
+}
+
+Expected<Image> dump(std::vector<pid_t> pids, bool tree, std::vector<std::byte>& bytes, bool leave_stopped = false) {
+  image::MemorySink sink;
+  dump::DumpOptions opts{.pids = std::move(pids), .tree = tree, .leave_stopped = leave_stopped};
+  auto st = dump::dump_processes(opts, sink);
+  if (!st) return tl::unexpected(st.error());
+  bytes = std::move(sink.bytes());
+  return image::parse(bytes);
+}
+
+const FdRecord* fd_of(const Image& img, pid_t pid, int fd) {
+  for (const FdRecord& r : img.fds)
+    if (r.pid == pid && r.fd == fd) return &r;
+  return nullptr;
+}
+
+TEST(ProcessDump, BytesAndLayoutUnchangedForTheProcess) {
+  Child c([](int ready) {
+    block_usr1();
+    int p[2];
+    pipe(p);
+    std::string data(100000, '\0');
+    for (size_t i = 0; i < data.size(); ++i) data[i] = static_cast<char>(i * 7);
+    fcntl(p[1], F_SETPIPE_SZ, 1 << 17);
+    if (write(p[1], data.data(), data.size()) != static_cast<ssize_t>(data.size())) return 2;
+    signal_ready(ready);
+    wait_usr1();
+    int q = 0;
+    ioctl(p[0], FIONREAD, &q);
+    if (q != static_cast<int>(data.size())) return 3;
+    std::string back(data.size(), '\0');
+    size_t got = 0;
+    while (got < back.size()) got += static_cast<size_t>(read(p[0], &back[got], back.size() - got));
+    return back == data ? 0 : 4;
+  });
+  ASSERT_TRUE(c.ready());
+  std::vector<std::byte> bytes;
+  auto img = dump({c.pid()}, false, bytes);
+  ASSERT_TRUE(img) << img.error().what;
+  expect_running(c.pid());
+  ASSERT_EQ(img->pipes.size(), 1u);
+  EXPECT_EQ(img->pipes[0].bytes(), 100000u);
+  EXPECT_EQ(img->pipes[0].capacity, 1u << 17);
+  EXPECT_EQ(img->pipes[0].data.size(), 100000u);
+  EXPECT_EQ(static_cast<unsigned char>(img->pipes[0].data[3]), 21u);
+  EXPECT_EQ(img->files.size(), 2u);
+  ASSERT_EQ(img->processes.size(), 1u);
+  EXPECT_EQ(img->processes[0].pid, c.pid());
+  EXPECT_EQ(c.finish(), 0);
+}
+
+// pipe00: ends cross-wired between parent and child at fds 11 and 12, the child blocked in read().
+TEST(ProcessDump, CrossWiredParentAndChildWithBlockedReader) {
+  Child c([](int ready) {
+    block_usr1();
+    int a[2], b[2];
+    pipe(a);
+    pipe(b);
+    pid_t kid = fork();
+    if (kid == 0) {
+      close(ready);
+      dup2(a[0], 11);
+      dup2(b[1], 12);
+      for (int fd : {a[0], a[1], b[0], b[1]}) close(fd);
+      char buf[16] = {};
+      ssize_t n = read(11, buf, sizeof buf);  // blocked here during the dump
+      if (n != 4 || memcmp(buf, "ping", 4) != 0) _exit(5);
+      _exit(write(12, "pong", 4) == 4 ? 0 : 6);
+    }
+    dup2(b[0], 11);
+    dup2(a[1], 12);
+    for (int fd : {a[0], a[1], b[0], b[1]}) close(fd);
+    usleep(100000);  // let the child block in read()
+    signal_ready(ready);
+    wait_usr1();
+    if (write(12, "ping", 4) != 4) return 7;
+    char buf[8] = {};
+    if (read(11, buf, 4) != 4 || memcmp(buf, "pong", 4) != 0) return 8;
+    int st = 0;
+    waitpid(kid, &st, 0);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : 9;
+  });
+  ASSERT_TRUE(c.ready());
+  std::vector<std::byte> bytes;
+  auto img = dump({c.pid()}, true, bytes);
+  ASSERT_TRUE(img) << img.error().what;
+  ASSERT_EQ(img->processes.size(), 2u);
+  pid_t kid = img->processes[1].pid;
+  expect_running(c.pid());
+  expect_running(kid);
+  ASSERT_EQ(img->pipes.size(), 2u);
+  const FdRecord* k11 = fd_of(*img, kid, 11);
+  const FdRecord* p12 = fd_of(*img, c.pid(), 12);
+  ASSERT_TRUE(k11 && p12);
+  EXPECT_EQ(k11->blocked, Blocked::reading);
+  EXPECT_EQ(p12->blocked, Blocked::none);
+  // The child's fd 11 and the parent's fd 12 are the two ends of one pipe.
+  EXPECT_EQ(img->find_file(k11->file_id)->pipe_id, img->find_file(p12->file_id)->pipe_id);
+  EXPECT_NE(k11->file_id, p12->file_id);
+  EXPECT_EQ(c.finish(), 0);
+}
+
+// pipe01/pipe02: an fd, a dup (one open file description) and a /proc reopen (another one).
+TEST(ProcessDump, SharedAndSeparateOpenFiles) {
+  Child c([](int ready) {
+    block_usr1();
+    int p[2];
+    pipe(p);
+    dup2(p[0], 20);
+    dup2(p[0], 21);
+    int re = open(("/proc/self/fd/" + std::to_string(p[0])).c_str(), O_RDONLY | O_NONBLOCK);
+    dup2(re, 22);
+    fcntl(p[1], F_SETFD, FD_CLOEXEC);
+    signal_ready(ready);
+    wait_usr1();
+    return 0;
+  });
+  ASSERT_TRUE(c.ready());
+  std::vector<std::byte> bytes;
+  auto img = dump({c.pid()}, false, bytes);
+  ASSERT_TRUE(img) << img.error().what;
+  const FdRecord* f20 = fd_of(*img, c.pid(), 20);
+  const FdRecord* f21 = fd_of(*img, c.pid(), 21);
+  const FdRecord* f22 = fd_of(*img, c.pid(), 22);
+  ASSERT_TRUE(f20 && f21 && f22);
+  EXPECT_EQ(f20->file_id, f21->file_id);
+  EXPECT_NE(f20->file_id, f22->file_id);
+  EXPECT_EQ(img->find_file(f20->file_id)->pipe_id, img->find_file(f22->file_id)->pipe_id);
+  EXPECT_TRUE(img->find_file(f22->file_id)->flags & O_NONBLOCK);
+  EXPECT_FALSE(img->find_file(f20->file_id)->flags & O_NONBLOCK);
+  int cloexec = 0;
+  for (const FdRecord& r : img->fds) cloexec += r.cloexec;
+  EXPECT_EQ(cloexec, 1);
+  EXPECT_EQ(img->pipes.size(), 1u);
+  EXPECT_EQ(c.finish(), 0);
+}
+
+TEST(ProcessDump, OnlyTheWriteEndHeld) {
+  Child c([](int ready) {
+    block_usr1();
+    int p[2];
+    pipe(p);
+    (void)!write(p[1], "only-writer", 11);
+    close(p[0]);
+    signal_ready(ready);
+    wait_usr1();
+    // A write now must fail with EPIPE again: the dump's extra read end is gone.
+    signal(SIGPIPE, SIG_IGN);
+    return write(p[1], "x", 1) < 0 && errno == EPIPE ? 0 : 3;
+  });
+  ASSERT_TRUE(c.ready());
+  std::vector<std::byte> bytes;
+  auto img = dump({c.pid()}, false, bytes);
+  ASSERT_TRUE(img) << img.error().what;
+  ASSERT_EQ(img->pipes.size(), 1u);
+  std::string data(reinterpret_cast<const char*>(img->pipes[0].data.data()), img->pipes[0].data.size());
+  EXPECT_EQ(data, "only-writer");
+  EXPECT_EQ(c.finish(), 0);
+}
+
+TEST(ProcessDump, TenThousandPipes) {
+  constexpr int kPipes = 10000;
+  Child c([](int ready) {
+    block_usr1();
+    rlimit rl{};
+    getrlimit(RLIMIT_NOFILE, &rl);
+    rl.rlim_cur = rl.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &rl);
+    for (int i = 0; i < kPipes; ++i) {
+      int p[2];
+      if (pipe(p) != 0) return 2;
+      char c = static_cast<char>(i);
+      (void)!write(p[1], &c, 1);
+      close(p[1]);  // hold read ends only: 10,000 fds
+    }
+    signal_ready(ready);
+    wait_usr1();
+    return 0;
+  });
+  ASSERT_TRUE(c.ready());
+  rlimit rl{};
+  getrlimit(RLIMIT_NOFILE, &rl);
+  rlimit raised = rl;
+  raised.rlim_cur = rl.rlim_max;
+  setrlimit(RLIMIT_NOFILE, &raised);
+  std::vector<std::byte> bytes;
+  auto img = dump({c.pid()}, false, bytes);
+  setrlimit(RLIMIT_NOFILE, &rl);
+  ASSERT_TRUE(img) << img.error().what;
+  EXPECT_EQ(img->pipes.size(), static_cast<size_t>(kPipes));
+  EXPECT_EQ(img->fds.size(), static_cast<size_t>(kPipes));
+  for (const PipeRecord& p : img->pipes) EXPECT_EQ(p.bytes(), 1u);
+  expect_running(c.pid());
+  EXPECT_EQ(c.finish(), 0);
+}
+
+TEST(ProcessDump, LeaveStopped) {
+  Child c([](int ready) {
+    block_usr1();
+    signal_ready(ready);
+    wait_usr1();
+    return 0;
+  });
+  ASSERT_TRUE(c.ready());
+  std::vector<std::byte> bytes;
+  auto img = dump({c.pid()}, false, bytes, true);
+  ASSERT_TRUE(img) << img.error().what;
+  auto [state, tracer] = state_of(c.pid());
+  EXPECT_EQ(state, 'T');
+  EXPECT_EQ(tracer, 0);
+  kill(c.pid(), SIGCONT);
+  for (int i = 0; i < 100 && state_of(c.pid()).first == 'T'; ++i) usleep(10000);
+  expect_running(c.pid());
+  EXPECT_EQ(c.finish(), 0);
+}
+
+TEST(ProcessDump, MissingProcessIsGone) {
+  pid_t dead = fork();
+  if (dead == 0) _exit(0);
+  waitpid(dead, nullptr, 0);
+  std::vector<std::byte> bytes;
+  auto img = dump({dead}, false, bytes);
+  ASSERT_FALSE(img);
+  EXPECT_EQ(img.error().kind, Errc::gone) << img.error().what;
+}
+
+TEST(ProcessDump, UnprivilegedCallerIsRefusedAndNothingIsStopped) {
+  Child target([](int ready) {
+    block_usr1();
+    int p[2];
+    pipe(p);
+    signal_ready(ready);
+    wait_usr1();
+    return 0;
+  });
+  ASSERT_TRUE(target.ready());
+  pid_t t = target.pid();
+  Child dumper([t](int ready) {
+    block_usr1();
+    if (setresgid(65534, 65534, 65534) != 0 || setresuid(65534, 65534, 65534) != 0) return 10;
+    image::MemorySink sink;
+    auto st = dump::dump_processes(dump::DumpOptions{.pids = {t}}, sink);
+    signal_ready(ready);
+    if (st) return 11;
+    return st.error().kind == Errc::permission ? 0 : 12;
+  });
+  ASSERT_TRUE(dumper.ready());
+  EXPECT_EQ(dumper.finish(), 0);
+  expect_running(t);
+  EXPECT_EQ(target.finish(), 0);
+}
+
+}  // namespace
+}  // namespace pipecr
