@@ -41,6 +41,7 @@ class FdSink final : public Sink {
   [[nodiscard]] Expected<void> write(std::span<const std::byte> bytes) override;
   [[nodiscard]] Expected<void> flush();
  private:
+  [[nodiscard]] Expected<void> flush_direct(std::span<const std::byte> bytes);
   int fd_;
   std::string name_;
   std::vector<std::byte> buf_;
@@ -49,6 +50,10 @@ class FdSink final : public Sink {
 // Writes one image. Call begin(), then records in this order: processes, pipes (each pipe's
 // record may be followed by its data: begin_data, data..., end_data), files, fds; then finish().
 // The writer checks the order and the data lengths; misuse returns Errc::invalid_argument.
+// It also refuses (invalid_argument, nothing written) any record the reader would refuse: zero or
+// duplicate ids, references to records not yet added, slot lengths outside 1..page_size, strings
+// over their limits. A failed Sink write, or end_data() short of the announced length, leaves the
+// writer unusable (the output holds a partial record); other refusals leave it as it was.
 class Writer {
  public:
   explicit Writer(Sink& sink);
@@ -78,7 +83,9 @@ class Writer {
 // Encode a complete Image held in memory (PipeRecord::data set for every pipe with slots).
 [[nodiscard]] Expected<std::vector<std::byte>> encode(const Image& img);
 
-// A read-only mapping of an image file. Errors: Errc::not_found, Errc::permission, Errc::system.
+// A read-only mapping of an image file. Errors: Errc::not_found, Errc::permission, Errc::system,
+// Errc::invalid_argument (not a regular file). An empty file maps to an empty span (which parse()
+// refuses as truncated). The file must not shrink while mapped (SIGBUS).
 class MappedFile {
  public:
   [[nodiscard]] static Expected<MappedFile> open(const std::string& path);

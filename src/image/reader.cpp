@@ -1,0 +1,359 @@
+// reader.cpp: parser and verifier of format v1 images (docs/image-format.md).
+//
+// One pass over bytes already in memory (a buffer or a read-only mapping). The reader trusts no
+// field: a record's length is checked against the bytes left before its checksum is computed, the
+// checksum is verified before the payload is decoded, every count is checked against the payload
+// bytes left before anything is reserved for it, and every id and reference is checked against
+// the records already seen (the grammar puts referenced records first). Any problem becomes
+// Errc::bad_image with the offset and a sentence; a version or a required record type this build
+// does not know becomes Errc::image_version. PIPE_DATA bytes are not copied: PipeRecord::data views
+// the input, which must outlive the Image.
+#include <xxhash.h>
+
+#include <set>
+#include <unordered_map>
+#include <unordered_set>
+
+#include "image/encoding.hpp"
+#include "image/image_io.hpp"
+
+namespace pipecr::image {
+namespace {
+
+[[nodiscard]] tl::unexpected<Error> bad(uint64_t off, std::string what) {
+  return fail(Errc::bad_image, 0, fmt::format("image offset {}: {}", off, what));
+}
+
+// Sections in grammar order; PIPE_DATA belongs to the pipes section.
+enum class Section : uint8_t { info, processes, pipes, files, fds };
+
+[[nodiscard]] const char* section_name(Section s) {
+  switch (s) {
+    case Section::info: return "INFO";
+    case Section::processes: return "PROCESS";
+    case Section::pipes: return "PIPE";
+    case Section::files: return "FILE";
+    case Section::fds: return "FD";
+  }
+  return "?";
+}
+
+// A record's payload, already length- and checksum-verified.
+struct RawRecord {
+  uint32_t type = 0;
+  uint32_t flags = 0;
+  uint64_t offset = 0;                  // of the record header
+  std::span<const std::byte> payload;   // starts at offset + kRecordHeaderSize
+  [[nodiscard]] Cursor cursor() const { return Cursor(payload, offset + kRecordHeaderSize); }
+};
+
+[[nodiscard]] tl::unexpected<Error> bad_field(const RawRecord& r, const Cursor& c) {
+  return bad(c.problem_offset(), fmt::format("record {}: {}", record_name(r.type), c.problem()));
+}
+
+Expected<ImageInfo> decode_info(const RawRecord& r) {
+  Cursor c = r.cursor();
+  ImageInfo i;
+  if (!c.opt(i.page_size, "page_size") || !c.opt(i.created_unix_ns, "created_unix_ns") ||
+      !c.opt_string(i.kernel, "kernel", kMaxShortString) || !c.opt_string(i.tool, "tool", kMaxShortString))
+    return bad_field(r, c);
+  return i;
+}
+
+Expected<ProcessRecord> decode_process(const RawRecord& r) {
+  Cursor c = r.cursor();
+  ProcessRecord p;
+  uint32_t argc = 0;
+  if (!c.opt(p.pid, "pid") || !c.opt(p.ppid, "ppid") || !c.opt_string(p.comm, "comm", kMaxComm)) return bad_field(r, c);
+  uint64_t at = c.offset();
+  if (!c.opt(argc, "argc")) return bad_field(r, c);
+  if (argc > c.left() / 4)  // each argument takes at least its u32 length
+    return bad(at, fmt::format("record PROCESS: argc {} cannot fit in the {} bytes left", argc, c.left()));
+  p.argv.reserve(argc);
+  uint64_t total = 0;
+  for (uint32_t i = 0; i < argc; ++i) {
+    auto a = c.string("argv", static_cast<uint32_t>(kMaxArgvBytes - total));
+    if (!a) return bad_field(r, c);
+    total += a->size();
+    p.argv.push_back(std::move(*a));
+  }
+  return p;
+}
+
+Expected<PipeRecord> decode_pipe(const RawRecord& r, uint32_t page_size) {
+  Cursor c = r.cursor();
+  PipeRecord p;
+  uint8_t kind = 0;
+  uint32_t flags = 0, nslots = 0;
+  if (!c.opt(p.id, "id") || !c.opt(kind, "kind") || !c.opt(p.inode, "inode") || !c.opt(p.capacity, "capacity") ||
+      !c.opt(p.uid, "uid") || !c.opt(p.gid, "gid") || !c.opt(p.mode, "mode") ||
+      !c.opt_string(p.path, "path", kMaxPath) || !c.opt(flags, "flags"))
+    return bad_field(r, c);
+  p.kind = static_cast<PipeKind>(kind);
+  p.unlinked = flags & kPipeUnlinked;
+  p.outside_holders = flags & kPipeOutsideHolders;
+  uint64_t at = c.offset();
+  if (!c.opt(nslots, "slot count")) return bad_field(r, c);
+  if (nslots > c.left() / 8)
+    return bad(at, fmt::format("record PIPE: slot count {} needs {} bytes but {} are left", nslots,
+                               uint64_t{nslots} * 8, c.left()));
+  if (nslots > p.capacity / page_size)
+    return bad(at, fmt::format("record PIPE: slot count {} exceeds capacity {} / page size {}", nslots, p.capacity,
+                               page_size));
+  p.slots.reserve(nslots);
+  for (uint32_t i = 0; i < nslots; ++i) {
+    auto len = c.u32("slot length");
+    auto fl = c.u32("slot flags");
+    if (!len || !fl) return bad_field(r, c);
+    p.slots.push_back(Slot{*len, (*fl & kSlotPacket) != 0});
+  }
+  return p;
+}
+
+Expected<FileRecord> decode_file(const RawRecord& r) {
+  Cursor c = r.cursor();
+  FileRecord f;
+  uint32_t owner_flags = 0;
+  uint8_t fifo = 0;
+  if (!c.opt(f.id, "id") || !c.opt(f.pipe_id, "pipe_id") || !c.opt(f.flags, "flags") ||
+      !c.opt(f.owner.type, "owner type") || !c.opt(f.owner.pid, "owner pid") || !c.opt(owner_flags, "owner flags") ||
+      !c.opt(f.owner.uid, "owner uid") || !c.opt(f.owner.euid, "owner euid") || !c.opt(f.signal, "signal") ||
+      !c.opt(fifo, "fifo_reader"))
+    return bad_field(r, c);
+  f.owner.has_uids = owner_flags & 1;
+  f.fifo_reader = static_cast<FifoReaderState>(fifo);
+  return f;
+}
+
+Expected<FdRecord> decode_fd(const RawRecord& r) {
+  Cursor c = r.cursor();
+  FdRecord f;
+  uint32_t fd_flags = 0;
+  uint8_t blocked = 0;
+  if (!c.opt(f.pid, "pid") || !c.opt(f.fd, "fd") || !c.opt(f.file_id, "file_id") || !c.opt(fd_flags, "fd flags") ||
+      !c.opt(blocked, "blocked"))
+    return bad_field(r, c);
+  f.cloexec = fd_flags & 1;
+  f.blocked = static_cast<Blocked>(blocked);
+  return f;
+}
+
+class Parser {
+ public:
+  explicit Parser(std::span<const std::byte> bytes) : bytes_(bytes) {}
+
+  Expected<Image> run() {
+    if (auto r = header(); !r) return tl::unexpected(r.error());
+    uint64_t pos = kFileHeaderSize;
+    for (;;) {
+      auto rec = next(pos);
+      if (!rec) return tl::unexpected(rec.error());
+      pos += kRecordOverhead + rec->payload.size();
+      if (rec->type == static_cast<uint32_t>(RecordType::end)) {
+        if (auto r = end(*rec); !r) return tl::unexpected(r.error());
+        if (pos != bytes_.size()) return bad(pos, fmt::format("{} bytes follow the END record", bytes_.size() - pos));
+        return std::move(img_);
+      }
+      if (auto r = dispatch(*rec); !r) return tl::unexpected(r.error());
+      ++records_;
+    }
+  }
+
+ private:
+  Expected<void> header() {
+    if (bytes_.size() >= kMagic.size() && !std::equal(kMagic.begin(), kMagic.end(), bytes_.begin()))
+      return bad(0, "not a pipecr image (bad magic)");
+    if (bytes_.size() < kFileHeaderSize)
+      return bad(0, fmt::format("file header needs {} bytes but the image has {} (truncated)", kFileHeaderSize,
+                                bytes_.size()));
+    uint64_t stored = get_le<uint64_t>(bytes_.data() + 16);
+    uint64_t computed = XXH3_64bits(bytes_.data(), 16);
+    if (stored != computed)
+      return bad(16, fmt::format("file header checksum mismatch (stored {:#018x}, computed {:#018x})", stored, computed));
+    img_.format_version = get_le<uint32_t>(bytes_.data() + 8);
+    if (img_.format_version != kFormatVersion)
+      return fail(Errc::image_version, 0,
+                  fmt::format("image offset 8: format version {} is not supported (this build reads version {})",
+                              img_.format_version, kFormatVersion));
+    return {};
+  }
+
+  // The record at pos: header in bounds, length in bounds, checksum verified.
+  Expected<RawRecord> next(uint64_t pos) {
+    uint64_t left = bytes_.size() - pos;
+    if (left == 0)
+      return bad(pos, fmt::format("image ends after {} records without an END record (truncated)", records_));
+    if (left < kRecordOverhead)
+      return bad(pos, fmt::format("record header and checksum need {} bytes but {} are left", kRecordOverhead, left));
+    RawRecord r;
+    r.offset = pos;
+    r.type = get_le<uint32_t>(bytes_.data() + pos);
+    r.flags = get_le<uint32_t>(bytes_.data() + pos + 4);
+    uint64_t len = get_le<uint64_t>(bytes_.data() + pos + 8);
+    uint64_t room = left - kRecordOverhead;  // for the payload
+    if (len > room)
+      return bad(pos, fmt::format("record {} length {} exceeds the {} bytes left", record_name(r.type), len, room));
+    const std::byte* p = bytes_.data() + pos;
+    uint64_t stored = get_le<uint64_t>(p + kRecordHeaderSize + len);
+    uint64_t computed = XXH3_64bits(p, kRecordHeaderSize + len);
+    if (stored != computed)
+      return bad(pos, fmt::format("record {} checksum mismatch (stored {:#018x}, computed {:#018x})",
+                                  record_name(r.type), stored, computed));
+    r.payload = bytes_.subspan(pos + kRecordHeaderSize, len);
+    return r;
+  }
+
+  // Place a known record in the grammar: INFO first, then sections in order.
+  Expected<void> enter(const RawRecord& r, Section s) {
+    if (!saw_info_ && s != Section::info)
+      return bad(r.offset, fmt::format("first record is {}, not INFO", record_name(r.type)));
+    if (saw_info_ && s == Section::info) return bad(r.offset, "second INFO record");
+    if (s < section_)
+      return bad(r.offset, fmt::format("{} record after a {} record", record_name(r.type), section_name(section_)));
+    if (s > Section::pipes && section_ <= Section::pipes)
+      if (auto e = all_data_present(); !e) return e;
+    section_ = s;
+    return {};
+  }
+
+  Expected<void> dispatch(const RawRecord& r) {
+    switch (static_cast<RecordType>(r.type)) {
+      case RecordType::info: return info(r);
+      case RecordType::process: return process(r);
+      case RecordType::pipe: return pipe(r);
+      case RecordType::pipe_data: return pipe_data(r);
+      case RecordType::file: return file(r);
+      case RecordType::fd: return fd(r);
+      case RecordType::end: break;  // handled by run()
+    }
+    if (r.flags & kRecordRequired)
+      return fail(Errc::image_version, 0,
+                  fmt::format("image offset {}: required record type {:#x} is not known to this build", r.offset,
+                              r.type));
+    if (!saw_info_) return bad(r.offset, fmt::format("first record is {}, not INFO", record_name(r.type)));
+    return {};  // an optional record from a later writer: skipped
+  }
+
+  Expected<void> info(const RawRecord& r) {
+    if (auto e = enter(r, Section::info); !e) return e;
+    auto i = decode_info(r);
+    if (!i) return tl::unexpected(i.error());
+    if (auto p = check_info(*i); !p.empty()) return bad(r.offset, "record INFO: " + p);
+    img_.info = std::move(*i);
+    saw_info_ = true;
+    return {};
+  }
+
+  Expected<void> process(const RawRecord& r) {
+    if (auto e = enter(r, Section::processes); !e) return e;
+    auto p = decode_process(r);
+    if (!p) return tl::unexpected(p.error());
+    if (auto e = check_process(*p); !e.empty()) return bad(r.offset, "record PROCESS: " + e);
+    if (!pids_.insert(p->pid).second) return bad(r.offset, fmt::format("record PROCESS: pid {} appears twice", p->pid));
+    img_.processes.push_back(std::move(*p));
+    return {};
+  }
+
+  Expected<void> pipe(const RawRecord& r) {
+    if (auto e = enter(r, Section::pipes); !e) return e;
+    auto p = decode_pipe(r, img_.info.page_size);
+    if (!p) return tl::unexpected(p.error());
+    if (auto e = check_pipe(*p, img_.info.page_size); !e.empty()) return bad(r.offset, "record PIPE: " + e);
+    if (!pipe_index_.emplace(p->id, img_.pipes.size()).second)
+      return bad(r.offset, fmt::format("record PIPE: pipe id {} appears twice", p->id));
+    pipes_.push_back(PipeBooks{r.offset, p->bytes(), false});
+    img_.pipes.push_back(std::move(*p));
+    return {};
+  }
+
+  Expected<void> pipe_data(const RawRecord& r) {
+    if (auto e = enter(r, Section::pipes); !e) return e;
+    Cursor c = r.cursor();
+    auto id = c.u64("pipe_id");
+    if (!id) return bad_field(r, c);
+    auto it = pipe_index_.find(*id);
+    if (it == pipe_index_.end())
+      return bad(r.offset, fmt::format("record PIPE_DATA: pipe {} has no earlier PIPE record", *id));
+    PipeBooks& b = pipes_[it->second];
+    if (b.has_data) return bad(r.offset, fmt::format("record PIPE_DATA: second data record for pipe {}", *id));
+    if (c.left() != b.bytes)
+      return bad(r.offset, fmt::format("record PIPE_DATA: pipe {} data has {} bytes but its slots hold {}", *id,
+                                       c.left(), b.bytes));
+    b.has_data = true;
+    img_.pipes[it->second].data = r.payload.subspan(8);
+    return {};
+  }
+
+  Expected<void> file(const RawRecord& r) {
+    if (auto e = enter(r, Section::files); !e) return e;
+    auto f = decode_file(r);
+    if (!f) return tl::unexpected(f.error());
+    if (auto e = check_file(*f); !e.empty()) return bad(r.offset, "record FILE: " + e);
+    if (!pipe_index_.count(f->pipe_id))
+      return bad(r.offset, fmt::format("record FILE: file {} refers to pipe {} which has no PIPE record", f->id,
+                                       f->pipe_id));
+    if (!file_ids_.insert(f->id).second) return bad(r.offset, fmt::format("record FILE: file id {} appears twice", f->id));
+    img_.files.push_back(*f);
+    return {};
+  }
+
+  Expected<void> fd(const RawRecord& r) {
+    if (auto e = enter(r, Section::fds); !e) return e;
+    auto f = decode_fd(r);
+    if (!f) return tl::unexpected(f.error());
+    if (auto e = check_fd(*f); !e.empty()) return bad(r.offset, "record FD: " + e);
+    if (!file_ids_.count(f->file_id))
+      return bad(r.offset, fmt::format("record FD: fd {} refers to file {} which has no FILE record", f->fd,
+                                       f->file_id));
+    if (f->pid != 0 && !pids_.count(f->pid))
+      return bad(r.offset, fmt::format("record FD: fd {} belongs to pid {} which has no PROCESS record", f->fd, f->pid));
+    if (!fds_.insert({f->pid, f->fd}).second)
+      return bad(r.offset, fmt::format("record FD: fd {} of pid {} appears twice", f->fd, f->pid));
+    img_.fds.push_back(*f);
+    return {};
+  }
+
+  Expected<void> end(const RawRecord& r) {
+    if (!saw_info_) return bad(r.offset, "first record is END, not INFO");
+    if (section_ <= Section::pipes)
+      if (auto e = all_data_present(); !e) return e;
+    Cursor c = r.cursor();
+    auto count = c.u64("record count");
+    if (!count) return bad_field(r, c);
+    if (*count != records_)
+      return bad(r.offset, fmt::format("record END counts {} records but {} precede it", *count, records_));
+    return {};
+  }
+
+  // A pipe with queued bytes must have had its PIPE_DATA by the end of the pipes section.
+  Expected<void> all_data_present() const {
+    for (size_t i = 0; i < pipes_.size(); ++i)
+      if (pipes_[i].bytes > 0 && !pipes_[i].has_data)
+        return bad(pipes_[i].offset, fmt::format("record PIPE: pipe {} holds {} bytes but has no PIPE_DATA record",
+                                                 img_.pipes[i].id, pipes_[i].bytes));
+    return {};
+  }
+
+  struct PipeBooks {
+    uint64_t offset = 0;  // of its PIPE record, for errors
+    uint64_t bytes = 0;
+    bool has_data = false;
+  };
+
+  std::span<const std::byte> bytes_;
+  Image img_;
+  uint64_t records_ = 0;  // records before END, skipped ones included
+  bool saw_info_ = false;
+  Section section_ = Section::info;
+  std::unordered_map<uint64_t, size_t> pipe_index_;  // id -> index in img_.pipes and pipes_
+  std::vector<PipeBooks> pipes_;
+  std::unordered_set<uint64_t> file_ids_;
+  std::unordered_set<int32_t> pids_;
+  std::set<std::pair<int32_t, int32_t>> fds_;
+};
+
+}  // namespace
+
+Expected<Image> parse(std::span<const std::byte> bytes) { return Parser(bytes).run(); }
+
+}  // namespace pipecr::image
