@@ -1,0 +1,383 @@
+// ptrace_test.cpp: StoppedProcess against real children: threads, blocked reads, group stops,
+// missing and forbidden targets. Every child is killed and reaped by a guard; a StoppedProcess is
+// always declared after the guard of its child, so it detaches first.
+#include "sys/ptrace.hpp"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <csignal>
+#include <cstring>
+#include <fstream>
+#include <functional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <fmt/format.h>
+#include <gtest/gtest.h>
+
+#include "sys/syscalls.hpp"
+
+namespace pipecr::sys {
+namespace {
+
+using namespace std::chrono_literals;
+
+// A forked child, killed and reaped in every path.
+struct Child {
+  pid_t pid = -1;
+  Child() = default;
+  explicit Child(pid_t p) : pid(p) {}
+  Child(Child&& o) noexcept : pid(o.pid) { o.pid = -1; }
+  Child& operator=(Child&& o) noexcept {
+    std::swap(pid, o.pid);
+    return *this;
+  }
+  ~Child() {
+    if (pid <= 0) return;
+    ::kill(pid, SIGKILL);
+    while (::waitpid(pid, nullptr, __WALL) < 0 && errno == EINTR) {
+    }
+  }
+};
+
+Child spawn(const std::function<void()>& body) {
+  pid_t p = ::fork();
+  if (p == 0) {
+    body();
+    ::_exit(0);
+  }
+  return Child(p);
+}
+
+// A counter shared with children (MAP_SHARED survives fork).
+struct SharedCounter {
+  std::atomic<long>* value;
+  SharedCounter() {
+    void* m = ::mmap(nullptr, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    value = new (m) std::atomic<long>(0);
+  }
+  ~SharedCounter() { ::munmap(value, 4096); }
+  long get() const { return value->load(); }
+};
+
+char state_of(pid_t pid, pid_t tid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/task/" + std::to_string(tid) + "/stat");
+  std::string line;
+  if (!std::getline(in, line)) return '?';
+  return line[line.rfind(')') + 2];
+}
+
+std::vector<pid_t> tasks_of(pid_t pid) {
+  std::vector<pid_t> out;
+  DIR* d = ::opendir(("/proc/" + std::to_string(pid) + "/task").c_str());
+  if (!d) return out;
+  while (dirent* e = ::readdir(d))
+    if (e->d_name[0] != '.') out.push_back(std::stoi(e->d_name));
+  ::closedir(d);
+  return out;
+}
+
+int tracer_of(pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/status");
+  std::string line;
+  while (std::getline(in, line))
+    if (line.rfind("TracerPid:", 0) == 0) return std::stoi(line.substr(10));
+  return -1;
+}
+
+// Waits (up to 5 s) until pred() holds.
+bool eventually(const std::function<bool()>& pred) {
+  for (int i = 0; i < 5000; ++i) {
+    if (pred()) return true;
+    std::this_thread::sleep_for(1ms);
+  }
+  return pred();
+}
+
+// /proc/PID/task/TID/syscall starts with the syscall number and its first argument in hex.
+bool blocked_in(pid_t pid, pid_t tid, long nr, long arg0) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/task/" + std::to_string(tid) + "/syscall");
+  long n = -2;
+  std::string a0;
+  if (!(in >> n >> a0)) return false;
+  return n == nr && std::stol(a0, nullptr, 16) == arg0 && state_of(pid, tid) == 'S';
+}
+
+std::string read_report(int fd) {
+  pollfd p{fd, POLLIN, 0};
+  if (::poll(&p, 1, 5000) != 1) return "<timeout>";
+  char buf[256];
+  ssize_t n = ::read(fd, buf, sizeof buf);
+  return n > 0 ? std::string(buf, static_cast<size_t>(n)) : std::string("<eof>");
+}
+
+// A child whose main thread blocks in read(5) on a pipe and reports what it reads on `report`.
+struct ReaderChild {
+  PipePair input, report;
+  Child child;
+};
+
+ReaderChild start_reader() {
+  ReaderChild rc;
+  rc.input = *make_pipe(0);
+  rc.report = *make_pipe(0);
+  int in = rc.input.read.get(), out = rc.report.write.get();
+  rc.child = spawn([in, out] {
+    ::dup2(in, 5);
+    char buf[256];
+    for (;;) {
+      ssize_t n = ::read(5, buf, sizeof buf);
+      if (n <= 0) ::_exit(3);
+      if (::write(out, buf, static_cast<size_t>(n)) < 0) ::_exit(4);
+    }
+  });
+  rc.input.read.reset();
+  rc.report.write.reset();
+  return rc;
+}
+
+bool contains(const std::vector<pid_t>& v, pid_t x) { return std::find(v.begin(), v.end(), x) != v.end(); }
+
+TEST(Ptrace, SeizesEveryThreadAndResumes) {
+  SharedCounter counter;
+  auto* value = counter.value;
+  Child child = spawn([value] {
+    std::vector<std::thread> threads;
+    for (int i = 0; i < 3; ++i)
+      threads.emplace_back([value] {
+        for (;;) {
+          value->fetch_add(1);
+          std::this_thread::sleep_for(1ms);
+        }
+      });
+    for (;;) ::pause();
+  });
+  ASSERT_TRUE(eventually([&] { return tasks_of(child.pid).size() == 4 && counter.get() > 10; }));
+
+  auto sp = StoppedProcess::seize(child.pid);
+  ASSERT_TRUE(sp) << sp.error().what;
+  ASSERT_EQ(sp->threads().size(), 4u);
+  EXPECT_EQ(sp->threads().front(), child.pid);
+  EXPECT_FALSE(sp->was_stopped());
+  for (pid_t tid : sp->threads()) EXPECT_EQ(state_of(child.pid, tid), 't') << tid;
+  EXPECT_EQ(tracer_of(child.pid), ::getpid());
+  long frozen = counter.get();
+  std::this_thread::sleep_for(30ms);
+  EXPECT_EQ(counter.get(), frozen);  // nothing runs while seized
+
+  ASSERT_TRUE(sp->resume());
+  EXPECT_FALSE(sp->attached());
+  EXPECT_EQ(tracer_of(child.pid), 0);
+  EXPECT_TRUE(eventually([&] { return counter.get() > frozen + 10; }));
+  for (pid_t tid : tasks_of(child.pid)) EXPECT_NE(state_of(child.pid, tid), 't');
+}
+
+// Threads that create threads all the time: the re-listing must catch every one of them.
+TEST(Ptrace, CatchesThreadsCreatedWhileSeizing) {
+  Child child = spawn([] {
+    std::function<void()> spawn_next = [&] {
+      std::thread([&] {
+        std::this_thread::sleep_for(200us);
+        spawn_next();
+      }).detach();
+    };
+    for (int i = 0; i < 4; ++i) spawn_next();
+    for (;;) ::pause();
+  });
+  std::this_thread::sleep_for(50ms);
+  for (int round = 0; round < 50; ++round) {
+    auto sp = StoppedProcess::seize(child.pid);
+    ASSERT_TRUE(sp) << sp.error().what;
+    for (pid_t tid : tasks_of(child.pid)) {
+      char s = state_of(child.pid, tid);
+      if (s == 'Z' || s == 'X' || s == '?') continue;  // exiting threads are not ours to stop
+      EXPECT_TRUE(contains(sp->threads(), tid)) << "thread " << tid << " state " << s;
+      EXPECT_EQ(s, 't');
+    }
+    ASSERT_TRUE(sp->resume());
+  }
+}
+
+TEST(Ptrace, BlockedReadIsReportedAndGoesOnAfterDetach) {
+  ReaderChild rc = start_reader();
+  ASSERT_TRUE(eventually([&] { return blocked_in(rc.child.pid, rc.child.pid, SYS_read, 5); }));
+  {
+    auto sp = StoppedProcess::seize(rc.child.pid);
+    ASSERT_TRUE(sp) << sp.error().what;
+    auto st = sp->syscall_state(rc.child.pid);
+    ASSERT_TRUE(st) << st.error().what;
+    EXPECT_TRUE(st->in_syscall);
+    EXPECT_EQ(st->nr, SYS_read);
+    EXPECT_EQ(st->args[0], 5u);
+    EXPECT_EQ(st->args[2], 256u);
+    EXPECT_EQ(st->ret, kErestartSys);
+    ASSERT_TRUE(sp->resume());
+  }
+  ASSERT_TRUE(eventually([&] { return blocked_in(rc.child.pid, rc.child.pid, SYS_read, 5); }));
+  ASSERT_TRUE(write_all(rc.input.write.get(), std::as_bytes(std::span("hello", 5))));
+  EXPECT_EQ(read_report(rc.report.read.get()), "hello");
+}
+
+TEST(Ptrace, SyscallStateOfRegisters) {
+  user_regs_struct r{};
+  r.orig_rax = static_cast<unsigned long>(-1L);
+  r.rax = 7;
+  EXPECT_FALSE(syscall_state_of(r).in_syscall);
+  EXPECT_EQ(syscall_state_of(r).nr, -1);
+  r.orig_rax = SYS_write;
+  r.rax = 3;  // a write that completed: not "in" it
+  EXPECT_FALSE(syscall_state_of(r).in_syscall);
+  EXPECT_EQ(syscall_state_of(r).nr, SYS_write);
+  for (long code : {kErestartSys, kErestartNoIntr, kErestartNoHand, kErestartRestartBlock}) {
+    r.rax = static_cast<unsigned long>(code);
+    EXPECT_TRUE(syscall_state_of(r).in_syscall) << code;
+  }
+  r.rax = static_cast<unsigned long>(-EINTR);
+  EXPECT_FALSE(syscall_state_of(r).in_syscall);
+}
+
+Child start_counter(SharedCounter& counter) {
+  auto* value = counter.value;
+  return spawn([value] {
+    for (;;) value->fetch_add(1);
+  });
+}
+
+TEST(Ptrace, GroupStoppedProcessStaysStopped) {
+  SharedCounter counter;
+  Child child = start_counter(counter);
+  ASSERT_TRUE(eventually([&] { return counter.get() > 0; }));
+  ASSERT_EQ(::kill(child.pid, SIGSTOP), 0);
+  int status = 0;
+  ASSERT_EQ(::waitpid(child.pid, &status, WUNTRACED), child.pid);
+  ASSERT_TRUE(WIFSTOPPED(status));
+
+  auto sp = StoppedProcess::seize(child.pid);
+  ASSERT_TRUE(sp) << sp.error().what;
+  EXPECT_TRUE(sp->was_stopped());
+  ASSERT_TRUE(sp->resume());
+  EXPECT_EQ(tracer_of(child.pid), 0);
+  ASSERT_TRUE(eventually([&] { return state_of(child.pid, child.pid) == 'T'; }));
+  long frozen = counter.get();
+  std::this_thread::sleep_for(50ms);
+  EXPECT_EQ(counter.get(), frozen);
+  EXPECT_EQ(state_of(child.pid, child.pid), 'T');
+
+  ASSERT_EQ(::kill(child.pid, SIGCONT), 0);
+  EXPECT_TRUE(eventually([&] { return counter.get() > frozen; }));
+}
+
+TEST(Ptrace, ResumeLeaveStoppedIsAnOrdinaryGroupStop) {
+  SharedCounter counter;
+  Child child = start_counter(counter);
+  ASSERT_TRUE(eventually([&] { return counter.get() > 0; }));
+  auto sp = StoppedProcess::seize(child.pid);
+  ASSERT_TRUE(sp) << sp.error().what;
+  auto ok = sp->resume(/*leave_stopped=*/true);
+  ASSERT_TRUE(ok) << ok.error().what;
+  EXPECT_EQ(state_of(child.pid, child.pid), 'T');
+  EXPECT_EQ(tracer_of(child.pid), 0);
+  int status = 0;
+  ASSERT_EQ(::waitpid(child.pid, &status, WUNTRACED), child.pid);  // the parent sees the stop
+  EXPECT_TRUE(WIFSTOPPED(status));
+  EXPECT_EQ(WSTOPSIG(status), SIGSTOP);
+  long frozen = counter.get();
+  std::this_thread::sleep_for(30ms);
+  EXPECT_EQ(counter.get(), frozen);
+
+  ASSERT_EQ(::kill(child.pid, SIGCONT), 0);
+  ASSERT_EQ(::waitpid(child.pid, &status, WCONTINUED), child.pid);
+  EXPECT_TRUE(WIFCONTINUED(status));
+  EXPECT_TRUE(eventually([&] { return counter.get() > frozen; }));
+}
+
+TEST(Ptrace, DestructorDetaches) {
+  SharedCounter counter;
+  Child child = start_counter(counter);
+  {
+    auto sp = StoppedProcess::seize(child.pid);
+    ASSERT_TRUE(sp) << sp.error().what;
+    StoppedProcess moved = std::move(*sp);
+    EXPECT_FALSE(sp->attached());
+    EXPECT_TRUE(moved.attached());
+    EXPECT_EQ(tracer_of(child.pid), ::getpid());
+  }
+  EXPECT_EQ(tracer_of(child.pid), 0);
+  long now = counter.get();
+  EXPECT_TRUE(eventually([&] { return counter.get() > now; }));
+}
+
+TEST(Ptrace, MissingOrDeadProcessIsGone) {
+  pid_t gone_pid;
+  {
+    Child c = spawn([] { ::_exit(0); });
+    gone_pid = c.pid;
+  }  // reaped: the pid is free
+  auto sp = StoppedProcess::seize(gone_pid);
+  ASSERT_FALSE(sp);
+  EXPECT_EQ(sp.error().kind, Errc::gone) << sp.error().what;
+
+  Child zombie = spawn([] { ::_exit(0); });
+  ASSERT_TRUE(eventually([&] { return state_of(zombie.pid, zombie.pid) == 'Z'; }));
+  sp = StoppedProcess::seize(zombie.pid);
+  ASSERT_FALSE(sp);
+  EXPECT_EQ(sp.error().kind, Errc::gone) << sp.error().what;
+
+  sp = StoppedProcess::seize(0);
+  ASSERT_FALSE(sp);
+  EXPECT_EQ(sp.error().kind, Errc::invalid_argument);
+}
+
+// The main thread called pthread_exit: the leader is a zombie but the process lives on.
+TEST(Ptrace, ZombieLeaderWithLiveThreads) {
+  Child child = spawn([] {
+    std::thread([] {
+      for (;;) ::pause();
+    }).detach();
+    ::syscall(SYS_exit, 0);  // this thread only
+  });
+  ASSERT_TRUE(eventually([&] { return state_of(child.pid, child.pid) == 'Z' && tasks_of(child.pid).size() == 2; }));
+  auto sp = StoppedProcess::seize(child.pid);
+  ASSERT_TRUE(sp) << sp.error().what;
+  ASSERT_EQ(sp->threads().size(), 1u);
+  EXPECT_NE(sp->threads()[0], child.pid);
+  EXPECT_EQ(state_of(child.pid, sp->threads()[0]), 't');
+  ASSERT_TRUE(sp->resume());
+  EXPECT_EQ(state_of(child.pid, child.pid), 'Z');
+  EXPECT_EQ(tracer_of(child.pid), 0);
+}
+
+TEST(Ptrace, UnprivilegedSeizeOfRootProcessIsPermission) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root to make a root target and an unprivileged tracer";
+  Child root_target = spawn([] {
+    for (;;) ::pause();
+  });
+  PipePair report = *make_pipe(0);
+  pid_t target = root_target.pid;
+  int out = report.write.get();
+  Child tracer = spawn([target, out] {
+    if (::setresgid(65534, 65534, 65534) != 0 || ::setresuid(65534, 65534, 65534) != 0) ::_exit(10);
+    auto sp = StoppedProcess::seize(target);
+    std::string msg = sp ? std::string("seized") : fmt::format("{} {}", static_cast<int>(sp.error().kind), sp.error().what);
+    if (::write(out, msg.data(), msg.size()) < 0) ::_exit(11);
+  });
+  report.write.reset();
+  std::string msg = read_report(report.read.get());
+  EXPECT_EQ(msg.substr(0, msg.find(' ')), std::to_string(static_cast<int>(Errc::permission))) << msg;
+  EXPECT_NE(msg.find("not dumpable, or owned by another user"), std::string::npos) << msg;
+  EXPECT_NE(msg.find(std::to_string(target)), std::string::npos) << msg;
+  EXPECT_EQ(tracer_of(target), 0);
+}
+
+}  // namespace
+}  // namespace pipecr::sys

@@ -1,0 +1,604 @@
+// remote_test.cpp: syscalls injected into real stopped children, and fd installation into them:
+// restart of a blocked read on the new file, uid 65534 targets, batches over 253, rlimit refusal,
+// stash and roll back, signals not eaten. Children are killed and reaped by guards declared before
+// the StoppedProcess and RemoteSyscalls that use them.
+#include "sys/remote.hpp"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <csignal>
+#include <cstring>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <fmt/format.h>
+#include <gtest/gtest.h>
+
+#include "sys/syscalls.hpp"
+
+namespace pipecr::sys {
+namespace {
+
+using namespace std::chrono_literals;
+
+// A forked child, killed and reaped in every path.
+struct Child {
+  pid_t pid = -1;
+  Child() = default;
+  explicit Child(pid_t p) : pid(p) {}
+  Child(Child&& o) noexcept : pid(o.pid) { o.pid = -1; }
+  Child& operator=(Child&& o) noexcept {
+    std::swap(pid, o.pid);
+    return *this;
+  }
+  ~Child() {
+    if (pid <= 0) return;
+    ::kill(pid, SIGKILL);
+    while (::waitpid(pid, nullptr, __WALL) < 0 && errno == EINTR) {
+    }
+  }
+};
+
+Child spawn(const std::function<void()>& body) {
+  pid_t p = ::fork();
+  if (p == 0) {
+    body();
+    ::_exit(0);
+  }
+  return Child(p);
+}
+
+// A counter shared with children (MAP_SHARED survives fork).
+struct SharedCounter {
+  std::atomic<long>* value;
+  SharedCounter() {
+    void* m = ::mmap(nullptr, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    value = new (m) std::atomic<long>(0);
+  }
+  ~SharedCounter() { ::munmap(value, 4096); }
+  long get() const { return value->load(); }
+};
+
+char state_of(pid_t pid, pid_t tid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/task/" + std::to_string(tid) + "/stat");
+  std::string line;
+  if (!std::getline(in, line)) return '?';
+  return line[line.rfind(')') + 2];
+}
+
+std::vector<pid_t> tasks_of(pid_t pid) {
+  std::vector<pid_t> out;
+  DIR* d = ::opendir(("/proc/" + std::to_string(pid) + "/task").c_str());
+  if (!d) return out;
+  while (dirent* e = ::readdir(d))
+    if (e->d_name[0] != '.') out.push_back(std::stoi(e->d_name));
+  ::closedir(d);
+  return out;
+}
+
+// Waits (up to 5 s) until pred() holds.
+bool eventually(const std::function<bool()>& pred) {
+  for (int i = 0; i < 5000; ++i) {
+    if (pred()) return true;
+    std::this_thread::sleep_for(1ms);
+  }
+  return pred();
+}
+
+// /proc/PID/task/TID/syscall starts with the syscall number and its first argument in hex.
+bool blocked_in(pid_t pid, pid_t tid, long nr, long arg0) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/task/" + std::to_string(tid) + "/syscall");
+  long n = -2;
+  std::string a0;
+  if (!(in >> n >> a0)) return false;
+  return n == nr && std::stol(a0, nullptr, 16) == arg0 && state_of(pid, tid) == 'S';
+}
+
+std::string read_report(int fd) {
+  pollfd p{fd, POLLIN, 0};
+  if (::poll(&p, 1, 5000) != 1) return "<timeout>";
+  char buf[256];
+  ssize_t n = ::read(fd, buf, sizeof buf);
+  return n > 0 ? std::string(buf, static_cast<size_t>(n)) : std::string("<eof>");
+}
+
+// A child whose main thread blocks in read(5) on a pipe and reports what it reads on `report`.
+struct ReaderChild {
+  PipePair input, report;
+  Child child;
+};
+
+ReaderChild start_reader() {
+  ReaderChild rc;
+  rc.input = *make_pipe(0);
+  rc.report = *make_pipe(0);
+  int in = rc.input.read.get(), out = rc.report.write.get();
+  rc.child = spawn([in, out] {
+    ::dup2(in, 5);
+    char buf[256];
+    for (;;) {
+      ssize_t n = ::read(5, buf, sizeof buf);
+      if (n <= 0) ::_exit(3);
+      if (::write(out, buf, static_cast<size_t>(n)) < 0) ::_exit(4);
+    }
+  });
+  rc.input.read.reset();
+  rc.report.write.reset();
+  return rc;
+}
+
+
+// fd -> link target of /proc/PID/fd.
+std::map<int, std::string> fd_table(pid_t pid) {
+  std::map<int, std::string> out;
+  std::string dir = "/proc/" + std::to_string(pid) + "/fd";
+  DIR* d = ::opendir(dir.c_str());
+  if (!d) return out;
+  while (dirent* e = ::readdir(d)) {
+    if (e->d_name[0] == '.') continue;
+    char buf[256] = {};
+    ssize_t n = ::readlink((dir + "/" + e->d_name).c_str(), buf, sizeof buf - 1);
+    out[std::stoi(e->d_name)] = std::string(buf, n > 0 ? static_cast<size_t>(n) : 0);
+  }
+  ::closedir(d);
+  return out;
+}
+
+std::string maps_of(pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/maps");
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+bool fd_cloexec(pid_t pid, int fd) {
+  std::ifstream in(fmt::format("/proc/{}/fdinfo/{}", pid, fd));
+  std::string key, value;
+  while (in >> key >> value)
+    if (key == "flags:") return (std::stoul(value, nullptr, 8) & O_CLOEXEC) != 0;
+  return false;
+}
+
+bool same_file(int my_fd, pid_t pid, int fd) {
+  auto k = kcmp_file(::getpid(), my_fd, pid, fd);
+  return k && *k == 0;
+}
+
+// A StoppedProcess and a RemoteSyscalls on its main thread, both on the heap: RemoteSyscalls keeps
+// a pointer to the StoppedProcess, which must not move. The remote is destroyed first.
+struct Seized {
+  std::unique_ptr<StoppedProcess> owned_process;
+  std::unique_ptr<RemoteSyscalls> owned_remote;
+  StoppedProcess& process;
+  RemoteSyscalls& remote;
+};
+
+std::unique_ptr<Seized> seize_main(pid_t pid) {
+  auto sp = StoppedProcess::seize(pid);
+  EXPECT_TRUE(sp) << sp.error().what;
+  if (!sp) return nullptr;
+  auto process = std::make_unique<StoppedProcess>(std::move(*sp));
+  auto r = RemoteSyscalls::attach(*process, pid);
+  EXPECT_TRUE(r) << r.error().what;
+  if (!r) return nullptr;
+  auto remote = std::make_unique<RemoteSyscalls>(std::move(*r));
+  StoppedProcess& pref = *process;
+  RemoteSyscalls& rref = *remote;
+  return std::unique_ptr<Seized>(new Seized{std::move(process), std::move(remote), pref, rref});
+}
+
+TEST(Remote, GetpidInBlockedThreadReusesItsSyscallInstruction) {
+  ReaderChild rc = start_reader();
+  ASSERT_TRUE(eventually([&] { return blocked_in(rc.child.pid, rc.child.pid, SYS_read, 5); }));
+  {
+    auto s = seize_main(rc.child.pid);
+    ASSERT_TRUE(s);
+    EXPECT_FALSE(s->remote.patched_code());
+    EXPECT_EQ(s->remote.syscall_address(), s->remote.saved_regs().rip - 2);
+    auto pid = s->remote.call(SYS_getpid);
+    ASSERT_TRUE(pid) << pid.error().what;
+    EXPECT_EQ(*pid, rc.child.pid);
+    auto bad = s->remote.call(SYS_close, 999);
+    ASSERT_TRUE(bad);
+    EXPECT_EQ(*bad, -EBADF);  // a negative errno is a value
+    auto checked = s->remote.call_checked("close(999)", SYS_close, 999);
+    ASSERT_FALSE(checked);
+    EXPECT_NE(checked.error().what.find("close(999)"), std::string::npos);
+    ASSERT_TRUE(s->remote.restore());
+    auto regs = s->process.regs(rc.child.pid);
+    ASSERT_TRUE(regs);
+    EXPECT_EQ(regs->rip, s->remote.saved_regs().rip);
+    EXPECT_EQ(regs->rax, s->remote.saved_regs().rax);
+    EXPECT_EQ(regs->orig_rax, s->remote.saved_regs().orig_rax);
+    ASSERT_TRUE(s->process.resume());
+  }
+  // The read was restarted by the kernel, not returned as -ERESTARTSYS.
+  ASSERT_TRUE(eventually([&] { return blocked_in(rc.child.pid, rc.child.pid, SYS_read, 5); }));
+  ASSERT_TRUE(write_all(rc.input.write.get(), std::as_bytes(std::span("after", 5))));
+  EXPECT_EQ(read_report(rc.report.read.get()), "after");
+}
+
+TEST(Remote, ThreadInUserCodeGetsAPatchedInstructionPutBack) {
+  SharedCounter counter;
+  auto* value = counter.value;
+  Child child = spawn([value] {
+    for (;;) value->fetch_add(1);
+  });
+  ASSERT_TRUE(eventually([&] { return counter.get() > 1000; }));
+  uint64_t rip = 0;
+  unsigned char before[8], after[8];
+  {
+    auto s = seize_main(child.pid);
+    ASSERT_TRUE(s);
+    auto st = s->process.syscall_state(child.pid);
+    ASSERT_TRUE(st);
+    if (st->nr >= 0) GTEST_SKIP() << "the child happened to stop in a syscall";
+    EXPECT_TRUE(s->remote.patched_code());
+    rip = s->remote.saved_regs().rip;
+    EXPECT_EQ(s->remote.syscall_address(), rip);
+    unsigned char now[2];
+    ASSERT_TRUE(s->remote.read_memory(rip, std::as_writable_bytes(std::span(now))));
+    EXPECT_EQ(now[0], 0x0f);
+    EXPECT_EQ(now[1], 0x05);
+    auto pid = s->remote.call(SYS_getpid);
+    ASSERT_TRUE(pid) << pid.error().what;
+    EXPECT_EQ(*pid, child.pid);
+    auto tid = s->remote.call(SYS_gettid);
+    ASSERT_TRUE(tid);
+    EXPECT_EQ(*tid, child.pid);
+    ASSERT_TRUE(s->remote.restore());
+    ASSERT_TRUE(s->remote.read_memory(rip, std::as_writable_bytes(std::span(after))));
+    ASSERT_TRUE(s->process.resume());
+  }
+  // Compare with the same bytes in our own copy of the code (the child is a fork of us).
+  std::memcpy(before, reinterpret_cast<const void*>(rip), sizeof before);
+  EXPECT_EQ(std::memcmp(before, after, sizeof before), 0);
+  long now = counter.get();
+  EXPECT_TRUE(eventually([&] { return counter.get() > now + 1000; }));
+}
+
+TEST(Remote, MemoryRoundTrip) {
+  ReaderChild rc = start_reader();
+  auto s = seize_main(rc.child.pid);
+  ASSERT_TRUE(s);
+  auto page = s->remote.mmap_anon(8192);
+  ASSERT_TRUE(page) << page.error().what;
+  EXPECT_NE(maps_of(rc.child.pid).find(fmt::format("{:x}-", *page)), std::string::npos);
+  std::string text(5000, 'x');
+  for (size_t i = 0; i < text.size(); ++i) text[i] = static_cast<char>('a' + i % 26);
+  ASSERT_TRUE(s->remote.write_memory(*page + 3, std::as_bytes(std::span(text))));
+  std::string back(text.size(), '\0');
+  ASSERT_TRUE(s->remote.read_memory(*page + 3, std::as_writable_bytes(std::span(back))));
+  EXPECT_EQ(back, text);
+  ASSERT_TRUE(s->remote.munmap(*page, 8192));
+  EXPECT_EQ(maps_of(rc.child.pid).find(fmt::format("{:x}-", *page)), std::string::npos);
+  auto scratch = s->remote.scratch_page();
+  ASSERT_TRUE(scratch);
+  EXPECT_EQ(*s->remote.scratch_page(), *scratch);
+  ASSERT_TRUE(s->remote.restore());
+  EXPECT_EQ(maps_of(rc.child.pid).find(fmt::format("{:x}-", *scratch)), std::string::npos);
+}
+
+// The point of it all: a reader blocked in read(5) reads the NEW file at fd 5 after the install.
+TEST(Remote, BlockedReadRereadsTheNewFileAtItsFd) {
+  ReaderChild rc = start_reader();
+  ASSERT_TRUE(eventually([&] { return blocked_in(rc.child.pid, rc.child.pid, SYS_read, 5); }));
+  PipePair fresh = *make_pipe(0);
+  {
+    auto s = seize_main(rc.child.pid);
+    ASSERT_TRUE(s);
+    FdInstall inst{fresh.read.get(), 5, false};
+    auto ok = install_fds(s->remote, std::span(&inst, 1));
+    ASSERT_TRUE(ok) << ok.error().what;
+    EXPECT_TRUE(same_file(fresh.read.get(), rc.child.pid, 5));
+    EXPECT_FALSE(fd_cloexec(rc.child.pid, 5));
+    ASSERT_TRUE(s->remote.restore());
+    ASSERT_TRUE(s->process.resume());
+  }
+  EXPECT_FALSE(same_file(rc.input.write.get(), rc.child.pid, 5));
+  ASSERT_TRUE(eventually([&] { return blocked_in(rc.child.pid, rc.child.pid, SYS_read, 5); }));
+  ASSERT_TRUE(write_all(rc.input.write.get(), std::as_bytes(std::span("old", 3))));  // nobody reads the old pipe
+  ASSERT_TRUE(write_all(fresh.write.get(), std::as_bytes(std::span("new", 3))));
+  EXPECT_EQ(read_report(rc.report.read.get()), "new");
+  // Only our temporaries' fds were opened and closed: the table is as before plus nothing.
+  auto table = fd_table(rc.child.pid);
+  EXPECT_EQ(table.count(5), 1u);
+}
+
+TEST(Remote, NanosleepIsRestartedWithItsRestartBlock) {
+  PipePair report = *make_pipe(0);
+  int out = report.write.get();
+  Child child = spawn([out] {
+    auto t0 = std::chrono::steady_clock::now();
+    timespec ts{0, 300'000'000};
+    int r = ::nanosleep(&ts, nullptr);
+    auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - t0).count();
+    std::string msg = fmt::format("{} {}", r, ms);
+    if (::write(out, msg.data(), msg.size()) < 0) ::_exit(2);
+  });
+  report.write.reset();
+  ASSERT_TRUE(eventually([&] { return blocked_in(child.pid, child.pid, SYS_nanosleep, 0) || state_of(child.pid, child.pid) == 'S'; }));
+  std::this_thread::sleep_for(20ms);
+  {
+    auto s = seize_main(child.pid);
+    ASSERT_TRUE(s);
+    auto st = s->process.syscall_state(child.pid);
+    ASSERT_TRUE(st);
+    EXPECT_TRUE(st->in_syscall);
+    EXPECT_EQ(st->ret, kErestartRestartBlock);
+    ASSERT_TRUE(s->remote.call(SYS_getpid));
+    ASSERT_TRUE(s->remote.restore());
+    ASSERT_TRUE(s->process.resume());
+  }
+  std::string msg = read_report(report.read.get());
+  EXPECT_EQ(msg.substr(0, 2), "0 ") << msg;
+  EXPECT_GE(std::stol(msg.substr(2)), 295) << msg;
+}
+
+TEST(Remote, InstallIntoUnprivilegedTarget) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root to make a uid 65534 target";
+  PipePair input = *make_pipe(0), report = *make_pipe(0);
+  int in = input.read.get(), out = report.write.get();
+  Child child = spawn([in, out] {
+    if (::setresgid(65534, 65534, 65534) != 0 || ::setresuid(65534, 65534, 65534) != 0) ::_exit(10);
+    ::dup2(in, 5);
+    ::close(7);  // whatever the test runner left open there (ctest does)
+    char buf[64];
+    ssize_t n = ::read(7, buf, sizeof buf);  // EBADF until we install fd 7: so wait on 5 first
+    (void)n;
+    n = ::read(5, buf, sizeof buf);
+    if (n > 0) n = ::read(7, buf, sizeof buf);
+    if (n > 0 && ::write(out, buf, static_cast<size_t>(n)) < 0) ::_exit(11);
+  });
+  input.read.reset();
+  report.write.reset();
+  ASSERT_TRUE(eventually([&] { return blocked_in(child.pid, child.pid, SYS_read, 5); }));
+  PipePair gift = *make_pipe(0);
+  {
+    auto s = seize_main(child.pid);
+    ASSERT_TRUE(s);
+    FdInstall inst{gift.read.get(), 7, true};
+    auto ok = install_fds(s->remote, std::span(&inst, 1));
+    ASSERT_TRUE(ok) << ok.error().what;
+    EXPECT_TRUE(same_file(gift.read.get(), child.pid, 7));
+    EXPECT_TRUE(fd_cloexec(child.pid, 7));
+    auto limit = remote_nofile_limit(s->remote);
+    ASSERT_TRUE(limit) << limit.error().what;
+    EXPECT_GT(*limit, 7u);
+  }
+  ASSERT_TRUE(write_all(gift.write.get(), std::as_bytes(std::span("gift", 4))));
+  ASSERT_TRUE(write_all(input.write.get(), std::as_bytes(std::span("go", 2))));
+  EXPECT_EQ(read_report(report.read.get()), "gift");
+}
+
+// 300 fds (two batches) at the lowest free numbers of the target, where the received temporaries
+// land too: every one must end up at its number, the same open file description.
+TEST(Remote, ManyFdsInBatchesOverTheTemporaries) {
+  ReaderChild rc = start_reader();
+  ASSERT_TRUE(eventually([&] { return blocked_in(rc.child.pid, rc.child.pid, SYS_read, 5); }));
+  auto before = fd_table(rc.child.pid);
+  std::vector<PipePair> pipes;
+  std::vector<FdInstall> installs;
+  int next = 0;
+  for (int i = 0; i < 300; ++i) {
+    while (before.count(next)) ++next;
+    pipes.push_back(*make_pipe(0));
+    installs.push_back({i % 2 ? pipes.back().read.get() : pipes.back().write.get(), next++, i % 3 == 0});
+  }
+  auto s = seize_main(rc.child.pid);
+  ASSERT_TRUE(s);
+  auto ok = install_fds(s->remote, installs);
+  ASSERT_TRUE(ok) << ok.error().what;
+  auto after = fd_table(rc.child.pid);
+  EXPECT_EQ(after.size(), before.size() + installs.size());  // no temporary left behind
+  for (const FdInstall& f : installs) {
+    EXPECT_TRUE(same_file(f.source_fd, rc.child.pid, f.target_fd)) << f.target_fd;
+    EXPECT_EQ(fd_cloexec(rc.child.pid, f.target_fd), f.cloexec) << f.target_fd;
+  }
+  for (const auto& [fd, link] : before) EXPECT_EQ(after[fd], link) << fd;
+}
+
+TEST(Remote, TooLowRlimitFailsBeforeAnyChange) {
+  PipePair input = *make_pipe(0);
+  int in = input.read.get();
+  Child child = spawn([in] {
+    rlimit lim{64, 64};
+    if (::setrlimit(RLIMIT_NOFILE, &lim) != 0) ::_exit(10);
+    ::dup2(in, 5);
+    char c;
+    for (;;) (void)!::read(5, &c, 1);
+  });
+  input.read.reset();
+  ASSERT_TRUE(eventually([&] { return blocked_in(child.pid, child.pid, SYS_read, 5); }));
+  auto table = fd_table(child.pid);
+  auto maps = maps_of(child.pid);
+  PipePair a = *make_pipe(0), b = *make_pipe(0);
+  {
+    auto s = seize_main(child.pid);
+    ASSERT_TRUE(s);
+    std::vector<FdInstall> installs = {{a.read.get(), 5, false}, {b.read.get(), 100, false}};
+    auto ok = install_fds(s->remote, installs);
+    ASSERT_FALSE(ok);
+    EXPECT_EQ(ok.error().err, EMFILE);
+    EXPECT_NE(ok.error().what.find("RLIMIT_NOFILE (64)"), std::string::npos) << ok.error().what;
+    EXPECT_EQ(fd_table(child.pid), table);
+    ASSERT_TRUE(s->remote.restore());
+  }
+  EXPECT_EQ(fd_table(child.pid), table);
+  EXPECT_EQ(maps_of(child.pid), maps);
+}
+
+TEST(Remote, InvalidArgumentsAreRefused) {
+  ReaderChild rc = start_reader();
+  auto s = seize_main(rc.child.pid);
+  ASSERT_TRUE(s);
+  PipePair p = *make_pipe(0);
+  std::vector<FdInstall> twice = {{p.read.get(), 9, false}, {p.write.get(), 9, false}};
+  auto ok = install_fds(s->remote, twice);
+  ASSERT_FALSE(ok);
+  EXPECT_EQ(ok.error().kind, Errc::invalid_argument);
+  FdInstall closed{999, 9, false};
+  ok = install_fds(s->remote, std::span(&closed, 1));
+  ASSERT_FALSE(ok);
+  EXPECT_EQ(ok.error().kind, Errc::invalid_argument);
+  EXPECT_EQ(fd_table(rc.child.pid).count(9), 0u);
+}
+
+// A multi-step install made transactional: stash, install, then roll back or commit.
+TEST(Remote, StashThenUnstashOrDrop) {
+  PipePair original = *make_pipe(0);
+  int orig_fd = original.read.get();
+  PipePair input = *make_pipe(0);
+  int in = input.read.get();
+  Child child = spawn([orig_fd, in] {
+    ::dup3(orig_fd, 7, O_CLOEXEC);
+    ::dup2(in, 5);
+    ::close(8);
+    char c;
+    for (;;) (void)!::read(5, &c, 1);
+  });
+  input.read.reset();
+  ASSERT_TRUE(eventually([&] { return blocked_in(child.pid, child.pid, SYS_read, 5); }));
+  auto table = fd_table(child.pid);
+  PipePair fresh = *make_pipe(0);
+  auto s = seize_main(child.pid);
+  ASSERT_TRUE(s);
+  const int numbers[] = {7, 8};
+  for (bool commit : {false, true}) {
+    auto stash = stash_fds(s->remote, numbers);
+    ASSERT_TRUE(stash) << stash.error().what;
+    ASSERT_EQ(stash->size(), 2u);
+    EXPECT_EQ((*stash)[0].target_fd, 7);
+    EXPECT_GT((*stash)[0].stash_fd, 8);
+    EXPECT_TRUE((*stash)[0].cloexec);
+    EXPECT_EQ((*stash)[1].stash_fd, -1);
+    std::vector<FdInstall> installs = {{fresh.read.get(), 7, false}, {fresh.write.get(), 8, false}};
+    ASSERT_TRUE(install_fds(s->remote, installs));
+    EXPECT_TRUE(same_file(fresh.read.get(), child.pid, 7));
+    if (!commit) {
+      ASSERT_TRUE(unstash_fds(s->remote, *stash));
+      EXPECT_EQ(fd_table(child.pid), table);
+      EXPECT_TRUE(same_file(orig_fd, child.pid, 7));
+      EXPECT_TRUE(fd_cloexec(child.pid, 7));
+    } else {
+      ASSERT_TRUE(drop_stash(s->remote, *stash));
+      auto now = fd_table(child.pid);
+      EXPECT_EQ(now.size(), table.size() + 1);
+      EXPECT_TRUE(same_file(fresh.read.get(), child.pid, 7));
+      EXPECT_TRUE(same_file(fresh.write.get(), child.pid, 8));
+      EXPECT_FALSE(fd_cloexec(child.pid, 7));
+    }
+  }
+}
+
+// A signal that comes while the thread runs injected code is held back and delivered on detach;
+// the interrupted read then goes on (SA_RESTART).
+TEST(Remote, SignalDuringInjectionIsNotEaten) {
+  SharedCounter counter;
+  static std::atomic<long>* handled;
+  handled = counter.value;
+  PipePair input = *make_pipe(0), report = *make_pipe(0);
+  int in = input.read.get(), out = report.write.get();
+  Child child = spawn([in, out] {
+    struct sigaction sa {};
+    sa.sa_handler = [](int) { handled->fetch_add(1); };
+    sa.sa_flags = SA_RESTART;
+    ::sigaction(SIGUSR1, &sa, nullptr);
+    ::dup2(in, 5);
+    char buf[64];
+    ssize_t n = ::read(5, buf, sizeof buf);
+    if (n > 0 && ::write(out, buf, static_cast<size_t>(n)) < 0) ::_exit(11);
+  });
+  input.read.reset();
+  report.write.reset();
+  ASSERT_TRUE(eventually([&] { return blocked_in(child.pid, child.pid, SYS_read, 5); }));
+  {
+    auto s = seize_main(child.pid);
+    ASSERT_TRUE(s);
+    ASSERT_EQ(::kill(child.pid, SIGUSR1), 0);  // pending: every thread is stopped
+    auto pid = s->remote.call(SYS_getpid);     // the thread meets it here
+    ASSERT_TRUE(pid) << pid.error().what;
+    EXPECT_EQ(*pid, child.pid);
+    ASSERT_TRUE(s->remote.call(SYS_getppid));
+    EXPECT_EQ(counter.get(), 0);
+    ASSERT_TRUE(s->remote.restore());
+  }
+  EXPECT_TRUE(eventually([&] { return counter.get() == 1; }));
+  ASSERT_TRUE(eventually([&] { return blocked_in(child.pid, child.pid, SYS_read, 5); }));
+  ASSERT_TRUE(write_all(input.write.get(), std::as_bytes(std::span("still", 5))));
+  EXPECT_EQ(read_report(report.read.get()), "still");
+}
+
+// The StoppedProcess moves and resumes while a RemoteSyscalls is still open on it: the thread is
+// restored before it is let go, and the remote then refuses to run.
+TEST(Remote, ResumeRestoresAnOpenRemoteFirst) {
+  ReaderChild rc = start_reader();
+  ASSERT_TRUE(eventually([&] { return blocked_in(rc.child.pid, rc.child.pid, SYS_read, 5); }));
+  auto sp = StoppedProcess::seize(rc.child.pid);
+  ASSERT_TRUE(sp);
+  auto r = RemoteSyscalls::attach(*sp, rc.child.pid);
+  ASSERT_TRUE(r);
+  ASSERT_TRUE(r->scratch_page());
+  StoppedProcess moved = std::move(*sp);
+  auto pid = r->call(SYS_getpid);
+  ASSERT_TRUE(pid) << pid.error().what;
+  EXPECT_EQ(*pid, rc.child.pid);
+  ASSERT_TRUE(moved.resume());
+  auto late = r->call(SYS_getpid);
+  ASSERT_FALSE(late);
+  EXPECT_EQ(late.error().kind, Errc::invalid_argument);
+  ASSERT_TRUE(eventually([&] { return blocked_in(rc.child.pid, rc.child.pid, SYS_read, 5); }));
+  ASSERT_TRUE(write_all(rc.input.write.get(), std::as_bytes(std::span("later", 5))));
+  EXPECT_EQ(read_report(rc.report.read.get()), "later");
+}
+
+// Injection into a second thread while the main thread stays blocked.
+TEST(Remote, InjectIntoAnotherThread) {
+  ReaderChild rc;
+  rc.input = *make_pipe(0);
+  rc.report = *make_pipe(0);
+  int in = rc.input.read.get(), out = rc.report.write.get();
+  rc.child = spawn([in, out] {
+    ::dup2(in, 5);
+    std::thread([] {
+      for (;;) ::pause();
+    }).detach();
+    char buf[64];
+    ssize_t n = ::read(5, buf, sizeof buf);
+    if (n > 0 && ::write(out, buf, static_cast<size_t>(n)) < 0) ::_exit(11);
+  });
+  rc.input.read.reset();
+  rc.report.write.reset();
+  ASSERT_TRUE(eventually([&] { return tasks_of(rc.child.pid).size() == 2 && blocked_in(rc.child.pid, rc.child.pid, SYS_read, 5); }));
+  {
+    auto sp = StoppedProcess::seize(rc.child.pid);
+    ASSERT_TRUE(sp);
+    ASSERT_EQ(sp->threads().size(), 2u);
+    pid_t other = sp->threads()[1];
+    auto r = RemoteSyscalls::attach(*sp, other);
+    ASSERT_TRUE(r) << r.error().what;
+    auto tid = r->call(SYS_gettid);
+    ASSERT_TRUE(tid);
+    EXPECT_EQ(*tid, other);
+    EXPECT_FALSE(RemoteSyscalls::attach(*sp, 1));
+  }
+  ASSERT_TRUE(write_all(rc.input.write.get(), std::as_bytes(std::span("both", 4))));
+  EXPECT_EQ(read_report(rc.report.read.get()), "both");
+}
+
+}  // namespace
+}  // namespace pipecr::sys
