@@ -123,7 +123,9 @@ Expected<std::vector<std::byte>> checkpoint_pipe(int fd) {
   auto snap = dump::snapshot(read_end, pipe->capacity);
   if (!snap) return tl::unexpected(snap.error());
   reopened.reset();
-  auto slots = dump::layout(*snap);
+  std::vector<std::byte> bytes;
+  dump::SnapshotReader reader;
+  auto slots = reader.read(*snap, bytes);
   if (!slots) return tl::unexpected(slots.error());
   pipe->slots = std::move(*slots);
 
@@ -132,11 +134,8 @@ Expected<std::vector<std::byte>> checkpoint_pipe(int fd) {
   Expected<void> ok = w.begin(image::current_info());
   if (ok) ok = w.add(*pipe);
   if (ok && !pipe->slots.empty()) {
-    ok = w.begin_data(pipe->id, pipe->bytes());
-    if (ok) {
-      auto n = dump::stream(*snap, pipe->slots, [&](std::span<const std::byte> c) { return w.data(c); });
-      if (!n) ok = tl::unexpected(n.error());
-    }
+    ok = w.begin_data(pipe->id, bytes.size());
+    if (ok) ok = w.data(bytes);
     if (ok) ok = w.end_data();
   }
   for (const FileRecord& f : files)

@@ -4,18 +4,21 @@
 // tee() copies page references, not bytes, and leaves the source as it was whatever filled it
 // (write, splice, vmsplice with or without GIFT, tee); packet marks survive it.
 //
-// layout(): the slot layout is learned from a second tee of the scratch pipe, so the snapshot
-// stays whole for stream(). One slot at a time, head first:
-//   - tee into a 1-slot pipe T: the return value is the head slot's length L;
-//   - read 1 byte of T: a packet buffer is dropped whole by a short read (FIONREAD 0 after),
-//     a stream buffer keeps L-1 bytes;
-//   - a 1-byte slot reads the same either way, so tee two slots into a 2-slot pipe and read it
-//     with a large buffer: a packet stops the read after its 1 byte, a stream slot does not.
-//     The last slot has no successor; a 1-byte sentinel written behind it gives it one (tee'd
-//     buffers never merge, so the sentinel is a slot of its own);
-//   - splice L bytes of the walked copy to /dev/null and go on with the next slot.
-// stream(): reads the bytes out slot-aligned: a read() that ended inside a packet would drop the
-// rest of it, so each read asks for whole slots only.
+// SnapshotReader: the layout and the bytes come from three sources, each cheap in system calls
+// (they cost several microseconds each on the machines pipecr was measured on, so their count is
+// the cost):
+//   - slot lengths: a copy W of the snapshot is walked. tee() into a 16-slot pipe returns the sum
+//     of up to 16 head slots; exactly 16 pages means 16 full slots (no slot holds more than a page),
+//     the common case of a pipe filled by write(), learned with three calls. Otherwise one slot at a
+//     time: tee() into a 1-slot pipe returns the head slot's length.
+//   - packet marks: read() returns at most up to the end of a packet, so reading the snapshot with a
+//     buffer as large as what is left stops exactly at each packet's end. A stop before the end
+//     marks the slot that ends there as a packet.
+//   - the last slot, which ends the data whether it is a packet or not: W is refilled, all but the
+//     last slot is spliced away, and the last slot is tee'd into a 1-slot pipe T and read 1 byte
+//     at a time: a short read drops the rest of a packet (FIONREAD 0 after), a stream slot keeps
+//     it. A 1-byte slot reads the same either way: a 1-byte sentinel written behind it (tee'd
+//     buffers never merge, so it is a slot of its own) and a read of two slots tells them apart.
 #include "dump/pipe.hpp"
 
 #include <fcntl.h>
@@ -45,7 +48,6 @@
 namespace pipecr::dump {
 namespace {
 
-constexpr size_t kMaxTee = INT_MAX;
 constexpr uint32_t kPage = 4096;
 
 std::string describe_fd(int fd) {
@@ -58,9 +60,9 @@ std::string describe_fd(int fd) {
 Expected<sys::PipePair> scratch_pipe(uint32_t size) {
   auto p = sys::make_pipe(O_CLOEXEC | O_NONBLOCK);
   if (!p) return tl::unexpected(p.error());
-  auto cur = sys::get_pipe_size(p->read.get());
-  if (!cur) return tl::unexpected(cur.error());
-  if (static_cast<uint32_t>(*cur) != size) {
+  // A new pipe has 65,536 bytes unless its user is past pipe-user-pages-soft; snapshot() checks
+  // that tee() took every byte, which catches that case without an F_GETPIPE_SZ per pipe.
+  if (size != 65536) {
     auto set = sys::set_pipe_size(p->read.get(), static_cast<int>(size));
     if (!set) {
       Error e = set.error();
@@ -75,50 +77,22 @@ Expected<sys::PipePair> scratch_pipe(uint32_t size) {
   return p;
 }
 
-// Reads and discards everything queued in fd (a pipe of ours, non-blocking).
-Expected<void> drain(int fd) {
-  std::array<std::byte, kPage * 2> buf;
-  for (;;) {
-    auto q = sys::bytes_queued(fd);
-    if (!q) return tl::unexpected(q.error());
-    if (*q == 0) return {};
-    auto r = sys::read_some(fd, buf);
-    if (!r) return tl::unexpected(r.error());
-  }
-}
-
-// Is the head slot of `walk` (length len) a packet? T1 is a 1-slot pipe, T2 a 2-slot pipe, both empty.
-Expected<bool> head_is_packet(int walk_r, int walk_w, uint32_t len, uint64_t remaining, const sys::PipePair& t1,
-                              const sys::PipePair& t2) {
-  std::array<std::byte, kPage * 2> buf;
-  if (len >= 2) {
-    auto got = sys::tee_nb(walk_r, t1.write.get(), kMaxTee);
-    if (!got) return tl::unexpected(got.error());
-    auto r = sys::read_some(t1.read.get(), std::span(buf).first(1));
-    if (!r) return tl::unexpected(r.error());
-    auto left = sys::bytes_queued(t1.read.get());
-    if (!left) return tl::unexpected(left.error());
-    bool packet = *left == 0;
-    if (auto d = drain(t1.read.get()); !d) return tl::unexpected(d.error());
-    return packet;
-  }
-  if (remaining == 1) {  // the last slot: give it a successor
-    static constexpr std::byte sentinel{0x5a};
-    auto w = sys::write_all(walk_w, std::span(&sentinel, 1), "write(sentinel)");
-    if (!w) return tl::unexpected(w.error());
-  }
-  auto got = sys::tee_nb(walk_r, t2.write.get(), kMaxTee);
-  if (!got) return tl::unexpected(got.error());
-  auto r = sys::read_some(t2.read.get(), buf);
-  if (!r) return tl::unexpected(r.error());
-  bool packet = *r == 1;
-  if (auto d = drain(t2.read.get()); !d) return tl::unexpected(d.error());
-  return packet;
+// Whether this kernel can make notification pipes at all (CONFIG_WATCH_QUEUE): pipe2() with
+// O_NOTIFICATION_PIPE (= O_EXCL) answers ENOPKG where it cannot.
+bool notification_pipes_exist() {
+  static const bool exist = [] {
+    int fds[2];
+    if (::pipe2(fds, O_EXCL | O_CLOEXEC) < 0) return errno != ENOPKG && errno != EINVAL;
+    sys::UniqueFd a(fds[0]), b(fds[1]);
+    return true;
+  }();
+  return exist;
 }
 
 }  // namespace
 
 bool is_notification_pipe(int fd) {
+  if (!notification_pipes_exist()) return false;
   // IOC_WATCH_QUEUE_SET_FILTER answers ENODEV on an ordinary pipe (ENOTTY without
   // CONFIG_WATCH_QUEUE) before it looks at its argument; on a notification pipe it copies the
   // filter from the argument, and the unmapped address 1 makes that fail with EFAULT, so nothing
@@ -149,12 +123,20 @@ Expected<PipeIdentity> identify(int fd) {
 }
 
 Expected<Snapshot> snapshot(int read_end, uint32_t capacity) {
+  Snapshot snap;
+  auto queued = sys::bytes_queued(read_end);
+  if (!queued) return tl::unexpected(queued.error());
+  if (*queued == 0) return snap;  // nothing to link: no scratch pipe at all
   auto scratch = scratch_pipe(std::max(capacity, kPage));
   if (!scratch) return tl::unexpected(scratch.error());
-  Snapshot snap;
-  auto got = sys::tee_nb(read_end, scratch->write.get(), kMaxTee);
+  auto got = sys::tee_nb(read_end, scratch->write.get(), static_cast<size_t>(*queued) * 2);
   if (got) {
     snap.bytes = static_cast<uint32_t>(*got);
+    if (*got < static_cast<size_t>(*queued))
+      return fail(Errc::capacity, ENOSPC,
+                  fmt::format("a scratch pipe took {} of {} queued bytes (is the user past "
+                              "/proc/sys/fs/pipe-user-pages-soft?)",
+                              *got, *queued));
   } else if (got.error().err != EAGAIN) {  // EAGAIN: empty, a writer still open
     Error e = got.error();
     if (e.err == EINVAL) {
@@ -167,71 +149,185 @@ Expected<Snapshot> snapshot(int read_end, uint32_t capacity) {
   return snap;
 }
 
-Expected<std::vector<Slot>> layout(const Snapshot& snap) {
-  std::vector<Slot> slots;
-  if (snap.bytes == 0) return slots;
-  auto cap = sys::get_pipe_size(snap.scratch.get());
-  if (!cap) return tl::unexpected(cap.error());
-  auto walk = scratch_pipe(std::max<uint32_t>(static_cast<uint32_t>(*cap), 2 * kPage));
-  if (!walk) return tl::unexpected(walk.error());
-  auto t1 = scratch_pipe(kPage);
-  if (!t1) return tl::unexpected(t1.error());
-  auto t2 = scratch_pipe(2 * kPage);
-  if (!t2) return tl::unexpected(t2.error());
-  sys::UniqueFd devnull(::open("/dev/null", O_WRONLY | O_CLOEXEC));
-  if (!devnull) return tl::unexpected(sys::call_error("open", "/dev/null"));
+struct SnapshotReader::Tools {
+  sys::PipePair walk;     // W: a copy of the snapshot being walked
+  uint32_t walk_cap = 0;
+  sys::PipePair t1;       // 1 slot
+  sys::PipePair t2;       // 2 slots
+  sys::PipePair t16;      // 16 slots
+  sys::UniqueFd null;     // /dev/null, where walked bytes go
+};
 
-  auto copied = sys::tee_nb(snap.scratch.get(), walk->write.get(), kMaxTee);
-  if (!copied) return tl::unexpected(copied.error());
-  if (*copied != snap.bytes)
-    return fail(Errc::system, EIO, fmt::format("tee copied {} of the {} bytes of a snapshot", *copied, snap.bytes));
+SnapshotReader::SnapshotReader() : tools_(new Tools) {}
+SnapshotReader::~SnapshotReader() { delete tools_; }
 
-  uint64_t remaining = snap.bytes;
-  while (remaining > 0) {
-    auto len = sys::tee_nb(walk->read.get(), t1->write.get(), kMaxTee);
-    if (!len) return tl::unexpected(len.error());
-    if (*len == 0 || *len > remaining) return fail(Errc::system, EIO, "slot walk lost its place");
-    auto d = drain(t1->read.get());
-    if (!d) return tl::unexpected(d.error());
-    uint32_t L = static_cast<uint32_t>(*len);
-    auto packet = head_is_packet(walk->read.get(), walk->write.get(), L, remaining, *t1, *t2);
-    if (!packet) return tl::unexpected(packet.error());
-    auto gone = sys::splice_nb(walk->read.get(), devnull.get(), L);
-    if (!gone) return tl::unexpected(gone.error());
-    if (*gone != L) return fail(Errc::system, EIO, "slot walk: short splice");
-    slots.push_back(Slot{L, *packet});
-    remaining -= L;
+namespace {
+
+constexpr uint32_t kWindow = 16;
+
+Expected<void> make_tools(SnapshotReader::Tools& t, uint32_t cap) {
+  if (!t.null) {
+    t.null.reset(::open("/dev/null", O_WRONLY | O_CLOEXEC));
+    if (!t.null) return tl::unexpected(sys::call_error("open", "/dev/null"));
+    for (auto [pp, size] : {std::pair{&t.t1, kPage}, std::pair{&t.t2, 2 * kPage}, std::pair{&t.t16, kWindow * kPage}}) {
+      auto p = scratch_pipe(size);
+      if (!p) return tl::unexpected(p.error());
+      *pp = std::move(*p);
+    }
   }
+  cap = std::max(cap, 2 * kPage);
+  if (t.walk_cap < cap) {
+    auto p = scratch_pipe(cap);
+    if (!p) return tl::unexpected(p.error());
+    t.walk = std::move(*p);
+    t.walk_cap = cap;
+  }
+  return {};
+}
+
+// Moves n bytes from the head of pipe fd to /dev/null.
+Expected<void> discard(const SnapshotReader::Tools& t, int fd, size_t n) {
+  while (n > 0) {
+    auto r = sys::splice_nb(fd, t.null.get(), n);
+    if (!r) return tl::unexpected(r.error());
+    if (*r == 0) return fail(Errc::system, EIO, "snapshot walk: pipe emptied early");
+    n -= *r;
+  }
+  return {};
+}
+
+// The slot lengths of W, which holds `total` bytes; W is empty afterwards.
+Expected<std::vector<uint32_t>> walk_lengths(const SnapshotReader::Tools& t, uint64_t total) {
+  std::vector<uint32_t> lens;
+  int w = t.walk.read.get();
+  uint64_t left = total;
+  size_t one_by_one = 0;  // slots to walk singly before trying a window again
+  while (left > 0) {
+    if (one_by_one == 0 && left >= kWindow * kPage) {
+      auto s = sys::tee_nb(w, t.t16.write.get(), SIZE_MAX >> 1);
+      if (!s) return tl::unexpected(s.error());
+      if (auto d = discard(t, t.t16.read.get(), *s); !d) return tl::unexpected(d.error());
+      if (*s == kWindow * kPage) {
+        if (auto d = discard(t, w, *s); !d) return tl::unexpected(d.error());
+        lens.insert(lens.end(), kWindow, kPage);
+        left -= *s;
+        continue;
+      }
+      one_by_one = kWindow;
+    }
+    auto len = sys::tee_nb(w, t.t1.write.get(), SIZE_MAX >> 1);
+    if (!len) return tl::unexpected(len.error());
+    if (*len == 0 || *len > left) return fail(Errc::system, EIO, "snapshot walk lost its place");
+    if (auto d = discard(t, t.t1.read.get(), *len); !d) return tl::unexpected(d.error());
+    if (auto d = discard(t, w, *len); !d) return tl::unexpected(d.error());
+    lens.push_back(static_cast<uint32_t>(*len));
+    left -= *len;
+    if (one_by_one) --one_by_one;
+  }
+  return lens;
+}
+
+// Whether the last of the slots of `scratch` (total bytes, the last slot `last` long) is a packet.
+Expected<bool> last_is_packet(const SnapshotReader::Tools& t, int scratch, uint64_t total, uint32_t last) {
+  int w = t.walk.read.get();
+  auto copied = sys::tee_nb(scratch, t.walk.write.get(), SIZE_MAX >> 1);
+  if (!copied) return tl::unexpected(copied.error());
+  if (*copied != total) return fail(Errc::system, EIO, "snapshot copy came up short");
+  if (auto d = discard(t, w, total - last); !d) return tl::unexpected(d.error());
+  std::array<std::byte, 2> buf;
+  bool packet = false;
+  if (last >= 2) {
+    if (auto r = sys::tee_nb(w, t.t1.write.get(), last); !r) return tl::unexpected(r.error());
+    auto one = sys::read_some(t.t1.read.get(), std::span(buf).first(1));
+    if (!one) return tl::unexpected(one.error());
+    auto rest = sys::bytes_queued(t.t1.read.get());
+    if (!rest) return tl::unexpected(rest.error());
+    packet = *rest == 0;
+    if (auto d = discard(t, t.t1.read.get(), static_cast<size_t>(*rest)); !d) return tl::unexpected(d.error());
+  } else {
+    static constexpr std::byte sentinel{0x5a};
+    if (auto r = sys::write_all(t.walk.write.get(), std::span(&sentinel, 1), "write(sentinel)"); !r)
+      return tl::unexpected(r.error());
+    auto two = sys::tee_nb(w, t.t2.write.get(), 2);
+    if (!two) return tl::unexpected(two.error());
+    auto got = sys::read_some(t.t2.read.get(), buf);
+    if (!got) return tl::unexpected(got.error());
+    packet = *got == 1;
+    if (auto d = discard(t, t.t2.read.get(), *two - *got); !d) return tl::unexpected(d.error());
+    last = 2;  // the sentinel goes too
+  }
+  if (auto d = discard(t, w, last); !d) return tl::unexpected(d.error());
+  return packet;
+}
+
+}  // namespace
+
+Expected<std::vector<Slot>> SnapshotReader::read(Snapshot& snap, std::vector<std::byte>& bytes) {
+  std::vector<Slot> slots;
+  bytes.clear();
+  if (snap.bytes == 0) return slots;
+  int s = snap.scratch.get();
+  auto cap = sys::get_pipe_size(s);
+  if (!cap) return tl::unexpected(cap.error());
+  if (auto m = make_tools(*tools_, static_cast<uint32_t>(*cap)); !m) return tl::unexpected(m.error());
+  const uint64_t total = snap.bytes;
+
+  auto copied = sys::tee_nb(s, tools_->walk.write.get(), SIZE_MAX >> 1);
+  if (!copied) return tl::unexpected(copied.error());
+  if (*copied != total) return fail(Errc::system, EIO, fmt::format("tee copied {} of {} bytes", *copied, total));
+  auto lens = walk_lengths(*tools_, total);
+  if (!lens) return tl::unexpected(lens.error());
+  auto last = last_is_packet(*tools_, s, total, lens->back());
+  if (!last) return tl::unexpected(last.error());
+
+  // The bytes; each read() ends at a packet's end or at the end of the data.
+  bytes.resize(total);
+  std::vector<uint64_t> stops;
+  for (uint64_t off = 0; off < total;) {
+    auto r = sys::read_some(s, std::span(bytes).subspan(off));
+    if (!r) return tl::unexpected(r.error());
+    if (*r == 0) return fail(Errc::system, EIO, "snapshot ended early");
+    off += *r;
+    if (off < total) stops.push_back(off);
+  }
+  slots.reserve(lens->size());
+  uint64_t end = 0;
+  size_t next_stop = 0;
+  for (uint32_t len : *lens) {
+    end += len;
+    // A read can only stop at a packet's end: a stop inside a slot means the walk went wrong.
+    if (next_stop < stops.size() && stops[next_stop] < end)
+      return fail(Errc::system, EIO, fmt::format("snapshot read stopped at {}, inside a slot", stops[next_stop]));
+    bool packet = next_stop < stops.size() && stops[next_stop] == end;
+    if (packet) ++next_stop;
+    slots.push_back(Slot{len, packet});
+  }
+  slots.back().packet = *last;
+  snap.scratch.reset();
   return slots;
 }
 
-Expected<uint64_t> stream(Snapshot& snap, std::span<const Slot> slots, const ChunkSink& sink) {
-  constexpr size_t kChunk = 256 * 1024;
-  std::vector<std::byte> buf(kChunk);
-  uint64_t total = 0;
-  size_t i = 0;
-  while (i < slots.size()) {
-    size_t want = 0;
-    size_t j = i;
-    while (j < slots.size() && (want == 0 || want + slots[j].len <= kChunk)) want += slots[j++].len;
-    auto r = sys::read_some(snap.scratch.get(), std::span(buf).first(want));
-    if (!r) return tl::unexpected(r.error());
-    if (*r == 0) return fail(Errc::system, EIO, "snapshot ended before its last slot");
-    // Advance over the whole slots this read returned (a packet ends a read early).
-    size_t got = *r;
-    while (got > 0 && i < slots.size() && slots[i].len <= got) got -= slots[i++].len;
-    if (got != 0) return fail(Errc::system, EIO, "snapshot read ended inside a slot");
-    if (auto s = sink(std::span(buf).first(*r)); !s) return tl::unexpected(s.error());
-    total += *r;
-  }
-  return total;
+Expected<std::vector<Slot>> layout(const Snapshot& snap) {
+  if (snap.bytes == 0) return std::vector<Slot>{};
+  auto cap = sys::get_pipe_size(snap.scratch.get());
+  if (!cap) return tl::unexpected(cap.error());
+  auto copy = scratch_pipe(static_cast<uint32_t>(*cap));
+  if (!copy) return tl::unexpected(copy.error());
+  auto n = sys::tee_nb(snap.scratch.get(), copy->write.get(), SIZE_MAX >> 1);
+  if (!n) return tl::unexpected(n.error());
+  Snapshot dup{std::move(copy->read), static_cast<uint32_t>(*n)};
+  SnapshotReader reader;
+  std::vector<std::byte> bytes;
+  return reader.read(dup, bytes);
 }
 
-Expected<FileRecord> file_state(int fd) {
+Expected<FileRecord> file_state(int fd, bool with_flags) {
   FileRecord f;
-  auto fl = sys::get_fl(fd);
-  if (!fl) return tl::unexpected(fl.error());
-  f.flags = static_cast<uint32_t>(*fl);
+  if (with_flags) {
+    auto fl = sys::get_fl(fd);
+    if (!fl) return tl::unexpected(fl.error());
+    f.flags = static_cast<uint32_t>(*fl);
+  }
   struct f_owner_ex own {};
   if (::fcntl(fd, F_GETOWN_EX, &own) < 0)
     return tl::unexpected(sys::call_error("fcntl", fmt::format("fd={}, F_GETOWN_EX", fd)));

@@ -32,6 +32,7 @@ struct PipeIdentity {
 [[nodiscard]] Expected<PipeIdentity> identify(int fd);
 
 // True when the pipe behind fd is a notification pipe (its data cannot be read without consuming it).
+// Costs one ioctl, and nothing on kernels that cannot make notification pipes at all (probed once).
 [[nodiscard]] bool is_notification_pipe(int fd);
 
 // The queued buffers of a pipe, linked into a scratch pipe of our own. Holds one fd.
@@ -45,19 +46,32 @@ struct Snapshot {
 // large so that every slot fits. The source pipe is not changed.
 [[nodiscard]] Expected<Snapshot> snapshot(int read_end, uint32_t capacity);
 
-// The slot layout of a snapshot: each buffer's length and packet mark, head first. The snapshot
-// itself is not consumed.
-[[nodiscard]] Expected<std::vector<Slot>> layout(const Snapshot& snap);
+// Reads snapshots out: their slot layout and their bytes. Keeps a few small pipes of its own
+// between calls, so that a dump of many pipes makes them once.
+class SnapshotReader {
+ public:
+  SnapshotReader();
+  ~SnapshotReader();
+  SnapshotReader(const SnapshotReader&) = delete;
+  SnapshotReader& operator=(const SnapshotReader&) = delete;
 
-// Read the snapshot's bytes out in chunks, head first, passing each to `sink`; consumes the snapshot.
-// `slots` is its layout(): reads ask for whole slots only, since a read() that ends inside a
-// packet drops the rest of the packet. Returns the bytes passed to sink.
-using ChunkSink = std::function<Expected<void>(std::span<const std::byte>)>;
-[[nodiscard]] Expected<uint64_t> stream(Snapshot& snap, std::span<const Slot> slots, const ChunkSink& sink);
+  // The layout of snap (each buffer's length and packet mark, head first) and its bytes, read into
+  // `bytes` (resized to snap.bytes: memory is bounded by one pipe's capacity). Consumes snap.
+  [[nodiscard]] Expected<std::vector<Slot>> read(Snapshot& snap, std::vector<std::byte>& bytes);
+
+  struct Tools;  // the reader's own pipes (pipe.cpp)
+
+ private:
+  Tools* tools_;
+};
+
+// The slot layout of a snapshot, leaving the snapshot whole (a copy of it is read).
+[[nodiscard]] Expected<std::vector<Slot>> layout(const Snapshot& snap);
 
 // The state of the open file description behind fd: access mode and status flags, signal owner
 // (F_GETOWN_EX, F_GETOWNER_UIDS where the kernel has it) and signal (F_GETSIG). id and pipe_id are
 // left 0 for the caller to fill in.
-[[nodiscard]] Expected<FileRecord> file_state(int fd);
+// with_flags=false skips F_GETFL (for callers that read the flags from /proc/PID/fdinfo already).
+[[nodiscard]] Expected<FileRecord> file_state(int fd, bool with_flags = true);
 
 }  // namespace pipecr::dump

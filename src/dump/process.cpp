@@ -57,6 +57,9 @@ struct Holder {          // one fd slot
   int fd = -1;
   std::string target;    // readlink of the fd
   uint64_t ino = 0;
+  dev_t dev = 0;         // FIFOs: the device of the inode (anonymous pipes: 0, all on pipefs)
+  PipeKind kind = PipeKind::anonymous;
+  int flags = 0;         // fdinfo flags: F_GETFL of the open file, without O_CLOEXEC
   bool cloexec = false;
   Blocked blocked = Blocked::none;
   size_t file = 0;       // index into files_
@@ -149,27 +152,49 @@ class Dumper {
     }
   }
 
+  // One fd table: readlink of every fd (in list_fds), then fdinfo of the pipe fds, both relative to
+  // directory fds (each path walk through /proc costs as much as the read itself here).
   Expected<void> read_fd_table(size_t pi) {
     pid_t pid = pids_[pi];
     auto fds = sys::list_fds(pid, true);
     if (!fds) return tl::unexpected(in_process(fds.error(), pid));
+    std::string base = fmt::format("/proc/{}/", pid);
+    sys::UniqueFd fd_dir(::open((base + "fd").c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+    sys::UniqueFd info_dir(::open((base + "fdinfo").c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+    if (!fd_dir || !info_dir) return tl::unexpected(in_process(sys::call_error("open", base + "fdinfo"), pid));
     for (sys::FdEntry& e : *fds) {
       Holder h{.pid = pid, .fd = e.fd, .target = std::move(e.target)};
+      std::string name = std::to_string(e.fd);
       if (auto ino = sys::pipe_inode_from_link(h.target)) {
         h.ino = *ino;
       } else if (!h.target.empty() && h.target[0] == '/') {
         struct stat st {};
-        if (::stat(fmt::format("/proc/{}/fd/{}", pid, e.fd).c_str(), &st) < 0 || !S_ISFIFO(st.st_mode)) continue;
+        if (::fstatat(fd_dir.get(), name.c_str(), &st, 0) < 0 || !S_ISFIFO(st.st_mode)) continue;
         h.ino = st.st_ino;
+        h.dev = st.st_dev;
+        h.kind = PipeKind::fifo;
       } else {
         continue;  // sockets, anon inodes, ...
       }
-      auto info = sys::read_fdinfo(pid, e.fd);
-      if (!info) return tl::unexpected(in_process(info.error(), pid));
+      auto info = read_fdinfo_at(info_dir.get(), name);
+      if (!info) {
+        if (info.error().kind == Errc::not_found) continue;  // closed meanwhile by another holder of the table
+        return tl::unexpected(in_process(info.error(), pid));
+      }
       h.cloexec = (info->flags & O_CLOEXEC) != 0;
+      h.flags = info->flags & ~O_CLOEXEC;
       holders_.push_back(std::move(h));
     }
     return {};
+  }
+
+  static Expected<sys::FdInfo> read_fdinfo_at(int dir, const std::string& name) {
+    sys::UniqueFd f(::openat(dir, name.c_str(), O_RDONLY | O_CLOEXEC));
+    if (!f) return tl::unexpected(sys::call_error("open", "fdinfo/" + name));
+    char buf[512];
+    ssize_t n = ::read(f.get(), buf, sizeof buf);
+    if (n < 0) return tl::unexpected(sys::call_error("read", "fdinfo/" + name));
+    return sys::parse_fdinfo(std::string_view(buf, static_cast<size_t>(n)));
   }
 
   Expected<void> read_fd_tables() {
@@ -207,22 +232,23 @@ class Dumper {
     return static_cast<size_t>(std::find(pids_.begin(), pids_.end(), pid) - pids_.begin());
   }
 
-  // The pipe a description belongs to, made on first sight.
-  Expected<size_t> pipe_of(const PipeIdentity& id, int fd, const Holder& h) {
-    auto key = std::pair<dev_t, ino_t>(id.dev, id.ino);
+  // The pipe a description belongs to, made on first sight (one fstat and one F_GETPIPE_SZ per pipe).
+  Expected<size_t> pipe_of(int fd, const Holder& h) {
+    auto key = std::pair<dev_t, uint64_t>(h.dev, h.ino);
     if (auto it = pipe_index_.find(key); it != pipe_index_.end()) return it->second;
+    struct stat st {};
+    if (::fstat(fd, &st) < 0) return tl::unexpected(sys::call_error("fstat", fmt::format("pid {} fd {}", h.pid, h.fd)));
     PipeState p;
-    p.dev = id.dev;
     p.rec.id = pipes_.size() + 1;
-    p.rec.kind = id.kind;
-    p.rec.inode = id.ino;
-    p.rec.uid = id.uid;
-    p.rec.gid = id.gid;
-    p.rec.mode = id.mode;
+    p.rec.kind = h.kind;
+    p.rec.inode = h.ino;
+    p.rec.uid = st.st_uid;
+    p.rec.gid = st.st_gid;
+    p.rec.mode = st.st_mode & 07777;
     auto cap = sys::get_pipe_size(fd);
     if (!cap) return tl::unexpected(cap.error());
     p.rec.capacity = static_cast<uint32_t>(*cap);
-    if (id.kind == PipeKind::fifo) {
+    if (h.kind == PipeKind::fifo) {
       p.rec.path = h.target;
       if (p.rec.path.ends_with(kDeleted)) {
         p.rec.path.resize(p.rec.path.size() - kDeleted.size());
@@ -238,18 +264,17 @@ class Dumper {
     const Holder& h = holders_[f.first_holder];
     auto fd = sys::pidfd_getfd(pidfds_[pid_index(h.pid)].get(), h.fd, h.pid);
     if (!fd) return tl::unexpected(in_process(fd.error(), h.pid));
-    auto id = identify(fd->get());
-    if (!id) {
-      Error e = id.error();
-      e.what = fmt::format("pid {} fd {}: {}", h.pid, h.fd, e.what);
-      return tl::unexpected(e);
-    }
-    auto state = file_state(fd->get());
+    if (is_notification_pipe(fd->get()))
+      return fail(Errc::unsupported, ENOTSUP,
+                  fmt::format("pid {} fd {} is a notification pipe (O_NOTIFICATION_PIPE): its messages cannot be "
+                              "read without consuming them",
+                              h.pid, h.fd));
+    auto state = file_state(fd->get(), false);
     if (!state) return tl::unexpected(state.error());
-    auto pi = pipe_of(*id, fd->get(), h);
+    auto pi = pipe_of(fd->get(), h);
     if (!pi) return tl::unexpected(pi.error());
     f.pipe = *pi;
-    f.rec.flags = state->flags;
+    f.rec.flags = static_cast<uint32_t>(h.flags);
     f.rec.owner = state->owner;
     f.rec.signal = state->signal;
     PipeState& p = pipes_[*pi];
@@ -361,24 +386,22 @@ class Dumper {
 
   Expected<DumpStats> write(image::Sink& sink, Image* records) {
     image::Writer w(sink);
+    SnapshotReader reader;
+    std::vector<std::byte> bytes;
     Expected<void> ok = w.begin(image::current_info());
     for (const ProcessRecord& p : procs_)
       if (ok) ok = w.add(p);
     for (PipeState& p : pipes_) {
       if (!ok) break;
-      auto slots = layout(p.snap);
+      auto slots = reader.read(p.snap, bytes);
       if (!slots) return tl::unexpected(slots.error());
       p.rec.slots = std::move(*slots);
       ok = w.add(p.rec);
       if (!ok || p.rec.slots.empty()) continue;
-      ok = w.begin_data(p.rec.id, p.rec.bytes());
-      if (ok) {
-        auto n = stream(p.snap, p.rec.slots, [&](std::span<const std::byte> c) { return w.data(c); });
-        if (!n) return tl::unexpected(n.error());
-        stats_.bytes += *n;
-      }
+      ok = w.begin_data(p.rec.id, bytes.size());
+      if (ok) ok = w.data(bytes);
       if (ok) ok = w.end_data();
-      p.snap.scratch.reset();
+      stats_.bytes += bytes.size();
     }
     for (OpenFile& f : files_) {
       f.rec.fifo_reader = fifo_reader_state(f);
@@ -413,7 +436,7 @@ class Dumper {
   std::vector<Holder> holders_;
   std::vector<OpenFile> files_;
   std::vector<PipeState> pipes_;
-  std::map<std::pair<dev_t, ino_t>, size_t> pipe_index_;
+  std::map<std::pair<dev_t, uint64_t>, size_t> pipe_index_;
   uint64_t stop_start_ = 0;
   DumpStats stats_;
 };
