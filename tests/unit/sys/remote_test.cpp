@@ -355,8 +355,11 @@ TEST(Remote, InstallIntoUnprivilegedTarget) {
   int in = input.read.get(), out = report.write.get();
   Child child = spawn([in, out] {
     if (::setresgid(65534, 65534, 65534) != 0 || ::setresuid(65534, 65534, 65534) != 0) ::_exit(10);
-    ::dup2(in, 5);
-    ::close(7);  // whatever the test runner left open there (ctest does)
+    // Under a test runner the pipes may sit at 5 or 7: move them out of the way first.
+    int in_hi = ::fcntl(in, F_DUPFD, 100), out_hi = ::fcntl(out, F_DUPFD, 100);
+    ::dup2(in_hi, 5);
+    ::close(7);
+    int out = out_hi;
     char buf[64];
     ssize_t n = ::read(7, buf, sizeof buf);  // EBADF until we install fd 7: so wait on 5 first
     (void)n;
