@@ -301,6 +301,57 @@ TEST(ProcessDump, TenThousandPipes) {
   EXPECT_EQ(c.finish(), 0);
 }
 
+// FIFOs: opened read-write, read-only before any writer (the "no writer yet" latch), and unlinked.
+TEST(ProcessDump, FifosWithPathsAndReaderState) {
+  char dir[] = "/tmp/pipecr-dump-XXXXXX";
+  ASSERT_TRUE(mkdtemp(dir));
+  std::string rw_path = std::string(dir) + "/rw", ro_path = std::string(dir) + "/ro",
+              ghost_path = std::string(dir) + "/ghost";
+  for (const auto& p : {rw_path, ro_path, ghost_path}) ASSERT_EQ(mkfifo(p.c_str(), 0640), 0);
+  Child c([&](int ready) {
+    block_usr1();
+    int rw = open(rw_path.c_str(), O_RDWR);
+    if (write(rw, "fifo-data", 9) != 9) return 2;
+    int ro = open(ro_path.c_str(), O_RDONLY | O_NONBLOCK);  // no writer has ever come
+    int ghost = open(ghost_path.c_str(), O_RDWR);
+    if (write(ghost, "boo", 3) != 3) return 3;
+    unlink(ghost_path.c_str());
+    dup2(rw, 30);
+    dup2(ro, 31);
+    dup2(ghost, 32);
+    signal_ready(ready);
+    wait_usr1();
+    char buf[16];
+    return read(30, buf, sizeof buf) == 9 && read(32, buf, sizeof buf) == 3 ? 0 : 4;
+  });
+  ASSERT_TRUE(c.ready());
+  std::vector<std::byte> bytes;
+  auto img = dump({c.pid()}, false, bytes);
+  ASSERT_TRUE(img) << img.error().what;
+  std::map<int, const PipeRecord*> by_fd;
+  std::map<int, const FileRecord*> file_by_fd;
+  for (int fd : {30, 31, 32}) {
+    const FdRecord* r = fd_of(*img, c.pid(), fd);
+    ASSERT_TRUE(r) << fd;
+    file_by_fd[fd] = img->find_file(r->file_id);
+    by_fd[fd] = img->find_pipe(file_by_fd[fd]->pipe_id);
+  }
+  EXPECT_EQ(by_fd[30]->kind, PipeKind::fifo);
+  EXPECT_EQ(by_fd[30]->path, rw_path);
+  EXPECT_EQ(by_fd[30]->bytes(), 9u);
+  EXPECT_EQ(by_fd[30]->mode, 0640u);
+  EXPECT_FALSE(by_fd[30]->unlinked);
+  EXPECT_EQ(file_by_fd[30]->flags & O_ACCMODE, static_cast<uint32_t>(O_RDWR));
+  EXPECT_EQ(by_fd[31]->path, ro_path);
+  EXPECT_EQ(file_by_fd[31]->fifo_reader, FifoReaderState::no_writer_yet);
+  EXPECT_EQ(by_fd[32]->path, ghost_path);
+  EXPECT_TRUE(by_fd[32]->unlinked);
+  EXPECT_EQ(by_fd[32]->bytes(), 3u);
+  EXPECT_EQ(c.finish(), 0);
+  for (const auto& p : {rw_path, ro_path}) unlink(p.c_str());
+  rmdir(dir);
+}
+
 TEST(ProcessDump, LeaveStopped) {
   Child c([](int ready) {
     block_usr1();
