@@ -27,6 +27,9 @@ long pipecr_ckpoint_pipe(int fd, void *img, size_t img_size, size_t *needed);
    of the caller is changed. */
 int pipecr_restore_pipe(int fd[2], const void *img, size_t img_size);
 
+/* The library's version, "MAJOR.MINOR.PATCH". */
+const char *pipecr_version(void);
+
 /* A static description of a negative errno returned above ("pipe capacity above pipe-max-size" ...), never NULL. */
 const char *pipecr_strerror(int negative_errno);
 
