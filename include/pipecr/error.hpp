@@ -10,6 +10,8 @@
 
 #include <tl/expected.hpp>
 
+#include "pipecr/export.h"
+
 namespace pipecr {
 
 // What went wrong, in the terms a caller acts on. Each kind maps to one CLI exit code and one
@@ -34,7 +36,7 @@ struct Error {
   std::string what;   // one line: "<call>(<args>): <reason>" or a plain sentence
 
   // A negative errno for C callers, chosen by kind where the kind says more than err.
-  [[nodiscard]] int negative_errno() const;
+  [[nodiscard]] PIPECR_API int negative_errno() const;
 };
 
 template <class T>
@@ -47,7 +49,7 @@ using Expected = tl::expected<T, Error>;
 // The errno of a failed call becomes the kind a caller acts on: ESRCH -> gone, EPERM/EACCES ->
 // permission, ENOENT -> not_found, others -> system. `what` names the call and its arguments;
 // the errno's text is appended.
-[[nodiscard]] Error errno_error(int err, std::string what);
+[[nodiscard]] PIPECR_API Error errno_error(int err, std::string what);
 [[nodiscard]] inline tl::unexpected<Error> fail_errno(int err, std::string what) {
   return tl::unexpected<Error>(errno_error(err, std::move(what)));
 }

@@ -16,6 +16,8 @@
 #include <string>
 #include <vector>
 
+#include "pipecr/export.h"
+
 namespace pipecr {
 
 inline constexpr uint32_t kFormatVersion = 1;
@@ -112,8 +114,8 @@ struct Image {
   std::vector<FileRecord> files;
   std::vector<FdRecord> fds;
 
-  [[nodiscard]] const PipeRecord* find_pipe(uint64_t id) const;
-  [[nodiscard]] const FileRecord* find_file(uint64_t id) const;
+  [[nodiscard]] PIPECR_API const PipeRecord* find_pipe(uint64_t id) const;
+  [[nodiscard]] PIPECR_API const FileRecord* find_file(uint64_t id) const;
 };
 
 }  // namespace pipecr

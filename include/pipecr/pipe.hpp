@@ -13,12 +13,13 @@
 #include <vector>
 
 #include "pipecr/error.hpp"
+#include "pipecr/export.h"
 #include "pipecr/image.hpp"
 
 namespace pipecr {
 
 // Checkpoint the pipe or FIFO behind fd into a self-contained image (one pipe, one file, one fd).
-[[nodiscard]] Expected<std::vector<std::byte>> checkpoint_pipe(int fd);
+[[nodiscard]] PIPECR_API Expected<std::vector<std::byte>> checkpoint_pipe(int fd);
 
 struct RestoreOptions {
   // When the recorded capacity cannot be set here (above pipe-max-size without CAP_SYS_RESOURCE),
@@ -35,7 +36,7 @@ struct RestoredPipe {
 
 // Restore the single pipe in image. want_read/want_write: the fd numbers to use (whatever is open
 // there is replaced), or -1 for any free number. On failure no fd of the caller is changed.
-[[nodiscard]] Expected<RestoredPipe> restore_pipe(std::span<const std::byte> image, int want_read = -1,
+[[nodiscard]] PIPECR_API Expected<RestoredPipe> restore_pipe(std::span<const std::byte> image, int want_read = -1,
                                                   int want_write = -1, const RestoreOptions& opts = {});
 
 }  // namespace pipecr

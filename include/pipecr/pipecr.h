@@ -8,6 +8,8 @@
 
 #include <stddef.h>
 
+#include "pipecr/export.h"
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -18,20 +20,20 @@ extern "C" {
    -errno. If img_size is too small it returns -ENOSPC and, when needed is not NULL, stores the size required in
    *needed; img may be NULL with img_size 0 to ask for the size. The pipe is left untouched.
    Other errors: -EBADF (fd not open), -ENOTSUP (not a pipe or FIFO, or a notification pipe). */
-long pipecr_ckpoint_pipe(int fd, void *img, size_t img_size, size_t *needed);
+PIPECR_API long pipecr_ckpoint_pipe(int fd, void *img, size_t img_size, size_t *needed);
 
 /* Restore the pipe in img: fd[0] receives the read end, fd[1] the write end. On input fd[i] >= 0 asks for that fd
    number (whatever is open there is replaced), -1 for any free number. Returns 0 or -errno: -EBADMSG for a corrupt
    or truncated image, -EPROTONOSUPPORT for an unknown format version, -EINVAL for bad arguments, -EPERM when the
    recorded capacity is above /proc/sys/fs/pipe-max-size and the caller lacks CAP_SYS_RESOURCE. On failure no fd
    of the caller is changed. */
-int pipecr_restore_pipe(int fd[2], const void *img, size_t img_size);
+PIPECR_API int pipecr_restore_pipe(int fd[2], const void *img, size_t img_size);
 
 /* The library's version, "MAJOR.MINOR.PATCH". */
-const char *pipecr_version(void);
+PIPECR_API const char *pipecr_version(void);
 
 /* A static description of a negative errno returned above ("pipe capacity above pipe-max-size" ...), never NULL. */
-const char *pipecr_strerror(int negative_errno);
+PIPECR_API const char *pipecr_strerror(int negative_errno);
 
 #ifdef __cplusplus
 }
