@@ -1,0 +1,112 @@
+// proc.hpp: small readers of /proc/PID for processes, threads and fds.
+//
+// Each reader opens one file once, reads it whole into a stack buffer (or one growing string for
+// the rare large file) and parses it in place: no iostreams, no second pass. Directory listings
+// (/proc, task/, fd/) use getdents64 over one open directory fd and, for fds, readlinkat relative
+// to that fd, so listing 10,000 fds costs one open plus one readlink per fd.
+//
+// Errors: when /proc/PID itself is gone (ENOENT/ESRCH) the error is Errc::gone; EACCES/EPERM is
+// Errc::permission; a missing file below a live process (a closed fd) is Errc::not_found.
+#pragma once
+
+#include <sys/types.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "pipecr/error.hpp"
+#include "pipecr/image.hpp"
+
+namespace pipecr::sys {
+
+// Every numeric directory of /proc (thread-group leaders), ascending.
+[[nodiscard]] Expected<std::vector<pid_t>> list_pids();
+// The thread ids of pid (/proc/PID/task), ascending; the leader is among them.
+[[nodiscard]] Expected<std::vector<pid_t>> list_threads(pid_t pid);
+
+// /proc/PID/comm without the trailing newline.
+[[nodiscard]] Expected<std::string> read_comm(pid_t pid);
+// /proc/PID/cmdline split at NULs. Empty for kernel threads and zombies.
+[[nodiscard]] Expected<std::vector<std::string>> read_cmdline(pid_t pid);
+
+// The fields of /proc/PID/stat pipecr uses. comm may hold spaces and parentheses, so the fields
+// after it are parsed from the last ')'.
+struct ProcStat {
+  pid_t pid = 0;
+  std::string comm;
+  char state = '?';  // R S D T t Z X ...
+  pid_t ppid = 0;
+  pid_t pgrp = 0;
+  pid_t session = 0;
+};
+[[nodiscard]] Expected<ProcStat> read_stat(pid_t pid);
+// Same, for one thread (/proc/PID/task/TID/stat).
+[[nodiscard]] Expected<ProcStat> read_task_stat(pid_t pid, pid_t tid);
+[[nodiscard]] Expected<pid_t> read_ppid(pid_t pid);
+[[nodiscard]] Expected<char> read_state(pid_t pid);
+// Parse the text of a stat file (exposed for tests).
+[[nodiscard]] Expected<ProcStat> parse_stat(std::string_view text);
+
+// Direct children of pid: from /proc/PID/task/*/children (CONFIG_PROC_CHILDREN), else by scanning
+// every process's ppid. Ascending.
+[[nodiscard]] Expected<std::vector<pid_t>> children(pid_t pid);
+// Every descendant of pid (not pid itself), parents before their children.
+[[nodiscard]] Expected<std::vector<pid_t>> descendants(pid_t pid);
+
+struct FdEntry {
+  int fd = -1;
+  std::string target;  // readlink(/proc/PID/fd/N): "pipe:[123]", "/path/to/fifo", "socket:[9]" ...
+};
+// The open fds of pid, ascending. With with_targets=false targets are left empty (one syscall per
+// directory block instead of one per fd). An fd closed between the listing and its readlink is
+// skipped.
+[[nodiscard]] Expected<std::vector<FdEntry>> list_fds(pid_t pid, bool with_targets = true);
+// readlink(/proc/PID/fd/FD).
+[[nodiscard]] Expected<std::string> read_fd_target(pid_t pid, int fd);
+
+struct FdInfo {
+  uint64_t pos = 0;
+  int flags = 0;   // octal in the file; O_CLOEXEC here mirrors FD_CLOEXEC of that process
+  int mnt_id = 0;
+  uint64_t ino = 0;
+};
+[[nodiscard]] Expected<FdInfo> read_fdinfo(pid_t pid, int fd);
+// Parse the text of an fdinfo file (exposed for tests).
+[[nodiscard]] Expected<FdInfo> parse_fdinfo(std::string_view text);
+
+// "pipe:[123]" -> 123; anything else -> nullopt.
+[[nodiscard]] std::optional<uint64_t> pipe_inode_from_link(std::string_view link);
+
+// What a thread is doing, from /proc/PID/task/TID/syscall (readable without ptrace for a process we
+// may inspect): the syscall number and its arguments while it is blocked in one, nr = -1 while in
+// user space ("running"), nullopt fields when the kernel hides it.
+struct TaskSyscall {
+  pid_t tid = 0;
+  long nr = -1;          // -1: running in user space
+  uint64_t args[6] = {};
+  std::string wchan;     // /proc/PID/task/TID/wchan: "pipe_read", "pipe_write", "wait_for_partner", ...
+};
+[[nodiscard]] Expected<TaskSyscall> read_task_syscall(pid_t pid, pid_t tid);
+// Parse the text of a syscall file (exposed for tests).
+[[nodiscard]] Expected<TaskSyscall> parse_task_syscall(std::string_view text);
+
+// Which fd, if any, a thread is blocked on for reading or writing: read/readv/preadv/pread64
+// (0, 19, 295, 17) -> reading, write/writev/pwritev/pwrite64 (1, 20, 296, 18) -> writing, with the
+// fd in the first argument (x86_64 numbers).
+struct BlockedIo {
+  pid_t tid = 0;
+  int fd = -1;
+  Blocked dir = Blocked::none;
+  std::string wchan;
+};
+[[nodiscard]] std::optional<BlockedIo> blocked_io(const TaskSyscall& s);
+// Every thread of pid blocked in read*/write* on some fd (threads that vanish are skipped).
+[[nodiscard]] Expected<std::vector<BlockedIo>> list_blocked_io(pid_t pid);
+
+// Read a whole small /proc file (at most max bytes). Errors as described at the top.
+[[nodiscard]] Expected<std::string> read_proc_file(const std::string& path, size_t max = 1 << 20);
+
+}  // namespace pipecr::sys
