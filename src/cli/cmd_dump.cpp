@@ -39,7 +39,7 @@ Expected<int> run_dump(const Options& o, CommandContext& ctx) {
   Image records;
   auto stats = dump::dump_to_file(opts, o.output, &records);
   if (!stats) return tl::unexpected(stats.error());
-  if (o.json) fmt::print(ctx.out, "{}\n", render_json(image_to_json(records)));
+  if (o.json) write_image_json(ctx.out, records);
   if (o.verbose)
     fmt::print(ctx.err, "pipecr dump: {} processes, {} pipes, {} open files, {} fds, {} bytes; stopped for {:.3f} ms\n",
                records.processes.size(), stats->pipes, stats->files, stats->fds, stats->bytes,

@@ -1,0 +1,148 @@
+// cmd_peek.cpp: `pipecr peek PID:FD [-n BYTES] [--hex]`: the bytes queued in a live pipe, left
+// where they are.
+//
+// The fd is copied out of the target with pidfd_getfd (same open file description, no effect on
+// the target). tee() only reads from a read end, so when the target's fd is a write-only end we
+// open /proc/PID/fd/FD O_RDONLY|O_NONBLOCK instead: a second read end of the same pipe, held for
+// the few microseconds of the tee (kernel-facts.md: while held, a write that would get EPIPE
+// succeeds). dump::snapshot() tees the queued buffers into a scratch pipe as large as the source,
+// and we read the scratch pipe: the source keeps every byte, so peeking twice shows the same.
+// Output: raw bytes when stdout is not a terminal, else (or with --hex) a `hexdump -C` dump.
+#include <fcntl.h>
+#include <sys/stat.h>
+
+#include <charconv>
+#include <memory>
+#include <vector>
+
+#include <fmt/format.h>
+
+#include "cli/command.hpp"
+#include "cli/hexdump.hpp"
+#include "dump/pipe.hpp"
+#include "sys/proc.hpp"
+#include "sys/syscalls.hpp"
+
+namespace pipecr::cli {
+namespace {
+
+struct Target {
+  pid_t pid = 0;
+  int fd = -1;
+};
+
+Expected<Target> parse_target(const std::string& s) {
+  Target t;
+  size_t colon = s.find(':');
+  auto bad = [&] { return fail(Errc::invalid_argument, EINVAL, fmt::format("'{}' is not PID:FD", s)); };
+  if (colon == std::string::npos) return bad();
+  const char* b = s.data();
+  auto r1 = std::from_chars(b, b + colon, t.pid);
+  auto r2 = std::from_chars(b + colon + 1, b + s.size(), t.fd);
+  if (r1.ec != std::errc() || r1.ptr != b + colon || r2.ec != std::errc() || r2.ptr != b + s.size() ||
+      t.pid <= 0 || t.fd < 0)
+    return bad();
+  return t;
+}
+
+// Our copy of the target's fd; errors worded for the user.
+Expected<sys::UniqueFd> grab_fd(const Target& t) {
+  auto pidfd = sys::pidfd_open(t.pid);
+  if (!pidfd) {
+    Error e = pidfd.error();
+    if (e.err == ESRCH) e.what = fmt::format("process {} does not exist", t.pid);
+    return tl::unexpected(e);
+  }
+  auto fd = sys::pidfd_getfd(pidfd->get(), t.fd, t.pid);
+  if (!fd && fd.error().err == EBADF)
+    return fail(Errc::invalid_argument, EBADF, fmt::format("{}:{} is not an open fd", t.pid, t.fd));
+  if (!fd && fd.error().err == ESRCH) return fail(Errc::gone, ESRCH, fmt::format("process {} exited", t.pid));
+  return fd;
+}
+
+// Refuses anything but a pipe or FIFO, naming what it is.
+Expected<void> require_pipe(const Target& t, int fd) {
+  struct stat st {};
+  if (::fstat(fd, &st) < 0) return tl::unexpected(sys::call_error("fstat", fmt::format("fd={}", fd)));
+  if (S_ISFIFO(st.st_mode)) return {};
+  auto what = sys::read_fd_target(t.pid, t.fd);
+  return fail(Errc::unsupported, ENOTSUP,
+              fmt::format("{}:{} is not a pipe or FIFO ({})", t.pid, t.fd, what ? *what : std::string("?")));
+}
+
+// A read end of the same pipe: the copy itself unless it is write-only.
+Expected<sys::UniqueFd> read_end_for(const Target& t, sys::UniqueFd copy) {
+  auto fl = sys::get_fl(copy.get());
+  if (!fl) return tl::unexpected(fl.error());
+  if ((*fl & O_ACCMODE) != O_WRONLY) return copy;
+  std::string path = fmt::format("/proc/{}/fd/{}", t.pid, t.fd);
+  int r = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+  if (r < 0) return tl::unexpected(sys::call_error("open", fmt::format("{}, O_RDONLY|O_NONBLOCK", path)));
+  return sys::UniqueFd(r);
+}
+
+// Reads up to limit bytes out of the snapshot's scratch pipe (its write end is closed: EOF at end).
+Expected<std::vector<std::byte>> read_snapshot(dump::Snapshot& snap, uint64_t limit) {
+  std::vector<std::byte> data;
+  data.reserve(std::min<uint64_t>(limit, snap.bytes));
+  std::vector<std::byte> buf(65536);
+  while (data.size() < limit) {
+    size_t want = static_cast<size_t>(std::min<uint64_t>(buf.size(), limit - data.size()));
+    auto n = sys::read_some(snap.scratch.get(), std::span(buf).first(want));
+    if (!n) {
+      if (n.error().err == EAGAIN) break;
+      return tl::unexpected(n.error());
+    }
+    if (*n == 0) break;
+    data.insert(data.end(), buf.begin(), buf.begin() + static_cast<ptrdiff_t>(*n));
+  }
+  return data;
+}
+
+struct Options {
+  std::string target;
+  uint64_t limit = UINT64_MAX;
+  bool hex = false;
+};
+
+Expected<int> peek(const Options& o, CommandContext& ctx) {
+  auto t = parse_target(o.target);
+  if (!t) return tl::unexpected(t.error());
+  auto copy = grab_fd(*t);
+  if (!copy) return tl::unexpected(copy.error());
+  if (auto p = require_pipe(*t, copy->get()); !p) return tl::unexpected(p.error());
+  if (auto id = dump::identify(copy->get()); !id) return tl::unexpected(id.error());
+  auto cap = sys::get_pipe_size(copy->get());
+  if (!cap) return tl::unexpected(cap.error());
+  auto rd = read_end_for(*t, std::move(*copy));
+  if (!rd) return tl::unexpected(rd.error());
+  auto snap = dump::snapshot(rd->get(), static_cast<uint32_t>(*cap));
+  rd->reset();  // hold the extra end as briefly as possible
+  if (!snap) return tl::unexpected(snap.error());
+  uint32_t queued = snap->bytes;
+  auto data = read_snapshot(*snap, o.limit);
+  if (!data) return tl::unexpected(data.error());
+
+  if (o.hex || ctx.out_is_tty) {
+    fmt::print(ctx.out, "{}:{}: {} of {} bytes queued, capacity {}{}\n", t->pid, t->fd, data->size(), queued, *cap,
+               data->size() < queued ? fmt::format(" (first {} shown)", data->size()) : "");
+    fmt::print(ctx.out, "{}", format_hexdump(*data));
+  } else {
+    auto w = sys::write_all(::fileno(ctx.out), *data, "write(stdout)");
+    if (!w) return tl::unexpected(w.error());
+  }
+  return kExitOk;
+}
+
+RunFn setup(CLI::App& app, CommandContext& ctx) {
+  auto o = std::make_shared<Options>();
+  app.add_option("target", o->target, "PID:FD of a pipe or FIFO end")->required();
+  app.add_option("-n,--bytes", o->limit, "show at most this many bytes (from the head)");
+  app.add_flag("--hex", o->hex, "hexdump even when stdout is not a terminal");
+  return [o, &ctx]() -> Expected<int> { return peek(*o, ctx); };
+}
+
+const Registrar kPeek{"peek", "show the bytes queued in a live pipe without consuming them", 20, setup};
+
+}  // namespace
+}  // namespace pipecr::cli

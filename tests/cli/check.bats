@@ -1,0 +1,46 @@
+#!/usr/bin/env bats
+# pipecr check, and the command line as a whole (help, exit codes).
+
+load helpers
+
+@test "check exits 0 on this machine and prints a table" {
+  run "$PIPECR" check
+  [ "$status" -eq 0 ]
+  echo "$output" | grep -E "^tee +ok +dump"
+  echo "$output" | grep -E "^kcmp +ok"
+  echo "$output" | grep -E "^dump: +ready"
+  echo "$output" | grep -E "^restore: +ready"
+}
+
+@test "check --json is one JSON document" {
+  "$PIPECR" check --json > "$TMP/check.json"
+  python3 -c 'import json,sys; json.load(sys.stdin)' < "$TMP/check.json"
+  python3 - "$TMP/check.json" <<'PY'
+import json, sys
+doc = json.load(open(sys.argv[1]))
+assert doc["dump_ready"] is True and doc["restore_ready"] is True
+names = {f["name"] for f in doc["features"]}
+for n in ("tee", "pidfd_getfd", "kcmp", "ptrace_seize", "cap_sys_resource", "pipe_max_size"):
+    assert n in names, n
+PY
+}
+
+@test "--help lists the subcommands and the exit codes" {
+  run "$PIPECR" --help
+  [ "$status" -eq 0 ]
+  echo "$output" | grep -E "^  ls "
+  echo "$output" | grep -E "^  peek "
+  echo "$output" | grep -E "^  check "
+  echo "$output" | grep -F "Exit codes:"
+  echo "$output" | grep -E "^  75 +a target process is gone"
+}
+
+@test "a bad command line exits 64 with one message" {
+  run "$PIPECR"
+  [ "$status" -eq 64 ]
+  run "$PIPECR" no-such-command
+  [ "$status" -eq 64 ]
+  run "$PIPECR" check --bogus
+  [ "$status" -eq 64 ]
+  [[ "$output" == "pipecr check: "* ]]
+}
