@@ -1,0 +1,230 @@
+// restore/plan.cpp: stage 1 of a restore into processes: decide everything before anything is made.
+//
+// Reads only the image, the command line and /proc. Checks what would otherwise fail half way: each
+// recorded pid exists in the image and is used once, each target exists, is not a zombie and may be
+// ptraced, and the --exec command can be found. Whether a target may be ptraced is asked without
+// stopping it: pidfd_getfd() makes the same PTRACE_MODE_ATTACH_REALCREDS check as PTRACE_SEIZE
+// (Yama included) before it looks up the fd, so asking for an fd no process can have answers EPERM
+// when we may not attach and EBADF when we may. The seize itself (stage 3) can still fail (another
+// tracer, the target exits); that is rolled back there.
+//
+// Owners (F_SETOWN_EX) name pids of the dumped world: an owner that is a restored recorded process
+// becomes its target (a process group owner: the target's process group); any other owner cannot be
+// mapped and is left unset, with a note.
+#include "restore/plan.hpp"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdlib>
+#include <unordered_set>
+
+#include <fmt/format.h>
+
+#include "sys/proc.hpp"
+#include "sys/syscalls.hpp"
+
+namespace pipecr::restore {
+namespace {
+
+std::string recorded_list(const Image& img) {
+  std::string s;
+  for (const ProcessRecord& p : img.processes) s += fmt::format("{}{} ({})", s.empty() ? "" : ", ", p.pid, p.comm);
+  return s;
+}
+
+bool image_has_process(const Image& img, int32_t pid) {
+  if (img.processes.empty()) return pid == 0;
+  return std::any_of(img.processes.begin(), img.processes.end(), [&](const ProcessRecord& p) { return p.pid == pid; });
+}
+
+// The target exists, is alive and may be ptraced by us.
+Expected<void> check_target(pid_t target) {
+  if (target <= 0) return fail(Errc::invalid_argument, EINVAL, fmt::format("--into {}: not a pid", target));
+  if (target == ::getpid())
+    return fail(Errc::invalid_argument, EINVAL,
+                fmt::format("--into {}: that is pipecr itself (use --exec to restore into a new command)", target));
+  auto st = sys::read_stat(target);
+  if (!st) return tl::unexpected(Error{st.error().kind, st.error().err, fmt::format("target {}: {}", target, st.error().what)});
+  if (st->state == 'Z' || st->state == 'X')
+    return fail(Errc::gone, ESRCH, fmt::format("target {} ({}) has exited (zombie)", target, st->comm));
+  auto pidfd = sys::pidfd_open(target);
+  if (!pidfd) return tl::unexpected(pidfd.error());
+  auto probe = sys::pidfd_getfd(pidfd->get(), INT_MAX, target);
+  if (probe) return {};  // cannot happen: no fd has that number
+  if (probe.error().err == EBADF) return {};
+  if (probe.error().kind == Errc::permission)
+    return fail(Errc::permission, probe.error().err,
+                fmt::format("target {} ({}): not allowed to ptrace it (owned by another user, not dumpable, or "
+                            "kernel.yama.ptrace_scope)",
+                            target, st->comm));
+  return tl::unexpected(probe.error());
+}
+
+// PATH search as execvp() does it, so that a missing command is found before any target is touched.
+Expected<std::string> resolve_command(const std::string& cmd) {
+  if (cmd.empty()) return fail(Errc::invalid_argument, EINVAL, "--exec: no command");
+  auto executable = [](const std::string& p) {
+    struct stat st {};
+    return ::stat(p.c_str(), &st) == 0 && S_ISREG(st.st_mode) && ::access(p.c_str(), X_OK) == 0;
+  };
+  if (cmd.find('/') != std::string::npos) {
+    if (executable(cmd)) return cmd;
+    return fail(Errc::invalid_argument, ENOENT, fmt::format("--exec: {}: not an executable file", cmd));
+  }
+  const char* env = std::getenv("PATH");
+  std::string path = env ? env : "/usr/local/bin:/bin:/usr/bin";
+  size_t at = 0;
+  while (at <= path.size()) {
+    size_t end = path.find(':', at);
+    if (end == std::string::npos) end = path.size();
+    std::string dir = path.substr(at, end - at);
+    std::string full = (dir.empty() ? std::string(".") : dir) + "/" + cmd;
+    if (executable(full)) return full;
+    at = end + 1;
+  }
+  return fail(Errc::invalid_argument, ENOENT, fmt::format("--exec: {}: command not found in PATH", cmd));
+}
+
+Expected<void> add_holders(const Image& img, const ProcessRestoreRequest& req, Plan& plan) {
+  std::unordered_set<int32_t> recorded;
+  std::unordered_set<pid_t> targets;
+  for (const IntoSpec& spec : req.into) {
+    auto rec = recorded_pid_of(img, spec);
+    if (!rec) return tl::unexpected(rec.error());
+    if (!recorded.insert(*rec).second)
+      return fail(Errc::invalid_argument, EINVAL, fmt::format("recorded process {} is restored twice", *rec));
+    if (!targets.insert(spec.target).second)
+      return fail(Errc::invalid_argument, EINVAL, fmt::format("target {} is named twice", spec.target));
+    if (auto ok = check_target(spec.target); !ok) return tl::unexpected(ok.error());
+    plan.holders.push_back(Holder{*rec, spec.target, false, {}});
+  }
+  if (req.exec) {
+    if (!image_has_process(img, req.exec->recorded))
+      return fail(Errc::invalid_argument, EINVAL,
+                  fmt::format("--exec {}: the image records no such process (it records: {})", req.exec->recorded,
+                              recorded_list(img)));
+    if (!recorded.insert(req.exec->recorded).second)
+      return fail(Errc::invalid_argument, EINVAL, fmt::format("recorded process {} is restored twice", req.exec->recorded));
+    auto path = resolve_command(req.exec->argv.empty() ? std::string() : req.exec->argv.front());
+    if (!path) return tl::unexpected(path.error());
+    plan.exec_path = *path;
+    plan.holders.push_back(Holder{req.exec->recorded, ::getpid(), true, {}});
+  }
+  if (plan.holders.empty()) return fail(Errc::invalid_argument, EINVAL, "nothing to restore into: give --into or --exec");
+  return {};
+}
+
+// The owner of a restored file, in live pids; nullopt when it cannot be mapped.
+std::optional<Owner> map_owner(const Owner& o, const Plan& plan) {
+  for (const Holder& h : plan.holders) {
+    if (h.recorded != o.pid || o.pid == 0) continue;
+    Owner out = o;
+    out.pid = h.target;
+    if (o.type == F_OWNER_PGRP) {
+      auto st = sys::read_stat(h.target);
+      if (!st) return std::nullopt;
+      out.pid = st->pgrp;
+    }
+    return out;
+  }
+  return std::nullopt;
+}
+
+void add_file(const Image& img, uint64_t file_id, Plan& plan) {
+  if (plan.file_index.count(file_id)) return;
+  const FileRecord* f = img.find_file(file_id);
+  PlannedFile pf{*f, img.find_pipe(f->pipe_id)};
+  if (f->owner.pid != 0) {
+    if (auto o = map_owner(f->owner, plan)) {
+      pf.rec.owner = *o;
+    } else {
+      plan.notes.push_back(fmt::format("pipe {} file {}: signal owner pid {} is not a restored process: owner not set",
+                                       f->pipe_id, f->id, f->owner.pid));
+      pf.rec.owner = Owner{};
+    }
+  }
+  plan.file_index[file_id] = plan.files.size();
+  plan.files.push_back(std::move(pf));
+}
+
+// Fds of restored processes, the files and pipes they need; the rest is dropped.
+void select_fds(const Image& img, Plan& plan) {
+  std::unordered_map<int32_t, size_t> holder_of;
+  for (size_t i = 0; i < plan.holders.size(); ++i) holder_of[plan.holders[i].recorded] = i;
+  std::unordered_set<uint64_t> async_done;
+  for (const FdRecord& d : img.fds) {
+    auto h = holder_of.find(d.pid);
+    if (h == holder_of.end()) continue;
+    add_file(img, d.file_id, plan);
+    const FileRecord& f = plan.files[plan.file_index[d.file_id]].rec;
+    bool async = (f.flags & O_ASYNC) && async_done.insert(f.id).second;
+    plan.holders[h->second].fds.push_back(PlannedFd{&d, async});
+  }
+  std::unordered_set<uint64_t> used;
+  for (const PlannedFile& f : plan.files) used.insert(f.pipe->id);
+  std::unordered_map<uint64_t, size_t> pipe_at;
+  for (const PipeRecord& p : img.pipes) {
+    if (!used.count(p.id)) {
+      plan.notes.push_back(fmt::format("pipe {} ({}) not restored: no restored process holds it", p.id,
+                                       p.kind == PipeKind::fifo ? p.path : fmt::format("pipe:[{}]", p.inode)));
+      continue;
+    }
+    pipe_at[p.id] = plan.pipes.size();
+    plan.pipes.push_back(PlannedPipe{&p, {}});
+    if (p.outside_holders)
+      plan.notes.push_back(fmt::format("pipe {}: ends held outside the image are not restored", p.id));
+  }
+  // Files in image order within each pipe.
+  std::vector<size_t> order(plan.files.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return plan.files[a].rec.id < plan.files[b].rec.id; });
+  for (size_t i : order) plan.pipes[pipe_at[plan.files[i].pipe->id]].files.push_back(i);
+  for (const FdRecord& d : img.fds) {
+    if (holder_of.count(d.pid)) continue;
+    const FileRecord* f = img.find_file(d.file_id);
+    if (!f || !pipe_at.count(f->pipe_id)) continue;
+    DroppedEnd e{f->pipe_id, f->id, d.pid, d.fd, (f->flags & O_ACCMODE) != O_RDONLY};
+    plan.notes.push_back(describe(e, img));
+    plan.dropped.push_back(e);
+  }
+}
+
+}  // namespace
+
+Expected<int32_t> recorded_pid_of(const Image& img, const IntoSpec& spec) {
+  if (spec.recorded) {
+    if (!image_has_process(img, *spec.recorded))
+      return fail(Errc::invalid_argument, EINVAL,
+                  fmt::format("--into {}={}: the image records no process {} (it records: {})", spec.target,
+                              *spec.recorded, *spec.recorded, img.processes.empty() ? "none" : recorded_list(img)));
+    return *spec.recorded;
+  }
+  if (img.processes.size() == 1) return img.processes.front().pid;
+  if (img.processes.empty()) return 0;
+  return fail(Errc::invalid_argument, EINVAL,
+              fmt::format("--into {}: the image records {} processes; say which with --into {}=RECORDED (recorded: {})",
+                          spec.target, img.processes.size(), spec.target, recorded_list(img)));
+}
+
+std::string describe(const DroppedEnd& d, const Image& img) {
+  const PipeRecord* p = img.find_pipe(d.pipe_id);
+  std::string name = !p ? fmt::format("pipe {}", d.pipe_id)
+                     : p->kind == PipeKind::fifo ? fmt::format("FIFO {}", p->path)
+                                                 : fmt::format("pipe {} (pipe:[{}])", d.pipe_id, p->inode);
+  return fmt::format("dropped: {} {} end, fd {} of recorded process {} (not restored)", name,
+                     d.write_side ? "write" : "read", d.fd, d.recorded_pid);
+}
+
+Expected<Plan> make_plan(const Image& img, const ProcessRestoreRequest& request) {
+  Plan plan;
+  plan.img = &img;
+  if (auto ok = add_holders(img, request, plan); !ok) return tl::unexpected(ok.error());
+  select_fds(img, plan);
+  return plan;
+}
+
+}  // namespace pipecr::restore

@@ -1,0 +1,81 @@
+// restore/plan.hpp: the internal stages of restore_processes() (process.hpp): what to build and
+// where it goes (Plan, plan.cpp), and the pipes built in this process (Built, build.cpp).
+//
+// The plan keeps the image's three identities apart: a PlannedPipe per pipe inode to build, a
+// PlannedFile per open file description (a FileRecord, its owner already mapped to live pids), and
+// per restored process the fd slots (FdRecord) that point at those files. Only what a restored
+// process holds is planned; everything else is reported as dropped.
+#pragma once
+
+#include <sys/types.h>
+
+#include <cstdint>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "pipecr/error.hpp"
+#include "pipecr/image.hpp"
+#include "restore/process.hpp"
+#include "sys/unique_fd.hpp"
+
+namespace pipecr::restore {
+
+struct PlannedFd {
+  const FdRecord* rec = nullptr;
+  bool set_async = false;  // O_ASYNC is set through this fd (the file's first restored fd, image order)
+};
+
+// One restored process: a running target (--into) or this process before exec (--exec).
+struct Holder {
+  int32_t recorded = 0;
+  pid_t target = -1;       // the live pid; getpid() for the exec holder
+  bool exec = false;
+  std::vector<PlannedFd> fds;  // image order
+};
+
+struct PlannedFile {
+  FileRecord rec;          // owner.pid mapped to a live pid (0 when it could not be)
+  const PipeRecord* pipe = nullptr;
+};
+
+struct PlannedPipe {
+  const PipeRecord* pipe = nullptr;
+  std::vector<size_t> files;  // indices into Plan::files, image order
+};
+
+struct Plan {
+  const Image* img = nullptr;
+  std::vector<Holder> holders;  // the --into targets in command-line order, then the exec holder
+  std::vector<PlannedPipe> pipes;
+  std::vector<PlannedFile> files;
+  std::unordered_map<uint64_t, size_t> file_index;  // FileRecord id -> index into files
+  std::vector<DroppedEnd> dropped;
+  std::vector<std::string> notes;  // dropped ends, pipes left out, owners not mapped
+  std::string exec_path;           // the command, resolved through PATH
+};
+
+// Stage 1: reads img, request and /proc only. Errors as restore_processes() documents for the
+// command line and the targets (invalid_argument, gone, permission).
+[[nodiscard]] Expected<Plan> make_plan(const Image& img, const ProcessRestoreRequest& request);
+
+// The recorded pid a spec means (its own, or the image's only process).
+[[nodiscard]] Expected<int32_t> recorded_pid_of(const Image& img, const IntoSpec& spec);
+
+struct Built {
+  std::unordered_map<uint64_t, sys::UniqueFd> files;  // FileRecord id -> the prepared open file description
+  // Ends no restored process holds and the read-write opens that keep each FIFO's buffer alive:
+  // held until every end is installed, then closed (a reader then sees EOF, a writer EPIPE).
+  std::vector<sys::UniqueFd> keep;
+  std::vector<std::string> notes;  // owners that could not be set
+  std::vector<std::string> created_fifos;  // paths made by --create-fifos: removed again if the restore fails
+};
+
+// Unlinks the FIFOs build() created (a failed restore leaves the file system as it found it).
+void remove_created_fifos(Built& built);
+
+// Stage 2: builds every planned pipe in this process. Raises this process's soft RLIMIT_NOFILE
+// (up to the hard limit) when the prepared fds need it. Every fd is O_CLOEXEC.
+[[nodiscard]] Expected<Built> build(const Plan& plan, const ProcessRestoreOptions& options);
+
+}  // namespace pipecr::restore

@@ -1,0 +1,104 @@
+// restore/process.hpp: restore the pipes of an image into running processes and into a new command.
+//
+// Three stages, in this order, so that a failure changes nothing anywhere (docs/restore.md):
+//   1. plan   (plan.cpp)    read the image and the command line only: which recorded process goes
+//                           where, which fds, open files and pipes that needs, which ends are dropped.
+//   2. build  (build.cpp)   make every pipe and every open file description inside this process:
+//                           pipe2 / FIFO opens, capacity, refill (the bytes stream from the image),
+//                           inode owner, status flags, signal owner. No target is touched yet, so the
+//                           time spent here (which grows with the bytes) costs the targets nothing.
+//   3. install (process.cpp) stop every target (ptrace), stash what each has at the recorded numbers,
+//                           pass the prepared files in (SCM_RIGHTS), set O_ASYNC at the final numbers,
+//                           then drop the stashes and let every target go. Any failure: every stash is
+//                           put back, every target resumed, the error returned. --exec then puts the
+//                           exec process's fds in place in this process and execs the command.
+// The library never prints: notes (dropped ends, owners that cannot be mapped) go to a callback.
+#pragma once
+
+#include <sys/types.h>
+
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "pipecr/error.hpp"
+#include "pipecr/image.hpp"
+#include "restore/pipe.hpp"
+
+namespace pipecr::restore {
+
+// `--into TARGET[=RECORDED]`: the running process `target` gets the fds the recorded process held.
+// No recorded pid: the image must record exactly one process (or none: an in-process image, pid 0).
+struct IntoSpec {
+  pid_t target = -1;
+  std::optional<int32_t> recorded;
+};
+
+// `--exec RECORDED -- COMMAND [ARG...]`: this process takes RECORDED's fds and execs argv (PATH searched).
+struct ExecSpec {
+  int32_t recorded = 0;
+  std::vector<std::string> argv;
+};
+
+struct ProcessRestoreRequest {
+  std::vector<IntoSpec> into;
+  std::optional<ExecSpec> exec;
+};
+
+// Points where a test may act (kill a target, look at it). Called in this order.
+enum class Stage {
+  planned,    // the plan is made; nothing is created yet
+  built,      // every pipe is built in this process; no target is stopped yet
+  seized,     // every target is stopped
+  stashed,    // every target's fds at the recorded numbers are stashed; nothing installed yet
+  installed,  // every target has its new fds (O_ASYNC set); stashes not yet dropped
+  resumed,    // every target is let go (the end of the time they stand stopped)
+};
+
+struct ProcessRestoreOptions {
+  RefillOptions refill;
+  bool create_fifos = false;                               // mkfifo a recorded FIFO path that is missing
+  std::function<void(const std::string&)> note;            // one line per dropped end / unmapped owner
+  std::function<void(Stage)> hook;                         // tests only
+};
+
+// An fd of the image that is not restored, because its process is not restored.
+struct DroppedEnd {
+  uint64_t pipe_id = 0;
+  uint64_t file_id = 0;
+  int32_t recorded_pid = 0;
+  int32_t fd = -1;
+  bool write_side = false;
+};
+
+struct ProcessRestoreSummary {
+  size_t pipes = 0;          // pipes built
+  size_t files = 0;          // open file descriptions built
+  size_t fds = 0;            // fds installed, over every target (and the exec process)
+  std::vector<DroppedEnd> dropped;
+  std::vector<std::string> notes;  // everything also passed to options.note
+};
+
+// Restores `request` from img (whose PipeRecord::data views memory that stays mapped during the
+// call). With request.exec, returns only on failure (on success this process is the command).
+// Errors, each one line naming the process, fd or file:
+//   Errc::invalid_argument  a recorded pid not in the image or used twice, a target named twice,
+//                           the command not found or not executable (checked before anything is done);
+//   Errc::gone              a target does not exist or exited;
+//   Errc::permission        not allowed to ptrace a target;
+//   Errc::not_found         a recorded FIFO path is missing (without create_fifos);
+//   Errc::unsupported       a FIFO path that is not a FIFO, or a FIFO that already holds data;
+//   Errc::capacity          a pipe capacity this kernel refuses;
+//   Errc::system            anything else, e.g. a target's RLIMIT_NOFILE below a recorded fd (EMFILE).
+// On any error before exec, every target holds exactly the fds it held before and is running (or
+// group-stopped, if it was) and untraced.
+[[nodiscard]] Expected<ProcessRestoreSummary> restore_processes(const Image& img, const ProcessRestoreRequest& request,
+                                                                const ProcessRestoreOptions& options = {});
+
+// The text of one dropped end, as notes print it.
+[[nodiscard]] std::string describe(const DroppedEnd& d, const Image& img);
+
+}  // namespace pipecr::restore

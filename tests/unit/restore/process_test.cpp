@@ -1,0 +1,490 @@
+// process_test.cpp: restore_processes() into real children, which check their own fds afterwards.
+//
+// Each test describes a recorded state with the image writer, starts a child holding something else
+// at those numbers (/dev/null, or its own pipe), restores into it, signals it, and lets the child
+// judge: bytes, flags, capacity, sharing (kcmp against its own fds), SIGIO with si_fd. Failure tests
+// check that the child still holds what it held. After every restore no process may be traced or
+// in a tracing stop.
+#include "restore/process.hpp"
+
+#include <sys/ioctl.h>
+#include <sys/resource.h>
+
+#include <gtest/gtest.h>
+
+#include "restore/plan.hpp"
+#include "restore_helpers.hpp"
+
+namespace pipecr::restore {
+namespace {
+
+using testing::ImageBuilder;
+using testing::Scenario;
+
+constexpr int32_t kRec = 4242;  // recorded pid
+constexpr int32_t kRec2 = 4343;
+
+#define EXPECT_UNTRACED(pid) EXPECT_EQ(testing::traced_or_stopped(pid), "")
+
+std::string flags_is(int fd, int mask, int want) {
+  int fl = ::fcntl(fd, F_GETFL);
+  if ((fl & mask) == want) return "";
+  return fmt::format("fd {}: flags {:#o}, want {:#o} under mask {:#o}", fd, fl, want, mask);
+}
+
+TEST(RestoreProcess, SharingReopenFlagsAndBytes) {
+  ImageBuilder b;
+  b.process(kRec);
+  std::string one = testing::pattern(4096, 1), two = testing::pattern(1000, 2);
+  auto p = b.pipe({{one, false}, {two, false}}, 131072);
+  auto rd = b.file(p, O_RDONLY);
+  auto wr = b.file(p, O_WRONLY);
+  auto re = b.file(p, O_RDONLY | O_NONBLOCK | O_LARGEFILE);
+  b.fd(kRec, 11, rd).fd(kRec, 12, wr, true).fd(kRec, 13, rd).fd(kRec, 14, re);
+  Image img = b.parsed();
+
+  Scenario child([] { testing::dev_null_at({11, 12, 13, 14}); },
+                 [&]() -> std::string {
+                   if (!testing::same_file(11, 13)) return "11 and 13 should share a file";
+                   if (testing::same_file(11, 14)) return "14 should be a separate open";
+                   if (auto e = flags_is(11, O_ACCMODE | O_NONBLOCK, O_RDONLY); !e.empty()) return e;
+                   if (auto e = flags_is(14, O_ACCMODE | O_NONBLOCK, O_RDONLY | O_NONBLOCK); !e.empty()) return e;
+                   if (auto e = flags_is(12, O_ACCMODE, O_WRONLY); !e.empty()) return e;
+                   if (::fcntl(12, F_GETFD) != FD_CLOEXEC || ::fcntl(11, F_GETFD) != 0) return "FD_CLOEXEC wrong";
+                   if (::fcntl(11, F_GETPIPE_SZ) != 131072) return "capacity wrong";
+                   if (auto e = testing::expect_bytes(14, one + two); !e.empty()) return e;
+                   if (::write(12, "x", 1) != 1) return "write to 12";
+                   return testing::expect_bytes(11, "x");
+                 });
+  ASSERT_TRUE(child.ready());
+  auto sum = restore_processes(img, {{{child.pid(), kRec}}, std::nullopt});
+  ASSERT_TRUE(sum) << sum.error().what;
+  EXPECT_EQ(sum->pipes, 1u);
+  EXPECT_EQ(sum->files, 3u);
+  EXPECT_EQ(sum->fds, 4u);
+  EXPECT_UNTRACED(child.pid());
+  EXPECT_EQ(child.finish(), "");
+}
+
+TEST(RestoreProcess, PacketsKeepTheirBoundaries) {
+  ImageBuilder b;
+  b.process(kRec);
+  auto p = b.pipe({{"aaaaaaaaaa", true}, {std::string(100, 'b'), true}, {"ccc", false}});
+  b.fd(kRec, 11, b.file(p, O_RDONLY)).fd(kRec, 12, b.file(p, O_WRONLY | O_DIRECT));
+  Image img = b.parsed();
+  Scenario child([] { testing::dev_null_at({11, 12}); },
+                 []() -> std::string {
+                   if (auto e = flags_is(12, O_DIRECT, O_DIRECT); !e.empty()) return e;
+                   char buf[4096];
+                   std::vector<ssize_t> sizes;
+                   ::fcntl(11, F_SETFL, O_NONBLOCK);
+                   for (ssize_t r; (r = ::read(11, buf, sizeof buf)) > 0;) sizes.push_back(r);
+                   if (sizes != std::vector<ssize_t>{10, 100, 3}) return fmt::format("read sizes {}", fmt::join(sizes, ","));
+                   return "";
+                 });
+  ASSERT_TRUE(child.ready());
+  auto sum = restore_processes(img, {{{child.pid(), std::nullopt}}, std::nullopt});
+  ASSERT_TRUE(sum) << sum.error().what;
+  EXPECT_EQ(child.finish(), "");
+}
+
+TEST(RestoreProcess, AsyncOwnerAndSignalArriveWithSiFd) {
+  ImageBuilder b;
+  b.process(kRec);
+  auto p = b.pipe({});
+  const int sig = SIGRTMIN + 1;
+  auto rd = b.file(p, O_RDONLY | O_ASYNC | O_NONBLOCK, Owner{F_OWNER_PID, kRec}, sig);
+  b.fd(kRec, 11, rd).fd(kRec, 12, b.file(p, O_WRONLY));
+  Image img = b.parsed();
+  Scenario child(
+      [] { testing::dev_null_at({11, 12}); },
+      [sig]() -> std::string {
+        sigset_t set;
+        sigemptyset(&set);
+        sigaddset(&set, sig);
+        ::sigprocmask(SIG_BLOCK, &set, nullptr);
+        if (auto e = flags_is(11, O_ASYNC | O_NONBLOCK, O_ASYNC | O_NONBLOCK); !e.empty()) return e;
+        f_owner_ex own{};
+        ::fcntl(11, F_GETOWN_EX, &own);
+        if (own.pid != ::getpid() || own.type != F_OWNER_PID) return fmt::format("owner {} type {}", own.pid, own.type);
+        if (::fcntl(11, F_GETSIG) != sig) return "F_GETSIG wrong";
+        if (::write(12, "z", 1) != 1) return "write";
+        siginfo_t si{};
+        timespec ts{5, 0};
+        if (::sigtimedwait(&set, &si, &ts) != sig) return "no SIGIO";
+        if (si.si_fd != 11) return fmt::format("si_fd {}", si.si_fd);
+        return "";
+      });
+  ASSERT_TRUE(child.ready());
+  auto sum = restore_processes(img, {{{child.pid(), kRec}}, std::nullopt});
+  ASSERT_TRUE(sum) << sum.error().what;
+  EXPECT_TRUE(sum->notes.empty());
+  EXPECT_EQ(child.finish(), "");
+}
+
+// Parent and child cross-wired at 11/12; the reader is blocked in read(11) on a pipe of its own and
+// must go on reading the restored pipe: first the bytes that were queued, then what the writer sends.
+TEST(RestoreProcess, BlockedReaderAcrossTwoTargets) {
+  ImageBuilder b;
+  b.process(kRec).process(kRec2);
+  auto p = b.pipe({{"queued", false}});
+  b.fd(kRec, 11, b.file(p, O_RDONLY)).fd(kRec2, 12, b.file(p, O_WRONLY));
+  Image img = b.parsed();
+  Scenario reader(
+      [] {
+        int fds[2];
+        (void)!::pipe(fds);
+        ::dup2(fds[0], 11);
+        ::dup2(fds[1], 13);  // a writer of its own: the read blocks instead of seeing EOF
+      },
+      []() -> std::string {
+        char buf[64];
+        ssize_t n = ::read(11, buf, sizeof buf);  // blocks until restored
+        std::string got(buf, n > 0 ? static_cast<size_t>(n) : 0);
+        if (got != "queued") return "first read: '" + got + "'";
+        n = ::read(11, buf, sizeof buf);
+        got.assign(buf, n > 0 ? static_cast<size_t>(n) : 0);
+        if (got != "later") return "second read: '" + got + "'";
+        return ::read(11, buf, sizeof buf) == 0 ? "" : "no EOF after the writer left";
+      },
+      false);
+  Scenario writer([] { testing::dev_null_at({12}); },
+                  []() -> std::string { return ::write(12, "later", 5) == 5 ? "" : "write failed"; });
+  ASSERT_TRUE(reader.ready() && writer.ready());
+  ASSERT_TRUE(reader.wait_blocked_in(SYS_read));
+  auto sum = restore_processes(img, {{{reader.pid(), kRec}, {writer.pid(), kRec2}}, std::nullopt});
+  ASSERT_TRUE(sum) << sum.error().what;
+  EXPECT_UNTRACED(reader.pid());
+  EXPECT_UNTRACED(writer.pid());
+  EXPECT_EQ(writer.finish(), "");
+  EXPECT_EQ(reader.finish(0), "");
+}
+
+TEST(RestoreProcess, DroppedWriterGivesEofAfterTheData) {
+  ImageBuilder b;
+  b.process(kRec).process(kRec2);
+  auto p = b.pipe({{"tail", false}});
+  b.fd(kRec, 11, b.file(p, O_RDONLY)).fd(kRec2, 12, b.file(p, O_WRONLY));
+  Image img = b.parsed();
+  Scenario child([] { testing::dev_null_at({11}); },
+                 []() -> std::string {
+                   char buf[16];
+                   ssize_t n = ::read(11, buf, sizeof buf);
+                   if (n != 4 || std::memcmp(buf, "tail", 4) != 0) return "data";
+                   return ::read(11, buf, sizeof buf) == 0 ? "" : "no EOF";
+                 });
+  ASSERT_TRUE(child.ready());
+  std::vector<std::string> notes;
+  ProcessRestoreOptions opts;
+  opts.note = [&](const std::string& n) { notes.push_back(n); };
+  auto sum = restore_processes(img, {{{child.pid(), kRec}}, std::nullopt}, opts);
+  ASSERT_TRUE(sum) << sum.error().what;
+  ASSERT_EQ(sum->dropped.size(), 1u);
+  EXPECT_EQ(sum->dropped[0].fd, 12);
+  EXPECT_TRUE(sum->dropped[0].write_side);
+  ASSERT_EQ(notes.size(), 1u);
+  EXPECT_NE(notes[0].find("fd 12 of recorded process 4343"), std::string::npos) << notes[0];
+  EXPECT_EQ(child.finish(), "");
+}
+
+TEST(RestoreProcess, StoppedTargetStaysStopped) {
+  ImageBuilder b;
+  b.process(kRec);
+  auto p = b.pipe({{"s", false}});
+  b.fd(kRec, 11, b.file(p, O_RDONLY));
+  Image img = b.parsed();
+  Scenario child([] { testing::dev_null_at({11}); }, [] { return testing::expect_bytes(11, "s"); });
+  ASSERT_TRUE(child.ready());
+  ::kill(child.pid(), SIGSTOP);
+  for (int i = 0; i < 200 && testing::state_of(child.pid()) != 'T'; ++i) ::usleep(5000);
+  auto sum = restore_processes(img, {{{child.pid(), kRec}}, std::nullopt});
+  ASSERT_TRUE(sum) << sum.error().what;
+  // The kernel puts it back into the group stop as it is detached: allow it a moment.
+  for (int i = 0; i < 200 && testing::state_of(child.pid()) != 'T'; ++i) ::usleep(5000);
+  EXPECT_EQ(testing::state_of(child.pid()), 'T');
+  ::usleep(50000);
+  EXPECT_EQ(testing::state_of(child.pid()), 'T') << "it must stay stopped";
+  EXPECT_UNTRACED(child.pid());
+  ::kill(child.pid(), SIGCONT);
+  EXPECT_EQ(child.finish(), "");
+}
+
+// --- FIFOs -----------------------------------------------------------------------------------
+
+struct TempDir {
+  std::string path;
+  TempDir() {
+    char t[] = "/tmp/pipecr-restore-test-XXXXXX";
+    path = ::mkdtemp(t);
+  }
+  ~TempDir() { (void)!::system(fmt::format("rm -rf '{}'", path).c_str()); }
+};
+
+TEST(RestoreProcess, FifoReadWriteAndReadWriteOpens) {
+  TempDir dir;
+  std::string path = dir.path + "/f";
+  ASSERT_EQ(::mkfifo(path.c_str(), 0600), 0);
+  ImageBuilder b;
+  b.process(kRec);
+  auto p = b.pipe({{"fifo-data", false}}, 65536, PipeKind::fifo, path);
+  b.fd(kRec, 11, b.file(p, O_RDONLY | O_NONBLOCK)).fd(kRec, 12, b.file(p, O_WRONLY)).fd(kRec, 13, b.file(p, O_RDWR));
+  Image img = b.parsed();
+  Scenario child([] { testing::dev_null_at({11, 12, 13}); },
+                 [path]() -> std::string {
+                   struct stat a {}, f {};
+                   ::stat(path.c_str(), &f);
+                   for (int fd : {11, 12, 13})
+                     if (::fstat(fd, &a) != 0 || a.st_ino != f.st_ino) return fmt::format("fd {} is not the FIFO", fd);
+                   if (auto e = flags_is(11, O_ACCMODE | O_NONBLOCK, O_RDONLY | O_NONBLOCK); !e.empty()) return e;
+                   if (auto e = flags_is(12, O_ACCMODE | O_NONBLOCK, O_WRONLY); !e.empty()) return e;
+                   if (auto e = flags_is(13, O_ACCMODE, O_RDWR); !e.empty()) return e;
+                   return testing::expect_bytes(11, "fifo-data");
+                 });
+  ASSERT_TRUE(child.ready());
+  auto sum = restore_processes(img, {{{child.pid(), kRec}}, std::nullopt});
+  ASSERT_TRUE(sum) << sum.error().what;
+  EXPECT_EQ(child.finish(), "");
+}
+
+TEST(RestoreProcess, UnlinkedFifoIsAFifoWithoutAName) {
+  ImageBuilder b;
+  b.process(kRec);
+  auto p = b.pipe({{"gone", false}}, 65536, PipeKind::fifo, "/nonexistent/fifo", true);
+  b.fd(kRec, 11, b.file(p, O_RDONLY)).fd(kRec, 12, b.file(p, O_WRONLY));
+  Image img = b.parsed();
+  Scenario child([] { testing::dev_null_at({11, 12}); },
+                 []() -> std::string {
+                   struct stat st {};
+                   if (::fstat(11, &st) != 0 || !S_ISFIFO(st.st_mode) || st.st_nlink != 0) return "not an unlinked FIFO";
+                   return testing::expect_bytes(11, "gone");
+                 });
+  ASSERT_TRUE(child.ready());
+  auto sum = restore_processes(img, {{{child.pid(), kRec}}, std::nullopt});
+  ASSERT_TRUE(sum) << sum.error().what;
+  EXPECT_EQ(child.finish(), "");
+}
+
+TEST(RestoreProcess, MissingFifoNeedsCreateFifos) {
+  TempDir dir;
+  std::string path = dir.path + "/missing";
+  ImageBuilder b;
+  b.process(kRec);
+  auto p = b.pipe({{"m", false}}, 65536, PipeKind::fifo, path);
+  b.fd(kRec, 11, b.file(p, O_RDONLY));
+  Image img = b.parsed();
+  Scenario child([] { testing::dev_null_at({11}); },
+                 [] { return testing::is_dev_null(11) ? std::string() : std::string("fd 11 changed"); });
+  ASSERT_TRUE(child.ready());
+  auto no = restore_processes(img, {{{child.pid(), kRec}}, std::nullopt});
+  ASSERT_FALSE(no);
+  EXPECT_EQ(no.error().kind, Errc::not_found) << no.error().what;
+  EXPECT_EQ(child.finish(), "");
+
+  Scenario again([] { testing::dev_null_at({11}); }, [] { return testing::expect_bytes(11, "m"); });
+  ASSERT_TRUE(again.ready());
+  ProcessRestoreOptions opts;
+  opts.create_fifos = true;
+  auto yes = restore_processes(img, {{{again.pid(), kRec}}, std::nullopt}, opts);
+  ASSERT_TRUE(yes) << yes.error().what;
+  struct stat st {};
+  ASSERT_EQ(::lstat(path.c_str(), &st), 0);
+  EXPECT_TRUE(S_ISFIFO(st.st_mode));
+  EXPECT_EQ(again.finish(), "");
+}
+
+TEST(RestoreProcess, PathThatIsNotAFifoIsRefused) {
+  TempDir dir;
+  std::string path = dir.path + "/regular";
+  ::close(::open(path.c_str(), O_CREAT | O_WRONLY, 0600));
+  std::string link = dir.path + "/link";
+  std::string fifo = dir.path + "/fifo";
+  ::mkfifo(fifo.c_str(), 0600);
+  ASSERT_EQ(::symlink(fifo.c_str(), link.c_str()), 0);
+  for (const std::string& where : {path, link}) {
+    ImageBuilder b;
+    b.process(kRec);
+    auto p = b.pipe({}, 65536, PipeKind::fifo, where);
+    b.fd(kRec, 11, b.file(p, O_RDONLY));
+    Image img = b.parsed();
+    Scenario child([] { testing::dev_null_at({11}); }, [] { return testing::is_dev_null(11) ? "" : "changed"; });
+    ASSERT_TRUE(child.ready());
+    auto r = restore_processes(img, {{{child.pid(), kRec}}, std::nullopt});
+    ASSERT_FALSE(r);
+    EXPECT_EQ(r.error().kind, Errc::unsupported) << r.error().what;
+    EXPECT_EQ(child.finish(), "");
+  }
+}
+
+// --- failures: every target as it was ----------------------------------------------------------
+
+TEST(RestoreProcess, FdLimitTooLowLeavesTargetUnchanged) {
+  ImageBuilder b;
+  b.process(kRec);
+  auto p = b.pipe({{"x", false}});
+  b.fd(kRec, 11, b.file(p, O_RDONLY)).fd(kRec, 12, b.file(p, O_WRONLY));
+  Image img = b.parsed();
+  Scenario child(
+      [] {
+        testing::dev_null_at({11});
+        rlimit rl{14, 14};
+        ::setrlimit(RLIMIT_NOFILE, &rl);
+      },
+      []() -> std::string {
+        if (!testing::is_dev_null(11)) return "fd 11 is no longer /dev/null";
+        if (::fcntl(12, F_GETFD) != -1) return "fd 12 was opened";
+        return "";
+      });
+  ASSERT_TRUE(child.ready());
+  auto r = restore_processes(img, {{{child.pid(), kRec}}, std::nullopt});
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().err, EMFILE) << r.error().what;
+  EXPECT_NE(r.error().what.find(fmt::format("target {}", child.pid())), std::string::npos) << r.error().what;
+  EXPECT_UNTRACED(child.pid());
+  EXPECT_EQ(child.finish(), "");
+}
+
+TEST(RestoreProcess, TargetDyingHalfWayRollsBackTheOthers) {
+  ImageBuilder b;
+  b.process(kRec).process(kRec2);
+  auto p = b.pipe({{"x", false}});
+  b.fd(kRec, 11, b.file(p, O_RDONLY)).fd(kRec2, 12, b.file(p, O_WRONLY));
+  Image img = b.parsed();
+  Scenario a([] { testing::dev_null_at({11}); },
+             []() -> std::string { return testing::is_dev_null(11) ? "" : "fd 11 is no longer /dev/null"; });
+  Scenario victim([] {}, [] { return std::string(); });
+  ASSERT_TRUE(a.ready() && victim.ready());
+  ProcessRestoreOptions opts;
+  opts.hook = [&](Stage s) {
+    if (s == Stage::stashed) ::kill(victim.pid(), SIGKILL);
+  };
+  auto r = restore_processes(img, {{{a.pid(), kRec}, {victim.pid(), kRec2}}, std::nullopt}, opts);
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().kind, Errc::gone) << r.error().what;
+  EXPECT_UNTRACED(a.pid());
+  EXPECT_EQ(a.finish(), "");
+}
+
+TEST(RestoreProcess, DeadTargetIsGone) {
+  ImageBuilder b;
+  b.process(kRec);
+  b.fd(kRec, 11, b.file(b.pipe({}), O_RDONLY));
+  Image img = b.parsed();
+  pid_t dead = ::fork();
+  if (dead == 0) ::_exit(0);
+  ::waitpid(dead, nullptr, 0);
+  auto r = restore_processes(img, {{{dead, kRec}}, std::nullopt});
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().kind, Errc::gone) << r.error().what;
+}
+
+TEST(RestoreProcess, UnknownRecordedPidIsABadArgument) {
+  ImageBuilder b;
+  b.process(kRec).process(kRec2);
+  b.fd(kRec, 11, b.file(b.pipe({}), O_RDONLY));
+  Image img = b.parsed();
+  Scenario child([] {}, [] { return std::string(); });
+  auto r = restore_processes(img, {{{child.pid(), 7}}, std::nullopt});
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().kind, Errc::invalid_argument);
+  auto r2 = restore_processes(img, {{{child.pid(), std::nullopt}}, std::nullopt});
+  ASSERT_FALSE(r2);
+  EXPECT_EQ(r2.error().kind, Errc::invalid_argument) << r2.error().what;
+}
+
+TEST(RestoreProcess, NotAllowedToPtraceIsPermission) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root to run a target of another user";
+  ImageBuilder b;
+  b.process(kRec);
+  b.fd(kRec, 11, b.file(b.pipe({{"p", false}}), O_RDONLY));
+  Image img = b.parsed();
+  Scenario target([] { testing::dev_null_at({11}); }, [] { return testing::is_dev_null(11) ? "" : "changed"; });
+  ASSERT_TRUE(target.ready());
+  pid_t tool = ::fork();
+  if (tool == 0) {
+    if (::setresgid(65534, 65534, 65534) != 0 || ::setresuid(65534, 65534, 65534) != 0) ::_exit(100);
+    auto r = restore_processes(img, {{{target.pid(), kRec}}, std::nullopt});
+    ::_exit(r ? 101 : static_cast<int>(r.error().kind));
+  }
+  int status = 0;
+  ::waitpid(tool, &status, 0);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), static_cast<int>(Errc::permission));
+  EXPECT_UNTRACED(target.pid());
+  EXPECT_EQ(target.finish(), "");
+}
+
+// --- exec ------------------------------------------------------------------------------------
+
+TEST(RestoreProcess, ExecCommandReadsTheRestoredPipe) {
+  ImageBuilder b;
+  b.process(kRec);
+  auto p = b.pipe({{"from the image\n", false}});
+  b.fd(kRec, 11, b.file(p, O_RDONLY));
+  Image img = b.parsed();
+  int out[2];
+  ASSERT_EQ(::pipe2(out, O_CLOEXEC), 0);
+  pid_t pid = ::fork();
+  if (pid == 0) {
+    ::dup2(out[1], 1);
+    ExecSpec ex{kRec, {"bash", "-c", "cat <&11"}};
+    auto r = restore_processes(img, {{}, ex});
+    ::_exit(r ? 98 : 99);
+  }
+  ::close(out[1]);
+  std::string got;
+  char buf[256];
+  for (ssize_t n; (n = ::read(out[0], buf, sizeof buf)) > 0;) got.append(buf, static_cast<size_t>(n));
+  ::close(out[0]);
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
+  EXPECT_EQ(got, "from the image\n");  // and EOF: no copy of the write end leaked into the command
+}
+
+TEST(RestoreProcess, ExecPlusIntoConnectsThePipe) {
+  ImageBuilder b;
+  b.process(kRec).process(kRec2);
+  auto p = b.pipe({{"in flight;", false}});
+  b.fd(kRec, 11, b.file(p, O_RDONLY)).fd(kRec2, 12, b.file(p, O_WRONLY));
+  Image img = b.parsed();
+  Scenario producer([] { testing::dev_null_at({12}); },
+                    []() -> std::string { return ::write(12, "next", 4) == 4 ? "" : "write"; });
+  ASSERT_TRUE(producer.ready());
+  int out[2];
+  ASSERT_EQ(::pipe2(out, O_CLOEXEC), 0);
+  pid_t pid = ::fork();
+  if (pid == 0) {
+    ::dup2(out[1], 1);
+    ExecSpec shell{kRec, {"bash", "-c", "exec cat <&11"}};
+    auto r = restore_processes(img, {{{producer.pid(), kRec2}}, shell});
+    ::_exit(r ? 98 : 99);
+  }
+  ::close(out[1]);
+  EXPECT_UNTRACED(producer.pid());
+  std::string got;
+  char buf[256];
+  // Read what was in flight, then let the producer write; cat ends at EOF when the producer exits.
+  ssize_t n = ::read(out[0], buf, sizeof buf);
+  got.append(buf, n > 0 ? static_cast<size_t>(n) : 0);
+  EXPECT_EQ(producer.finish(), "");
+  for (; (n = ::read(out[0], buf, sizeof buf)) > 0;) got.append(buf, static_cast<size_t>(n));
+  ::close(out[0]);
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
+  EXPECT_EQ(got, "in flight;next");
+}
+
+TEST(RestoreProcess, ExecOfAMissingCommandFailsBeforeAnythingIsDone) {
+  ImageBuilder b;
+  b.process(kRec);
+  b.fd(kRec, 11, b.file(b.pipe({}), O_RDONLY));
+  Image img = b.parsed();
+  auto r = restore_processes(img, {{}, ExecSpec{kRec, {"pipecr-no-such-command-xyz"}}});
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().kind, Errc::invalid_argument);
+  EXPECT_EQ(::fcntl(11, F_GETFD), -1);
+}
+
+}  // namespace
+}  // namespace pipecr::restore
