@@ -131,6 +131,13 @@ class Refiller {
     return {};
   }
 
+  Expected<void> full_pages(std::span<const std::byte> bytes) {
+    if (auto r = direct(false); !r) return r;
+    if (auto r = sys::write_all(wfd_, bytes, "write"); !r) return r;
+    last_mergeable_room_ = false;
+    return {};
+  }
+
   Expected<void> last_stream(std::span<const std::byte> bytes) {
     if (auto r = direct(false); !r) return r;
     return sys::write_all(wfd_, bytes, "write");
@@ -226,9 +233,19 @@ Expected<void> refill(int wfd, const PipeRecord& pipe, const RefillOptions& opts
       done = r.last_stream(bytes);
       off += s.len;
       ++i;
+    } else if (s.len == kPage) {
+      // A run of full-page stream slots: one write() makes exactly those slots (a full page cannot
+      // take a merge, and a write of whole pages never merges into what is before it).
+      size_t len = 0;
+      while (i + 1 < n && !pipe.slots[i].packet && pipe.slots[i].len == kPage) {
+        len += kPage;
+        ++i;
+      }
+      done = r.full_pages(pipe.data.subspan(off, len));
+      off += len;
     } else {
       std::vector<std::span<const std::byte>> chunks;
-      while (i + 1 < n && !pipe.slots[i].packet) {
+      while (i + 1 < n && !pipe.slots[i].packet && pipe.slots[i].len != kPage) {
         chunks.push_back(pipe.data.subspan(off, pipe.slots[i].len));
         off += pipe.slots[i].len;
         ++i;

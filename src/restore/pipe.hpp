@@ -29,6 +29,7 @@ struct RefillOptions {
 // Refill the empty pipe behind write_fd with pipe.slots / pipe.data so that a reader and a writer see
 // what they saw before:
 //   - a packet slot is a write() through the write end with O_DIRECT set;
+//   - a run of full-page stream slots is one write() (a full page cannot take a merge);
 //   - every other stream slot but the last is a buffer of exactly its length that does not merge
 //     later writes: vmsplice() of a fresh page (or, where vmsplice is refused, splice() from a memfd);
 //   - a last stream slot is a write(), which leaves it mergeable at page offset 0, as a pipe filled
