@@ -81,21 +81,14 @@ Expected<sys::UniqueFd> read_end_for(const Target& t, sys::UniqueFd copy) {
   return sys::UniqueFd(r);
 }
 
-// Reads up to limit bytes out of the snapshot's scratch pipe (its write end is closed: EOF at end).
+// The snapshot's bytes, up to limit. Read slot-aware (dump::SnapshotReader): a plain read() that
+// ended inside a packet would drop the rest of that packet.
 Expected<std::vector<std::byte>> read_snapshot(dump::Snapshot& snap, uint64_t limit) {
   std::vector<std::byte> data;
-  data.reserve(std::min<uint64_t>(limit, snap.bytes));
-  std::vector<std::byte> buf(65536);
-  while (data.size() < limit) {
-    size_t want = static_cast<size_t>(std::min<uint64_t>(buf.size(), limit - data.size()));
-    auto n = sys::read_some(snap.scratch.get(), std::span(buf).first(want));
-    if (!n) {
-      if (n.error().err == EAGAIN) break;
-      return tl::unexpected(n.error());
-    }
-    if (*n == 0) break;
-    data.insert(data.end(), buf.begin(), buf.begin() + static_cast<ptrdiff_t>(*n));
-  }
+  dump::SnapshotReader reader;
+  auto slots = reader.read(snap, data);
+  if (!slots) return tl::unexpected(slots.error());
+  if (data.size() > limit) data.resize(static_cast<size_t>(limit));
   return data;
 }
 

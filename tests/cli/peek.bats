@@ -103,3 +103,30 @@ start_holder() {
   run "$PIPECR" peek 1:0 -n minus
   [ "$status" -eq 64 ]
 }
+
+@test "peek shows every byte of a packet pipe (no packet cut short)" {
+  # Packets of 100, 4096, 904 and 1 bytes behind 65,500 stream bytes: a 64 KiB read() would end
+  # inside the first packet and drop the rest of it, so peek must read slot-aware.
+  python3 - "$TMP/p.pid" <<'PY' 3>&- &
+import os, sys
+r, w = os.pipe2(os.O_DIRECT)
+os.set_blocking(w, True)
+import fcntl
+fcntl.fcntl(w, 1031, 1 << 17)               # F_SETPIPE_SZ: room for 17 + 4 slots
+fcntl.fcntl(w, fcntl.F_SETFL, 0)
+os.write(w, b"s" * 65500)                    # stream slots
+fcntl.fcntl(w, fcntl.F_SETFL, os.O_DIRECT)
+for n in (100, 5000, 1):
+    os.write(w, bytes([65 + n % 26]) * n)    # packets
+os.dup2(r, 0)
+open(sys.argv[1], "w").write(str(os.getpid()))
+os.execvp("sleep", ["sleep", "100"])
+PY
+  P=$(pid_of p)
+  wait_fd "$P" 0
+  "$PIPECR" peek "$P:0" > "$TMP/all"
+  [ "$(wc -c < "$TMP/all")" -eq 70601 ]
+  [ "$(tail -c 1 "$TMP/all")" = "B" ]
+  "$PIPECR" peek "$P:0" -n 65600 > "$TMP/head"
+  [ "$(wc -c < "$TMP/head")" -eq 65600 ]
+}
