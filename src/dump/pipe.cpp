@@ -132,11 +132,16 @@ Expected<Snapshot> snapshot(int read_end, uint32_t capacity) {
   auto got = sys::tee_nb(read_end, scratch->write.get(), static_cast<size_t>(*queued) * 2);
   if (got) {
     snap.bytes = static_cast<uint32_t>(*got);
-    if (*got < static_cast<size_t>(*queued))
-      return fail(Errc::capacity, ENOSPC,
-                  fmt::format("a scratch pipe took {} of {} queued bytes (is the user past "
-                              "/proc/sys/fs/pipe-user-pages-soft?)",
-                              *got, *queued));
+    // Fewer bytes than FIONREAD said: a reader outside the stopped set took some meanwhile (the
+    // tee is then the point in time), or the scratch pipe has fewer slots than the source.
+    if (*got < static_cast<size_t>(*queued)) {
+      auto have = sys::get_pipe_size(scratch->read.get());
+      if (have && static_cast<uint32_t>(*have) < capacity)
+        return fail(Errc::capacity, ENOSPC,
+                    fmt::format("a scratch pipe got {} bytes of capacity, not the source's {} (is the user past "
+                                "/proc/sys/fs/pipe-user-pages-soft?)",
+                                *have, capacity));
+    }
   } else if (got.error().err != EAGAIN) {  // EAGAIN: empty, a writer still open
     Error e = got.error();
     if (e.err == EINVAL) {
