@@ -31,92 +31,12 @@
 #include <gtest/gtest.h>
 
 #include "sys/syscalls.hpp"
+#include "unit/sys/child_helpers.hpp"
 
 namespace pipecr::sys {
 namespace {
 
 using namespace std::chrono_literals;
-
-// A forked child, killed and reaped in every path.
-struct Child {
-  pid_t pid = -1;
-  Child() = default;
-  explicit Child(pid_t p) : pid(p) {}
-  Child(Child&& o) noexcept : pid(o.pid) { o.pid = -1; }
-  Child& operator=(Child&& o) noexcept {
-    std::swap(pid, o.pid);
-    return *this;
-  }
-  ~Child() {
-    if (pid <= 0) return;
-    ::kill(pid, SIGKILL);
-    while (::waitpid(pid, nullptr, __WALL) < 0 && errno == EINTR) {
-    }
-  }
-};
-
-Child spawn(const std::function<void()>& body) {
-  pid_t p = ::fork();
-  if (p == 0) {
-    body();
-    ::_exit(0);
-  }
-  return Child(p);
-}
-
-// A counter shared with children (MAP_SHARED survives fork).
-struct SharedCounter {
-  std::atomic<long>* value;
-  SharedCounter() {
-    void* m = ::mmap(nullptr, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-    value = new (m) std::atomic<long>(0);
-  }
-  ~SharedCounter() { ::munmap(value, 4096); }
-  long get() const { return value->load(); }
-};
-
-char state_of(pid_t pid, pid_t tid) {
-  std::ifstream in("/proc/" + std::to_string(pid) + "/task/" + std::to_string(tid) + "/stat");
-  std::string line;
-  if (!std::getline(in, line)) return '?';
-  return line[line.rfind(')') + 2];
-}
-
-std::vector<pid_t> tasks_of(pid_t pid) {
-  std::vector<pid_t> out;
-  DIR* d = ::opendir(("/proc/" + std::to_string(pid) + "/task").c_str());
-  if (!d) return out;
-  while (dirent* e = ::readdir(d))
-    if (e->d_name[0] != '.') out.push_back(std::stoi(e->d_name));
-  ::closedir(d);
-  return out;
-}
-
-// Waits (up to 5 s) until pred() holds.
-bool eventually(const std::function<bool()>& pred) {
-  for (int i = 0; i < 5000; ++i) {
-    if (pred()) return true;
-    std::this_thread::sleep_for(1ms);
-  }
-  return pred();
-}
-
-// /proc/PID/task/TID/syscall starts with the syscall number and its first argument in hex.
-bool blocked_in(pid_t pid, pid_t tid, long nr, long arg0) {
-  std::ifstream in("/proc/" + std::to_string(pid) + "/task/" + std::to_string(tid) + "/syscall");
-  long n = -2;
-  std::string a0;
-  if (!(in >> n >> a0)) return false;
-  return n == nr && std::stol(a0, nullptr, 16) == arg0 && state_of(pid, tid) == 'S';
-}
-
-std::string read_report(int fd) {
-  pollfd p{fd, POLLIN, 0};
-  if (::poll(&p, 1, 5000) != 1) return "<timeout>";
-  char buf[256];
-  ssize_t n = ::read(fd, buf, sizeof buf);
-  return n > 0 ? std::string(buf, static_cast<size_t>(n)) : std::string("<eof>");
-}
 
 // A child whose main thread blocks in read(5) on a pipe and reports what it reads on `report`.
 struct ReaderChild {
@@ -142,7 +62,6 @@ ReaderChild start_reader() {
   rc.report.write.reset();
   return rc;
 }
-
 
 // fd -> link target of /proc/PID/fd.
 std::map<int, std::string> fd_table(pid_t pid) {
