@@ -11,12 +11,21 @@
 //     buffer alive until every end is installed; every file is then a new open of /proc/self/fd/<that
 //     open>, never of the path again, so nothing can swap the path in between. An unlinked FIFO is a
 //     FIFO made in a private directory, opened and unlinked again.
-// A FIFO reader opened O_RDONLY|O_NONBLOCK remembers the writer counter at its open (kernel-facts.md,
-// FIFOs): readers that had seen a writer are opened before a writer is opened and closed; readers
-// that had not ("no_writer_yet") are opened after every writer, so poll() hides POLLHUP for them
-// exactly as before.
+// A FIFO reader opened O_RDONLY|O_NONBLOCK remembers the writer counter at its open, and only when no
+// writer is open at that moment (fs/pipe.c: fifo_open sets filp->f_pipe = pipe->w_counter only if
+// !pipe->writers; pipe_poll shows EPOLLHUP when !pipe->writers && filp->f_pipe != pipe->w_counter).
+// So a reader that had seen a writer is opened while the read-write open is there (f_pipe stays 0,
+// w_counter is past 0: POLLHUP once the writers are gone), and a reader that had not
+// ("no_writer_yet") is opened with NO writer open at all: a temporary reader takes over holding the
+// buffer, the read-write open is closed, the reader is opened through the temporary reader, and no
+// writer is opened after it. Opening it after the read-write open but while it is still open is not
+// enough (measured: POLLHUP once it is closed), because writers != 0 then and f_pipe is not set.
+// Ends of an anonymous pipe that no restored fd holds are closed as soon as the pipe is built: a
+// dropped writer gives the reader EOF after the data, a dropped reader gives the writer EPIPE, which
+// is the state the restore ends in anyway, and 10,000 pipes then need 10,000 fds here, not 20,000.
 // Order per pipe (restore/pipe.hpp): capacity, refill, inode owner, per-file flags, owner, signal.
 // O_ASYNC is not set here: it is set at the final fd number (stage 3).
+#include <dirent.h>
 #include <fcntl.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
@@ -92,10 +101,9 @@ Expected<void> build_anonymous(const Plan& plan, const PlannedPipe& pp, const Pr
     if (!fd) return tl::unexpected(fd.error());
     made.emplace_back(i, std::move(*fd));
   }
+  // An end no restored file takes is closed when `ends` goes out of scope (see the top of the file).
   if (orig_r != SIZE_MAX) made.emplace_back(orig_r, std::move(ends->read));
-  else built.keep.push_back(std::move(ends->read));
   if (orig_w != SIZE_MAX) made.emplace_back(orig_w, std::move(ends->write));
-  else built.keep.push_back(std::move(ends->write));
   for (auto& [i, fd] : made) {
     if (auto ok = apply_state(fd.get(), plan.files[i].rec, built); !ok) return ok;
     built.files[plan.files[i].rec.id] = std::move(fd);
@@ -142,12 +150,32 @@ Expected<sys::UniqueFd> open_named_fifo(const PipeRecord& p, const ProcessRestor
   return fd;
 }
 
-// Open order that keeps each reader's view of "a writer has been here" (see the top of the file).
-int open_rank(const FileRecord& f) {
-  if (accmode(f) != O_RDONLY) return 1;
-  return f.fifo_reader == FifoReaderState::no_writer_yet ? 2 : 0;
+bool latched_reader(const FileRecord& f) {
+  return accmode(f) == O_RDONLY && f.fifo_reader == FifoReaderState::no_writer_yet;
 }
 
+// Opens the files of pp through `via` (an open of the same FIFO) that pass `which`.
+template <typename Which>
+Expected<void> open_fifo_files(const Plan& plan, const PlannedPipe& pp, int via, Which which, Built& built) {
+  for (size_t i : pp.files) {
+    const FileRecord& f = plan.files[i].rec;
+    if (!which(f)) continue;
+    auto fd = reopen(via, accmode(f));
+    if (!fd) return tl::unexpected(fd.error());
+    if (auto ok = apply_state(fd->get(), f, built); !ok) return ok;
+    built.files[f.id] = std::move(*fd);
+  }
+  return {};
+}
+
+// Open order that keeps each reader's view of "a writer has been here" (see the top of the file):
+//   1. the read-write open (a writer: w_counter moves on), refill;
+//   2. readers that had seen a writer, while it is open (their f_pipe stays behind w_counter);
+//   3. if there are no_writer_yet readers: a temporary reader holds the buffer, the read-write open
+//      is closed (writers == 0), those readers are opened (f_pipe = w_counter), and what is kept
+//      until the end is the temporary reader;
+//   4. writers and read-write files (a no_writer_yet reader is recorded only where the image has no
+//      writer, so this adds nothing after step 3 for an image pipecr dump wrote).
 Expected<void> build_fifo(const Plan& plan, const PlannedPipe& pp, const ProcessRestoreOptions& opts, Built& built) {
   const PipeRecord& p = *pp.pipe;
   bool created = p.unlinked;
@@ -161,41 +189,65 @@ Expected<void> build_fifo(const Plan& plan, const PlannedPipe& pp, const Process
   if (auto ok = fill(keep->get(), p, opts); !ok) return ok;
   if (created)
     if (auto ok = set_inode_owner(keep->get(), p); !ok) return ok;
-  for (int rank = 0; rank <= 2; ++rank) {
-    if (rank == 1) {  // a writer comes and goes: readers opened so far have seen one
-      auto bump = reopen(keep->get(), O_WRONLY);
-      if (!bump) return tl::unexpected(bump.error());
-    }
-    for (size_t i : pp.files) {
-      const FileRecord& f = plan.files[i].rec;
-      if (open_rank(f) != rank) continue;
-      auto fd = reopen(keep->get(), accmode(f));
-      if (!fd) return tl::unexpected(fd.error());
-      if (auto ok = apply_state(fd->get(), f, built); !ok) return ok;
-      built.files[f.id] = std::move(*fd);
-    }
+  auto seen_reader = [](const FileRecord& f) { return accmode(f) == O_RDONLY && !latched_reader(f); };
+  if (auto ok = open_fifo_files(plan, pp, keep->get(), seen_reader, built); !ok) return ok;
+  bool any_latched = false;
+  for (size_t i : pp.files) any_latched = any_latched || latched_reader(plan.files[i].rec);
+  if (any_latched) {
+    auto hold = reopen(keep->get(), O_RDONLY);
+    if (!hold) return tl::unexpected(hold.error());
+    *keep = std::move(*hold);  // the read-write open is closed here: no writer is open now
+    if (auto ok = open_fifo_files(plan, pp, keep->get(), latched_reader, built); !ok) return ok;
   }
+  auto writer = [](const FileRecord& f) { return accmode(f) != O_RDONLY; };
+  if (auto ok = open_fifo_files(plan, pp, keep->get(), writer, built); !ok) return ok;
   built.keep.push_back(std::move(*keep));
   return {};
 }
 
-// Room for the fds we are about to hold: raise the soft limit (never above the hard one).
-void ensure_fd_room(size_t needed) {
-  rlimit rl{};
-  if (::getrlimit(RLIMIT_NOFILE, &rl) < 0) return;
-  rlim_t want = static_cast<rlim_t>(needed) + 256;
-  if (rl.rlim_cur >= want) return;
-  rl.rlim_cur = rl.rlim_max == RLIM_INFINITY ? want : std::min(want, rl.rlim_max);
-  (void)::setrlimit(RLIMIT_NOFILE, &rl);
+// The fds open in this process now (entries of /proc/self/fd, less the one listing it).
+Expected<size_t> open_fd_count() {
+  DIR* dir = ::opendir("/proc/self/fd");
+  if (!dir) return tl::unexpected(sys::call_error("opendir", "/proc/self/fd"));
+  size_t n = 0;
+  while (dirent* d = ::readdir(dir))
+    if (d->d_name[0] != '.') ++n;
+  ::closedir(dir);
+  return n > 0 ? n - 1 : 0;
 }
 
 }  // namespace
 
+size_t fds_needed(const Plan& plan) {
+  size_t n = plan.files.size() + kFdSlack;
+  for (const PlannedPipe& pp : plan.pipes)
+    if (pp.pipe->kind == PipeKind::fifo) ++n;  // the read-write open or the temporary reader, kept
+  bool targets = false;
+  for (const Holder& h : plan.holders) {
+    if (h.exec) n += 2 * h.fds.size();  // at the recorded numbers, and a copy of what was there
+    else targets = true;
+  }
+  if (targets) n += kStashChunk;  // copies of the targets' old fds, one chunk beyond the files installed
+  return n;
+}
+
+Expected<void> check_fd_room(const Plan& plan) {
+  rlimit rl{};
+  if (::getrlimit(RLIMIT_NOFILE, &rl) < 0) return tl::unexpected(sys::call_error("getrlimit", "RLIMIT_NOFILE"));
+  auto open_now = open_fd_count();
+  if (!open_now) return tl::unexpected(open_now.error());
+  const size_t need = fds_needed(plan);
+  if (rl.rlim_cur == RLIM_INFINITY || *open_now + need <= rl.rlim_cur) return {};
+  return fail(Errc::system, EMFILE,
+              fmt::format("this restore needs about {} fds open in pipecr at once ({} open files of {} pipes, "
+                          "plus temporaries) and pipecr holds {} already, but its RLIMIT_NOFILE is {} (hard {}): "
+                          "raise the hard limit (ulimit -Hn, prlimit --nofile) or restore fewer processes at once",
+                          need, plan.files.size(), plan.pipes.size(), *open_now, rl.rlim_cur, rl.rlim_max));
+}
+
 Expected<Built> build(const Plan& plan, const ProcessRestoreOptions& opts) {
+  if (auto ok = check_fd_room(plan); !ok) return tl::unexpected(ok.error());
   Built built;
-  size_t needed = 0;
-  for (const PlannedPipe& pp : plan.pipes) needed += pp.files.size() + 2;
-  ensure_fd_room(needed);
   built.files.reserve(plan.files.size());
   for (const PlannedPipe& pp : plan.pipes) {
     auto ok = pp.pipe->kind == PipeKind::fifo ? build_fifo(plan, pp, opts, built) : build_anonymous(plan, pp, opts, built);

@@ -63,9 +63,12 @@ struct Plan {
 [[nodiscard]] Expected<int32_t> recorded_pid_of(const Image& img, const IntoSpec& spec);
 
 struct Built {
-  std::unordered_map<uint64_t, sys::UniqueFd> files;  // FileRecord id -> the prepared open file description
-  // Ends no restored process holds and the read-write opens that keep each FIFO's buffer alive:
-  // held until every end is installed, then closed (a reader then sees EOF, a writer EPIPE).
+  // FileRecord id -> the prepared open file description. Stage 3 closes each one as soon as every
+  // target that takes it has it (so pipecr's fds do not add up with the targets' old ones).
+  std::unordered_map<uint64_t, sys::UniqueFd> files;
+  // Per FIFO, the open that keeps its buffer alive (the read-write open, or the temporary reader
+  // that replaced it for no_writer_yet readers): held until every end is installed, then closed.
+  // Ends of anonymous pipes that no restored process holds are closed in build() already.
   std::vector<sys::UniqueFd> keep;
   std::vector<std::string> notes;  // owners that could not be set
   std::vector<std::string> created_fifos;  // paths made by --create-fifos: removed again if the restore fails
@@ -74,8 +77,23 @@ struct Built {
 // Unlinks the FIFOs build() created (a failed restore leaves the file system as it found it).
 void remove_created_fifos(Built& built);
 
-// Stage 2: builds every planned pipe in this process. Raises this process's soft RLIMIT_NOFILE
-// (up to the hard limit) when the prepared fds need it. Every fd is O_CLOEXEC.
+// Stage 3 stashes the targets' old fds in pipecr (pidfd_getfd) this many at a time, installing each
+// chunk before the next is stashed: pipecr then holds at most the files not yet installed plus one
+// chunk. 253 is SCM_MAX_FD, one sendmsg() of install_fds().
+inline constexpr size_t kStashChunk = 253;
+// Fds pipecr holds besides the planned ones: stdio, the pidfd and socket of a target, a pipe's two
+// ends while it is built, /proc listings.
+inline constexpr size_t kFdSlack = 32;
+
+// The most fds pipecr holds at once during stages 2 and 3 of this plan (see kStashChunk).
+[[nodiscard]] size_t fds_needed(const Plan& plan);
+
+// Errc::system (EMFILE), saying how many are needed and how to get them, when fds_needed() and the
+// fds pipecr holds already do not fit under its soft RLIMIT_NOFILE. restore_processes() has raised
+// the soft limit to the hard one before it asks.
+[[nodiscard]] Expected<void> check_fd_room(const Plan& plan);
+
+// Stage 2: builds every planned pipe in this process, after check_fd_room(). Every fd is O_CLOEXEC.
 [[nodiscard]] Expected<Built> build(const Plan& plan, const ProcessRestoreOptions& options);
 
 }  // namespace pipecr::restore

@@ -3,29 +3,45 @@
 //
 // Targets (all-or-nothing over every target): stop every one first (PTRACE_SEIZE + INTERRUPT on all
 // threads, sys/ptrace.hpp), then in phases over all of them: check RLIMIT_NOFILE against the highest
-// recorded fd; stash what is open at each recorded number (a copy at a high number inside the
-// target); install the prepared files (SCM_RIGHTS + dup3, sys/remote.hpp), the same fd passed to
-// every target that shared the open file description; set O_ASYNC at the final number of each file
-// that had it (si_fd is the number O_ASYNC was set through). Only when every phase succeeded for
-// every target are the stashes dropped, registers restored and the targets let go. Any failure, for
-// any target: every stash is put back (the old file at each number, with its FD_CLOEXEC), every
-// target resumed, and the error returned. Nothing here depends on the bytes queued: they were
-// written in stage 2, before the first target was stopped.
+// recorded fd and the room for install_fds()' temporaries; replace the fds chunk by chunk; set
+// O_ASYNC at the final number of each file that had it (si_fd is the number O_ASYNC was set through).
+// Only when every phase succeeded for every target are the stashes dropped, registers restored and
+// the targets let go. Any failure, for any target: every stashed file is put back at its number (with
+// its FD_CLOEXEC), numbers that were not open are closed again, every target resumed, and the error
+// returned. Nothing here depends on the bytes queued: they were written in stage 2, before the first
+// target was stopped.
+//
+// The stash (what a target had at each recorded number, kept for a rollback) lives in pipecr, not in
+// the target: pidfd_getfd() takes a reference without stopping anything more, and costs the target
+// no fd numbers. A target that holds N fds at the numbers being replaced would otherwise need 2N
+// numbers at once (measured: 10,000 pipes under a hard limit of 20,000 cannot be stashed inside the
+// target). pipecr in turn would hold the N new files plus the N old ones, so the replacement goes in
+// chunks of kStashChunk: stash a chunk, install it, close pipecr's copy of every new file that every
+// target taking it now holds; pipecr never holds more than the files still to install plus a chunk.
+// FD_CLOEXEC of a stashed fd is read from /proc/PID/fdinfo/N ("flags:" carries O_CLOEXEC for it),
+// which costs no ptrace round trip.
 //
 // --exec: this process takes the exec holder's fds the same way, in its own fd table (dup3 to the
 // recorded numbers, with a stash of what was there), BEFORE the targets are stopped, so a failure in
 // either part undoes both; only the exec itself comes after the targets are committed (the command
 // was found on PATH in stage 1, so it rarely fails then). Every fd pipecr holds is O_CLOEXEC, so
 // the command starts with exactly the recorded fds plus what pipecr inherited (stdin, stdout, stderr).
+//
+// RLIMIT_NOFILE: the soft limit is raised to the hard one for the whole restore (stage 2 checks up
+// front that the fds needed fit) and set back when restore_processes() returns, or before the exec.
 #include "restore/process.hpp"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <memory>
+#include <unordered_set>
 
 #include <fmt/format.h>
 
@@ -47,20 +63,58 @@ int highest_fd(const Holder& h) {
   return m;
 }
 
+// What a target had at one recorded number: a copy in pipecr, or nothing (the number was free).
+struct LocalStash {
+  int target_fd = -1;
+  sys::UniqueFd copy;
+  bool cloexec = false;
+};
+
+// FD_CLOEXEC of fd in pid, from the "flags:" line of /proc/PID/fdinfo/FD (octal, O_CLOEXEC included).
+Expected<bool> target_cloexec(pid_t pid, int fd) {
+  std::string path = fmt::format("/proc/{}/fdinfo/{}", pid, fd);
+  sys::UniqueFd in(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!in) return tl::unexpected(sys::call_error("open", path));
+  char buf[512];
+  ssize_t n = ::read(in.get(), buf, sizeof buf - 1);
+  if (n < 0) return tl::unexpected(sys::call_error("read", path));
+  buf[n] = '\0';
+  const char* at = std::strstr(buf, "\nflags:");
+  if (!at) return fail(Errc::system, EIO, fmt::format("{}: no flags: line", path));
+  return (std::strtoul(at + 7, nullptr, 8) & O_CLOEXEC) != 0;
+}
+
+// The number of fds open in pid.
+Expected<size_t> target_fd_count(pid_t pid) {
+  std::string path = fmt::format("/proc/{}/fd", pid);
+  DIR* dir = ::opendir(path.c_str());
+  if (!dir) return tl::unexpected(sys::call_error("opendir", path));
+  size_t n = 0;
+  while (dirent* d = ::readdir(dir))
+    if (d->d_name[0] != '.') ++n;
+  ::closedir(dir);
+  return n;
+}
+
 // One stopped target and what was done to it so far.
 struct Session {
   Session(sys::StoppedProcess p, const Holder& h) : proc(std::move(p)), holder(&h) {}
   sys::StoppedProcess proc;                  // declared first: destroyed after remote
   std::optional<sys::RemoteSyscalls> remote;
-  std::vector<sys::StashedFd> stash;
-  bool stashed = false;
+  sys::UniqueFd pidfd;
+  std::vector<LocalStash> stash;             // every number touched so far, in order
+  size_t chunk = kStashChunk;                // fds per install_fds() call: what the target has room for
   const Holder* holder;
 };
 
 class TargetTransaction {
  public:
-  TargetTransaction(const Plan& plan, const Built& built, const ProcessRestoreOptions& opts)
-      : plan_(plan), built_(built), opts_(opts) {}
+  TargetTransaction(const Plan& plan, Built& built, const ProcessRestoreOptions& opts)
+      : plan_(plan), built_(built), opts_(opts) {
+    for (const Holder& h : plan_.holders)
+      if (!h.exec)
+        for (const PlannedFd& f : h.fds) ++uses_[f.rec->file_id];
+  }
   TargetTransaction(const TargetTransaction&) = delete;
   TargetTransaction& operator=(const TargetTransaction&) = delete;
   ~TargetTransaction() { rollback(); }
@@ -75,11 +129,10 @@ class TargetTransaction {
     }
     stage(Stage::seized);
     using Phase = Expected<void> (TargetTransaction::*)(Session&);
-    for (Phase phase : {&TargetTransaction::attach, &TargetTransaction::stash, &TargetTransaction::install,
-                        &TargetTransaction::async}) {
+    for (Phase phase : {&TargetTransaction::attach, &TargetTransaction::replace, &TargetTransaction::async}) {
       for (auto& s : sessions_)
         if (auto ok = (this->*phase)(*s); !ok) return abort(in_target(*s->holder, ok.error()));
-      if (phase == &TargetTransaction::stash) stage(Stage::stashed);
+      if (phase == &TargetTransaction::attach) stage(Stage::stashed);
     }
     stage(Stage::installed);
     return {};
@@ -89,9 +142,8 @@ class TargetTransaction {
   Expected<void> commit() {
     std::optional<Error> first;
     for (auto& s : sessions_) {
-      auto ok = sys::drop_stash(*s->remote, s->stash);
-      s->stashed = false;
-      if (ok) ok = s->remote->restore();
+      s->stash.clear();
+      auto ok = s->remote->restore();
       if (ok) ok = s->proc.resume();
       if (!ok && !first) first = in_target(*s->holder, ok.error());
     }
@@ -111,34 +163,56 @@ class TargetTransaction {
     s.remote.emplace(std::move(*r));
     int top = highest_fd(*s.holder);
     if (top < 0) return {};
+    auto pidfd = sys::pidfd_open(s.holder->target);
+    if (!pidfd) return tl::unexpected(pidfd.error());
+    s.pidfd = std::move(*pidfd);
     auto limit = sys::remote_nofile_limit(*s.remote);
     if (!limit) return tl::unexpected(limit.error());
-    // The stash copies and the temporaries of install_fds go above the highest number.
-    if (static_cast<uint64_t>(top) + s.holder->fds.size() + 4 > *limit)
+    auto open = target_fd_count(s.holder->target);
+    if (!open) return tl::unexpected(open.error());
+    // install_fds() receives each batch at the lowest free numbers, then dup3()s them in place.
+    constexpr uint64_t kSpare = 4;  // its socket, and room to spare
+    uint64_t room = *limit > *open + kSpare ? *limit - *open - kSpare : 0;
+    if (static_cast<uint64_t>(top) >= *limit || room == 0)
       return fail(Errc::system, EMFILE,
-                  fmt::format("its RLIMIT_NOFILE ({}) is too low for fd {} (and {} temporary fds above it): raise it, "
-                              "e.g. prlimit --pid {} --nofile={}",
-                              *limit, top, s.holder->fds.size() + 4, s.holder->target, top + s.holder->fds.size() + 64));
+                  fmt::format("its RLIMIT_NOFILE ({}) is too low for fd {} with the {} fds it holds (and a few "
+                              "temporaries): raise it, e.g. prlimit --pid {} --nofile={}",
+                              *limit, top, *open, s.holder->target,
+                              std::max<uint64_t>(top + 1, *open + kSpare + 1) + 64));
+    s.chunk = static_cast<size_t>(std::min<uint64_t>(room, kStashChunk));
     return {};
   }
 
-  Expected<void> stash(Session& s) {
-    std::vector<int> numbers;
-    numbers.reserve(s.holder->fds.size());
-    for (const PlannedFd& f : s.holder->fds) numbers.push_back(f.rec->fd);
-    auto st = sys::stash_fds(*s.remote, numbers);
-    if (!st) return tl::unexpected(st.error());
-    s.stash = std::move(*st);
-    s.stashed = true;
+  // Stash a chunk in pipecr, install it, let go of the new files every target now holds; repeat.
+  Expected<void> replace(Session& s) {
+    const std::vector<PlannedFd>& fds = s.holder->fds;
+    std::vector<sys::FdInstall> batch;
+    for (size_t at = 0; at < fds.size(); at += s.chunk) {
+      const size_t end = std::min(fds.size(), at + s.chunk);
+      batch.clear();
+      for (size_t i = at; i < end; ++i) {
+        const FdRecord& r = *fds[i].rec;
+        if (auto ok = stash_one(s, r.fd); !ok) return ok;
+        batch.push_back(sys::FdInstall{built_.files.at(r.file_id).get(), r.fd, r.cloexec});
+      }
+      if (auto ok = sys::install_fds(*s.remote, batch); !ok) return ok;
+      for (size_t i = at; i < end; ++i)
+        if (--uses_[fds[i].rec->file_id] == 0) built_.files.erase(fds[i].rec->file_id);
+    }
     return {};
   }
 
-  Expected<void> install(Session& s) {
-    std::vector<sys::FdInstall> fds;
-    fds.reserve(s.holder->fds.size());
-    for (const PlannedFd& f : s.holder->fds)
-      fds.push_back(sys::FdInstall{built_.files.at(f.rec->file_id).get(), f.rec->fd, f.rec->cloexec});
-    return sys::install_fds(*s.remote, fds);
+  Expected<void> stash_one(Session& s, int fd) {
+    auto copy = sys::pidfd_getfd(s.pidfd.get(), fd, s.holder->target);
+    if (!copy) {
+      if (copy.error().err != EBADF) return tl::unexpected(copy.error());
+      s.stash.push_back(LocalStash{fd, sys::UniqueFd(), false});
+      return {};
+    }
+    auto cloexec = target_cloexec(s.holder->target, fd);
+    if (!cloexec) return tl::unexpected(cloexec.error());
+    s.stash.push_back(LocalStash{fd, std::move(*copy), *cloexec});
+    return {};
   }
 
   Expected<void> async(Session& s) {
@@ -157,12 +231,24 @@ class TargetTransaction {
     return tl::unexpected(std::move(e));
   }
 
+  // Each stashed file back at its number, numbers that were free closed again. install_fds() goes
+  // in batches and close() one by one, so a failure part way through (the target died) leaves the
+  // rest as they are: nothing better can be done, and a dead target has nothing to undo.
+  static void unstash(Session& s) {
+    std::vector<sys::FdInstall> back;
+    for (const LocalStash& st : s.stash)
+      if (st.copy) back.push_back(sys::FdInstall{st.copy.get(), st.target_fd, st.cloexec});
+    if (!back.empty()) (void)sys::install_fds(*s.remote, back);
+    for (const LocalStash& st : s.stash)
+      if (!st.copy) (void)s.remote->call(SYS_close, static_cast<unsigned long>(st.target_fd));  // -EBADF: untouched
+    s.stash.clear();
+  }
+
   // Undo in every target touched: old fds back, registers back, detached. Errors cannot be reported
-  // better than the error that caused the rollback; a target that died meanwhile has nothing to undo.
+  // better than the error that caused the rollback.
   void rollback() {
     for (auto& s : sessions_) {
-      if (s->stashed && s->remote) (void)sys::unstash_fds(*s->remote, s->stash);
-      s->stashed = false;
+      if (!s->stash.empty() && s->remote) unstash(*s);
       if (s->remote) (void)s->remote->restore();
       (void)s->proc.resume();
     }
@@ -170,8 +256,9 @@ class TargetTransaction {
   }
 
   const Plan& plan_;
-  const Built& built_;
+  Built& built_;
   const ProcessRestoreOptions& opts_;
+  std::unordered_map<uint64_t, size_t> uses_;       // file id -> fds of targets not yet installed
   std::vector<std::unique_ptr<Session>> sessions_;  // stable addresses: RemoteSyscalls points at proc
 };
 
@@ -253,6 +340,38 @@ Expected<void> place_self(const Holder& h, Built& built, SelfInstall& self) {
   return {};
 }
 
+// The files only the exec holder takes: it has them at their numbers now, pipecr's copies can go.
+void release_exec_only(const Plan& plan, Built& built) {
+  std::unordered_set<uint64_t> wanted;
+  for (const Holder& h : plan.holders)
+    if (!h.exec)
+      for (const PlannedFd& f : h.fds) wanted.insert(f.rec->file_id);
+  for (auto it = built.files.begin(); it != built.files.end();)
+    it = wanted.count(it->first) ? std::next(it) : built.files.erase(it);
+}
+
+// The soft RLIMIT_NOFILE raised to the hard one for the lifetime of the object, then set back (the
+// library must not leave the caller's limits changed; the CLI's only caller exits anyway).
+class SoftFdLimitRaised {
+ public:
+  SoftFdLimitRaised() {
+    if (::getrlimit(RLIMIT_NOFILE, &before_) < 0 || before_.rlim_cur == before_.rlim_max) return;
+    rlimit up = before_;
+    up.rlim_cur = before_.rlim_max;
+    raised_ = ::setrlimit(RLIMIT_NOFILE, &up) == 0;
+  }
+  ~SoftFdLimitRaised() {
+    if (raised_) (void)::setrlimit(RLIMIT_NOFILE, &before_);
+  }
+  SoftFdLimitRaised(const SoftFdLimitRaised&) = delete;
+  SoftFdLimitRaised& operator=(const SoftFdLimitRaised&) = delete;
+  [[nodiscard]] rlim_t before() const { return before_.rlim_cur; }
+
+ private:
+  rlimit before_{};
+  bool raised_ = false;
+};
+
 // O_ASYNC at the final numbers, the soft fd limit as it was (or as high as the fds need), exec.
 Error exec_now(const Plan& plan, const Holder& h, const ExecSpec& spec, rlim_t soft_before) {
   for (const PlannedFd& f : h.fds)
@@ -275,8 +394,8 @@ Error exec_now(const Plan& plan, const Holder& h, const ExecSpec& spec, rlim_t s
 
 Expected<ProcessRestoreSummary> restore_processes(const Image& img, const ProcessRestoreRequest& request,
                                                   const ProcessRestoreOptions& opts) {
-  rlimit rl_before{};
-  ::getrlimit(RLIMIT_NOFILE, &rl_before);
+  SoftFdLimitRaised raised;  // declared first: set back after every fd below is closed
+  const rlim_t soft_before = raised.before();
   auto plan = make_plan(img, request);
   if (!plan) return tl::unexpected(plan.error());
   ProcessRestoreSummary sum;
@@ -306,6 +425,7 @@ Expected<ProcessRestoreSummary> restore_processes(const Image& img, const Proces
       remove_created_fifos(*built);
       return tl::unexpected(ok.error());
     }
+  if (exec_holder) release_exec_only(*plan, *built);
   if (plan->holders.size() > (exec_holder ? 1u : 0u)) {
     TargetTransaction tx(*plan, *built, opts);
     if (auto ok = tx.run(); !ok) {
@@ -317,7 +437,7 @@ Expected<ProcessRestoreSummary> restore_processes(const Image& img, const Proces
     if (opts.hook) opts.hook(Stage::resumed);
   }
   if (!exec_holder) return sum;
-  Error e = exec_now(*plan, *exec_holder, *request.exec, rl_before.rlim_cur);
+  Error e = exec_now(*plan, *exec_holder, *request.exec, soft_before);
   self.rollback();
   bool targets = plan->holders.size() > 1;
   return fail(Errc::system, e.err,

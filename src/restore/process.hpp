@@ -7,11 +7,14 @@
 //                           pipe2 / FIFO opens, capacity, refill (the bytes stream from the image),
 //                           inode owner, status flags, signal owner. No target is touched yet, so the
 //                           time spent here (which grows with the bytes) costs the targets nothing.
-//   3. install (process.cpp) stop every target (ptrace), stash what each has at the recorded numbers,
-//                           pass the prepared files in (SCM_RIGHTS), set O_ASYNC at the final numbers,
-//                           then drop the stashes and let every target go. Any failure: every stash is
-//                           put back, every target resumed, the error returned. --exec then puts the
-//                           exec process's fds in place in this process and execs the command.
+//   3. install (process.cpp) stop every target (ptrace), then chunk by chunk take a copy (pidfd_getfd)
+//                           of what each has at the recorded numbers and pass the prepared files in
+//                           (SCM_RIGHTS), set O_ASYNC at the final numbers, then drop the copies and
+//                           let every target go. Any failure: every copy is put back, every target
+//                           resumed, the error returned. --exec then puts the exec process's fds in
+//                           place in this process and execs the command.
+// The soft RLIMIT_NOFILE of this process is raised to the hard one during the call; the fds it needs
+// (about one per open file description restored) are counted before anything is made.
 // The library never prints: notes (dropped ends, owners that cannot be mapped) go to a callback.
 #pragma once
 
@@ -53,7 +56,8 @@ enum class Stage {
   planned,    // the plan is made; nothing is created yet
   built,      // every pipe is built in this process; no target is stopped yet
   seized,     // every target is stopped
-  stashed,    // every target's fds at the recorded numbers are stashed; nothing installed yet
+  stashed,    // every target is ready (limits checked); nothing stashed or installed yet: the fds
+              // are stashed and installed chunk by chunk next
   installed,  // every target has its new fds (O_ASYNC set); stashes not yet dropped
   resumed,    // every target is let go (the end of the time they stand stopped)
 };
@@ -92,7 +96,8 @@ struct ProcessRestoreSummary {
 //   Errc::not_found         a recorded FIFO path is missing (without create_fifos);
 //   Errc::unsupported       a FIFO path that is not a FIFO, or a FIFO that already holds data;
 //   Errc::capacity          a pipe capacity this kernel refuses;
-//   Errc::system            anything else, e.g. a target's RLIMIT_NOFILE below a recorded fd (EMFILE).
+//   Errc::system            anything else, e.g. a target's RLIMIT_NOFILE below a recorded fd, or more
+//                           fds needed in this process than its hard RLIMIT_NOFILE allows (EMFILE).
 // On any error before exec, every target holds exactly the fds it held before and is running (or
 // group-stopped, if it was) and untraced.
 [[nodiscard]] Expected<ProcessRestoreSummary> restore_processes(const Image& img, const ProcessRestoreRequest& request,

@@ -94,6 +94,20 @@ Expected<int> wait_thread(pid_t pid, pid_t tid) {
 
 bool died(int status) { return WIFEXITED(status) || WIFSIGNALED(status); }
 
+// A SIGCONT is pending for pid (ShdPnd or the leader's SigPnd in /proc/PID/status). While a process
+// is traced, a SIGCONT is queued instead of being ignored (kernel/signal.c, sig_ignored), and on its
+// way it ended the group stop (prepare_signal clears SIGNAL_STOP_STOPPED): the detach then lets the
+// process run.
+bool sigcont_pending(pid_t pid) {
+  std::ifstream in(fmt::format("/proc/{}/status", pid));
+  std::string line;
+  const unsigned long long bit = 1ull << (SIGCONT - 1);
+  while (std::getline(in, line))
+    if (line.rfind("ShdPnd:", 0) == 0 || line.rfind("SigPnd:", 0) == 0)
+      if (std::stoull(line.substr(7), nullptr, 16) & bit) return true;
+  return false;
+}
+
 Error thread_died(pid_t pid, pid_t tid) {
   return Error{Errc::gone, ESRCH, fmt::format("thread {} of process {} exited while traced", tid, pid)};
 }
@@ -313,6 +327,10 @@ Expected<void> StoppedProcess::resume(bool leave_stopped) {
     error = errno_error(errno, fmt::format("kill(pid={}, SIGSTOP)", pid_));
   for (auto [tid, sig] : held_signals_) ::syscall(SYS_tgkill, pid_, tid, sig);  // ESRCH: thread gone
   held_signals_.clear();
+  // A process that was group-stopped is put back into its stop by the kernel after the detach
+  // (__ptrace_unlink sets JOBCTL_STOP_PENDING), not at once: each thread shows 'R' until it gets
+  // there. Wait for it as for leave_stopped, unless a SIGCONT came meanwhile (no stop will come).
+  const bool restop = !leave_stopped && was_stopped_ && !sigcont_pending(pid_);
   for (pid_t tid : threads_) {
     if (::ptrace(PTRACE_DETACH, tid, nullptr, nullptr) < 0 && errno != ESRCH && !error)
       error = ptrace_error(errno, "PTRACE_DETACH", pid_, tid);
@@ -320,6 +338,8 @@ Expected<void> StoppedProcess::resume(bool leave_stopped) {
   threads_.clear();
   if (error) return tl::unexpected(*error);
   if (leave_stopped) return wait_stopped_state();
+  // Not reaching T here means a SIGCONT after the check above, or the process died: both fine.
+  if (restop) (void)wait_stopped_state();
   return {};
 }
 

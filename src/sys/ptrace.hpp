@@ -92,7 +92,8 @@ class StoppedProcess {
   // is put in an ordinary group stop (SIGSTOP before detaching) that its parent's
   // waitpid(WUNTRACED) sees and SIGCONT ends; resume() then waits (up to 2 s) until every thread
   // shows state T in /proc and fails if one does not. A process that was_stopped() is likewise
-  // left stopped. Idempotent; threads that died meanwhile are skipped.
+  // left stopped, and waited for the same way, except that a SIGCONT arriving meanwhile ends the
+  // wait without an error. Idempotent; threads that died meanwhile are skipped.
   [[nodiscard]] Expected<void> resume(bool leave_stopped = false);
 
   // --- Used by remote.hpp to run a thread; not needed otherwise. ---

@@ -189,6 +189,60 @@ TEST(Ptrace, GroupStoppedProcessStaysStopped) {
   EXPECT_TRUE(eventually([&] { return counter.get() > frozen; }));
 }
 
+// resume() of a process that was group-stopped returns only once every thread shows T again: the
+// kernel re-enters the group stop after the detach (__ptrace_unlink sets JOBCTL_STOP_PENDING), so
+// without the wait a caller looking right away saw 'R' for a moment. Threads included; repeated,
+// because the window is short.
+TEST(Ptrace, ResumeOfAGroupStoppedProcessReturnsOnceItIsStoppedAgain) {
+  SharedCounter counter;
+  auto* value = counter.value;
+  Child child = spawn([value] {
+    std::vector<std::thread> threads;
+    for (int i = 0; i < 2; ++i)
+      threads.emplace_back([value] {
+        for (;;) value->fetch_add(1);
+      });
+    for (;;) value->fetch_add(1);
+  });
+  ASSERT_TRUE(eventually([&] { return tasks_of(child.pid).size() == 3 && counter.get() > 0; }));
+  ASSERT_EQ(::kill(child.pid, SIGSTOP), 0);
+  int status = 0;
+  ASSERT_EQ(::waitpid(child.pid, &status, WUNTRACED), child.pid);
+  for (int round = 0; round < 50; ++round) {
+    auto sp = StoppedProcess::seize(child.pid);
+    ASSERT_TRUE(sp) << sp.error().what;
+    ASSERT_TRUE(sp->was_stopped());
+    auto ok = sp->resume();
+    ASSERT_TRUE(ok) << ok.error().what;
+    for (pid_t tid : tasks_of(child.pid)) ASSERT_EQ(state_of(child.pid, tid), 'T') << "round " << round << ", thread " << tid;
+  }
+  ASSERT_EQ(::kill(child.pid, SIGCONT), 0);
+  long frozen = counter.get();
+  EXPECT_TRUE(eventually([&] { return counter.get() > frozen; }));
+}
+
+// A SIGCONT that arrives while the process is seized ends its group stop: resume() lets it run
+// and does not wait for a stop that will not come.
+TEST(Ptrace, SigcontWhileSeizedLetsAGroupStoppedProcessRun) {
+  SharedCounter counter;
+  Child child = start_counter(counter);
+  ASSERT_TRUE(eventually([&] { return counter.get() > 0; }));
+  ASSERT_EQ(::kill(child.pid, SIGSTOP), 0);
+  int status = 0;
+  ASSERT_EQ(::waitpid(child.pid, &status, WUNTRACED), child.pid);
+  auto sp = StoppedProcess::seize(child.pid);
+  ASSERT_TRUE(sp) << sp.error().what;
+  ASSERT_TRUE(sp->was_stopped());
+  ASSERT_EQ(::kill(child.pid, SIGCONT), 0);
+  auto t0 = std::chrono::steady_clock::now();
+  auto ok = sp->resume();
+  ASSERT_TRUE(ok) << ok.error().what;
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, 500ms);
+  long frozen = counter.get();
+  EXPECT_TRUE(eventually([&] { return counter.get() > frozen; }));
+  EXPECT_EQ(tracer_of(child.pid), 0);
+}
+
 TEST(Ptrace, ResumeLeaveStoppedIsAnOrdinaryGroupStop) {
   SharedCounter counter;
   Child child = start_counter(counter);
