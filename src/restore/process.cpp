@@ -33,6 +33,7 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -392,6 +393,29 @@ Error exec_now(const Plan& plan, const Holder& h, const ExecSpec& spec, rlim_t s
 
 }  // namespace
 
+// Holds SIGINT, SIGTERM, SIGHUP, SIGQUIT and SIGTSTP back from this thread while targets run
+// injected code: were pipecr to die then, the kernel would detach a thread that still has our
+// registers and perhaps our two code bytes. A signal that comes meanwhile is delivered when the
+// targets are whole again. (SIGKILL cannot be held back; nothing can make that case safe.)
+class InterruptsHeld {
+ public:
+  InterruptsHeld() {
+    sigset_t set;
+    sigemptyset(&set);
+    for (int sig : {SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGTSTP}) sigaddset(&set, sig);
+    held_ = ::pthread_sigmask(SIG_BLOCK, &set, &before_) == 0;
+  }
+  ~InterruptsHeld() {
+    if (held_) ::pthread_sigmask(SIG_SETMASK, &before_, nullptr);
+  }
+  InterruptsHeld(const InterruptsHeld&) = delete;
+  InterruptsHeld& operator=(const InterruptsHeld&) = delete;
+
+ private:
+  sigset_t before_{};
+  bool held_ = false;
+};
+
 Expected<ProcessRestoreSummary> restore_processes(const Image& img, const ProcessRestoreRequest& request,
                                                   const ProcessRestoreOptions& opts) {
   SoftFdLimitRaised raised;  // declared first: set back after every fd below is closed
@@ -427,6 +451,7 @@ Expected<ProcessRestoreSummary> restore_processes(const Image& img, const Proces
     }
   if (exec_holder) release_exec_only(*plan, *built);
   if (plan->holders.size() > (exec_holder ? 1u : 0u)) {
+    InterruptsHeld held;  // declared before tx: released only after every target is whole again
     TargetTransaction tx(*plan, *built, opts);
     if (auto ok = tx.run(); !ok) {
       self.rollback();
