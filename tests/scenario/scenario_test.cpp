@@ -423,6 +423,42 @@ TEST(Fail, pipecr_killed_during_dump) {
   if (killed == 0) GTEST_SKIP() << "pipecr always finished before it could be killed";
 }
 
+// SIGTERM to pipecr at any moment of a restore: it either has not touched the target yet, or it
+// finishes the install first (interrupting signals are held back while targets run injected code).
+// Either way the target is not left stopped or traced and its pipes hold what they held (the dump
+// is restored without a wreck, so both outcomes pass the program's own checks).
+TEST(Fail, pipecr_interrupted_during_restore) {
+  ASSERT_FALSE(pipecr().empty());
+  int during = 0;
+  for (int delay_ms : {0, 2, 10, 40}) {
+    SCOPED_TRACE("SIGTERM " + std::to_string(delay_ms) + " ms after the seize");
+    Scenario s("many_pipes");
+    ASSERT_NO_FATAL_FAILURE(s.start());
+    ASSERT_NO_FATAL_FAILURE(dump(s));
+    pid_t target = s.proc().pid();
+    SpawnOptions opt;
+    opt.argv = {pipecr(), "restore", s.image(), "--into", std::to_string(target) + "=" + std::to_string(target)};
+    opt.stderr_path = s.dir() / "pipecr.err";
+    Process restorer(opt);
+    bool seized = false;
+    auto deadline = std::chrono::steady_clock::now() + seconds(60);
+    while (!seized && std::chrono::steady_clock::now() < deadline) {
+      seized = tracer_pid(target) == restorer.pid();
+      if (!seized && restorer.wait(milliseconds(0)) >= 0) break;
+    }
+    if (seized) {
+      std::this_thread::sleep_for(milliseconds(delay_ms));
+      restorer.signal(SIGTERM);
+      during += tracer_pid(target) == restorer.pid();
+    }
+    int code = restorer.wait(seconds(60));
+    EXPECT_TRUE(code == 0 || code == 128 + SIGTERM) << code << ": " << read_file(s.dir() / "pipecr.err");
+    EXPECT_EQ(wait_not_stopped(target, milliseconds(2000)), "") << "the target was left stopped or traced";
+    EXPECT_EQ(s.finish(), 0) << "the target's pipes are not whole: " << s.err();
+  }
+  RecordProperty("signals_during_install", during);
+}
+
 TEST(Fail, unprivileged_caller) {
   ASSERT_FALSE(pipecr().empty());
   if (geteuid() != 0) GTEST_SKIP() << "needs root to run pipecr as nobody";

@@ -7,6 +7,7 @@
 // in a tracing stop.
 #include "restore/process.hpp"
 
+#include <poll.h>
 #include <sys/ioctl.h>
 #include <sys/resource.h>
 
@@ -158,6 +159,68 @@ TEST(RestoreProcess, BlockedReaderAcrossTwoTargets) {
   EXPECT_UNTRACED(writer.pid());
   EXPECT_EQ(writer.finish(), "");
   EXPECT_EQ(reader.finish(0), "");
+}
+
+// A target blocked in poll() (with and without a timeout: the kernel restarts them differently)
+// and in write() on a full pipe: each goes on with the restored pipe at the same number.
+TEST(RestoreProcess, BlockedInPollAndWriteGoOnWithTheRestoredPipe) {
+  for (int timeout : {-1, 20000}) {
+    SCOPED_TRACE("poll timeout " + std::to_string(timeout));
+    ImageBuilder b;
+    b.process(kRec);
+    auto p = b.pipe({{"polled", false}});
+    b.fd(kRec, 11, b.file(p, O_RDONLY));
+    Image img = b.parsed();
+    Scenario child(
+        [] {
+          int fds[2];
+          (void)!::pipe(fds);
+          ::dup2(fds[0], 11);
+          ::dup2(fds[1], 13);  // keeps the old pipe empty but open: poll() blocks
+        },
+        [timeout]() -> std::string {
+          pollfd pfd{11, POLLIN, 0};
+          int r = ::poll(&pfd, 1, timeout);  // blocks until restored
+          if (r != 1 || !(pfd.revents & POLLIN)) return "poll: " + std::to_string(r);
+          return testing::expect_bytes(11, "polled");
+        },
+        false);
+    ASSERT_TRUE(child.ready());
+    ASSERT_TRUE(child.wait_blocked_in(SYS_poll));
+    auto sum = restore_processes(img, {{{child.pid(), kRec}}, std::nullopt});
+    ASSERT_TRUE(sum) << sum.error().what;
+    EXPECT_UNTRACED(child.pid());
+    EXPECT_EQ(child.finish(0), "");
+  }
+  // A writer blocked on a full pipe writes into the restored (empty) one instead.
+  ImageBuilder b;
+  b.process(kRec);
+  auto p = b.pipe({});
+  b.fd(kRec, 12, b.file(p, O_WRONLY)).fd(kRec, 14, b.file(p, O_RDONLY));
+  Image img = b.parsed();
+  Scenario child(
+      [] {
+        int fds[2];
+        (void)!::pipe(fds);
+        ::fcntl(fds[1], F_SETFL, O_NONBLOCK);
+        std::string chunk(4096, 'f');
+        while (::write(fds[1], chunk.data(), chunk.size()) > 0) {
+        }
+        ::fcntl(fds[1], F_SETFL, 0);
+        ::dup2(fds[1], 12);
+        ::dup2(fds[0], 15);  // the old reader, never read: the write below blocks
+      },
+      []() -> std::string {
+        if (::write(12, "written", 7) != 7) return "write failed";
+        return testing::expect_bytes(14, "written");
+      },
+      false);
+  ASSERT_TRUE(child.ready());
+  ASSERT_TRUE(child.wait_blocked_in(SYS_write));
+  auto sum = restore_processes(img, {{{child.pid(), kRec}}, std::nullopt});
+  ASSERT_TRUE(sum) << sum.error().what;
+  EXPECT_UNTRACED(child.pid());
+  EXPECT_EQ(child.finish(0), "");
 }
 
 TEST(RestoreProcess, DroppedWriterGivesEofAfterTheData) {
