@@ -3,6 +3,7 @@
 #pragma once
 
 #include <dirent.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <sys/mman.h>
 #include <sys/wait.h>
@@ -17,6 +18,8 @@
 #include <string>
 #include <thread>
 #include <vector>
+
+#include "sys/syscalls.hpp"
 
 namespace pipecr::sys {
 
@@ -109,6 +112,34 @@ inline std::string read_report(int fd) {
   char buf[256];
   ssize_t n = ::read(fd, buf, sizeof buf);
   return n > 0 ? std::string(buf, static_cast<size_t>(n)) : std::string("<eof>");
+}
+
+// A child whose main thread blocks in read(5) on a pipe and reports what it reads on `report`.
+struct ReaderChild {
+  PipePair input, report;
+  Child child;
+};
+
+inline ReaderChild start_reader() {
+  ReaderChild rc;
+  rc.input = *make_pipe(0);
+  rc.report = *make_pipe(0);
+  int in = rc.input.read.get(), out = rc.report.write.get();
+  rc.child = spawn([in, out]() mutable {
+    // Under a test runner the pipes themselves may sit at 5: move them out of the way first.
+    in = ::fcntl(in, F_DUPFD, 100);
+    out = ::fcntl(out, F_DUPFD, 100);
+    ::dup2(in, 5);
+    char buf[256];
+    for (;;) {
+      ssize_t n = ::read(5, buf, sizeof buf);
+      if (n <= 0) ::_exit(3);
+      if (::write(out, buf, static_cast<size_t>(n)) < 0) ::_exit(4);
+    }
+  });
+  rc.input.read.reset();
+  rc.report.write.reset();
+  return rc;
 }
 
 }  // namespace pipecr::sys

@@ -38,31 +38,6 @@ namespace {
 
 using namespace std::chrono_literals;
 
-// A child whose main thread blocks in read(5) on a pipe and reports what it reads on `report`.
-struct ReaderChild {
-  PipePair input, report;
-  Child child;
-};
-
-ReaderChild start_reader() {
-  ReaderChild rc;
-  rc.input = *make_pipe(0);
-  rc.report = *make_pipe(0);
-  int in = rc.input.read.get(), out = rc.report.write.get();
-  rc.child = spawn([in, out] {
-    ::dup2(in, 5);
-    char buf[256];
-    for (;;) {
-      ssize_t n = ::read(5, buf, sizeof buf);
-      if (n <= 0) ::_exit(3);
-      if (::write(out, buf, static_cast<size_t>(n)) < 0) ::_exit(4);
-    }
-  });
-  rc.input.read.reset();
-  rc.report.write.reset();
-  return rc;
-}
-
 // fd -> link target of /proc/PID/fd.
 std::map<int, std::string> fd_table(pid_t pid) {
   std::map<int, std::string> out;
