@@ -151,6 +151,20 @@ void add_file(const Image& img, uint64_t file_id, Plan& plan) {
   plan.files.push_back(std::move(pf));
 }
 
+// A pipe that processes outside the image hold too (a terminal's log pipe, a supervisor's stdout
+// pipe) cannot be restored whole: a new pipe would cut those holders off. Where the target still
+// holds that very pipe at the recorded number, the fd is left as it is.
+bool still_connected(const Image& img, const FdRecord& d, pid_t target) {
+  const FileRecord* f = img.find_file(d.file_id);
+  const PipeRecord* p = f ? img.find_pipe(f->pipe_id) : nullptr;
+  if (!p || !p->outside_holders || target <= 0) return false;
+  struct stat st {};
+  if (::stat(fmt::format("/proc/{}/fd/{}", target, d.fd).c_str(), &st) < 0 || !S_ISFIFO(st.st_mode)) return false;
+  if (st.st_ino != p->inode) return false;
+  auto acc = sys::read_fdinfo(target, d.fd);
+  return acc && (acc->flags & O_ACCMODE) == static_cast<int>(f->flags & O_ACCMODE);
+}
+
 // Fds of restored processes, the files and pipes they need; the rest is dropped.
 void select_fds(const Image& img, Plan& plan) {
   std::unordered_map<int32_t, size_t> holder_of;
@@ -159,6 +173,12 @@ void select_fds(const Image& img, Plan& plan) {
   for (const FdRecord& d : img.fds) {
     auto h = holder_of.find(d.pid);
     if (h == holder_of.end()) continue;
+    if (still_connected(img, d, plan.holders[h->second].target)) {
+      plan.notes.push_back(fmt::format("fd {} of process {} left as it is: its pipe is also held outside the image, "
+                                       "and the process still holds that pipe there",
+                                       d.fd, plan.holders[h->second].target));
+      continue;
+    }
     add_file(img, d.file_id, plan);
     const FileRecord& f = plan.files[plan.file_index[d.file_id]].rec;
     bool async = (f.flags & O_ASYNC) && async_done.insert(f.id).second;

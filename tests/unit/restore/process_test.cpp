@@ -10,6 +10,7 @@
 #include <poll.h>
 #include <sys/ioctl.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 
 #include <gtest/gtest.h>
 
@@ -221,6 +222,38 @@ TEST(RestoreProcess, BlockedInPollAndWriteGoOnWithTheRestoredPipe) {
   ASSERT_TRUE(sum) << sum.error().what;
   EXPECT_UNTRACED(child.pid());
   EXPECT_EQ(child.finish(0), "");
+}
+
+// A pipe also held outside the image (here: by this test, the way a supervisor holds a child's
+// stdout) that the target still holds at the recorded number is left as it is: a new pipe would cut
+// the outside holder off.
+TEST(RestoreProcess, PipeStillSharedWithOutsideHolderIsLeftAsItIs) {
+  int live[2];
+  ASSERT_EQ(::pipe(live), 0);
+  sys::UniqueFd live_r(live[0]), live_w(live[1]);
+  struct stat st {};
+  ASSERT_EQ(::fstat(live[0], &st), 0);
+  ImageBuilder b;
+  b.process(kRec);
+  auto p = b.pipe({{"from-image", false}});
+  b.raw().pipes.back().inode = st.st_ino;
+  b.raw().pipes.back().outside_holders = true;
+  b.fd(kRec, 11, b.file(p, O_RDONLY));
+  Image img = b.parsed();
+  int keep = live[0];
+  Scenario child([keep] { ::dup2(keep, 11); }, [] { return testing::expect_bytes(11, "live"); });
+  ASSERT_TRUE(child.ready());
+  live_r.reset();
+  std::vector<std::string> notes;
+  ProcessRestoreOptions opts;
+  opts.note = [&](const std::string& n) { notes.push_back(n); };
+  auto sum = restore_processes(img, {{{child.pid(), kRec}}, std::nullopt}, opts);
+  ASSERT_TRUE(sum) << sum.error().what;
+  bool noted = false;
+  for (const auto& n : notes) noted |= n.find("fd 11 of process") != std::string::npos;
+  EXPECT_TRUE(noted);
+  ASSERT_EQ(::write(live_w.get(), "live", 4), 4);  // still connected: the child reads it
+  EXPECT_EQ(child.finish(), "");
 }
 
 TEST(RestoreProcess, DroppedWriterGivesEofAfterTheData) {
