@@ -14,9 +14,7 @@ constexpr size_t kBytes = 65536;
 
 int main() {
   zdtm::init("fifo");
-  std::string path = zdtm::dir() + "/fifo";
-  unlink(path.c_str());
-  if (mkfifo(path.c_str(), 0600) != 0) ZDTM_SYSFAIL("mkfifo(%s)", path.c_str());
+  std::string path = zdtm::make_fifo("fifo");
   int fd = open(path.c_str(), O_RDWR);
   if (fd < 0) ZDTM_SYSFAIL("open(%s)", path.c_str());
   zdtm::move_fd(fd, kFd);

@@ -12,9 +12,7 @@ constexpr size_t kBytes = 30000;
 
 int main() {
   zdtm::init("fifo_ghost");
-  std::string path = zdtm::dir() + "/fifo_ghost";
-  unlink(path.c_str());
-  if (mkfifo(path.c_str(), 0600) != 0) ZDTM_SYSFAIL("mkfifo(%s)", path.c_str());
+  std::string path = zdtm::make_fifo("fifo_ghost");
   int fd = open(path.c_str(), O_RDWR);
   if (fd < 0) ZDTM_SYSFAIL("open(%s)", path.c_str());
   zdtm::move_fd(fd, kFd);

@@ -14,9 +14,7 @@ constexpr size_t kBytes = 20000;
 
 int main() {
   zdtm::init("fifo_ro");
-  std::string path = zdtm::dir() + "/fifo_ro";
-  unlink(path.c_str());
-  if (mkfifo(path.c_str(), 0600) != 0) ZDTM_SYSFAIL("mkfifo(%s)", path.c_str());
+  std::string path = zdtm::make_fifo("fifo_ro");
   int r = open(path.c_str(), O_RDONLY | O_NONBLOCK);
   if (r < 0) ZDTM_SYSFAIL("open(%s, O_RDONLY|O_NONBLOCK)", path.c_str());
   zdtm::move_fd(r, kFd);

@@ -12,9 +12,7 @@ constexpr size_t kBytes = 10000;
 
 int main() {
   zdtm::init("fifo_wronly");
-  std::string path = zdtm::dir() + "/fifo_wronly";
-  unlink(path.c_str());
-  if (mkfifo(path.c_str(), 0600) != 0) ZDTM_SYSFAIL("mkfifo(%s)", path.c_str());
+  std::string path = zdtm::make_fifo("fifo_wronly");
   pid_t kid = zdtm::fork_child();
   if (kid == 0) {
     int r = open(path.c_str(), O_RDONLY);  // blocks until the parent opens its end

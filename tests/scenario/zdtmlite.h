@@ -78,6 +78,14 @@ inline std::string env_or(const char* name, const char* dflt) {
 
 inline std::string dir() { return env_or("ZDTM_DIR", "/tmp"); }
 
+// A fresh FIFO (mode 0600) named `name` in dir(); returns its path.
+inline std::string make_fifo(const char* name) {
+  std::string path = dir() + "/" + name;
+  unlink(path.c_str());
+  if (mkfifo(path.c_str(), 0600) != 0) ZDTM_SYSFAIL("mkfifo(%s)", path.c_str());
+  return path;
+}
+
 // Block SIGUSR1 (and the extra signals a scenario takes with sigtimedwait) for the whole life of
 // the program; arm the self-destruct alarm. Call first thing in main().
 inline void init(const char* name, std::vector<int> extra_blocked = {}) {
