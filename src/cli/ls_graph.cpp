@@ -2,6 +2,7 @@
 #include "cli/ls_graph.hpp"
 
 #include <fcntl.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -259,12 +260,15 @@ void apply_samples(PipeGraph& g, const Samples& before, const Samples& after, do
     if (p.blocked_readers.empty() || !p.bytes || *p.bytes != 0) continue;
     for (pid_t w : p.writers) {
       if (p.blocked_writers.count(w) || p.blocked_readers.count(w)) continue;
+      if (w == ::getpid()) continue;  // `pipecr ls --graph | less`: we are the busy writer, and we do not buffer
       auto a = after.find(w);
       auto b = before.find(w);
       if (a == after.end()) continue;
       bool running = a->second.state == 'R';
       bool cpu_moved = b != before.end() && a->second.cpu_ns > b->second.cpu_ns;
       if (!running && !cpu_moved) continue;  // idle (sleep 100 | cat): nothing to say
+      // A writer whose wchar moved did write meanwhile (slowly, or elsewhere): not holding back.
+      if (b != before.end() && a->second.io && b->second.io && a->second.wchar != b->second.wchar) continue;
       const GraphProc& wp = g.procs[w];
       pid_t r = *p.blocked_readers.begin();
       const GraphProc& rp = g.procs[r];

@@ -11,8 +11,9 @@
 // next to it, or in open() of a FIFO, is marked "!"; the pipe's box says which side is blocked.
 //
 // The stdio hint: a reader blocked on an empty pipe whose writer is not blocked on it but runs
-// (state R, or CPU time moving between two samples) is most likely waiting for a writer that
-// block-buffers its output (stdio does when stdout is a pipe): say so, and suggest stdbuf -oL.
+// (state R, or CPU time moving between two samples) and wrote nothing meanwhile (wchar of
+// /proc/PID/io unchanged) is most likely waiting for a writer that block-buffers its output
+// (stdio does when stdout is a pipe): say so, and suggest stdbuf -oL.
 #pragma once
 
 #include <sys/types.h>
