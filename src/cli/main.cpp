@@ -13,6 +13,7 @@
 #include <fmt/format.h>
 
 #include "cli/command.hpp"
+#include "cli/man_text.hpp"
 
 // The project version (CMakeLists.txt project(VERSION)); a compile definition may override it.
 #ifndef PIPECR_VERSION_STRING
@@ -47,6 +48,9 @@ int run(int argc, char** argv) {
   for (const CommandSpec& spec : specs) {
     Bound b;
     b.app = app.add_subcommand(spec.name, spec.description);
+    // What the command does, from pipecr(1) (one source for the page and --help), then the exit codes.
+    if (std::string about = man_description(spec.name); !about.empty())
+      b.app->footer(about + "\n" + exit_codes_help());
     b.ctx = std::make_unique<CommandContext>(CommandContext{spec.name, stdout, stderr, tty});
     b.run = spec.setup(*b.app, *b.ctx);
     bound.push_back(std::move(b));

@@ -89,3 +89,15 @@ man_section() {
     fi
   done
 }
+
+@test "pipecr CMD --help shows pipecr(1)'s description of CMD (one source)" {
+  for cmd in $(subcommands); do
+    # restore sets a footer of its own (cmd_restore.cpp), which takes the place of the page's.
+    [ "$cmd" = restore ] && continue
+    # The first line of the description: after the synopsis line, markup taken out.
+    first=$(man_section "$cmd" | awk 'seen && NF {print; exit} /^\*pipecr / {seen = 1}' |
+            sed -E 's/\*//g; s/(^|[^[:alnum:]])_/\1/g; s/_([^[:alnum:]]|$)/\1/g; s/\\(.)/\1/g')
+    [ -n "$first" ]
+    "$PIPECR" "$cmd" --help | grep -qxF -- "$first" || { echo "pipecr $cmd --help lacks: $first"; false; }
+  done
+}
