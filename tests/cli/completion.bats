@@ -105,3 +105,34 @@ setup() {
   comp dump -o "$TMP/no"
   [ "${COMPREPLY[*]}" = "$TMP/notes.txt" ]
 }
+
+# zcomp LINE: what an interactive zsh with completion/_pipecr offers on Tab after LINE.
+zcomp() {
+  zsh -f "$BATS_TEST_DIRNAME/zsh_complete.zsh" "$BATS_TEST_DIRNAME/../../completion" "$PIPECR" "$1"
+}
+
+@test "zsh: subcommands, options, live pids, PID:FD of pipes, sizes and images" {
+  mkfifo "$TMP/f"
+  spawn holder "exec sleep 100 </dev/null >/dev/null 2>&1 5<>'$TMP/f'" 3>&- &
+  H=$(pid_of holder)
+  wait_fd "$H" 5
+  run zcomp "pipecr res"
+  echo "$output"
+  echo "$output" | grep -E "^resize +-- change the capacity of a live pipe"
+  echo "$output" | grep -E "^restore +-- "
+  run zcomp "pipecr ls --gr"
+  echo "$output" | grep -F "pipecr ls --graph"
+  run zcomp "pipecr ls -t $H"
+  echo "$output" | grep -F "pipecr ls -t $H"
+  # The FIFO at fd 5 is the holder's only pipe fd whose number starts with 5: completed in full.
+  run zcomp "pipecr peek $H:5"
+  echo "$output"
+  echo "$output" | grep -F "pipecr peek $H:5 "
+  ! echo "$output" | grep -F "$H:1"
+  run zcomp "pipecr resize $H:5 "
+  echo "$output" | grep -E "64k"
+  echo "$output" | grep -E "1M"
+  touch "$TMP/one.img" "$TMP/notes.txt"
+  run zcomp "pipecr show $TMP/o"
+  echo "$output" | grep -F "pipecr show $TMP/one.img"
+}
