@@ -4,8 +4,10 @@
 #include <signal.h>
 #include <time.h>
 
+#include <cerrno>
 #include <chrono>
 #include <cmath>
+#include <ctime>
 
 #include <fmt/format.h>
 
