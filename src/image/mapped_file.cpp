@@ -21,6 +21,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <array>
 #include <cerrno>
 #include <cstdlib>
 #include <utility>
@@ -28,6 +29,7 @@
 
 #include <fmt/format.h>
 
+#include "image/encoding.hpp"
 #include "image/image_io.hpp"
 #include "sys/syscalls.hpp"
 #include "sys/unique_fd.hpp"
@@ -123,6 +125,12 @@ Expected<MappedFile> MappedFile::open(const std::string& path) {
     return fail(Errc::not_found, EINVAL,
                 fmt::format("image \"{}\" is {}, not a regular file (give `-` to read an image from stdin)", path,
                             type_name(st.st_mode)));
+  // A file that does not start with the magic is refused before it is copied (a log file, a disk
+  // image given by mistake); a short file is copied and refused by parse() with its offset.
+  std::array<std::byte, kMagic.size()> head{};
+  ssize_t got = ::pread(fd.get(), head.data(), head.size(), 0);
+  if (got == static_cast<ssize_t>(head.size()) && head != kMagic)
+    return fail(Errc::bad_image, EBADMSG, fmt::format("\"{}\": image offset 0: not a pipecr image (bad magic)", path));
   auto spool = make_spool();
   if (!spool) return tl::unexpected(spool.error());
   auto size = copy_all(fd.get(), spool->get(), fmt::format("\"{}\"", path));

@@ -139,6 +139,14 @@ target_unchanged() {
   done
 }
 
+@test "image paths: a file that is not an image is refused (65) before it is copied" {
+  head -c 100000 /dev/urandom > "$TMP/junk"
+  run "$PIPECR" show "$TMP/junk"
+  echo "$output"
+  [ "$status" -eq 65 ]
+  echo "$output" | grep -F "not a pipecr image (bad magic)"
+}
+
 @test "dump -o: a device, a FIFO and links to them are refused (73) and left as they were" {
   start_holder
   mkfifo "$TMP/fifo"
