@@ -184,6 +184,11 @@ target_unchanged() {
   [ "$("$PIPECR" peek "$T:0")" = "hello pipe" ]
   # the holder still has its bytes: a dump leaves them
   [ "$("$PIPECR" peek "$H:0")" = "hello pipe" ]
+  # and into the dumped process itself: it still holds that pipe, so it is left as it is (a note)
+  run bash -c "'$PIPECR' dump -t $H -o - | '$PIPECR' restore - --into $H"
+  echo "$output"
+  [ "$status" -eq 0 ]
+  [ "$("$PIPECR" peek "$H:0")" = "hello pipe" ]
 }
 
 @test "restore -: a bad image on stdin is refused before the target is touched" {
