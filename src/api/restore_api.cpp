@@ -18,6 +18,7 @@
 #include <fmt/format.h>
 
 #include "image/image_io.hpp"
+#include "image/validate.hpp"
 #include "pipecr/pipe.hpp"
 #include "restore/pipe.hpp"
 #include "sys/syscalls.hpp"
@@ -54,7 +55,7 @@ Expected<sys::PipePair> create_ends(const PipeRecord& p, sys::UniqueFd& keep) {
     if (!::mkdtemp(templ)) return tl::unexpected(sys::call_error("mkdtemp", templ));
     tmpdir = templ;
     path = tmpdir + "/fifo";
-    if (::mkfifo(path.c_str(), p.mode ? p.mode : 0600) < 0) {
+    if (::mkfifo(path.c_str(), p.mode ? (p.mode & 0777) : 0600) < 0) {
       Error e = sys::call_error("mkfifo", path);
       ::rmdir(tmpdir.c_str());
       return tl::unexpected(e);
@@ -181,6 +182,7 @@ Expected<RestoredPipe> restore_pipe(std::span<const std::byte> bytes, int want_r
   if (auto ok = check_wanted(want_read, want_write); !ok) return tl::unexpected(ok.error());
   auto img = image::parse(bytes);
   if (!img) return tl::unexpected(img.error());
+  if (auto ok = image::validate(*img); !ok) return tl::unexpected(ok.error());
   if (img->pipes.size() != 1)
     return fail(Errc::invalid_argument, EINVAL,
                 fmt::format("the image holds {} pipes; restore_pipe restores exactly one", img->pipes.size()));

@@ -1,8 +1,12 @@
-// cmd_dump.cpp: `pipecr dump -t PID [-t PID ...] [--tree] -o IMAGE [--json] [--leave-stopped]`.
+// cmd_dump.cpp: `pipecr dump -t PID [-t PID ...] [--tree] -o IMAGE|- [--json] [--leave-stopped]`.
 //
 // Raises the soft RLIMIT_NOFILE to the hard one first: the dump holds one scratch pipe per
-// non-empty pipe until the image is written.
+// non-empty pipe until the image is written. `-o FILE` writes a regular file atomically
+// (dump/image_file.cpp refuses devices, FIFOs and links to them); `-o -` streams the image to stdout
+// (refused when stdout is a terminal), for `pipecr dump -t P -o - | pipecr restore - --into Q` or
+// through ssh. With `-o -`, --json goes to stderr, since stdout carries the image.
 #include <sys/resource.h>
+#include <unistd.h>
 
 #include <memory>
 #include <vector>
@@ -12,6 +16,7 @@
 #include "cli/command.hpp"
 #include "cli/image_json.hpp"
 #include "dump/process.hpp"
+#include "image/image_io.hpp"
 
 namespace pipecr::cli {
 namespace {
@@ -37,9 +42,21 @@ Expected<int> run_dump(const Options& o, CommandContext& ctx) {
   raise_nofile();
   dump::DumpOptions opts{.pids = o.pids, .tree = o.tree, .leave_stopped = o.leave_stopped};
   Image records;
-  auto stats = dump::dump_to_file(opts, o.output, &records);
+  Expected<dump::DumpStats> stats;
+  const bool to_stdout = o.output == "-";
+  if (to_stdout) {
+    if (::isatty(STDOUT_FILENO))
+      return fail(Errc::invalid_argument, EINVAL, "-o -: stdout is a terminal; pipe it or redirect it to a file");
+    std::fflush(ctx.out);
+    image::FdSink sink(STDOUT_FILENO, "stdout");
+    stats = dump::dump_processes(opts, sink, &records);
+    if (stats)
+      if (auto f = sink.flush(); !f) return tl::unexpected(f.error());
+  } else {
+    stats = dump::dump_to_file(opts, o.output, &records);
+  }
   if (!stats) return tl::unexpected(stats.error());
-  if (o.json) write_image_json(ctx.out, records);
+  if (o.json) write_image_json(to_stdout ? ctx.err : ctx.out, records);
   if (o.verbose)
     fmt::print(ctx.err, "pipecr dump: {} processes, {} pipes, {} open files, {} fds, {} bytes; stopped for {:.3f} ms\n",
                records.processes.size(), stats->pipes, stats->files, stats->fds, stats->bytes,
@@ -51,7 +68,9 @@ RunFn setup(CLI::App& app, CommandContext& ctx) {
   auto o = std::make_shared<Options>();
   app.add_option("-t,--target", o->pids, "a process to dump (repeat for more)")->required();
   app.add_flag("--tree", o->tree, "also dump every descendant of the given processes");
-  app.add_option("-o,--output", o->output, "the image file to write (atomically, mode 0600)")->required();
+  app.add_option("-o,--output", o->output,
+                 "the image file to write (a regular file, atomically, mode 0600), or - for stdout")
+      ->required();
   app.add_flag("--json", o->json, "print the records written, as `pipecr show --json` would");
   app.add_flag("--leave-stopped", o->leave_stopped,
                "leave the processes in a group stop (SIGCONT resumes them) instead of resuming them");

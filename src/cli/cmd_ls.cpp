@@ -15,6 +15,7 @@
 #include <nlohmann/json.hpp>
 
 #include "cli/command.hpp"
+#include "cli/describe.hpp"
 #include "cli/ls_graph.hpp"
 #include "cli/ls_watch.hpp"
 #include "cli/pipe_scan.hpp"
@@ -37,7 +38,7 @@ std::string describe_state(const PipeView& p) {
 }
 
 std::string pipe_name(const PipeView& p) {
-  return p.fifo ? fmt::format("fifo:{} [{}]", p.path, p.ino) : fmt::format("pipe:[{}]", p.ino);
+  return p.fifo ? fmt::format("fifo:{} [{}]", printable(p.path), p.ino) : fmt::format("pipe:[{}]", p.ino);
 }
 
 std::string opt_num(const std::optional<int>& v) { return v ? fmt::format("{}", *v) : "?"; }
@@ -54,7 +55,7 @@ void print_end(std::FILE* out, const PipeView& p, const End& e, const Scan& scan
   for (const Holder& h : e.holders) {
     who.push_back(fmt::format("{}:{}", h.pid, h.fd));
     auto c = scan.comms.find(h.pid);
-    std::string comm = c == scan.comms.end() ? "?" : c->second;
+    std::string comm = c == scan.comms.end() ? "?" : printable(c->second);
     if (std::find(comms.begin(), comms.end(), comm) == comms.end()) comms.push_back(comm);
     for (const Stuck& s : p.stuck)
       if (s.pid == h.pid && s.fd == h.fd)
@@ -92,7 +93,7 @@ void print_table(std::FILE* out, const Scan& scan) {
       auto c = scan.comms.find(s.pid);
       const char* acc = s.dir == Blocked::reading ? "r" : s.dir == Blocked::writing ? "w" : "rw";
       fmt::print(out, "    {:<3} {:<18} {:<16} {:<12} BLOCKED in open() tid {}\n", acc, fmt::format("{}:-", s.pid),
-                 c == scan.comms.end() ? "?" : c->second, "-", s.tid);
+                 c == scan.comms.end() ? "?" : printable(c->second), "-", s.tid);
     }
     auto st = states(p);
     wblocked += std::count(st.begin(), st.end(), "writer_blocked");

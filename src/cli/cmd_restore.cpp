@@ -1,7 +1,10 @@
 // cmd_restore.cpp: `pipecr restore IMAGE --into TARGET[=RECORDED]... [--exec RECORDED -- COMMAND [ARG...]]`:
 // put the pipes of an image back into running processes (ptrace) and/or a new command (exec).
 //
-// The image is mapped, not read: the queued bytes stream from the mapping into the new pipes.
+// The image (a file, or `-` for stdin) is spooled into a private file and mapped
+// (image::MappedFile), then parsed and validated against this machine (image::validate(): page size,
+// capacities, paths, modes, references) before anything else happens: a bad image is exit 65 with
+// nothing touched. The queued bytes stream from the mapping into the new pipes.
 // Everything is prepared before any target is stopped and the install is all-or-nothing
 // (restore/process.hpp, docs/restore.md). Ends that no restored process holds are dropped: one
 // "note:" line each on stderr, not an error. With --exec nothing is printed on stdout (it belongs to
@@ -14,7 +17,9 @@
 #include <fmt/format.h>
 
 #include "cli/command.hpp"
+#include "cli/describe.hpp"
 #include "image/image_io.hpp"
+#include "image/validate.hpp"
 #include "restore/process.hpp"
 
 namespace pipecr::cli {
@@ -77,14 +82,18 @@ Expected<int> run(const Options& o, CommandContext& ctx) {
   if (!req) return tl::unexpected(req.error());
   auto file = image::MappedFile::open(o.image);
   if (!file) return tl::unexpected(file.error());
+  const std::string name = o.image == "-" ? std::string("stdin") : fmt::format("\"{}\"", o.image);
   auto img = image::parse(file->bytes());
-  if (!img) return tl::unexpected(Error{img.error().kind, img.error().err, fmt::format("{}: {}", o.image, img.error().what)});
+  if (!img) return tl::unexpected(Error{img.error().kind, img.error().err, fmt::format("{}: {}", name, img.error().what)});
+  if (auto ok = image::validate(*img); !ok)
+    return tl::unexpected(Error{ok.error().kind, ok.error().err,
+                                fmt::format("{}: cannot be restored here: {}", name, ok.error().what)});
   restore::ProcessRestoreOptions opts;
   opts.refill.allow_smaller_capacity = o.allow_smaller_capacity;
   opts.refill.no_vmsplice = o.no_vmsplice;
   opts.create_fifos = o.create_fifos;
   opts.note = [&ctx](const std::string& n) {
-    fmt::print(ctx.err, "pipecr {}: note: {}\n", ctx.name, n);
+    fmt::print(ctx.err, "pipecr {}: note: {}\n", ctx.name, printable(n));
     std::fflush(ctx.err);
   };
   std::fflush(ctx.out);  // nothing buffered may reach the command after exec
@@ -98,7 +107,7 @@ Expected<int> run(const Options& o, CommandContext& ctx) {
 
 RunFn setup(CLI::App& app, CommandContext& ctx) {
   auto o = std::make_shared<Options>();
-  app.add_option("image", o->image, "the image file")->required();
+  app.add_option("image", o->image, "the image file, or - to read it from stdin")->required();
   app.add_option("--into", o->into, "TARGET[=RECORDED]: give the running process TARGET the fds of recorded process "
                                      "RECORDED (may be left out when the image records one process); repeatable")
       ->type_name("TARGET[=RECORDED]");

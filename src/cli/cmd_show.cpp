@@ -1,7 +1,10 @@
 // cmd_show.cpp: `pipecr show IMAGE [--json] [--data]`: what an image holds, for people or as JSON.
 //
-// The image is mapped and parsed once (image::MappedFile + image::parse: every checksum and
-// cross-reference verified, data viewed in place, nothing copied). The human summary is grouped
+// The image (a file, or `-` for stdin) is spooled privately, mapped and parsed once
+// (image::MappedFile + image::parse: every checksum and cross-reference verified, data viewed in
+// place). The text output also says whether a restore on this machine would accept the image
+// (image::validate()); `show` itself describes any image that parses. Every string that comes from
+// the image (paths, comm, argv, INFO) is printed through printable(): control characters escaped. The human summary is grouped
 // the way a person asks the question: each pipe, then each open file description of it (access,
 // flags, signal owner), then the fds that share that description (pid:fd, cloexec, blocked). The
 // records refer to each other by id, so two hash indexes (pipe -> files, file -> fds) are built
@@ -19,6 +22,7 @@
 #include "cli/hexdump.hpp"
 #include "cli/image_json.hpp"
 #include "image/image_io.hpp"
+#include "image/validate.hpp"
 
 namespace pipecr::cli {
 namespace {
@@ -61,6 +65,7 @@ void print_header(Out out, const Image& img, const std::string& path, size_t siz
                  img.info.tool.empty() ? "?" : printable(img.info.tool),
                  img.info.kernel.empty() ? "?" : printable(img.info.kernel), created.empty() ? "date unknown" : created,
                  img.info.page_size);
+  if (auto ok = image::validate(img); !ok) fmt::format_to(out, "restore here: REFUSED: {}\n", printable(ok.error().what));
   fmt::format_to(out, "{}, {} ({} queued), {}, {}; {} blocked\n", plural(img.processes.size(), "process", "processes"),
                  plural(img.pipes.size(), "pipe", "pipes"), plural(queued, "byte", "bytes"),
                  plural(img.files.size(), "open file", "open files"), plural(img.fds.size(), "fd", "fds"),
@@ -198,19 +203,19 @@ Expected<int> run(const Options& o, CommandContext& ctx) {
   auto img = image::parse(file->bytes());
   if (!img) {
     Error e = img.error();
-    e.what = fmt::format("\"{}\": {}", o.image, e.what);
+    e.what = fmt::format("{}: {}", o.image == "-" ? std::string("stdin") : fmt::format("\"{}\"", o.image), e.what);
     return tl::unexpected(std::move(e));
   }
   if (o.json)
     write_image_json(ctx.out, *img, ImageJsonOptions{o.data});
   else
-    write_text(ctx.out, *img, o.image, file->bytes().size(), o.data);
+    write_text(ctx.out, *img, o.image == "-" ? std::string("(stdin)") : o.image, file->bytes().size(), o.data);
   return kExitOk;
 }
 
 RunFn setup(CLI::App& app, CommandContext& ctx) {
   auto o = std::make_shared<Options>();
-  app.add_option("image", o->image, "the image file")->required();
+  app.add_option("image", o->image, "the image file, or - to read it from stdin")->required();
   app.add_flag("--json", o->json, "print one JSON document (see docs/json.md)");
   app.add_flag("--data", o->data, "add the queued bytes: a hexdump per pipe, or data_base64 with --json");
   return [o, &ctx]() -> Expected<int> { return run(*o, ctx); };

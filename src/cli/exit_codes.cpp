@@ -27,11 +27,11 @@ const char* exit_codes_help() {
   return "Exit codes:\n"
          "  0   success\n"
          "  64  bad command line\n"
-         "  65  image corrupt or not supported\n"
-         "  66  image not found\n"
+         "  65  image corrupt, not supported, or refused on this machine\n"
+         "  66  image not found or not a regular file\n"
          "  69  kernel or object not supported (not a pipe, capacity not allowed, feature missing)\n"
          "  71  other system error\n"
-         "  73  cannot create the output\n"
+         "  73  cannot create the output, or it is not a regular file\n"
          "  75  a target process is gone\n"
          "  77  permission denied";
 }

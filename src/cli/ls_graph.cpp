@@ -12,6 +12,7 @@
 
 #include <fmt/format.h>
 
+#include "cli/describe.hpp"
 #include "sys/proc.hpp"
 
 namespace pipecr::cli {
@@ -47,7 +48,7 @@ std::string box(const GraphPipe& p, const GraphStyle& st) {
   std::vector<std::string> parts;
   std::string fill = fmt::format("{}/{}", p.bytes ? fmt::format("{}", *p.bytes) : "?",
                                  p.capacity ? fmt::format("{}", *p.capacity) : "?");
-  if (p.fifo) fill = fmt::format("fifo {}{} {}", p.path, p.unlinked ? " (deleted)" : "", fill);
+  if (p.fifo) fill = fmt::format("fifo {}{} {}", printable(p.path), p.unlinked ? " (deleted)" : "", fill);
   if (has(p.states, "full")) fill += " full";
   if (has(p.states, "empty")) fill += " empty";
   parts.push_back(fill);
@@ -64,7 +65,7 @@ std::string box(const GraphPipe& p, const GraphStyle& st) {
 
 std::string proc_label(const PipeGraph& g, pid_t pid, bool blocked, const GraphStyle& st) {
   auto it = g.procs.find(pid);
-  std::string comm = it == g.procs.end() ? "?" : it->second.comm;
+  std::string comm = it == g.procs.end() ? "?" : printable(it->second.comm);
   std::vector<std::string> rates;
   if (it != g.procs.end()) {
     if (it->second.read_rate && *it->second.read_rate > 0) rates.push_back("r:" + human_rate(*it->second.read_rate));
@@ -277,7 +278,8 @@ void apply_samples(PipeGraph& g, const Samples& before, const Samples& after, do
                                          "buffers its output (stdio block-buffers a pipe). Make it line-buffered: "
                                          "stdbuf -oL {} ... (or its own option, e.g. python3 -u, grep "
                                          "--line-buffered)",
-                                         rp.comm, r, wp.comm, w, running ? "running" : "busy", wp.comm, wp.comm)});
+                                         printable(rp.comm), r, printable(wp.comm), w, running ? "running" : "busy", printable(wp.comm),
+                                         printable(wp.comm))});
     }
   }
 }

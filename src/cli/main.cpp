@@ -13,7 +13,9 @@
 #include <fmt/format.h>
 
 #include "cli/command.hpp"
+#include "cli/describe.hpp"
 #include "cli/man_text.hpp"
+#include "pipecr/image.hpp"
 
 // The project version (CMakeLists.txt project(VERSION)); a compile definition may override it.
 #ifndef PIPECR_VERSION_STRING
@@ -39,7 +41,8 @@ int run(int argc, char** argv) {
   CLI::App app{"pipecr: checkpoint, restore and inspect Linux pipes and FIFOs", "pipecr"};
   app.require_subcommand(1, 1);
   app.footer(exit_codes_help());
-  app.set_version_flag("--version", "pipecr " PIPECR_VERSION_STRING);
+  app.set_version_flag("--version", fmt::format("pipecr {}\nimage format: reads version {}, writes version {}",
+                                                 PIPECR_VERSION_STRING, kFormatVersion, kFormatVersion));
 
   std::vector<CommandSpec> specs = registry();
   std::stable_sort(specs.begin(), specs.end(), [](auto& a, auto& b) { return a.order < b.order; });
@@ -69,7 +72,7 @@ int run(int argc, char** argv) {
     for (const Bound& b : bound)
       if (b.app->parsed()) where = b.app;
     std::string name = where == &app ? "pipecr" : fmt::format("pipecr {}", where->get_name());
-    fmt::print(stderr, "{}: {}\nRun '{} --help' for usage.\n", name, e.what(), name);
+    fmt::print(stderr, "{}: {}\nRun '{} --help' for usage.\n", name, printable(e.what()), name);
     return kExitUsage;
   }
 
@@ -79,12 +82,14 @@ int run(int argc, char** argv) {
       Expected<int> r = b.run();
       if (!r) {
         std::fflush(stdout);
-        fmt::print(stderr, "pipecr {}: {}\n", b.ctx->name, r.error().what);
+        // The one place errors are printed: control characters in what (paths, names from an image
+        // or from /proc) are escaped, so the line stays one line and reaches no terminal raw.
+        fmt::print(stderr, "pipecr {}: {}\n", b.ctx->name, printable(r.error().what));
         return exit_code_for(r.error());
       }
       return *r;
     } catch (const std::exception& e) {
-      fmt::print(stderr, "pipecr {}: internal error: {}\n", b.ctx->name, e.what());
+      fmt::print(stderr, "pipecr {}: internal error: {}\n", b.ctx->name, printable(e.what()));
       return kExitSystem;
     }
   }

@@ -1,5 +1,13 @@
 // image_file.cpp: writing a dump to a file atomically.
 //
+// Only a regular file is ever written: the path is checked first (lstat, then stat through a
+// symbolic link). A device node, a FIFO, a socket or a directory is refused (Errc::cannot_create,
+// exit 73), whether named directly or through a symbolic link (/proc/self/fd/1 of a terminal or a
+// pipe, a link to /dev/null): as root, renaming an image over /dev/null would replace it. A symbolic
+// link to a regular file (or to a missing file in an existing directory) is followed: the image
+// replaces the file it points to, and the link stays. To write an image to stdout, the CLI passes
+// `-` and streams (cmd_dump.cpp); it never comes here.
+//
 // The image is written to an unnamed file (O_TMPFILE) in the target directory, synced, linked under
 // a temporary name and renamed over the path: a dump that fails or is killed leaves nothing at the
 // path (at worst, when killed between link and rename, a ".pipecr-*" file beside it). Where the
@@ -9,6 +17,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdlib>
 #include <random>
 #include <string>
 
@@ -31,6 +40,48 @@ Error cannot_create(const std::string& path, const char* call) {
   Error e = errno_error(err, fmt::format("{}({})", call, path));
   e.kind = Errc::cannot_create;
   return e;
+}
+
+const char* type_name(mode_t m) {
+  if (S_ISDIR(m)) return "a directory";
+  if (S_ISFIFO(m)) return "a FIFO";
+  if (S_ISCHR(m)) return "a character device";
+  if (S_ISBLK(m)) return "a block device";
+  if (S_ISSOCK(m)) return "a socket";
+  return "not a regular file";
+}
+
+// The path the image will be renamed to: path itself, or what its symbolic link resolves to, as
+// long as that is a regular file or does not exist yet. Errc::cannot_create otherwise.
+Expected<std::string> output_path(const std::string& path) {
+  if (path.empty()) return fail(Errc::invalid_argument, EINVAL, "the output path is empty");
+  struct stat st {};
+  if (::lstat(path.c_str(), &st) < 0) {
+    if (errno == ENOENT) return path;  // a new file (a missing directory fails at open)
+    return tl::unexpected(cannot_create(path, "lstat"));
+  }
+  if (S_ISREG(st.st_mode)) return path;
+  if (!S_ISLNK(st.st_mode))
+    return fail(Errc::cannot_create, EEXIST,
+                fmt::format("\"{}\" is {}: dump -o writes only a regular file (or `-` for stdout)", path,
+                            type_name(st.st_mode)));
+  std::string target;
+  if (::stat(path.c_str(), &st) == 0) {
+    if (!S_ISREG(st.st_mode))
+      return fail(Errc::cannot_create, EEXIST,
+                  fmt::format("\"{}\" is a symbolic link to {}: dump -o writes only a regular file (or `-` for "
+                              "stdout)",
+                              path, type_name(st.st_mode)));
+    char* real = ::realpath(path.c_str(), nullptr);
+    if (!real) return tl::unexpected(cannot_create(path, "realpath"));
+    target = real;
+    std::free(real);
+    return target;
+  }
+  if (errno != ENOENT) return tl::unexpected(cannot_create(path, "stat"));
+  // A dangling link: refused rather than guessed at (its target may name a FIFO-to-be, a /proc link...).
+  return fail(Errc::cannot_create, ENOENT,
+              fmt::format("\"{}\" is a symbolic link to a missing file: give the file's own path", path));
 }
 
 class OutputFile {
@@ -61,6 +112,11 @@ class OutputFile {
         return tl::unexpected(cannot_create(path_, "linkat"));
       }
     }
+    // Checked again just before the rename: the dump may have taken a while.
+    struct stat st {};
+    if (::lstat(path_.c_str(), &st) == 0 && !S_ISREG(st.st_mode))
+      return fail(Errc::cannot_create, EEXIST,
+                  fmt::format("\"{}\" became {} during the dump: not replaced", path_, type_name(st.st_mode)));
     if (::rename(named_.c_str(), path_.c_str()) < 0) return tl::unexpected(cannot_create(path_, "rename"));
     named_.clear();
     return {};
@@ -74,11 +130,13 @@ class OutputFile {
 
 }  // namespace
 
-Expected<DumpStats> dump_to_file(const DumpOptions& opts, const std::string& path, Image* records) {
-  OutputFile out(path);
+Expected<DumpStats> dump_to_file(const DumpOptions& opts, const std::string& given, Image* records) {
+  auto path = output_path(given);
+  if (!path) return tl::unexpected(path.error());
+  OutputFile out(*path);
   auto fd = out.open();
   if (!fd) return tl::unexpected(fd.error());
-  image::FdSink sink(*fd, path);
+  image::FdSink sink(*fd, given);
   auto stats = dump_processes(opts, sink, records);
   if (!stats) return stats;
   if (auto f = sink.flush(); !f) return tl::unexpected(f.error());

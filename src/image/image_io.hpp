@@ -83,12 +83,16 @@ class Writer {
 // Encode a complete Image held in memory (PipeRecord::data set for every pipe with slots).
 [[nodiscard]] Expected<std::vector<std::byte>> encode(const Image& img);
 
-// A read-only mapping of an image file. Errors: Errc::not_found, Errc::permission, Errc::system,
-// Errc::invalid_argument (not a regular file). An empty file maps to an empty span (which parse()
-// refuses as truncated). The file must not shrink while mapped (SIGBUS).
+// An image file, or stdin, copied into a private unnamed spool file and mapped read-only
+// (mapped_file.cpp says why). open("-") reads stdin. Errors: Errc::not_found (missing, or not a
+// regular file: a FIFO, a directory, a device; opened without blocking), Errc::permission,
+// Errc::invalid_argument (stdin is a terminal), Errc::system. An empty image maps to an empty span
+// (which parse() refuses as truncated). The source may change or shrink afterwards: the mapping
+// does not see it (no SIGBUS).
 class MappedFile {
  public:
   [[nodiscard]] static Expected<MappedFile> open(const std::string& path);
+  [[nodiscard]] static Expected<MappedFile> from_stdin();
   MappedFile(MappedFile&& o) noexcept;
   MappedFile& operator=(MappedFile&& o) noexcept;
   ~MappedFile();

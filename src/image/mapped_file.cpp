@@ -1,36 +1,159 @@
-// mapped_file.cpp: an image file mapped read-only, so parse() and a restore read the pipe data
-// straight from the page cache: PipeRecord::data points into the mapping and nothing is copied.
+// mapped_file.cpp: an image, from a file or from stdin, held in a private spool and mapped
+// read-only, so that parse() and a restore read the pipe data straight from the page cache:
+// PipeRecord::data points into the mapping and nothing is copied to the heap.
 //
-// The fd is closed once the mapping exists (a mapping keeps the file alive). An empty file cannot
-// be mapped (mmap of length 0 is EINVAL), so it becomes an empty span, which parse() refuses as a
-// truncated image. Only regular files are mapped: a pipe or a tty has no pages to map.
+// An image is untrusted input, and so is the file that holds it:
+//   - the path is opened O_NONBLOCK|O_NOCTTY, and only a regular file is read: a FIFO would block
+//     forever, a directory or a device is not an image (Errc::not_found, exit 66, naming the type);
+//   - the bytes are copied (copy_file_range(), read()/write() where it is refused) into an unnamed
+//     file (O_TMPFILE) in $TMPDIR or /tmp, which is then mapped. Mapping the user's file itself
+//     would let anyone who can truncate it kill pipecr with SIGBUS in the middle of a show or a
+//     restore; the spool has no name, only this process holds it, and a source that shrinks during
+//     the copy just gives a shorter image, which parse() refuses as truncated. Memory stays
+//     bounded (the spool is a file, not heap), and stdin (`-`) is spooled the same way, so the
+//     whole image is parsed and validated before any target is touched. Cost, measured on ext4:
+//     see docs/image-format.md, "Reading an image".
+// The fds are closed once the mapping exists. An empty image maps to an empty span (which parse()
+// refuses as truncated).
 #include <fcntl.h>
+#include <poll.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
+#include <array>
+#include <cerrno>
+#include <cstdlib>
 #include <utility>
+#include <vector>
 
 #include <fmt/format.h>
 
+#include "image/encoding.hpp"
 #include "image/image_io.hpp"
 #include "sys/syscalls.hpp"
 #include "sys/unique_fd.hpp"
 
 namespace pipecr::image {
+namespace {
+
+const char* type_name(mode_t m) {
+  if (S_ISDIR(m)) return "a directory";
+  if (S_ISFIFO(m)) return "a FIFO";
+  if (S_ISCHR(m)) return "a character device";
+  if (S_ISBLK(m)) return "a block device";
+  if (S_ISSOCK(m)) return "a socket";
+  if (S_ISLNK(m)) return "a symbolic link";
+  return "not a regular file";
+}
+
+// An unnamed, unlinked file in $TMPDIR (or /tmp) that only this process holds.
+Expected<sys::UniqueFd> make_spool() {
+  const char* env = std::getenv("TMPDIR");
+  std::string dir = env && *env ? env : "/tmp";
+  sys::UniqueFd fd(::open(dir.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0600));
+  if (fd) return fd;
+  if (errno != EOPNOTSUPP && errno != EISDIR && errno != EINVAL)
+    return tl::unexpected(sys::call_error("open", fmt::format("\"{}\", O_TMPFILE|O_RDWR (the image spool)", dir)));
+  std::string templ = dir + "/.pipecr-spool-XXXXXX";  // no O_TMPFILE here: a named file, unlinked at once
+  fd.reset(::mkostemp(templ.data(), O_CLOEXEC));
+  if (!fd) return tl::unexpected(sys::call_error("mkostemp", templ));
+  ::unlink(templ.c_str());
+  return fd;
+}
+
+// Copies everything `in` has left to `out`. Returns the bytes copied.
+Expected<uint64_t> copy_all(int in, int out, const std::string& name) {
+  uint64_t total = 0;
+  bool kernel_copy = true;
+  std::vector<char> buf;
+  for (;;) {
+    ssize_t n;
+    if (kernel_copy) {
+      n = ::copy_file_range(in, nullptr, out, nullptr, size_t{1} << 30, 0);
+      if (n < 0 && (errno == EXDEV || errno == EINVAL || errno == EOPNOTSUPP || errno == ENOSYS || errno == EBADF)) {
+        kernel_copy = false;  // a pipe, a tty, another filesystem on an old kernel: copy by hand
+        continue;
+      }
+    } else {
+      if (buf.empty()) buf.resize(1 << 20);
+      n = ::read(in, buf.data(), buf.size());
+      if (n > 0) {
+        for (ssize_t done = 0; done < n;) {
+          ssize_t w = ::write(out, buf.data() + done, static_cast<size_t>(n - done));
+          if (w < 0 && errno == EINTR) continue;
+          if (w < 0) return tl::unexpected(sys::call_error("write", "the image spool"));
+          done += w;
+        }
+      }
+    }
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && errno == EAGAIN) {  // stdin is a non-blocking pipe or socket: wait for it
+      pollfd p{in, POLLIN, 0};
+      ::poll(&p, 1, -1);
+      continue;
+    }
+    if (n < 0) return tl::unexpected(sys::call_error(kernel_copy ? "copy_file_range" : "read", name));
+    if (n == 0) return total;
+    total += static_cast<uint64_t>(n);
+  }
+}
+
+struct Mapping {
+  void* addr = nullptr;
+  size_t size = 0;
+};
+
+Expected<Mapping> map_spool(int fd, uint64_t size, const std::string& name) {
+  if (size == 0) return Mapping{};
+  if (size > SIZE_MAX) return fail(Errc::system, EFBIG, fmt::format("{} is too large to map", name));
+  void* addr = ::mmap(nullptr, static_cast<size_t>(size), PROT_READ, MAP_PRIVATE, fd, 0);
+  if (addr == MAP_FAILED)
+    return tl::unexpected(sys::call_error("mmap", fmt::format("the spool of {}, len={}", name, size)));
+  return Mapping{addr, static_cast<size_t>(size)};
+}
+
+}  // namespace
 
 Expected<MappedFile> MappedFile::open(const std::string& path) {
-  sys::UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-  if (!fd) return tl::unexpected(sys::call_error("open", fmt::format("\"{}\", O_RDONLY", path)));
+  if (path == "-") return from_stdin();
+  sys::UniqueFd fd(::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC));
+  if (!fd) return tl::unexpected(sys::call_error("open", fmt::format("\"{}\", O_RDONLY|O_NONBLOCK", path)));
   struct stat st {};
   if (::fstat(fd.get(), &st) < 0) return tl::unexpected(sys::call_error("fstat", fmt::format("\"{}\"", path)));
   if (!S_ISREG(st.st_mode))
-    return fail(Errc::invalid_argument, 0, fmt::format("image file \"{}\" is not a regular file", path));
-  if (st.st_size == 0) return MappedFile(nullptr, 0);
-  auto size = static_cast<size_t>(st.st_size);
-  void* addr = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd.get(), 0);
-  if (addr == MAP_FAILED)
-    return tl::unexpected(sys::call_error("mmap", fmt::format("\"{}\", len={}, PROT_READ, MAP_PRIVATE", path, size)));
-  return MappedFile(addr, size);
+    return fail(Errc::not_found, EINVAL,
+                fmt::format("image \"{}\" is {}, not a regular file (give `-` to read an image from stdin)", path,
+                            type_name(st.st_mode)));
+  // A file that does not start with the magic is refused before it is copied (a log file, a disk
+  // image given by mistake); a short file is copied and refused by parse() with its offset.
+  std::array<std::byte, kMagic.size()> head{};
+  ssize_t got = ::pread(fd.get(), head.data(), head.size(), 0);
+  if (got == static_cast<ssize_t>(head.size()) && head != kMagic)
+    return fail(Errc::bad_image, EBADMSG, fmt::format("\"{}\": image offset 0: not a pipecr image (bad magic)", path));
+  auto spool = make_spool();
+  if (!spool) return tl::unexpected(spool.error());
+  auto size = copy_all(fd.get(), spool->get(), fmt::format("\"{}\"", path));
+  if (!size) return tl::unexpected(size.error());
+  auto m = map_spool(spool->get(), *size, fmt::format("\"{}\"", path));
+  if (!m) return tl::unexpected(m.error());
+  return MappedFile(m->addr, m->size);
+}
+
+Expected<MappedFile> MappedFile::from_stdin() {
+  struct stat st {};
+  if (::fstat(STDIN_FILENO, &st) < 0) return tl::unexpected(sys::call_error("fstat", "stdin"));
+  if (::isatty(STDIN_FILENO))
+    return fail(Errc::invalid_argument, EINVAL, "stdin is a terminal: pipe an image into `-` (pipecr dump -o - | ...)");
+  if (S_ISDIR(st.st_mode))
+    return fail(Errc::not_found, EINVAL, "stdin is a directory, not an image");
+  auto spool = make_spool();
+  if (!spool) return tl::unexpected(spool.error());
+  auto size = copy_all(STDIN_FILENO, spool->get(), "stdin");
+  if (!size) return tl::unexpected(size.error());
+  auto m = map_spool(spool->get(), *size, "stdin");
+  if (!m) return tl::unexpected(m.error());
+  return MappedFile(m->addr, m->size);
 }
 
 MappedFile::MappedFile(MappedFile&& o) noexcept

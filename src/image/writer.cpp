@@ -8,6 +8,8 @@
 // the bytes in file order. The writer keeps the same books the reader checks (ids, order, data
 // lengths, references) and refuses with Errc::invalid_argument, before writing anything, a call
 // that would make an image the reader refuses.
+#include <poll.h>
+#include <unistd.h>
 #include <xxhash.h>
 
 #include <memory>
@@ -294,9 +296,23 @@ Expected<void> FdSink::write(std::span<const std::byte> bytes) {
 }
 
 Expected<void> FdSink::flush_direct(std::span<const std::byte> bytes) {
-  auto r = sys::write_all(fd_, bytes, "write");
-  if (!r) r.error().what = fmt::format("{} (image {})", r.error().what, name_);
-  return r;
+  // Like sys::write_all(), but a non-blocking fd (stdout may be one: `dump -o -`) is waited for.
+  while (!bytes.empty()) {
+    ssize_t n = ::write(fd_, bytes.data(), bytes.size());
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && errno == EAGAIN) {
+      pollfd p{fd_, POLLOUT, 0};
+      ::poll(&p, 1, -1);
+      continue;
+    }
+    if (n < 0) {
+      Error e = sys::call_error("write", fmt::format("fd={}, len={}", fd_, bytes.size()));
+      e.what = fmt::format("{} (image {})", e.what, name_);
+      return tl::unexpected(std::move(e));
+    }
+    bytes = bytes.subspan(static_cast<size_t>(n));
+  }
+  return {};
 }
 
 Expected<void> FdSink::flush() {

@@ -134,7 +134,7 @@ Expected<sys::UniqueFd> open_named_fifo(const PipeRecord& p, const ProcessRestor
     if (errno != ENOENT) return tl::unexpected(sys::call_error("lstat", p.path));
     if (!opts.create_fifos)
       return fail(Errc::not_found, ENOENT, fmt::format("FIFO {} does not exist (give --create-fifos to create it)", p.path));
-    if (::mkfifo(p.path.c_str(), p.mode ? p.mode : 0600) < 0)
+    if (::mkfifo(p.path.c_str(), p.mode ? (p.mode & 0777) : 0600) < 0)  // never setuid/setgid/sticky
       return tl::unexpected(sys::call_error("mkfifo", fmt::format("{}, {:#o}", p.path, p.mode)));
     built.created_fifos.push_back(p.path);
     created = true;

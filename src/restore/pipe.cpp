@@ -21,12 +21,14 @@
 
 #include <fmt/format.h>
 
+#include "image/validate.hpp"
 #include "sys/syscalls.hpp"
 
 namespace pipecr::restore {
 namespace {
 
-constexpr uint32_t kPage = 4096;
+// A pipe_buffer holds one page of THIS machine; the image's INFO page size says nothing about it.
+const uint32_t kPage = image::host_page_size();
 
 uint32_t pipe_max_size() {
   std::ifstream f("/proc/sys/fs/pipe-max-size");
@@ -55,6 +57,10 @@ int place_vmsplice(int wfd, const std::vector<std::span<const std::byte>>& chunk
   std::vector<iovec> iov(chunks.size());
   for (size_t i = 0; i < chunks.size(); ++i) {
     auto* page = static_cast<std::byte*>(mem) + i * kPage;
+    if (chunks[i].size() > kPage) {  // refill() refuses such slots first; never copy past the page
+      ::munmap(mem, len);
+      return EOVERFLOW;
+    }
     std::memcpy(page, chunks[i].data(), chunks[i].size());
     iov[i] = iovec{page, chunks[i].size()};
   }
@@ -89,6 +95,7 @@ int place_splice(int wfd, const std::vector<std::span<const std::byte>>& chunks)
   sys::UniqueFd mfd(static_cast<int>(::syscall(SYS_memfd_create, "pipecr-refill", MFD_CLOEXEC)));
   if (!mfd) return errno;
   for (size_t i = 0; i < chunks.size(); ++i) {
+    if (chunks[i].size() > kPage) return EOVERFLOW;  // would run into the next slot's page
     off_t off = static_cast<off_t>(i * kPage);
     if (::pwrite(mfd.get(), chunks[i].data(), chunks[i].size(), off) != static_cast<ssize_t>(chunks[i].size()))
       return errno ? errno : EIO;
@@ -198,13 +205,17 @@ class ThreadCreds {
 }  // namespace
 
 Expected<uint32_t> set_capacity(int fd, const PipeRecord& pipe, const RefillOptions& opts) {
-  uint32_t needed = static_cast<uint32_t>(pipe.slots.size()) * kPage;
+  const uint64_t needed = uint64_t{pipe.slots.size()} * kPage;
+  if (pipe.capacity > image::kMaxPipeCapacity || needed > image::kMaxPipeCapacity)
+    return fail(Errc::bad_image, EBADMSG,
+                fmt::format("pipe {}: capacity {} for {} slots cannot be set by F_SETPIPE_SZ", pipe.id, pipe.capacity,
+                            pipe.slots.size()));
   uint32_t cap = pipe.capacity ? pipe.capacity : 65536;
   auto set = sys::set_pipe_size(fd, static_cast<int>(cap));
   if (set) return static_cast<uint32_t>(*set);
   if (set.error().err != EPERM) return tl::unexpected(set.error());
   if (!opts.allow_smaller_capacity) return tl::unexpected(capacity_error(cap, set.error()));
-  uint32_t most = kPage;
+  uint64_t most = kPage;
   while (most * 2 <= pipe_max_size()) most *= 2;
   if (most < needed) return tl::unexpected(capacity_error(cap, set.error()));
   auto smaller = sys::set_pipe_size(fd, static_cast<int>(most));
@@ -212,11 +223,36 @@ Expected<uint32_t> set_capacity(int fd, const PipeRecord& pipe, const RefillOpti
   return static_cast<uint32_t>(*smaller);
 }
 
+static bool last_slot_unmergeable(const PipeRecord& pipe) {
+  // See refill() in pipe.hpp and docs/design.md section 3. pipe_write() (fs/pipe.c) appends a
+  // write's remainder to the last buffer only when that buffer can merge and the remainder fits
+  // whole (offset + chars <= PAGE_SIZE); otherwise it starts new buffers. So of two stream slots a,
+  // b in a row, a not the head (a reader shortens only the head), both made by write() and a
+  // mergeable, b's first write did not fit behind a: a.len + b.len > page. A pair with
+  // a.len + b.len <= page proves that some slot was placed by vmsplice()/splice(), which make
+  // buffers that never merge; the pipe's producer is then taken to make its last slot the same way.
+  const size_t n = pipe.slots.size();
+  for (size_t i = 1; i + 1 < n; ++i) {
+    const Slot& a = pipe.slots[i];
+    const Slot& b = pipe.slots[i + 1];
+    if (!a.packet && !b.packet && uint64_t{a.len} + b.len <= kPage) return true;
+  }
+  return false;
+}
+
 Expected<void> refill(int wfd, const PipeRecord& pipe, const RefillOptions& opts) {
   if (pipe.slots.empty()) return {};
   if (pipe.data.size() != pipe.bytes())
-    return fail(Errc::bad_image, 0, fmt::format("pipe {}: {} bytes of data for slots of {}", pipe.id,
-                                               pipe.data.size(), pipe.bytes()));
+    return fail(Errc::bad_image, EBADMSG, fmt::format("pipe {}: {} bytes of data for slots of {}", pipe.id,
+                                                      pipe.data.size(), pipe.bytes()));
+  // Never trust the record: a slot longer than a page of this machine cannot be one pipe_buffer, and
+  // copying it into one page would write past it (image::validate() refuses such images first).
+  for (size_t i = 0; i < pipe.slots.size(); ++i)
+    if (pipe.slots[i].len == 0 || pipe.slots[i].len > kPage)
+      return fail(Errc::bad_image, EBADMSG,
+                  fmt::format("pipe {}: slot {} holds {} bytes, not 1..{} (the page size here)", pipe.id, i,
+                              pipe.slots[i].len, kPage));
+  const bool fixed_last = last_slot_unmergeable(pipe);
   Refiller r(wfd, opts);
   if (auto s = r.start(); !s) return s;
   size_t off = 0;
@@ -230,7 +266,7 @@ Expected<void> refill(int wfd, const PipeRecord& pipe, const RefillOptions& opts
       off += s.len;
       ++i;
     } else if (i + 1 == n) {
-      done = r.last_stream(bytes);
+      done = fixed_last && s.len != kPage ? r.fixed({bytes}) : r.last_stream(bytes);
       off += s.len;
       ++i;
     } else if (s.len == kPage) {
@@ -250,6 +286,11 @@ Expected<void> refill(int wfd, const PipeRecord& pipe, const RefillOptions& opts
         off += pipe.slots[i].len;
         ++i;
       }
+      if (fixed_last && i + 1 == n && !pipe.slots[i].packet && pipe.slots[i].len != kPage) {
+        chunks.push_back(pipe.data.subspan(off, pipe.slots[i].len));  // the last slot, unmergeable too
+        off += pipe.slots[i].len;
+        ++i;
+      }
       done = r.fixed(chunks);
     }
     if (!done) return done;
@@ -266,8 +307,9 @@ Expected<void> set_inode_owner(int fd, const PipeRecord& pipe) {
   if (::fstat(fd, &st) < 0) return tl::unexpected(sys::call_error("fstat", fmt::format("fd={}", fd)));
   if ((st.st_uid != pipe.uid || st.st_gid != pipe.gid) && ::fchown(fd, pipe.uid, pipe.gid) < 0)
     return tl::unexpected(sys::call_error("fchown", fmt::format("fd={}, uid={}, gid={}", fd, pipe.uid, pipe.gid)));
-  if ((st.st_mode & 07777) != pipe.mode && ::fchmod(fd, pipe.mode) < 0)
-    return tl::unexpected(sys::call_error("fchmod", fmt::format("fd={}, mode={:#o}", fd, pipe.mode)));
+  const mode_t mode = pipe.mode & 0777;  // never setuid/setgid/sticky, whatever the record says
+  if ((st.st_mode & 07777) != mode && ::fchmod(fd, mode) < 0)
+    return tl::unexpected(sys::call_error("fchmod", fmt::format("fd={}, mode={:#o}", fd, mode)));
   return {};
 }
 

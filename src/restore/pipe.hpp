@@ -33,7 +33,11 @@ struct RefillOptions {
 //   - every other stream slot but the last is a buffer of exactly its length that does not merge
 //     later writes: vmsplice() of a fresh page (or, where vmsplice is refused, splice() from a memfd);
 //   - a last stream slot is a write(), which leaves it mergeable at page offset 0, as a pipe filled
-//     by write() has it.
+//     by write() has it; unless two stream slots in a row after the head fit in one page together,
+//     which write() never leaves (docs/design.md section 3): the pipe was filled by vmsplice() or
+//     splice(), and its last slot is rebuilt unmergeable too.
+// Slot lengths are checked against the page size of this machine first (Errc::bad_image): no
+// record makes refill write past a page.
 // Where neither vmsplice nor splice can be used, stream slots are written with write(); the bytes and
 // packet boundaries stay exact (a packet that would merge into a preceding stream slot is refused).
 // write_fd's status flags are changed during refill: the caller sets the final ones afterwards.

@@ -179,7 +179,7 @@ class TargetTransaction {
                   fmt::format("its RLIMIT_NOFILE ({}) is too low for fd {} with the {} fds it holds (and a few "
                               "temporaries): raise it, e.g. prlimit --pid {} --nofile={}",
                               *limit, top, *open, s.holder->target,
-                              std::max<uint64_t>(top + 1, *open + kSpare + 1) + 64));
+                              std::max<uint64_t>(uint64_t(top) + 1, *open + kSpare + 1) + 64));
     s.chunk = static_cast<size_t>(std::min<uint64_t>(room, kStashChunk));
     return {};
   }

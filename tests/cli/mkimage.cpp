@@ -11,11 +11,19 @@
 //   empty  no process, no pipe.
 //   self   one pipe of the calling process (pid 0), as pipecr_ckpoint_pipe writes it.
 //   many N N pipes of one process, 2 bytes queued in each, both ends held.
+// Hostile images (issue 9), each: one process 6000 holding the read end of one pipe at fd 0:
+//   bigpage         INFO page size 65536, slots of 4097, 100 and 3996 bytes ("A", "B", "A"): parses,
+//                   but a pipe buffer here holds 4096 bytes;
+//   hugecap         capacity 0xFFFFFFFF;
+//   bigfd           a valid pipe held at fd 2147483647 (no process can have it open);
+//   fifo PATH MODE  a FIFO at PATH (any bytes: relative, control characters) with MODE (octal),
+//                   3 bytes queued.
 #include <fcntl.h>
 #include <signal.h>
 
 #include <charconv>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <string_view>
@@ -129,8 +137,34 @@ void many(Built& b, size_t n) {
   }
 }
 
+void hostile(Built& b, std::string_view kind, const std::string& path, uint32_t mode) {
+  b.data.reserve(1);
+  b.img.processes = {ProcessRecord{6000, 1, "victim", {"victim"}}};
+  PipeRecord p = pipe_of(1, 6001, 65536);
+  std::string d;
+  if (kind == "bigpage") {
+    b.img.info.page_size = 65536;
+    p.capacity = 1u << 20;
+    p.slots = {{4097, false}, {100, false}, {3996, false}};
+    d = std::string(4097, 'A') + std::string(100, 'B') + std::string(3996, 'A');
+  } else if (kind == "hugecap" || kind == "bigfd") {
+    if (kind == "hugecap") p.capacity = 0xFFFFFFFFu;
+    p.slots = {{3, false}};
+    d = "abc";
+  } else {
+    p.kind = PipeKind::fifo;
+    p.path = path;
+    p.mode = mode;
+    p.slots = {{3, false}};
+    d = "abc";
+  }
+  b.add_pipe(p, bytes_of(d));
+  b.img.files = {file_of(1, 1, O_RDONLY)};
+  b.img.fds = {FdRecord{6000, kind == "bigfd" ? 2147483647 : 0, 1, false, Blocked::none}};
+}
+
 int usage() {
-  std::fputs("usage: pipecr_mkimage mixed|empty|self|many N OUTPUT\n", stderr);
+  std::fputs("usage: pipecr_mkimage mixed|empty|self|many N|bigpage|hugecap|bigfd|fifo PATH MODE OUTPUT\n", stderr);
   return 64;
 }
 
@@ -152,6 +186,11 @@ int main(int argc, char** argv) {
     if (std::from_chars(s.data(), s.data() + s.size(), n).ec != std::errc()) return usage();
     many(b, n);
     out_arg = 3;
+  } else if (scenario == "bigpage" || scenario == "hugecap" || scenario == "bigfd") {
+    hostile(b, scenario, "", 0);
+  } else if (scenario == "fifo" && argc == 5) {
+    hostile(b, scenario, argv[2], static_cast<uint32_t>(std::strtoul(argv[3], nullptr, 8)));
+    out_arg = 4;
   } else if (scenario != "empty") {
     return usage();
   }

@@ -82,12 +82,48 @@ Bytes seed_unknown_optional() {
   return b;
 }
 
+// Seeds for image_restore_fuzz: restore_pipe() takes one pipe. Sixteen vmspliced 10-byte slots
+// (the refill path for unmergeable slots and the last-slot rule), and an image from a 64 KiB-page
+// machine whose slots are longer than a page here (validate() refuses it; refill must never
+// overflow on it).
+Bytes seed_vmsplice_pipe() {
+  static const Bytes data = text(std::string(160, 'v'));
+  Image img;
+  PipeRecord p;
+  p.id = 1, p.capacity = 65536, p.mode = 0600, p.data = data;
+  p.slots.assign(16, Slot{10, false});
+  img.pipes.push_back(p);
+  FileRecord r, w;
+  r.id = 1, r.pipe_id = 1, r.flags = O_RDONLY | O_NONBLOCK;
+  w.id = 2, w.pipe_id = 1, w.flags = O_WRONLY;
+  img.files = {r, w};
+  img.fds = {{0, 3, 1, false, Blocked::none}, {0, 4, 2, true, Blocked::none}};
+  return *encode(img);
+}
+
+Bytes seed_big_page() {
+  static const Bytes data = text(std::string(4097, 'A') + std::string(100, 'B') + std::string(3996, 'A'));
+  Image img;
+  img.info.page_size = 65536;
+  PipeRecord p;
+  p.id = 1, p.capacity = 1 << 20, p.mode = 0600, p.data = data;
+  p.slots = {{4097, false}, {100, false}, {3996, false}};
+  img.pipes.push_back(p);
+  FileRecord r;
+  r.id = 1, r.pipe_id = 1, r.flags = O_RDONLY;
+  img.files = {r};
+  img.fds = {{0, 3, 1, false, Blocked::none}};
+  return *encode(img);
+}
+
 TEST(ImageCorpus, SeedsParse) {
   std::vector<std::pair<const char*, Bytes>> seeds = {
       {"empty.img", seed_empty()},
       {"stream_pipe.img", seed_stream_pipe()},
       {"packets_fifo.img", seed_packets_and_fifo()},
       {"unknown_optional.img", seed_unknown_optional()},
+      {"vmsplice_pipe.img", seed_vmsplice_pipe()},
+      {"big_page.img", seed_big_page()},
   };
   const char* dir = std::getenv("PIPECR_CORPUS_DIR");
   for (const auto& [name, bytes] : seeds) {

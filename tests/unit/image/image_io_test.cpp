@@ -380,9 +380,39 @@ TEST(ImageIo, MappedFileErrors) {
   EXPECT_EQ(missing.error().kind, Errc::not_found);
   EXPECT_THAT(missing.error().what, HasSubstr("/nonexistent/pipecr.img"));
 
+  // Not a regular file: refused at once (a FIFO is opened without blocking), exit 66 in the CLI.
   auto dir = MappedFile::open("/tmp");
   ASSERT_FALSE(dir);
-  EXPECT_EQ(dir.error().kind, Errc::invalid_argument);
+  EXPECT_EQ(dir.error().kind, Errc::not_found);
+  EXPECT_THAT(dir.error().what, HasSubstr("is a directory, not a regular file"));
+  auto dev = MappedFile::open("/dev/zero");
+  ASSERT_FALSE(dev);
+  EXPECT_THAT(dev.error().what, HasSubstr("character device"));
+  std::string fifo = empty.path + ".fifo";
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  auto f = MappedFile::open(fifo);  // no writer: a blocking open would never return
+  ::unlink(fifo.c_str());
+  ASSERT_FALSE(f);
+  EXPECT_THAT(f.error().what, HasSubstr("is a FIFO"));
+}
+
+// The image is read from a private spool: truncating or rewriting the file afterwards changes
+// nothing that was read, and touching every byte raises no SIGBUS.
+TEST(ImageIo, MappedFileSurvivesTruncation) {
+  Sample s = sample();
+  auto bytes = encode(s.img);
+  ASSERT_TRUE(bytes);
+  TempFile file;
+  {
+    sys::UniqueFd fd(::open(file.path.c_str(), O_WRONLY | O_TRUNC | O_CLOEXEC));
+    ASSERT_EQ(::write(fd.get(), bytes->data(), bytes->size()), static_cast<ssize_t>(bytes->size()));
+  }
+  auto m = MappedFile::open(file.path);
+  ASSERT_TRUE(m) << m.error().what;
+  ASSERT_EQ(::truncate(file.path.c_str(), 0), 0);
+  Bytes copy(m->bytes().begin(), m->bytes().end());  // reads every page: SIGBUS here if mapped directly
+  EXPECT_EQ(copy, *bytes);
+  EXPECT_TRUE(parse(m->bytes()));
 }
 
 TEST(ImageIo, FdSinkReportsWriteFailure) {

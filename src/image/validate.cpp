@@ -1,0 +1,137 @@
+// validate.cpp: see validate.hpp. Every rule is checked on the records alone (no system call but
+// sysconf), so validate() is cheap, deterministic, and safe to run on any parsed image.
+#include "image/validate.hpp"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <bit>
+#include <set>
+#include <string_view>
+#include <unordered_map>
+#include <unordered_set>
+
+#include <fmt/format.h>
+
+#include "image/encoding.hpp"
+
+namespace pipecr::image {
+namespace {
+
+[[nodiscard]] tl::unexpected<Error> refuse(std::string what) {
+  return fail(Errc::bad_image, EBADMSG, std::move(what));
+}
+
+// "" or why path cannot be opened as recorded: relative paths would resolve against the restorer's
+// working directory, a NUL would cut the path short at open(), "." and ".." are not what a dump
+// records (readlink of /proc/PID/fd gives a canonical path).
+std::string path_problem(const std::string& path) {
+  if (path.empty()) return "is empty";
+  if (path.front() != '/') return "is not absolute";
+  if (path.find('\0') != std::string::npos) return "holds a NUL byte";
+  if (path.size() >= kMaxPath) return fmt::format("is {} bytes long, not below PATH_MAX {}", path.size(), kMaxPath);
+  std::string_view rest(path);
+  while (!rest.empty()) {
+    size_t slash = rest.find('/');
+    std::string_view part = rest.substr(0, slash);
+    if (part == "." || part == "..") return fmt::format("has a \"{}\" component", part);
+    if (slash == std::string_view::npos) break;
+    rest.remove_prefix(slash + 1);
+  }
+  return {};
+}
+
+Expected<void> validate_pipe(const PipeRecord& p, uint32_t page) {
+  const std::string name = fmt::format("pipe {}", p.id);
+  if (p.id == 0) return refuse("pipe id 0");
+  if (p.kind != PipeKind::anonymous && p.kind != PipeKind::fifo)
+    return refuse(fmt::format("{} has unknown kind {}", name, static_cast<unsigned>(p.kind)));
+  // Capacity: what F_SETPIPE_SZ(capacity) sets is round_pipe_size(capacity); only a value it keeps
+  // as it is can be restored exactly, and a kernel only ever reports such values.
+  if (p.capacity < page || p.capacity > kMaxPipeCapacity || !std::has_single_bit(p.capacity))
+    return refuse(fmt::format("{} capacity {} is not a power of two between the page size {} and {} "
+                              "(what F_SETPIPE_SZ can set)",
+                              name, p.capacity, page, kMaxPipeCapacity));
+  const uint64_t slots_here = p.capacity / page;
+  if (p.slots.size() > slots_here)
+    return refuse(fmt::format("{} has {} slots but capacity {} holds {} pages of {} bytes here", name,
+                              p.slots.size(), p.capacity, slots_here, page));
+  uint64_t total = 0;
+  for (size_t i = 0; i < p.slots.size(); ++i) {
+    const Slot& s = p.slots[i];
+    if (s.len == 0 || s.len > page)
+      return refuse(fmt::format("{} slot {} holds {} bytes; a pipe buffer holds 1..{} bytes on this machine "
+                                "(page size {})",
+                                name, i, s.len, page, page));
+    total += s.len;
+  }
+  if (p.data.size() != total)
+    return refuse(fmt::format("{} has {} bytes of data but its slots hold {}", name, p.data.size(), total));
+  if (p.mode & ~uint32_t{0777})
+    return refuse(fmt::format("{} mode {:#o} has bits beyond 0777 (setuid, setgid or sticky): refused", name, p.mode));
+  if (p.kind == PipeKind::anonymous) {
+    if (!p.path.empty() || p.unlinked) return refuse(fmt::format("anonymous {} has a FIFO path", name));
+  } else if (auto why = path_problem(p.path); !why.empty()) {
+    return refuse(fmt::format("FIFO {} path {}", p.id, why));
+  }
+  return {};
+}
+
+Expected<void> validate_file(const FileRecord& f, const std::unordered_set<uint64_t>& pipes) {
+  if (f.id == 0) return refuse("file id 0");
+  if (!pipes.count(f.pipe_id)) return refuse(fmt::format("file {} names pipe {}, which the image does not hold", f.id, f.pipe_id));
+  if ((f.flags & O_ACCMODE) == O_ACCMODE) return refuse(fmt::format("file {} has access mode 3", f.id));
+  if (f.owner.type < 0 || f.owner.type > 2) return refuse(fmt::format("file {} has owner type {}", f.id, f.owner.type));
+  if (f.owner.pid < 0) return refuse(fmt::format("file {} has negative owner pid {}", f.id, f.owner.pid));
+  if (f.signal < 0 || f.signal > 64) return refuse(fmt::format("file {} has signal {}", f.id, f.signal));
+  if (static_cast<unsigned>(f.fifo_reader) > 2)
+    return refuse(fmt::format("file {} has FIFO reader state {}", f.id, static_cast<unsigned>(f.fifo_reader)));
+  return {};
+}
+
+}  // namespace
+
+uint32_t host_page_size() {
+  static const uint32_t page = [] {
+    long v = ::sysconf(_SC_PAGESIZE);
+    return v > 0 ? static_cast<uint32_t>(v) : 4096u;
+  }();
+  return page;
+}
+
+Expected<void> validate(const Image& img, uint32_t page_size) {
+  const uint32_t page = page_size ? page_size : host_page_size();
+  if (img.format_version != kFormatVersion)
+    return fail(Errc::image_version, EPROTONOSUPPORT,
+                fmt::format("format version {} is not supported (this build reads version {})", img.format_version,
+                            kFormatVersion));
+  std::unordered_set<int32_t> pids;
+  for (const ProcessRecord& p : img.processes) {
+    if (p.pid <= 0) return refuse(fmt::format("process pid {} is not positive", p.pid));
+    if (!pids.insert(p.pid).second) return refuse(fmt::format("process {} appears twice", p.pid));
+  }
+  std::unordered_set<uint64_t> pipes;
+  for (const PipeRecord& p : img.pipes) {
+    if (auto ok = validate_pipe(p, page); !ok) return ok;
+    if (!pipes.insert(p.id).second) return refuse(fmt::format("pipe id {} appears twice", p.id));
+  }
+  std::unordered_set<uint64_t> files;
+  for (const FileRecord& f : img.files) {
+    if (auto ok = validate_file(f, pipes); !ok) return ok;
+    if (!files.insert(f.id).second) return refuse(fmt::format("file id {} appears twice", f.id));
+  }
+  std::set<std::pair<int32_t, int32_t>> slots;
+  for (const FdRecord& d : img.fds) {
+    if (d.fd < 0) return refuse(fmt::format("fd number {} is negative", d.fd));
+    if (d.pid < 0 || (d.pid != 0 && !pids.count(d.pid)))
+      return refuse(fmt::format("fd {} belongs to pid {}, which the image does not record", d.fd, d.pid));
+    if (!files.count(d.file_id))
+      return refuse(fmt::format("fd {} of pid {} names file {}, which the image does not hold", d.fd, d.pid, d.file_id));
+    if (static_cast<unsigned>(d.blocked) > 2)
+      return refuse(fmt::format("fd {} has blocked state {}", d.fd, static_cast<unsigned>(d.blocked)));
+    if (!slots.insert({d.pid, d.fd}).second) return refuse(fmt::format("fd {} of pid {} appears twice", d.fd, d.pid));
+  }
+  return {};
+}
+
+}  // namespace pipecr::image
