@@ -24,7 +24,8 @@ PIPECR_API long pipecr_ckpoint_pipe(int fd, void *img, size_t img_size, size_t *
 
 /* Restore the pipe in img: fd[0] receives the read end, fd[1] the write end. On input fd[i] >= 0 asks for that fd
    number (whatever is open there is replaced), -1 for any free number. Returns 0 or -errno: -EBADMSG for a corrupt
-   or truncated image, -EPROTONOSUPPORT for an unknown format version, -EINVAL for bad arguments, -EPERM when the
+   or truncated image, or one that cannot be restored exactly on this machine (slots longer than its page size,
+   a capacity F_SETPIPE_SZ cannot set, a relative FIFO path, a mode beyond 0777), -EPROTONOSUPPORT for an unknown format version, -EINVAL for bad arguments, -EPERM when the
    recorded capacity is above /proc/sys/fs/pipe-max-size and the caller lacks CAP_SYS_RESOURCE. On failure no fd
    of the caller is changed. */
 PIPECR_API int pipecr_restore_pipe(int fd[2], const void *img, size_t img_size);

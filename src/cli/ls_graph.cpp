@@ -93,7 +93,8 @@ std::set<pid_t> united(const std::set<pid_t>& a, const std::set<pid_t>& b) {
   return u;
 }
 
-std::string dot_escape(const std::string& s) {
+std::string dot_escape(const std::string& raw) {
+  std::string s = printable(raw);  // control characters as \xNN first (untrusted names)
   std::string out;
   for (char c : s) {
     if (c == '"' || c == '\\') out += '\\';

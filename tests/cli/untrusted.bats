@@ -113,6 +113,13 @@ target_unchanged() {
   [ "$status" -eq 0 ]
   echo "$output" | grep -F 'y\x0a\x1b[1mz'
   ! echo "$output" | grep -q $'\e'
+  for view in --graph --dot; do
+    run "$PIPECR" ls -t "$H" "$view"
+    echo "$output"
+    [ "$status" -eq 0 ]
+    echo "$output" | grep -F 'x0a'
+    ! echo "$output" | grep -q $'\e'
+  done
 }
 
 @test "restore: the prlimit advice for fd 2147483647 does not overflow" {
