@@ -96,7 +96,7 @@ _pipecr() {
     if ((dashdash)); then npos=$((npos + 1)); continue; fi
     case $w in
       --) [[ -n $sub ]] && { dashdash=1; npos=0; } ;;
-      -t | --target | --into | --exec | -o | --output | -n | --bytes | --count) skip=1 ;;
+      -t | --target | --into | --exec | -o | --output | -n | --bytes | --count | --timeout) skip=1 ;;
       -*) ;;
       *) if [[ -z $sub ]]; then sub=$w; else npos=$((npos + 1)); fi ;;
     esac
@@ -128,7 +128,7 @@ _pipecr() {
       COMPREPLY=($(compgen -f -- "$cur"))
       return 0
       ;;
-    --exec | -n | --bytes | --count | --watch)
+    --exec | -n | --bytes | --count | --watch | --timeout)
       COMPREPLY=()
       return 0
       ;;
