@@ -1,25 +1,40 @@
-// dump_bench.cpp: what a dump costs, per pipe and per byte, against what it cannot avoid.
+// dump_bench.cpp: what a dump costs its targets and pipecr, against what it cannot avoid.
 //
-// Each benchmark forks a child holding N pipes and dumps it with dump::dump_processes() into a
-// sink that discards the bytes. Reported counters:
-//   per_pipe_us   wall time of the whole dump divided by N;
-//   stopped_ms    how long the child stood stopped (the number that matters to the dumped program);
-//   floor_us      per pipe, the syscalls no dump can avoid, timed in the same run on the same pipes
-//                 from this process: pidfd_getfd + fstat + F_GETFL + F_GETPIPE_SZ + tee into a
-//                 scratch pipe + close. The ratio per_pipe_us / floor_us is the claim.
-//   rss_growth_kb peak resident memory added by the dump (VmHWM, reset before it): it must not grow
-//                 with the bytes queued, since data streams from scratch pipes to the sink.
+// BM_Dump forks a victim holding N pipes (both ends, `bytes` queued in each) and a thread that
+// spins on the clock and records its longest gap, and dumps it with dump::dump_processes() into
+// a sink that discards the bytes. Counters, all from one run:
+//   victim_stall_ms  the spinning thread's longest gap during the dump: how long the victim stood
+//                    still, seen from inside it (the number that matters to the dumped program);
+//   noise_ms         the same thread's longest gap over an equally long time without a dump (the
+//                    machine's scheduling noise: other processes share its 2 cores);
+//   stopped_ms       pipecr's own view of the stop (DumpStats::stopped_ns), seize_ms of it seizing;
+//   dump_ms          the whole dump, wall time;
+//   floor_ms         the loop no dump can avoid, timed in the same run on the same pipes from
+//                    this process: pidfd_getfd of every fd, tee of every pipe into a scratch pipe
+//                    and splice of it to /dev/null; no stop, no metadata. ratio = dump_ms / floor_ms;
+//   dump_cpu_ms, floor_cpu_ms, cpu_ratio: the same on pipecr's CPU time (user + system), which
+//                    load on the machine inflates far less than wall time;
+//   rss_growth_kb    peak resident memory added by the dump (VmHWM, reset before it).
+// BM_DumpScale: 16 bytes in each of N pipes, spread over victims of up to 9,000 pipes each
+// (18,000 fds, under the 20,000 fd limit of these machines), pipecr under the same limit: time per
+// pipe from 100 to 100,000 pipes (the slope), time stopped, scratch pipes and batches.
 #include <fcntl.h>
 #include <signal.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <fstream>
+#include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <benchmark/benchmark.h>
@@ -47,10 +62,34 @@ void raise_nofile() {
   setrlimit(RLIMIT_NOFILE, &rl);
 }
 
-// A child holding `n` pipes (both ends) with `bytes` queued in each; killed by the destructor.
-struct Holder {
+// CPU time of the calling thread (user + system): under load the wall time mostly measures waiting
+// for a core, so ratios are given on CPU time too.
+double thread_cpu_ms() {
+  timespec ts{};
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) * 1e3 + static_cast<double>(ts.tv_nsec) / 1e6;
+}
+
+uint64_t mono_ns() {
+  timespec ts{};
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<uint64_t>(ts.tv_sec) * 1000000000u + static_cast<uint64_t>(ts.tv_nsec);
+}
+
+// Shared with the victim: the spinning thread's longest gap since the last reset.
+struct Spin {
+  std::atomic<uint64_t> max_gap_ns{0};
+  std::atomic<int> reset{0};
+};
+
+// A child holding `n` pipes (both ends) with `bytes` queued in each, optionally with a spinning
+// thread; killed by the destructor.
+struct Victim {
   pid_t pid = -1;
-  Holder(int n, size_t bytes) {
+  Spin* spin = nullptr;
+  Victim(int n, size_t bytes, bool spinner) {
+    spin = static_cast<Spin*>(mmap(nullptr, sizeof(Spin), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0));
+    new (spin) Spin;
     int ready[2];
     if (pipe(ready) != 0) return;
     pid = fork();
@@ -63,6 +102,20 @@ struct Holder {
         if (pipe2(p, O_NONBLOCK) != 0) _exit(2);
         if (bytes && write(p[1], chunk.data(), chunk.size()) != static_cast<ssize_t>(bytes)) _exit(3);
       }
+      if (spinner) {
+        std::thread([s = spin] {
+          uint64_t last = mono_ns();
+          for (;;) {
+            uint64_t now = mono_ns();
+            if (s->reset.exchange(0)) {
+              s->max_gap_ns = 0;
+            } else if (now - last > s->max_gap_ns) {
+              s->max_gap_ns = now - last;
+            }
+            last = now;
+          }
+        }).detach();
+      }
       close(ready[1]);
       for (;;) pause();
     }
@@ -71,11 +124,17 @@ struct Holder {
     (void)!read(ready[0], &c, 1);
     close(ready[0]);
   }
-  ~Holder() {
+  ~Victim() {
     if (pid > 0) {
       kill(pid, SIGKILL);
       waitpid(pid, nullptr, 0);
     }
+    munmap(spin, sizeof(Spin));
+  }
+  // Restarts the spinning thread's record of its longest gap.
+  void reset_gap() {
+    spin->reset = 1;
+    while (spin->reset.load()) std::this_thread::yield();
   }
 };
 
@@ -87,76 +146,150 @@ long vm_hwm_kb() {
   return 0;
 }
 
-// The unavoidable syscalls per pipe, on the child's fds, from here.
-double floor_us(pid_t pid) {
-  int pidfd = static_cast<int>(syscall(SYS_pidfd_open, pid, 0));
-  std::vector<int> fds;
-  for (int fd = 3; fd < 1 << 20; ++fd) {
-    std::string link = "/proc/" + std::to_string(pid) + "/fd/" + std::to_string(fd);
-    struct stat st {};
-    if (lstat(link.c_str(), &st) != 0) {
-      if (fds.size() > 0 && fd > fds.back() + 64) break;
+// The pipe fds of pid and whether each is a read end (fdinfo flags), read before the timing.
+std::vector<std::pair<int, bool>> pipe_fds(pid_t pid) {
+  std::vector<std::pair<int, bool>> out;
+  std::string base = "/proc/" + std::to_string(pid);
+  for (int fd = 3, misses = 0; misses < 64; ++fd) {
+    char link[64];
+    ssize_t n = readlink((base + "/fd/" + std::to_string(fd)).c_str(), link, sizeof link - 1);
+    if (n < 0) {
+      ++misses;
       continue;
     }
-    fds.push_back(fd);
+    misses = 0;
+    if (std::string(link, static_cast<size_t>(n)).rfind("pipe:", 0) != 0) continue;
+    std::ifstream info(base + "/fdinfo/" + std::to_string(fd));
+    std::string key, val;
+    int flags = 0;
+    while (info >> key >> val)
+      if (key == "flags:") flags = static_cast<int>(std::stol(val, nullptr, 8));
+    out.emplace_back(fd, (flags & O_ACCMODE) == O_RDONLY);
   }
+  return out;
+}
+
+// The unavoidable loop: pidfd_getfd of every pipe fd, tee of every read end into one scratch
+// pipe and splice of it to /dev/null. Returns milliseconds.
+double floor_ms(pid_t pid, const std::vector<std::pair<int, bool>>& fds, double* cpu_ms = nullptr) {
+  int null = open("/dev/null", O_WRONLY | O_CLOEXEC);
+  int s[2];
+  pipe2(s, O_NONBLOCK | O_CLOEXEC);
+  fcntl(s[1], F_SETPIPE_SZ, 1 << 20);
   auto t0 = Clock::now();
-  size_t pipes = 0;
-  for (int fd : fds) {
+  double c0 = thread_cpu_ms();
+  int pidfd = static_cast<int>(syscall(SYS_pidfd_open, pid, 0));
+  std::vector<int> copies;
+  copies.reserve(fds.size());
+  for (auto [fd, rd] : fds) {
     int copy = static_cast<int>(syscall(SYS_pidfd_getfd, pidfd, fd, 0));
-    if (copy < 0) continue;
-    struct stat st {};
-    fstat(copy, &st);
-    int fl = fcntl(copy, F_GETFL);
-    int cap = fcntl(copy, F_GETPIPE_SZ);
-    if ((fl & O_ACCMODE) == O_RDONLY) {
-      int s[2];
-      pipe2(s, O_NONBLOCK | O_CLOEXEC);
-      tee(copy, s[1], static_cast<size_t>(cap), SPLICE_F_NONBLOCK);
-      close(s[0]);
-      close(s[1]);
-      ++pipes;
+    copies.push_back(copy);
+    if (rd && copy >= 0) {
+      ssize_t n = tee(copy, s[1], 1 << 20, SPLICE_F_NONBLOCK);
+      if (n > 0) (void)!splice(s[0], nullptr, null, nullptr, static_cast<size_t>(n), SPLICE_F_NONBLOCK);
     }
-    close(copy);
   }
-  auto t1 = Clock::now();
+  for (int c : copies) close(c);
   close(pidfd);
-  return pipes ? std::chrono::duration<double, std::micro>(t1 - t0).count() / static_cast<double>(pipes) : 0;
+  double ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+  if (cpu_ms) *cpu_ms += thread_cpu_ms() - c0;
+  close(s[0]);
+  close(s[1]);
+  close(null);
+  return ms;
 }
 
 void BM_Dump(benchmark::State& state) {
   raise_nofile();
   int n = static_cast<int>(state.range(0));
   size_t bytes = static_cast<size_t>(state.range(1));
-  Holder h(n, bytes);
-  double stopped = 0, growth = 0, wall = 0;
+  Victim v(n, bytes, true);
+  auto fds = pipe_fds(v.pid);
+  double stall = 0, noise = 0, stopped = 0, seize = 0, dump = 0, flr = 0, growth = 0, last_ms = 20;
+  double dump_cpu = 0, floor_cpu = 0;
   for (auto _ : state) {
-    auto t0 = Clock::now();
+    // Noise: the victim's longest gap over as long as the dump takes, without a dump.
+    v.reset_gap();
+    std::this_thread::sleep_for(std::chrono::microseconds(static_cast<int64_t>(last_ms * 1000)));
+    noise += static_cast<double>(v.spin->max_gap_ns.load()) / 1e6;
+
     std::ofstream("/proc/self/clear_refs") << "5";
     long before = vm_hwm_kb();
+    v.reset_gap();
+    auto t0 = Clock::now();
+    double c0 = thread_cpu_ms();
     NullSink sink;
-    auto st = pipecr::dump::dump_processes(pipecr::dump::DumpOptions{.pids = {h.pid}}, sink);
+    auto st = pipecr::dump::dump_processes(pipecr::dump::DumpOptions{.pids = {v.pid}}, sink);
+    double ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+    dump_cpu += thread_cpu_ms() - c0;
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));  // let the spinner notice the resume
     if (!st) {
       state.SkipWithError(st.error().what.c_str());
       return;
     }
-    wall += std::chrono::duration<double, std::micro>(Clock::now() - t0).count();
+    stall += static_cast<double>(v.spin->max_gap_ns.load()) / 1e6;
+    dump += ms;
+    last_ms = ms;
     stopped += static_cast<double>(st->stopped_ns) / 1e6;
+    seize += static_cast<double>(st->seize_ns) / 1e6;
     growth += static_cast<double>(vm_hwm_kb() - before);
+    flr += floor_ms(v.pid, fds, &floor_cpu);
     benchmark::DoNotOptimize(sink.bytes);
   }
-  double iters = static_cast<double>(state.iterations());
-  state.counters["stopped_ms"] = stopped / iters;
-  state.counters["rss_growth_kb"] = growth / iters;
-  state.counters["per_pipe_us"] = wall / iters / n;
-  state.counters["floor_us"] = floor_us(h.pid);
-  state.counters["ratio"] = state.counters["per_pipe_us"].value / state.counters["floor_us"].value;
+  double it = static_cast<double>(state.iterations());
+  state.counters["victim_stall_ms"] = stall / it;
+  state.counters["noise_ms"] = noise / it;
+  state.counters["stopped_ms"] = stopped / it;
+  state.counters["seize_ms"] = seize / it;
+  state.counters["dump_ms"] = dump / it;
+  state.counters["floor_ms"] = flr / it;
+  state.counters["ratio"] = dump / flr;
+  state.counters["dump_cpu_ms"] = dump_cpu / it;
+  state.counters["floor_cpu_ms"] = floor_cpu / it;
+  state.counters["cpu_ratio"] = dump_cpu / floor_cpu;
+  state.counters["rss_growth_kb"] = growth / it;
   state.SetBytesProcessed(static_cast<int64_t>(state.iterations()) * n * static_cast<int64_t>(bytes));
 }
 
 // Empty pipes: the fixed cost per pipe. 64 KiB pipes: the stop must not grow with the bytes.
-BENCHMARK(BM_Dump)->Args({1000, 0})->Args({1000, 65536})->Args({100, 65536})->Args({5000, 0})
-    ->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_Dump)->Args({1000, 0})->Args({1000, 65536})->Args({100, 0})->Args({5000, 0})
+    ->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(8);
+
+void BM_DumpScale(benchmark::State& state) {
+  raise_nofile();
+  int n = static_cast<int>(state.range(0));
+  constexpr int kPerVictim = 9000;
+  std::vector<std::unique_ptr<Victim>> vs;
+  std::vector<pid_t> pids;
+  for (int left = n; left > 0; left -= kPerVictim) {
+    vs.push_back(std::make_unique<Victim>(std::min(left, kPerVictim), 16, false));
+    pids.push_back(vs.back()->pid);
+  }
+  double dump = 0, stopped = 0;
+  uint64_t scratch = 0, batches = 0;
+  for (auto _ : state) {
+    auto t0 = Clock::now();
+    NullSink sink;
+    auto st = pipecr::dump::dump_processes(pipecr::dump::DumpOptions{.pids = pids}, sink);
+    dump += std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+    if (!st) {
+      state.SkipWithError(st.error().what.c_str());
+      return;
+    }
+    stopped += static_cast<double>(st->stopped_ns) / 1e6;
+    scratch = st->scratch_pipes;
+    batches = st->batches;
+  }
+  double it = static_cast<double>(state.iterations());
+  state.counters["dump_ms"] = dump / it;
+  state.counters["per_pipe_us"] = dump / it * 1000 / n;
+  state.counters["stopped_ms"] = stopped / it;
+  state.counters["scratch_pipes"] = static_cast<double>(scratch);
+  state.counters["batches"] = static_cast<double>(batches);
+}
+
+BENCHMARK(BM_DumpScale)->Arg(100)->Arg(1000)->Arg(10000)->Arg(100000)
+    ->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(2);
 
 }  // namespace
 

@@ -89,6 +89,17 @@ struct FdRecord {
   uint64_t file_id = 0;
   bool cloexec = false;
   Blocked blocked = Blocked::none;  // a thread of pid was blocked in read()/write() on this fd
+  // 0: the fd is in the fd table of process pid. Otherwise the thread of pid with this id had an
+  // fd table of its own (unshare(CLONE_FILES)) and the fd is in that table (record THREAD_FD).
+  int32_t tid = 0;
+};
+
+// Process pid used the very fd table of process with_pid (clone(CLONE_FILES) without
+// CLONE_THREAD): its fds are recorded once, under with_pid, and a restore installs them once.
+struct SharedFdTable {
+  int32_t pid = 0;
+  int32_t with_pid = 0;
+  friend bool operator==(const SharedFdTable&, const SharedFdTable&) = default;
 };
 
 struct ProcessRecord {
@@ -113,6 +124,7 @@ struct Image {
   std::vector<PipeRecord> pipes;
   std::vector<FileRecord> files;
   std::vector<FdRecord> fds;
+  std::vector<SharedFdTable> shared_tables;
 
   [[nodiscard]] PIPECR_API const PipeRecord* find_pipe(uint64_t id) const;
   [[nodiscard]] PIPECR_API const FileRecord* find_file(uint64_t id) const;

@@ -32,6 +32,7 @@
 #include <array>
 #include <cerrno>
 #include <climits>
+#include <cstdlib>
 
 #include <fmt/format.h>
 
@@ -154,6 +155,62 @@ Expected<Snapshot> snapshot(int read_end, uint32_t capacity) {
   return snap;
 }
 
+namespace {
+
+// /proc/sys/fs/pipe-max-size, read once (1 MiB when it cannot be read).
+uint32_t pipe_max_size() {
+  static const uint32_t size = [] {
+    sys::UniqueFd f(::open("/proc/sys/fs/pipe-max-size", O_RDONLY | O_CLOEXEC));
+    char buf[32] = {};
+    if (!f || ::read(f.get(), buf, sizeof buf - 1) <= 0) return uint32_t{1} << 20;
+    unsigned long v = std::strtoul(buf, nullptr, 10);
+    return v >= kPage && v <= (uint32_t{1} << 31) ? static_cast<uint32_t>(v) : uint32_t{1} << 20;
+  }();
+  return size;
+}
+
+}  // namespace
+
+Expected<void> SnapshotPacker::fresh(uint32_t capacity) {
+  uint32_t size = std::max(pipe_max_size(), capacity);
+  auto p = scratch_pipe(size);
+  if (!p) return tl::unexpected(p.error());
+  scratch_.push_back(std::move(p->read));
+  write_ = std::move(p->write);
+  write_cap_ = size;
+  return {};
+}
+
+Expected<SnapshotPacker::Piece> SnapshotPacker::add(int read_end, uint32_t queued, uint32_t capacity) {
+  if (queued == 0) return Piece{};
+  if (!write_ || capacity > write_cap_)
+    if (auto f = fresh(capacity); !f) return tl::unexpected(f.error());
+  for (int attempt = 0;; ++attempt) {
+    size_t got = 0;
+    auto r = sys::tee_nb(read_end, write_.get(), SIZE_MAX >> 1);
+    if (r) {
+      got = *r;
+    } else if (r.error().err == EBADF) {
+      Error e = r.error();
+      e.kind = Errc::invalid_argument;
+      return tl::unexpected(e);
+    } else if (r.error().err == EINVAL) {
+      Error e = r.error();
+      e.kind = Errc::unsupported;
+      e.what += " (a notification pipe cannot be read without consuming it)";
+      return tl::unexpected(e);
+    } else if (r.error().err != EAGAIN) {  // EAGAIN: the scratch pipe is full, or the source emptied meanwhile
+      return tl::unexpected(r.error());
+    }
+    // Short into a fresh scratch pipe (large enough for any source): a reader outside the stopped
+    // set took bytes meanwhile, and the tee is the point in time.
+    if (got >= queued || attempt > 0) return Piece{static_cast<uint32_t>(scratch_.size() - 1), static_cast<uint32_t>(got)};
+    if (auto f = fresh(capacity); !f) return tl::unexpected(f.error());
+  }
+}
+
+void SnapshotPacker::seal() { write_.reset(); }
+
 struct SnapshotReader::Tools {
   sys::PipePair walk;     // W: a copy of the snapshot being walked
   uint32_t walk_cap = 0;
@@ -235,7 +292,7 @@ Expected<std::vector<uint32_t>> walk_lengths(const SnapshotReader::Tools& t, uin
 // Whether the last of the slots of `scratch` (total bytes, the last slot `last` long) is a packet.
 Expected<bool> last_is_packet(const SnapshotReader::Tools& t, int scratch, uint64_t total, uint32_t last) {
   int w = t.walk.read.get();
-  auto copied = sys::tee_nb(scratch, t.walk.write.get(), SIZE_MAX >> 1);
+  auto copied = sys::tee_nb(scratch, t.walk.write.get(), total);
   if (!copied) return tl::unexpected(copied.error());
   if (*copied != total) return fail(Errc::system, EIO, "snapshot copy came up short");
   if (auto d = discard(t, w, total - last); !d) return tl::unexpected(d.error());
@@ -268,16 +325,57 @@ Expected<bool> last_is_packet(const SnapshotReader::Tools& t, int scratch, uint6
 }  // namespace
 
 Expected<std::vector<Slot>> SnapshotReader::read(Snapshot& snap, std::vector<std::byte>& bytes) {
+  if (snap.bytes == 0) {
+    bytes.clear();
+    return std::vector<Slot>{};
+  }
+  auto slots = read_head(snap.scratch.get(), snap.bytes, bytes);
+  if (slots) snap.scratch.reset();
+  return slots;
+}
+
+Expected<std::vector<Slot>> SnapshotReader::read_head(int s, uint64_t total, std::vector<std::byte>& bytes) {
   std::vector<Slot> slots;
   bytes.clear();
-  if (snap.bytes == 0) return slots;
-  int s = snap.scratch.get();
-  auto cap = sys::get_pipe_size(s);
-  if (!cap) return tl::unexpected(cap.error());
-  if (auto m = make_tools(*tools_, static_cast<uint32_t>(*cap)); !m) return tl::unexpected(m.error());
-  const uint64_t total = snap.bytes;
+  if (total == 0) return slots;
+  // The walk pipe must hold every slot of the piece: at most one per byte, at most the scratch
+  // pipe's capacity; asked of the kernel only when the byte count alone does not settle it.
+  uint32_t need = tools_->walk_cap;
+  if (total > tools_->walk_cap / kPage) {
+    auto cap = sys::get_pipe_size(s);
+    if (!cap) return tl::unexpected(cap.error());
+    need = static_cast<uint32_t>(*cap);
+  }
+  if (auto m = make_tools(*tools_, std::max(need, kWindow * kPage)); !m) return tl::unexpected(m.error());
+  bytes.resize(total);
 
-  auto copied = sys::tee_nb(s, tools_->walk.write.get(), SIZE_MAX >> 1);
+  // One slot (the common case for small pipes): its copy in the 1-slot pipe T says its length and,
+  // read 1 byte at a time, whether it is a packet; then its bytes come in one read().
+  if (total >= 2) {
+    auto first = sys::tee_nb(s, tools_->t1.write.get(), total);
+    if (!first) return tl::unexpected(first.error());
+    if (*first == total) {
+      std::array<std::byte, 1> one;
+      auto r1 = sys::read_some(tools_->t1.read.get(), one);
+      if (!r1) return tl::unexpected(r1.error());
+      auto rest = sys::bytes_queued(tools_->t1.read.get());
+      if (!rest) return tl::unexpected(rest.error());
+      if (auto d = discard(*tools_, tools_->t1.read.get(), static_cast<size_t>(*rest)); !d)
+        return tl::unexpected(d.error());
+      for (uint64_t off = 0; off < total;) {
+        auto r = sys::read_some(s, std::span(bytes).subspan(off));
+        if (!r) return tl::unexpected(r.error());
+        if (*r == 0 || (off + *r < total && *rest == 0))
+          return fail(Errc::system, EIO, "snapshot ended early");
+        off += *r;
+      }
+      slots.push_back(Slot{static_cast<uint32_t>(total), *rest == 0});
+      return slots;
+    }
+    if (auto d = discard(*tools_, tools_->t1.read.get(), *first); !d) return tl::unexpected(d.error());
+  }
+
+  auto copied = sys::tee_nb(s, tools_->walk.write.get(), total);
   if (!copied) return tl::unexpected(copied.error());
   if (*copied != total) return fail(Errc::system, EIO, fmt::format("tee copied {} of {} bytes", *copied, total));
   auto lens = walk_lengths(*tools_, total);
@@ -286,7 +384,6 @@ Expected<std::vector<Slot>> SnapshotReader::read(Snapshot& snap, std::vector<std
   if (!last) return tl::unexpected(last.error());
 
   // The bytes; each read() ends at a packet's end or at the end of the data.
-  bytes.resize(total);
   std::vector<uint64_t> stops;
   for (uint64_t off = 0; off < total;) {
     auto r = sys::read_some(s, std::span(bytes).subspan(off));
@@ -308,7 +405,6 @@ Expected<std::vector<Slot>> SnapshotReader::read(Snapshot& snap, std::vector<std
     slots.push_back(Slot{len, packet});
   }
   slots.back().packet = *last;
-  snap.scratch.reset();
   return slots;
 }
 

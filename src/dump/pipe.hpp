@@ -46,6 +46,48 @@ struct Snapshot {
 // large so that every slot fits. The source pipe is not changed.
 [[nodiscard]] Expected<Snapshot> snapshot(int read_end, uint32_t capacity);
 
+// Snapshots of many pipes packed back to back into a few scratch pipes, so that a dump of 100,000
+// pipes does not hold 100,000 scratch pipes (and fds). tee() links whole buffers into any pipe with
+// free slots, and tee'd buffers never merge, so each pipe's snapshot keeps its own slots and is
+// told apart from its neighbours by its byte count alone. A scratch pipe is made as large as
+// /proc/sys/fs/pipe-max-size allows (256 slots at 1 MiB), so it holds at least one source whole.
+// When a tee comes up short (the scratch ran out of slots, or a reader outside the stopped set took
+// bytes meanwhile) what it linked is left as dead weight at the tail of that scratch pipe, which
+// takes no more pieces, and the source is tee'd again into a fresh one.
+class SnapshotPacker {
+ public:
+  // Where one pipe's snapshot is: `bytes` bytes in scratch pipe `scratch`, right after the pieces
+  // added before it to the same scratch pipe. bytes == 0: the pipe was empty, nothing linked.
+  struct Piece {
+    uint32_t scratch = 0;
+    uint32_t bytes = 0;
+  };
+
+  SnapshotPacker() = default;
+  SnapshotPacker(const SnapshotPacker&) = delete;
+  SnapshotPacker& operator=(const SnapshotPacker&) = delete;
+
+  // Links the queued buffers of the pipe behind read_end (`queued` bytes by FIONREAD, its capacity
+  // `capacity`, 0 if not known yet) into the current scratch pipe. EBADF from tee (read_end is not
+  // open for reading) comes back as Errc::invalid_argument with err EBADF, for callers that try
+  // the ends of a pipe in turn.
+  [[nodiscard]] Expected<Piece> add(int read_end, uint32_t queued, uint32_t capacity = 0);
+  // Scratch pipes made so far (each holds one fd once sealed).
+  [[nodiscard]] size_t scratch_pipes() const { return scratch_.size(); }
+  // Closes the write ends: after the stop, nothing is added any more.
+  void seal();
+  // The read end of scratch pipe i; its pieces are at its head in the order they were added.
+  [[nodiscard]] int scratch_fd(uint32_t i) const { return scratch_[i].get(); }
+  // Closes scratch pipe i (its pieces are read).
+  void release(uint32_t i) { scratch_[i].reset(); }
+
+ private:
+  Expected<void> fresh(uint32_t capacity);
+  std::vector<sys::UniqueFd> scratch_;  // read ends
+  sys::UniqueFd write_;                 // write end of scratch_.back()
+  uint32_t write_cap_ = 0;
+};
+
 // Reads snapshots out: their slot layout and their bytes. Keeps a few small pipes of its own
 // between calls, so that a dump of many pipes makes them once.
 class SnapshotReader {
@@ -58,6 +100,9 @@ class SnapshotReader {
   // The layout of snap (each buffer's length and packet mark, head first) and its bytes, read into
   // `bytes` (resized to snap.bytes: memory is bounded by one pipe's capacity). Consumes snap.
   [[nodiscard]] Expected<std::vector<Slot>> read(Snapshot& snap, std::vector<std::byte>& bytes);
+  // The same for the `total` bytes at the head of the scratch pipe `scratch` (a piece of a
+  // SnapshotPacker, slot-aligned): consumed from it, the rest left in place.
+  [[nodiscard]] Expected<std::vector<Slot>> read_head(int scratch, uint64_t total, std::vector<std::byte>& bytes);
 
   struct Tools;  // the reader's own pipes (pipe.cpp)
 

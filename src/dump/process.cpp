@@ -1,22 +1,33 @@
 // dump/process.cpp: the dump of a set of running processes (see process.hpp).
 //
 // Three identities are collected separately, as the kernel keeps them: fd slots (from
-// /proc/PID/fd and fdinfo), open file descriptions (fd slots grouped with kcmp(KCMP_FILE), one
+// /proc/PID/task/TID/fd), open file descriptions (fd slots grouped with kcmp(KCMP_FILE), one
 // pidfd_getfd() copy each, which is the same description and fires no events), and pipes (open
-// file descriptions grouped by device and inode). A pipe's buffers are snapshotted through its
-// first readable description; a pipe whose dumped holders can only write it is read through a
-// reopen of /proc/PID/fd/N, held only while the holders are stopped.
+// file descriptions grouped by device and inode). Fd slots belong to fd *tables*: a process has
+// one, shared by its threads, except for threads that called unshare(CLONE_FILES), and two
+// processes made with clone(CLONE_FILES) share one; kcmp(KCMP_FILES) tells them apart.
+//
+// The work is split by what must be one moment and what may come after (docs/design.md, section
+// 7). While the targets are stopped: per fd, one fstatat() through /proc (is it a pipe or FIFO,
+// which inode) and one pidfd_getfd(); per pipe, FIONREAD and one tee() into a shared scratch pipe
+// (SnapshotPacker). After they run again, from pipecr's own copies: the grouping into open file
+// descriptions (kcmp between the copies), the flags and FD_CLOEXEC (fdinfo), owner and signal,
+// capacity, and the slot walk. When pipecr's fd limit cannot hold a copy of every pipe fd at once,
+// the copies are taken in batches and closed, and what needs a copy is read while stopped.
 #include "dump/process.hpp"
 
 #include <fcntl.h>
 #include <poll.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <map>
+#include <optional>
 #include <set>
 #include <unordered_map>
 
@@ -28,6 +39,13 @@
 #include "sys/proc.hpp"
 #include "sys/ptrace.hpp"
 #include "sys/syscalls.hpp"
+
+#ifndef KCMP_FILES
+#define KCMP_FILES 2
+#endif
+#ifndef PIDFD_THREAD
+#define PIDFD_THREAD O_EXCL
+#endif
 
 namespace pipecr::dump {
 namespace {
@@ -52,33 +70,120 @@ Error in_process(Error e, pid_t pid) {
   return e;
 }
 
-struct Holder {          // one fd slot
-  pid_t pid = 0;
-  int fd = -1;
-  std::string target;    // readlink of the fd
-  uint64_t ino = 0;
-  dev_t dev = 0;         // FIFOs: the device of the inode (anonymous pipes: 0, all on pipefs)
-  PipeKind kind = PipeKind::anonymous;
-  int flags = 0;         // fdinfo flags: F_GETFL of the open file, without O_CLOEXEC
-  bool cloexec = false;
-  Blocked blocked = Blocked::none;
-  size_t file = 0;       // index into files_
+// Whether two threads (of any processes) use one fd table: kcmp(KCMP_FILES) orders table pointers.
+Expected<int> kcmp_files(pid_t a, pid_t b) {
+  long r = ::syscall(SYS_kcmp, a, b, KCMP_FILES, 0, 0);
+  if (r < 0) {
+    Error e = sys::call_error("kcmp", fmt::format("pid1={}, pid2={}, KCMP_FILES", a, b));
+    if (e.err == ESRCH) e.kind = Errc::gone;
+    return tl::unexpected(e);
+  }
+  return r == 0 ? 0 : r == 1 ? -1 : 1;
+}
+
+// A pidfd of one thread (PIDFD_THREAD, Linux 6.9+) or of a process: pidfd_getfd() takes the fd
+// from the fd table of the task the pidfd names.
+Expected<sys::UniqueFd> pidfd_of(pid_t pid, pid_t tid) {
+  if (tid == pid) return sys::pidfd_open(pid);
+  long fd = ::syscall(SYS_pidfd_open, tid, PIDFD_THREAD);
+  if (fd < 0) {
+    Error e = sys::call_error("pidfd_open", fmt::format("pid={}, PIDFD_THREAD", tid));
+    if (e.err == EINVAL) {
+      e.kind = Errc::unsupported;
+      e.what += fmt::format(" (thread {} of process {} has its own fd table; reading it needs PIDFD_THREAD, "
+                            "Linux 6.9+)",
+                            tid, pid);
+    } else if (e.err == ESRCH) {
+      e.kind = Errc::gone;
+    }
+    return tl::unexpected(e);
+  }
+  return sys::UniqueFd(static_cast<int>(fd));
+}
+
+// The device number of pipefs: an anonymous pipe's fstat shows it, a FIFO's shows its filesystem.
+dev_t pipefs_dev() {
+  static const dev_t dev = [] {
+    auto p = sys::make_pipe(O_CLOEXEC);
+    struct stat st {};
+    if (!p || ::fstat(p->read.get(), &st) < 0) return dev_t{0};
+    return st.st_dev;
+  }();
+  return dev;
+}
+
+// RLIMIT_NOFILE raised to its hard limit for the dump's duration, and set back after.
+class NofileRaise {
+ public:
+  NofileRaise() {
+    if (::getrlimit(RLIMIT_NOFILE, &old_) != 0) return;
+    rlimit up = old_;
+    up.rlim_cur = old_.rlim_max;
+    raised_ = up.rlim_cur != old_.rlim_cur && ::setrlimit(RLIMIT_NOFILE, &up) == 0;
+  }
+  ~NofileRaise() {
+    if (raised_) ::setrlimit(RLIMIT_NOFILE, &old_);
+  }
+  NofileRaise(const NofileRaise&) = delete;
+  NofileRaise& operator=(const NofileRaise&) = delete;
+  [[nodiscard]] uint64_t soft() const {
+    rlimit now{};
+    ::getrlimit(RLIMIT_NOFILE, &now);
+    return now.rlim_cur;
+  }
+  [[nodiscard]] uint64_t hard() const { return old_.rlim_max; }
+
+ private:
+  rlimit old_{};
+  bool raised_ = false;
 };
 
-struct OpenFile {        // one open file description
+size_t open_fds_of_self() {
+  auto fds = sys::list_fds(::getpid(), false);
+  return fds ? fds->size() : 64;
+}
+
+struct Table {             // one fd table
+  size_t proc = 0;         // index into procs_ of the process it belongs to
+  pid_t pid = 0;           // that process
+  pid_t tid = 0;           // a thread using it (the leader when the leader does)
+  bool own = false;        // a thread's own table (unshare(CLONE_FILES)), not the process's
+  sys::UniqueFd pidfd;     // of tid (PIDFD_THREAD when tid is not the leader)
+  uint32_t max_fds = 0;    // FDSize: slots in the table, above every open fd
+};
+
+struct Holder {            // one fd slot
+  size_t table = 0;        // index into tables_
+  int fd = -1;
+  uint64_t ino = 0;
+  dev_t dev = 0;           // FIFOs: the device of the inode (anonymous pipes: pipefs)
+  PipeKind kind = PipeKind::anonymous;
+  uint32_t uid = 0, gid = 0, mode = 0;  // of the inode
+  std::string target;      // FIFO: readlink of the fd
+  int flags = 0;           // fdinfo flags: F_GETFL of the open file, without O_CLOEXEC
+  bool cloexec = false;
+  Blocked blocked = Blocked::none;
+  size_t file = SIZE_MAX;  // index into files_
+  size_t pipe = SIZE_MAX;  // index into pipes_
+  sys::UniqueFd copy;      // pidfd_getfd() copy, while held
+};
+
+struct OpenFile {          // one open file description
   FileRecord rec;
   size_t first_holder = 0;
-  size_t pipe = 0;       // index into pipes_
-  bool pollhup = false;  // FIFO read side: poll() showed POLLHUP when dumped
+  bool pollhup = false;    // FIFO read side: poll() showed POLLHUP when dumped
+  bool state_read = false; // owner and signal read (batched mode: while stopped)
 };
 
 struct PipeState {
   PipeRecord rec;
   dev_t dev = 0;
-  Snapshot snap;
+  std::vector<size_t> holders;  // into holders_, in listing order
+  SnapshotPacker::Piece piece;
+  uint64_t seq = 0;        // order of the snapshot: pieces are read back in this order
   bool snapped = false;
-  size_t write_holder = SIZE_MAX;  // a holder of a write-only description, for the /proc reopen
   bool has_writer_file = false;
+  bool capacity_read = false;
 };
 
 class Dumper {
@@ -87,19 +192,25 @@ class Dumper {
 
   Expected<DumpStats> run(image::Sink& sink, Image* records) {
     if (auto r = collect_processes(); !r) return tl::unexpected(r.error());
+    NofileRaise nofile;
+    base_fds_ = open_fds_of_self();
     stop_start_ = now_ns();
-    if (auto r = stop_all(); !r) return tl::unexpected(r.error());
-    Expected<void> taken = read_fd_tables();
-    if (taken) taken = group_files();
-    if (taken) taken = read_files();
-    if (taken) taken = snapshot_write_only_pipes();
+    Expected<void> taken = stop_all();
+    stats_.seize_ns = now_ns() - stop_start_;
+    if (taken) taken = find_tables();
+    if (taken) taken = read_fd_tables(nofile);
+    if (taken) taken = plan_copies(nofile);
+    if (taken) taken = take_and_snapshot();
     if (taken) mark_blocked();
-    // Resume before anything else: from here on only our scratch pipes are read.
+    if (taken) taken = check_alive();
+    // Resume before anything else: from here on only pipecr's copies and scratch pipes are read.
     Expected<void> resumed = resume_all();
     stats_.stopped_ns = now_ns() - stop_start_;
+    packer_.seal();
     if (!taken) return tl::unexpected(taken.error());
     if (!resumed) return tl::unexpected(resumed.error());
-    mark_outside_holders();
+    if (auto r = after_resume(); !r) return tl::unexpected(r.error());
+    mark_outside_holders(!opts_.outside_holders);
     return write(sink, records);
   }
 
@@ -127,6 +238,31 @@ class Dumper {
     return {};
   }
 
+  // pidfd_getfd() of a socket re-tags it with the taker's cgroup v1 net_cls class id and net_prio
+  // index (__receive_sock(), as for SCM_RIGHTS). Where pipecr and the target are in the same
+  // net_cls and net_prio groups (always, without those v1 controllers) that changes nothing, and
+  // pipecr may take every fd; else it takes pipes only, found through /proc.
+  static std::string net_groups(pid_t pid) {
+    auto text = sys::read_proc_file(fmt::format("/proc/{}/cgroup", pid), 1 << 16);
+    if (!text) return "?";
+    std::string out;
+    for (size_t at = 0; at < text->size();) {
+      size_t eol = text->find('\n', at);
+      if (eol == std::string::npos) eol = text->size();
+      std::string_view line(text->data() + at, eol - at);
+      if (line.find("net_cls") != std::string_view::npos || line.find("net_prio") != std::string_view::npos)
+        out.append(line).push_back('\n');
+      at = eol + 1;
+    }
+    return out;
+  }
+
+  void check_copies_harmless() {
+    std::string mine = net_groups(::getpid());
+    harmless_.clear();
+    for (pid_t pid : pids_) harmless_.push_back(net_groups(pid) == mine);
+  }
+
   // Seizes every process; with --tree, goes on until no new descendant appeared (a stopped
   // process cannot fork, so this ends).
   Expected<void> stop_all() {
@@ -135,9 +271,6 @@ class Dumper {
         auto s = sys::StoppedProcess::seize(pids_[done]);
         if (!s) return tl::unexpected(in_process(s.error(), pids_[done]));
         stopped_.push_back(std::move(*s));
-        auto pfd = sys::pidfd_open(pids_[done]);
-        if (!pfd) return tl::unexpected(in_process(pfd.error(), pids_[done]));
-        pidfds_.push_back(std::move(*pfd));
       }
       if (!opts_.tree) return {};
       size_t before = pids_.size();
@@ -152,176 +285,409 @@ class Dumper {
     }
   }
 
-  // One fd table: readlink of every fd (in list_fds), then fdinfo of the pipe fds, both relative to
-  // directory fds (each path walk through /proc costs as much as the read itself here).
-  Expected<void> read_fd_table(size_t pi) {
-    pid_t pid = pids_[pi];
-    auto fds = sys::list_fds(pid, true);
-    if (!fds) return tl::unexpected(in_process(fds.error(), pid));
-    std::string base = fmt::format("/proc/{}/", pid);
-    sys::UniqueFd fd_dir(::open((base + "fd").c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-    sys::UniqueFd info_dir(::open((base + "fdinfo").c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-    if (!fd_dir || !info_dir) return tl::unexpected(in_process(sys::call_error("open", base + "fdinfo"), pid));
-    for (sys::FdEntry& e : *fds) {
-      Holder h{.pid = pid, .fd = e.fd, .target = std::move(e.target)};
-      std::string name = std::to_string(e.fd);
-      if (auto ino = sys::pipe_inode_from_link(h.target)) {
-        h.ino = *ino;
-      } else if (!h.target.empty() && h.target[0] == '/') {
-        struct stat st {};
-        if (::fstatat(fd_dir.get(), name.c_str(), &st, 0) < 0 || !S_ISFIFO(st.st_mode)) continue;
-        h.ino = st.st_ino;
-        h.dev = st.st_dev;
-        h.kind = PipeKind::fifo;
-      } else {
-        continue;  // sockets, anon inodes, ...
+  // The fd tables: per process, the table of its first thread, plus one per thread whose table
+  // differs (kcmp(KCMP_FILES) against the first: one call per thread). Then processes whose first
+  // tables are one table (clone(CLONE_FILES) without CLONE_THREAD): grouped with the kcmp sort of
+  // fdgroup.hpp, and listed once, under the first of them.
+  Expected<void> find_tables() {
+    for (size_t i = 0; i < stopped_.size(); ++i) {
+      const std::vector<pid_t>& tids = stopped_[i].threads();
+      pid_t first = tids.front();
+      tables_.push_back(Table{.proc = i, .pid = pids_[i], .tid = first, .own = false, .pidfd = {}});
+      std::vector<pid_t> others;  // first threads of the extra tables
+      for (size_t k = 1; k < tids.size(); ++k) {
+        auto c = kcmp_files(first, tids[k]);
+        if (!c) {
+          if (c.error().kind == Errc::gone) continue;  // that thread exited
+          return tl::unexpected(in_process(c.error(), pids_[i]));
+        }
+        if (*c == 0) continue;
+        bool known = false;
+        for (pid_t o : others) {
+          auto c2 = kcmp_files(o, tids[k]);
+          if (c2 && *c2 == 0) known = true;
+        }
+        if (known) continue;
+        others.push_back(tids[k]);
+        tables_.push_back(Table{.proc = i, .pid = pids_[i], .tid = tids[k], .own = true, .pidfd = {}});
       }
-      auto info = read_fdinfo_at(info_dir.get(), name);
-      if (!info) {
-        if (info.error().kind == Errc::not_found) continue;  // closed meanwhile by another holder of the table
-        return tl::unexpected(in_process(info.error(), pid));
+    }
+    if (pids_.size() > 1) {
+      std::vector<sys::FdRef> firsts;
+      std::vector<size_t> table_of;
+      for (size_t t = 0; t < tables_.size(); ++t)
+        if (!tables_[t].own) {
+          firsts.push_back(sys::FdRef{tables_[t].tid, 0, 0});
+          table_of.push_back(t);
+        }
+      auto groups = sys::group_by_open_file(
+          firsts, [](const sys::FdRef& a, const sys::FdRef& b) { return kcmp_files(a.pid, b.pid); });
+      if (!groups) return tl::unexpected(groups.error());
+      std::vector<bool> drop(tables_.size(), false);
+      for (const sys::FdGroup& g : *groups)
+        for (size_t m = 1; m < g.members.size(); ++m) {
+          auto at = std::find(firsts.begin(), firsts.end(), g.members[m]) - firsts.begin();
+          size_t t = table_of[static_cast<size_t>(at)];
+          pid_t sharer = tables_[t].pid;
+          pid_t owner = tables_[table_of[static_cast<size_t>(
+                                   std::find(firsts.begin(), firsts.end(), g.members[0]) - firsts.begin())]]
+                            .pid;
+          shared_.push_back(SharedFdTable{.pid = sharer, .with_pid = owner});
+          drop[t] = true;
+        }
+      std::vector<Table> kept;
+      for (size_t t = 0; t < tables_.size(); ++t)
+        if (!drop[t]) kept.push_back(std::move(tables_[t]));
+      tables_ = std::move(kept);
+    }
+    for (Table& t : tables_) {
+      auto pfd = pidfd_of(t.pid, t.tid);
+      if (!pfd) return tl::unexpected(in_process(pfd.error(), t.pid));
+      t.pidfd = std::move(*pfd);
+    }
+    stats_.tables = tables_.size();
+    return {};
+  }
+
+  // One fd table, slow path: its fd numbers (getdents), then one fstatat() per fd through the
+  // /proc link, which says whether it is a pipe or FIFO and which inode. Each /proc lookup costs
+  // several microseconds here (getdents instantiates a dentry per fd), which is why the fast path
+  // below avoids them. Fds at or above `from` only.
+  Expected<void> list_fd_table(size_t ti, int from) {
+    const Table& t = tables_[ti];
+    sys::UniqueFd dir;
+    auto fds = sys::list_task_fds(t.pid, t.tid, dir);
+    if (!fds) return tl::unexpected(in_process(fds.error(), t.pid));
+    std::sort(fds->begin(), fds->end());
+    char name[16];
+    for (int fd : *fds) {
+      if (fd < from) continue;
+      *fmt::format_to_n(name, sizeof name - 1, "{}", fd).out = '\0';
+      struct stat st {};
+      if (::fstatat(dir.get(), name, &st, 0) < 0 || !S_ISFIFO(st.st_mode)) continue;  // gone meanwhile, or no pipe
+      Holder h;
+      h.table = ti;
+      h.fd = fd;
+      set_inode(h, st);
+      if (h.kind == PipeKind::fifo) {
+        char link[PATH_MAX];
+        ssize_t n = ::readlinkat(dir.get(), name, link, sizeof link);
+        if (n < 0) continue;
+        h.target.assign(link, static_cast<size_t>(n));
       }
-      h.cloexec = (info->flags & O_CLOEXEC) != 0;
-      h.flags = info->flags & ~O_CLOEXEC;
       holders_.push_back(std::move(h));
     }
     return {};
   }
 
-  static Expected<sys::FdInfo> read_fdinfo_at(int dir, const std::string& name) {
-    sys::UniqueFd f(::openat(dir, name.c_str(), O_RDONLY | O_CLOEXEC));
-    if (!f) return tl::unexpected(sys::call_error("open", "fdinfo/" + name));
-    char buf[512];
-    ssize_t n = ::read(f.get(), buf, sizeof buf);
-    if (n < 0) return tl::unexpected(sys::call_error("read", "fdinfo/" + name));
-    return sys::parse_fdinfo(std::string_view(buf, static_cast<size_t>(n)));
+  static void set_inode(Holder& h, const struct stat& st) {
+    h.ino = st.st_ino;
+    h.dev = st.st_dev;
+    h.uid = st.st_uid;
+    h.gid = st.st_gid;
+    h.mode = st.st_mode & 07777;
+    h.kind = st.st_dev == pipefs_dev() ? PipeKind::anonymous : PipeKind::fifo;
   }
 
-  Expected<void> read_fd_tables() {
-    for (size_t i = 0; i < pids_.size(); ++i)
-      if (auto r = read_fd_table(i); !r) return r;
+  // One fd table, fast path: pidfd_getfd() of every number below the table's size (FDSize) and
+  // an fstat() of each copy; copies that are not pipes are closed at once. No /proc lookup per fd.
+  // A table much larger than the fds in it (a lone high fd) would waste probes: after 4,096 more
+  // misses than hits the rest is listed the slow way.
+  Expected<void> probe_fd_table(size_t ti) {
+    const Table& t = tables_[ti];
+    size_t hits = 0, misses = 0;
+    for (int fd = 0; fd < static_cast<int>(t.max_fds); ++fd) {
+      if (misses > hits + 4096) return list_fd_table(ti, fd);
+      long r = ::syscall(SYS_pidfd_getfd, t.pidfd.get(), fd, 0);
+      if (r < 0) {
+        if (errno == EBADF) {
+          ++misses;
+          continue;
+        }
+        Error e = sys::call_error("pidfd_getfd", fmt::format("pid={}, fd={}", t.tid, fd));
+        if (e.err == ESRCH) e.kind = Errc::gone;
+        if (e.err == EPERM) e.kind = Errc::permission;
+        return tl::unexpected(in_process(e, t.pid));
+      }
+      ++hits;
+      sys::UniqueFd copy(static_cast<int>(r));
+      struct stat st {};
+      if (::fstat(copy.get(), &st) < 0 || !S_ISFIFO(st.st_mode)) continue;
+      Holder h;
+      h.table = ti;
+      h.fd = fd;
+      set_inode(h, st);
+      if (h.kind == PipeKind::fifo) {
+        char link[PATH_MAX];
+        ssize_t n = ::readlink(fmt::format("/proc/self/fd/{}", copy.get()).c_str(), link, sizeof link);
+        if (n < 0) continue;
+        h.target.assign(link, static_cast<size_t>(n));
+      }
+      h.copy = std::move(copy);
+      holders_.push_back(std::move(h));
+    }
     return {};
   }
 
-  static uint64_t key(pid_t pid, int fd) {
-    return (static_cast<uint64_t>(pid) << 32) | static_cast<uint32_t>(fd);
+  // FDSize of a table: the number of fd slots it has, above every open fd.
+  Expected<uint32_t> table_size(const Table& t) {
+    auto text = sys::read_proc_file(fmt::format("/proc/{}/task/{}/status", t.pid, t.tid), 1 << 16);
+    if (!text) return tl::unexpected(in_process(text.error(), t.pid));
+    size_t at = text->find("\nFDSize:");
+    if (at == std::string::npos) return fail(Errc::system, 0, fmt::format("no FDSize in /proc/{}/status", t.tid));
+    return static_cast<uint32_t>(std::strtoul(text->c_str() + at + 8, nullptr, 10));
   }
 
-  Expected<void> group_files() {
-    std::vector<sys::FdRef> refs;
-    refs.reserve(holders_.size());
-    std::unordered_map<uint64_t, size_t> index;
+  // Every table: the fast path (probe_fd_table) when pipecr can hold a copy of every fd the
+  // tables can have (the sum of their sizes) and taking a socket changes nothing (see
+  // copies_are_harmless), else the slow path (list_fd_table) and copies taken later in batches.
+  Expected<void> read_fd_tables(const NofileRaise& nofile) {
+    uint64_t slots = 0;
+    for (Table& t : tables_) {
+      auto n = table_size(t);
+      if (!n) return tl::unexpected(n.error());
+      t.max_fds = *n;
+      slots += *n;
+    }
+    uint64_t reserve = base_fds_ + 64 + slots / 64;
+    probe_ = slots + reserve <= nofile.soft();
+    if (probe_) check_copies_harmless();
+    for (size_t i = 0; i < tables_.size(); ++i) {
+      bool probe = probe_ && harmless_[tables_[i].proc];
+      if (auto r = probe ? probe_fd_table(i) : list_fd_table(i, 0); !r) return r;
+    }
+    // Pipes, in order of first sight.
+    std::map<std::pair<dev_t, uint64_t>, size_t> index;
     for (size_t i = 0; i < holders_.size(); ++i) {
-      refs.push_back(sys::FdRef{holders_[i].pid, holders_[i].fd, holders_[i].ino});
-      index[key(holders_[i].pid, holders_[i].fd)] = i;
+      Holder& h = holders_[i];
+      auto [it, fresh] = index.emplace(std::pair(h.dev, h.ino), pipes_.size());
+      if (fresh) {
+        PipeState p;
+        p.dev = h.dev;
+        p.rec.id = pipes_.size() + 1;
+        p.rec.kind = h.kind;
+        p.rec.inode = h.ino;
+        p.rec.uid = h.uid;
+        p.rec.gid = h.gid;
+        p.rec.mode = h.mode;
+        if (h.kind == PipeKind::fifo) {
+          p.rec.path = h.target;
+          if (p.rec.path.ends_with(kDeleted)) {
+            p.rec.path.resize(p.rec.path.size() - kDeleted.size());
+            p.rec.unlinked = true;
+          }
+        }
+        pipes_.push_back(std::move(p));
+      }
+      h.pipe = it->second;
+      pipes_[h.pipe].holders.push_back(i);
+    }
+    return {};
+  }
+
+  // Whether every pipe fd can hold a copy at once (the fast path: everything that can wait is read
+  // after the resume), else the batch size. The fds pipecr needs besides: what it had open
+  // already, the scratch pipes (checked as they are made), and a margin.
+  Expected<void> plan_copies(const NofileRaise& nofile) {
+    uint64_t soft = nofile.soft();
+    uint64_t reserve = base_fds_ + 64;
+    limit_ = soft;
+    uint64_t room = soft > reserve ? soft - reserve : 0;
+    if (holders_.size() + holders_.size() / 64 + 8 <= room) {
+      batch_ = holders_.size();
+      return {};
+    }
+    batch_ = static_cast<size_t>(room / 2);
+    if (batch_ < 16) return fd_limit_error(holders_.size() + reserve + 16);
+    return {};
+  }
+
+  // The soft limit is the hard one by now (NofileRaise): only a higher hard limit helps.
+  tl::unexpected<Error> fd_limit_error(uint64_t needed) const {
+    return fail(Errc::capacity, EMFILE,
+                fmt::format("pipecr needs about {} open files for this dump but its RLIMIT_NOFILE (hard) is {}: run it "
+                            "with a higher limit, e.g. `prlimit --nofile={}:{} pipecr dump ...` (as root), or dump "
+                            "fewer processes at once; nothing was changed",
+                            needed, limit_, needed, needed));
+  }
+
+  // Takes a pidfd_getfd() copy of every pipe fd and snapshots every pipe, in batches of batch_
+  // copies; a batch that is not the last also reads what needs a copy (owner, signal, capacity)
+  // and closes its copies. Snapshots go in pipe order when there is one batch.
+  Expected<void> take_and_snapshot() {
+    if (batch_ < holders_.size()) {
+      // Batched: the grouping cannot wait for the copies (they do not all exist at once): kcmp
+      // between the targets' own fds, which are still while they are stopped.
+      if (auto g = group_files(false); !g) return g;
+    }
+    for (size_t lo = 0; lo < holders_.size(); lo += batch_) {
+      size_t hi = std::min(holders_.size(), lo + batch_);
+      for (size_t i = lo; i < hi; ++i) {
+        Holder& h = holders_[i];
+        if (h.copy) continue;  // taken while its table was probed
+        const Table& t = tables_[h.table];
+        auto fd = sys::pidfd_getfd(t.pidfd.get(), h.fd, t.tid);
+        if (!fd) {
+          if (fd.error().err == EBADF) continue;  // closed by a process sharing the table that is not stopped
+          return tl::unexpected(in_process(fd.error(), t.pid));
+        }
+        h.copy = std::move(*fd);
+      }
+      // Pipes with a holder in this batch.
+      for (size_t i = lo; i < hi; ++i) {
+        PipeState& p = pipes_[holders_[i].pipe];
+        if (p.snapped || !holders_[i].copy) continue;
+        if (auto r = snapshot_pipe(p, lo, hi); !r) return r;
+      }
+      if (hi < holders_.size()) {
+        for (size_t i = lo; i < hi; ++i)
+          if (auto r = read_with_copy(i); !r) return r;
+        for (size_t i = lo; i < hi; ++i) holders_[i].copy.reset();
+        ++stats_.batches;
+      }
+    }
+    // Pipes the dumped processes can only write, and (batched) pipes left over.
+    for (PipeState& p : pipes_)
+      if (!p.snapped)
+        if (auto r = snapshot_write_only(p); !r) return r;
+    if (batch_ >= holders_.size()) stats_.batches = 1;
+    return {};
+  }
+
+  // The pipe's queued bytes (FIONREAD) and, when there are some, a tee through the first of its
+  // holders in [lo, hi) that is open for reading. FIFO readers get their poll() here too.
+  Expected<void> snapshot_pipe(PipeState& p, size_t lo, size_t hi) {
+    std::optional<int> queued;
+    for (size_t i : p.holders) {
+      if (i < lo || i >= hi || !holders_[i].copy) continue;
+      Holder& h = holders_[i];
+      if (p.rec.kind == PipeKind::fifo) fifo_poll(h);
+      if (!queued) {
+        auto q = sys::bytes_queued(h.copy.get());
+        if (!q) return tl::unexpected(q.error());
+        queued = *q;
+        if (*q == 0) {
+          mark_snapped(p, SnapshotPacker::Piece{});
+          if (p.rec.kind != PipeKind::fifo) return {};
+          continue;
+        }
+      }
+      if (p.snapped) continue;
+      auto piece = packer_.add(h.copy.get(), static_cast<uint32_t>(*queued));
+      if (!piece) {
+        if (piece.error().err == EBADF) continue;  // a write end
+        return tl::unexpected(piece.error());
+      }
+      mark_snapped(p, *piece);
+      if (auto r = check_scratch_room(); !r) return r;
+    }
+    return {};
+  }
+
+  void mark_snapped(PipeState& p, SnapshotPacker::Piece piece) {
+    p.piece = piece;
+    p.seq = seq_++;
+    p.snapped = true;
+  }
+
+  Expected<void> check_scratch_room() {
+    uint64_t in_use = base_fds_ + std::min(batch_, holders_.size()) + packer_.scratch_pipes() + 1;
+    if (in_use + 16 > limit_) return fd_limit_error(in_use + 16 + pipes_.size() / 256);
+    return {};
+  }
+
+  // A FIFO reader: POLLHUP now says it has seen a writer (the "no writer yet" latch, section 7).
+  void fifo_poll(Holder& h) {
+    int fl = ::fcntl(h.copy.get(), F_GETFL);
+    if (fl < 0 || (fl & O_ACCMODE) != O_RDONLY) return;
+    pollfd pfd{h.copy.get(), POLLIN, 0};
+    if (::poll(&pfd, 1, 0) == 1 && (pfd.revents & POLLHUP)) pollhup_.insert(static_cast<size_t>(&h - holders_.data()));
+  }
+
+  // A pipe no copy could be tee'd from: a read end from /proc/PID/task/TID/fd/N, held only for
+  // the tee, while the holders are stopped.
+  Expected<void> snapshot_write_only(PipeState& p) {
+    const Holder* w = nullptr;
+    for (size_t i : p.holders) {
+      w = &holders_[i];
+      break;
+    }
+    if (!w) return {};
+    const Table& t = tables_[w->table];
+    std::string link = fmt::format("/proc/{}/task/{}/fd/{}", t.pid, t.tid, w->fd);
+    sys::UniqueFd rd(::open(link.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC));
+    if (!rd) return tl::unexpected(in_process(sys::call_error("open", link + ", O_RDONLY"), t.pid));
+    auto q = sys::bytes_queued(rd.get());
+    if (!q) return tl::unexpected(q.error());
+    auto piece = packer_.add(rd.get(), static_cast<uint32_t>(*q));
+    if (!piece) return tl::unexpected(piece.error());
+    mark_snapped(p, *piece);
+    return check_scratch_room();
+  }
+
+  // Owner and signal of a holder's open file, and its pipe's capacity, from a copy (batched mode,
+  // while stopped; the fast path reads the same after the resume).
+  Expected<void> read_with_copy(size_t i) {
+    Holder& h = holders_[i];
+    if (!h.copy) return {};
+    OpenFile& f = files_[h.file];
+    if (!f.state_read) {
+      if (auto r = file_state_from(f, h); !r) return r;
+    }
+    PipeState& p = pipes_[h.pipe];
+    if (!p.capacity_read) {
+      auto cap = sys::get_pipe_size(h.copy.get());
+      if (!cap) return tl::unexpected(cap.error());
+      p.rec.capacity = static_cast<uint32_t>(*cap);
+      p.capacity_read = true;
+    }
+    return {};
+  }
+
+  Expected<void> file_state_from(OpenFile& f, const Holder& h) {
+    if (is_notification_pipe(h.copy.get()))
+      return fail(Errc::unsupported, ENOTSUP,
+                  fmt::format("pid {} fd {} is a notification pipe (O_NOTIFICATION_PIPE): its messages cannot be "
+                              "read without consuming them",
+                              tables_[h.table].pid, h.fd));
+    auto state = file_state(h.copy.get(), false);
+    if (!state) return tl::unexpected(state.error());
+    f.rec.owner = state->owner;
+    f.rec.signal = state->signal;
+    f.state_read = true;
+    return {};
+  }
+
+  // Groups fds into open file descriptions: kcmp between pipecr's copies (after the resume), or
+  // between the targets' fds (batched mode, while they are stopped).
+  Expected<void> group_files(bool copies) {
+    std::vector<sys::FdRef> refs;
+    std::vector<size_t> who;
+    refs.reserve(holders_.size());
+    pid_t self = ::getpid();
+    for (size_t i = 0; i < holders_.size(); ++i) {
+      const Holder& h = holders_[i];
+      if (copies && !h.copy) continue;
+      refs.push_back(copies ? sys::FdRef{self, h.copy.get(), h.ino} : sys::FdRef{tables_[h.table].tid, h.fd, h.ino});
+      who.push_back(i);
     }
     auto groups = sys::group_by_open_file(refs);
     if (!groups) return tl::unexpected(groups.error());
+    std::unordered_map<uint64_t, size_t> at;  // (pid, fd) -> index into who
+    auto key = [](pid_t pid, int fd) { return (static_cast<uint64_t>(pid) << 32) | static_cast<uint32_t>(fd); };
+    for (size_t k = 0; k < refs.size(); ++k) at[key(refs[k].pid, refs[k].fd)] = who[k];
     for (const sys::FdGroup& g : *groups) {
       OpenFile f;
       f.rec.id = files_.size() + 1;
-      for (const sys::FdRef& m : g.members)
-        holders_[index.at(key(m.pid, m.fd))].file = files_.size();
-      f.first_holder = index.at(key(g.members[0].pid, g.members[0].fd));
+      for (const sys::FdRef& m : g.members) holders_[at.at(key(m.pid, m.fd))].file = files_.size();
+      f.first_holder = at.at(key(g.members[0].pid, g.members[0].fd));
       files_.push_back(std::move(f));
     }
     return {};
   }
 
-  size_t pid_index(pid_t pid) const {
-    return static_cast<size_t>(std::find(pids_.begin(), pids_.end(), pid) - pids_.begin());
-  }
-
-  // The pipe a description belongs to, made on first sight (one fstat and one F_GETPIPE_SZ per pipe).
-  Expected<size_t> pipe_of(int fd, const Holder& h) {
-    auto key = std::pair<dev_t, uint64_t>(h.dev, h.ino);
-    if (auto it = pipe_index_.find(key); it != pipe_index_.end()) return it->second;
-    struct stat st {};
-    if (::fstat(fd, &st) < 0) return tl::unexpected(sys::call_error("fstat", fmt::format("pid {} fd {}", h.pid, h.fd)));
-    PipeState p;
-    p.rec.id = pipes_.size() + 1;
-    p.rec.kind = h.kind;
-    p.rec.inode = h.ino;
-    p.rec.uid = st.st_uid;
-    p.rec.gid = st.st_gid;
-    p.rec.mode = st.st_mode & 07777;
-    auto cap = sys::get_pipe_size(fd);
-    if (!cap) return tl::unexpected(cap.error());
-    p.rec.capacity = static_cast<uint32_t>(*cap);
-    if (h.kind == PipeKind::fifo) {
-      p.rec.path = h.target;
-      if (p.rec.path.ends_with(kDeleted)) {
-        p.rec.path.resize(p.rec.path.size() - kDeleted.size());
-        p.rec.unlinked = true;
-      }
-    }
-    pipes_.push_back(std::move(p));
-    pipe_index_.emplace(key, pipes_.size() - 1);
-    return pipes_.size() - 1;
-  }
-
-  Expected<void> read_file(OpenFile& f) {
-    const Holder& h = holders_[f.first_holder];
-    auto fd = sys::pidfd_getfd(pidfds_[pid_index(h.pid)].get(), h.fd, h.pid);
-    if (!fd) return tl::unexpected(in_process(fd.error(), h.pid));
-    if (is_notification_pipe(fd->get()))
-      return fail(Errc::unsupported, ENOTSUP,
-                  fmt::format("pid {} fd {} is a notification pipe (O_NOTIFICATION_PIPE): its messages cannot be "
-                              "read without consuming them",
-                              h.pid, h.fd));
-    auto state = file_state(fd->get(), false);
-    if (!state) return tl::unexpected(state.error());
-    auto pi = pipe_of(fd->get(), h);
-    if (!pi) return tl::unexpected(pi.error());
-    f.pipe = *pi;
-    f.rec.flags = static_cast<uint32_t>(h.flags);
-    f.rec.owner = state->owner;
-    f.rec.signal = state->signal;
-    PipeState& p = pipes_[*pi];
-    f.rec.pipe_id = p.rec.id;
-    int access = static_cast<int>(f.rec.flags) & O_ACCMODE;
-    if (access != O_RDONLY) p.has_writer_file = true;
-    if (access == O_WRONLY) {
-      if (p.write_holder == SIZE_MAX) p.write_holder = f.first_holder;
-      return {};
-    }
-    if (p.rec.kind == PipeKind::fifo && access == O_RDONLY) {
-      pollfd pfd{fd->get(), POLLIN, 0};
-      f.pollhup = ::poll(&pfd, 1, 0) == 1 && (pfd.revents & POLLHUP);
-    }
-    if (!p.snapped) {
-      auto snap = snapshot(fd->get(), p.rec.capacity);
-      if (!snap) return tl::unexpected(snap.error());
-      p.snap = std::move(*snap);
-      p.snapped = true;
-    }
-    return {};
-  }
-
-  Expected<void> read_files() {
-    for (OpenFile& f : files_)
-      if (auto r = read_file(f); !r) return r;
-    return {};
-  }
-
-  // Pipes the dumped processes can only write: a read end from /proc/PID/fd/N, held for the tee only.
-  Expected<void> snapshot_write_only_pipes() {
-    for (PipeState& p : pipes_) {
-      if (p.snapped) continue;
-      const Holder& h = holders_[p.write_holder];
-      std::string link = fmt::format("/proc/{}/fd/{}", h.pid, h.fd);
-      sys::UniqueFd rd(::open(link.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC));
-      if (!rd) return tl::unexpected(in_process(sys::call_error("open", link + ", O_RDONLY"), h.pid));
-      auto snap = snapshot(rd.get(), p.rec.capacity);
-      if (!snap) return tl::unexpected(snap.error());
-      p.snap = std::move(*snap);
-      p.snapped = true;
-    }
-    return {};
-  }
-
   void mark_blocked() {
-    std::map<std::pair<pid_t, int>, Blocked> blocked;
+    std::map<std::pair<pid_t, int>, Blocked> blocked;  // (table's tid, fd)
     for (const sys::StoppedProcess& s : stopped_)
       for (pid_t tid : s.threads()) {
         auto st = s.syscall_state(tid);
@@ -330,10 +696,39 @@ class Dumper {
         ts.tid = tid;
         ts.nr = st->nr;
         for (int i = 0; i < 6; ++i) ts.args[i] = st->args[i];
-        if (auto io = sys::blocked_io(ts)) blocked[{s.pid(), io->fd}] = io->dir;
+        if (auto io = sys::blocked_io(ts)) blocked[{table_tid_of(s.pid(), tid), io->fd}] = io->dir;
       }
     for (Holder& h : holders_)
-      if (auto it = blocked.find({h.pid, h.fd}); it != blocked.end()) h.blocked = it->second;
+      if (auto it = blocked.find({tables_[h.table].tid, h.fd}); it != blocked.end()) h.blocked = it->second;
+  }
+
+  // The tid naming the table a thread uses (among the listed tables of its process).
+  pid_t table_tid_of(pid_t pid, pid_t tid) const {
+    pid_t main = 0;
+    for (const Table& t : tables_) {
+      if (t.pid != pid) continue;
+      if (t.tid == tid) return tid;
+      if (!t.own) main = t.tid;
+    }
+    for (const Table& t : tables_)
+      if (t.pid == pid && t.own) {
+        auto c = kcmp_files(t.tid, tid);
+        if (c && *c == 0) return t.tid;
+      }
+    return main;
+  }
+
+  // A target killed while stopped leaves its ptrace stop and loses its fd table on the way out:
+  // what was read of it may be empty or partial. Every target must still stand in its stop here.
+  Expected<void> check_alive() {
+    for (const sys::StoppedProcess& s : stopped_) {
+      auto st = sys::read_task_stat(s.pid(), s.threads().front());
+      if (!st || (st->state != 't' && st->state != 'T'))
+        return fail(Errc::gone, ESRCH,
+                    fmt::format("process {} exited during the dump (state {}); no image written", s.pid(),
+                                st ? std::string(1, st->state) : std::string("gone")));
+    }
+    return {};
   }
 
   Expected<void> resume_all() {
@@ -343,17 +738,78 @@ class Dumper {
     return first;
   }
 
+  // After the resume: grouping (fast path), flags and FD_CLOEXEC from fdinfo, owner, signal and
+  // capacity from the copies, which are then closed.
+  Expected<void> after_resume() {
+    if (batch_ >= holders_.size())
+      if (auto g = group_files(true); !g) return g;
+    std::vector<sys::UniqueFd> info_dirs(tables_.size());
+    for (size_t i = 0; i < holders_.size(); ++i) {
+      Holder& h = holders_[i];
+      if (h.file == SIZE_MAX) continue;  // closed before its copy was taken
+      const Table& t = tables_[h.table];
+      if (!info_dirs[h.table]) info_dirs[h.table].reset(::open(fmt::format("/proc/{}/task/{}/fdinfo", t.pid, t.tid).c_str(),
+                                                             O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+      // Read after the resume: a program that changed FD_CLOEXEC or the status flags since, or closed
+      // the fd, shows its newer state (ino tells a slot reused for another pipe; section 7).
+      std::optional<sys::FdInfo> info;
+      if (info_dirs[h.table]) {
+        auto r = read_fdinfo_at(info_dirs[h.table].get(), h.fd);
+        if (r && (r->ino == 0 || r->ino == h.ino)) info = *r;
+      }
+      if (info) {
+        h.cloexec = (info->flags & O_CLOEXEC) != 0;
+        h.flags = info->flags & ~O_CLOEXEC;
+      } else if (h.copy) {
+        auto fl = sys::get_fl(h.copy.get());
+        if (fl) h.flags = *fl & ~O_CLOEXEC;
+        ++stats_.changed_after_resume;
+      } else {
+        ++stats_.changed_after_resume;
+      }
+      if (auto r = read_with_copy(i); !r) return r;
+    }
+    for (OpenFile& f : files_) {
+      const Holder& h = holders_[f.first_holder];
+      f.rec.flags = static_cast<uint32_t>(h.flags);
+      f.rec.pipe_id = pipes_[h.pipe].rec.id;
+      f.pollhup = pollhup_.count(f.first_holder) > 0;
+      for (size_t i : pipes_[h.pipe].holders)
+        if (holders_[i].file == h.file) f.pollhup = f.pollhup || pollhup_.count(i) > 0;
+      int access = static_cast<int>(f.rec.flags) & O_ACCMODE;
+      if (access != O_RDONLY) pipes_[h.pipe].has_writer_file = true;
+    }
+    for (Holder& h : holders_) h.copy.reset();
+    return {};
+  }
+
+  static Expected<sys::FdInfo> read_fdinfo_at(int dir, int fd) {
+    char name[16];
+    *fmt::format_to_n(name, sizeof name - 1, "{}", fd).out = '\0';
+    sys::UniqueFd f(::openat(dir, name, O_RDONLY | O_CLOEXEC));
+    if (!f) return tl::unexpected(sys::call_error("open", fmt::format("fdinfo/{}", fd)));
+    char buf[512];
+    ssize_t n = ::read(f.get(), buf, sizeof buf);
+    if (n < 0) return tl::unexpected(sys::call_error("read", fmt::format("fdinfo/{}", fd)));
+    return sys::parse_fdinfo(std::string_view(buf, static_cast<size_t>(n)));
+  }
+
   // Which pipes have holders outside the dumped set: every other process's fd table, read once.
-  void mark_outside_holders() {
+  // This costs time in proportion to every fd on the machine, so by default it is done only for
+  // FIFOs whose reader state depends on it (fifo_only); DumpOptions::outside_holders asks for all.
+  void mark_outside_holders(bool fifo_only) {
     std::unordered_map<uint64_t, size_t> anon;
     std::unordered_map<std::string, size_t> fifos;
     for (size_t i = 0; i < pipes_.size(); ++i) {
-      const PipeRecord& r = pipes_[i].rec;
+      const PipeState& p = pipes_[i];
+      const PipeRecord& r = p.rec;
+      if (fifo_only && (r.kind != PipeKind::fifo || p.has_writer_file || !has_unseen_reader(i))) continue;
       if (r.kind == PipeKind::anonymous)
         anon.emplace(r.inode, i);
       else
         fifos.emplace(r.unlinked ? r.path + std::string(kDeleted) : r.path, i);
     }
+    if (anon.empty() && fifos.empty()) return;
     auto all = sys::list_pids();
     if (!all) return;
     std::set<pid_t> mine(pids_.begin(), pids_.end());
@@ -375,8 +831,15 @@ class Dumper {
     }
   }
 
+  // A read-only description of FIFO pipe i without POLLHUP: its latch state needs the outside scan.
+  bool has_unseen_reader(size_t pi) const {
+    for (const OpenFile& f : files_)
+      if (holders_[f.first_holder].pipe == pi && (f.rec.flags & O_ACCMODE) == O_RDONLY && !f.pollhup) return true;
+    return false;
+  }
+
   FifoReaderState fifo_reader_state(const OpenFile& f) const {
-    const PipeState& p = pipes_[f.pipe];
+    const PipeState& p = pipes_[holders_[f.first_holder].pipe];
     if (p.rec.kind != PipeKind::fifo || (f.rec.flags & O_ACCMODE) != O_RDONLY) return FifoReaderState::unknown;
     if (f.pollhup) return FifoReaderState::seen_writer;
     // No POLLHUP: either a writer is open, or this reader has not seen one yet.
@@ -391,11 +854,25 @@ class Dumper {
     Expected<void> ok = w.begin(image::current_info());
     for (const ProcessRecord& p : procs_)
       if (ok) ok = w.add(p);
-    for (PipeState& p : pipes_) {
+    for (const SharedFdTable& s : shared_)
+      if (ok) ok = w.add(s);
+    // Pipes in the order their snapshots were packed: each piece is at the head of its scratch pipe.
+    std::vector<size_t> order(pipes_.size());
+    for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+    std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return pipes_[a].seq < pipes_[b].seq; });
+    uint32_t open_scratch = 0;
+    for (size_t i : order) {
       if (!ok) break;
-      auto slots = reader.read(p.snap, bytes);
-      if (!slots) return tl::unexpected(slots.error());
-      p.rec.slots = std::move(*slots);
+      PipeState& p = pipes_[i];
+      if (p.piece.bytes > 0) {
+        for (; open_scratch < p.piece.scratch; ++open_scratch) packer_.release(open_scratch);
+        auto slots = reader.read_head(packer_.scratch_fd(p.piece.scratch), p.piece.bytes, bytes);
+        if (!slots) return tl::unexpected(slots.error());
+        p.rec.slots = std::move(*slots);
+      } else {
+        p.rec.slots.clear();
+        bytes.clear();
+      }
       ok = w.add(p.rec);
       if (!ok || p.rec.slots.empty()) continue;
       ok = w.begin_data(p.rec.id, bytes.size());
@@ -409,19 +886,23 @@ class Dumper {
     }
     std::vector<FdRecord> fds;
     for (const Holder& h : holders_) {
-      fds.push_back(FdRecord{.pid = h.pid, .fd = h.fd, .file_id = files_[h.file].rec.id, .cloexec = h.cloexec,
-                             .blocked = h.blocked});
+      if (h.file == SIZE_MAX) continue;
+      const Table& t = tables_[h.table];
+      fds.push_back(FdRecord{.pid = t.pid, .fd = h.fd, .file_id = files_[h.file].rec.id, .cloexec = h.cloexec,
+                             .blocked = h.blocked, .tid = t.own ? t.tid : 0});
       if (ok) ok = w.add(fds.back());
     }
     if (ok) ok = w.finish();
     if (!ok) return tl::unexpected(ok.error());
     stats_.pipes = pipes_.size();
     stats_.files = files_.size();
-    stats_.fds = holders_.size();
+    stats_.fds = fds.size();
+    stats_.scratch_pipes = packer_.scratch_pipes();
     if (records) {
       records->info = image::current_info();
       records->processes = procs_;
-      for (const PipeState& p : pipes_) records->pipes.push_back(p.rec);
+      records->shared_tables = shared_;
+      for (size_t i : order) records->pipes.push_back(pipes_[i].rec);
       for (const OpenFile& f : files_) records->files.push_back(f.rec);
       records->fds = std::move(fds);
     }
@@ -432,11 +913,19 @@ class Dumper {
   std::vector<pid_t> pids_;
   std::vector<ProcessRecord> procs_;
   std::vector<sys::StoppedProcess> stopped_;
-  std::vector<sys::UniqueFd> pidfds_;
+  std::vector<Table> tables_;
+  std::vector<SharedFdTable> shared_;
   std::vector<Holder> holders_;
   std::vector<OpenFile> files_;
   std::vector<PipeState> pipes_;
-  std::map<std::pair<dev_t, uint64_t>, size_t> pipe_index_;
+  std::set<size_t> pollhup_;  // holders whose FIFO read end showed POLLHUP
+  SnapshotPacker packer_;
+  size_t batch_ = 0;
+  bool probe_ = false;          // fast path: copies taken while the tables are read
+  std::vector<bool> harmless_;  // per process: taking its sockets changes nothing
+  uint64_t limit_ = 0;
+  size_t base_fds_ = 0;
+  uint64_t seq_ = 0;
   uint64_t stop_start_ = 0;
   DumpStats stats_;
 };

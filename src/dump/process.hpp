@@ -1,11 +1,15 @@
 // dump/process.hpp: checkpoint every pipe and FIFO held by a set of running processes.
 //
 // The targets are stopped (PTRACE_SEIZE + PTRACE_INTERRUPT on every thread, so that if pipecr
-// dies the kernel lets them run on) only while what must be consistent is taken: their fd
-// tables, the open file descriptions behind them (grouped with kcmp), each description's state,
-// and the queued buffers of every pipe, linked into scratch pipes with tee(). No byte is copied
-// while they are stopped, so the stop does not grow with the bytes queued. They run again before
-// the slot layouts are learned and the bytes streamed into the image.
+// dies the kernel lets them run on) only while what must be one moment is taken: their fd tables
+// (every table: a thread's own, and one shared by processes, once), a pidfd_getfd() copy of every
+// pipe fd (the very open file description), and the queued buffers of every pipe, linked with
+// tee() into scratch pipes shared by many pipes. No byte is copied while they are stopped, so the
+// stop does not grow with the bytes queued. After they run again: the grouping into open file
+// descriptions, flags, FD_CLOEXEC, owner, signal, capacity (from the copies and fdinfo), the slot
+// layouts and the bytes (docs/design.md, section 7, says what may change in between).
+// The soft RLIMIT_NOFILE is raised to the hard limit for the dump's duration; when even that cannot
+// hold a copy of every pipe fd, the copies are taken in batches.
 #pragma once
 
 #include <sys/types.h>
@@ -24,10 +28,19 @@ struct DumpOptions {
   std::vector<pid_t> pids;     // the processes to dump
   bool tree = false;           // and all their descendants
   bool leave_stopped = false;  // leave them in a group stop (SIGCONT ends it) instead of resuming
+  // Scan every other process's fd table for the dumped pipes (PipeRecord::outside_holders). Costs
+  // time in proportion to every fd on the machine; without it only FIFOs whose reader state
+  // depends on it are looked up (docs/design.md, section 7).
+  bool outside_holders = false;
 };
 
 struct DumpStats {
   uint64_t stopped_ns = 0;     // from the first thread stopped to the last resumed
+  uint64_t seize_ns = 0;       // of which seizing (PTRACE_SEIZE + INTERRUPT + wait, every thread)
+  uint64_t tables = 0;         // fd tables read (a thread's own table counts; a shared one once)
+  uint64_t batches = 0;        // pidfd_getfd() batches: 1 unless pipecr's fd limit was short
+  uint64_t scratch_pipes = 0;  // scratch pipes the snapshots were packed into
+  uint64_t changed_after_resume = 0;  // fds closed or reused between the resume and their fdinfo read
   uint64_t pipes = 0;
   uint64_t files = 0;
   uint64_t fds = 0;

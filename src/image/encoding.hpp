@@ -44,6 +44,8 @@ enum class RecordType : uint32_t {
   pipe_data = 4,
   file = 5,
   fd = 6,
+  thread_fd = 9,      // an FD in a thread's own fd table (FdRecord::tid != 0); required
+  shared_files = 10,  // SharedFdTable; optional
   end = 0xFFFF,
 };
 inline constexpr uint32_t kRecordRequired = 1u << 0;  // record flags bit 0
@@ -56,6 +58,8 @@ inline constexpr uint32_t kRecordRequired = 1u << 0;  // record flags bit 0
     case RecordType::pipe_data: return "PIPE_DATA";
     case RecordType::file: return "FILE";
     case RecordType::fd: return "FD";
+    case RecordType::thread_fd: return "THREAD_FD";
+    case RecordType::shared_files: return "SHARED_FILES";
     case RecordType::end: return "END";
   }
   return fmt::format("type {:#x}", type);
@@ -262,6 +266,14 @@ class Cursor {
   if (f.file_id == 0) return fmt::format("fd {} has file id 0", f.fd);
   if (static_cast<unsigned>(f.blocked) > 2)
     return fmt::format("fd {} has blocked state {}", f.fd, static_cast<unsigned>(f.blocked));
+  if (f.tid < 0) return fmt::format("fd {} has negative thread id {}", f.fd, f.tid);
+  if (f.tid != 0 && f.pid == 0) return fmt::format("fd {} is in thread {} of no process", f.fd, f.tid);
+  return {};
+}
+
+[[nodiscard]] inline std::string check_shared(const SharedFdTable& s) {
+  if (s.pid <= 0 || s.with_pid <= 0 || s.pid == s.with_pid)
+    return fmt::format("shared fd table of pid {} with pid {}", s.pid, s.with_pid);
   return {};
 }
 

@@ -64,7 +64,9 @@ class Writer {
   [[nodiscard]] Expected<void> data(std::span<const std::byte> chunk);
   [[nodiscard]] Expected<void> end_data();
   [[nodiscard]] Expected<void> add(const FileRecord& f);
-  [[nodiscard]] Expected<void> add(const FdRecord& f);
+  [[nodiscard]] Expected<void> add(const FdRecord& f);  // tid != 0: a THREAD_FD record
+  // After the PROCESS records of both processes, before any PIPE.
+  [[nodiscard]] Expected<void> add(const SharedFdTable& s);
   [[nodiscard]] Expected<void> finish();
   ~Writer();
   Writer(const Writer&) = delete;

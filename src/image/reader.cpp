@@ -11,6 +11,7 @@
 #include <xxhash.h>
 
 #include <set>
+#include <tuple>
 #include <unordered_map>
 #include <unordered_set>
 
@@ -135,6 +136,12 @@ Expected<FdRecord> decode_fd(const RawRecord& r) {
     return bad_field(r, c);
   f.cloexec = fd_flags & 1;
   f.blocked = static_cast<Blocked>(blocked);
+  if (r.type == static_cast<uint32_t>(RecordType::thread_fd)) {
+    auto tid = c.i32("tid");
+    if (!tid) return bad_field(r, c);
+    if (*tid <= 0) return bad(r.offset, fmt::format("record THREAD_FD: fd {} has thread id {}", f.fd, *tid));
+    f.tid = *tid;
+  }
   return f;
 }
 
@@ -224,6 +231,8 @@ class Parser {
       case RecordType::pipe_data: return pipe_data(r);
       case RecordType::file: return file(r);
       case RecordType::fd: return fd(r);
+      case RecordType::thread_fd: return fd(r);
+      case RecordType::shared_files: return shared(r);
       case RecordType::end: break;  // handled by run()
     }
     if (r.flags & kRecordRequired)
@@ -297,6 +306,19 @@ class Parser {
     return {};
   }
 
+  Expected<void> shared(const RawRecord& r) {
+    if (auto e = enter(r, Section::processes); !e) return e;
+    Cursor c = r.cursor();
+    SharedFdTable s;
+    if (!c.opt(s.pid, "pid") || !c.opt(s.with_pid, "with_pid")) return bad_field(r, c);
+    if (auto e = check_shared(s); !e.empty()) return bad(r.offset, "record SHARED_FILES: " + e);
+    if (!pids_.count(s.pid) || !pids_.count(s.with_pid))
+      return bad(r.offset, fmt::format("record SHARED_FILES: pid {} or {} has no earlier PROCESS record", s.pid,
+                                       s.with_pid));
+    img_.shared_tables.push_back(s);
+    return {};
+  }
+
   Expected<void> fd(const RawRecord& r) {
     if (auto e = enter(r, Section::fds); !e) return e;
     auto f = decode_fd(r);
@@ -307,7 +329,7 @@ class Parser {
                                        f->file_id));
     if (f->pid != 0 && !pids_.count(f->pid))
       return bad(r.offset, fmt::format("record FD: fd {} belongs to pid {} which has no PROCESS record", f->fd, f->pid));
-    if (!fds_.insert({f->pid, f->fd}).second)
+    if (!fds_.insert({f->pid, f->tid, f->fd}).second)
       return bad(r.offset, fmt::format("record FD: fd {} of pid {} appears twice", f->fd, f->pid));
     img_.fds.push_back(*f);
     return {};
@@ -349,7 +371,7 @@ class Parser {
   std::vector<PipeBooks> pipes_;
   std::unordered_set<uint64_t> file_ids_;
   std::unordered_set<int32_t> pids_;
-  std::set<std::pair<int32_t, int32_t>> fds_;
+  std::set<std::tuple<int32_t, int32_t, int32_t>> fds_;  // (pid, tid, fd)
 };
 
 }  // namespace

@@ -14,6 +14,7 @@
 
 #include <memory>
 #include <set>
+#include <tuple>
 #include <unordered_map>
 #include <unordered_set>
 
@@ -86,6 +87,7 @@ void encode_fd(std::vector<std::byte>& out, const FdRecord& f) {
   put_u64(out, f.file_id);
   put_u32(out, f.cloexec ? 1u : 0u);
   put_u8(out, static_cast<uint8_t>(f.blocked));
+  if (f.tid != 0) put_i32(out, f.tid);  // THREAD_FD only
 }
 
 }  // namespace
@@ -103,7 +105,7 @@ struct Writer::State {
   };
   std::unordered_map<uint64_t, PipeBooks> pipes;
   std::unordered_set<uint64_t> files;
-  std::set<std::pair<int32_t, int32_t>> fds;  // (pid, fd)
+  std::set<std::tuple<int32_t, int32_t, int32_t>> fds;  // (pid, tid, fd)
   // The PIPE_DATA record being streamed, if any.
   bool in_data = false;
   uint64_t data_pipe = 0, data_len = 0, data_written = 0;
@@ -249,12 +251,29 @@ Expected<void> Writer::add(const FdRecord& f) {
   if (!st_->files.count(f.file_id)) return misuse(fmt::format("fd {} refers to unknown file {}", f.fd, f.file_id));
   if (f.pid != 0 && !st_->pids.count(f.pid))
     return misuse(fmt::format("fd {} belongs to pid {} which has no PROCESS record", f.fd, f.pid));
-  if (st_->fds.count({f.pid, f.fd})) return misuse(fmt::format("fd {} of pid {} added twice", f.fd, f.pid));
+  if (st_->fds.count({f.pid, f.tid, f.fd})) return misuse(fmt::format("fd {} of pid {} added twice", f.fd, f.pid));
   std::vector<std::byte> pl;
   encode_fd(pl, f);
   st_->phase = Phase::fds;
-  st_->fds.insert({f.pid, f.fd});
-  return st_->emit(RecordType::fd, pl);
+  st_->fds.insert({f.pid, f.tid, f.fd});
+  return st_->emit(f.tid != 0 ? RecordType::thread_fd : RecordType::fd, pl);
+}
+
+Expected<void> Writer::add(const SharedFdTable& s) {
+  if (auto r = st_->enter(Phase::processes, "SHARED_FILES"); !r) return r;
+  if (auto e = check_shared(s); !e.empty()) return misuse(e);
+  if (!st_->pids.count(s.pid) || !st_->pids.count(s.with_pid))
+    return misuse(fmt::format("shared fd table of pids {} and {} without their PROCESS records", s.pid, s.with_pid));
+  std::vector<std::byte> pl;
+  put_i32(pl, s.pid);
+  put_i32(pl, s.with_pid);
+  st_->phase = Phase::processes;
+  std::vector<std::byte> rec = record_header(static_cast<uint32_t>(RecordType::shared_files), 0, pl.size());
+  put_bytes(rec, pl);
+  put_u64(rec, XXH3_64bits(rec.data(), rec.size()));
+  auto r = st_->write(rec);
+  if (r) ++st_->records;
+  return r;
 }
 
 Expected<void> Writer::finish() {
@@ -332,6 +351,8 @@ Expected<std::vector<std::byte>> encode(const Image& img) {
   if (auto r = w.begin(img.info); !r) return tl::unexpected(r.error());
   for (const ProcessRecord& p : img.processes)
     if (auto r = w.add(p); !r) return tl::unexpected(r.error());
+  for (const SharedFdTable& s : img.shared_tables)
+    if (auto r = w.add(s); !r) return tl::unexpected(r.error());
   for (const PipeRecord& p : img.pipes) {
     if (auto r = w.add(p); !r) return tl::unexpected(r.error());
     if (p.slots.empty() && p.data.empty()) continue;

@@ -311,6 +311,21 @@ Expected<std::vector<FdEntry>> list_fds(pid_t pid, bool with_targets) {
   return fds;
 }
 
+Expected<std::vector<int>> list_task_fds(pid_t pid, pid_t tid, UniqueFd& dir) {
+  PathBuf p;
+  const char* path = make_path(p, "/proc/{}/task/{}/fd", pid, tid);
+  auto d = open_proc(pid, path, O_RDONLY | O_DIRECTORY);
+  if (!d) return tl::unexpected(d.error());
+  std::vector<int> fds;
+  auto r = for_each_dirent(pid, d->get(), path, [&](std::string_view name) {
+    int fd = 0;
+    if (parse_num(name, fd)) fds.push_back(fd);
+  });
+  if (!r) return tl::unexpected(r.error());
+  dir = std::move(*d);
+  return fds;
+}
+
 Expected<std::string> read_fd_target(pid_t pid, int fd) {
   PathBuf p;
   const char* path = make_path(p, "/proc/{}/fd/{}", pid, fd);

@@ -19,6 +19,7 @@
 
 #include "pipecr/error.hpp"
 #include "pipecr/image.hpp"
+#include "sys/unique_fd.hpp"
 
 namespace pipecr::sys {
 
@@ -64,6 +65,10 @@ struct FdEntry {
 // directory block instead of one per fd). An fd closed between the listing and its readlink is
 // skipped.
 [[nodiscard]] Expected<std::vector<FdEntry>> list_fds(pid_t pid, bool with_targets = true);
+// The fd numbers of the fd table thread tid of pid uses (/proc/PID/task/TID/fd: a thread that called
+// unshare(CLONE_FILES) has its own), in directory order, with nothing read per fd; `dir` is left open
+// on that directory for fstatat()/readlinkat() relative to it. One getdents64 per block of entries.
+[[nodiscard]] Expected<std::vector<int>> list_task_fds(pid_t pid, pid_t tid, UniqueFd& dir);
 // readlink(/proc/PID/fd/FD).
 [[nodiscard]] Expected<std::string> read_fd_target(pid_t pid, int fd);
 

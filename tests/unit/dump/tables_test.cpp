@@ -1,0 +1,357 @@
+// tables_test.cpp: the dump's collection path against real processes: every fd table (a thread's
+// own, one shared by two processes), snapshots packed into shared scratch pipes, pipecr's own fd
+// limit (batches, and a clear refusal), and a target killed while it is dumped.
+#include <fcntl.h>
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <sys/ioctl.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <filesystem>
+#include <map>
+#include <set>
+#include <string>
+#include <thread>
+
+#include <fmt/format.h>
+#include <gtest/gtest.h>
+
+#include "dump_child.hpp"
+
+namespace pipecr {
+namespace {
+
+using testing::block_usr1;
+using testing::DumpChild;
+using testing::dump_image;
+using testing::expect_running;
+using testing::raise_nofile;
+using testing::wait_usr1;
+
+std::string data_of(const PipeRecord& p) {
+  return std::string(reinterpret_cast<const char*>(p.data.data()), p.data.size());
+}
+
+const PipeRecord* pipe_of_fd(const Image& img, const FdRecord& d) {
+  const FileRecord* f = img.find_file(d.file_id);
+  return f ? img.find_pipe(f->pipe_id) : nullptr;
+}
+
+// A thread that called unshare(CLONE_FILES) holds a pipe with data in its own fd table, at the
+// same fd number as a pipe of the process's table: both are dumped, the thread's with its tid.
+std::atomic<bool> g_thread_go{false};
+std::atomic<int> g_thread_result{-1};
+std::atomic<pid_t> g_thread_tid{0};
+int g_thread_fd = -1;
+
+void* own_table_thread(void* ready) {
+  if (unshare(CLONE_FILES) != 0) {
+    g_thread_result = 10;
+    close(*static_cast<int*>(ready));
+    return nullptr;
+  }
+  // In its own table: close the copy of the main table's pipe at g_thread_fd, put a new one there.
+  int p[2];
+  if (pipe(p) != 0) return nullptr;
+  (void)!write(p[1], "thread-data", 11);
+  dup2(p[0], g_thread_fd);
+  close(p[0]);
+  g_thread_tid = static_cast<pid_t>(syscall(SYS_gettid));
+  close(*static_cast<int*>(ready));  // only this table's copy of the ready fd; the main thread closes its own
+  while (!g_thread_go) usleep(1000);
+  int q = 0;
+  ioctl(g_thread_fd, FIONREAD, &q);
+  char buf[16] = {};
+  g_thread_result = q == 11 && read(g_thread_fd, buf, sizeof buf) == 11 && memcmp(buf, "thread-data", 11) == 0 ? 0 : 11;
+  return nullptr;
+}
+
+TEST(DumpTables, ThreadWithItsOwnFdTable) {
+  DumpChild c([](int ready) {
+    block_usr1();
+    int p[2];
+    if (pipe(p) != 0) return 2;
+    (void)!write(p[1], "main-data", 9);
+    g_thread_fd = 30;
+    dup2(p[0], 30);
+    close(p[0]);
+    pthread_t t;
+    int ready_copy = ready;
+    pthread_create(&t, nullptr, own_table_thread, &ready_copy);
+    while (g_thread_tid == 0 && g_thread_result < 0) usleep(1000);
+    close(ready);
+    wait_usr1();
+    g_thread_go = true;
+    pthread_join(t, nullptr);
+    int q = 0;
+    ioctl(30, FIONREAD, &q);
+    return g_thread_result == 0 && q == 9 ? 0 : 20 + g_thread_result;
+  });
+  ASSERT_TRUE(c.ready());
+  std::vector<std::byte> bytes;
+  dump::DumpStats st;
+  auto img = dump_image({c.pid()}, bytes, &st);
+  ASSERT_TRUE(img) << img.error().what;
+  expect_running(c.pid());
+  EXPECT_EQ(st.tables, 2u);
+  const FdRecord* main_fd = nullptr;
+  const FdRecord* thread_fd = nullptr;
+  for (const FdRecord& d : img->fds) {
+    if (d.fd != 30) continue;
+    (d.tid == 0 ? main_fd : thread_fd) = &d;
+  }
+  ASSERT_TRUE(main_fd && thread_fd);
+  EXPECT_EQ(thread_fd->pid, c.pid());
+  EXPECT_NE(thread_fd->tid, c.pid());
+  EXPECT_TRUE(std::filesystem::exists("/proc/" + std::to_string(c.pid()) + "/task/" + std::to_string(thread_fd->tid)));
+  EXPECT_EQ(data_of(*pipe_of_fd(*img, *main_fd)), "main-data");
+  EXPECT_EQ(data_of(*pipe_of_fd(*img, *thread_fd)), "thread-data");
+  EXPECT_EQ(c.finish(), 0);
+}
+
+// clone(CLONE_FILES) without CLONE_THREAD: two processes, one fd table. Its fds are recorded
+// once, under the first process, and the second is recorded as sharing that table.
+TEST(DumpTables, ProcessesSharingOneFdTable) {
+  DumpChild c([](int ready) {
+    block_usr1();
+    int p[2];
+    if (pipe(p) != 0) return 2;
+    (void)!write(p[1], "shared", 6);
+    pid_t parent = getpid();
+    long kid = syscall(SYS_clone, CLONE_FILES | SIGCHLD, 0, 0, 0, 0);
+    if (kid == 0) {
+      prctl(PR_SET_PDEATHSIG, SIGKILL);
+      if (getppid() != parent) _exit(0);
+      for (;;) pause();
+    }
+    if (kid < 0) return 3;
+    close(ready);  // one table: this closes it for the sharer too
+    wait_usr1();
+    int q = 0;
+    ioctl(p[0], FIONREAD, &q);
+    kill(static_cast<pid_t>(kid), SIGKILL);
+    waitpid(static_cast<pid_t>(kid), nullptr, 0);
+    return q == 6 ? 0 : 4;
+  });
+  ASSERT_TRUE(c.ready());
+  image::MemorySink sink;
+  dump::DumpOptions opts{.pids = {c.pid()}, .tree = true};
+  auto st = dump::dump_processes(opts, sink);
+  ASSERT_TRUE(st) << st.error().what;
+  auto img = image::parse(sink.bytes());
+  ASSERT_TRUE(img) << img.error().what;
+  ASSERT_EQ(img->processes.size(), 2u);
+  pid_t kid = img->processes[0].pid == c.pid() ? img->processes[1].pid : img->processes[0].pid;
+  expect_running(c.pid());
+  expect_running(kid);
+  EXPECT_EQ(st->tables, 1u);
+  ASSERT_EQ(img->shared_tables.size(), 1u);
+  EXPECT_EQ(img->shared_tables[0].pid, kid);
+  EXPECT_EQ(img->shared_tables[0].with_pid, c.pid());
+  ASSERT_EQ(img->pipes.size(), 1u);
+  EXPECT_EQ(data_of(img->pipes[0]), "shared");
+  EXPECT_EQ(img->fds.size(), 2u);  // once, not once per process
+  for (const FdRecord& d : img->fds) EXPECT_EQ(d.pid, c.pid());
+  EXPECT_EQ(c.finish(), 0);
+}
+
+// Pipes of every layout, side by side, packed into shared scratch pipes: each pipe's slots and
+// bytes come back as they were, and far fewer scratch pipes than pipes are used.
+TEST(DumpTables, SnapshotsPackedIntoSharedScratchPipes) {
+  constexpr int kPipes = 400;
+  DumpChild c([](int ready) {
+    block_usr1();
+    std::vector<int> rd;
+    std::string big(65536, 'B');
+    for (int i = 0; i < kPipes; ++i) {
+      int p[2];
+      if (pipe(p) != 0) return 2;
+      switch (i % 5) {
+        case 0: (void)!write(p[1], fmt::format("{:016}", i).data(), 16); break;
+        case 1:  // packets of 10 and 100 bytes
+          fcntl(p[1], F_SETFL, O_DIRECT);
+          (void)!write(p[1], std::string(10, 'p').data(), 10);
+          (void)!write(p[1], std::string(100, 'q').data(), 100);
+          break;
+        case 2: (void)!write(p[1], big.data(), big.size()); break;  // 16 full slots
+        case 3: break;                                                // empty
+        case 4:  // a 1-byte packet last (a stream write would merge into a stream slot before it)
+          fcntl(p[1], F_SETFL, O_DIRECT);
+          (void)!write(p[1], "packet", 6);
+          (void)!write(p[1], "x", 1);
+          break;
+      }
+      rd.push_back(p[0]);
+    }
+    close(ready);
+    wait_usr1();
+    // Every pipe still holds what it held.
+    static const int expect[5] = {16, 110, 65536, 0, 7};
+    for (int i = 0; i < kPipes; ++i) {
+      int q = -1;
+      ioctl(rd[static_cast<size_t>(i)], FIONREAD, &q);
+      if (q != expect[i % 5]) return 3;
+    }
+    return 0;
+  });
+  ASSERT_TRUE(c.ready());
+  std::vector<std::byte> bytes;
+  dump::DumpStats st;
+  auto img = dump_image({c.pid()}, bytes, &st);
+  ASSERT_TRUE(img) << img.error().what;
+  ASSERT_EQ(img->pipes.size(), static_cast<size_t>(kPipes));
+  // 80 pipes of 16 slots, 80 of 2, 80 of 1, 80 of 2: 1,600 slots in 256-slot scratch pipes.
+  EXPECT_LE(st.scratch_pipes, 12u);
+  EXPECT_GE(st.scratch_pipes, 7u);
+  std::map<std::string, int> kinds;
+  for (const PipeRecord& rec : img->pipes) {
+    const PipeRecord* p = &rec;
+    if (p->slots.empty()) {
+      ++kinds["empty"];
+    } else if (p->slots.size() == 16) {
+      for (const Slot& s : p->slots) EXPECT_EQ(s, (Slot{4096, false}));
+      EXPECT_EQ(data_of(*p), std::string(65536, 'B'));
+      ++kinds["full"];
+    } else if (p->slots.size() == 1) {
+      EXPECT_EQ(p->slots[0], (Slot{16, false}));
+      EXPECT_EQ(data_of(*p).size(), 16u);
+      ++kinds["small"];
+    } else if (p->slots[0].len == 10) {
+      EXPECT_EQ(p->slots[0], (Slot{10, true}));
+      EXPECT_EQ(p->slots[1], (Slot{100, true}));
+      EXPECT_EQ(data_of(*p), std::string(10, 'p') + std::string(100, 'q'));
+      ++kinds["packets"];
+    } else {
+      EXPECT_EQ(p->slots[0], (Slot{6, true}));
+      EXPECT_EQ(p->slots[1], (Slot{1, true}));
+      EXPECT_EQ(data_of(*p), "packetx");
+      ++kinds["mixed"];
+    }
+  }
+  for (const char* k : {"empty", "full", "small", "packets", "mixed"}) EXPECT_EQ(kinds[k], kPipes / 5) << k;
+  EXPECT_EQ(c.finish(), 0);
+}
+
+// Runs `fn` in a forked process (so that lowering its hard fd limit does not touch the test
+// process) and returns its exit status.
+int in_child(const std::function<int()>& fn) {
+  pid_t pid = fork();
+  if (pid == 0) _exit(fn());
+  int st = 0;
+  waitpid(pid, &st, 0);
+  return WIFEXITED(st) ? WEXITSTATUS(st) : 100 + WTERMSIG(st);
+}
+
+DumpChild many_pipes(int n, int bytes) {
+  return DumpChild([n, bytes](int ready) {
+    block_usr1();
+    raise_nofile();
+    std::vector<int> rd;
+    for (int i = 0; i < n; ++i) {
+      int p[2];
+      if (pipe(p) != 0) return 2;
+      std::string d = fmt::format("{:0{}}", i, bytes);
+      if (bytes && write(p[1], d.data(), d.size()) != bytes) return 3;
+      rd.push_back(p[0]);
+    }
+    close(ready);
+    wait_usr1();
+    for (int i = 0; i < n; ++i) {
+      int q = -1;
+      ioctl(rd[static_cast<size_t>(i)], FIONREAD, &q);
+      if (q != bytes) return 4;
+    }
+    return 0;
+  });
+}
+
+// pipecr under a hard fd limit far below the fds dumped: the copies are taken in batches and the
+// image is whole.
+TEST(DumpTables, BatchesUnderALowFdLimit) {
+  constexpr int kPipes = 1500;  // 3,000 fds
+  DumpChild c = many_pipes(kPipes, 8);
+  ASSERT_TRUE(c.ready());
+  int rc = in_child([&] {
+    raise_nofile(700);
+    std::vector<std::byte> bytes;
+    dump::DumpStats st;
+    auto img = dump_image({c.pid()}, bytes, &st);
+    if (!img) return 10;
+    if (img->pipes.size() != static_cast<size_t>(kPipes) || img->fds.size() != 2u * kPipes ||
+        img->files.size() != 2u * kPipes)
+      return 11;
+    if (st.batches < 5) return 12;
+    std::set<std::string> seen;
+    for (const PipeRecord& p : img->pipes) seen.insert(data_of(p));
+    if (seen.size() != static_cast<size_t>(kPipes) || !seen.count(fmt::format("{:08}", kPipes - 1))) return 13;
+    for (const FdRecord& d : img->fds) {
+      const FileRecord* f = img->find_file(d.file_id);
+      if (!f || (f->flags & O_ACCMODE) != (d.fd % 2 == 0 ? O_RDONLY : O_WRONLY)) return 14;
+    }
+    return 0;
+  });
+  EXPECT_EQ(rc, 0);
+  expect_running(c.pid());
+  EXPECT_EQ(c.finish(), 0);
+}
+
+// A limit that cannot hold even a small batch: one clear error naming the limit, the number
+// needed and the command that raises it, and the target runs on untouched.
+TEST(DumpTables, FdLimitTooLowIsAClearError) {
+  DumpChild c = many_pipes(200, 4);
+  ASSERT_TRUE(c.ready());
+  int rc = in_child([&] {
+    raise_nofile(40);
+    std::vector<std::byte> bytes;
+    auto img = dump_image({c.pid()}, bytes);
+    if (img) return 10;
+    const std::string& w = img.error().what;
+    if (img.error().kind != Errc::capacity) return 11;
+    if (w.find("RLIMIT_NOFILE") == std::string::npos || w.find("prlimit --nofile=") == std::string::npos ||
+        w.find(" 40") == std::string::npos)
+      return 12;
+    return 0;
+  });
+  EXPECT_EQ(rc, 0);
+  expect_running(c.pid());
+  EXPECT_EQ(c.finish(), 0);
+}
+
+// A target killed at some moment of a dump of 9,000 pipes: either the dump fails with
+// Errc::gone, or (killed after its stop) the image holds all 9,000 pipes; never a partial image.
+TEST(DumpTables, TargetKilledDuringTheDump) {
+  constexpr int kPipes = 9000;
+  int gone = 0, whole = 0;
+  for (int delay_us : {0, 1000, 5000, 20000, 60000, 400000}) {
+    DumpChild c = many_pipes(kPipes, 16);
+    ASSERT_TRUE(c.ready());
+    std::thread killer([&] {
+      std::this_thread::sleep_for(std::chrono::microseconds(delay_us));
+      kill(c.pid(), SIGKILL);
+    });
+    std::vector<std::byte> bytes;
+    auto img = dump_image({c.pid()}, bytes);
+    killer.join();
+    if (!img) {
+      EXPECT_EQ(img.error().kind, Errc::gone) << delay_us << ": " << img.error().what;
+      ++gone;
+    } else {
+      EXPECT_EQ(img->pipes.size(), static_cast<size_t>(kPipes)) << delay_us;
+      ++whole;
+    }
+    // Not its exit status: the dump, as its tracer, may have reaped it already.
+    (void)c.reap();
+  }
+  EXPECT_GT(gone, 0);  // whole images depend on the machine's speed: counted, not required
+  std::printf("killed during the dump: %d gone, %d whole images\n", gone, whole);
+}
+
+}  // namespace
+}  // namespace pipecr
