@@ -77,6 +77,9 @@ void print_processes(Out out, const Image& img) {
   fmt::format_to(out, "\nProcesses:\n  {:>8} {:>8}  {:<16} {}\n", "PID", "PPID", "COMM", "COMMAND");
   for (const ProcessRecord& p : img.processes)
     fmt::format_to(out, "  {:>8} {:>8}  {:<16} {}\n", p.pid, p.ppid, printable(p.comm), command_line(p.argv));
+  for (const SharedFdTable& s : img.shared_tables)
+    fmt::format_to(out, "  process {} shares the fd table of process {} (its fds are listed under {})\n", s.pid,
+                   s.with_pid, s.with_pid);
 }
 
 // "pipe 3: fifo /tmp/f (unlinked), inode 77, capacity 65536, 10 bytes queued (0.0%), 1 slot".
@@ -113,8 +116,9 @@ void print_fd_line(Out out, const FdRecord& f, const Index& ix) {
   auto proc = ix.process.find(f.pid);
   std::string comm = proc == ix.process.end() ? std::string() : fmt::format("  ({})", printable(proc->second->comm));
   const char* blocked = blocked_name(f.blocked);
-  fmt::format_to(out, "    fd {}:{}{}{}{}\n", who, f.fd, comm, f.cloexec ? "  cloexec" : "",
-                 blocked ? fmt::format("  BLOCKED {}", blocked) : std::string());
+  if (f.tid != 0) who += fmt::format("/{}", f.tid);  // in the own fd table of thread tid
+  fmt::format_to(out, "    fd {}:{}{}{}{}{}\n", who, f.fd, comm, f.tid != 0 ? "  (thread's own fd table)" : "",
+                 f.cloexec ? "  cloexec" : "", blocked ? fmt::format("  BLOCKED {}", blocked) : std::string());
 }
 
 std::string indent(const std::string& text, const char* prefix) {

@@ -85,12 +85,16 @@ Json file_json(const FileRecord& f, bool fifo) {
 
 Json fd_json(const FdRecord& f) {
   const char* blocked = blocked_name(f.blocked);
-  return Json{{"pid", f.pid},
-              {"fd", f.fd},
-              {"file", f.file_id},
-              {"cloexec", f.cloexec},
-              {"blocked", blocked ? Json(blocked) : Json(nullptr)}};
+  Json j{{"pid", f.pid},
+         {"fd", f.fd},
+         {"file", f.file_id},
+         {"cloexec", f.cloexec},
+         {"blocked", blocked ? Json(blocked) : Json(nullptr)}};
+  if (f.tid != 0) j["tid"] = f.tid;  // in that thread's own fd table (THREAD_FD)
+  return j;
 }
+
+Json shared_json(const SharedFdTable& s) { return Json{{"pid", s.pid}, {"with_pid", s.with_pid}}; }
 
 }  // namespace
 
@@ -176,12 +180,18 @@ nlohmann::ordered_json image_to_json(const Image& img, const ImageJsonOptions& o
   auto fifos = fifo_ids(img);
   for (const FileRecord& f : img.files) files.push_back(file_json(f, fifos.count(f.pipe_id) > 0));
   for (const FdRecord& f : img.fds) fds.push_back(fd_json(f));
-  return Json{{"format_version", img.format_version},
-              {"info", info_json(img.info)},
-              {"processes", std::move(processes)},
-              {"pipes", std::move(pipes)},
-              {"files", std::move(files)},
-              {"fds", std::move(fds)}};
+  Json doc{{"format_version", img.format_version},
+           {"info", info_json(img.info)},
+           {"processes", std::move(processes)},
+           {"pipes", std::move(pipes)},
+           {"files", std::move(files)},
+           {"fds", std::move(fds)}};
+  if (!img.shared_tables.empty()) {
+    Json shared = Json::array();
+    for (const SharedFdTable& s : img.shared_tables) shared.push_back(shared_json(s));
+    doc["shared_fd_tables"] = std::move(shared);
+  }
+  return doc;
 }
 
 void write_image_json(std::FILE* out, const Image& img, const ImageJsonOptions& opt) {
@@ -205,6 +215,11 @@ void write_image_json(std::FILE* out, const Image& img, const ImageJsonOptions& 
   doc.begin_array("fds");
   for (const FdRecord& f : img.fds) doc.element(fd_json(f));
   doc.end_array();
+  if (!img.shared_tables.empty()) {
+    doc.begin_array("shared_fd_tables");
+    for (const SharedFdTable& s : img.shared_tables) doc.element(shared_json(s));
+    doc.end_array();
+  }
   doc.end();
   doc.text() += '\n';
   std::fwrite(doc.text().data(), 1, doc.text().size(), out);

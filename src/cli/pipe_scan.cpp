@@ -3,6 +3,7 @@
 
 #include <fcntl.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 
 #include <algorithm>
@@ -59,6 +60,21 @@ std::optional<std::string> open_path(pid_t pid, const sys::TaskSyscall& s) {
   int dfd = static_cast<int>(dirfd);
   std::string base = dfd == AT_FDCWD ? fmt::format("/proc/{}/cwd", pid) : fmt::format("/proc/{}/fd/{}", pid, dfd);
   return base + "/" + path;
+}
+
+// Threads of pid with an fd table of their own (unshare(CLONE_FILES)): kcmp(KCMP_FILES) against
+// the leader and against the tables already found. Their fds are scanned as "TID:FD" (/proc/TID
+// shows the thread's own table; sys::pidfd_open gives a thread pidfd for it).
+std::vector<pid_t> own_table_threads(pid_t pid) {
+  std::vector<pid_t> own;
+  auto tids = sys::list_threads(pid);
+  if (!tids || tids->size() < 2) return own;
+  auto same = [](pid_t a, pid_t b) { return ::syscall(SYS_kcmp, a, b, 2 /* KCMP_FILES */, 0, 0) == 0; };
+  for (pid_t tid : *tids) {
+    if (tid == pid || same(pid, tid)) continue;
+    if (std::none_of(own.begin(), own.end(), [&](pid_t o) { return same(o, tid); })) own.push_back(tid);
+  }
+  return own;
 }
 
 // Records every thread of pid blocked in read/write on a pipe fd, or in open() of a FIFO.
@@ -157,6 +173,8 @@ Expected<Scan> scan_system(const std::vector<pid_t>& targets) {
     }
     seen.push_back(pid);
     scan.comms.emplace(pid, sys::read_comm(pid).value_or("?"));
+    for (pid_t tid : own_table_threads(pid))
+      if (scan_fds(tid, scan)) scan.comms.emplace(tid, sys::read_comm(pid).value_or("?"));
   }
   std::map<std::pair<pid_t, int>, std::vector<Stuck>> by_fd;
   for (pid_t pid : seen) scan_tasks(pid, scan, by_fd);

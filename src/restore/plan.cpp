@@ -15,11 +15,13 @@
 
 #include <fcntl.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <climits>
 #include <cstdlib>
+#include <optional>
 #include <unordered_set>
 
 #include <fmt/format.h>
@@ -165,24 +167,48 @@ bool still_connected(const Image& img, const FdRecord& d, pid_t target) {
   return acc && (acc->flags & O_ACCMODE) == static_cast<int>(f->flags & O_ACCMODE);
 }
 
-// Fds of restored processes, the files and pipes they need; the rest is dropped.
+// The holder for the fds of thread tid's own fd table in the process of holder h: made on first
+// use, after the others (the exec holder has no threads of the recorded process: nullopt).
+std::optional<size_t> thread_holder(Plan& plan, size_t h, pid_t tid) {
+  if (plan.holders[h].exec) return std::nullopt;
+  for (size_t i = 0; i < plan.holders.size(); ++i)
+    if (plan.holders[i].thread == tid && plan.holders[i].target == plan.holders[h].target) return i;
+  Holder t{plan.holders[h].recorded, plan.holders[h].target, false, {}};
+  t.thread = tid;
+  plan.holders.push_back(std::move(t));
+  return plan.holders.size() - 1;
+}
+
+// Fds of restored processes, the files and pipes they need; the rest is dropped. A process that
+// shared the fd table of a recorded one (SHARED_FILES) receives that table's fds when only it is
+// restored; when both are, they are installed once.
 void select_fds(const Image& img, Plan& plan) {
   std::unordered_map<int32_t, size_t> holder_of;
   for (size_t i = 0; i < plan.holders.size(); ++i) holder_of[plan.holders[i].recorded] = i;
+  for (const SharedFdTable& s : img.shared_tables)
+    if (auto it = holder_of.find(s.pid); it != holder_of.end() && !holder_of.count(s.with_pid))
+      holder_of[s.with_pid] = it->second;
   std::unordered_set<uint64_t> async_done;
   for (const FdRecord& d : img.fds) {
     auto h = holder_of.find(d.pid);
     if (h == holder_of.end()) continue;
-    if (still_connected(img, d, plan.holders[h->second].target)) {
+    std::optional<size_t> hi = h->second;
+    if (d.tid != 0) hi = thread_holder(plan, h->second, d.tid);
+    if (!hi) {
+      plan.notes.push_back(fmt::format("fd {} of thread {}'s own fd table not restored: --exec has no such thread",
+                                       d.fd, d.tid));
+      continue;
+    }
+    if (still_connected(img, d, plan.holders[*hi].target)) {
       plan.notes.push_back(fmt::format("fd {} of process {} left as it is: its pipe is also held outside the image, "
                                        "and the process still holds that pipe there",
-                                       d.fd, plan.holders[h->second].target));
+                                       d.fd, plan.holders[*hi].target));
       continue;
     }
     add_file(img, d.file_id, plan);
     const FileRecord& f = plan.files[plan.file_index[d.file_id]].rec;
     bool async = (f.flags & O_ASYNC) && async_done.insert(f.id).second;
-    plan.holders[h->second].fds.push_back(PlannedFd{&d, async});
+    plan.holders[*hi].fds.push_back(PlannedFd{&d, async});
   }
   std::unordered_set<uint64_t> used;
   for (const PlannedFile& f : plan.files) used.insert(f.pipe->id);
@@ -239,11 +265,45 @@ std::string describe(const DroppedEnd& d, const Image& img) {
                      d.write_side ? "write" : "read", d.fd, d.recorded_pid);
 }
 
+// Fds recorded in a thread's own fd table go back into that thread of that process only: the
+// thread must exist in the target (so the target is the recorded process) and still have a table
+// of its own. The transaction stops each holder's process once, so one restore installs into one
+// table per process: the process's own holder goes when it has nothing to install.
+Expected<void> check_thread_tables(Plan& plan) {
+  for (size_t ti = 0; ti < plan.holders.size(); ++ti) {
+    const Holder& t = plan.holders[ti];
+    if (t.thread == 0) continue;
+    std::string what = fmt::format("fd {} of process {} was in the own fd table of its thread {}",
+                                   t.fds.empty() ? -1 : t.fds.front().rec->fd, t.recorded, t.thread);
+    struct stat st {};
+    if (::stat(fmt::format("/proc/{}/task/{}", t.target, t.thread).c_str(), &st) < 0)
+      return fail(Errc::invalid_argument, ESRCH,
+                  fmt::format("{}: process {} has no thread {}, so it cannot be restored there{}", what, t.target,
+                              t.thread, t.target == t.recorded ? "" : " (restore it into the recorded process)"));
+    if (::syscall(SYS_kcmp, t.target, t.thread, 2 /* KCMP_FILES */, 0, 0) == 0)
+      return fail(Errc::invalid_argument, EINVAL,
+                  fmt::format("{}: thread {} of process {} no longer has an fd table of its own", what, t.thread,
+                              t.target));
+    for (size_t i = 0; i < plan.holders.size(); ++i) {
+      const Holder& h = plan.holders[i];
+      if (i == ti || h.target != t.target || h.exec) continue;
+      if (!h.fds.empty())
+        return fail(Errc::unsupported, ENOTSUP,
+                    fmt::format("{}: restoring into two fd tables of process {} in one restore is not supported yet",
+                                what, t.target));
+      plan.holders.erase(plan.holders.begin() + static_cast<std::ptrdiff_t>(i));
+      return check_thread_tables(plan);  // indices moved: start over
+    }
+  }
+  return {};
+}
+
 Expected<Plan> make_plan(const Image& img, const ProcessRestoreRequest& request) {
   Plan plan;
   plan.img = &img;
   if (auto ok = add_holders(img, request, plan); !ok) return tl::unexpected(ok.error());
   select_fds(img, plan);
+  if (auto ok = check_thread_tables(plan); !ok) return tl::unexpected(ok.error());
   return plan;
 }
 

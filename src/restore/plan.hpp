@@ -32,6 +32,9 @@ struct Holder {
   pid_t target = -1;       // the live pid; getpid() for the exec holder
   bool exec = false;
   std::vector<PlannedFd> fds;  // image order
+  // Not 0: the fds go into the own fd table of this thread of target (FdRecord::tid, THREAD_FD);
+  // the install runs in that thread.
+  pid_t thread = 0;
 };
 
 struct PlannedFile {

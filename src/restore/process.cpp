@@ -159,17 +159,17 @@ class TargetTransaction {
   }
 
   Expected<void> attach(Session& s) {
-    auto r = sys::RemoteSyscalls::attach(s.proc, s.proc.threads().front());
+    auto r = sys::RemoteSyscalls::attach(s.proc, s.holder->thread ? s.holder->thread : s.proc.threads().front());
     if (!r) return tl::unexpected(r.error());
     s.remote.emplace(std::move(*r));
     int top = highest_fd(*s.holder);
     if (top < 0) return {};
-    auto pidfd = sys::pidfd_open(s.holder->target);
+    auto pidfd = sys::pidfd_open(s.holder->thread ? s.holder->thread : s.holder->target);
     if (!pidfd) return tl::unexpected(pidfd.error());
     s.pidfd = std::move(*pidfd);
     auto limit = sys::remote_nofile_limit(*s.remote);
     if (!limit) return tl::unexpected(limit.error());
-    auto open = target_fd_count(s.holder->target);
+    auto open = target_fd_count(s.holder->thread ? s.holder->thread : s.holder->target);
     if (!open) return tl::unexpected(open.error());
     // install_fds() receives each batch at the lowest free numbers, then dup3()s them in place.
     constexpr uint64_t kSpare = 4;  // its socket, and room to spare
@@ -210,7 +210,7 @@ class TargetTransaction {
       s.stash.push_back(LocalStash{fd, sys::UniqueFd(), false});
       return {};
     }
-    auto cloexec = target_cloexec(s.holder->target, fd);
+    auto cloexec = target_cloexec(s.holder->thread ? s.holder->thread : s.holder->target, fd);
     if (!cloexec) return tl::unexpected(cloexec.error());
     s.stash.push_back(LocalStash{fd, std::move(*copy), *cloexec});
     return {};

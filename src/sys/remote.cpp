@@ -398,7 +398,7 @@ Expected<UniqueFd> open_channel(RemoteSyscalls& r, uint64_t page, const std::vec
   temps.push_back(pair[1]);
   auto moved = move_off_targets(r, temps, sorted_targets);
   if (!moved) return tl::unexpected(moved.error());
-  auto pidfd = pidfd_open(r.pid());
+  auto pidfd = pidfd_open(r.tid());  // the table of the thread driven (a thread may have its own)
   if (!pidfd) return tl::unexpected(pidfd.error());
   auto mine = pidfd_getfd(pidfd->get(), temps[0], r.pid());
   if (!mine) return tl::unexpected(mine.error());

@@ -110,6 +110,9 @@ Expected<int> kcmp_file(pid_t pid1, int fd1, pid_t pid2, int fd2) {
 
 Expected<UniqueFd> pidfd_open(pid_t pid) {
   long r = ::syscall(SYS_pidfd_open, pid, 0);
+  // A thread that is not a leader (one with its own fd table): a pidfd of that thread (PIDFD_THREAD,
+  // Linux 6.9+), so that pidfd_getfd() reads that thread's table.
+  if (r < 0 && (errno == ENOENT || errno == EINVAL)) r = ::syscall(SYS_pidfd_open, pid, O_EXCL /* PIDFD_THREAD */);
   if (r < 0) return tl::unexpected(call_error("pidfd_open", fmt::format("pid={}", pid)));
   return UniqueFd(static_cast<int>(r));
 }

@@ -6,6 +6,7 @@
 #include <sched.h>
 #include <signal.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -24,6 +25,7 @@
 #include <gtest/gtest.h>
 
 #include "dump_child.hpp"
+#include "restore/process.hpp"
 
 namespace pipecr {
 namespace {
@@ -351,6 +353,187 @@ TEST(DumpTables, TargetKilledDuringTheDump) {
   }
   EXPECT_GT(gone, 0);  // whole images depend on the machine's speed: counted, not required
   std::printf("killed during the dump: %d gone, %d whole images\n", gone, whole);
+}
+
+}  // namespace
+}  // namespace pipecr
+
+namespace pipecr {
+namespace {
+
+using testing::block_usr1;
+using testing::DumpChild;
+
+// Flags shared with a child through a MAP_SHARED page.
+struct Shared {
+  std::atomic<int> step{0};
+  std::atomic<int> result{-1};
+  std::atomic<pid_t> tid{0};
+};
+
+Shared* shared_page() {
+  void* p = mmap(nullptr, sizeof(Shared), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  return new (p) Shared;
+}
+
+void wait_step(const Shared* s, int n) {
+  for (int i = 0; i < 5000 && s->step.load() < n; ++i) usleep(1000);
+}
+
+struct ThreadArgs {
+  Shared* s;
+  int ready;
+};
+
+// The thread: its own table, a pipe at 30 (read) and 31 (write) with "thread-data". Step 1: drain
+// it. Step 3 (after the restore): the data is back at 30, and 31 writes into the same pipe.
+void* restore_thread(void* arg) {
+  auto* a = static_cast<ThreadArgs*>(arg);
+  Shared* s = a->s;
+  if (unshare(CLONE_FILES) != 0) return nullptr;
+  int p[2];
+  if (pipe(p) != 0) return nullptr;
+  dup2(p[0], 30);
+  dup2(p[1], 31);
+  close(p[0]);
+  close(p[1]);
+  (void)!write(31, "thread-data", 11);
+  s->tid = static_cast<pid_t>(syscall(SYS_gettid));
+  close(a->ready);
+  wait_step(s, 1);
+  char buf[64];
+  if (read(30, buf, sizeof buf) != 11) s->result = 2;
+  s->step = 2;
+  wait_step(s, 3);
+  ssize_t n = read(30, buf, sizeof buf);
+  bool data = n == 11 && memcmp(buf, "thread-data", 11) == 0;
+  bool linked = write(31, "z", 1) == 1 && read(30, buf, 1) == 1 && buf[0] == 'z';
+  if (s->result < 0) s->result = data && linked ? 0 : data ? 4 : 3;
+  s->step = 4;
+  return nullptr;
+}
+
+// A thread's own fd table: dumped, drained, restored into that very thread's table.
+TEST(DumpTables, ThreadTableRestoredIntoItsThread) {
+  Shared* s = shared_page();
+  DumpChild c([s](int ready) {
+    // The process's own table holds no pipe: only the thread's does.
+    int dup_ready = dup(ready);
+    close(ready);
+    ThreadArgs a{s, dup_ready};
+    pthread_t t;
+    pthread_create(&t, nullptr, restore_thread, &a);
+    while (s->tid.load() == 0) usleep(1000);
+    close(dup_ready);  // the main table's copy, once the thread has its own table
+    pthread_join(t, nullptr);
+    return s->result.load();
+  });
+  // The ready fd closes when both tables let it go: the thread closes its copy, the main thread its
+  // own once the thread has a table of its own.
+  ASSERT_TRUE(c.ready());
+  ASSERT_NE(s->tid.load(), 0);
+  std::vector<std::byte> bytes;
+  auto img = testing::dump_image({c.pid()}, bytes);
+  ASSERT_TRUE(img) << img.error().what;
+  size_t in_thread = 0;
+  for (const FdRecord& d : img->fds) in_thread += d.tid == s->tid.load();
+  EXPECT_EQ(in_thread, 2u);
+
+  s->step = 1;
+  wait_step(s, 2);
+  ASSERT_EQ(s->step.load(), 2);
+  auto sum = restore::restore_processes(*img, restore::ProcessRestoreRequest{{{c.pid(), std::nullopt}}, std::nullopt});
+  ASSERT_TRUE(sum) << sum.error().what;
+  s->step = 3;
+  wait_step(s, 4);
+  EXPECT_EQ(s->result.load(), 0);
+  EXPECT_EQ(c.reap(), 0);
+}
+
+// The same image into another process, which has no such thread: refused, nothing done.
+TEST(DumpTables, ThreadTableIntoAnotherProcessIsRefused) {
+  Shared* s = shared_page();
+  DumpChild c([s](int ready) {
+    int dup_ready = dup(ready);
+    close(ready);
+    ThreadArgs a{s, dup_ready};
+    pthread_t t;
+    pthread_create(&t, nullptr, restore_thread, &a);
+    while (s->tid.load() == 0) usleep(1000);
+    close(dup_ready);
+    wait_step(s, 1);
+    s->result = 0;
+    s->step = 3;
+    pthread_join(t, nullptr);
+    return 0;
+  });
+  ASSERT_TRUE(c.ready());
+  std::vector<std::byte> bytes;
+  auto img = testing::dump_image({c.pid()}, bytes);
+  ASSERT_TRUE(img) << img.error().what;
+  DumpChild other([](int ready) {
+    close(ready);
+    pause();
+    return 0;
+  });
+  ASSERT_TRUE(other.ready());
+  auto sum = restore::restore_processes(*img, restore::ProcessRestoreRequest{{{other.pid(), c.pid()}}, std::nullopt});
+  ASSERT_FALSE(sum);
+  EXPECT_EQ(sum.error().kind, Errc::invalid_argument);
+  EXPECT_NE(sum.error().what.find("has no thread"), std::string::npos) << sum.error().what;
+  testing::expect_running(other.pid());
+  s->step = 1;
+}
+
+// Two processes, one fd table: restored into the sharer alone, the table's fds arrive once and no
+// note calls them dropped; the first process sees them too (one table).
+TEST(DumpTables, SharedTableRestoredThroughTheSharer) {
+  Shared* s = shared_page();
+  DumpChild c([s](int ready) {
+    block_usr1();
+    int p[2];
+    if (pipe(p) != 0) return 2;
+    dup2(p[0], 30);
+    dup2(p[1], 31);
+    close(p[0]);
+    close(p[1]);
+    (void)!write(31, "shared", 6);
+    long kid = syscall(SYS_clone, CLONE_FILES | SIGCHLD, 0, 0, 0, 0);
+    if (kid == 0) {
+      prctl(PR_SET_PDEATHSIG, SIGKILL);
+      for (;;) pause();
+    }
+    s->tid = static_cast<pid_t>(kid);
+    close(ready);
+    wait_step(s, 1);
+    char buf[16];
+    if (read(30, buf, sizeof buf) != 6) return 3;  // drained
+    s->step = 2;
+    wait_step(s, 3);
+    ssize_t n = read(30, buf, sizeof buf);
+    kill(static_cast<pid_t>(kid), SIGKILL);
+    waitpid(static_cast<pid_t>(kid), nullptr, 0);
+    return n == 6 && memcmp(buf, "shared", 6) == 0 ? 0 : 4;
+  });
+  ASSERT_TRUE(c.ready());
+  pid_t kid = s->tid.load();
+  image::MemorySink sink;
+  auto st = dump::dump_processes(dump::DumpOptions{.pids = {c.pid(), kid}}, sink);
+  ASSERT_TRUE(st) << st.error().what;
+  auto img = image::parse(sink.bytes());
+  ASSERT_TRUE(img) << img.error().what;
+  ASSERT_EQ(img->shared_tables.size(), 1u);
+  s->step = 1;
+  wait_step(s, 2);
+  ASSERT_EQ(s->step.load(), 2);
+  std::vector<std::string> notes;
+  restore::ProcessRestoreOptions opts;
+  opts.note = [&](const std::string& n) { notes.push_back(n); };
+  auto sum = restore::restore_processes(*img, restore::ProcessRestoreRequest{{{kid, kid}}, std::nullopt}, opts);
+  ASSERT_TRUE(sum) << sum.error().what;
+  for (const std::string& n : notes) ADD_FAILURE() << "note: " << n;
+  s->step = 3;
+  EXPECT_EQ(c.reap(), 0);
 }
 
 }  // namespace
