@@ -25,6 +25,7 @@ struct Options {
   std::vector<pid_t> pids;
   bool tree = false;
   bool leave_stopped = false;
+  bool outside_holders = false;
   bool json = false;
   bool verbose = false;
   std::string output;
@@ -40,7 +41,8 @@ void raise_nofile() {
 
 Expected<int> run_dump(const Options& o, CommandContext& ctx) {
   raise_nofile();
-  dump::DumpOptions opts{.pids = o.pids, .tree = o.tree, .leave_stopped = o.leave_stopped};
+  dump::DumpOptions opts{
+      .pids = o.pids, .tree = o.tree, .leave_stopped = o.leave_stopped, .outside_holders = o.outside_holders};
   Image records;
   Expected<dump::DumpStats> stats;
   const bool to_stdout = o.output == "-";
@@ -68,6 +70,9 @@ RunFn setup(CLI::App& app, CommandContext& ctx) {
   auto o = std::make_shared<Options>();
   app.add_option("-t,--target", o->pids, "a process to dump (repeat for more)")->required();
   app.add_flag("--tree", o->tree, "also dump every descendant of the given processes");
+  app.add_flag("--outside-holders", o->outside_holders,
+               "mark pipes that processes outside the image hold too (reads every process's fd table: slow "
+               "on a busy machine)");
   app.add_option("-o,--output", o->output,
                  "the image file to write (a regular file, atomically, mode 0600), or - for stdout")
       ->required();
