@@ -202,9 +202,17 @@ Expected<SnapshotPacker::Piece> SnapshotPacker::add(int read_end, uint32_t queue
     } else if (r.error().err != EAGAIN) {  // EAGAIN: the scratch pipe is full, or the source emptied meanwhile
       return tl::unexpected(r.error());
     }
-    // Short into a fresh scratch pipe (large enough for any source): a reader outside the stopped
-    // set took bytes meanwhile, and the tee is the point in time.
-    if (got >= queued || attempt > 0) return Piece{static_cast<uint32_t>(scratch_.size() - 1), static_cast<uint32_t>(got)};
+    if (got >= queued) return Piece{static_cast<uint32_t>(scratch_.size() - 1), static_cast<uint32_t>(got)};
+    if (attempt > 0) {
+      // Short into a fresh scratch pipe: either the source has more slots than pipe-max-size (a
+      // capacity set with CAP_SYS_RESOURCE), so a scratch pipe its size is needed, or a reader
+      // outside the stopped set took bytes meanwhile, and the tee is the point in time.
+      auto cap = sys::get_pipe_size(read_end);
+      if (!cap) return tl::unexpected(cap.error());
+      if (attempt > 1 || static_cast<uint32_t>(*cap) <= write_cap_)
+        return Piece{static_cast<uint32_t>(scratch_.size() - 1), static_cast<uint32_t>(got)};
+      capacity = static_cast<uint32_t>(*cap);
+    }
     if (auto f = fresh(capacity); !f) return tl::unexpected(f.error());
   }
 }
