@@ -166,6 +166,9 @@ struct Holder {            // one fd slot
   size_t file = SIZE_MAX;  // index into files_
   size_t pipe = SIZE_MAX;  // index into pipes_
   sys::UniqueFd copy;      // pidfd_getfd() copy, while held
+  Owner owner;             // batched mode: read from the copy before it was closed
+  int32_t signal = 0;
+  bool state_read = false;
 };
 
 struct OpenFile {          // one open file description
@@ -199,8 +202,7 @@ class Dumper {
     stats_.seize_ns = now_ns() - stop_start_;
     if (taken) taken = find_tables();
     if (taken) taken = read_fd_tables(nofile);
-    if (taken) taken = plan_copies(nofile);
-    if (taken) taken = take_and_snapshot();
+    if (taken) taken = finish_snapshots();
     if (taken) mark_blocked();
     if (taken) taken = check_alive();
     // Resume before anything else: from here on only pipecr's copies and scratch pipes are read.
@@ -375,7 +377,7 @@ class Dumper {
         if (n < 0) continue;
         h.target.assign(link, static_cast<size_t>(n));
       }
-      holders_.push_back(std::move(h));
+      if (auto r = added(std::move(h)); !r) return r;
     }
     return {};
   }
@@ -424,7 +426,7 @@ class Dumper {
         h.target.assign(link, static_cast<size_t>(n));
       }
       h.copy = std::move(copy);
-      holders_.push_back(std::move(h));
+      if (auto r = added(std::move(h)); !r) return r;
     }
     return {};
   }
@@ -438,9 +440,10 @@ class Dumper {
     return static_cast<uint32_t>(std::strtoul(text->c_str() + at + 8, nullptr, 10));
   }
 
-  // Every table: the fast path (probe_fd_table) when pipecr can hold a copy of every fd the
-  // tables can have (the sum of their sizes) and taking a socket changes nothing (see
-  // copies_are_harmless), else the slow path (list_fd_table) and copies taken later in batches.
+  // Every table: the fast path (probe_fd_table) where taking a socket changes nothing (see
+  // check_copies_harmless), else the slow path (list_fd_table). When pipecr cannot hold a copy of
+  // every fd the tables can have (the sum of their sizes) at once, the copies are taken and
+  // closed in batches of half what is free (flush).
   Expected<void> read_fd_tables(const NofileRaise& nofile) {
     uint64_t slots = 0;
     for (Table& t : tables_) {
@@ -449,56 +452,145 @@ class Dumper {
       t.max_fds = *n;
       slots += *n;
     }
-    uint64_t reserve = base_fds_ + 64 + slots / 64;
-    probe_ = slots + reserve <= nofile.soft();
-    if (probe_) check_copies_harmless();
-    for (size_t i = 0; i < tables_.size(); ++i) {
-      bool probe = probe_ && harmless_[tables_[i].proc];
-      if (auto r = probe ? probe_fd_table(i) : list_fd_table(i, 0); !r) return r;
+    limit_ = nofile.soft();
+    uint64_t reserve = base_fds_ + 64;
+    if (slots + slots / 64 + reserve <= limit_) {
+      batch_ = SIZE_MAX;
+    } else {
+      batch_ = static_cast<size_t>((limit_ > reserve ? limit_ - reserve : 0) / 2);
+      if (batch_ < 16) return fd_limit_error(reserve + 2 * 16 + 16);
     }
-    // Pipes, in order of first sight.
-    std::map<std::pair<dev_t, uint64_t>, size_t> index;
-    for (size_t i = 0; i < holders_.size(); ++i) {
-      Holder& h = holders_[i];
-      auto [it, fresh] = index.emplace(std::pair(h.dev, h.ino), pipes_.size());
-      if (fresh) {
-        PipeState p;
-        p.dev = h.dev;
-        p.rec.id = pipes_.size() + 1;
-        p.rec.kind = h.kind;
-        p.rec.inode = h.ino;
-        p.rec.uid = h.uid;
-        p.rec.gid = h.gid;
-        p.rec.mode = h.mode;
-        if (h.kind == PipeKind::fifo) {
-          p.rec.path = h.target;
-          if (p.rec.path.ends_with(kDeleted)) {
-            p.rec.path.resize(p.rec.path.size() - kDeleted.size());
-            p.rec.unlinked = true;
-          }
+    check_copies_harmless();
+    for (size_t i = 0; i < tables_.size(); ++i)
+      if (auto r = harmless_[tables_[i].proc] ? probe_fd_table(i) : list_fd_table(i, 0); !r) return r;
+    return {};
+  }
+
+  // The pipe of holder i, made on first sight (pipes in order of first sight).
+  void assign_pipe(size_t i) {
+    Holder& h = holders_[i];
+    auto [it, fresh] = pipe_index_.emplace(std::pair(h.dev, h.ino), pipes_.size());
+    if (fresh) {
+      PipeState p;
+      p.dev = h.dev;
+      p.rec.id = pipes_.size() + 1;
+      p.rec.kind = h.kind;
+      p.rec.inode = h.ino;
+      p.rec.uid = h.uid;
+      p.rec.gid = h.gid;
+      p.rec.mode = h.mode;
+      if (h.kind == PipeKind::fifo) {
+        p.rec.path = h.target;
+        if (p.rec.path.ends_with(kDeleted)) {
+          p.rec.path.resize(p.rec.path.size() - kDeleted.size());
+          p.rec.unlinked = true;
         }
-        pipes_.push_back(std::move(p));
       }
-      h.pipe = it->second;
-      pipes_[h.pipe].holders.push_back(i);
+      pipes_.push_back(std::move(p));
+    }
+    h.pipe = it->second;
+    pipes_[h.pipe].holders.push_back(i);
+  }
+
+  // A holder found: its pipe, and a flush when the copies held reach the batch size.
+  Expected<void> added(Holder&& h) {
+    bool copied = static_cast<bool>(h.copy);
+    holders_.push_back(std::move(h));
+    assign_pipe(holders_.size() - 1);
+    if (copied && ++held_ >= batch_) return flush(true);
+    return {};
+  }
+
+  // Snapshots the pipes of the holders not flushed yet, through their copies; with `close`, also
+  // reads what needs a copy (owner, signal, capacity) and closes the copies: a batch.
+  Expected<void> flush(bool close) {
+    if (close) return flush_upto(holders_.size());
+    for (size_t i = flushed_; i < holders_.size(); ++i) {
+      PipeState& p = pipes_[holders_[i].pipe];
+      if (p.snapped || !holders_[i].copy) continue;
+      if (auto r = snapshot_pipe(p, flushed_, holders_.size()); !r) return r;
     }
     return {};
   }
 
-  // Whether every pipe fd can hold a copy at once (the fast path: everything that can wait is read
-  // after the resume), else the batch size. The fds pipecr needs besides: what it had open
-  // already, the scratch pipes (checked as they are made), and a margin.
-  Expected<void> plan_copies(const NofileRaise& nofile) {
-    uint64_t soft = nofile.soft();
-    uint64_t reserve = base_fds_ + 64;
-    limit_ = soft;
-    uint64_t room = soft > reserve ? soft - reserve : 0;
-    if (holders_.size() + holders_.size() / 64 + 8 <= room) {
-      batch_ = holders_.size();
-      return {};
+  // After the tables: copies for the holders found through /proc (in batches), the last batch,
+  // the grouping when batched (kcmp between the targets' own fds: the copies are gone), and the
+  // pipes no copy could be tee'd from.
+  Expected<void> finish_snapshots() {
+    for (size_t i = flushed_; i < holders_.size(); ++i) {
+      Holder& h = holders_[i];
+      if (h.copy) continue;
+      const Table& t = tables_[h.table];
+      auto fd = sys::pidfd_getfd(t.pidfd.get(), h.fd, t.tid);
+      if (!fd) {
+        if (fd.error().err == EBADF) continue;  // closed by a process sharing the table that is not stopped
+        return tl::unexpected(in_process(fd.error(), t.pid));
+      }
+      h.copy = std::move(*fd);
+      if (++held_ >= batch_)
+        if (auto r = flush_upto(i + 1); !r) return r;
     }
-    batch_ = static_cast<size_t>(room / 2);
-    if (batch_ < 16) return fd_limit_error(holders_.size() + reserve + 16);
+    if (auto r = flush(batched_); !r) return r;
+    if (batched_) {
+      if (auto g = group_files(false); !g) return g;
+      for (OpenFile& f : files_)
+        for (size_t i : pipes_[holders_[f.first_holder].pipe].holders) {
+          const Holder& h = holders_[i];
+          if (h.file != static_cast<size_t>(&f - files_.data()) || !h.state_read) continue;
+          f.rec.owner = h.owner;
+          f.rec.signal = h.signal;
+          f.state_read = true;
+          break;
+        }
+    } else {
+      stats_.batches = 1;
+    }
+    for (PipeState& p : pipes_)
+      if (!p.snapped)
+        if (auto r = snapshot_write_only(p); !r) return r;
+    return {};
+  }
+
+  // flush(true) of the holders before `end` only.
+  Expected<void> flush_upto(size_t end) {
+    size_t lo = flushed_;
+    for (size_t i = lo; i < end; ++i) {
+      PipeState& p = pipes_[holders_[i].pipe];
+      if (p.snapped || !holders_[i].copy) continue;
+      if (auto r = snapshot_pipe(p, lo, end); !r) return r;
+    }
+    for (size_t i = lo; i < end; ++i) {
+      Holder& h = holders_[i];
+      if (!h.copy) continue;
+      if (auto r = holder_state(h); !r) return r;
+      h.copy.reset();
+    }
+    flushed_ = end;
+    held_ = 0;
+    batched_ = true;
+    ++stats_.batches;
+    return {};
+  }
+
+  // Owner and signal of a holder's open file and its pipe's capacity, from its copy.
+  Expected<void> holder_state(Holder& h) {
+    if (is_notification_pipe(h.copy.get()))
+      return fail(Errc::unsupported, ENOTSUP,
+                  fmt::format("pid {} fd {} is a notification pipe (O_NOTIFICATION_PIPE): its messages cannot be "
+                              "read without consuming them",
+                              tables_[h.table].pid, h.fd));
+    auto state = file_state(h.copy.get(), false);
+    if (!state) return tl::unexpected(state.error());
+    h.owner = state->owner;
+    h.signal = state->signal;
+    h.state_read = true;
+    PipeState& p = pipes_[h.pipe];
+    if (!p.capacity_read) {
+      auto cap = sys::get_pipe_size(h.copy.get());
+      if (!cap) return tl::unexpected(cap.error());
+      p.rec.capacity = static_cast<uint32_t>(*cap);
+      p.capacity_read = true;
+    }
     return {};
   }
 
@@ -509,49 +601,6 @@ class Dumper {
                             "with a higher limit, e.g. `prlimit --nofile={}:{} pipecr dump ...` (as root), or dump "
                             "fewer processes at once; nothing was changed",
                             needed, limit_, needed, needed));
-  }
-
-  // Takes a pidfd_getfd() copy of every pipe fd and snapshots every pipe, in batches of batch_
-  // copies; a batch that is not the last also reads what needs a copy (owner, signal, capacity)
-  // and closes its copies. Snapshots go in pipe order when there is one batch.
-  Expected<void> take_and_snapshot() {
-    if (batch_ < holders_.size()) {
-      // Batched: the grouping cannot wait for the copies (they do not all exist at once): kcmp
-      // between the targets' own fds, which are still while they are stopped.
-      if (auto g = group_files(false); !g) return g;
-    }
-    for (size_t lo = 0; lo < holders_.size(); lo += batch_) {
-      size_t hi = std::min(holders_.size(), lo + batch_);
-      for (size_t i = lo; i < hi; ++i) {
-        Holder& h = holders_[i];
-        if (h.copy) continue;  // taken while its table was probed
-        const Table& t = tables_[h.table];
-        auto fd = sys::pidfd_getfd(t.pidfd.get(), h.fd, t.tid);
-        if (!fd) {
-          if (fd.error().err == EBADF) continue;  // closed by a process sharing the table that is not stopped
-          return tl::unexpected(in_process(fd.error(), t.pid));
-        }
-        h.copy = std::move(*fd);
-      }
-      // Pipes with a holder in this batch.
-      for (size_t i = lo; i < hi; ++i) {
-        PipeState& p = pipes_[holders_[i].pipe];
-        if (p.snapped || !holders_[i].copy) continue;
-        if (auto r = snapshot_pipe(p, lo, hi); !r) return r;
-      }
-      if (hi < holders_.size()) {
-        for (size_t i = lo; i < hi; ++i)
-          if (auto r = read_with_copy(i); !r) return r;
-        for (size_t i = lo; i < hi; ++i) holders_[i].copy.reset();
-        ++stats_.batches;
-      }
-    }
-    // Pipes the dumped processes can only write, and (batched) pipes left over.
-    for (PipeState& p : pipes_)
-      if (!p.snapped)
-        if (auto r = snapshot_write_only(p); !r) return r;
-    if (batch_ >= holders_.size()) stats_.batches = 1;
-    return {};
   }
 
   // The pipe's queued bytes (FIONREAD) and, when there are some, a tee through the first of its
@@ -591,7 +640,7 @@ class Dumper {
   }
 
   Expected<void> check_scratch_room() {
-    uint64_t in_use = base_fds_ + std::min(batch_, holders_.size()) + packer_.scratch_pipes() + 1;
+    uint64_t in_use = base_fds_ + held_ + packer_.scratch_pipes() + 1;
     if (in_use + 16 > limit_) return fd_limit_error(in_use + 16 + pipes_.size() / 256);
     return {};
   }
@@ -741,7 +790,7 @@ class Dumper {
   // After the resume: grouping (fast path), flags and FD_CLOEXEC from fdinfo, owner, signal and
   // capacity from the copies, which are then closed.
   Expected<void> after_resume() {
-    if (batch_ >= holders_.size())
+    if (!batched_)
       if (auto g = group_files(true); !g) return g;
     std::vector<sys::UniqueFd> info_dirs(tables_.size());
     for (size_t i = 0; i < holders_.size(); ++i) {
@@ -920,8 +969,11 @@ class Dumper {
   std::vector<PipeState> pipes_;
   std::set<size_t> pollhup_;  // holders whose FIFO read end showed POLLHUP
   SnapshotPacker packer_;
-  size_t batch_ = 0;
-  bool probe_ = false;          // fast path: copies taken while the tables are read
+  size_t batch_ = 0;             // copies held at most at once (SIZE_MAX: all)
+  size_t held_ = 0;              // copies held now
+  size_t flushed_ = 0;           // holders before this are snapshotted (and, batched, closed)
+  bool batched_ = false;         // some copies were closed while stopped
+  std::map<std::pair<dev_t, uint64_t>, size_t> pipe_index_;
   std::vector<bool> harmless_;  // per process: taking its sockets changes nothing
   uint64_t limit_ = 0;
   size_t base_fds_ = 0;
