@@ -7,6 +7,7 @@
 
 #include <bit>
 #include <set>
+#include <tuple>
 #include <string_view>
 #include <unordered_map>
 #include <unordered_set>
@@ -120,8 +121,14 @@ Expected<void> validate(const Image& img, uint32_t page_size) {
     if (auto ok = validate_file(f, pipes); !ok) return ok;
     if (!files.insert(f.id).second) return refuse(fmt::format("file id {} appears twice", f.id));
   }
-  std::set<std::pair<int32_t, int32_t>> slots;
+  for (const SharedFdTable& t : img.shared_tables)
+    if (t.pid <= 0 || t.with_pid <= 0 || t.pid == t.with_pid || !pids.count(t.pid) || !pids.count(t.with_pid))
+      return refuse(fmt::format("shared fd table of pids {} and {}, which the image does not record", t.pid,
+                                t.with_pid));
+  std::set<std::tuple<int32_t, int32_t, int32_t>> slots;  // (pid, tid, fd): a thread's own table is another table
   for (const FdRecord& d : img.fds) {
+    if (d.tid < 0 || (d.tid != 0 && d.pid == 0))
+      return refuse(fmt::format("fd {} of pid {} is in thread {}", d.fd, d.pid, d.tid));
     if (d.fd < 0) return refuse(fmt::format("fd number {} is negative", d.fd));
     if (d.pid < 0 || (d.pid != 0 && !pids.count(d.pid)))
       return refuse(fmt::format("fd {} belongs to pid {}, which the image does not record", d.fd, d.pid));
@@ -129,7 +136,8 @@ Expected<void> validate(const Image& img, uint32_t page_size) {
       return refuse(fmt::format("fd {} of pid {} names file {}, which the image does not hold", d.fd, d.pid, d.file_id));
     if (static_cast<unsigned>(d.blocked) > 2)
       return refuse(fmt::format("fd {} has blocked state {}", d.fd, static_cast<unsigned>(d.blocked)));
-    if (!slots.insert({d.pid, d.fd}).second) return refuse(fmt::format("fd {} of pid {} appears twice", d.fd, d.pid));
+    if (!slots.insert({d.pid, d.tid, d.fd}).second)
+      return refuse(fmt::format("fd {} of pid {} appears twice", d.fd, d.pid));
   }
   return {};
 }
