@@ -204,7 +204,11 @@ class Dumper {
     if (taken) taken = read_fd_tables(nofile);
     if (taken) taken = finish_snapshots();
     if (taken) mark_blocked();
-    if (taken) taken = check_alive();
+    if (taken) {
+      taken = check_alive();
+    } else if (auto alive = check_alive(); !alive) {
+      taken = alive;  // a target killed meanwhile explains the failure (EBADF, ESRCH...): exit 75
+    }
     // Resume before anything else: from here on only pipecr's copies and scratch pipes are read.
     Expected<void> resumed = resume_all();
     stats_.stopped_ns = now_ns() - stop_start_;
