@@ -116,21 +116,22 @@ TEST(Ptrace, BlockedReadIsReportedAndGoesOnAfterDetach) {
 }
 
 TEST(Ptrace, SyscallStateOfRegisters) {
-  user_regs_struct r{};
+  Regs regs;
+  user_regs_struct& r = regs.raw;
   r.orig_rax = static_cast<unsigned long>(-1L);
   r.rax = 7;
-  EXPECT_FALSE(syscall_state_of(r).in_syscall);
-  EXPECT_EQ(syscall_state_of(r).nr, -1);
+  EXPECT_FALSE(syscall_state_of(regs).in_syscall);
+  EXPECT_EQ(syscall_state_of(regs).nr, -1);
   r.orig_rax = SYS_write;
   r.rax = 3;  // a write that completed: not "in" it
-  EXPECT_FALSE(syscall_state_of(r).in_syscall);
-  EXPECT_EQ(syscall_state_of(r).nr, SYS_write);
+  EXPECT_FALSE(syscall_state_of(regs).in_syscall);
+  EXPECT_EQ(syscall_state_of(regs).nr, SYS_write);
   for (long code : {kErestartSys, kErestartNoIntr, kErestartNoHand, kErestartRestartBlock}) {
     r.rax = static_cast<unsigned long>(code);
-    EXPECT_TRUE(syscall_state_of(r).in_syscall) << code;
+    EXPECT_TRUE(syscall_state_of(regs).in_syscall) << code;
   }
   r.rax = static_cast<unsigned long>(-EINTR);
-  EXPECT_FALSE(syscall_state_of(r).in_syscall);
+  EXPECT_FALSE(syscall_state_of(regs).in_syscall);
 }
 
 Child start_counter(SharedCounter& counter) {

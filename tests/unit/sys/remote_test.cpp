@@ -1,6 +1,6 @@
 // remote_test.cpp: syscalls injected into real stopped children, and fd installation into them:
 // restart of a blocked read on the new file, uid 65534 targets, batches over 253, rlimit refusal,
-// stash and roll back, signals not eaten. Children are killed and reaped by guards declared before
+// signals not eaten. Children are killed and reaped by guards declared before
 // the StoppedProcess and RemoteSyscalls that use them.
 #include "sys/remote.hpp"
 
@@ -81,12 +81,12 @@ struct Seized {
   RemoteSyscalls& remote;
 };
 
-std::unique_ptr<Seized> seize_main(pid_t pid) {
+std::unique_ptr<Seized> seize_main(pid_t pid, RemoteSyscalls::Insn insn = RemoteSyscalls::Insn::thread_only) {
   auto sp = StoppedProcess::seize(pid);
   EXPECT_TRUE(sp) << sp.error().what;
   if (!sp) return nullptr;
   auto process = std::make_unique<StoppedProcess>(std::move(*sp));
-  auto r = RemoteSyscalls::attach(*process, pid);
+  auto r = RemoteSyscalls::attach(*process, pid, insn);
   EXPECT_TRUE(r) << r.error().what;
   if (!r) return nullptr;
   auto remote = std::make_unique<RemoteSyscalls>(std::move(*r));
@@ -102,7 +102,7 @@ TEST(Remote, GetpidInBlockedThreadReusesItsSyscallInstruction) {
     auto s = seize_main(rc.child.pid);
     ASSERT_TRUE(s);
     EXPECT_FALSE(s->remote.patched_code());
-    EXPECT_EQ(s->remote.syscall_address(), s->remote.saved_regs().rip - 2);
+    EXPECT_EQ(s->remote.syscall_address(), s->remote.saved_regs().raw.rip - 2);
     auto pid = s->remote.call(SYS_getpid);
     ASSERT_TRUE(pid) << pid.error().what;
     EXPECT_EQ(*pid, rc.child.pid);
@@ -115,9 +115,9 @@ TEST(Remote, GetpidInBlockedThreadReusesItsSyscallInstruction) {
     ASSERT_TRUE(s->remote.restore());
     auto regs = s->process.regs(rc.child.pid);
     ASSERT_TRUE(regs);
-    EXPECT_EQ(regs->rip, s->remote.saved_regs().rip);
-    EXPECT_EQ(regs->rax, s->remote.saved_regs().rax);
-    EXPECT_EQ(regs->orig_rax, s->remote.saved_regs().orig_rax);
+    EXPECT_EQ(regs->raw.rip, s->remote.saved_regs().raw.rip);
+    EXPECT_EQ(regs->raw.rax, s->remote.saved_regs().raw.rax);
+    EXPECT_EQ(regs->raw.orig_rax, s->remote.saved_regs().raw.orig_rax);
     ASSERT_TRUE(s->process.resume());
   }
   // The read was restarted by the kernel, not returned as -ERESTARTSYS.
@@ -142,7 +142,7 @@ TEST(Remote, ThreadInUserCodeGetsAPatchedInstructionPutBack) {
     ASSERT_TRUE(st);
     if (st->nr >= 0) GTEST_SKIP() << "the child happened to stop in a syscall";
     EXPECT_TRUE(s->remote.patched_code());
-    rip = s->remote.saved_regs().rip;
+    rip = s->remote.saved_regs().raw.rip;
     EXPECT_EQ(s->remote.syscall_address(), rip);
     unsigned char now[2];
     ASSERT_TRUE(s->remote.read_memory(rip, std::as_writable_bytes(std::span(now))));
@@ -353,53 +353,6 @@ TEST(Remote, InvalidArgumentsAreRefused) {
   ASSERT_FALSE(ok);
   EXPECT_EQ(ok.error().kind, Errc::invalid_argument);
   EXPECT_EQ(fd_table(rc.child.pid).count(9), 0u);
-}
-
-// A multi-step install made transactional: stash, install, then roll back or commit.
-TEST(Remote, StashThenUnstashOrDrop) {
-  PipePair original = *make_pipe(0);
-  int orig_fd = original.read.get();
-  PipePair input = *make_pipe(0);
-  int in = input.read.get();
-  Child child = spawn([orig_fd, in] {
-    ::dup3(orig_fd, 7, O_CLOEXEC);
-    ::dup2(in, 5);
-    ::close(8);
-    char c;
-    for (;;) (void)!::read(5, &c, 1);
-  });
-  input.read.reset();
-  ASSERT_TRUE(eventually([&] { return blocked_in(child.pid, child.pid, SYS_read, 5); }));
-  auto table = fd_table(child.pid);
-  PipePair fresh = *make_pipe(0);
-  auto s = seize_main(child.pid);
-  ASSERT_TRUE(s);
-  const int numbers[] = {7, 8};
-  for (bool commit : {false, true}) {
-    auto stash = stash_fds(s->remote, numbers);
-    ASSERT_TRUE(stash) << stash.error().what;
-    ASSERT_EQ(stash->size(), 2u);
-    EXPECT_EQ((*stash)[0].target_fd, 7);
-    EXPECT_GT((*stash)[0].stash_fd, 8);
-    EXPECT_TRUE((*stash)[0].cloexec);
-    EXPECT_EQ((*stash)[1].stash_fd, -1);
-    std::vector<FdInstall> installs = {{fresh.read.get(), 7, false}, {fresh.write.get(), 8, false}};
-    ASSERT_TRUE(install_fds(s->remote, installs));
-    EXPECT_TRUE(same_file(fresh.read.get(), child.pid, 7));
-    if (!commit) {
-      ASSERT_TRUE(unstash_fds(s->remote, *stash));
-      EXPECT_EQ(fd_table(child.pid), table);
-      EXPECT_TRUE(same_file(orig_fd, child.pid, 7));
-      EXPECT_TRUE(fd_cloexec(child.pid, 7));
-    } else {
-      ASSERT_TRUE(drop_stash(s->remote, *stash));
-      auto now = fd_table(child.pid);
-      EXPECT_EQ(now.size(), table.size() + 1);
-      EXPECT_TRUE(same_file(fresh.read.get(), child.pid, 7));
-      EXPECT_TRUE(same_file(fresh.write.get(), child.pid, 8));
-      EXPECT_FALSE(fd_cloexec(child.pid, 7));
-    }
-  }
 }
 
 // A signal that comes while the thread runs injected code is held back and delivered on detach;
