@@ -133,9 +133,23 @@ Expected<void> Agent::boot(const CommitPoint&, std::span<const AgentOp> ops, int
   const uint64_t ops_offset = fdmap_offset + fdmap_bytes;
   map_len_ = round_up(ops_offset + ops.size() * sizeof(pipecr_agent_op), kPage);
 
-  // The one remote syscall of the bootstrap.
+  // The registers the thread returns with, as the kernel would restart its syscall, in a block on
+  // its own stack below the red zone (written before the bootstrap: nothing uses that memory).
+  const bool no_signal = !process_->signal_pending(tid_);
+  const Regs back = arch::as_restarted(saved_, no_signal);
+  const auto block = arch::return_block(back);
+  const uint64_t block_addr = arch::return_block_address(back);
+  const uint64_t agent_sp = (block_addr - kAgentStackGap) & ~uint64_t{15};
+  if (auto ok = write_remote(pid_, block_addr, block.data(), sizeof block); !ok)
+    return tl::unexpected(error(fmt::format("no room for the return block on the thread's stack: {}", ok.error().what),
+                                ok.error().err));
+
+  // The one remote syscall of the bootstrap: from here until the registers point at the agent,
+  // pipecr's death would leave the thread with the injected registers (the harm window).
   auto rs = RemoteSyscalls::attach(*process_, tid_);
   if (!rs) return tl::unexpected(rs.error());
+  std::vector<unsigned char> image(map_len_, 0);  // filled below; allocated outside the window
+  HarmWindowScope window;
   auto addr = rs->call(SYS_mmap, 0, map_len_, PROT_READ | PROT_WRITE | PROT_EXEC, MAP_PRIVATE | MAP_ANONYMOUS,
                        static_cast<unsigned long>(-1L), 0);
   if (!addr) return tl::unexpected(addr.error());
@@ -152,13 +166,6 @@ Expected<void> Agent::boot(const CommitPoint&, std::span<const AgentOp> ops, int
     (void)rs->restore();
     return tl::unexpected(std::move(e));
   };
-
-  // The registers the thread returns with, as the kernel would restart its syscall.
-  const bool no_signal = !process_->signal_pending(tid_);
-  const Regs back = arch::as_restarted(saved_, no_signal);
-  const auto block = arch::return_block(back);
-  const uint64_t block_addr = arch::return_block_address(back);
-  const uint64_t agent_sp = (block_addr - kAgentStackGap) & ~uint64_t{15};
 
   pipecr_agent_ctl ctl{};
   ctl.magic = PIPECR_AGENT_MAGIC;
@@ -187,21 +194,18 @@ Expected<void> Agent::boot(const CommitPoint&, std::span<const AgentOp> ops, int
       fdmap[static_cast<size_t>(o.fd) / 8] |= static_cast<unsigned char>(1u << (o.fd % 8));
     }
   }
-  std::vector<unsigned char> image(map_len_, 0);
   std::memcpy(image.data(), agent_blob, agent_blob_size);
   std::memcpy(image.data() + ctl_offset, &ctl, sizeof ctl);
   std::memcpy(image.data() + fdmap_offset, fdmap.data(), fdmap.size());
   if (!wire.empty()) std::memcpy(image.data() + ops_offset, wire.data(), wire.size() * sizeof wire[0]);
   if (auto ok = write_remote(pid_, base_, image.data(), image.size()); !ok) return unmap_and_fail(ok.error());
-  if (auto ok = write_remote(pid_, block_addr, block.data(), sizeof block); !ok)
-    return unmap_and_fail(error(fmt::format("no room for the return block on the thread's stack: {}", ok.error().what),
-                                ok.error().err));
 
   // Point the thread at the agent: registers first (were pipecr to die now, the agent runs and
   // returns), then the mask, then let it run.
   Regs entry = saved_;
   entry.set_call(base_, agent_sp, ctl_addr_);
   if (auto ok = process_->set_regs(tid_, entry); !ok) return unmap_and_fail(ok.error());
+  window.close();
   if (auto ok = rs->release(); !ok) return unmap_and_fail(ok.error());
   if (auto ok = process_->set_signal_mask(tid_, ~uint64_t{0}); !ok) {
     (void)process_->set_regs(tid_, saved_);
@@ -411,8 +415,10 @@ Expected<void> Agent::take_back() {
   auto rs = RemoteSyscalls::attach(*process_, tid_);
   if (!rs) return tl::unexpected(rs.error());
   rs->restore_to(saved_);
+  HarmWindowScope window;  // from the munmap's registers until the thread's own are back
   auto un = rs->call(SYS_munmap, base_, map_len_);
   auto ok = rs->restore();
+  window.close();
   if (ok) ok = process_->set_signal_mask(tid_, saved_mask_);
   base_ = 0;
   if (!un) return tl::unexpected(un.error());

@@ -84,19 +84,22 @@ Error ptrace_error(int err, const char* req, pid_t pid, pid_t tid) {
 }
 
 // waitpid for one traced thread, retrying EINTR, bounded by wait_timeout(): polls with WNOHANG,
-// sleeping a little longer each time (from 20 us up to 1 ms) so that a quick stop is seen at once.
+// yielding the CPU for the first 20 ms, then sleeping a little longer each time (50 us up to 1 ms).
 Expected<int> wait_thread(pid_t pid, pid_t tid) {
   using namespace std::chrono;
   const auto limit = wait_timeout();
   const auto deadline = steady_clock::now() + limit;
-  auto nap = microseconds(20);
-  for (int spins = 0;; ++spins) {
+  const auto spin_until = steady_clock::now() + milliseconds(20);
+  auto nap = microseconds(50);
+  for (;;) {
     int status = 0;
     pid_t got = ::waitpid(tid, &status, __WALL | WNOHANG);
     if (got == tid) return status;
     if (got < 0 && errno != EINTR) return fail_errno(errno, fmt::format("waitpid(pid={}, tid={}, __WALL)", pid, tid));
     if (got == 0) {
-      if (spins < 50) {  // most stops come within microseconds
+      // A stop comes within microseconds when the thread gets a CPU: yield it ours rather than
+      // sleep (a sleep costs a timer tick on a busy machine), then back off.
+      if (steady_clock::now() < spin_until) {
         std::this_thread::yield();
         continue;
       }
@@ -161,6 +164,33 @@ Error thread_died(pid_t pid, pid_t tid) {
 }
 
 }  // namespace
+
+namespace {
+std::atomic<std::atomic<uint64_t>*> g_window_count{nullptr};
+std::atomic<std::atomic<uint64_t>*> g_window_ns{nullptr};
+}  // namespace
+
+void set_harm_window(HarmWindow w) {
+  g_window_count = w.count;
+  g_window_ns = w.ns;
+}
+
+HarmWindowScope::HarmWindowScope() {
+  if (auto* c = g_window_count.load()) {
+    c->fetch_add(1);
+    open_ = true;
+    start_ = std::chrono::steady_clock::now();
+  }
+}
+
+void HarmWindowScope::close() {
+  if (!open_) return;
+  open_ = false;
+  if (auto* ns = g_window_ns.load())
+    ns->fetch_add(static_cast<uint64_t>(
+        std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start_).count()));
+  if (auto* c = g_window_count.load()) c->fetch_add(1);
+}
 
 void set_wait_timeout(std::chrono::milliseconds t) { g_wait_timeout_ms = std::max<long long>(1, t.count()); }
 std::chrono::milliseconds wait_timeout() { return std::chrono::milliseconds(g_wait_timeout_ms.load()); }
@@ -231,6 +261,9 @@ Expected<bool> StoppedProcess::seize_new_threads(size_t& dead_listed) {
   if (!tids) return tl::unexpected(tids.error());
   std::vector<pid_t> fresh;
   std::optional<Error> error;
+  // From a thread's PTRACE_INTERRUPT to its stop (and the EINTR put back), pipecr's death would let
+  // an epoll_wait or sigtimedwait it interrupted return EINTR.
+  HarmWindowScope window;
   for (pid_t tid : *tids) {
     if (std::find(threads_.begin(), threads_.end(), tid) != threads_.end()) continue;
     if (::ptrace(PTRACE_SEIZE, tid, nullptr, reinterpret_cast<void*>(PTRACE_O_TRACESYSGOOD)) < 0) {
@@ -260,6 +293,7 @@ Expected<bool> StoppedProcess::seize_new_threads(size_t& dead_listed) {
     if (!stopped && !error) error = stopped.error();
     if (stopped && *stopped) threads_.push_back(tid);
   }
+  window.close();
   if (error) return tl::unexpected(*error);
   return !fresh.empty();
 }
@@ -275,7 +309,16 @@ Expected<bool> StoppedProcess::wait_first_stop(pid_t tid) {
     if (!WIFSTOPPED(*status)) continue;
     int event = *status >> 16, sig = WSTOPSIG(*status);
     if (event == PTRACE_EVENT_STOP) {
-      if (is_stop_signal(sig)) was_stopped_ = true;  // a group stop: keep it on detach
+      if (is_stop_signal(sig)) {
+        was_stopped_ = true;  // a group stop: keep it on detach
+      } else {
+        // Our stop made epoll_wait / sigtimedwait fail with EINTR: put it back to restart at once,
+        // so that even if pipecr dies now the program never sees that EINTR.
+        auto r = regs(tid);
+        if (r && r->syscall_nr() >= 0 && r->ret() == -EINTR && arch::restart_on_eintr(r->syscall_nr()) &&
+            !unblocked_signal_pending(pid_, tid))
+          (void)set_regs(tid, arch::as_restarted(*r, true));
+      }
       return true;
     }
     int deliver = event == 0 ? sig : 0;

@@ -27,6 +27,7 @@
 
 #include <sys/types.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
@@ -60,6 +61,29 @@ class Injector {
 void set_wait_timeout(std::chrono::milliseconds t);
 [[nodiscard]] std::chrono::milliseconds wait_timeout();
 inline constexpr std::chrono::milliseconds kDefaultWaitTimeout{10'000};
+
+// The steps during which pipecr's death could still harm a target (docs/design.md section 9):
+// a remote syscall of the agent's bootstrap or takeover, and a thread between PTRACE_INTERRUPT and
+// its first stop. When set (tests, benchmarks), `count` is incremented on entering and on leaving
+// each (odd: inside one) and `ns` adds the time spent inside. Process-wide; pass nullptr to stop.
+struct HarmWindow {
+  std::atomic<uint64_t>* count = nullptr;
+  std::atomic<uint64_t>* ns = nullptr;
+};
+void set_harm_window(HarmWindow w);
+// RAII: one window, from construction to destruction (or close()).
+class HarmWindowScope {
+ public:
+  HarmWindowScope();
+  ~HarmWindowScope() { close(); }
+  HarmWindowScope(const HarmWindowScope&) = delete;
+  HarmWindowScope& operator=(const HarmWindowScope&) = delete;
+  void close();
+
+ private:
+  bool open_ = false;
+  std::chrono::steady_clock::time_point start_;
+};
 
 using arch::kErestartNoHand;
 using arch::kErestartNoIntr;

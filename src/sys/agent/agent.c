@@ -12,9 +12,10 @@
  *      shared commit word from OPEN to ABORTED; if it reads COMMITTED it runs the operations in order
  *      (receive the next 253 files, dup3 each to its number and close the temporary, epoll_ctl ADD,
  *      F_SETFL |= flags), else it closes the files socket, dropping what is queued there;
- *   4. answers DONE, unmaps the commit page, closes its socket, and parks (a sleep) so that pipecr can
- *      take the thread back and remove the mapping; when nobody does, it restores the signal mask and
- *      returns to the interrupted context through the register block by itself.
+ *   4. answers DONE, unmaps the commit page, closes its sockets, and parks (a sleep) so that pipecr
+ *      can take the thread back and remove the mapping; when pipecr is gone (EOF, timeout) or nobody
+ *      comes within park_ms, it restores the signal mask and returns to the interrupted context
+ *      through the register block by itself, leaving its mapping (named pipecr-agent) behind.
  * Every decision is one word in a page shared by all agents of a restore: one store by pipecr commits
  * every target, and an agent that gave up first makes that store fail, so targets never split. */
 #include <asm/unistd.h>
@@ -85,6 +86,7 @@ struct state {
   int sock;  /* control messages */
   int files; /* the files, parked in its queue until the commit */
   int failed; /* -errno: the agent aborts whatever pipecr says */
+  int orphan; /* pipecr is gone (EOF, a timeout, a send that failed): nobody will take us back */
   uint32_t failed_at;
 };
 
@@ -104,6 +106,36 @@ static int settle(const struct state* s, int fd) {
   return (int)moved;
 }
 
+/* Whether this thread still has a tracer (TracerPid in /proc/thread-self/status is not 0): before
+ * the handshake, pipecr's death shows only this way. */
+#define STATUS_BUF_OFF 2048
+#define STATUS_BUF_LEN 1024
+#define K_O_RDONLY 0
+#define K_AT_FDCWD (-100)
+static int traced(struct pipecr_agent_ctl* ctl) {
+  char* buf = (char*)ctl + STATUS_BUF_OFF;
+  static const char path[] = "/proc/thread-self/status";
+  static const char key[] = "TracerPid:";
+  long fd = SYS(__NR_openat, K_AT_FDCWD, path, K_O_RDONLY | K_O_CLOEXEC, 0, 0);
+  if (fd < 0) return 1; /* cannot tell: assume pipecr is there, the timeout still bounds the wait */
+  long n = SYS(__NR_read, fd, buf, STATUS_BUF_LEN - 1, 0, 0);
+  close_fd((int)fd);
+  if (n <= 0) return 1;
+  for (long i = 0; i + (long)sizeof key - 1 < n; ++i) {
+    int match = 1;
+    for (unsigned k = 0; k + 1 < sizeof key; ++k)
+      if (buf[i + k] != key[k]) {
+        match = 0;
+        break;
+      }
+    if (!match) continue;
+    long j = i + (long)sizeof key - 1;
+    while (j < n && (buf[j] == ' ' || buf[j] == '\t')) ++j;
+    return !(j + 1 < n && buf[j] == '0' && buf[j + 1] == '\n');
+  }
+  return 1;
+}
+
 /* Waits up to ms for the socket to be readable: > 0 readable (or EOF), 0 timeout, < 0 error. */
 static long wait_readable(int sock, int ms) {
   struct k_pollfd p = {sock, K_POLLIN, 0};
@@ -114,11 +146,11 @@ static long wait_readable(int sock, int ms) {
   }
 }
 
-static void send_msg(int sock, uint32_t type, uint32_t first, uint32_t count, int32_t status) {
+static long send_msg(int sock, uint32_t type, uint32_t first, uint32_t count, int32_t status) {
   struct pipecr_agent_msg m = {type, first, count, status};
   struct k_iovec iov = {&m, sizeof m};
   struct k_msghdr h = {0, 0, &iov, 1, 0, 0, 0};
-  SYS(__NR_sendmsg, sock, &h, K_MSG_NOSIGNAL, 0, 0);
+  return SYS(__NR_sendmsg, sock, &h, K_MSG_NOSIGNAL, 0, 0);
 }
 
 /* One message; its files (at most max) go to fds, their number to *nfds. Returns the length, 0 at
@@ -275,7 +307,11 @@ static void converse(struct state* s) {
   s->files = fv[1];
   __atomic_store_n(&ctl->phase, PIPECR_AGENT_SOCKET_READY, __ATOMIC_RELEASE);
 
-  r = wait_readable(s->sock, ctl->handshake_ms);
+  /* Wait for HELLO in slices, checking that pipecr (the tracer) is still there. */
+  for (int waited = 0;; waited += 10) {
+    r = wait_readable(s->sock, 10);
+    if (r != 0 || waited >= ctl->handshake_ms || !traced(ctl)) break;
+  }
   if (r > 0) r = recv_msg(s, s->sock, 0, &m, fds, 1, &nfds);
   close_fd(sv[0]);
   close_fd(fv[0]);
@@ -299,12 +335,14 @@ static void converse(struct state* s) {
     r = wait_readable(s->sock, ctl->idle_ms);
     if (r <= 0) {
       fail(s, r < 0 ? r : -K_ETIMEDOUT, 0);
+      s->orphan = 1;
       return;
     }
     r = recv_msg(s, s->sock, 0, &m, fds, K_MAX_FDS, &nfds);
     for (int i = 0; i < nfds; ++i) close_fd(fds[i]); /* no files come this way */
     if (r <= 0) { /* EOF: pipecr is gone; an error: give up */
       if (r < 0) fail(s, r, 0);
+      s->orphan = 1;
       return;
     }
     if (m.type == PIPECR_MSG_DECIDE) return;
@@ -326,7 +364,7 @@ static void converse(struct state* s) {
 }
 
 __attribute__((used)) void* agent_main(struct pipecr_agent_ctl* ctl) {
-  struct state s = {ctl, 0, 0, 0, -1, -1, 0, 0};
+  struct state s = {ctl, 0, 0, 0, -1, -1, 0, 0, 0};
   uint64_t all = ~0ull;
   char* base = (char*)ctl - ctl->ctl_offset;
   SYS(__NR_rt_sigprocmask, K_SIG_BLOCK, &all, 0, 8, 0);
@@ -345,9 +383,10 @@ __attribute__((used)) void* agent_main(struct pipecr_agent_ctl* ctl) {
     int32_t st = committed ? apply(&s, &at) : 0;
     if (!committed) drop_received(&s);
     SYS(__NR_munmap, s.word, 4096, 0, 0, 0);
-    send_msg(s.sock, PIPECR_MSG_DONE, at, (uint32_t)committed, st);
+    if (send_msg(s.sock, PIPECR_MSG_DONE, at, (uint32_t)committed, st) < 0) s.orphan = 1;
   } else {
     drop_received(&s);
+    s.orphan = 1; /* no connection: nobody will come */
   }
   close_fd(s.files); /* files still parked in its queue go with it */
   close_fd(s.sock);
@@ -358,7 +397,7 @@ __attribute__((used)) void* agent_main(struct pipecr_agent_ctl* ctl) {
    * overwrites the thread's restart_block, which the interrupted syscall may still need
    * (ERESTART_RESTARTBLOCK); ppoll restarts with ERESTARTNOHAND and leaves it alone. */
   struct k_timespec ts = {ctl->park_ms / 1000, (long)(ctl->park_ms % 1000) * 1000000L};
-  while (SYS(__NR_ppoll, 0, 0, &ts, 0, 8) == -4) {
+  while (!s.orphan && SYS(__NR_ppoll, 0, 0, &ts, 0, 8) == -4) {
   }
   __atomic_store_n(&ctl->phase, PIPECR_AGENT_RETURNING, __ATOMIC_RELEASE);
   SYS(__NR_rt_sigprocmask, K_SIG_SETMASK, &ctl->orig_sigmask, 0, 8, 0);
