@@ -50,6 +50,16 @@ std::optional<char> task_state(pid_t pid, pid_t tid) {
   return line[paren + 2];
 }
 
+// A vfork parent waits for its child to exec or exit in an uninterruptible sleep that no ptrace stop
+// can end (wait_for_vfork_done, inlined into kernel_clone: /proc wchan shows kernel_clone).
+bool in_vfork_wait(pid_t pid, pid_t tid) {
+  if (task_state(pid, tid) != 'D') return false;
+  std::ifstream in(fmt::format("/proc/{}/task/{}/wchan", pid, tid));
+  std::string w;
+  std::getline(in, w);
+  return w == "kernel_clone" || w == "wait_for_vfork_done";
+}
+
 bool is_dead_state(std::optional<char> s) { return !s || *s == 'Z' || *s == 'X' || *s == 'x'; }
 
 // Threads listed in /proc/PID/task, or an errno.
@@ -266,6 +276,13 @@ Expected<bool> StoppedProcess::seize_new_threads(size_t& dead_listed) {
   HarmWindowScope window;
   for (pid_t tid : *tids) {
     if (std::find(threads_.begin(), threads_.end(), tid) != threads_.end()) continue;
+    if (in_vfork_wait(pid_, tid)) {  // seized, it would stay traced until pipecr exits
+      error = Error{Errc::gone, EBUSY,
+                    fmt::format("thread {} of process {} is a vfork parent waiting for its child to exec or exit: "
+                                "no ptrace stop can reach it; try again once the child has exec'd",
+                                tid, pid_)};
+      break;
+    }
     if (::ptrace(PTRACE_SEIZE, tid, nullptr, reinterpret_cast<void*>(PTRACE_O_TRACESYSGOOD)) < 0) {
       int e = errno;
       if (e == ESRCH) continue;  // the thread exited since the listing
