@@ -42,6 +42,7 @@
 #include "restore/plan.hpp"
 #include "sys/agent.hpp"
 #include "sys/ptrace.hpp"
+#include "sys/remote.hpp"
 #include "sys/syscalls.hpp"
 
 namespace pipecr::restore {
@@ -121,6 +122,13 @@ class TargetTransaction {
   // Stops every target, starts an agent in each and hands it its files; nothing of any target is
   // changed yet. On failure everything is rolled back before returning.
   Expected<void> run() {
+    // What can be known before anything is stopped: each target's fd limit and vdso.
+    for (const Holder& h : plan_.holders) {
+      if (h.exec) continue;
+      auto limit = target_nofile_limit(h.target);
+      if (!limit) return abort(in_target(h, limit.error()));
+      before_[&h] = {*limit, sys::vdso_syscall_address(h.target)};
+    }
     for (const Holder& h : plan_.holders) {
       if (h.exec) continue;
       if (auto ok = check_interrupt(); !ok) return abort(ok.error());
@@ -185,9 +193,9 @@ class TargetTransaction {
                                    built_.files.at(f.rec->file_id).get()});
     for (const PlannedFd& f : h.fds)
       if (f.set_async) s.ops.push_back(sys::AgentOp{sys::AgentOp::setfl_or, f.rec->fd, 0, O_ASYNC, 0, -1});
+    const Before& known = before_.at(&h);
     if (top >= 0) {
-      auto limit = target_nofile_limit(h.target);
-      if (!limit) return tl::unexpected(limit.error());
+      const uint64_t* limit = &known.nofile;
       auto open = target_fds(h.target);
       if (!open) return tl::unexpected(open.error());
       // The files wait in a socket queue (no fd numbers); at the commit the agent takes them one
@@ -208,7 +216,7 @@ class TargetTransaction {
                                 "--nofile={}",
                                 *limit, need, open->size(), top, h.target, need + 64));
     }
-    auto agent = sys::Agent::start(s.proc, s.proc.threads().front(), *commit_, s.ops, top + 1, s.batch);
+    auto agent = sys::Agent::start(s.proc, s.proc.threads().front(), *commit_, s.ops, top + 1, s.batch, known.vdso);
     if (!agent) return tl::unexpected(agent.error());
     s.agent = std::move(*agent);
     return {};
@@ -243,6 +251,11 @@ class TargetTransaction {
   Built& built_;
   const ProcessRestoreOptions& opts_;
   std::optional<sys::CommitPoint> commit_;
+  struct Before {
+    uint64_t nofile = 0;  // soft RLIMIT_NOFILE
+    uint64_t vdso = 0;    // a syscall instruction in its [vdso]
+  };
+  std::unordered_map<const Holder*, Before> before_;
   std::unordered_map<uint64_t, size_t> uses_;       // file id -> fds of targets not yet handed over
   std::vector<std::unique_ptr<Session>> sessions_;  // stable addresses: the agent points at proc
 };

@@ -100,10 +100,12 @@ Error Agent::error(const std::string& what, int err) const {
 }
 
 Expected<std::unique_ptr<Agent>> Agent::start(StoppedProcess& process, pid_t tid, const CommitPoint& commit,
-                                              std::span<const AgentOp> ops, int floor, size_t batch) {
+                                              std::span<const AgentOp> ops, int floor, size_t batch,
+                                              uint64_t vdso_hint) {
   std::unique_ptr<Agent> a(new Agent(process, tid));
   a->ops_.assign(ops.begin(), ops.end());
   a->batch_ = std::clamp<size_t>(batch, 1, kAgentBatch);
+  a->vdso_hint_ = vdso_hint;
   if (auto ok = a->boot(commit, ops, floor); !ok) return tl::unexpected(ok.error());
   if (auto ok = a->connect(commit); !ok) {
     (void)a->restore();
@@ -146,8 +148,9 @@ Expected<void> Agent::boot(const CommitPoint&, std::span<const AgentOp> ops, int
 
   // The one remote syscall of the bootstrap: from here until the registers point at the agent,
   // pipecr's death would leave the thread with the injected registers (the harm window).
-  auto rs = RemoteSyscalls::attach(*process_, tid_);
+  auto rs = RemoteSyscalls::attach(*process_, tid_, RemoteSyscalls::Insn::vdso_first, vdso_hint_);
   if (!rs) return tl::unexpected(rs.error());
+  vdso_hint_ = rs->patched_code() ? 0 : rs->syscall_address();
   std::vector<unsigned char> image(map_len_, 0);  // filled below; allocated outside the window
   HarmWindowScope window;
   auto addr = rs->call(SYS_mmap, 0, map_len_, PROT_READ | PROT_WRITE | PROT_EXEC, MAP_PRIVATE | MAP_ANONYMOUS,
@@ -230,7 +233,8 @@ Expected<uint32_t> Agent::phase() {
 Expected<void> Agent::wait_phase(uint32_t at_least, std::chrono::milliseconds limit) {
   using namespace std::chrono;
   const auto deadline = steady_clock::now() + limit;
-  for (int spins = 0;; ++spins) {
+  const auto spin_until = steady_clock::now() + milliseconds(20);
+  for (;;) {
     auto ph = phase();
     if (!ph) return tl::unexpected(ph.error());
     if (*ph >= at_least) return {};
@@ -239,7 +243,7 @@ Expected<void> Agent::wait_phase(uint32_t at_least, std::chrono::milliseconds li
       return fail(Errc::gone, ETIMEDOUT,
                   fmt::format("agent in pid {} (thread {}): no progress within {} ms (phase {})", pid_, tid_,
                               limit.count(), *ph));
-    if (spins < 200)
+    if (steady_clock::now() < spin_until)  // the agent needs a CPU: give it ours
       std::this_thread::yield();
     else
       std::this_thread::sleep_for(microseconds(100));
@@ -412,7 +416,7 @@ Expected<void> Agent::take_back() {
     base_ = 0;
     return {};
   }
-  auto rs = RemoteSyscalls::attach(*process_, tid_);
+  auto rs = RemoteSyscalls::attach(*process_, tid_, RemoteSyscalls::Insn::vdso_first, vdso_hint_);
   if (!rs) return tl::unexpected(rs.error());
   rs->restore_to(saved_);
   HarmWindowScope window;  // from the munmap's registers until the thread's own are back

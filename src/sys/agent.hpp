@@ -85,7 +85,7 @@ class Agent : public Injector {
   [[nodiscard]] static Expected<std::unique_ptr<Agent>> start(StoppedProcess& process, pid_t tid,
                                                               const CommitPoint& commit,
                                                               std::span<const AgentOp> ops, int floor,
-                                                              size_t batch = kAgentBatch);
+                                                              size_t batch = kAgentBatch, uint64_t vdso_hint = 0);
   ~Agent() override;
   Agent(const Agent&) = delete;
   Agent& operator=(const Agent&) = delete;
@@ -128,6 +128,7 @@ class Agent : public Injector {
   uint64_t ctl_addr_ = 0;
   std::vector<AgentOp> ops_;
   size_t batch_ = kAgentBatch;
+  uint64_t vdso_hint_ = 0;   // vdso_syscall_address(), found before the stop
   UniqueFd sock_;             // control messages
   UniqueFd files_;            // the files, queued for the agent
   bool running_ = false;      // the thread runs the agent

@@ -57,14 +57,14 @@ Expected<void> poke(pid_t pid, pid_t tid, uint64_t addr, long word) {
 
 // ---------------------------------------------------------------- RemoteSyscalls
 
-Expected<RemoteSyscalls> RemoteSyscalls::attach(StoppedProcess& process, pid_t tid, Insn insn) {
+Expected<RemoteSyscalls> RemoteSyscalls::attach(StoppedProcess& process, pid_t tid, Insn insn, uint64_t vdso_hint) {
   const auto& t = process.threads();
   if (std::find(t.begin(), t.end(), tid) == t.end())
     return fail(Errc::invalid_argument, EINVAL,
                 fmt::format("RemoteSyscalls(pid={}, tid={}): not a stopped thread of the process", process.pid(), tid));
   RemoteSyscalls r(process, tid);
 
-  auto ok = r.prepare(insn);
+  auto ok = r.prepare(insn, vdso_hint);
   if (!ok) return tl::unexpected(ok.error());
   return r;
 }
@@ -88,12 +88,23 @@ uint64_t vdso_syscall_address(pid_t pid) {
 
 // Finds or makes the syscall instruction: one in the [vdso] (nothing written), else the one a thread
 // stopped on a syscall's way out just ran (its ip is just past it), else two patched bytes at ip.
-Expected<void> RemoteSyscalls::prepare(Insn insn) {
+Expected<void> RemoteSyscalls::prepare(Insn insn, uint64_t vdso_hint) {
   auto regs = process_->regs(tid_);
   if (!regs) return tl::unexpected(regs.error());
   saved_ = *regs;
   const pid_t pid = pid_;
   const uint64_t ip = saved_.ip();
+  if (insn == Insn::vdso_first && vdso_hint) {
+    unsigned char at[2] = {};
+    iovec local{at, sizeof at};
+    iovec remote{reinterpret_cast<void*>(vdso_hint), sizeof at};
+    if (::process_vm_readv(pid, &local, 1, &remote, 1, 0) == 2 && at[0] == arch::kSyscallInsn[0] &&
+        at[1] == arch::kSyscallInsn[1]) {
+      insn_addr_ = vdso_hint;
+      done_ = false;
+      return {};
+    }
+  }
   if (uint64_t v = insn == Insn::vdso_first ? vdso_syscall_address(pid) : 0) {
     insn_addr_ = v;
     done_ = false;

@@ -43,7 +43,10 @@ class RemoteSyscalls : public Injector {
   // Where the syscall instruction comes from: the [vdso] first (nothing written), or only the
   // thread's own code (its last syscall instruction, else two patched bytes; tests use this).
   enum class Insn { vdso_first, thread_only };
-  [[nodiscard]] static Expected<RemoteSyscalls> attach(StoppedProcess& process, pid_t tid, Insn insn = Insn::vdso_first);
+  // vdso_hint: a vdso_syscall_address() found before the process was stopped (checked, then used
+  // without reading the [vdso] again); 0 to look it up.
+  [[nodiscard]] static Expected<RemoteSyscalls> attach(StoppedProcess& process, pid_t tid, Insn insn = Insn::vdso_first,
+                                                      uint64_t vdso_hint = 0);
 
   RemoteSyscalls(RemoteSyscalls&& o) noexcept;
   RemoteSyscalls& operator=(RemoteSyscalls&& o) = delete;
@@ -95,7 +98,7 @@ class RemoteSyscalls : public Injector {
 
  private:
   RemoteSyscalls(StoppedProcess& p, pid_t tid) : pid_(p.pid()), tid_(tid) { link(&p); }
-  [[nodiscard]] Expected<void> prepare(Insn insn);
+  [[nodiscard]] Expected<void> prepare(Insn insn, uint64_t vdso_hint);
 
   pid_t pid_ = -1;
   pid_t tid_ = -1;
