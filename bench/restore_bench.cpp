@@ -273,7 +273,7 @@ void BM_Scale(benchmark::State& state) {
   ::waitpid(child, nullptr, 0);
   state.counters["per_pipe_us"] = total / static_cast<double>(std::max<int64_t>(1, state.iterations())) / n;
 }
-BENCHMARK(BM_Scale)->Arg(100)->Arg(1000)->Arg(10000)->Arg(100000)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_Scale)->Arg(100)->Arg(1000)->Arg(10000)->Unit(benchmark::kMillisecond);
 
 }  // namespace
 
