@@ -164,10 +164,17 @@ class TargetTransaction {
       auto done = s->agent->decide();
       Expected<void> ok = done ? Expected<void>{} : tl::unexpected(done.error());
       if (ok && !*done) ok = fail(Errc::system, ECANCELED, "the agent did not commit");
-      if (auto back = s->agent->restore(); ok && !back) ok = back;
+      if (!ok && !first) first = in_target(*s->holder, ok.error());
+    }
+    stage(Stage::committed);
+    for (auto& s : sessions_) {
+      Expected<void> ok = s->agent->restore();
       if (auto r = s->proc.resume(); ok && !r) ok = r;
       if (!ok && !first) first = in_target(*s->holder, ok.error());
     }
+    // The agents hold the files their installs replaced: closing them may free big pipes, which is
+    // done when the transaction goes away, after the targets run again.
+    finished_ = std::move(sessions_);
     sessions_.clear();
     if (first) return tl::unexpected(*first);
     return {};
@@ -258,6 +265,7 @@ class TargetTransaction {
   std::unordered_map<const Holder*, Before> before_;
   std::unordered_map<uint64_t, size_t> uses_;       // file id -> fds of targets not yet handed over
   std::vector<std::unique_ptr<Session>> sessions_;  // stable addresses: the agent points at proc
+  std::vector<std::unique_ptr<Session>> finished_;  // committed and let go; destroyed last
 };
 
 // The exec holder's fds put in place in this process, undone unless the exec happens.

@@ -60,6 +60,7 @@ enum class Stage {
   stashed,    // every target has its agent running (limits checked); no file handed over yet
   installed,  // every agent has its files and is prepared; nothing of any target changed yet: the
               // commit comes next
+  committed,  // every agent has installed its files and is parked; the threads are not taken back yet
   resumed,    // every target is let go (the end of the time they stand stopped)
 };
 

@@ -304,7 +304,23 @@ Expected<::pipecr_agent_msg> Agent::receive(std::chrono::milliseconds limit) {
     if (r < 0 && errno != EINTR) return tl::unexpected(error("poll(agent socket)", errno));
     if (r > 0) {
       pipecr_agent_msg m{};
-      ssize_t n = ::recv(sock_.get(), &m, sizeof m, MSG_DONTWAIT);
+      iovec iov{&m, sizeof m};
+      alignas(cmsghdr) char ctl[CMSG_SPACE(kMaxFdsPerMessage * sizeof(int))];
+      msghdr h{};
+      h.msg_iov = &iov;
+      h.msg_iovlen = 1;
+      h.msg_control = ctl;
+      h.msg_controllen = sizeof ctl;
+      ssize_t n = ::recvmsg(sock_.get(), &h, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+      if (n > 0)
+        for (cmsghdr* c = CMSG_FIRSTHDR(&h); c; c = CMSG_NXTHDR(&h, c))
+          if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS)
+            for (size_t i = 0; i < (c->cmsg_len - CMSG_LEN(0)) / sizeof(int); ++i) {
+              int fd;
+              std::memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
+              replaced_.emplace_back(fd);  // only OLDFILES carries files; kept until destruction
+            }
+      if (n == static_cast<ssize_t>(sizeof m) && m.type == PIPECR_MSG_OLDFILES) continue;
       if (n == static_cast<ssize_t>(sizeof m)) return m;
       if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
       int e = n < 0 ? errno : EPIPE;

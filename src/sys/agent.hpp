@@ -131,6 +131,8 @@ class Agent : public Injector {
   uint64_t vdso_hint_ = 0;   // vdso_syscall_address(), found before the stop
   UniqueFd sock_;             // control messages
   UniqueFd files_;            // the files, queued for the agent
+  std::vector<UniqueFd> replaced_;  // what the installs replaced: closed when the agent is destroyed,
+                                    // after the target runs again (freeing big pipes costs no stop)
   bool running_ = false;      // the thread runs the agent
   bool decided_ = false;
   bool done_ = false;

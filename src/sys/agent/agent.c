@@ -87,6 +87,7 @@ struct state {
   int files; /* the files, parked in its queue until the commit */
   int failed; /* -errno: the agent aborts whatever pipecr says */
   int orphan; /* pipecr is gone (EOF, a timeout, a send that failed): nobody will take us back */
+  int nold;   /* replaced files kept (above floor) to hand to pipecr, in the control page at OLD_OFF */
   uint32_t failed_at;
 };
 
@@ -231,14 +232,52 @@ static int32_t prepare(struct state* s, uint32_t* at) {
 }
 
 /* Runs every operation; returns 0 or the first -errno (and where), going on after an error. */
+#define OLD_OFF 3072 /* K_MAX_FDS ints: 1012 bytes, up to 4084 */
+
+/* Hands the replaced files to pipecr in one message (it closes them after the resume, so the last
+ * close of a big pipe frees its pages outside the stop), then closes them here. */
+static void flush_old(struct state* s) {
+  int* old = (int*)((char*)s->ctl + OLD_OFF);
+  if (s->nold == 0) return;
+  if (!s->orphan) {
+    struct pipecr_agent_msg m = {PIPECR_MSG_OLDFILES, 0, (uint32_t)s->nold, 0};
+    struct k_iovec iov = {&m, sizeof m};
+    char* cbuf = (char*)s->ctl + CMSG_BUF_OFF;
+    struct k_cmsghdr* c = (struct k_cmsghdr*)cbuf;
+    c->len = sizeof *c + (ulong)s->nold * 4;
+    c->level = K_SOL_SOCKET;
+    c->type = K_SCM_RIGHTS;
+    int* data = (int*)(c + 1);
+    for (int i = 0; i < s->nold; ++i) data[i] = old[i];
+    struct k_msghdr h = {0, 0, &iov, 1, cbuf, (c->len + 7) & ~7ul, 0};
+    if (SYS(__NR_sendmsg, s->sock, &h, K_MSG_NOSIGNAL, 0, 0) < 0) s->orphan = 1;
+  }
+  for (int i = 0; i < s->nold; ++i) close_fd(old[i]);
+  s->nold = 0;
+}
+
+/* Keeps the file at fd (about to be replaced) at a number at or above floor, for flush_old(); when
+ * there is no room, dup3 closes it in place. */
+static void keep_old(struct state* s, int fd) {
+  if (s->orphan) return;
+  long copy = SYS(__NR_fcntl, fd, K_F_DUPFD_CLOEXEC, s->ctl->floor, 0, 0);
+  if (copy < 0) return; /* EBADF: nothing there; EMFILE/EINVAL: no room */
+  ((int*)((char*)s->ctl + OLD_OFF))[s->nold++] = (int)copy;
+  if (s->nold == K_MAX_FDS) flush_old(s);
+}
+
 static int32_t apply(struct state* s, uint32_t* at) {
   int32_t first = 0;
   for (uint32_t i = 0; i < s->ctl->nops; ++i) {
     struct pipecr_agent_op* op = &s->ops[i];
     long r = 0;
     if (op->code == PIPECR_AGENT_OP_INSTALL) {
-      if (op->temp < 0) r = take_files(s, i);
+      if (op->temp < 0) {
+        flush_old(s); /* the kept files and the next batch never hold more numbers than one batch */
+        r = take_files(s, i);
+      }
       if (op->temp >= 0) {
+        keep_old(s, op->fd);
         r = SYS(__NR_dup3, op->temp, op->fd, op->a ? K_O_CLOEXEC : 0, 0, 0);
         close_fd(op->temp);
         op->temp = -1;
@@ -257,6 +296,7 @@ static int32_t apply(struct state* s, uint32_t* at) {
       *at = i;
     }
   }
+  flush_old(s);
   return first;
 }
 
@@ -364,7 +404,7 @@ static void converse(struct state* s) {
 }
 
 __attribute__((used)) void* agent_main(struct pipecr_agent_ctl* ctl) {
-  struct state s = {ctl, 0, 0, 0, -1, -1, 0, 0, 0};
+  struct state s = {ctl, 0, 0, 0, -1, -1, 0, 0, 0, 0};
   uint64_t all = ~0ull;
   char* base = (char*)ctl - ctl->ctl_offset;
   SYS(__NR_rt_sigprocmask, K_SIG_BLOCK, &all, 0, 8, 0);

@@ -55,6 +55,8 @@ enum {
   PIPECR_MSG_PREPARED = 0x83, /* agent -> pipecr, status 0 or -errno at operation `first` */
   PIPECR_MSG_DONE = 0x84,     /* agent -> pipecr, count = 1 if committed; status 0 or -errno at `first` */
   PIPECR_MSG_FAILED = 0x85,   /* agent -> pipecr, status -errno: the agent aborted (at `first`) */
+  PIPECR_MSG_OLDFILES = 0x86, /* agent -> pipecr at commit, `count` files the installs replaced: pipecr
+                                 closes them after the resume, so freeing their buffers costs no stop */
 };
 
 struct pipecr_agent_msg {
