@@ -7,6 +7,7 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <sys/epoll.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
@@ -30,6 +31,7 @@
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 
+#include "sys/agent.hpp"
 #include "sys/syscalls.hpp"
 #include "unit/sys/child_helpers.hpp"
 
@@ -448,6 +450,79 @@ TEST(Remote, InjectIntoAnotherThread) {
   }
   ASSERT_TRUE(write_all(rc.input.write.get(), std::as_bytes(std::span("both", 4))));
   EXPECT_EQ(read_report(rc.report.read.get()), "both");
+}
+
+
+// The agent's generic operations (install, epoll_ctl ADD, F_SETFL), committed and aborted, into a
+// child blocked in read(5): after an abort nothing changed; after a commit fd 10 is the given pipe
+// (FD_CLOEXEC, O_NONBLOCK), watched by the epoll at 20 with the given data, and the read goes on.
+TEST(Agent, GenericOperationsCommitOrAbortAsOne) {
+  PipePair input = *make_pipe(0), report = *make_pipe(0);
+  int in = input.read.get(), out = report.write.get();
+  Child child = spawn([in, out] {
+    int in_hi = ::fcntl(in, F_DUPFD, 100), out_hi = ::fcntl(out, F_DUPFD, 100);
+    ::dup2(in_hi, 5);
+    int ep = ::epoll_create1(0);
+    ::dup2(ep, 20);
+    ::close(ep);
+    ::close(10);
+    char buf[8];
+    ssize_t n = ::read(5, buf, sizeof buf);  // blocks until the test says go
+    epoll_event ev{};
+    int k = ::epoll_wait(20, &ev, 1, 1000);
+    int fl = ::fcntl(10, F_GETFL), fd = ::fcntl(10, F_GETFD);
+    std::string m = fmt::format("read {} epoll {} data {:#x} nonblock {} cloexec {}", n, k,
+                                static_cast<unsigned long>(ev.data.u64), (fl & O_NONBLOCK) != 0, (fd & FD_CLOEXEC) != 0);
+    (void)!::write(out_hi, m.data(), m.size());
+  });
+  input.read.reset();
+  report.write.reset();
+  ASSERT_TRUE(eventually([&] { return blocked_in(child.pid, child.pid, SYS_read, 5); }));
+  PipePair gift = *make_pipe(0);
+  std::vector<AgentOp> ops = {
+      {AgentOp::install, 10, 1, 0, 0, gift.read.get()},
+      {AgentOp::epoll_add, 10, 20, EPOLLIN, 0x1234, -1},
+      {AgentOp::setfl_or, 10, 0, O_NONBLOCK, 0, -1},
+  };
+  auto maps_of = [&] {  // every mapping but the stack (the agent runs on it, which may grow it)
+    std::ifstream in(fmt::format("/proc/{}/maps", child.pid));
+    std::string line, out;
+    while (std::getline(in, line))
+      if (line.find("[stack]") == std::string::npos) out += line + "\n";
+    return out;
+  };
+  const std::string maps_before = maps_of();
+  for (bool commit : {false, true}) {
+    SCOPED_TRACE(commit ? "commit" : "abort");
+    auto table = fd_table(child.pid);
+    auto sp = StoppedProcess::seize(child.pid);
+    ASSERT_TRUE(sp) << sp.error().what;
+    auto process = std::make_unique<StoppedProcess>(std::move(*sp));
+    auto cp = CommitPoint::create();
+    ASSERT_TRUE(cp) << cp.error().what;
+    auto agent = Agent::start(*process, child.pid, *cp, ops, 21);
+    ASSERT_TRUE(agent) << agent.error().what;
+    ASSERT_TRUE((*agent)->send_files());
+    ASSERT_TRUE((*agent)->prepare());
+    EXPECT_EQ(fd_table(child.pid).count(10), 0u);  // nothing installed before the commit
+    EXPECT_NE(maps_of(), maps_before);              // the agent is mapped
+    if (commit)
+      ASSERT_TRUE(cp->commit());
+    else
+      cp->abort();
+    auto done = (*agent)->decide();
+    ASSERT_TRUE(done) << done.error().what;
+    EXPECT_EQ(*done, commit);
+    ASSERT_TRUE((*agent)->restore());
+    agent->reset();
+    ASSERT_TRUE(process->resume());
+    if (!commit) EXPECT_EQ(fd_table(child.pid), table);
+  }
+  EXPECT_TRUE(same_file(gift.read.get(), child.pid, 10));
+  EXPECT_EQ(maps_of(), maps_before) << "a mapping was left";
+  ASSERT_TRUE(write_all(gift.write.get(), std::as_bytes(std::span("x", 1))));
+  ASSERT_TRUE(write_all(input.write.get(), std::as_bytes(std::span("go", 2))));
+  EXPECT_EQ(read_report(report.read.get()), "read 2 epoll 1 data 0x1234 nonblock true cloexec true");
 }
 
 }  // namespace
