@@ -210,12 +210,16 @@ class TargetTransaction {
       // 4 socket ends; so the batch is what fits. A received file or a socket that lands on a number
       // still to be filled moves above the highest one.
       constexpr uint64_t kSockets = 4, kSpare = 2;
-      uint64_t free_targets = 0;
-      for (const PlannedFd& f : h.fds) free_targets += !std::binary_search(open->begin(), open->end(), f.rec->fd);
       const uint64_t room = *limit > open->size() + kSockets + kSpare ? *limit - open->size() - kSockets - kSpare : 0;
       s.batch = static_cast<size_t>(std::min<uint64_t>({room, sys::kAgentBatch, h.fds.size()}));
+      // A received file lands on the lowest free number, never above what is open plus what arrives:
+      // only free recorded numbers below that can be hit (and then it moves above the highest).
+      const uint64_t reach = open->size() + s.batch + kSockets;
+      uint64_t free_targets = 0;
+      for (const PlannedFd& f : h.fds)
+        free_targets += static_cast<uint64_t>(f.rec->fd) < reach && !std::binary_search(open->begin(), open->end(), f.rec->fd);
       const uint64_t need = std::max<uint64_t>(open->size() + kSockets + kSpare + 1,
-                                               top + 1 + std::min<uint64_t>(s.batch + kSockets, free_targets));
+                                               uint64_t(top) + 1 + std::min<uint64_t>(s.batch + kSockets, free_targets));
       if (s.batch == 0 || need > *limit)
         return fail(Errc::system, EMFILE,
                     fmt::format("its RLIMIT_NOFILE ({}) is too low: the restore needs {} fds in it at once (the {} it "
