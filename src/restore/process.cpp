@@ -203,7 +203,7 @@ class TargetTransaction {
     const Before& known = before_.at(&h);
     if (top >= 0) {
       const uint64_t* limit = &known.nofile;
-      auto open = target_fds(h.target);
+      auto open = target_fds(h.thread ? h.thread : h.target);  // that thread's own fd table, if any
       if (!open) return tl::unexpected(open.error());
       // The files wait in a socket queue (no fd numbers); at the commit the agent takes them one
       // message (a batch of up to 253) at a time. It holds then: what the target holds, one batch, its
@@ -227,7 +227,9 @@ class TargetTransaction {
                                 "--nofile={}",
                                 *limit, need, open->size(), top, h.target, need + 64));
     }
-    auto agent = sys::Agent::start(s.proc, s.proc.threads().front(), *commit_, s.ops, top + 1, s.batch, known.vdso);
+    // The agent runs in the thread whose fd table the holder is (a thread that unshared its table).
+    auto agent = sys::Agent::start(s.proc, h.thread ? h.thread : s.proc.threads().front(), *commit_, s.ops, top + 1,
+                                   s.batch, known.vdso);
     if (!agent) return tl::unexpected(agent.error());
     s.agent = std::move(*agent);
     return {};
