@@ -7,13 +7,23 @@
 //   BM_StoppedTime/N/K    a whole restore of N pipes holding K KiB each into a running child; the
 //                         counter "stopped_us" is the time from the first seize to the last resume
 //                         (Stage::built to Stage::resumed), which must not grow with K.
-// Read ratios from one run: per_pipe_us, per_MiB_ms, and stopped_us across K.
+//   BM_VictimStall/N/K    the same, seen from the target: a thread of it spins reading the clock,
+//                         "victim_stall_us" is its longest gap during one restore (mean over the
+//                         iterations), the time it stood still; must stay under 3 ms for N = 1000
+//                         and not grow with K.
+//   BM_Scale/N            a restore of N pipes (read ends only, 16 bytes each) into one running child,
+//                         whole (plan, build, install): "per_pipe_us" states the slope.
+// Read ratios from one run: per_pipe_us, per_MiB_ms, stopped_us and victim_stall_us across K.
 #include <signal.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <sys/mman.h>
+
+#include <atomic>
 #include <chrono>
+#include <thread>
 #include <deque>
 #include <string>
 
@@ -140,6 +150,130 @@ void BM_StoppedTime(benchmark::State& state) {
 }
 BENCHMARK(BM_StoppedTime)->Args({10, 0})->Args({10, 64})->Args({10, 1024})->Args({100, 0})->Args({100, 64})
     ->Unit(benchmark::kMillisecond);
+
+// A child with a thread that spins on the clock and records its longest gap (shared memory), and a
+// main thread in pause().
+struct Spinner {
+  struct Shared {
+    std::atomic<int64_t> max_gap_ns{0};
+    std::atomic<int64_t> beats{0};
+  };
+  Shared* shared = nullptr;
+  pid_t pid = -1;
+  Spinner() {
+    void* m = ::mmap(nullptr, sizeof(Shared), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    shared = new (m) Shared;
+    pid = ::fork();
+    if (pid == 0) {
+      std::thread([s = shared] {
+        auto last = std::chrono::steady_clock::now();
+        for (;;) {
+          auto now = std::chrono::steady_clock::now();
+          int64_t gap = std::chrono::duration_cast<std::chrono::nanoseconds>(now - last).count();
+          if (gap > s->max_gap_ns.load(std::memory_order_relaxed)) s->max_gap_ns.store(gap, std::memory_order_relaxed);
+          s->beats.fetch_add(1, std::memory_order_relaxed);
+          last = now;
+        }
+      }).detach();
+      for (;;) ::pause();
+    }
+    while (shared->beats.load() < 1000) std::this_thread::yield();
+  }
+  ~Spinner() {
+    ::kill(pid, SIGKILL);
+    ::waitpid(pid, nullptr, 0);
+    ::munmap(shared, sizeof(Shared));
+  }
+};
+
+void BM_VictimStall(benchmark::State& state) {
+  raise_nofile();
+  const int n = static_cast<int>(state.range(0));
+  const int pages = static_cast<int>(state.range(1)) / 4;
+  Built b = make_image(n, pages);
+  Spinner victim;
+  double stall_total = 0, worst = 0, stopped_total = 0;
+  for (auto _ : state) {
+    std::chrono::steady_clock::time_point t0, t1;
+    restore::ProcessRestoreOptions opts;
+    opts.hook = [&](restore::Stage s) {
+      if (s == restore::Stage::built) {
+        victim.shared->max_gap_ns = 0;  // the build (which grows with K) happens before this
+        t0 = std::chrono::steady_clock::now();
+      }
+      if (s == restore::Stage::resumed) t1 = std::chrono::steady_clock::now();
+      if (std::getenv("PIPECR_BENCH_STAGES"))
+        fprintf(stderr, "stage %d at %.0f us\n", static_cast<int>(s),
+                std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
+    };
+    auto r = restore::restore_processes(b.img, {{{victim.pid, kRec}}, std::nullopt}, opts);
+    if (!r) {
+      state.SkipWithError(r.error().what.c_str());
+      break;
+    }
+    auto beats = victim.shared->beats.load();
+    while (victim.shared->beats.load() < beats + 1000) std::this_thread::yield();  // it ran again
+    double us = static_cast<double>(victim.shared->max_gap_ns.load()) / 1e3;
+    stall_total += us;
+    worst = std::max(worst, us);
+    stopped_total += std::chrono::duration<double, std::micro>(t1 - t0).count();
+  }
+  const double it = static_cast<double>(std::max<int64_t>(1, state.iterations()));
+  state.counters["victim_stall_us"] = stall_total / it;
+  state.counters["victim_stall_max_us"] = worst;
+  state.counters["stopped_us"] = stopped_total / it;
+}
+BENCHMARK(BM_VictimStall)->Args({1000, 0})->Args({1000, 64})->Unit(benchmark::kMillisecond)->Iterations(10);
+
+// n pipes, 16 bytes each, read end at 100+i.
+Built make_small_image(int n) {
+  Built b;
+  b.data.assign(16, 's');
+  Image& img = b.img;
+  img.processes.push_back(ProcessRecord{kRec, 1, "bench", {}});
+  for (int i = 0; i < n; ++i) {
+    PipeRecord p;
+    p.id = i + 1;
+    p.capacity = 4096;
+    p.uid = ::getuid();
+    p.gid = ::getgid();
+    p.mode = 0600;
+    p.slots.push_back(Slot{16, false});
+    p.data = std::as_bytes(std::span(b.data.data(), b.data.size()));
+    img.pipes.push_back(p);
+    img.files.push_back(FileRecord{static_cast<uint64_t>(i + 1), p.id, O_RDONLY});
+    img.fds.push_back(FdRecord{kRec, 100 + i, static_cast<uint64_t>(i + 1)});
+  }
+  b.bytes = std::move(*image::encode(img));
+  b.img = std::move(*image::parse(b.bytes));
+  return b;
+}
+
+void BM_Scale(benchmark::State& state) {
+  raise_nofile();
+  const int n = static_cast<int>(state.range(0));
+  Built b = make_small_image(n);
+  pid_t child = ::fork();
+  if (child == 0) {
+    rlimit rl{static_cast<rlim_t>(n) + 1000, static_cast<rlim_t>(n) + 1000};
+    ::setrlimit(RLIMIT_NOFILE, &rl);
+    for (;;) ::pause();
+  }
+  double total = 0;
+  for (auto _ : state) {
+    auto t0 = std::chrono::steady_clock::now();
+    auto r = restore::restore_processes(b.img, {{{child, kRec}}, std::nullopt});
+    if (!r) {
+      state.SkipWithError(r.error().what.c_str());
+      break;
+    }
+    total += std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
+  }
+  ::kill(child, SIGKILL);
+  ::waitpid(child, nullptr, 0);
+  state.counters["per_pipe_us"] = total / static_cast<double>(std::max<int64_t>(1, state.iterations())) / n;
+}
+BENCHMARK(BM_Scale)->Arg(100)->Arg(1000)->Arg(10000)->Unit(benchmark::kMillisecond);
 
 }  // namespace
 

@@ -17,6 +17,7 @@
 #include "cli/image_json.hpp"
 #include "dump/process.hpp"
 #include "image/image_io.hpp"
+#include "sys/ptrace.hpp"
 
 namespace pipecr::cli {
 namespace {
@@ -29,7 +30,16 @@ struct Options {
   bool json = false;
   bool verbose = false;
   std::string output;
+  double timeout = 10;  // --timeout SECONDS
 };
+
+// --timeout SECONDS: the bound on every wait for a target (sys::set_wait_timeout).
+Expected<void> apply_timeout(double seconds) {
+  if (!(seconds > 0) || seconds > 86400)
+    return fail(Errc::invalid_argument, EINVAL, fmt::format("--timeout {}: give seconds, more than 0 and at most 86400", seconds));
+  sys::set_wait_timeout(std::chrono::milliseconds(static_cast<long long>(seconds * 1000 + 0.5)));
+  return {};
+}
 
 void raise_nofile() {
   rlimit rl {};
@@ -41,6 +51,7 @@ void raise_nofile() {
 
 Expected<int> run_dump(const Options& o, CommandContext& ctx) {
   raise_nofile();
+  if (auto ok = apply_timeout(o.timeout); !ok) return tl::unexpected(ok.error());
   dump::DumpOptions opts{
       .pids = o.pids, .tree = o.tree, .leave_stopped = o.leave_stopped, .outside_holders = o.outside_holders};
   Image records;
@@ -80,6 +91,9 @@ RunFn setup(CLI::App& app, CommandContext& ctx) {
   app.add_flag("--leave-stopped", o->leave_stopped,
                "leave the processes in a group stop (SIGCONT resumes them) instead of resuming them");
   app.add_flag("-v,--verbose", o->verbose, "say how much was dumped and how long the processes stood stopped");
+  app.add_option("--timeout", o->timeout,
+                 "SECONDS: the longest wait for a target to stop (default 10); then the dump fails and every "
+                 "target is resumed");
   return [o, &ctx]() -> Expected<int> { return run_dump(*o, ctx); };
 }
 

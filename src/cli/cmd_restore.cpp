@@ -21,6 +21,7 @@
 #include "image/image_io.hpp"
 #include "image/validate.hpp"
 #include "restore/process.hpp"
+#include "sys/ptrace.hpp"
 
 namespace pipecr::cli {
 namespace {
@@ -33,7 +34,16 @@ struct Options {
   bool create_fifos = false;
   bool allow_smaller_capacity = false;
   bool no_vmsplice = false;
+  double timeout = 10;  // --timeout SECONDS
 };
+
+// --timeout SECONDS: the bound on every wait for a target (sys::set_wait_timeout).
+Expected<void> apply_timeout(double seconds) {
+  if (!(seconds > 0) || seconds > 86400)
+    return fail(Errc::invalid_argument, EINVAL, fmt::format("--timeout {}: give seconds, more than 0 and at most 86400", seconds));
+  sys::set_wait_timeout(std::chrono::milliseconds(static_cast<long long>(seconds * 1000 + 0.5)));
+  return {};
+}
 
 Expected<int32_t> parse_pid(std::string_view s, std::string_view what) {
   int32_t v = 0;
@@ -78,6 +88,7 @@ Expected<restore::ProcessRestoreRequest> make_request(const Options& o) {
 }
 
 Expected<int> run(const Options& o, CommandContext& ctx) {
+  if (auto ok = apply_timeout(o.timeout); !ok) return tl::unexpected(ok.error());
   auto req = make_request(o);
   if (!req) return tl::unexpected(req.error());
   auto file = image::MappedFile::open(o.image);
@@ -118,6 +129,9 @@ RunFn setup(CLI::App& app, CommandContext& ctx) {
   app.add_flag("--allow-smaller-capacity", o->allow_smaller_capacity,
                "accept the largest capacity this kernel allows when the recorded one is refused");
   app.add_flag("--no-vmsplice", o->no_vmsplice, "refill without vmsplice() (splice from a memfd, or write())");
+  app.add_option("--timeout", o->timeout,
+                 "SECONDS: the longest wait for a target to stop or its agent to answer (default 10); then "
+                 "every target is rolled back");
   app.footer("Ends held by recorded processes that are not restored are dropped (a note on stderr each).");
   return [o, &ctx]() -> Expected<int> { return run(*o, ctx); };
 }

@@ -1,25 +1,17 @@
 // restore/process.cpp: stage 3 of a restore into processes: the transaction that installs the
 // prepared pipes into running targets, and the exec of a new command that holds its share.
 //
-// Targets (all-or-nothing over every target): stop every one first (PTRACE_SEIZE + INTERRUPT on all
-// threads, sys/ptrace.hpp), then in phases over all of them: check RLIMIT_NOFILE against the highest
-// recorded fd and the room for install_fds()' temporaries; replace the fds chunk by chunk; set
-// O_ASYNC at the final number of each file that had it (si_fd is the number O_ASYNC was set through).
-// Only when every phase succeeded for every target are the stashes dropped, registers restored and
-// the targets let go. Any failure, for any target: every stashed file is put back at its number (with
-// its FD_CLOEXEC), numbers that were not open are closed again, every target resumed, and the error
-// returned. Nothing here depends on the bytes queued: they were written in stage 2, before the first
-// target was stopped.
-//
-// The stash (what a target had at each recorded number, kept for a rollback) lives in pipecr, not in
-// the target: pidfd_getfd() takes a reference without stopping anything more, and costs the target
-// no fd numbers. A target that holds N fds at the numbers being replaced would otherwise need 2N
-// numbers at once (measured: 10,000 pipes under a hard limit of 20,000 cannot be stashed inside the
-// target). pipecr in turn would hold the N new files plus the N old ones, so the replacement goes in
-// chunks of kStashChunk: stash a chunk, install it, close pipecr's copy of every new file that every
-// target taking it now holds; pipecr never holds more than the files still to install plus a chunk.
-// FD_CLOEXEC of a stashed fd is read from /proc/PID/fdinfo/N ("flags:" carries O_CLOEXEC for it),
-// which costs no ptrace round trip.
+// Targets (all-or-nothing over every target, whatever happens to pipecr): stop every one first
+// (PTRACE_SEIZE + INTERRUPT on all threads, sys/ptrace.hpp), check each one's RLIMIT_NOFILE, then start
+// an agent in each (sys/agent.hpp: one remote mmap, then the agent runs inside the target), queue its
+// files on its files socket (pipecr closes its copy of each file once every target taking it has it
+// queued) and ask it to prepare. Nothing of any target has changed so far. Then one store in the
+// shared CommitPoint commits every target at once; each agent installs its files (dup3 to the
+// recorded numbers), sets O_ASYNC at the final number of each file that had it (si_fd is the number
+// O_ASYNC was set through), and pipecr takes the thread back, removes the agent and lets every
+// target go. Any failure before that store, or pipecr's death, or a SIGTERM: every agent closes what
+// it was sent and returns; the targets never saw a change. Nothing here depends on the bytes queued:
+// they were written in stage 2, before the first target was stopped.
 //
 // --exec: this process takes the exec holder's fds the same way, in its own fd table (dup3 to the
 // recorded numbers, with a stash of what was there), BEFORE the targets are stopped, so a failure in
@@ -42,11 +34,13 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <unordered_set>
 
 #include <fmt/format.h>
 
 #include "restore/plan.hpp"
+#include "sys/agent.hpp"
 #include "sys/ptrace.hpp"
 #include "sys/remote.hpp"
 #include "sys/syscalls.hpp"
@@ -64,49 +58,54 @@ int highest_fd(const Holder& h) {
   return m;
 }
 
-// What a target had at one recorded number: a copy in pipecr, or nothing (the number was free).
-struct LocalStash {
-  int target_fd = -1;
-  sys::UniqueFd copy;
-  bool cloexec = false;
-};
-
-// FD_CLOEXEC of fd in pid, from the "flags:" line of /proc/PID/fdinfo/FD (octal, O_CLOEXEC included).
-Expected<bool> target_cloexec(pid_t pid, int fd) {
-  std::string path = fmt::format("/proc/{}/fdinfo/{}", pid, fd);
+// The soft RLIMIT_NOFILE of pid, from /proc/PID/limits (readable whatever the owner).
+Expected<uint64_t> target_nofile_limit(pid_t pid) {
+  std::string path = fmt::format("/proc/{}/limits", pid);
   sys::UniqueFd in(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
   if (!in) return tl::unexpected(sys::call_error("open", path));
-  char buf[512];
-  ssize_t n = ::read(in.get(), buf, sizeof buf - 1);
-  if (n < 0) return tl::unexpected(sys::call_error("read", path));
-  buf[n] = '\0';
-  const char* at = std::strstr(buf, "\nflags:");
-  if (!at) return fail(Errc::system, EIO, fmt::format("{}: no flags: line", path));
-  return (std::strtoul(at + 7, nullptr, 8) & O_CLOEXEC) != 0;
+  std::string text;
+  char buf[4096];
+  for (ssize_t n; (n = ::read(in.get(), buf, sizeof buf)) > 0;) text.append(buf, static_cast<size_t>(n));
+  auto at = text.find("Max open files");
+  if (at == std::string::npos) return fail(Errc::system, EIO, fmt::format("{}: no \"Max open files\" line", path));
+  const char* p = text.c_str() + at + std::strlen("Max open files");
+  while (*p == ' ') ++p;
+  if (std::strncmp(p, "unlimited", 9) == 0) return UINT64_MAX;
+  return std::strtoull(p, nullptr, 10);
 }
 
-// The number of fds open in pid.
-Expected<size_t> target_fd_count(pid_t pid) {
+// The fd numbers open in pid, sorted.
+Expected<std::vector<int>> target_fds(pid_t pid) {
   std::string path = fmt::format("/proc/{}/fd", pid);
   DIR* dir = ::opendir(path.c_str());
   if (!dir) return tl::unexpected(sys::call_error("opendir", path));
-  size_t n = 0;
+  std::vector<int> fds;
   while (dirent* d = ::readdir(dir))
-    if (d->d_name[0] != '.') ++n;
+    if (d->d_name[0] != '.') fds.push_back(std::atoi(d->d_name));
   ::closedir(dir);
-  return n;
+  std::sort(fds.begin(), fds.end());
+  return fds;
 }
 
-// One stopped target and what was done to it so far.
+// One stopped target and its agent.
 struct Session {
   Session(sys::StoppedProcess p, const Holder& h) : proc(std::move(p)), holder(&h) {}
-  sys::StoppedProcess proc;                  // declared first: destroyed after remote
-  std::optional<sys::RemoteSyscalls> remote;
-  sys::UniqueFd pidfd;
-  std::vector<LocalStash> stash;             // every number touched so far, in order
-  size_t chunk = kStashChunk;                // fds per install_fds() call: what the target has room for
+  sys::StoppedProcess proc;             // declared first: destroyed after the agent
+  std::unique_ptr<sys::Agent> agent;
+  std::vector<sys::AgentOp> ops;
+  size_t batch = sys::kAgentBatch;      // files per message: what the target has room for at the commit
   const Holder* holder;
 };
+
+// A signal that asks pipecr to stop (SIGINT, SIGTERM, SIGHUP, SIGQUIT) is pending: the transaction
+// rolls back instead of going on (InterruptsHeld keeps them blocked meanwhile).
+std::optional<int> interrupt_pending() {
+  sigset_t set;
+  if (::sigpending(&set) < 0) return std::nullopt;
+  for (int sig : {SIGINT, SIGTERM, SIGHUP, SIGQUIT})
+    if (sigismember(&set, sig)) return sig;
+  return std::nullopt;
+}
 
 class TargetTransaction {
  public:
@@ -120,34 +119,62 @@ class TargetTransaction {
   TargetTransaction& operator=(const TargetTransaction&) = delete;
   ~TargetTransaction() { rollback(); }
 
-  // Every phase for every target; on failure everything is rolled back before returning.
+  // Stops every target, starts an agent in each and hands it its files; nothing of any target is
+  // changed yet. On failure everything is rolled back before returning.
   Expected<void> run() {
+    // What can be known before anything is stopped: each target's fd limit and vdso.
     for (const Holder& h : plan_.holders) {
       if (h.exec) continue;
+      auto limit = target_nofile_limit(h.target);
+      if (!limit) return abort(in_target(h, limit.error()));
+      before_[&h] = {*limit, sys::vdso_syscall_address(h.target)};
+    }
+    for (const Holder& h : plan_.holders) {
+      if (h.exec) continue;
+      if (auto ok = check_interrupt(); !ok) return abort(ok.error());
       auto sp = sys::StoppedProcess::seize(h.target);
       if (!sp) return abort(in_target(h, sp.error()));
       sessions_.push_back(std::make_unique<Session>(std::move(*sp), h));
     }
     stage(Stage::seized);
+    auto cp = sys::CommitPoint::create();
+    if (!cp) return abort(cp.error());
+    commit_.emplace(std::move(*cp));
     using Phase = Expected<void> (TargetTransaction::*)(Session&);
-    for (Phase phase : {&TargetTransaction::attach, &TargetTransaction::replace, &TargetTransaction::async}) {
-      for (auto& s : sessions_)
+    for (Phase phase : {&TargetTransaction::start, &TargetTransaction::hand_over, &TargetTransaction::prepare}) {
+      for (auto& s : sessions_) {
+        if (auto ok = check_interrupt(); !ok) return abort(ok.error());
         if (auto ok = (this->*phase)(*s); !ok) return abort(in_target(*s->holder, ok.error()));
-      if (phase == &TargetTransaction::attach) stage(Stage::stashed);
+      }
+      if (phase == &TargetTransaction::start) stage(Stage::stashed);
     }
+    if (auto ok = check_interrupt(); !ok) return abort(ok.error());
     stage(Stage::installed);
     return {};
   }
 
-  // Drops the stashes and lets every target go. Past the point of no return: reports the first error.
+  // The one store that commits every target, then each agent runs its operations and every target
+  // is let go. Past that store nothing is undone: reports the first error.
   Expected<void> commit() {
+    if (auto ok = check_interrupt(); !ok) return abort(ok.error());
+    if (!commit_->commit())
+      return abort(Error{Errc::system, ECANCELED, "an agent gave up before the commit (timeout or failure); every target rolled back"});
     std::optional<Error> first;
     for (auto& s : sessions_) {
-      s->stash.clear();
-      auto ok = s->remote->restore();
-      if (ok) ok = s->proc.resume();
+      auto done = s->agent->decide();
+      Expected<void> ok = done ? Expected<void>{} : tl::unexpected(done.error());
+      if (ok && !*done) ok = fail(Errc::system, ECANCELED, "the agent did not commit");
       if (!ok && !first) first = in_target(*s->holder, ok.error());
     }
+    stage(Stage::committed);
+    for (auto& s : sessions_) {
+      Expected<void> ok = s->agent->restore();
+      if (auto r = s->proc.resume(); ok && !r) ok = r;
+      if (!ok && !first) first = in_target(*s->holder, ok.error());
+    }
+    // The agents hold the files their installs replaced: closing them may free big pipes, which is
+    // done when the transaction goes away, after the targets run again.
+    finished_ = std::move(sessions_);
     sessions_.clear();
     if (first) return tl::unexpected(*first);
     return {};
@@ -158,99 +185,76 @@ class TargetTransaction {
     if (opts_.hook) opts_.hook(st);
   }
 
-  Expected<void> attach(Session& s) {
-    auto r = sys::RemoteSyscalls::attach(s.proc, s.holder->thread ? s.holder->thread : s.proc.threads().front());
-    if (!r) return tl::unexpected(r.error());
-    s.remote.emplace(std::move(*r));
-    int top = highest_fd(*s.holder);
-    if (top < 0) return {};
-    auto pidfd = sys::pidfd_open(s.holder->thread ? s.holder->thread : s.holder->target);
-    if (!pidfd) return tl::unexpected(pidfd.error());
-    s.pidfd = std::move(*pidfd);
-    auto limit = sys::remote_nofile_limit(*s.remote);
-    if (!limit) return tl::unexpected(limit.error());
-    auto open = target_fd_count(s.holder->thread ? s.holder->thread : s.holder->target);
-    if (!open) return tl::unexpected(open.error());
-    // install_fds() receives each batch at the lowest free numbers, then dup3()s them in place.
-    constexpr uint64_t kSpare = 4;  // its socket, and room to spare
-    uint64_t room = *limit > *open + kSpare ? *limit - *open - kSpare : 0;
-    if (static_cast<uint64_t>(top) >= *limit || room == 0)
-      return fail(Errc::system, EMFILE,
-                  fmt::format("its RLIMIT_NOFILE ({}) is too low for fd {} with the {} fds it holds (and a few "
-                              "temporaries): raise it, e.g. prlimit --pid {} --nofile={}",
-                              *limit, top, *open, s.holder->target,
-                              std::max<uint64_t>(uint64_t(top) + 1, *open + kSpare + 1) + 64));
-    s.chunk = static_cast<size_t>(std::min<uint64_t>(room, kStashChunk));
+  static Expected<void> check_interrupt() {
+    if (auto sig = interrupt_pending())
+      return fail(Errc::system, EINTR, fmt::format("interrupted by {}: every target rolled back", ::sigabbrev_np(*sig)));
     return {};
   }
 
-  // Stash a chunk in pipecr, install it, let go of the new files every target now holds; repeat.
-  Expected<void> replace(Session& s) {
-    const std::vector<PlannedFd>& fds = s.holder->fds;
-    std::vector<sys::FdInstall> batch;
-    for (size_t at = 0; at < fds.size(); at += s.chunk) {
-      const size_t end = std::min(fds.size(), at + s.chunk);
-      batch.clear();
-      for (size_t i = at; i < end; ++i) {
-        const FdRecord& r = *fds[i].rec;
-        if (auto ok = stash_one(s, r.fd); !ok) return ok;
-        batch.push_back(sys::FdInstall{built_.files.at(r.file_id).get(), r.fd, r.cloexec});
-      }
-      if (auto ok = sys::install_fds(*s.remote, batch); !ok) return ok;
-      for (size_t i = at; i < end; ++i)
-        if (--uses_[fds[i].rec->file_id] == 0) built_.files.erase(fds[i].rec->file_id);
+  // Limits, the operations, and the agent.
+  Expected<void> start(Session& s) {
+    const Holder& h = *s.holder;
+    int top = highest_fd(h);
+    for (const PlannedFd& f : h.fds)
+      s.ops.push_back(sys::AgentOp{sys::AgentOp::install, f.rec->fd, f.rec->cloexec ? 1 : 0, 0, 0,
+                                   built_.files.at(f.rec->file_id).get()});
+    for (const PlannedFd& f : h.fds)
+      if (f.set_async) s.ops.push_back(sys::AgentOp{sys::AgentOp::setfl_or, f.rec->fd, 0, O_ASYNC, 0, -1});
+    const Before& known = before_.at(&h);
+    if (top >= 0) {
+      const uint64_t* limit = &known.nofile;
+      auto open = target_fds(h.thread ? h.thread : h.target);  // that thread's own fd table, if any
+      if (!open) return tl::unexpected(open.error());
+      // The files wait in a socket queue (no fd numbers); at the commit the agent takes them one
+      // message (a batch of up to 253) at a time. It holds then: what the target holds, one batch, its
+      // 4 socket ends; so the batch is what fits. A received file or a socket that lands on a number
+      // still to be filled moves above the highest one.
+      constexpr uint64_t kSockets = 4, kSpare = 2;
+      const uint64_t room = *limit > open->size() + kSockets + kSpare ? *limit - open->size() - kSockets - kSpare : 0;
+      s.batch = static_cast<size_t>(std::min<uint64_t>({room, sys::kAgentBatch, h.fds.size()}));
+      // A received file lands on the lowest free number, never above what is open plus what arrives:
+      // only free recorded numbers below that can be hit (and then it moves above the highest).
+      const uint64_t reach = open->size() + s.batch + kSockets;
+      uint64_t free_targets = 0;
+      for (const PlannedFd& f : h.fds)
+        free_targets += static_cast<uint64_t>(f.rec->fd) < reach && !std::binary_search(open->begin(), open->end(), f.rec->fd);
+      const uint64_t need = std::max<uint64_t>(open->size() + kSockets + kSpare + 1,
+                                               uint64_t(top) + 1 + std::min<uint64_t>(s.batch + kSockets, free_targets));
+      if (s.batch == 0 || need > *limit)
+        return fail(Errc::system, EMFILE,
+                    fmt::format("its RLIMIT_NOFILE ({}) is too low: the restore needs {} fds in it at once (the {} it "
+                                "holds, the files arriving, fd {} the highest): raise it, e.g. prlimit --pid {} "
+                                "--nofile={}",
+                                *limit, need, open->size(), top, h.target, need + 64));
     }
+    // The agent runs in the thread whose fd table the holder is (a thread that unshared its table).
+    auto agent = sys::Agent::start(s.proc, h.thread ? h.thread : s.proc.threads().front(), *commit_, s.ops, top + 1,
+                                   s.batch, known.vdso);
+    if (!agent) return tl::unexpected(agent.error());
+    s.agent = std::move(*agent);
     return {};
   }
 
-  Expected<void> stash_one(Session& s, int fd) {
-    auto copy = sys::pidfd_getfd(s.pidfd.get(), fd, s.holder->target);
-    if (!copy) {
-      if (copy.error().err != EBADF) return tl::unexpected(copy.error());
-      s.stash.push_back(LocalStash{fd, sys::UniqueFd(), false});
-      return {};
-    }
-    auto cloexec = target_cloexec(s.holder->thread ? s.holder->thread : s.holder->target, fd);
-    if (!cloexec) return tl::unexpected(cloexec.error());
-    s.stash.push_back(LocalStash{fd, std::move(*copy), *cloexec});
+  // Every file goes to the agent; pipecr lets go of each one as soon as every target taking it has it.
+  Expected<void> hand_over(Session& s) {
+    if (auto ok = s.agent->send_files(); !ok) return ok;
+    for (const PlannedFd& f : s.holder->fds)
+      if (--uses_[f.rec->file_id] == 0) built_.files.erase(f.rec->file_id);
     return {};
   }
 
-  Expected<void> async(Session& s) {
-    for (const PlannedFd& f : s.holder->fds) {
-      if (!f.set_async) continue;
-      auto fl = sys::remote_fcntl(*s.remote, f.rec->fd, F_GETFL);
-      if (fl && *fl >= 0) fl = sys::remote_fcntl(*s.remote, f.rec->fd, F_SETFL, *fl | O_ASYNC);
-      if (!fl) return tl::unexpected(fl.error());
-      if (*fl < 0) return fail_errno(static_cast<int>(-*fl), fmt::format("fcntl(fd={}, F_SETFL, O_ASYNC)", f.rec->fd));
-    }
-    return {};
-  }
+  Expected<void> prepare(Session& s) { return s.agent->prepare(); }
 
   tl::unexpected<Error> abort(Error e) {
     rollback();
     return tl::unexpected(std::move(e));
   }
 
-  // Each stashed file back at its number, numbers that were free closed again. install_fds() goes
-  // in batches and close() one by one, so a failure part way through (the target died) leaves the
-  // rest as they are: nothing better can be done, and a dead target has nothing to undo.
-  static void unstash(Session& s) {
-    std::vector<sys::FdInstall> back;
-    for (const LocalStash& st : s.stash)
-      if (st.copy) back.push_back(sys::FdInstall{st.copy.get(), st.target_fd, st.cloexec});
-    if (!back.empty()) (void)sys::install_fds(*s.remote, back);
-    for (const LocalStash& st : s.stash)
-      if (!st.copy) (void)s.remote->call(SYS_close, static_cast<unsigned long>(st.target_fd));  // -EBADF: untouched
-    s.stash.clear();
-  }
-
-  // Undo in every target touched: old fds back, registers back, detached. Errors cannot be reported
-  // better than the error that caused the rollback.
+  // Nothing of any target was changed: each agent closes what it received and returns.
   void rollback() {
+    if (commit_) commit_->abort();
     for (auto& s : sessions_) {
-      if (!s->stash.empty() && s->remote) unstash(*s);
-      if (s->remote) (void)s->remote->restore();
+      if (s->agent) (void)s->agent->restore();
       (void)s->proc.resume();
     }
     sessions_.clear();
@@ -259,8 +263,15 @@ class TargetTransaction {
   const Plan& plan_;
   Built& built_;
   const ProcessRestoreOptions& opts_;
-  std::unordered_map<uint64_t, size_t> uses_;       // file id -> fds of targets not yet installed
-  std::vector<std::unique_ptr<Session>> sessions_;  // stable addresses: RemoteSyscalls points at proc
+  std::optional<sys::CommitPoint> commit_;
+  struct Before {
+    uint64_t nofile = 0;  // soft RLIMIT_NOFILE
+    uint64_t vdso = 0;    // a syscall instruction in its [vdso]
+  };
+  std::unordered_map<const Holder*, Before> before_;
+  std::unordered_map<uint64_t, size_t> uses_;       // file id -> fds of targets not yet handed over
+  std::vector<std::unique_ptr<Session>> sessions_;  // stable addresses: the agent points at proc
+  std::vector<std::unique_ptr<Session>> finished_;  // committed and let go; destroyed last
 };
 
 // The exec holder's fds put in place in this process, undone unless the exec happens.
@@ -393,10 +404,12 @@ Error exec_now(const Plan& plan, const Holder& h, const ExecSpec& spec, rlim_t s
 
 }  // namespace
 
-// Holds SIGINT, SIGTERM, SIGHUP, SIGQUIT and SIGTSTP back from this thread while targets run
-// injected code: were pipecr to die then, the kernel would detach a thread that still has our
-// registers and perhaps our two code bytes. A signal that comes meanwhile is delivered when the
-// targets are whole again. (SIGKILL cannot be held back; nothing can make that case safe.)
+// Holds SIGINT, SIGTERM, SIGHUP, SIGQUIT and SIGTSTP back from this thread while the transaction
+// runs, so that one cannot land inside a bootstrap (the one remote mmap per target: the only step a
+// death of pipecr could harm). The transaction looks for them between steps: one that came makes it
+// roll back every target at once; it is then delivered when the targets are whole again (SIGTERM
+// ends pipecr promptly, with everything undone). SIGKILL cannot be held back: see docs/design.md
+// section 9 for what it can still harm (the bootstrap window, measured).
 class InterruptsHeld {
  public:
   InterruptsHeld() {

@@ -7,12 +7,13 @@
 //                           pipe2 / FIFO opens, capacity, refill (the bytes stream from the image),
 //                           inode owner, status flags, signal owner. No target is touched yet, so the
 //                           time spent here (which grows with the bytes) costs the targets nothing.
-//   3. install (process.cpp) stop every target (ptrace), then chunk by chunk take a copy (pidfd_getfd)
-//                           of what each has at the recorded numbers and pass the prepared files in
-//                           (SCM_RIGHTS), set O_ASYNC at the final numbers, then drop the copies and
-//                           let every target go. Any failure: every copy is put back, every target
-//                           resumed, the error returned. --exec then puts the exec process's fds in
-//                           place in this process and execs the command.
+//   3. install (process.cpp) stop every target (ptrace), start an agent in each (sys/agent.hpp) and
+//                           queue its files to it (SCM_RIGHTS); one store commits every target at
+//                           once, then each agent puts its files at their numbers and sets O_ASYNC,
+//                           and every target is let go. Any failure (or pipecr's death) before that
+//                           store: the agents drop what they were sent, every target runs on
+//                           unchanged, the error is returned. --exec then puts the exec process's fds
+//                           in place in this process and execs the command.
 // The soft RLIMIT_NOFILE of this process is raised to the hard one during the call; the fds it needs
 // (about one per open file description restored) are counted before anything is made.
 // The library never prints: notes (dropped ends, owners that cannot be mapped) go to a callback.
@@ -56,9 +57,10 @@ enum class Stage {
   planned,    // the plan is made; nothing is created yet
   built,      // every pipe is built in this process; no target is stopped yet
   seized,     // every target is stopped
-  stashed,    // every target is ready (limits checked); nothing stashed or installed yet: the fds
-              // are stashed and installed chunk by chunk next
-  installed,  // every target has its new fds (O_ASYNC set); stashes not yet dropped
+  stashed,    // every target has its agent running (limits checked); no file handed over yet
+  installed,  // every agent has its files and is prepared; nothing of any target changed yet: the
+              // commit comes next
+  committed,  // every agent has installed its files and is parked; the threads are not taken back yet
   resumed,    // every target is let go (the end of the time they stand stopped)
 };
 
@@ -98,6 +100,8 @@ struct ProcessRestoreSummary {
 //   Errc::capacity          a pipe capacity this kernel refuses;
 //   Errc::system            anything else, e.g. a target's RLIMIT_NOFILE below a recorded fd, or more
 //                           fds needed in this process than its hard RLIMIT_NOFILE allows (EMFILE).
+// A SIGINT, SIGTERM, SIGHUP or SIGQUIT that reaches pipecr during the transaction makes it roll back
+// (Errc::system, EINTR) and is delivered when every target is whole again.
 // On any error before exec, every target holds exactly the fds it held before and is running (or
 // group-stopped, if it was) and untraced.
 [[nodiscard]] Expected<ProcessRestoreSummary> restore_processes(const Image& img, const ProcessRestoreRequest& request,

@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <csignal>
@@ -32,9 +33,9 @@ namespace {
 
 constexpr int kSyscallStopSig = SIGTRAP | 0x80;
 
-bool is_restart_code(long v) {
-  return v == kErestartSys || v == kErestartNoIntr || v == kErestartNoHand || v == kErestartRestartBlock;
-}
+std::atomic<long long> g_wait_timeout_ms{kDefaultWaitTimeout.count()};
+
+using arch::is_restart_code;
 
 bool is_stop_signal(int sig) { return sig == SIGSTOP || sig == SIGTSTP || sig == SIGTTIN || sig == SIGTTOU; }
 
@@ -47,6 +48,16 @@ std::optional<char> task_state(pid_t pid, pid_t tid) {
   auto paren = line.rfind(')');
   if (paren == std::string::npos || paren + 2 >= line.size()) return std::nullopt;
   return line[paren + 2];
+}
+
+// A vfork parent waits for its child to exec or exit in an uninterruptible sleep that no ptrace stop
+// can end (wait_for_vfork_done, inlined into kernel_clone: /proc wchan shows kernel_clone).
+bool in_vfork_wait(pid_t pid, pid_t tid) {
+  if (task_state(pid, tid) != 'D') return false;
+  std::ifstream in(fmt::format("/proc/{}/task/{}/wchan", pid, tid));
+  std::string w;
+  std::getline(in, w);
+  return w == "kernel_clone" || w == "wait_for_vfork_done";
 }
 
 bool is_dead_state(std::optional<char> s) { return !s || *s == 'Z' || *s == 'X' || *s == 'x'; }
@@ -82,14 +93,64 @@ Error ptrace_error(int err, const char* req, pid_t pid, pid_t tid) {
   return errno_error(err, fmt::format("ptrace({}, pid={}, tid={})", req, pid, tid));
 }
 
-// waitpid for one traced thread, retrying EINTR.
+// waitpid for one traced thread, retrying EINTR, bounded by wait_timeout(): polls with WNOHANG,
+// yielding the CPU for the first 20 ms, then sleeping a little longer each time (50 us up to 1 ms).
 Expected<int> wait_thread(pid_t pid, pid_t tid) {
+  using namespace std::chrono;
+  const auto limit = wait_timeout();
+  const auto deadline = steady_clock::now() + limit;
+  const auto spin_until = steady_clock::now() + milliseconds(20);
+  auto nap = microseconds(50);
   for (;;) {
     int status = 0;
-    if (::waitpid(tid, &status, __WALL) >= 0) return status;
-    if (errno == EINTR) continue;
-    return fail_errno(errno, fmt::format("waitpid(pid={}, tid={}, __WALL)", pid, tid));
+    pid_t got = ::waitpid(tid, &status, __WALL | WNOHANG);
+    if (got == tid) return status;
+    if (got < 0 && errno != EINTR) return fail_errno(errno, fmt::format("waitpid(pid={}, tid={}, __WALL)", pid, tid));
+    if (got == 0) {
+      // A stop comes within microseconds when the thread gets a CPU: yield it ours rather than
+      // sleep (a sleep costs a timer tick on a busy machine), then back off.
+      if (steady_clock::now() < spin_until) {
+        std::this_thread::yield();
+        continue;
+      }
+      if (steady_clock::now() > deadline)
+        return fail(Errc::gone, ETIMEDOUT,
+                    fmt::format("thread {} of process {} did not reach a ptrace stop within {} ms (blocked where "
+                                "ptrace cannot stop it, e.g. a vfork parent whose child has not exec'd yet; "
+                                "--timeout sets the bound)",
+                                tid, pid, limit.count()));
+      std::this_thread::sleep_for(nap);
+      nap = std::min(nap * 2, duration_cast<microseconds>(milliseconds(1)));
+    }
   }
+}
+
+// "TracerPid:" of /proc/PID/status and the tracer's comm, or 0.
+std::pair<pid_t, std::string> tracer_of(pid_t pid) {
+  std::ifstream in(fmt::format("/proc/{}/status", pid));
+  std::string line;
+  pid_t tracer = 0;
+  while (std::getline(in, line))
+    if (line.rfind("TracerPid:", 0) == 0) tracer = static_cast<pid_t>(std::stol(line.substr(10)));
+  if (tracer <= 0) return {0, {}};
+  std::ifstream c(fmt::format("/proc/{}/comm", tracer));
+  std::string comm;
+  std::getline(c, comm);
+  std::string safe;
+  for (char ch : comm) safe += (static_cast<unsigned char>(ch) < 0x20 || ch == 0x7f) ? '?' : ch;
+  return {tracer, safe};
+}
+
+// A signal is pending for tid and not blocked by it (SigPnd/ShdPnd against SigBlk of its status).
+bool unblocked_signal_pending(pid_t pid, pid_t tid) {
+  std::ifstream in(fmt::format("/proc/{}/task/{}/status", pid, tid));
+  std::string line;
+  unsigned long long pending = 0, blocked = 0;
+  while (std::getline(in, line)) {
+    if (line.rfind("SigPnd:", 0) == 0 || line.rfind("ShdPnd:", 0) == 0) pending |= std::stoull(line.substr(7), nullptr, 16);
+    if (line.rfind("SigBlk:", 0) == 0) blocked = std::stoull(line.substr(7), nullptr, 16);
+  }
+  return (pending & ~blocked) != 0;
 }
 
 bool died(int status) { return WIFEXITED(status) || WIFSIGNALED(status); }
@@ -114,14 +175,55 @@ Error thread_died(pid_t pid, pid_t tid) {
 
 }  // namespace
 
-SyscallState syscall_state_of(const user_regs_struct& regs) {
+namespace {
+std::atomic<std::atomic<uint64_t>*> g_window_count{nullptr};
+std::atomic<std::atomic<uint64_t>*> g_window_ns{nullptr};
+}  // namespace
+
+void set_harm_window(HarmWindow w) {
+  g_window_count = w.count;
+  g_window_ns = w.ns;
+}
+
+HarmWindowScope::HarmWindowScope() {
+  if (auto* c = g_window_count.load()) {
+    c->fetch_add(1);
+    open_ = true;
+    start_ = std::chrono::steady_clock::now();
+  }
+}
+
+void HarmWindowScope::close() {
+  if (!open_) return;
+  open_ = false;
+  if (auto* ns = g_window_ns.load())
+    ns->fetch_add(static_cast<uint64_t>(
+        std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start_).count()));
+  if (auto* c = g_window_count.load()) c->fetch_add(1);
+}
+
+void set_wait_timeout(std::chrono::milliseconds t) { g_wait_timeout_ms = std::max<long long>(1, t.count()); }
+std::chrono::milliseconds wait_timeout() { return std::chrono::milliseconds(g_wait_timeout_ms.load()); }
+
+void Injector::link(StoppedProcess* p) {
+  process_ = p;
+  if (p) p->injectors_.push_back(this);
+}
+
+void Injector::unlink() {
+  if (!process_) return;
+  auto& v = process_->injectors_;
+  v.erase(std::remove(v.begin(), v.end(), this), v.end());
+  process_ = nullptr;
+}
+
+SyscallState syscall_state_of(const Regs& regs) {
   SyscallState s;
-  long orig = static_cast<long>(regs.orig_rax);
-  s.nr = orig >= 0 ? orig : -1;
-  s.ret = static_cast<long>(regs.rax);
-  s.in_syscall = orig >= 0 && is_restart_code(s.ret);
-  const unsigned long args[6] = {regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9};
-  std::copy(std::begin(args), std::end(args), s.args);
+  s.nr = regs.syscall_nr();
+  s.ret = regs.ret();
+  s.in_syscall = s.nr >= 0 && is_restart_code(s.ret);
+  auto a = regs.args();
+  std::copy(a.begin(), a.end(), s.args);
   return s;
 }
 
@@ -169,8 +271,18 @@ Expected<bool> StoppedProcess::seize_new_threads(size_t& dead_listed) {
   if (!tids) return tl::unexpected(tids.error());
   std::vector<pid_t> fresh;
   std::optional<Error> error;
+  // From a thread's PTRACE_INTERRUPT to its stop (and the EINTR put back), pipecr's death would let
+  // an epoll_wait or sigtimedwait it interrupted return EINTR.
+  HarmWindowScope window;
   for (pid_t tid : *tids) {
     if (std::find(threads_.begin(), threads_.end(), tid) != threads_.end()) continue;
+    if (in_vfork_wait(pid_, tid)) {  // seized, it would stay traced until pipecr exits
+      error = Error{Errc::gone, EBUSY,
+                    fmt::format("thread {} of process {} is a vfork parent waiting for its child to exec or exit: "
+                                "no ptrace stop can reach it; try again once the child has exec'd",
+                                tid, pid_)};
+      break;
+    }
     if (::ptrace(PTRACE_SEIZE, tid, nullptr, reinterpret_cast<void*>(PTRACE_O_TRACESYSGOOD)) < 0) {
       int e = errno;
       if (e == ESRCH) continue;  // the thread exited since the listing
@@ -179,7 +291,13 @@ Expected<bool> StoppedProcess::seize_new_threads(size_t& dead_listed) {
         continue;
       }
       Error err = ptrace_error(e, "PTRACE_SEIZE", pid_, tid);
-      if (e == EPERM) err.what += " (not dumpable, or owned by another user)";
+      if (e == EPERM) {
+        auto [tracer, comm] = tracer_of(tid == pid_ ? pid_ : tid);
+        if (tracer > 0)
+          err.what += fmt::format(" (already traced by {} ({}): a process has one tracer at a time)", tracer, comm);
+        else
+          err.what += " (not dumpable, or owned by another user)";
+      }
       error = std::move(err);
       break;
     }
@@ -192,6 +310,7 @@ Expected<bool> StoppedProcess::seize_new_threads(size_t& dead_listed) {
     if (!stopped && !error) error = stopped.error();
     if (stopped && *stopped) threads_.push_back(tid);
   }
+  window.close();
   if (error) return tl::unexpected(*error);
   return !fresh.empty();
 }
@@ -207,7 +326,16 @@ Expected<bool> StoppedProcess::wait_first_stop(pid_t tid) {
     if (!WIFSTOPPED(*status)) continue;
     int event = *status >> 16, sig = WSTOPSIG(*status);
     if (event == PTRACE_EVENT_STOP) {
-      if (is_stop_signal(sig)) was_stopped_ = true;  // a group stop: keep it on detach
+      if (is_stop_signal(sig)) {
+        was_stopped_ = true;  // a group stop: keep it on detach
+      } else {
+        // Our stop made epoll_wait / sigtimedwait fail with EINTR: put it back to restart at once,
+        // so that even if pipecr dies now the program never sees that EINTR.
+        auto r = regs(tid);
+        if (r && r->syscall_nr() >= 0 && r->ret() == -EINTR && arch::restart_on_eintr(r->syscall_nr()) &&
+            !unblocked_signal_pending(pid_, tid))
+          (void)set_regs(tid, arch::as_restarted(*r, true));
+      }
       return true;
     }
     int deliver = event == 0 ? sig : 0;
@@ -223,11 +351,13 @@ StoppedProcess::StoppedProcess(StoppedProcess&& o) noexcept
       threads_(std::move(o.threads_)),
       held_signals_(std::move(o.held_signals_)),
       was_stopped_(o.was_stopped_),
-      remotes_(std::move(o.remotes_)) {
+      injectors_(std::move(o.injectors_)),
+      running_(std::move(o.running_)) {
   o.threads_.clear();
   o.held_signals_.clear();
-  o.remotes_.clear();
-  adopt_remotes();
+  o.injectors_.clear();
+  o.running_.clear();
+  adopt_injectors();
 }
 
 StoppedProcess& StoppedProcess::operator=(StoppedProcess&& o) noexcept {
@@ -240,26 +370,104 @@ StoppedProcess& StoppedProcess::operator=(StoppedProcess&& o) noexcept {
 
 StoppedProcess::~StoppedProcess() {
   (void)resume();
-  for (RemoteSyscalls* r : remotes_) r->process_ = nullptr;
+  for (Injector* r : injectors_) r->process_ = nullptr;
 }
 
-void StoppedProcess::adopt_remotes() {
-  for (RemoteSyscalls* r : remotes_) r->process_ = this;
+void StoppedProcess::adopt_injectors() {
+  for (Injector* r : injectors_) r->process_ = this;
 }
 
 void StoppedProcess::forget_thread(pid_t tid) {
   threads_.erase(std::remove(threads_.begin(), threads_.end(), tid), threads_.end());
+  running_.erase(std::remove(running_.begin(), running_.end(), tid), running_.end());
 }
 
-Expected<user_regs_struct> StoppedProcess::regs(pid_t tid) const {
-  user_regs_struct r{};
-  if (::ptrace(PTRACE_GETREGS, tid, nullptr, &r) < 0) return tl::unexpected(ptrace_error(errno, "PTRACE_GETREGS", pid_, tid));
+Expected<Regs> StoppedProcess::regs(pid_t tid) const {
+  Regs r;
+  if (::ptrace(PTRACE_GETREGS, tid, nullptr, &r.raw) < 0) return tl::unexpected(ptrace_error(errno, "PTRACE_GETREGS", pid_, tid));
   return r;
 }
 
-Expected<void> StoppedProcess::set_regs(pid_t tid, const user_regs_struct& regs) {
-  if (::ptrace(PTRACE_SETREGS, tid, nullptr, &regs) < 0) return tl::unexpected(ptrace_error(errno, "PTRACE_SETREGS", pid_, tid));
+Expected<void> StoppedProcess::set_regs(pid_t tid, const Regs& regs) {
+  if (::ptrace(PTRACE_SETREGS, tid, nullptr, &regs.raw) < 0) return tl::unexpected(ptrace_error(errno, "PTRACE_SETREGS", pid_, tid));
   return {};
+}
+
+Expected<uint64_t> StoppedProcess::signal_mask(pid_t tid) const {
+  uint64_t mask = 0;
+  if (::ptrace(PTRACE_GETSIGMASK, tid, reinterpret_cast<void*>(sizeof mask), &mask) < 0)
+    return tl::unexpected(ptrace_error(errno, "PTRACE_GETSIGMASK", pid_, tid));
+  return mask;
+}
+
+Expected<void> StoppedProcess::set_signal_mask(pid_t tid, uint64_t mask) {
+  if (::ptrace(PTRACE_SETSIGMASK, tid, reinterpret_cast<void*>(sizeof mask), &mask) < 0)
+    return tl::unexpected(ptrace_error(errno, "PTRACE_SETSIGMASK", pid_, tid));
+  return {};
+}
+
+bool StoppedProcess::signal_pending(pid_t tid) const {
+  if (std::any_of(held_signals_.begin(), held_signals_.end(), [tid](auto& h) { return h.first == tid; })) return true;
+  return unblocked_signal_pending(pid_, tid);
+}
+
+Expected<void> StoppedProcess::let_run(pid_t tid) {
+  if (::ptrace(PTRACE_CONT, tid, nullptr, nullptr) < 0) return tl::unexpected(ptrace_error(errno, "PTRACE_CONT", pid_, tid));
+  running_.push_back(tid);
+  return {};
+}
+
+Expected<void> StoppedProcess::check_running(pid_t tid) {
+  for (;;) {
+    int status = 0;
+    pid_t got = ::waitpid(tid, &status, __WALL | WNOHANG);
+    if (got == 0) return {};
+    if (got < 0) {
+      if (errno == EINTR) continue;
+      if (errno == ECHILD) {
+        forget_thread(tid);
+        return tl::unexpected(thread_died(pid_, tid));
+      }
+      return fail_errno(errno, fmt::format("waitpid(pid={}, tid={}, WNOHANG)", pid_, tid));
+    }
+    if (died(status)) {
+      forget_thread(tid);
+      return tl::unexpected(thread_died(pid_, tid));
+    }
+    if (!WIFSTOPPED(status)) continue;
+    int event = status >> 16, sig = WSTOPSIG(status);
+    if (event == 0 && sig != kSyscallStopSig) held_signals_.emplace_back(tid, sig);
+    if (::ptrace(PTRACE_CONT, tid, nullptr, nullptr) < 0 && errno != ESRCH)
+      return tl::unexpected(ptrace_error(errno, "PTRACE_CONT", pid_, tid));
+  }
+}
+
+Expected<void> StoppedProcess::interrupt(pid_t tid) {
+  if (::ptrace(PTRACE_INTERRUPT, tid, nullptr, nullptr) < 0)
+    return tl::unexpected(ptrace_error(errno, "PTRACE_INTERRUPT", pid_, tid));
+  for (;;) {
+    auto status = wait_thread(pid_, tid);
+    if (!status) {
+      if (status.error().err == ECHILD) {
+        forget_thread(tid);
+        return tl::unexpected(thread_died(pid_, tid));
+      }
+      return tl::unexpected(status.error());
+    }
+    if (died(*status)) {
+      forget_thread(tid);
+      return tl::unexpected(thread_died(pid_, tid));
+    }
+    if (!WIFSTOPPED(*status)) continue;
+    int event = *status >> 16, sig = WSTOPSIG(*status);
+    if (event == PTRACE_EVENT_STOP) {
+      running_.erase(std::remove(running_.begin(), running_.end(), tid), running_.end());
+      return {};
+    }
+    if (event == 0 && sig != kSyscallStopSig) held_signals_.emplace_back(tid, sig);
+    if (::ptrace(PTRACE_CONT, tid, nullptr, nullptr) < 0 && errno != ESRCH)
+      return tl::unexpected(ptrace_error(errno, "PTRACE_CONT", pid_, tid));
+  }
 }
 
 Expected<SyscallState> StoppedProcess::syscall_state(pid_t tid) const {
@@ -317,9 +525,19 @@ Expected<void> StoppedProcess::repark(pid_t tid) {
 Expected<void> StoppedProcess::resume(bool leave_stopped) {
   if (threads_.empty()) return {};
   std::optional<Error> error;
-  for (RemoteSyscalls* r : remotes_) {
+  for (Injector* r : std::vector<Injector*>(injectors_)) {
     auto ok = r->restore();
     if (!ok && !error) error = ok.error();
+  }
+  // An injector that could not take its thread back leaves it running: stop it for the detach.
+  for (pid_t tid : std::vector<pid_t>(running_)) (void)interrupt(tid);
+  // A syscall our stop made fail with EINTR, with no signal to explain it, restarts instead.
+  for (pid_t tid : threads_) {
+    auto r = regs(tid);
+    if (!r || r->syscall_nr() < 0 || r->ret() != -EINTR || !arch::restart_on_eintr(r->syscall_nr())) continue;
+    if (unblocked_signal_pending(pid_, tid)) continue;
+    if (std::any_of(held_signals_.begin(), held_signals_.end(), [tid](auto& h) { return h.first == tid; })) continue;
+    (void)set_regs(tid, arch::as_restarted(*r, true));
   }
   // Queued now, acted on once detached: the first thread to look at its signals starts the group
   // stop, and a thread still traced then is put in it when detached (__ptrace_unlink).

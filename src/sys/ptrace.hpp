@@ -17,32 +17,78 @@
 // Move-only RAII: whatever fails half way, and whenever the object dies without resume(), every
 // thread seized so far is detached.
 //
-// x86_64 only (user_regs_struct layout, syscall numbers, restart codes).
+// Every wait on a thread is bounded (wait_timeout(), `--timeout`): a thread that cannot reach a
+// ptrace stop (a vfork parent whose child never execs) is an error (Errc::gone, ETIMEDOUT), not a hang.
+// A syscall that a stop made fail with EINTR although no signal was delivered (epoll_wait,
+// sigtimedwait..., arch::restart_on_eintr) is put back to restart when the thread is let go.
+//
+// Architecture details (registers, restart codes) are in sys/arch/ (x86_64 today).
 #pragma once
 
-#if !defined(__x86_64__)
-#error "pipecr's ptrace layer supports x86_64 only"
-#endif
-
 #include <sys/types.h>
-#include <sys/user.h>
 
+#include <atomic>
+#include <chrono>
 #include <cstddef>
+#include <cstdint>
 #include <utility>
 #include <vector>
 
 #include "pipecr/error.hpp"
+#include "sys/arch/x86_64.hpp"
 
 namespace pipecr::sys {
 
-class RemoteSyscalls;
+class StoppedProcess;
 
-// The kernel's internal "restart me" return values, seen in rax of a thread stopped while it was
-// blocked in a syscall (include/linux/errno.h; never returned to user space).
-inline constexpr long kErestartSys = -512;
-inline constexpr long kErestartNoIntr = -513;
-inline constexpr long kErestartNoHand = -514;
-inline constexpr long kErestartRestartBlock = -516;
+// Something that runs code inside a stopped process (remote syscalls, the agent) and must put the
+// thread it uses back before the process is let go. StoppedProcess::resume() calls restore() on
+// every injector still registered, in order, before any thread is detached.
+class Injector {
+ public:
+  virtual ~Injector() = default;
+  [[nodiscard]] virtual Expected<void> restore() = 0;
+
+ protected:
+  friend class StoppedProcess;
+  StoppedProcess* process_ = nullptr;  // follows moves of the process; null once it is gone
+  void link(StoppedProcess* p);
+  void unlink();
+};
+
+// The bound on every wait for a target thread (a stop, a syscall, the agent). Default 10 s; the CLI
+// sets it from --timeout. Process-wide.
+void set_wait_timeout(std::chrono::milliseconds t);
+[[nodiscard]] std::chrono::milliseconds wait_timeout();
+inline constexpr std::chrono::milliseconds kDefaultWaitTimeout{10'000};
+
+// The steps during which pipecr's death could still harm a target (docs/design.md section 9):
+// a remote syscall of the agent's bootstrap or takeover, and a thread between PTRACE_INTERRUPT and
+// its first stop. When set (tests, benchmarks), `count` is incremented on entering and on leaving
+// each (odd: inside one) and `ns` adds the time spent inside. Process-wide; pass nullptr to stop.
+struct HarmWindow {
+  std::atomic<uint64_t>* count = nullptr;
+  std::atomic<uint64_t>* ns = nullptr;
+};
+void set_harm_window(HarmWindow w);
+// RAII: one window, from construction to destruction (or close()).
+class HarmWindowScope {
+ public:
+  HarmWindowScope();
+  ~HarmWindowScope() { close(); }
+  HarmWindowScope(const HarmWindowScope&) = delete;
+  HarmWindowScope& operator=(const HarmWindowScope&) = delete;
+  void close();
+
+ private:
+  bool open_ = false;
+  std::chrono::steady_clock::time_point start_;
+};
+
+using arch::kErestartNoHand;
+using arch::kErestartNoIntr;
+using arch::kErestartRestartBlock;
+using arch::kErestartSys;
 
 // What a stopped thread was doing, as far as system calls go.
 struct SyscallState {
@@ -56,14 +102,15 @@ struct SyscallState {
 };
 
 // Interpretation of registers; pure.
-[[nodiscard]] SyscallState syscall_state_of(const user_regs_struct& regs);
+[[nodiscard]] SyscallState syscall_state_of(const Regs& regs);
 
 class StoppedProcess {
  public:
   // Seizes and stops every thread of pid. Errors:
   //   Errc::gone        no such process, a zombie, or it exited while being stopped (ESRCH);
-  //   Errc::permission  ptrace refused (EPERM): "... pid=N ...: Operation not permitted (not
-  //                     dumpable, or owned by another user)";
+  //   Errc::permission  ptrace refused (EPERM): "... already traced by PID (COMM)" when it has a
+  //                     tracer, else "... (not dumpable, or owned by another user)";
+  //   Errc::gone        also (err ETIMEDOUT) when a thread did not reach its stop within wait_timeout();
   //   Errc::system      anything else.
   // On error every thread already seized has been detached again.
   [[nodiscard]] static Expected<StoppedProcess> seize(pid_t pid);
@@ -83,11 +130,16 @@ class StoppedProcess {
   // False once resume() ran (or after a move).
   [[nodiscard]] bool attached() const { return !threads_.empty(); }
 
-  [[nodiscard]] Expected<user_regs_struct> regs(pid_t tid) const;
-  [[nodiscard]] Expected<void> set_regs(pid_t tid, const user_regs_struct& regs);
+  [[nodiscard]] Expected<Regs> regs(pid_t tid) const;
+  [[nodiscard]] Expected<void> set_regs(pid_t tid, const Regs& regs);
   [[nodiscard]] Expected<SyscallState> syscall_state(pid_t tid) const;
+  // The signal mask of a stopped thread (PTRACE_GETSIGMASK / SETSIGMASK).
+  [[nodiscard]] Expected<uint64_t> signal_mask(pid_t tid) const;
+  [[nodiscard]] Expected<void> set_signal_mask(pid_t tid, uint64_t mask);
+  // A signal is pending for tid that it does not block (/proc status), or held back by us for it.
+  [[nodiscard]] bool signal_pending(pid_t tid) const;
 
-  // Detaches every thread. Any RemoteSyscalls still open on this process is restore()d first, so a
+  // Detaches every thread. Any Injector still open on this process is restore()d first, so a
   // thread is never let go with injected registers or code. Held-back signals are sent again. With leave_stopped the process
   // is put in an ordinary group stop (SIGSTOP before detaching) that its parent's
   // waitpid(WUNTRACED) sees and SIGCONT ends; resume() then waits (up to 2 s) until every thread
@@ -96,7 +148,17 @@ class StoppedProcess {
   // wait without an error. Idempotent; threads that died meanwhile are skipped.
   [[nodiscard]] Expected<void> resume(bool leave_stopped = false);
 
-  // --- Used by remote.hpp to run a thread; not needed otherwise. ---
+  // --- Used by injectors (remote.hpp, agent.hpp) to run a thread; not needed otherwise. ---
+
+  // Lets a stopped tid run (PTRACE_CONT, no signal) while it stays traced: it runs injected code
+  // that needs no tracer (the agent). If pipecr dies meanwhile, the kernel detaches it and it runs on.
+  [[nodiscard]] Expected<void> let_run(pid_t tid);
+  // Checks, without blocking, on a thread let_run() let go: a signal-delivery-stop is held back (sent
+  // again before detach) and the thread continued. Errc::gone if it died.
+  [[nodiscard]] Expected<void> check_running(pid_t tid);
+  // Stops a thread let_run() let go again: PTRACE_INTERRUPT, then wait (bounded) for the interrupt
+  // stop. Errc::gone if it died or (ETIMEDOUT) did not stop.
+  [[nodiscard]] Expected<void> interrupt(pid_t tid);
 
   // Lets tid run one injected syscall: PTRACE_SYSCALL until the syscall-exit-stop of a syscall
   // whose entry-stop was seen with number nr. Signals arriving meanwhile are held back (see
@@ -109,9 +171,9 @@ class StoppedProcess {
   [[nodiscard]] Expected<void> repark(pid_t tid);
 
  private:
-  friend class RemoteSyscalls;  // registers itself in remotes_
+  friend class Injector;  // registers itself in injectors_
   explicit StoppedProcess(pid_t pid) : pid_(pid) {}
-  void adopt_remotes();
+  void adopt_injectors();
   [[nodiscard]] Expected<bool> seize_new_threads(size_t& dead_listed);
   [[nodiscard]] Expected<bool> wait_first_stop(pid_t tid);
   void forget_thread(pid_t tid);
@@ -121,7 +183,8 @@ class StoppedProcess {
   std::vector<pid_t> threads_;                     // seized and stopped
   std::vector<std::pair<pid_t, int>> held_signals_;  // (tid, signo) to send again before detach
   bool was_stopped_ = false;
-  std::vector<RemoteSyscalls*> remotes_;            // open on this process; their process_ follows moves
+  std::vector<Injector*> injectors_;                // open on this process; their process_ follows moves
+  std::vector<pid_t> running_;                      // let_run() and not yet interrupt()ed
 };
 
 }  // namespace pipecr::sys

@@ -24,7 +24,10 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <cstdio>
+#include <fstream>
 #include <optional>
+#include <string>
 
 #include <fmt/format.h>
 
@@ -54,67 +57,91 @@ Expected<void> poke(pid_t pid, pid_t tid, uint64_t addr, long word) {
 
 // ---------------------------------------------------------------- RemoteSyscalls
 
-Expected<RemoteSyscalls> RemoteSyscalls::attach(StoppedProcess& process, pid_t tid) {
+Expected<RemoteSyscalls> RemoteSyscalls::attach(StoppedProcess& process, pid_t tid, Insn insn, uint64_t vdso_hint) {
   const auto& t = process.threads();
   if (std::find(t.begin(), t.end(), tid) == t.end())
     return fail(Errc::invalid_argument, EINVAL,
                 fmt::format("RemoteSyscalls(pid={}, tid={}): not a stopped thread of the process", process.pid(), tid));
   RemoteSyscalls r(process, tid);
-  r.link();
-  auto ok = r.prepare();
+
+  auto ok = r.prepare(insn, vdso_hint);
   if (!ok) return tl::unexpected(ok.error());
   return r;
 }
 
-void RemoteSyscalls::link() {
-  if (process_) process_->remotes_.push_back(this);
+uint64_t vdso_syscall_address(pid_t pid) {
+  std::ifstream maps(fmt::format("/proc/{}/maps", pid));
+  std::string line;
+  while (std::getline(maps, line)) {
+    if (line.find("[vdso]") == std::string::npos) continue;
+    unsigned long lo = 0, hi = 0;
+    if (std::sscanf(line.c_str(), "%lx-%lx", &lo, &hi) != 2 || hi <= lo || hi - lo > (1ul << 20)) return 0;
+    std::vector<unsigned char> bytes(hi - lo);
+    iovec local{bytes.data(), bytes.size()};
+    iovec remote{reinterpret_cast<void*>(lo), bytes.size()};
+    if (::process_vm_readv(pid, &local, 1, &remote, 1, 0) != static_cast<ssize_t>(bytes.size())) return 0;
+    auto at = std::search(bytes.begin(), bytes.end(), arch::kSyscallInsn.begin(), arch::kSyscallInsn.end());
+    return at == bytes.end() ? 0 : lo + static_cast<uint64_t>(at - bytes.begin());
+  }
+  return 0;
 }
 
-void RemoteSyscalls::unlink() {
-  if (!process_) return;
-  auto& v = process_->remotes_;
-  v.erase(std::remove(v.begin(), v.end(), this), v.end());
-}
-
-// Finds or makes the syscall instruction. A thread stopped on a syscall's way out (orig_rax >= 0)
-// has rip just past the instruction that entered it.
-Expected<void> RemoteSyscalls::prepare() {
+// Finds or makes the syscall instruction: one in the [vdso] (nothing written), else the one a thread
+// stopped on a syscall's way out just ran (its ip is just past it), else two patched bytes at ip.
+Expected<void> RemoteSyscalls::prepare(Insn insn, uint64_t vdso_hint) {
   auto regs = process_->regs(tid_);
   if (!regs) return tl::unexpected(regs.error());
   saved_ = *regs;
   const pid_t pid = pid_;
-  if (static_cast<long>(saved_.orig_rax) >= 0 && saved_.rip >= 2) {
-    auto w = peek(pid, tid_, saved_.rip - 2);
-    if (w && (static_cast<unsigned long>(*w) & 0xffff) == 0x050f) {
-      insn_addr_ = saved_.rip - 2;
+  const uint64_t ip = saved_.ip();
+  if (insn == Insn::vdso_first && vdso_hint) {
+    unsigned char at[2] = {};
+    iovec local{at, sizeof at};
+    iovec remote{reinterpret_cast<void*>(vdso_hint), sizeof at};
+    if (::process_vm_readv(pid, &local, 1, &remote, 1, 0) == 2 && at[0] == arch::kSyscallInsn[0] &&
+        at[1] == arch::kSyscallInsn[1]) {
+      insn_addr_ = vdso_hint;
       done_ = false;
       return {};
     }
   }
-  // Write 0f 05 over the two bytes at rip. The word is read at rip, or ending at rip+2 when rip is
-  // near the end of its mapping.
-  uint64_t word_addr = saved_.rip;
+  if (uint64_t v = insn == Insn::vdso_first ? vdso_syscall_address(pid) : 0) {
+    insn_addr_ = v;
+    done_ = false;
+    return {};
+  }
+  const unsigned long insn_word = arch::kSyscallInsn[0] | (static_cast<unsigned long>(arch::kSyscallInsn[1]) << 8);
+  if (saved_.syscall_nr() >= 0 && ip >= arch::kSyscallInsnLen) {
+    auto w = peek(pid, tid_, ip - arch::kSyscallInsnLen);
+    if (w && (static_cast<unsigned long>(*w) & 0xffff) == insn_word) {
+      insn_addr_ = ip - arch::kSyscallInsnLen;
+      done_ = false;
+      return {};
+    }
+  }
+  // Write the instruction over the two bytes at ip. The word is read at ip, or ending at ip+2 when
+  // ip is near the end of its mapping.
+  uint64_t word_addr = ip;
   auto w = peek(pid, tid_, word_addr);
   if (!w) {
-    word_addr = saved_.rip - 6;
+    word_addr = ip - 6;
     w = peek(pid, tid_, word_addr);
     if (!w) return tl::unexpected(w.error());
   }
-  unsigned shift = static_cast<unsigned>(saved_.rip - word_addr) * 8;
-  unsigned long patched = (static_cast<unsigned long>(*w) & ~(0xffffUL << shift)) | (0x050fUL << shift);
+  unsigned shift = static_cast<unsigned>(ip - word_addr) * 8;
+  unsigned long patched = (static_cast<unsigned long>(*w) & ~(0xffffUL << shift)) | (insn_word << shift);
   auto ok = poke(pid, tid_, word_addr, static_cast<long>(patched));
   if (!ok) return ok;
   patched_ = true;
   patched_word_addr_ = word_addr;
   original_word_ = *w;
-  insn_addr_ = saved_.rip;
+  insn_addr_ = ip;
   done_ = false;
   return {};
 }
 
 RemoteSyscalls::RemoteSyscalls(RemoteSyscalls&& o) noexcept
-    : process_(o.process_),
-      pid_(o.pid_),
+    : pid_(o.pid_),
       tid_(o.tid_),
       saved_(o.saved_),
       insn_addr_(o.insn_addr_),
@@ -126,9 +153,9 @@ RemoteSyscalls::RemoteSyscalls(RemoteSyscalls&& o) noexcept
       done_(o.done_) {
   o.done_ = true;
   o.scratch_ = 0;
+  StoppedProcess* p = o.process_;
   o.unlink();
-  o.process_ = nullptr;
-  link();
+  link(p);
 }
 
 RemoteSyscalls::~RemoteSyscalls() {
@@ -140,16 +167,8 @@ Expected<long> RemoteSyscalls::call(long nr, unsigned long a1, unsigned long a2,
                                     unsigned long a5, unsigned long a6) {
   if (done_ || !process_)
     return fail(Errc::invalid_argument, EINVAL, fmt::format("remote syscall {} in pid {}: restored or detached already", nr, pid_));
-  user_regs_struct regs = saved_;
-  regs.rax = static_cast<unsigned long>(nr);
-  regs.rdi = a1;
-  regs.rsi = a2;
-  regs.rdx = a3;
-  regs.r10 = a4;
-  regs.r8 = a5;
-  regs.r9 = a6;
-  regs.rip = insn_addr_;
-  regs.orig_rax = static_cast<unsigned long>(-1L);  // no restart logic on our registers
+  Regs regs = saved_;
+  regs.set_syscall(nr, {a1, a2, a3, a4, a5, a6}, insn_addr_);  // no restart logic on our registers
   auto ok = process_->set_regs(tid_, regs);
   if (!ok) return tl::unexpected(ok.error());
   ran_ = true;
@@ -157,7 +176,7 @@ Expected<long> RemoteSyscalls::call(long nr, unsigned long a1, unsigned long a2,
   if (!ok) return tl::unexpected(ok.error());
   auto after = process_->regs(tid_);
   if (!after) return tl::unexpected(after.error());
-  return static_cast<long>(after->rax);
+  return after->ret();
 }
 
 Expected<long> RemoteSyscalls::call_checked(const char* what, long nr, unsigned long a1, unsigned long a2,
@@ -187,6 +206,14 @@ Expected<void> RemoteSyscalls::restore() {
     if (!ok && !error) error = ok.error();
   }
   if (error) return tl::unexpected(*error);
+  return {};
+}
+
+Expected<void> RemoteSyscalls::release() {
+  if (done_ || !process_) return {};
+  done_ = true;
+  unlink();
+  if (patched_) return poke(pid_, tid_, patched_word_addr_, original_word_);
   return {};
 }
 
@@ -439,66 +466,6 @@ Expected<void> install_fds(RemoteSyscalls& r, std::span<const FdInstall> fds) {
       if (!d) return tl::unexpected(d.error());
     }
   }
-  return {};
-}
-
-// ---------------------------------------------------------------- stash
-
-namespace {
-
-Expected<StashedFd> stash_one(RemoteSyscalls& r, int fd, int floor) {
-  auto flags = r.call(SYS_fcntl, static_cast<unsigned long>(fd), F_GETFD);
-  if (!flags) return tl::unexpected(flags.error());
-  if (*flags == -EBADF) return StashedFd{fd, -1, false};
-  if (is_errno_result(*flags)) return fail_errno(static_cast<int>(-*flags), fmt::format("fcntl({}, F_GETFD) in pid {}", fd, r.pid()));
-  auto copy = r.call_checked("fcntl(F_DUPFD_CLOEXEC)", SYS_fcntl, static_cast<unsigned long>(fd), F_DUPFD_CLOEXEC,
-                             static_cast<unsigned long>(floor));
-  if (!copy) return tl::unexpected(copy.error());
-  return StashedFd{fd, static_cast<int>(*copy), (*flags & FD_CLOEXEC) != 0};
-}
-
-}  // namespace
-
-Expected<std::vector<StashedFd>> stash_fds(RemoteSyscalls& r, std::span<const int> target_fds) {
-  std::vector<StashedFd> out;
-  if (target_fds.empty()) return out;
-  const int floor = *std::max_element(target_fds.begin(), target_fds.end()) + 1;
-  for (int fd : target_fds) {
-    auto one = stash_one(r, fd, floor);
-    if (!one) {
-      (void)drop_stash(r, out);
-      return tl::unexpected(one.error());
-    }
-    out.push_back(*one);
-  }
-  return out;
-}
-
-Expected<void> unstash_fds(RemoteSyscalls& r, std::span<const StashedFd> stash) {
-  std::optional<Error> error;
-  for (const StashedFd& s : stash) {
-    Expected<long> res;
-    if (s.stash_fd >= 0) {
-      res = r.call_checked("dup3", SYS_dup3, static_cast<unsigned long>(s.stash_fd), static_cast<unsigned long>(s.target_fd),
-                           s.cloexec ? O_CLOEXEC : 0);
-      if (res) res = r.call_checked("close", SYS_close, static_cast<unsigned long>(s.stash_fd));
-    } else {
-      res = r.call(SYS_close, static_cast<unsigned long>(s.target_fd));  // -EBADF: nothing was put there
-    }
-    if (!res && !error) error = res.error();
-  }
-  if (error) return tl::unexpected(*error);
-  return {};
-}
-
-Expected<void> drop_stash(RemoteSyscalls& r, std::span<const StashedFd> stash) {
-  std::optional<Error> error;
-  for (const StashedFd& s : stash) {
-    if (s.stash_fd < 0) continue;
-    auto res = r.call_checked("close", SYS_close, static_cast<unsigned long>(s.stash_fd));
-    if (!res && !error) error = res.error();
-  }
-  if (error) return tl::unexpected(*error);
   return {};
 }
 

@@ -1,9 +1,10 @@
 // remote.hpp: run system calls inside a stopped thread, and put fds into another process.
 //
 // Technique (the reptyr / CRIU parasite-free way): on one thread of a StoppedProcess, save its
-// registers; find a `syscall` instruction: the one at rip-2 when the thread stopped on a syscall's
-// way out (bytes 0f 05 checked), else write one over the two bytes at rip (the original word is
-// kept and written back; every thread is stopped, so nobody executes it meanwhile); per call set
+// registers; find a `syscall` instruction: one in the target's [vdso] (read with process_vm_readv:
+// nothing is written), else the one at rip-2 when the thread stopped on a syscall's way out (bytes
+// checked), else write one over the two bytes at rip (the original word is kept and written back;
+// every thread is stopped, so nobody executes it meanwhile); per call set
 // rax = nr, rdi, rsi, rdx, r10, r8, r9 = args, rip = that instruction, orig_rax = -1 (so the kernel
 // applies no restart logic to our registers) and let the thread run to the syscall-exit-stop.
 // restore() writes back code and registers and re-parks the thread in an interrupt stop, so that
@@ -19,11 +20,10 @@
 // descriptions (kcmp equal) and needs no privilege of the target over the tool, so a root tool
 // can install into an unprivileged target.
 //
-// x86_64 only.
+// Registers go through sys/arch (x86_64 today).
 #pragma once
 
 #include <sys/types.h>
-#include <sys/user.h>
 
 #include <cstddef>
 #include <cstdint>
@@ -35,19 +35,25 @@
 
 namespace pipecr::sys {
 
-class RemoteSyscalls {
+class RemoteSyscalls : public Injector {
  public:
   // Saves tid's registers and prepares a syscall instruction. tid must be one of
   // process.threads(). The two stay linked: a move of either is followed, process.resume()
   // restore()s this first, and once process is gone every call fails (Errc::invalid_argument).
-  [[nodiscard]] static Expected<RemoteSyscalls> attach(StoppedProcess& process, pid_t tid);
+  // Where the syscall instruction comes from: the [vdso] first (nothing written), or only the
+  // thread's own code (its last syscall instruction, else two patched bytes; tests use this).
+  enum class Insn { vdso_first, thread_only };
+  // vdso_hint: a vdso_syscall_address() found before the process was stopped (checked, then used
+  // without reading the [vdso] again); 0 to look it up.
+  [[nodiscard]] static Expected<RemoteSyscalls> attach(StoppedProcess& process, pid_t tid, Insn insn = Insn::vdso_first,
+                                                      uint64_t vdso_hint = 0);
 
   RemoteSyscalls(RemoteSyscalls&& o) noexcept;
   RemoteSyscalls& operator=(RemoteSyscalls&& o) = delete;
   RemoteSyscalls(const RemoteSyscalls&) = delete;
   RemoteSyscalls& operator=(const RemoteSyscalls&) = delete;
   // Calls restore() if it was not called (errors ignored).
-  ~RemoteSyscalls();
+  ~RemoteSyscalls() override;
 
   // Runs syscall nr with the given arguments in the target thread. Returns the raw result: a
   // negative errno (-4095..-1) is a value, not an Error; Error only when ptrace fails or the
@@ -72,26 +78,31 @@ class RemoteSyscalls {
 
   // Puts back the code bytes (if patched), unmaps the scratch page, restores the registers and
   // re-parks the thread (see StoppedProcess::repark). Idempotent. Does not detach.
-  [[nodiscard]] Expected<void> restore();
+  [[nodiscard]] Expected<void> restore() override;
+  // Ends the use of the thread without putting its registers back: the caller set them and runs the
+  // thread itself (the agent). Puts back patched code bytes; the scratch page must not be in use.
+  [[nodiscard]] Expected<void> release();
+  // Makes restore() put these registers back instead of those saved at attach() (the agent's
+  // takeover: the thread then continues where it was before the agent ran).
+  void restore_to(const Regs& regs) {
+    saved_ = regs;
+    ran_ = true;
+  }
 
   [[nodiscard]] pid_t pid() const { return pid_; }
   [[nodiscard]] pid_t tid() const { return tid_; }
-  [[nodiscard]] const user_regs_struct& saved_regs() const { return saved_; }
+  [[nodiscard]] const Regs& saved_regs() const { return saved_; }
   // Address of the syscall instruction used, and whether it was written there by us.
   [[nodiscard]] uint64_t syscall_address() const { return insn_addr_; }
   [[nodiscard]] bool patched_code() const { return patched_; }
 
  private:
-  friend class StoppedProcess;  // follows moves of the process (process_)
-  RemoteSyscalls(StoppedProcess& p, pid_t tid) : process_(&p), pid_(p.pid()), tid_(tid) {}
-  [[nodiscard]] Expected<void> prepare();
-  void link();
-  void unlink();
+  RemoteSyscalls(StoppedProcess& p, pid_t tid) : pid_(p.pid()), tid_(tid) { link(&p); }
+  [[nodiscard]] Expected<void> prepare(Insn insn, uint64_t vdso_hint);
 
-  StoppedProcess* process_ = nullptr;
   pid_t pid_ = -1;
   pid_t tid_ = -1;
-  user_regs_struct saved_{};
+  Regs saved_{};
   uint64_t insn_addr_ = 0;
   bool patched_ = false;
   uint64_t patched_word_addr_ = 0;
@@ -115,27 +126,15 @@ struct FdInstall {
 };
 
 // Installs each source_fd at target_fd in the target (the same open file description, FD_CLOEXEC as
-// asked). target_fd values must be distinct and >= 0. Fails before changing any fd of the target
-// when a target_fd is at or above the target's RLIMIT_NOFILE (Errc::system, EMFILE) or an argument
-// is invalid (Errc::invalid_argument). Batches of 253 are installed one after the other; when a later
-// batch fails, earlier ones stay installed: use stash_fds() to make it all-or-nothing. Temporaries
+// asked), one remote round trip per fd: for a few fds in tests and tools; a restore installs through
+// the agent (agent.hpp), all-or-nothing. target_fd values must be distinct and >= 0. Fails before
+// changing any fd of the target when a target_fd is at or above the target's RLIMIT_NOFILE
+// (Errc::system, EMFILE) or an argument is invalid (Errc::invalid_argument). Batches of 253 are
+// installed one after the other; when a later batch fails, earlier ones stay installed. Temporaries
 // in the target are always closed.
 [[nodiscard]] Expected<void> install_fds(RemoteSyscalls& r, std::span<const FdInstall> fds);
 
-// What was at a target fd number before a multi-step change.
-struct StashedFd {
-  int target_fd = -1;
-  int stash_fd = -1;    // a copy (F_DUPFD_CLOEXEC) above every stashed number; -1: target_fd was not open
-  bool cloexec = false; // FD_CLOEXEC of target_fd when stashed
-};
-
-// Copies each open target fd to a high temporary number inside the target, leaving target_fds as they
-// are. On failure the copies made so far are closed again.
-[[nodiscard]] Expected<std::vector<StashedFd>> stash_fds(RemoteSyscalls& r, std::span<const int> target_fds);
-// Rolls back: each target_fd gets its stashed file and FD_CLOEXEC again (or is closed when it was not
-// open), and the copies are closed. Keeps going after an error and returns the first.
-[[nodiscard]] Expected<void> unstash_fds(RemoteSyscalls& r, std::span<const StashedFd> stash);
-// Commits: closes the copies only.
-[[nodiscard]] Expected<void> drop_stash(RemoteSyscalls& r, std::span<const StashedFd> stash);
+// The address of a syscall instruction in pid's [vdso], or 0 when there is none (or no vdso).
+[[nodiscard]] uint64_t vdso_syscall_address(pid_t pid);
 
 }  // namespace pipecr::sys

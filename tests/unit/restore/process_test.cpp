@@ -12,6 +12,9 @@
 #include <sys/resource.h>
 #include <sys/stat.h>
 
+#include <fstream>
+#include <thread>
+
 #include <gtest/gtest.h>
 
 #include "restore/plan.hpp"
@@ -556,12 +559,13 @@ TEST(RestoreProcess, ExecPlusIntoConnectsThePipe) {
     ::_exit(r ? 98 : 99);
   }
   ::close(out[1]);
-  EXPECT_UNTRACED(producer.pid());
   std::string got;
   char buf[256];
-  // Read what was in flight, then let the producer write; cat ends at EOF when the producer exits.
+  // Read what was in flight (the command runs: the targets were committed and let go), then let the
+  // producer write; cat ends at EOF when the producer exits.
   ssize_t n = ::read(out[0], buf, sizeof buf);
   got.append(buf, n > 0 ? static_cast<size_t>(n) : 0);
+  EXPECT_UNTRACED(producer.pid());
   EXPECT_EQ(producer.finish(), "");
   for (; (n = ::read(out[0], buf, sizeof buf)) > 0;) got.append(buf, static_cast<size_t>(n));
   ::close(out[0]);
@@ -580,6 +584,60 @@ TEST(RestoreProcess, ExecOfAMissingCommandFailsBeforeAnythingIsDone) {
   ASSERT_FALSE(r);
   EXPECT_EQ(r.error().kind, Errc::invalid_argument);
   EXPECT_EQ(::fcntl(11, F_GETFD), -1);
+}
+
+}  // namespace
+}  // namespace pipecr::restore
+
+namespace pipecr::restore {
+namespace {
+
+size_t agent_mappings(pid_t pid) {
+  std::ifstream in(fmt::format("/proc/{}/maps", pid));
+  std::string line;
+  size_t n = 0;
+  while (std::getline(in, line)) n += line.find("pipecr-agent") != std::string::npos;
+  return n;
+}
+
+// pipecr killed right after the commit store (its agent has installed and is parked, waiting to be
+// taken back): the target keeps the restored pipe and goes on by itself; a new restore into it while
+// the old agent is still parked works too, and takes its own agent back.
+TEST(RestoreProcess, PipecrKilledAfterTheCommitLeavesTheTargetRestored) {
+  ImageBuilder first, second;
+  first.process(kRec);
+  first.fd(kRec, 11, first.file(first.pipe({{"first", false}}), O_RDONLY));
+  second.process(kRec);
+  second.fd(kRec, 11, second.file(second.pipe({{"second", false}}), O_RDONLY));
+  Image img1 = first.parsed(), img2 = second.parsed();
+  Scenario child([] { testing::dev_null_at({11}); }, [] { return testing::expect_bytes(11, "second"); });
+  ASSERT_TRUE(child.ready());
+  const pid_t target = child.pid();
+  pid_t pipecr = ::fork();
+  if (pipecr == 0) {
+    ProcessRestoreOptions opts;
+    opts.hook = [](Stage s) {
+      if (s == Stage::committed) ::raise(SIGKILL);
+    };
+    (void)restore_processes(img1, {{{target, kRec}}, std::nullopt}, opts);
+    ::_exit(3);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(pipecr, &status, 0), pipecr);
+  ASSERT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL) << status;
+  EXPECT_UNTRACED(target);
+  {
+    char link[256] = {};
+    ssize_t n = ::readlink(fmt::format("/proc/{}/fd/11", target).c_str(), link, sizeof link - 1);
+    EXPECT_EQ(std::string(link, n > 0 ? static_cast<size_t>(n) : 0).rfind("pipe:", 0), 0u) << link;
+  }
+  // Again, at once (the first agent waits up to 2 s to be taken back before it returns by itself).
+  auto sum = restore_processes(img2, {{{target, kRec}}, std::nullopt});
+  ASSERT_TRUE(sum) << sum.error().what;
+  EXPECT_UNTRACED(target);
+  std::this_thread::sleep_for(std::chrono::milliseconds(2500));  // the first agent has returned
+  EXPECT_LE(agent_mappings(target), 1u);  // the orphan's mapping (if the kernel names anonymous VMAs)
+  EXPECT_EQ(child.finish(), "");
 }
 
 }  // namespace

@@ -7,6 +7,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/mman.h>
+#include <sys/epoll.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -116,21 +117,22 @@ TEST(Ptrace, BlockedReadIsReportedAndGoesOnAfterDetach) {
 }
 
 TEST(Ptrace, SyscallStateOfRegisters) {
-  user_regs_struct r{};
+  Regs regs;
+  user_regs_struct& r = regs.raw;
   r.orig_rax = static_cast<unsigned long>(-1L);
   r.rax = 7;
-  EXPECT_FALSE(syscall_state_of(r).in_syscall);
-  EXPECT_EQ(syscall_state_of(r).nr, -1);
+  EXPECT_FALSE(syscall_state_of(regs).in_syscall);
+  EXPECT_EQ(syscall_state_of(regs).nr, -1);
   r.orig_rax = SYS_write;
   r.rax = 3;  // a write that completed: not "in" it
-  EXPECT_FALSE(syscall_state_of(r).in_syscall);
-  EXPECT_EQ(syscall_state_of(r).nr, SYS_write);
+  EXPECT_FALSE(syscall_state_of(regs).in_syscall);
+  EXPECT_EQ(syscall_state_of(regs).nr, SYS_write);
   for (long code : {kErestartSys, kErestartNoIntr, kErestartNoHand, kErestartRestartBlock}) {
     r.rax = static_cast<unsigned long>(code);
-    EXPECT_TRUE(syscall_state_of(r).in_syscall) << code;
+    EXPECT_TRUE(syscall_state_of(regs).in_syscall) << code;
   }
   r.rax = static_cast<unsigned long>(-EINTR);
-  EXPECT_FALSE(syscall_state_of(r).in_syscall);
+  EXPECT_FALSE(syscall_state_of(regs).in_syscall);
 }
 
 Child start_counter(SharedCounter& counter) {
@@ -318,6 +320,101 @@ TEST(Ptrace, UnprivilegedSeizeOfRootProcessIsPermission) {
   EXPECT_NE(msg.find("not dumpable, or owned by another user"), std::string::npos) << msg;
   EXPECT_NE(msg.find(std::to_string(target)), std::string::npos) << msg;
   EXPECT_EQ(tracer_of(target), 0);
+}
+
+// A process that already has a tracer is reported as such, naming it.
+TEST(Ptrace, AlreadyTracedNamesTheTracer) {
+  Child target = spawn([] {
+    for (;;) ::pause();
+  });
+  auto first = StoppedProcess::seize(target.pid);
+  ASSERT_TRUE(first) << first.error().what;
+  PipePair report = *make_pipe(0);
+  pid_t t = target.pid;
+  int out = report.write.get();
+  Child second = spawn([t, out] {  // another process: ptrace relations are per tracer process
+    auto sp = StoppedProcess::seize(t);
+    std::string msg = sp ? std::string("seized") : fmt::format("{} {}", static_cast<int>(sp.error().kind), sp.error().what);
+    if (::write(out, msg.data(), msg.size()) < 0) ::_exit(11);
+  });
+  report.write.reset();
+  std::string msg = read_report(report.read.get());
+  EXPECT_EQ(msg.substr(0, msg.find(' ')), std::to_string(static_cast<int>(Errc::permission))) << msg;
+  EXPECT_NE(msg.find(fmt::format("already traced by {} (", ::getpid())), std::string::npos) << msg;
+  ASSERT_TRUE(first->resume());
+  EXPECT_EQ(tracer_of(target.pid), 0);
+}
+
+// A vfork parent waiting for its child cannot reach a ptrace stop: refused at once (not a hang, and
+// not left traced), with a message that says why.
+TEST(Ptrace, VforkParentIsRefusedAtOnce) {
+  Child parent = spawn([] {
+    if (::vfork() == 0) {
+      ::sleep(30);  // never execs while the test runs
+      ::_exit(0);
+    }
+  });
+  bool waiting = false;
+  for (int i = 0; i < 500 && !waiting; ++i) {
+    std::ifstream in(fmt::format("/proc/{}/wchan", parent.pid));
+    std::string w;
+    std::getline(in, w);
+    waiting = w == "kernel_clone" && state_of(parent.pid, parent.pid) == 'D';
+    if (!waiting) std::this_thread::sleep_for(10ms);
+  }
+  if (!waiting) GTEST_SKIP() << "this kernel does not show the vfork wait in /proc/PID/wchan";
+  auto t0 = std::chrono::steady_clock::now();
+  auto sp = StoppedProcess::seize(parent.pid);
+  ASSERT_FALSE(sp);
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, 2s);
+  EXPECT_NE(sp.error().what.find("vfork parent"), std::string::npos) << sp.error().what;
+  EXPECT_EQ(tracer_of(parent.pid), 0);
+}
+
+// epoll_wait and sigtimedwait fail with EINTR when a ptrace stop interrupts them; pipecr puts them
+// back to restart (no signal was delivered), so the program sees no EINTR.
+TEST(Ptrace, EpollWaitAndSigwaitinfoSeeNoEintr) {
+  PipePair report = *make_pipe(0), wake = *make_pipe(0);
+  int out = report.write.get(), in = wake.read.get();
+  Child child = spawn([out, in] {
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGUSR1);
+    ::sigprocmask(SIG_BLOCK, &set, nullptr);
+    std::thread ep([out, in] {
+      int ep = ::epoll_create1(0);
+      epoll_event ev{EPOLLIN, {}};
+      ::epoll_ctl(ep, EPOLL_CTL_ADD, in, &ev);
+      epoll_event got{};
+      int n = ::epoll_wait(ep, &got, 1, -1);
+      std::string m = fmt::format("epoll {} {};", n, n < 0 ? errno : 0);
+      (void)!::write(out, m.data(), m.size());
+    });
+    int r = ::sigwaitinfo(&set, nullptr);
+    ep.join();
+    std::string m = fmt::format("sigwaitinfo {} {}", r, r < 0 ? errno : 0);
+    (void)!::write(out, m.data(), m.size());
+  });
+  report.write.reset();
+  auto blocked_in_nr = [&](long nr) {
+    std::ifstream in(fmt::format("/proc/{}/syscall", child.pid));
+    long n = -2;
+    return (in >> n) && n == nr && state_of(child.pid, child.pid) == 'S';
+  };
+  ASSERT_TRUE(eventually([&] { return blocked_in_nr(SYS_rt_sigtimedwait); }));
+  std::this_thread::sleep_for(20ms);  // the epoll thread too
+  for (int i = 0; i < 3; ++i) {
+    auto sp = StoppedProcess::seize(child.pid);
+    ASSERT_TRUE(sp) << sp.error().what;
+    ASSERT_TRUE(sp->resume());
+    std::this_thread::sleep_for(20ms);
+  }
+  ASSERT_EQ(::write(wake.write.get(), "x", 1), 1);
+  std::this_thread::sleep_for(50ms);
+  ::kill(child.pid, SIGUSR1);
+  std::string got;
+  for (std::string part; (part = read_report(report.read.get()))[0] != '<';) got += part;
+  EXPECT_EQ(got, fmt::format("epoll 1 0;sigwaitinfo {} 0", SIGUSR1));
 }
 
 }  // namespace

@@ -1,12 +1,13 @@
 // remote_test.cpp: syscalls injected into real stopped children, and fd installation into them:
 // restart of a blocked read on the new file, uid 65534 targets, batches over 253, rlimit refusal,
-// stash and roll back, signals not eaten. Children are killed and reaped by guards declared before
+// signals not eaten. Children are killed and reaped by guards declared before
 // the StoppedProcess and RemoteSyscalls that use them.
 #include "sys/remote.hpp"
 
 #include <dirent.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <sys/epoll.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
@@ -30,6 +31,7 @@
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 
+#include "sys/agent.hpp"
 #include "sys/syscalls.hpp"
 #include "unit/sys/child_helpers.hpp"
 
@@ -81,12 +83,12 @@ struct Seized {
   RemoteSyscalls& remote;
 };
 
-std::unique_ptr<Seized> seize_main(pid_t pid) {
+std::unique_ptr<Seized> seize_main(pid_t pid, RemoteSyscalls::Insn insn = RemoteSyscalls::Insn::thread_only) {
   auto sp = StoppedProcess::seize(pid);
   EXPECT_TRUE(sp) << sp.error().what;
   if (!sp) return nullptr;
   auto process = std::make_unique<StoppedProcess>(std::move(*sp));
-  auto r = RemoteSyscalls::attach(*process, pid);
+  auto r = RemoteSyscalls::attach(*process, pid, insn);
   EXPECT_TRUE(r) << r.error().what;
   if (!r) return nullptr;
   auto remote = std::make_unique<RemoteSyscalls>(std::move(*r));
@@ -102,7 +104,7 @@ TEST(Remote, GetpidInBlockedThreadReusesItsSyscallInstruction) {
     auto s = seize_main(rc.child.pid);
     ASSERT_TRUE(s);
     EXPECT_FALSE(s->remote.patched_code());
-    EXPECT_EQ(s->remote.syscall_address(), s->remote.saved_regs().rip - 2);
+    EXPECT_EQ(s->remote.syscall_address(), s->remote.saved_regs().raw.rip - 2);
     auto pid = s->remote.call(SYS_getpid);
     ASSERT_TRUE(pid) << pid.error().what;
     EXPECT_EQ(*pid, rc.child.pid);
@@ -115,9 +117,9 @@ TEST(Remote, GetpidInBlockedThreadReusesItsSyscallInstruction) {
     ASSERT_TRUE(s->remote.restore());
     auto regs = s->process.regs(rc.child.pid);
     ASSERT_TRUE(regs);
-    EXPECT_EQ(regs->rip, s->remote.saved_regs().rip);
-    EXPECT_EQ(regs->rax, s->remote.saved_regs().rax);
-    EXPECT_EQ(regs->orig_rax, s->remote.saved_regs().orig_rax);
+    EXPECT_EQ(regs->raw.rip, s->remote.saved_regs().raw.rip);
+    EXPECT_EQ(regs->raw.rax, s->remote.saved_regs().raw.rax);
+    EXPECT_EQ(regs->raw.orig_rax, s->remote.saved_regs().raw.orig_rax);
     ASSERT_TRUE(s->process.resume());
   }
   // The read was restarted by the kernel, not returned as -ERESTARTSYS.
@@ -142,7 +144,7 @@ TEST(Remote, ThreadInUserCodeGetsAPatchedInstructionPutBack) {
     ASSERT_TRUE(st);
     if (st->nr >= 0) GTEST_SKIP() << "the child happened to stop in a syscall";
     EXPECT_TRUE(s->remote.patched_code());
-    rip = s->remote.saved_regs().rip;
+    rip = s->remote.saved_regs().raw.rip;
     EXPECT_EQ(s->remote.syscall_address(), rip);
     unsigned char now[2];
     ASSERT_TRUE(s->remote.read_memory(rip, std::as_writable_bytes(std::span(now))));
@@ -355,53 +357,6 @@ TEST(Remote, InvalidArgumentsAreRefused) {
   EXPECT_EQ(fd_table(rc.child.pid).count(9), 0u);
 }
 
-// A multi-step install made transactional: stash, install, then roll back or commit.
-TEST(Remote, StashThenUnstashOrDrop) {
-  PipePair original = *make_pipe(0);
-  int orig_fd = original.read.get();
-  PipePair input = *make_pipe(0);
-  int in = input.read.get();
-  Child child = spawn([orig_fd, in] {
-    ::dup3(orig_fd, 7, O_CLOEXEC);
-    ::dup2(in, 5);
-    ::close(8);
-    char c;
-    for (;;) (void)!::read(5, &c, 1);
-  });
-  input.read.reset();
-  ASSERT_TRUE(eventually([&] { return blocked_in(child.pid, child.pid, SYS_read, 5); }));
-  auto table = fd_table(child.pid);
-  PipePair fresh = *make_pipe(0);
-  auto s = seize_main(child.pid);
-  ASSERT_TRUE(s);
-  const int numbers[] = {7, 8};
-  for (bool commit : {false, true}) {
-    auto stash = stash_fds(s->remote, numbers);
-    ASSERT_TRUE(stash) << stash.error().what;
-    ASSERT_EQ(stash->size(), 2u);
-    EXPECT_EQ((*stash)[0].target_fd, 7);
-    EXPECT_GT((*stash)[0].stash_fd, 8);
-    EXPECT_TRUE((*stash)[0].cloexec);
-    EXPECT_EQ((*stash)[1].stash_fd, -1);
-    std::vector<FdInstall> installs = {{fresh.read.get(), 7, false}, {fresh.write.get(), 8, false}};
-    ASSERT_TRUE(install_fds(s->remote, installs));
-    EXPECT_TRUE(same_file(fresh.read.get(), child.pid, 7));
-    if (!commit) {
-      ASSERT_TRUE(unstash_fds(s->remote, *stash));
-      EXPECT_EQ(fd_table(child.pid), table);
-      EXPECT_TRUE(same_file(orig_fd, child.pid, 7));
-      EXPECT_TRUE(fd_cloexec(child.pid, 7));
-    } else {
-      ASSERT_TRUE(drop_stash(s->remote, *stash));
-      auto now = fd_table(child.pid);
-      EXPECT_EQ(now.size(), table.size() + 1);
-      EXPECT_TRUE(same_file(fresh.read.get(), child.pid, 7));
-      EXPECT_TRUE(same_file(fresh.write.get(), child.pid, 8));
-      EXPECT_FALSE(fd_cloexec(child.pid, 7));
-    }
-  }
-}
-
 // A signal that comes while the thread runs injected code is held back and delivered on detach;
 // the interrupted read then goes on (SA_RESTART).
 TEST(Remote, SignalDuringInjectionIsNotEaten) {
@@ -495,6 +450,79 @@ TEST(Remote, InjectIntoAnotherThread) {
   }
   ASSERT_TRUE(write_all(rc.input.write.get(), std::as_bytes(std::span("both", 4))));
   EXPECT_EQ(read_report(rc.report.read.get()), "both");
+}
+
+
+// The agent's generic operations (install, epoll_ctl ADD, F_SETFL), committed and aborted, into a
+// child blocked in read(5): after an abort nothing changed; after a commit fd 10 is the given pipe
+// (FD_CLOEXEC, O_NONBLOCK), watched by the epoll at 20 with the given data, and the read goes on.
+TEST(Agent, GenericOperationsCommitOrAbortAsOne) {
+  PipePair input = *make_pipe(0), report = *make_pipe(0);
+  int in = input.read.get(), out = report.write.get();
+  Child child = spawn([in, out] {
+    int in_hi = ::fcntl(in, F_DUPFD, 100), out_hi = ::fcntl(out, F_DUPFD, 100);
+    ::dup2(in_hi, 5);
+    int ep = ::epoll_create1(0);
+    ::dup2(ep, 20);
+    ::close(ep);
+    ::close(10);
+    char buf[8];
+    ssize_t n = ::read(5, buf, sizeof buf);  // blocks until the test says go
+    epoll_event ev{};
+    int k = ::epoll_wait(20, &ev, 1, 1000);
+    int fl = ::fcntl(10, F_GETFL), fd = ::fcntl(10, F_GETFD);
+    std::string m = fmt::format("read {} epoll {} data {:#x} nonblock {} cloexec {}", n, k,
+                                static_cast<unsigned long>(ev.data.u64), (fl & O_NONBLOCK) != 0, (fd & FD_CLOEXEC) != 0);
+    (void)!::write(out_hi, m.data(), m.size());
+  });
+  input.read.reset();
+  report.write.reset();
+  ASSERT_TRUE(eventually([&] { return blocked_in(child.pid, child.pid, SYS_read, 5); }));
+  PipePair gift = *make_pipe(0);
+  std::vector<AgentOp> ops = {
+      {AgentOp::install, 10, 1, 0, 0, gift.read.get()},
+      {AgentOp::epoll_add, 10, 20, EPOLLIN, 0x1234, -1},
+      {AgentOp::setfl_or, 10, 0, O_NONBLOCK, 0, -1},
+  };
+  auto maps_of = [&] {  // every mapping but the stack (the agent runs on it, which may grow it)
+    std::ifstream in(fmt::format("/proc/{}/maps", child.pid));
+    std::string line, out;
+    while (std::getline(in, line))
+      if (line.find("[stack]") == std::string::npos) out += line + "\n";
+    return out;
+  };
+  const std::string maps_before = maps_of();
+  for (bool commit : {false, true}) {
+    SCOPED_TRACE(commit ? "commit" : "abort");
+    auto table = fd_table(child.pid);
+    auto sp = StoppedProcess::seize(child.pid);
+    ASSERT_TRUE(sp) << sp.error().what;
+    auto process = std::make_unique<StoppedProcess>(std::move(*sp));
+    auto cp = CommitPoint::create();
+    ASSERT_TRUE(cp) << cp.error().what;
+    auto agent = Agent::start(*process, child.pid, *cp, ops, 21);
+    ASSERT_TRUE(agent) << agent.error().what;
+    ASSERT_TRUE((*agent)->send_files());
+    ASSERT_TRUE((*agent)->prepare());
+    EXPECT_EQ(fd_table(child.pid).count(10), 0u);  // nothing installed before the commit
+    EXPECT_NE(maps_of(), maps_before);              // the agent is mapped
+    if (commit)
+      ASSERT_TRUE(cp->commit());
+    else
+      cp->abort();
+    auto done = (*agent)->decide();
+    ASSERT_TRUE(done) << done.error().what;
+    EXPECT_EQ(*done, commit);
+    ASSERT_TRUE((*agent)->restore());
+    agent->reset();
+    ASSERT_TRUE(process->resume());
+    if (!commit) EXPECT_EQ(fd_table(child.pid), table);
+  }
+  EXPECT_TRUE(same_file(gift.read.get(), child.pid, 10));
+  EXPECT_EQ(maps_of(), maps_before) << "a mapping was left";
+  ASSERT_TRUE(write_all(gift.write.get(), std::as_bytes(std::span("x", 1))));
+  ASSERT_TRUE(write_all(input.write.get(), std::as_bytes(std::span("go", 2))));
+  EXPECT_EQ(read_report(report.read.get()), "read 2 epoll 1 data 0x1234 nonblock true cloexec true");
 }
 
 }  // namespace

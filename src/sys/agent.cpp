@@ -1,0 +1,470 @@
+// agent.cpp: pipecr's side of the in-target agent (see agent.hpp; the agent itself is
+// src/sys/agent/agent.c, the protocol src/sys/agent/agent_abi.h).
+#include "sys/agent.hpp"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstddef>
+#include <cstdio>
+#include <optional>
+#include <cstring>
+#include <thread>
+
+#include <fmt/format.h>
+
+#include "sys/agent/agent_abi.h"
+#include "sys/remote.hpp"
+#include "sys/syscalls.hpp"
+
+namespace pipecr::sys {
+namespace {
+
+constexpr size_t kPage = 4096;
+constexpr size_t kMaxFdsPerMessage = 253;  // SCM_MAX_FD
+constexpr uint64_t kAgentStackGap = 64;    // between the register block and the agent's stack
+
+uint64_t round_up(uint64_t v, uint64_t to) { return (v + to - 1) / to * to; }
+
+Expected<void> write_remote(pid_t pid, uint64_t addr, const void* data, size_t len) {
+  iovec local{const_cast<void*>(data), len};
+  iovec remote{reinterpret_cast<void*>(addr), len};
+  ssize_t n = ::process_vm_writev(pid, &local, 1, &remote, 1, 0);
+  if (n != static_cast<ssize_t>(len))
+    return fail_errno(n < 0 ? errno : EFAULT, fmt::format("process_vm_writev(pid={}, addr={:#x}, len={})", pid, addr, len));
+  return {};
+}
+
+Expected<void> read_remote(pid_t pid, uint64_t addr, void* data, size_t len) {
+  iovec local{data, len};
+  iovec remote{reinterpret_cast<void*>(addr), len};
+  ssize_t n = ::process_vm_readv(pid, &local, 1, &remote, 1, 0);
+  if (n != static_cast<ssize_t>(len))
+    return fail_errno(n < 0 ? errno : EFAULT, fmt::format("process_vm_readv(pid={}, addr={:#x}, len={})", pid, addr, len));
+  return {};
+}
+
+const char* op_name(uint32_t code) {
+  switch (code) {
+    case AgentOp::install: return "install";
+    case AgentOp::epoll_add: return "epoll_ctl(ADD)";
+    case AgentOp::setfl_or: return "fcntl(F_SETFL)";
+  }
+  return "?";
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- CommitPoint
+
+Expected<CommitPoint> CommitPoint::create() {
+  CommitPoint cp;
+  cp.fd_.reset(static_cast<int>(::syscall(SYS_memfd_create, "pipecr-commit", MFD_CLOEXEC)));
+  if (!cp.fd_) return fail_errno(errno, "memfd_create(pipecr-commit, MFD_CLOEXEC)");
+  if (::ftruncate(cp.fd_.get(), kPage) < 0) return fail_errno(errno, "ftruncate(pipecr-commit, 4096)");
+  void* p = ::mmap(nullptr, kPage, PROT_READ | PROT_WRITE, MAP_SHARED, cp.fd_.get(), 0);
+  if (p == MAP_FAILED) return fail_errno(errno, "mmap(pipecr-commit)");
+  cp.word_ = static_cast<uint32_t*>(p);
+  return cp;
+}
+
+CommitPoint::CommitPoint(CommitPoint&& o) noexcept : fd_(std::move(o.fd_)), word_(o.word_) { o.word_ = nullptr; }
+
+CommitPoint::~CommitPoint() {
+  if (word_) ::munmap(word_, kPage);
+}
+
+bool CommitPoint::commit() {
+  uint32_t open = PIPECR_COMMIT_OPEN;
+  return __atomic_compare_exchange_n(word_, &open, PIPECR_COMMIT_COMMITTED, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+}
+
+void CommitPoint::abort() {
+  uint32_t open = PIPECR_COMMIT_OPEN;
+  (void)__atomic_compare_exchange_n(word_, &open, PIPECR_COMMIT_ABORTED, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+}
+
+uint32_t CommitPoint::state() const { return __atomic_load_n(word_, __ATOMIC_SEQ_CST); }
+
+// ---------------------------------------------------------------- Agent
+
+Error Agent::error(const std::string& what, int err) const {
+  return Error{Errc::system, err, fmt::format("agent in pid {} (thread {}): {}", pid_, tid_, what)};
+}
+
+Expected<std::unique_ptr<Agent>> Agent::start(StoppedProcess& process, pid_t tid, const CommitPoint& commit,
+                                              std::span<const AgentOp> ops, int floor, size_t batch,
+                                              uint64_t vdso_hint) {
+  std::unique_ptr<Agent> a(new Agent(process, tid));
+  a->ops_.assign(ops.begin(), ops.end());
+  a->batch_ = std::clamp<size_t>(batch, 1, kAgentBatch);
+  a->vdso_hint_ = vdso_hint;
+  if (auto ok = a->boot(commit, ops, floor); !ok) return tl::unexpected(ok.error());
+  if (auto ok = a->connect(commit); !ok) {
+    (void)a->restore();
+    return tl::unexpected(ok.error());
+  }
+  return a;
+}
+
+Agent::~Agent() {
+  (void)restore();
+  unlink();
+}
+
+// Maps the agent, writes it, its control block, operations and return block, and lets it run.
+Expected<void> Agent::boot(const CommitPoint&, std::span<const AgentOp> ops, int floor) {
+  auto regs = process_->regs(tid_);
+  if (!regs) return tl::unexpected(regs.error());
+  saved_ = *regs;
+  auto mask = process_->signal_mask(tid_);
+  if (!mask) return tl::unexpected(mask.error());
+  saved_mask_ = *mask;
+
+  floor = std::max(floor, 0);
+  const uint64_t ctl_offset = round_up(agent_blob_size, kPage);
+  const uint64_t fdmap_offset = ctl_offset + kPage;
+  const uint64_t fdmap_bytes = round_up(static_cast<uint64_t>(floor) / 8 + 1, 64);
+  const uint64_t ops_offset = fdmap_offset + fdmap_bytes;
+  map_len_ = round_up(ops_offset + ops.size() * sizeof(pipecr_agent_op), kPage);
+
+  // The registers the thread returns with, as the kernel would restart its syscall, in a block on
+  // its own stack below the red zone (written before the bootstrap: nothing uses that memory).
+  const bool no_signal = !process_->signal_pending(tid_);
+  const Regs back = arch::as_restarted(saved_, no_signal);
+  const auto block = arch::return_block(back);
+  const uint64_t block_addr = arch::return_block_address(back);
+  const uint64_t agent_sp = (block_addr - kAgentStackGap) & ~uint64_t{15};
+  if (auto ok = write_remote(pid_, block_addr, block.data(), sizeof block); !ok)
+    return tl::unexpected(error(fmt::format("no room for the return block on the thread's stack: {}", ok.error().what),
+                                ok.error().err));
+
+  // The one remote syscall of the bootstrap: from here until the registers point at the agent,
+  // pipecr's death would leave the thread with the injected registers (the harm window).
+  auto rs = RemoteSyscalls::attach(*process_, tid_, RemoteSyscalls::Insn::vdso_first, vdso_hint_);
+  if (!rs) return tl::unexpected(rs.error());
+  vdso_hint_ = rs->patched_code() ? 0 : rs->syscall_address();
+  std::vector<unsigned char> image(map_len_, 0);  // filled below; allocated outside the window
+  HarmWindowScope window;
+  auto addr = rs->call(SYS_mmap, 0, map_len_, PROT_READ | PROT_WRITE | PROT_EXEC, MAP_PRIVATE | MAP_ANONYMOUS,
+                       static_cast<unsigned long>(-1L), 0);
+  if (!addr) return tl::unexpected(addr.error());
+  if (*addr < 0 && *addr >= -4095) {
+    (void)rs->restore();
+    return tl::unexpected(error(fmt::format("mmap({} bytes, rwx) in the target", map_len_), static_cast<int>(-*addr)));
+  }
+  base_ = static_cast<uint64_t>(*addr);
+  ctl_addr_ = base_ + ctl_offset;
+  // From here a failure must unmap the agent: restore() does (base_ is set, running_ is not).
+  auto unmap_and_fail = [&](Error e) -> Expected<void> {
+    (void)rs->call(SYS_munmap, base_, map_len_);
+    base_ = 0;
+    (void)rs->restore();
+    return tl::unexpected(std::move(e));
+  };
+
+  pipecr_agent_ctl ctl{};
+  ctl.magic = PIPECR_AGENT_MAGIC;
+  ctl.sock_peer = ctl.sock_mine = -1;
+  ctl.floor = floor;
+  ctl.nops = static_cast<uint32_t>(ops.size());
+  ctl.ctl_offset = ctl_offset;
+  ctl.map_len = map_len_;
+  ctl.fdmap_offset = fdmap_offset;
+  ctl.ops_offset = ops_offset;
+  const auto limit = wait_timeout().count();
+  ctl.handshake_ms = static_cast<int32_t>(std::min<long long>(limit, 1 << 30));
+  ctl.idle_ms = ctl.handshake_ms;
+  ctl.park_ms = static_cast<int32_t>(std::min<long long>(limit, 2000));
+  ctl.orig_sigmask = saved_mask_;
+  ctl.return_block = block_addr;
+  std::snprintf(ctl.name, sizeof ctl.name, "pipecr-agent");
+
+  std::vector<unsigned char> fdmap(fdmap_bytes, 0);
+  std::vector<pipecr_agent_op> wire(ops.size());
+  for (size_t i = 0; i < ops.size(); ++i) {
+    const AgentOp& o = ops[i];
+    wire[i] = pipecr_agent_op{o.code, o.fd, -1, o.a, o.b, o.c};
+    if (o.code == AgentOp::install) {
+      if (o.fd < 0 || o.fd >= floor) return unmap_and_fail(error(fmt::format("install at fd {}: not below floor {}", o.fd, floor), EINVAL));
+      fdmap[static_cast<size_t>(o.fd) / 8] |= static_cast<unsigned char>(1u << (o.fd % 8));
+    }
+  }
+  std::memcpy(image.data(), agent_blob, agent_blob_size);
+  std::memcpy(image.data() + ctl_offset, &ctl, sizeof ctl);
+  std::memcpy(image.data() + fdmap_offset, fdmap.data(), fdmap.size());
+  if (!wire.empty()) std::memcpy(image.data() + ops_offset, wire.data(), wire.size() * sizeof wire[0]);
+  if (auto ok = write_remote(pid_, base_, image.data(), image.size()); !ok) return unmap_and_fail(ok.error());
+
+  // Point the thread at the agent: registers first (were pipecr to die now, the agent runs and
+  // returns), then the mask, then let it run.
+  Regs entry = saved_;
+  entry.set_call(base_, agent_sp, ctl_addr_);
+  if (auto ok = process_->set_regs(tid_, entry); !ok) return unmap_and_fail(ok.error());
+  window.close();
+  if (auto ok = rs->release(); !ok) return unmap_and_fail(ok.error());
+  if (auto ok = process_->set_signal_mask(tid_, ~uint64_t{0}); !ok) {
+    (void)process_->set_regs(tid_, saved_);
+    return unmap_and_fail(ok.error());
+  }
+  if (auto ok = process_->let_run(tid_); !ok) {
+    (void)process_->set_regs(tid_, saved_);
+    (void)process_->set_signal_mask(tid_, saved_mask_);
+    return unmap_and_fail(ok.error());
+  }
+  running_ = true;
+  return {};
+}
+
+Expected<uint32_t> Agent::phase() {
+  uint32_t ph = 0;
+  auto ok = read_remote(pid_, ctl_addr_ + offsetof(pipecr_agent_ctl, phase), &ph, sizeof ph);
+  if (!ok) return tl::unexpected(ok.error());
+  return ph;
+}
+
+Expected<void> Agent::wait_phase(uint32_t at_least, std::chrono::milliseconds limit) {
+  using namespace std::chrono;
+  const auto deadline = steady_clock::now() + limit;
+  const auto spin_until = steady_clock::now() + milliseconds(20);
+  for (;;) {
+    auto ph = phase();
+    if (!ph) return tl::unexpected(ph.error());
+    if (*ph >= at_least) return {};
+    if (auto ok = process_->check_running(tid_); !ok) return ok;
+    if (steady_clock::now() > deadline)
+      return fail(Errc::gone, ETIMEDOUT,
+                  fmt::format("agent in pid {} (thread {}): no progress within {} ms (phase {})", pid_, tid_,
+                              limit.count(), *ph));
+    if (steady_clock::now() < spin_until)  // the agent needs a CPU: give it ours
+      std::this_thread::yield();
+    else
+      std::this_thread::sleep_for(microseconds(100));
+  }
+}
+
+// After the agent's socket broke: the thread's death (Errc::gone) when it died, which the kernel
+// reports a little after the files of a dying process are closed.
+Expected<void> Agent::died_meanwhile() {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(200);
+  do {
+    if (auto ok = process_->check_running(tid_); !ok) return ok;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  } while (std::chrono::steady_clock::now() < deadline);
+  return {};
+}
+
+Expected<void> Agent::send(int sock, uint32_t type, uint32_t first, uint32_t count, std::span<const int> fds) {
+  pipecr_agent_msg m{type, first, count, 0};
+  iovec iov{&m, sizeof m};
+  alignas(cmsghdr) char ctl[CMSG_SPACE(kMaxFdsPerMessage * sizeof(int))] = {};
+  msghdr h{};
+  h.msg_iov = &iov;
+  h.msg_iovlen = 1;
+  if (!fds.empty()) {
+    h.msg_control = ctl;
+    h.msg_controllen = CMSG_SPACE(fds.size() * sizeof(int));
+    cmsghdr* c = CMSG_FIRSTHDR(&h);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(fds.size() * sizeof(int));
+    std::memcpy(CMSG_DATA(c), fds.data(), fds.size() * sizeof(int));
+  }
+  for (;;) {
+    if (::sendmsg(sock, &h, MSG_NOSIGNAL) == static_cast<ssize_t>(sizeof m)) return {};
+    if (errno == EINTR) continue;
+    if (errno == EAGAIN) {  // the agent has not drained the queue yet
+      if (auto ok = process_->check_running(tid_); !ok) return ok;
+      std::this_thread::sleep_for(std::chrono::microseconds(50));
+      continue;
+    }
+    int e = errno;
+    if (auto dead = died_meanwhile(); !dead) return dead;
+    Error err = error(fmt::format("sendmsg(type {}, {} fds)", type, fds.size()), e);
+    if (e == ETOOMANYREFS)
+      err.what += " (files in flight over unix sockets count against pipecr's RLIMIT_NOFILE without "
+                  "CAP_SYS_RESOURCE or CAP_SYS_ADMIN: raise it, e.g. ulimit -n, or restore fewer pipes at once)";
+    return tl::unexpected(err);
+  }
+}
+
+Expected<::pipecr_agent_msg> Agent::receive(std::chrono::milliseconds limit) {
+  using namespace std::chrono;
+  const auto deadline = steady_clock::now() + limit;
+  for (;;) {
+    pollfd p{sock_.get(), POLLIN, 0};
+    int r = ::poll(&p, 1, 2);
+    if (r < 0 && errno != EINTR) return tl::unexpected(error("poll(agent socket)", errno));
+    if (r > 0) {
+      pipecr_agent_msg m{};
+      iovec iov{&m, sizeof m};
+      alignas(cmsghdr) char ctl[CMSG_SPACE(kMaxFdsPerMessage * sizeof(int))];
+      msghdr h{};
+      h.msg_iov = &iov;
+      h.msg_iovlen = 1;
+      h.msg_control = ctl;
+      h.msg_controllen = sizeof ctl;
+      ssize_t n = ::recvmsg(sock_.get(), &h, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+      if (n > 0)
+        for (cmsghdr* c = CMSG_FIRSTHDR(&h); c; c = CMSG_NXTHDR(&h, c))
+          if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS)
+            for (size_t i = 0; i < (c->cmsg_len - CMSG_LEN(0)) / sizeof(int); ++i) {
+              int fd;
+              std::memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
+              replaced_.emplace_back(fd);  // only OLDFILES carries files; kept until destruction
+            }
+      if (n == static_cast<ssize_t>(sizeof m) && m.type == PIPECR_MSG_OLDFILES) continue;
+      if (n == static_cast<ssize_t>(sizeof m)) return m;
+      if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
+      int e = n < 0 ? errno : EPIPE;
+      if (auto dead = died_meanwhile(); !dead) return tl::unexpected(dead.error());
+      return tl::unexpected(error(n == 0 ? "the agent closed its socket" : "recv(agent socket)", e));
+    }
+    if (auto ok = process_->check_running(tid_); !ok) return tl::unexpected(ok.error());
+    if (steady_clock::now() > deadline)
+      return fail(Errc::gone, ETIMEDOUT,
+                  fmt::format("agent in pid {} (thread {}): no answer within {} ms", pid_, tid_, limit.count()));
+  }
+}
+
+// Handshake: take the agent's socket end, send the commit memfd, wait for ACK.
+Expected<void> Agent::connect(const CommitPoint& commit) {
+  if (auto ok = wait_phase(PIPECR_AGENT_SOCKET_READY, wait_timeout()); !ok) return ok;
+  pipecr_agent_ctl ctl{};
+  if (auto ok = read_remote(pid_, ctl_addr_, &ctl, sizeof ctl); !ok) return ok;
+  if (ctl.phase != PIPECR_AGENT_SOCKET_READY && ctl.sock_peer < 0)
+    return tl::unexpected(error("no socket", -ctl.error));
+  auto pidfd = pidfd_open(pid_);
+  if (!pidfd) return tl::unexpected(pidfd.error());
+  auto mine = pidfd_getfd(pidfd->get(), ctl.sock_peer, pid_);
+  if (!mine) return tl::unexpected(mine.error());
+  sock_ = std::move(*mine);
+  auto files = pidfd_getfd(pidfd->get(), ctl.files_peer, pid_);
+  if (!files) return tl::unexpected(files.error());
+  files_ = std::move(*files);
+  for (int fd : {sock_.get(), files_.get()}) {
+    int flags = ::fcntl(fd, F_GETFL);
+    if (flags >= 0) (void)::fcntl(fd, F_SETFL, flags | O_NONBLOCK);
+  }
+  // Every file waits in the files socket's queue until the commit: room for all of them (each
+  // message is charged to this end's send buffer until the agent receives it).
+  const int want = static_cast<int>(std::min<size_t>(1u << 30, 4096 + ops_.size() * 64));
+  if (::setsockopt(files_.get(), SOL_SOCKET, SO_SNDBUFFORCE, &want, sizeof want) < 0)
+    (void)::setsockopt(files_.get(), SOL_SOCKET, SO_SNDBUF, &want, sizeof want);
+  const int memfd = commit.fd();
+  if (auto ok = send(sock_.get(), PIPECR_MSG_HELLO, 0, 0, std::span(&memfd, 1)); !ok) return ok;
+  auto m = receive(wait_timeout());
+  if (!m) return tl::unexpected(m.error());
+  if (m->type != PIPECR_MSG_ACK) return tl::unexpected(error("handshake refused", -m->status));
+  return {};
+}
+
+Expected<void> Agent::send_files() {
+  std::vector<int> batch;
+  for (size_t at = 0; at < ops_.size();) {
+    if (ops_[at].code != AgentOp::install) {
+      ++at;
+      continue;
+    }
+    batch.clear();
+    size_t first = at;
+    while (at < ops_.size() && ops_[at].code == AgentOp::install && batch.size() < batch_)
+      batch.push_back(ops_[at++].source);
+    if (auto ok = send(files_.get(), PIPECR_MSG_FILES, static_cast<uint32_t>(first), static_cast<uint32_t>(batch.size()), batch); !ok)
+      return ok;
+  }
+  return {};
+}
+
+Expected<void> Agent::prepare() {
+  if (auto ok = send(sock_.get(), PIPECR_MSG_PREPARE, 0, 0, {}); !ok) return ok;
+  auto m = receive(wait_timeout());
+  if (!m) return tl::unexpected(m.error());
+  if (m->status == 0 && m->type == PIPECR_MSG_PREPARED) return {};
+  const AgentOp* op = m->first < ops_.size() ? &ops_[m->first] : nullptr;
+  int err = -m->status;
+  Error e = error(op ? fmt::format("{} at fd {}: {}", op_name(op->code), op->fd, std::strerror(err))
+                     : fmt::format("failed: {}", std::strerror(err)),
+                  err);
+  if (err == EMFILE)
+    e.what += " (the target's RLIMIT_NOFILE leaves no room for the files received)";
+  return tl::unexpected(e);
+}
+
+Expected<bool> Agent::decide() {
+  if (decided_) return fail(Errc::invalid_argument, EINVAL, "agent: decided already");
+  decided_ = true;
+  if (auto ok = send(sock_.get(), PIPECR_MSG_DECIDE, 0, 0, {}); !ok) return tl::unexpected(ok.error());
+  for (;;) {
+    auto m = receive(wait_timeout());
+    if (!m) return tl::unexpected(m.error());
+    if (m->type == PIPECR_MSG_FAILED || m->type == PIPECR_MSG_PREPARED) continue;  // said before
+    if (m->type != PIPECR_MSG_DONE) return tl::unexpected(error(fmt::format("unexpected message {}", m->type), EPROTO));
+    if (m->status != 0) {
+      const AgentOp* op = m->first < ops_.size() ? &ops_[m->first] : nullptr;
+      return tl::unexpected(error(fmt::format("at commit, {} at fd {}: {}", op ? op_name(op->code) : "?", op ? op->fd : -1,
+                                              std::strerror(-m->status)),
+                                  -m->status));
+    }
+    return m->count == 1;
+  }
+}
+
+// Interrupts the parked agent and puts the thread back where it was, removing the mapping.
+Expected<void> Agent::take_back() {
+  if (auto ok = wait_phase(PIPECR_AGENT_PARKED, wait_timeout()); !ok) return ok;
+  if (auto ok = process_->interrupt(tid_); !ok) return ok;
+  running_ = false;
+  auto ph = phase();
+  auto now = process_->regs(tid_);
+  if (!now) return tl::unexpected(now.error());
+  const bool inside = now->ip() >= base_ && now->ip() < base_ + map_len_;
+  if (ph && *ph == PIPECR_AGENT_RETURNING && !inside) {
+    // It returned by itself (pipecr was slower than park_ms): a signal handler may still return into
+    // its code, so the mapping stays (one page named pipecr-agent).
+    base_ = 0;
+    return {};
+  }
+  auto rs = RemoteSyscalls::attach(*process_, tid_, RemoteSyscalls::Insn::vdso_first, vdso_hint_);
+  if (!rs) return tl::unexpected(rs.error());
+  rs->restore_to(saved_);
+  HarmWindowScope window;  // from the munmap's registers until the thread's own are back
+  auto un = rs->call(SYS_munmap, base_, map_len_);
+  auto ok = rs->restore();
+  window.close();
+  if (ok) ok = process_->set_signal_mask(tid_, saved_mask_);
+  base_ = 0;
+  if (!un) return tl::unexpected(un.error());
+  return ok;
+}
+
+Expected<void> Agent::restore() {
+  if (done_ || !process_) return {};
+  done_ = true;
+  std::optional<Error> first;
+  if (running_) {
+    if (!decided_ && sock_) {
+      auto d = decide();
+      if (!d) first = d.error();
+    }
+    sock_.reset();  // EOF for an agent that did not get DECIDE
+    files_.reset();
+    auto ok = take_back();
+    if (!ok && !first) first = ok.error();
+  } else if (base_) {
+    // Booted but never run (start() failed half way): nothing else to undo here.
+    base_ = 0;
+  }
+  unlink();
+  if (first) return tl::unexpected(*first);
+  return {};
+}
+
+}  // namespace pipecr::sys

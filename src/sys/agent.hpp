@@ -1,0 +1,145 @@
+// agent.hpp: install files into stopped processes through an agent that runs inside each of them,
+// all-or-nothing over every target, whatever happens to pipecr.
+//
+// Bootstrap (the only step that runs the target through ptrace): one remote mmap through a `syscall`
+// instruction of the target's [vdso] (remote.hpp) makes an anonymous mapping; the agent's code
+// (src/sys/agent/, built at build time and embedded as agent_blob), its control block and its list
+// of operations are written there with process_vm_writev, the thread's registers (as the kernel
+// would restart its interrupted syscall) are written as a block on its own stack below the red zone,
+// its signal mask is set to block everything, and it is let run from the agent's entry, still traced
+// but needing nothing from its tracer. From then on, pipecr's death is harmless: the agent sees EOF
+// on its socket (or a timeout), decides, and returns to the interrupted code by itself.
+//
+// Protocol (agent_abi.h; two SOCK_SEQPACKET socketpairs made by the agent, control and files; pipecr
+// takes its ends with pidfd_getfd): HELLO (carries the CommitPoint's memfd) / ACK; FILES on the files
+// socket (SCM_RIGHTS, up to 253 files for consecutive INSTALL operations): they stay queued there,
+// in flight, holding their files without taking fd numbers in the target (nor in pipecr, which
+// closes its copies); PREPARE / PREPARED (every epoll fd valid); then the CommitPoint decides for
+// every target at once, and DECIDE / DONE lets each agent act on it: run every operation in order
+// (receive 253 files, dup3 each, close the temporary; epoll_ctl ADD; F_SETFL) or close the files
+// socket, which drops what is queued. Finally pipecr takes the thread back
+// (PTRACE_INTERRUPT while the agent is parked), unmaps the agent with one more remote syscall, and
+// puts the registers and signal mask back; the thread is then detached with the process.
+#pragma once
+
+#include <sys/types.h>
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "pipecr/error.hpp"
+#include "sys/ptrace.hpp"
+#include "sys/unique_fd.hpp"
+
+struct pipecr_agent_msg;  // sys/agent/agent_abi.h
+
+namespace pipecr::sys {
+
+// One decision for every agent of a restore: a word in a memfd page that every agent maps. commit()
+// is one compare-and-swap OPEN -> COMMITTED; an agent that gives up (EOF, timeout, failure) swaps
+// OPEN -> ABORTED first, and then commit() fails: no target can be committed while another rolls back.
+class CommitPoint {
+ public:
+  [[nodiscard]] static Expected<CommitPoint> create();
+  CommitPoint(CommitPoint&& o) noexcept;
+  CommitPoint& operator=(CommitPoint&&) = delete;
+  CommitPoint(const CommitPoint&) = delete;
+  ~CommitPoint();
+
+  [[nodiscard]] int fd() const { return fd_.get(); }
+  // True when this call committed (the word was OPEN).
+  [[nodiscard]] bool commit();
+  // OPEN -> ABORTED (nothing when decided already).
+  void abort();
+  [[nodiscard]] uint32_t state() const;
+
+ private:
+  CommitPoint() = default;
+  UniqueFd fd_;
+  uint32_t* word_ = nullptr;
+};
+
+// One operation of a target's install, run in order at commit (see agent_abi.h).
+struct AgentOp {
+  enum Code : uint32_t { install = 1, epoll_add = 2, setfl_or = 3 };
+  Code code = install;
+  int fd = -1;           // the number in the target
+  int a = 0;             // install: cloexec; epoll_add: the epoll fd in the target
+  uint64_t b = 0;        // epoll_add: events; setfl_or: the flags
+  uint64_t c = 0;        // epoll_add: data
+  int source = -1;       // install: the file, an fd of this process (sent over the socket)
+};
+
+// Files the agent receives at once (SCM_MAX_FD): what it needs in fd numbers at the commit.
+inline constexpr size_t kAgentBatch = 253;
+
+class Agent : public Injector {
+ public:
+  // Starts an agent on thread tid of process (stopped) with these operations (install ones carry
+  // their source fd, sent later by send_files()). floor: above every number an operation fills (the
+  // agent keeps its temporaries there when they would collide). Returns once the agent is connected.
+  // On failure the target is as it was (the mapping removed, registers back).
+  [[nodiscard]] static Expected<std::unique_ptr<Agent>> start(StoppedProcess& process, pid_t tid,
+                                                              const CommitPoint& commit,
+                                                              std::span<const AgentOp> ops, int floor,
+                                                              size_t batch = kAgentBatch, uint64_t vdso_hint = 0);
+  ~Agent() override;
+  Agent(const Agent&) = delete;
+  Agent& operator=(const Agent&) = delete;
+
+  // Sends the files of the install operations, in messages of at most `batch` (<= 253) consecutive
+  // ones: the agent receives one message at a time at the commit.
+  [[nodiscard]] Expected<void> send_files();
+  // Asks the agent whether everything can run; an error (naming the operation) when not.
+  [[nodiscard]] Expected<void> prepare();
+  // Tells the agent to act on the CommitPoint; returns whether it committed, or the error of an
+  // operation that failed at commit (the others ran).
+  [[nodiscard]] Expected<bool> decide();
+  // Takes the thread back: decide() first if not done (the agent then aborts unless the CommitPoint
+  // says committed), then interrupt it while parked, unmap the agent, put registers and signal mask
+  // back. Idempotent.
+  [[nodiscard]] Expected<void> restore() override;
+
+  [[nodiscard]] pid_t tid() const { return tid_; }
+  [[nodiscard]] uint64_t address() const { return base_; }
+  [[nodiscard]] uint64_t length() const { return map_len_; }
+
+ private:
+  Agent(StoppedProcess& p, pid_t tid) : pid_(p.pid()), tid_(tid) { link(&p); }
+  [[nodiscard]] Expected<void> boot(const CommitPoint& commit, std::span<const AgentOp> ops, int floor);
+  [[nodiscard]] Expected<void> connect(const CommitPoint& commit);
+  [[nodiscard]] Expected<uint32_t> phase();
+  [[nodiscard]] Expected<void> wait_phase(uint32_t at_least, std::chrono::milliseconds limit);
+  [[nodiscard]] Expected<::pipecr_agent_msg> receive(std::chrono::milliseconds limit);
+  [[nodiscard]] Expected<void> send(int sock, uint32_t type, uint32_t first, uint32_t count, std::span<const int> fds);
+  [[nodiscard]] Expected<void> take_back();
+  [[nodiscard]] Expected<void> died_meanwhile();
+  [[nodiscard]] Error error(const std::string& what, int err = 0) const;
+
+  pid_t pid_ = -1;
+  pid_t tid_ = -1;
+  Regs saved_{};              // the thread's registers when stopped
+  uint64_t saved_mask_ = 0;   // and its signal mask
+  uint64_t base_ = 0;         // the mapping in the target
+  uint64_t map_len_ = 0;
+  uint64_t ctl_addr_ = 0;
+  std::vector<AgentOp> ops_;
+  size_t batch_ = kAgentBatch;
+  uint64_t vdso_hint_ = 0;   // vdso_syscall_address(), found before the stop
+  UniqueFd sock_;             // control messages
+  UniqueFd files_;            // the files, queued for the agent
+  std::vector<UniqueFd> replaced_;  // what the installs replaced: closed when the agent is destroyed,
+                                    // after the target runs again (freeing big pipes costs no stop)
+  bool running_ = false;      // the thread runs the agent
+  bool decided_ = false;
+  bool done_ = false;
+};
+
+// The agent's code, embedded at build time (src/sys/agent/agent.cmake).
+extern const unsigned char agent_blob[];
+extern const size_t agent_blob_size;
+
+}  // namespace pipecr::sys

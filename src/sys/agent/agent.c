@@ -1,0 +1,445 @@
+/* agent.c: pipecr's in-target agent. Freestanding (no libc), position independent, built at build
+ * time and embedded in libpipecr (CMake: agent_blob). pipecr maps it into a stopped target with one
+ * remote mmap and points one thread at its entry (arch file x86_64.S); the agent then:
+ *   1. blocks every signal, names its mapping "pipecr-agent", makes two socketpairs (control and
+ *      files) and publishes them (phase SOCKET_READY); pipecr takes one end of each with pidfd_getfd
+ *      and sends HELLO with the commit memfd; the agent maps the commit page, closes the ends pipecr
+ *      took (so that pipecr's death is EOF) and answers ACK;
+ *   2. answers PREPARE (can every operation run?) while pipecr queues the prepared files on the
+ *      files socket (FILES, SCM_RIGHTS). They stay there, in flight: they hold their files without
+ *      taking a number in the target, and nothing of the target is changed;
+ *   3. on DECIDE, on EOF, on a timeout or on its own failure, decides once: it compare-and-swaps the
+ *      shared commit word from OPEN to ABORTED; if it reads COMMITTED it runs the operations in order
+ *      (receive the next 253 files, dup3 each to its number and close the temporary, epoll_ctl ADD,
+ *      F_SETFL |= flags), else it closes the files socket, dropping what is queued there;
+ *   4. answers DONE, unmaps the commit page, closes its sockets, and parks (a sleep) so that pipecr
+ *      can take the thread back and remove the mapping; when pipecr is gone (EOF, timeout) or nobody
+ *      comes within park_ms, it restores the signal mask and returns to the interrupted context
+ *      through the register block by itself, leaving its mapping (named pipecr-agent) behind.
+ * Every decision is one word in a page shared by all agents of a restore: one store by pipecr commits
+ * every target, and an agent that gave up first makes that store fail, so targets never split. */
+#include <asm/unistd.h>
+
+#include "agent_abi.h"
+
+typedef unsigned long ulong;
+
+long agent_syscall(long nr, long a1, long a2, long a3, long a4, long a5, long a6);
+
+#define SYS6(nr, a1, a2, a3, a4, a5, a6) \
+  agent_syscall((nr), (long)(a1), (long)(a2), (long)(a3), (long)(a4), (long)(a5), (long)(a6))
+#define SYS(nr, a1, a2, a3, a4, a5) SYS6(nr, a1, a2, a3, a4, a5, 0)
+
+/* Kernel ABI constants (generic across 64-bit Linux architectures that have these calls). */
+#define K_AF_UNIX 1
+#define K_SOCK_SEQPACKET 5
+#define K_SOCK_CLOEXEC 02000000
+#define K_O_CLOEXEC 02000000
+#define K_F_DUPFD_CLOEXEC 1030
+#define K_F_GETFD 1
+#define K_F_GETFL 3
+#define K_F_SETFL 4
+#define K_MSG_CMSG_CLOEXEC 0x40000000
+#define K_MSG_CTRUNC 0x8
+#define K_MSG_NOSIGNAL 0x4000
+#define K_MSG_DONTWAIT 0x40
+#define K_SOL_SOCKET 1
+#define K_SCM_RIGHTS 1
+#define K_POLLIN 0x1
+#define K_PROT_RW 3
+#define K_MAP_SHARED 1
+#define K_SIG_BLOCK 0
+#define K_SIG_SETMASK 2
+#define K_PR_SET_VMA 0x53564d41
+#define K_PR_SET_VMA_ANON_NAME 0
+#define K_EPOLL_CTL_ADD 1
+#define K_EMFILE 24
+#define K_EINVAL 22
+#define K_EPROTO 71
+#define K_ETIMEDOUT 110
+#define K_MAX_FDS 253 /* SCM_MAX_FD */
+
+struct k_iovec { void* base; ulong len; };
+struct k_msghdr {
+  void* name;
+  int namelen;
+  struct k_iovec* iov;
+  ulong iovlen;
+  void* control;
+  ulong controllen;
+  unsigned flags;
+};
+struct k_cmsghdr { ulong len; int level; int type; };
+struct k_timespec { long sec; long nsec; };
+struct k_pollfd { int fd; short events; short revents; };
+struct __attribute__((packed)) k_epoll_event { uint32_t events; uint64_t data; };
+
+/* The receive buffer for one message's control data, in the control page after the block. */
+#define CMSG_BUF_OFF 512
+#define CMSG_BUF_LEN (16 + K_MAX_FDS * 4 + 8)
+
+struct state {
+  struct pipecr_agent_ctl* ctl;
+  struct pipecr_agent_op* ops;
+  const unsigned char* fdmap;
+  volatile uint32_t* word;
+  int sock;  /* control messages */
+  int files; /* the files, parked in its queue until the commit */
+  int failed; /* -errno: the agent aborts whatever pipecr says */
+  int orphan; /* pipecr is gone (EOF, a timeout, a send that failed): nobody will take us back */
+  int nold;   /* replaced files kept (above floor) to hand to pipecr, in the control page at OLD_OFF */
+  uint32_t failed_at;
+};
+
+static void close_fd(int fd) {
+  if (fd >= 0) SYS(__NR_close, fd, 0, 0, 0, 0);
+}
+
+static int collides(const struct state* s, int fd) {
+  return fd < s->ctl->floor && (s->fdmap[fd >> 3] >> (fd & 7)) & 1;
+}
+
+/* A received file that sits on a number an operation will fill is moved above every such number. */
+static int settle(const struct state* s, int fd) {
+  if (!collides(s, fd)) return fd;
+  long moved = SYS(__NR_fcntl, fd, K_F_DUPFD_CLOEXEC, s->ctl->floor, 0, 0);
+  close_fd(fd);
+  return (int)moved;
+}
+
+/* Whether this thread still has a tracer (TracerPid in /proc/thread-self/status is not 0): before
+ * the handshake, pipecr's death shows only this way. */
+#define STATUS_BUF_OFF 2048
+#define STATUS_BUF_LEN 1024
+#define K_O_RDONLY 0
+#define K_AT_FDCWD (-100)
+static int traced(struct pipecr_agent_ctl* ctl) {
+  char* buf = (char*)ctl + STATUS_BUF_OFF;
+  static const char path[] = "/proc/thread-self/status";
+  static const char key[] = "TracerPid:";
+  long fd = SYS(__NR_openat, K_AT_FDCWD, path, K_O_RDONLY | K_O_CLOEXEC, 0, 0);
+  if (fd < 0) return 1; /* cannot tell: assume pipecr is there, the timeout still bounds the wait */
+  long n = SYS(__NR_read, fd, buf, STATUS_BUF_LEN - 1, 0, 0);
+  close_fd((int)fd);
+  if (n <= 0) return 1;
+  for (long i = 0; i + (long)sizeof key - 1 < n; ++i) {
+    int match = 1;
+    for (unsigned k = 0; k + 1 < sizeof key; ++k)
+      if (buf[i + k] != key[k]) {
+        match = 0;
+        break;
+      }
+    if (!match) continue;
+    long j = i + (long)sizeof key - 1;
+    while (j < n && (buf[j] == ' ' || buf[j] == '\t')) ++j;
+    return !(j + 1 < n && buf[j] == '0' && buf[j + 1] == '\n');
+  }
+  return 1;
+}
+
+/* Waits up to ms for the socket to be readable: > 0 readable (or EOF), 0 timeout, < 0 error. */
+static long wait_readable(int sock, int ms) {
+  struct k_pollfd p = {sock, K_POLLIN, 0};
+  struct k_timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+  for (;;) {
+    long r = SYS(__NR_ppoll, &p, 1, &ts, 0, 8);
+    if (r != -4) return r; /* -EINTR: cannot happen with every signal blocked, but be safe */
+  }
+}
+
+static long send_msg(int sock, uint32_t type, uint32_t first, uint32_t count, int32_t status) {
+  struct pipecr_agent_msg m = {type, first, count, status};
+  struct k_iovec iov = {&m, sizeof m};
+  struct k_msghdr h = {0, 0, &iov, 1, 0, 0, 0};
+  return SYS(__NR_sendmsg, sock, &h, K_MSG_NOSIGNAL, 0, 0);
+}
+
+/* One message; its files (at most max) go to fds, their number to *nfds. Returns the length, 0 at
+ * EOF, or -errno. */
+static long recv_msg(struct state* s, int sock, int flags, struct pipecr_agent_msg* m, int* fds, int max, int* nfds) {
+  char* cbuf = (char*)s->ctl + CMSG_BUF_OFF;
+  struct k_iovec iov = {m, sizeof *m};
+  struct k_msghdr h = {0, 0, &iov, 1, cbuf, CMSG_BUF_LEN, 0};
+  long n = SYS(__NR_recvmsg, sock, &h, K_MSG_CMSG_CLOEXEC | flags, 0, 0);
+  *nfds = 0;
+  if (n <= 0) return n;
+  ulong off = 0;
+  while (off + sizeof(struct k_cmsghdr) <= h.controllen) {
+    struct k_cmsghdr* c = (struct k_cmsghdr*)(cbuf + off);
+    if (c->len < sizeof *c || off + c->len > h.controllen) break;
+    if (c->level == K_SOL_SOCKET && c->type == K_SCM_RIGHTS) {
+      int k = (int)((c->len - sizeof *c) / 4);
+      const int* in = (const int*)(c + 1);
+      for (int i = 0; i < k; ++i) {
+        if (*nfds < max) fds[(*nfds)++] = in[i];
+        else close_fd(in[i]);
+      }
+    }
+    off += (c->len + 7) & ~7ul;
+  }
+  if (h.flags & K_MSG_CTRUNC) return -K_EMFILE;
+  if ((ulong)n != sizeof *m) return -K_EPROTO;
+  return n;
+}
+
+static void fail(struct state* s, long err, uint32_t at) {
+  if (!s->failed) {
+    s->failed = (int)err;
+    s->failed_at = at;
+    s->ctl->error = (int32_t)err;
+  }
+}
+
+/* At commit: the next FILES message from the files socket, for the install at op `at`; its files
+ * become the temporaries of ops [first, first+count). Returns 0 or -errno. */
+static int32_t take_files(struct state* s, uint32_t at) {
+  struct pipecr_agent_ctl* ctl = s->ctl;
+  int fds[K_MAX_FDS];
+  int nfds = 0;
+  struct pipecr_agent_msg m;
+  long r = recv_msg(s, s->files, K_MSG_DONTWAIT, &m, fds, K_MAX_FDS, &nfds);
+  int32_t st = 0;
+  if (r <= 0) st = r < 0 ? (int32_t)r : -K_EPROTO;
+  else if (m.type != PIPECR_MSG_FILES || m.first != at || m.count != (uint32_t)nfds || ctl->nops - m.first < m.count)
+    st = nfds < (int)m.count ? -K_EMFILE : -K_EPROTO;
+  for (int i = 0; i < nfds; ++i) {
+    uint32_t op = m.first + (uint32_t)i;
+    if (st || s->ops[op].code != PIPECR_AGENT_OP_INSTALL) {
+      close_fd(fds[i]);
+      continue;
+    }
+    int fd = settle(s, fds[i]);
+    if (fd < 0) {
+      st = fd;
+      continue;
+    }
+    s->ops[op].temp = fd;
+  }
+  return st;
+}
+
+static int32_t prepare(struct state* s, uint32_t* at) {
+  for (uint32_t i = 0; i < s->ctl->nops; ++i) {
+    const struct pipecr_agent_op* op = &s->ops[i];
+    *at = i;
+    if (op->code == PIPECR_AGENT_OP_EPOLL_ADD) {
+      long r = SYS(__NR_fcntl, op->a, K_F_GETFD, 0, 0, 0);
+      if (r < 0) return (int32_t)r;
+    }
+    if (op->code < PIPECR_AGENT_OP_INSTALL || op->code > PIPECR_AGENT_OP_SETFL_OR) return -K_EINVAL;
+  }
+  return 0;
+}
+
+/* Runs every operation; returns 0 or the first -errno (and where), going on after an error. */
+#define OLD_OFF 3072 /* K_MAX_FDS ints: 1012 bytes, up to 4084 */
+
+/* Hands the replaced files to pipecr in one message (it closes them after the resume, so the last
+ * close of a big pipe frees its pages outside the stop), then closes them here. */
+static void flush_old(struct state* s) {
+  int* old = (int*)((char*)s->ctl + OLD_OFF);
+  if (s->nold == 0) return;
+  if (!s->orphan) {
+    struct pipecr_agent_msg m = {PIPECR_MSG_OLDFILES, 0, (uint32_t)s->nold, 0};
+    struct k_iovec iov = {&m, sizeof m};
+    char* cbuf = (char*)s->ctl + CMSG_BUF_OFF;
+    struct k_cmsghdr* c = (struct k_cmsghdr*)cbuf;
+    c->len = sizeof *c + (ulong)s->nold * 4;
+    c->level = K_SOL_SOCKET;
+    c->type = K_SCM_RIGHTS;
+    int* data = (int*)(c + 1);
+    for (int i = 0; i < s->nold; ++i) data[i] = old[i];
+    struct k_msghdr h = {0, 0, &iov, 1, cbuf, (c->len + 7) & ~7ul, 0};
+    if (SYS(__NR_sendmsg, s->sock, &h, K_MSG_NOSIGNAL, 0, 0) < 0) s->orphan = 1;
+  }
+  for (int i = 0; i < s->nold; ++i) close_fd(old[i]);
+  s->nold = 0;
+}
+
+/* Keeps the file at fd (about to be replaced) at a number at or above floor, for flush_old(); when
+ * there is no room, dup3 closes it in place. */
+static void keep_old(struct state* s, int fd) {
+  if (s->orphan) return;
+  long copy = SYS(__NR_fcntl, fd, K_F_DUPFD_CLOEXEC, s->ctl->floor, 0, 0);
+  if (copy < 0) return; /* EBADF: nothing there; EMFILE/EINVAL: no room */
+  ((int*)((char*)s->ctl + OLD_OFF))[s->nold++] = (int)copy;
+  if (s->nold == K_MAX_FDS) flush_old(s);
+}
+
+static int32_t apply(struct state* s, uint32_t* at) {
+  int32_t first = 0;
+  for (uint32_t i = 0; i < s->ctl->nops; ++i) {
+    struct pipecr_agent_op* op = &s->ops[i];
+    long r = 0;
+    if (op->code == PIPECR_AGENT_OP_INSTALL) {
+      if (op->temp < 0) {
+        flush_old(s); /* the kept files and the next batch never hold more numbers than one batch */
+        r = take_files(s, i);
+      }
+      if (op->temp >= 0) {
+        keep_old(s, op->fd);
+        r = SYS(__NR_dup3, op->temp, op->fd, op->a ? K_O_CLOEXEC : 0, 0, 0);
+        close_fd(op->temp);
+        op->temp = -1;
+      } else if (r == 0) {
+        r = -K_EPROTO;
+      }
+    } else if (op->code == PIPECR_AGENT_OP_EPOLL_ADD) {
+      struct k_epoll_event ev = {(uint32_t)op->b, op->c};
+      r = SYS(__NR_epoll_ctl, op->a, K_EPOLL_CTL_ADD, op->fd, &ev, 0);
+    } else if (op->code == PIPECR_AGENT_OP_SETFL_OR) {
+      r = SYS(__NR_fcntl, op->fd, K_F_GETFL, 0, 0, 0);
+      if (r >= 0) r = SYS(__NR_fcntl, op->fd, K_F_SETFL, (ulong)r | op->b, 0, 0);
+    }
+    if (r < 0 && !first) {
+      first = (int32_t)r;
+      *at = i;
+    }
+  }
+  flush_old(s);
+  return first;
+}
+
+static void drop_received(struct state* s) {
+  for (uint32_t i = 0; i < s->ctl->nops; ++i)
+    if (s->ops[i].code == PIPECR_AGENT_OP_INSTALL && s->ops[i].temp >= 0) {
+      close_fd(s->ops[i].temp);
+      s->ops[i].temp = -1;
+    }
+}
+
+/* Steps 1 and 2: returns with the decision still to make (or without a connection: s->word NULL). */
+static int make_pair(const struct state* s, int sv[2]) {
+  long r = SYS(__NR_socketpair, K_AF_UNIX, K_SOCK_SEQPACKET | K_SOCK_CLOEXEC, 0, sv, 0);
+  if (r < 0) return (int)r;
+  sv[0] = settle(s, sv[0]);
+  sv[1] = settle(s, sv[1]);
+  if (sv[0] >= 0 && sv[1] >= 0) return 0;
+  r = sv[0] < 0 ? sv[0] : sv[1];
+  close_fd(sv[0]);
+  close_fd(sv[1]);
+  return (int)r;
+}
+
+static void converse(struct state* s) {
+  struct pipecr_agent_ctl* ctl = s->ctl;
+  int sv[2] = {-1, -1}, fv[2] = {-1, -1};
+  int fds[K_MAX_FDS];
+  int nfds = 0;
+  struct pipecr_agent_msg m;
+  long r = make_pair(s, sv);
+  if (r == 0) {
+    r = make_pair(s, fv);
+    if (r) {
+      close_fd(sv[0]);
+      close_fd(sv[1]);
+    }
+  }
+  if (r) {
+    ctl->error = (int32_t)r;
+    return;
+  }
+  ctl->sock_peer = sv[0];
+  ctl->sock_mine = sv[1];
+  ctl->files_peer = fv[0];
+  ctl->files_mine = fv[1];
+  s->sock = sv[1];
+  s->files = fv[1];
+  __atomic_store_n(&ctl->phase, PIPECR_AGENT_SOCKET_READY, __ATOMIC_RELEASE);
+
+  /* Wait for HELLO in slices, checking that pipecr (the tracer) is still there. */
+  for (int waited = 0;; waited += 10) {
+    r = wait_readable(s->sock, 10);
+    if (r != 0 || waited >= ctl->handshake_ms || !traced(ctl)) break;
+  }
+  if (r > 0) r = recv_msg(s, s->sock, 0, &m, fds, 1, &nfds);
+  close_fd(sv[0]);
+  close_fd(fv[0]);
+  if (r <= 0 || m.type != PIPECR_MSG_HELLO || nfds != 1) {
+    for (int i = 0; i < nfds; ++i) close_fd(fds[i]);
+    ctl->error = r < 0 ? (int32_t)r : -K_ETIMEDOUT;
+    return;
+  }
+  long page = SYS6(__NR_mmap, 0, 4096, K_PROT_RW, K_MAP_SHARED, fds[0], 0);
+  close_fd(fds[0]);
+  if (page < 0 && page > -4096) {
+    ctl->error = (int32_t)page;
+    send_msg(s->sock, PIPECR_MSG_FAILED, 0, 0, (int32_t)page);
+    return;
+  }
+  s->word = (volatile uint32_t*)page;
+  __atomic_store_n(&ctl->phase, PIPECR_AGENT_CONNECTED, __ATOMIC_RELEASE);
+  send_msg(s->sock, PIPECR_MSG_ACK, 0, 0, 0);
+
+  for (;;) {
+    r = wait_readable(s->sock, ctl->idle_ms);
+    if (r <= 0) {
+      fail(s, r < 0 ? r : -K_ETIMEDOUT, 0);
+      s->orphan = 1;
+      return;
+    }
+    r = recv_msg(s, s->sock, 0, &m, fds, K_MAX_FDS, &nfds);
+    for (int i = 0; i < nfds; ++i) close_fd(fds[i]); /* no files come this way */
+    if (r <= 0) { /* EOF: pipecr is gone; an error: give up */
+      if (r < 0) fail(s, r, 0);
+      s->orphan = 1;
+      return;
+    }
+    if (m.type == PIPECR_MSG_DECIDE) return;
+    if (m.type == PIPECR_MSG_PREPARE) {
+      uint32_t at = 0;
+      int32_t st = s->failed ? s->failed : prepare(s, &at);
+      if (st) fail(s, st, at);
+      send_msg(s->sock, PIPECR_MSG_PREPARED, s->failed ? s->failed_at : 0, 0, s->failed);
+    } else {
+      fail(s, -K_EPROTO, 0);
+    }
+    if (s->failed) {
+      /* Give up at once: nobody can commit any more. pipecr learns it from FAILED or PREPARED. */
+      uint32_t open = PIPECR_COMMIT_OPEN;
+      __atomic_compare_exchange_n(s->word, &open, PIPECR_COMMIT_ABORTED, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+      send_msg(s->sock, PIPECR_MSG_FAILED, s->failed_at, 0, s->failed);
+    }
+  }
+}
+
+__attribute__((used)) void* agent_main(struct pipecr_agent_ctl* ctl) {
+  struct state s = {ctl, 0, 0, 0, -1, -1, 0, 0, 0, 0};
+  uint64_t all = ~0ull;
+  char* base = (char*)ctl - ctl->ctl_offset;
+  SYS(__NR_rt_sigprocmask, K_SIG_BLOCK, &all, 0, 8, 0);
+  __atomic_store_n(&ctl->phase, PIPECR_AGENT_STARTED, __ATOMIC_RELEASE);
+  SYS(__NR_prctl, K_PR_SET_VMA, K_PR_SET_VMA_ANON_NAME, base, ctl->map_len, ctl->name);
+  s.ops = (struct pipecr_agent_op*)(base + ctl->ops_offset);
+  s.fdmap = (const unsigned char*)(base + ctl->fdmap_offset);
+
+  converse(&s);
+
+  if (s.word) {
+    uint32_t open = PIPECR_COMMIT_OPEN;
+    __atomic_compare_exchange_n(s.word, &open, PIPECR_COMMIT_ABORTED, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+    int committed = __atomic_load_n(s.word, __ATOMIC_SEQ_CST) == PIPECR_COMMIT_COMMITTED;
+    uint32_t at = 0;
+    int32_t st = committed ? apply(&s, &at) : 0;
+    if (!committed) drop_received(&s);
+    SYS(__NR_munmap, s.word, 4096, 0, 0, 0);
+    if (send_msg(s.sock, PIPECR_MSG_DONE, at, (uint32_t)committed, st) < 0) s.orphan = 1;
+  } else {
+    drop_received(&s);
+    s.orphan = 1; /* no connection: nobody will come */
+  }
+  close_fd(s.files); /* files still parked in its queue go with it */
+  close_fd(s.sock);
+  __atomic_store_n(&ctl->phase, PIPECR_AGENT_PARKED, __ATOMIC_RELEASE);
+  /* pipecr normally takes the thread back here (PTRACE_INTERRUPT): it puts the registers and the
+   * signal mask back and unmaps this code. Past park_ms the agent returns by itself. The sleep is a
+   * ppoll on nothing, not nanosleep: an interrupted nanosleep (like poll, futex, clock_nanosleep)
+   * overwrites the thread's restart_block, which the interrupted syscall may still need
+   * (ERESTART_RESTARTBLOCK); ppoll restarts with ERESTARTNOHAND and leaves it alone. */
+  struct k_timespec ts = {ctl->park_ms / 1000, (long)(ctl->park_ms % 1000) * 1000000L};
+  while (!s.orphan && SYS(__NR_ppoll, 0, 0, &ts, 0, 8) == -4) {
+  }
+  __atomic_store_n(&ctl->phase, PIPECR_AGENT_RETURNING, __ATOMIC_RELEASE);
+  SYS(__NR_rt_sigprocmask, K_SIG_SETMASK, &ctl->orig_sigmask, 0, 8, 0);
+  return (void*)ctl->return_block;
+}

@@ -1,0 +1,95 @@
+/* agent_abi.h: what pipecr and its in-target agent (agent.c) share: the control block, the operations
+ * and the messages. Plain C, fixed-width types only: compiled into the freestanding agent and into
+ * pipecr (src/sys/agent.cpp). See docs/design.md section 8 for the protocol.
+ *
+ * The agent's mapping, one anonymous RWX mapping in the target made by one remote mmap:
+ *   [0, code)                    the agent's code (the blob; entry at offset 0)
+ *   [ctl_offset, +4096)          struct pipecr_agent_ctl, then the agent's receive buffers
+ *   [fdmap_offset, +fdmap_bytes) one bit per fd number below `floor`: set when an operation installs
+ *                                at that number (a received temporary there must be moved away)
+ *   [ops_offset, +nops * 32)     the operations, in the order they run at commit
+ * The register block the agent returns through sits on the thread's own stack (below the red zone),
+ * not in the mapping. */
+#ifndef PIPECR_AGENT_ABI_H
+#define PIPECR_AGENT_ABI_H
+
+#include <stdint.h>
+
+#define PIPECR_AGENT_MAGIC 0x31746e6567617063ull /* "cpagent1" */
+
+/* Operations, run in order once the transaction commits. */
+enum {
+  PIPECR_AGENT_OP_INSTALL = 1,   /* dup3(received file, fd, a ? O_CLOEXEC : 0) */
+  PIPECR_AGENT_OP_EPOLL_ADD = 2, /* epoll_ctl(a, EPOLL_CTL_ADD, fd, {events = b, data = c}) */
+  PIPECR_AGENT_OP_SETFL_OR = 3,  /* fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | b) */
+};
+
+struct pipecr_agent_op {
+  uint32_t code;
+  int32_t fd;
+  int32_t temp; /* INSTALL: the received file's number in the target, -1 until received (at commit) */
+  int32_t a;
+  uint64_t b;
+  uint64_t c;
+};
+
+/* Agent phases (pipecr_agent_ctl.phase), written by the agent only. */
+enum {
+  PIPECR_AGENT_STARTED = 1,
+  PIPECR_AGENT_SOCKET_READY = 2, /* sock_peer is there for pidfd_getfd */
+  PIPECR_AGENT_CONNECTED = 3,    /* holds the commit page; sock_peer closed: pipecr's death is EOF */
+  PIPECR_AGENT_PARKED = 4,       /* decided and done; waits for pipecr to take the thread back */
+  PIPECR_AGENT_RETURNING = 5,    /* returns to the interrupted code by itself */
+};
+
+/* The commit word (offset 0 of the memfd page every agent of one restore maps). */
+enum { PIPECR_COMMIT_OPEN = 0, PIPECR_COMMIT_COMMITTED = 1, PIPECR_COMMIT_ABORTED = 2 };
+
+/* Messages (SOCK_SEQPACKET, one struct per packet). */
+enum {
+  PIPECR_MSG_HELLO = 1,    /* pipecr -> agent, carries the commit memfd */
+  PIPECR_MSG_FILES = 2,    /* pipecr -> agent on the files socket, `count` files for ops [first, first+count) */
+  PIPECR_MSG_PREPARE = 3,  /* pipecr -> agent: check every operation can run */
+  PIPECR_MSG_DECIDE = 4,   /* pipecr -> agent: read the commit word now and act on it */
+  PIPECR_MSG_ACK = 0x81,   /* agent -> pipecr, after HELLO */
+  PIPECR_MSG_PREPARED = 0x83, /* agent -> pipecr, status 0 or -errno at operation `first` */
+  PIPECR_MSG_DONE = 0x84,     /* agent -> pipecr, count = 1 if committed; status 0 or -errno at `first` */
+  PIPECR_MSG_FAILED = 0x85,   /* agent -> pipecr, status -errno: the agent aborted (at `first`) */
+  PIPECR_MSG_OLDFILES = 0x86, /* agent -> pipecr at commit, `count` files the installs replaced: pipecr
+                                 closes them after the resume, so freeing their buffers costs no stop */
+};
+
+struct pipecr_agent_msg {
+  uint32_t type;
+  uint32_t first;
+  uint32_t count;
+  int32_t status;
+};
+
+/* The register block the agent's epilogue pops (x86-64: see arch/x86_64.S), lowest address first. */
+#define PIPECR_AGENT_RETURN_WORDS 17
+
+struct pipecr_agent_ctl {
+  uint64_t magic;
+  volatile uint32_t phase;
+  int32_t error;        /* the agent's first failure, -errno */
+  int32_t sock_peer;    /* pipecr takes this end (pidfd_getfd), the agent then closes it */
+  int32_t sock_mine;
+  int32_t files_peer;   /* the same for the files socket */
+  int32_t files_mine;
+  int32_t floor;        /* temporaries are kept at or above this number when they would collide */
+  uint32_t nops;
+  uint64_t ctl_offset;  /* of this block from the mapping's start */
+  uint64_t map_len;
+  uint64_t fdmap_offset;
+  uint64_t ops_offset;
+  int32_t handshake_ms; /* how long the agent waits for pipecr to connect */
+  int32_t idle_ms;      /* ... for each next message before it decides on its own (abort) */
+  int32_t park_ms;      /* ... for pipecr to take the thread back before it returns by itself */
+  int32_t pad;
+  uint64_t orig_sigmask;  /* the thread's signal mask when pipecr stopped it */
+  uint64_t return_block;  /* address of the register block (on the thread's stack) */
+  char name[32];          /* the mapping's name (PR_SET_VMA_ANON_NAME) */
+};
+
+#endif

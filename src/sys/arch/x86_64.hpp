@@ -1,0 +1,88 @@
+// arch/x86_64.hpp: every x86-64 detail of the ptrace layer and the agent, in one place: the register
+// set (Regs), where a syscall's number, arguments and result live, the syscall instruction, the
+// kernel's restart codes and how a restart rewrites the registers, and the register block the agent
+// returns through (its epilogue is src/sys/agent/x86_64.S). Another architecture is one more pair of
+// files with the same names (arch/aarch64.*): nothing else in src/ knows register names.
+#pragma once
+
+#if !defined(__x86_64__)
+#error "this is the x86-64 arch file"
+#endif
+
+#include <sys/types.h>
+#include <sys/user.h>
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+
+#include "pipecr/error.hpp"
+
+namespace pipecr::sys::arch {
+
+// The kernel's internal "restart me" return values, seen in the result register of a thread stopped
+// while it was blocked in a syscall (include/linux/errno.h; never returned to user space).
+inline constexpr long kErestartSys = -512;
+inline constexpr long kErestartNoIntr = -513;
+inline constexpr long kErestartNoHand = -514;
+inline constexpr long kErestartRestartBlock = -516;
+
+// The syscall instruction, its length, and the number of restart_syscall.
+inline constexpr std::array<unsigned char, 2> kSyscallInsn = {0x0f, 0x05};
+inline constexpr uint64_t kSyscallInsnLen = 2;
+// Bytes below the stack pointer that leaf code may use without moving it (the ABI's red zone).
+inline constexpr uint64_t kRedZone = 128;
+
+// The general registers of one stopped thread.
+struct Regs {
+  user_regs_struct raw{};
+
+  [[nodiscard]] uint64_t ip() const { return raw.rip; }
+  void set_ip(uint64_t v) { raw.rip = v; }
+  [[nodiscard]] uint64_t sp() const { return raw.rsp; }
+  void set_sp(uint64_t v) { raw.rsp = v; }
+  // The syscall the thread stopped in or just returned from (orig_rax), -1 when none.
+  [[nodiscard]] long syscall_nr() const { return static_cast<long>(raw.orig_rax) >= 0 ? static_cast<long>(raw.orig_rax) : -1; }
+  // "No syscall": the kernel applies no restart logic to these registers.
+  void clear_syscall_nr() { raw.orig_rax = static_cast<unsigned long>(-1L); }
+  // The syscall's result (or number, before it runs).
+  [[nodiscard]] long ret() const { return static_cast<long>(raw.rax); }
+  void set_ret(long v) { raw.rax = static_cast<unsigned long>(v); }
+  [[nodiscard]] std::array<unsigned long, 6> args() const { return {raw.rdi, raw.rsi, raw.rdx, raw.r10, raw.r8, raw.r9}; }
+  // Sets up syscall nr with args, to run from the syscall instruction at insn.
+  void set_syscall(long nr, const std::array<unsigned long, 6>& a, uint64_t insn);
+  // Sets up a call of a function at entry with one argument, on the stack sp.
+  void set_call(uint64_t entry, uint64_t sp, uint64_t arg0);
+};
+
+[[nodiscard]] Expected<Regs> get_regs(pid_t tid);
+[[nodiscard]] Expected<void> set_regs(pid_t tid, const Regs& r);
+
+[[nodiscard]] bool is_restart_code(long v);
+
+// The registers the thread would run with once the kernel restarted the syscall it was interrupted in
+// (no handler in between): ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND re-run the same call,
+// ERESTART_RESTARTBLOCK runs restart_syscall; both from the syscall instruction again (ip - 2). Also
+// a call in restart_on_eintr() that failed with EINTR (pass it only when no signal was delivered).
+// The syscall number is cleared, so the kernel adds no restart logic of its own. Other registers are
+// returned unchanged.
+[[nodiscard]] Regs as_restarted(const Regs& r, bool restart_eintr);
+
+// Syscalls that return EINTR (not a restart code) when a ptrace stop interrupts them, although no
+// signal was delivered: epoll_wait, epoll_pwait, epoll_pwait2, rt_sigtimedwait (sigwaitinfo,
+// sigtimedwait). pipecr puts them back to restart (their timeout then starts again in full).
+[[nodiscard]] bool restart_on_eintr(long nr);
+
+// The agent's return: the register block its epilogue pops (r15 ... rax, rflags, rip; 17 words), to
+// be written at sp() - kRedZone - sizeof block, so that after `ret $128` rsp is sp() again.
+inline constexpr size_t kReturnWords = 17;
+[[nodiscard]] std::array<uint64_t, kReturnWords> return_block(const Regs& r);
+[[nodiscard]] inline uint64_t return_block_address(const Regs& r) {
+  return r.sp() - kRedZone - kReturnWords * sizeof(uint64_t);
+}
+
+}  // namespace pipecr::sys::arch
+
+namespace pipecr::sys {
+using arch::Regs;
+}
