@@ -249,6 +249,7 @@ class Dumper {
     if (!cap) return tl::unexpected(cap.error());
     p.rec.capacity = static_cast<uint32_t>(*cap);
     if (h.kind == PipeKind::fifo) {
+      p.rec.dev = st.st_dev;  // restore in place checks it is the same FIFO (restore/inplace.hpp)
       p.rec.path = h.target;
       if (p.rec.path.ends_with(kDeleted)) {
         p.rec.path.resize(p.rec.path.size() - kDeleted.size());

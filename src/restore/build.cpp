@@ -220,8 +220,10 @@ Expected<size_t> open_fd_count() {
 
 size_t fds_needed(const Plan& plan) {
   size_t n = plan.files.size() + kFdSlack;
-  for (const PlannedPipe& pp : plan.pipes)
-    if (pp.pipe->kind == PipeKind::fifo) ++n;  // the read-write open or the temporary reader, kept
+  for (const PlannedPipe& pp : plan.pipes) {
+    if (pp.choice.in_place) n += 6 + 2 * pp.choice.held.size();  // scratch, holding, own ends; copies
+    else if (pp.pipe->kind == PipeKind::fifo) ++n;  // the read-write open or the temporary reader, kept
+  }
   bool targets = false;
   for (const Holder& h : plan.holders) {
     if (h.exec) n += 2 * h.fds.size();  // at the recorded numbers, and a copy of what was there
@@ -250,7 +252,9 @@ Expected<Built> build(const Plan& plan, const ProcessRestoreOptions& opts) {
   Built built;
   built.files.reserve(plan.files.size());
   for (const PlannedPipe& pp : plan.pipes) {
-    auto ok = pp.pipe->kind == PipeKind::fifo ? build_fifo(plan, pp, opts, built) : build_anonymous(plan, pp, opts, built);
+    auto ok = pp.choice.in_place           ? build_in_place(plan, pp, opts, built)
+              : pp.pipe->kind == PipeKind::fifo ? build_fifo(plan, pp, opts, built)
+                                                : build_anonymous(plan, pp, opts, built);
     if (!ok) {
       remove_created_fifos(built);
       return tl::unexpected(for_pipe(*pp.pipe, ok.error()));

@@ -166,14 +166,19 @@ bool still_connected(const Image& img, const FdRecord& d, pid_t target) {
 }
 
 // Fds of restored processes, the files and pipes they need; the rest is dropped.
-void select_fds(const Image& img, Plan& plan) {
+void select_fds(const Image& img, Plan& plan, std::unordered_map<uint64_t, PipeChoice>& choices) {
+  auto in_place = [&](const FdRecord& d) {
+    const FileRecord* f = img.find_file(d.file_id);
+    auto c = f ? choices.find(f->pipe_id) : choices.end();
+    return c != choices.end() && c->second.in_place;
+  };
   std::unordered_map<int32_t, size_t> holder_of;
   for (size_t i = 0; i < plan.holders.size(); ++i) holder_of[plan.holders[i].recorded] = i;
   std::unordered_set<uint64_t> async_done;
   for (const FdRecord& d : img.fds) {
     auto h = holder_of.find(d.pid);
     if (h == holder_of.end()) continue;
-    if (still_connected(img, d, plan.holders[h->second].target)) {
+    if (!in_place(d) && still_connected(img, d, plan.holders[h->second].target)) {
       plan.notes.push_back(fmt::format("fd {} of process {} left as it is: its pipe is also held outside the image, "
                                        "and the process still holds that pipe there",
                                        d.fd, plan.holders[h->second].target));
@@ -194,8 +199,8 @@ void select_fds(const Image& img, Plan& plan) {
       continue;
     }
     pipe_at[p.id] = plan.pipes.size();
-    plan.pipes.push_back(PlannedPipe{&p, {}});
-    if (p.outside_holders)
+    plan.pipes.push_back(PlannedPipe{&p, {}, std::move(choices[p.id])});
+    if (p.outside_holders && !plan.pipes.back().choice.in_place)
       plan.notes.push_back(fmt::format("pipe {}: ends held outside the image are not restored", p.id));
   }
   // Files in image order within each pipe.
@@ -239,11 +244,13 @@ std::string describe(const DroppedEnd& d, const Image& img) {
                      d.write_side ? "write" : "read", d.fd, d.recorded_pid);
 }
 
-Expected<Plan> make_plan(const Image& img, const ProcessRestoreRequest& request) {
+Expected<Plan> make_plan(const Image& img, const ProcessRestoreRequest& request, bool force_replace) {
   Plan plan;
   plan.img = &img;
   if (auto ok = add_holders(img, request, plan); !ok) return tl::unexpected(ok.error());
-  select_fds(img, plan);
+  auto choices = choose_in_place(img, plan.holders, force_replace);
+  select_fds(img, plan, choices);
+  mark_kept(plan);
   return plan;
 }
 
