@@ -221,7 +221,7 @@ Expected<size_t> open_fd_count() {
 size_t fds_needed(const Plan& plan) {
   size_t n = plan.files.size() + kFdSlack;
   for (const PlannedPipe& pp : plan.pipes) {
-    if (pp.choice.in_place) n += 6 + 2 * pp.choice.held.size();  // scratch, holding, own ends; copies
+    if (pp.choice.in_place) n += in_place_fds(pp, pp.choice.kept);  // copies, scratch, holding, own ends
     else if (pp.pipe->kind == PipeKind::fifo) ++n;  // the read-write open or the temporary reader, kept
   }
   bool targets = false;

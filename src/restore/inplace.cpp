@@ -70,14 +70,11 @@ void scan_holders(std::vector<Candidate>& cands, const std::unordered_set<pid_t>
   const pid_t self = ::getpid();
   for (pid_t pid : *all) {
     if (pid == self) continue;
+    // A process whose fds pipecr may not read (another user's, not dumpable, or one that gone
+    // meanwhile) is not seen, as dump does not see it either (dump/process.cpp,
+    // mark_outside_holders): pipecr cannot ptrace it, so it could not have dumped it either.
     auto fds = sys::list_fds(pid, true);
-    if (!fds) {
-      if (fds.error().kind == Errc::gone) continue;
-      // Cannot see its fds: it may hold any of them.
-      for (Candidate& c : cands)
-        if (c.undecided) c.strangers.push_back(pid);
-      continue;
-    }
+    if (!fds) continue;
     for (const sys::FdEntry& e : *fds) {
       std::vector<size_t> hits;
       if (auto ino = sys::pipe_inode_from_link(e.target)) {
@@ -216,6 +213,29 @@ void mark_kept(Plan& plan) {
       });
     }
   }
+  for (PlannedPipe& pp : plan.pipes) pp.choice.kept = 0;
+  std::unordered_map<uint64_t, PlannedPipe*> by_id;
+  for (PlannedPipe& pp : plan.pipes) by_id[pp.pipe->id] = &pp;
+  for (const Holder& h : plan.holders)
+    for (const PlannedFd& f : h.fds)
+      if (f.keep) ++by_id.at(plan.files[plan.file_index.at(f.rec->file_id)].pipe->id)->choice.kept;
+}
+
+void fit_fd_limit(Plan& plan, size_t limit, size_t open_now) {
+  size_t need = fds_needed(plan) + open_now;
+  for (auto it = plan.pipes.rbegin(); it != plan.pipes.rend() && need > limit; ++it) {
+    PlannedPipe& pp = *it;
+    if (!pp.choice.in_place) continue;
+    size_t saved = in_place_fds(pp, pp.choice.kept);
+    size_t costs = pp.pipe->kind == PipeKind::fifo ? 1 : 0;
+    need -= std::min(need, saved);
+    need += costs;
+    pp.choice = PipeChoice{};
+    pp.choice.why = fmt::format("pipecr's fd limit ({}) does not allow more pipes refilled in place at once", limit);
+    for (Holder& h : plan.holders)
+      for (PlannedFd& f : h.fds)
+        if (plan.files[plan.file_index.at(f.rec->file_id)].pipe == pp.pipe) f.keep = false;
+  }
 }
 
 namespace {
@@ -273,12 +293,10 @@ Expected<void> build_in_place(const Plan& plan, const PlannedPipe& pp, const Pro
   auto cap = set_capacity(scratch->write.get(), p, opts.refill);
   if (!cap) return tl::unexpected(cap.error());
   if (auto ok = refill(scratch->write.get(), p, opts.refill); !ok) return ok;
-  ip.scratch_r = std::move(scratch->read);
-  ip.scratch_w = std::move(scratch->write);
-  auto hold = sys::make_pipe(O_CLOEXEC);
-  if (!hold) return tl::unexpected(hold.error());
-  ip.hold_r = std::move(hold->read);
-  ip.hold_w = std::move(hold->write);
+  if (!p.slots.empty()) {  // an empty one only checked the capacity early
+    ip.scratch_r = std::move(scratch->read);
+    ip.scratch_w = std::move(scratch->write);
+  }
 
   // Kept descriptions: one copy per restored fd the target still holds (the same description may
   // come twice; setting it twice is harmless).
@@ -328,25 +346,40 @@ Expected<void> build_in_place(const Plan& plan, const PlannedPipe& pp, const Pro
     }
     built.files[f.id] = std::move(fd);
   }
+  // pipecr keeps as few fds per pipe as it can until the commit: the kept copies, else one end.
+  if (!ip.kept.empty()) ip.held.clear();
+  else ip.held.resize(1);
   built.in_place.push_back(std::move(ip));
   return {};
 }
 
+size_t in_place_fds(const PlannedPipe& pp, size_t kept) {
+  // kept copies (or one end), scratch, holding pipe, pipecr's own reader and writer
+  return std::max<size_t>(kept, 1) + (pp.pipe->slots.empty() ? 0 : 2) + 2 + 2;
+}
+
 namespace {
+
+// Any fd of pipecr's on the live pipe.
+int any_end(const InPlacePipe& p) { return p.kept.empty() ? p.held.front().get() : p.kept.front().copy.get(); }
 
 // An end of the live pipe that can read (or write): a target's, else one pipecr opens now.
 Expected<int> live_end(InPlacePipe& p, bool write) {
-  for (sys::UniqueFd& fd : p.held) {
-    auto fl = sys::get_fl(fd.get());
-    if (fl && (write ? can_write(*fl & O_ACCMODE) : can_read(*fl & O_ACCMODE))) return fd.get();
-  }
+  auto fits = [&](int fd) {
+    auto fl = sys::get_fl(fd);
+    return fl && (write ? can_write(*fl & O_ACCMODE) : can_read(*fl & O_ACCMODE));
+  };
+  for (sys::UniqueFd& fd : p.held)
+    if (fits(fd.get())) return fd.get();
+  for (KeptFile& k : p.kept)
+    if (fits(k.copy.get())) return k.copy.get();
   sys::UniqueFd& own = write ? p.writer : p.reader;
   if (!own) {
     if (write && !p.reader) {  // a FIFO refuses a non-blocking writer while it has no reader
       auto r = live_end(p, false);
       if (!r) return r;
     }
-    auto made = reopen_live(p.held.front().get(), write ? O_WRONLY : O_RDONLY);
+    auto made = reopen_live(any_end(p), write ? O_WRONLY : O_RDONLY);
     if (!made) return tl::unexpected(made.error());
     own = std::move(*made);
   }
@@ -412,7 +445,7 @@ Expected<void> swap_in_place(InPlacePipe& p, const ProcessRestoreOptions& opts) 
   const PipeRecord& rec = *p.pipe;
   const std::string name = pipe_name(rec);
   auto wrap = [&](const Error& e) { return tl::unexpected(Error{e.kind, e.err, fmt::format("{}: {}", name, e.what)}); };
-  auto any = p.held.front().get();
+  const int any = any_end(p);
   auto cap = sys::get_pipe_size(any);
   if (!cap) return wrap(cap.error());
   p.old_cap = *cap;
@@ -421,6 +454,10 @@ Expected<void> swap_in_place(InPlacePipe& p, const ProcessRestoreOptions& opts) 
   if (*queued > 0) {
     auto r = live_end(p, false);
     if (!r) return wrap(r.error());
+    auto hold = sys::make_pipe(O_CLOEXEC);
+    if (!hold) return wrap(hold.error());
+    p.hold_r = std::move(hold->read);
+    p.hold_w = std::move(hold->write);
     if (auto s = sys::set_pipe_size(p.hold_w.get(), *cap); !s) return wrap(s.error());
     p.emptied = true;
     if (auto ok = move_all(*r, p.hold_w.get(), "moving the queued bytes out"); !ok) return wrap(ok.error());
@@ -428,9 +465,10 @@ Expected<void> swap_in_place(InPlacePipe& p, const ProcessRestoreOptions& opts) 
   p.emptied = true;
   p.capacity_set = true;
   if (auto c = set_capacity(any, rec, opts.refill); !c) return wrap(c.error());
-  auto fresh = sys::bytes_queued(p.scratch_r.get());
-  if (!fresh) return wrap(fresh.error());
-  if (*fresh > 0) {
+  if (p.scratch_r) {
+    // A pipe without readers refuses bytes (EPIPE): pipecr's reader stands in until the commit,
+    // leaving the bytes queued for a reader to come, as recorded.
+    if (auto r = live_end(p, false); !r) return wrap(r.error());
     auto w = live_end(p, true);
     if (!w) return wrap(w.error());
     p.filled = true;
@@ -448,9 +486,9 @@ Expected<void> swap_in_place(InPlacePipe& p, const ProcessRestoreOptions& opts) 
 
 void undo_in_place(InPlacePipe& p) {
   for (auto it = p.kept.rbegin(); it != p.kept.rend(); ++it) unset_kept(*it);
-  if (p.held.empty()) return;
-  const int any = p.held.front().get();
-  if (p.filled) {
+  if (p.held.empty() && p.kept.empty()) return;
+  const int any = any_end(p);
+  if (p.filled && p.scratch_w) {
     // Drop the recorded bytes: back into the scratch pipe (it had room for them).
     if (auto r = live_end(p, false)) (void)move_all(*r, p.scratch_w.get(), "undo");
     p.filled = false;
@@ -460,8 +498,8 @@ void undo_in_place(InPlacePipe& p) {
     p.capacity_set = false;
   }
   if (p.emptied) {
-    auto queued = sys::bytes_queued(p.hold_r.get());
-    if (queued && *queued > 0)
+    auto queued = p.hold_r ? sys::bytes_queued(p.hold_r.get()) : Expected<int>(0);
+    if (queued && *queued > 0 && live_end(p, false))
       if (auto w = live_end(p, true)) (void)move_all(p.hold_r.get(), *w, "undo");
     p.emptied = false;
   }

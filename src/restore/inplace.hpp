@@ -69,6 +69,7 @@ struct PipeChoice {
   bool in_place = false;
   std::string why;             // replaced: the reason; in place: empty
   std::vector<LiveEnd> held;   // in place: every fd of every target on the live pipe
+  size_t kept = 0;             // in place: restored fds the targets hold already (mark_kept)
 };
 
 struct Holder;
@@ -82,6 +83,11 @@ struct Holder;
 // Marks the restored fds of in-place pipes that the target still holds, with the recorded access
 // mode, at the recorded number (PlannedFd::keep): nothing is installed there.
 void mark_kept(Plan& plan);
+
+// Replaces pipes planned in place, last first, until what pipecr holds at once (fds_needed()) fits
+// under `limit` fds beside the `open_now` it holds: 10,000 pipes refilled in place at once need more
+// fds than replacing them (copies, scratch and holding pipes until the commit).
+void fit_fd_limit(Plan& plan, size_t limit, size_t open_now);
 
 // A kept open file description: pipecr's copy, and what it had before, for the undo.
 struct KeptFile {
@@ -109,6 +115,9 @@ struct InPlacePipe {
 // Stage 2 for one in-place pipe: scratch content, copies, reopened files (into built.files).
 [[nodiscard]] Expected<void> build_in_place(const Plan& plan, const PlannedPipe& pp, const ProcessRestoreOptions& opts,
                                             Built& built);
+
+// The most fds pipecr holds for one in-place pipe until the commit, with `kept` kept descriptions.
+[[nodiscard]] size_t in_place_fds(const PlannedPipe& pp, size_t kept);
 
 // Stage 3, all targets stopped: swap the content, set the state of the kept descriptions.
 [[nodiscard]] Expected<void> swap_in_place(InPlacePipe& p, const ProcessRestoreOptions& opts);

@@ -14,6 +14,7 @@
 #include "restore/plan.hpp"
 
 #include <fcntl.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -251,6 +252,10 @@ Expected<Plan> make_plan(const Image& img, const ProcessRestoreRequest& request,
   auto choices = choose_in_place(img, plan.holders, force_replace);
   select_fds(img, plan, choices);
   mark_kept(plan);
+  rlimit rl{};
+  auto open_now = sys::list_fds(::getpid(), false);
+  if (::getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_max != RLIM_INFINITY && open_now)
+    fit_fd_limit(plan, static_cast<size_t>(rl.rlim_max), open_now->size());
   return plan;
 }
 
