@@ -34,6 +34,7 @@ struct Options {
   bool allow_smaller_capacity = false;
   bool no_vmsplice = false;
   bool replace = false;
+  bool outside_fifo_holders = false;
   bool verbose = false;
 };
 
@@ -95,6 +96,7 @@ Expected<int> run(const Options& o, CommandContext& ctx) {
   opts.refill.no_vmsplice = o.no_vmsplice;
   opts.create_fifos = o.create_fifos;
   opts.replace = o.replace;
+  opts.allow_outside_fifo_holders = o.outside_fifo_holders;
   opts.note = [&ctx](const std::string& n) {
     fmt::print(ctx.err, "pipecr {}: note: {}\n", ctx.name, printable(n));
     std::fflush(ctx.err);
@@ -134,6 +136,9 @@ RunFn setup(CLI::App& app, CommandContext& ctx) {
   app.add_flag("--replace", o->replace,
                "put a new pipe at the recorded fds even where the targets still hold the recorded pipe "
                "(default: such a pipe is emptied and refilled in place, keeping epoll watches and every other link)");
+  app.add_flag("--allow-outside-fifo-holders", o->outside_fifo_holders,
+               "restore a FIFO even when processes outside the restore have it open (they share the restored "
+               "FIFO: they may read its bytes); refused without it");
   app.add_flag("-v,--verbose", o->verbose, "say for each pipe whether it was refilled in place or replaced, and why");
   app.footer("Ends held by recorded processes that are not restored are dropped (a note on stderr each).");
   return [o, &ctx]() -> Expected<int> { return run(*o, ctx); };

@@ -53,7 +53,7 @@ void scan_holders(std::vector<Candidate>& cands, const std::unordered_set<pid_t>
   std::unordered_map<uint64_t, size_t> anon;
   std::unordered_map<uint64_t, std::vector<size_t>> fifo_by_ino;
   for (size_t i = 0; i < cands.size(); ++i) {
-    if (!cands[i].undecided) continue;
+    if (cands[i].pipe->kind == PipeKind::fifo && cands[i].pipe->dev == 0) continue;  // cannot be matched
     if (cands[i].pipe->kind == PipeKind::anonymous)
       anon[cands[i].pipe->inode] = i;
     else
@@ -165,9 +165,10 @@ std::unordered_map<uint64_t, PipeChoice> choose_in_place(const Image& img, const
   std::unordered_map<uint64_t, PipeChoice> out;
   for (Candidate& c : cands) {
     const PipeRecord& p = *c.pipe;
+    std::sort(c.strangers.begin(), c.strangers.end());
+    c.strangers.erase(std::unique(c.strangers.begin(), c.strangers.end()), c.strangers.end());
+    c.choice.strangers = c.strangers;
     if (c.undecided) {
-      std::sort(c.strangers.begin(), c.strangers.end());
-      c.strangers.erase(std::unique(c.strangers.begin(), c.strangers.end()), c.strangers.end());
       if (!c.strangers.empty()) {
         auto comm = sys::read_comm(c.strangers.front());
         c.choice.why = fmt::format("process {} ({}) holds it too and is not restored{}", c.strangers.front(),

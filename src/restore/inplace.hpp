@@ -70,6 +70,7 @@ struct PipeChoice {
   std::string why;             // replaced: the reason; in place: empty
   std::vector<LiveEnd> held;   // in place: every fd of every target on the live pipe
   size_t kept = 0;             // in place: restored fds the targets hold already (mark_kept)
+  std::vector<pid_t> strangers;  // processes holding it now that are not targets (ascending)
 };
 
 struct Holder;

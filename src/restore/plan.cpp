@@ -245,12 +245,29 @@ std::string describe(const DroppedEnd& d, const Image& img) {
                      d.write_side ? "write" : "read", d.fd, d.recorded_pid);
 }
 
-Expected<Plan> make_plan(const Image& img, const ProcessRestoreRequest& request, bool force_replace) {
+Expected<Plan> make_plan(const Image& img, const ProcessRestoreRequest& request, const ProcessRestoreOptions& opts) {
   Plan plan;
   plan.img = &img;
   if (auto ok = add_holders(img, request, plan); !ok) return tl::unexpected(ok.error());
-  auto choices = choose_in_place(img, plan.holders, force_replace);
+  auto choices = choose_in_place(img, plan.holders, opts.replace);
   select_fds(img, plan, choices);
+  // A FIFO is shared by path: a process outside the restore that has it open would read the
+  // restored bytes, or write into the restored FIFO (issue 9). Refused unless the user says so.
+  for (const PlannedPipe& pp : plan.pipes) {
+    if (pp.pipe->kind != PipeKind::fifo || pp.choice.strangers.empty()) continue;
+    const pid_t who = pp.choice.strangers.front();
+    auto comm = sys::read_comm(who);
+    std::string more = pp.choice.strangers.size() > 1 ? fmt::format(" (and {} more)", pp.choice.strangers.size() - 1) : "";
+    if (!opts.allow_outside_fifo_holders)
+      return fail(Errc::unsupported, EBUSY,
+                  fmt::format("FIFO {}: process {} ({}){} has it open and is not restored: it would share the restored "
+                              "FIFO (read its bytes, write into it); refused (give --allow-outside-fifo-holders to "
+                              "restore it anyway)",
+                              pp.pipe->path, who, comm ? *comm : "?", more));
+    plan.notes.push_back(fmt::format("FIFO {}: process {} ({}){} has it open and is not restored: it shares the "
+                                     "restored FIFO (--allow-outside-fifo-holders)",
+                                     pp.pipe->path, who, comm ? *comm : "?", more));
+  }
   mark_kept(plan);
   rlimit rl{};
   auto open_now = sys::list_fds(::getpid(), false);

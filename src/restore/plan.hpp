@@ -59,9 +59,10 @@ struct Plan {
 };
 
 // Stage 1: reads img, request and /proc only. Errors as restore_processes() documents for the
-// command line and the targets (invalid_argument, gone, permission). force_replace: --replace.
+// command line and the targets (invalid_argument, gone, permission), and Errc::unsupported for a
+// FIFO held by processes outside the restore (unless opts.allow_outside_fifo_holders).
 [[nodiscard]] Expected<Plan> make_plan(const Image& img, const ProcessRestoreRequest& request,
-                                       bool force_replace = false);
+                                       const ProcessRestoreOptions& opts = {});
 
 // The recorded pid a spec means (its own, or the image's only process).
 [[nodiscard]] Expected<int32_t> recorded_pid_of(const Image& img, const IntoSpec& spec);

@@ -460,7 +460,7 @@ Expected<ProcessRestoreSummary> restore_processes(const Image& img, const Proces
                                                   const ProcessRestoreOptions& opts) {
   SoftFdLimitRaised raised;  // declared first: set back after every fd below is closed
   const rlim_t soft_before = raised.before();
-  auto plan = make_plan(img, request, opts.replace);
+  auto plan = make_plan(img, request, opts);
   if (!plan) return tl::unexpected(plan.error());
   ProcessRestoreSummary sum;
   auto note = [&](const std::string& n) {

@@ -66,6 +66,7 @@ struct ProcessRestoreOptions {
   RefillOptions refill;
   bool create_fifos = false;                               // mkfifo a recorded FIFO path that is missing
   bool replace = false;                                    // --replace: a new pipe for every pipe, none in place
+  bool allow_outside_fifo_holders = false;                 // restore a FIFO that processes outside the restore hold
   std::function<void(const std::string&)> note;            // one line per dropped end / unmapped owner
   std::function<void(Stage)> hook;                         // tests only
 };
@@ -106,7 +107,9 @@ struct ProcessRestoreSummary {
 //   Errc::gone              a target does not exist or exited;
 //   Errc::permission        not allowed to ptrace a target;
 //   Errc::not_found         a recorded FIFO path is missing (without create_fifos);
-//   Errc::unsupported       a FIFO path that is not a FIFO, or a FIFO that already holds data;
+//   Errc::unsupported       a FIFO path that is not a FIFO, or a FIFO that already holds data, or
+//                           one that processes outside the restore hold (unless allowed), or
+//                           targets holding one FIFO in different mount namespaces;
 //   Errc::capacity          a pipe capacity this kernel refuses;
 //   Errc::system            anything else, e.g. a target's RLIMIT_NOFILE below a recorded fd, or more
 //                           fds needed in this process than its hard RLIMIT_NOFILE allows (EMFILE).

@@ -78,3 +78,67 @@ heard() {
   [ "$(cat "$TMP/heard" 2>/dev/null)" = "" ]
   kill -9 "$PID"
 }
+
+# fifo_bytes PATH: the bytes queued in the FIFO at PATH (opened O_RDWR|O_NONBLOCK: never blocks).
+fifo_bytes() {
+  python3 -c "
+import fcntl, os, struct, termios, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_NONBLOCK)
+print(struct.unpack('i', fcntl.ioctl(fd, termios.FIONREAD, b'\0' * 4))[0])" "$1"
+}
+
+@test "FIFO: another process holding it refuses the restore unless allowed" {
+  mkfifo "$TMP/f"
+  spawn target "exec 3<>'$TMP/f'; printf recorded >&3; exec sleep 100" &
+  local target
+  target=$(pid_of target)
+  "$PIPECR" dump -t "$target" -o "$TMP/img"
+  # A stranger opens it after the dump: it would read what the restore puts there.
+  spawn stranger "exec sleep 100 < '$TMP/f'" &
+  local stranger
+  stranger=$(pid_of stranger)
+  for i in $(seq 1 100); do [ "$(readlink /proc/$stranger/fd/0)" = "$TMP/f" ] && break; sleep 0.05; done
+  run "$PIPECR" restore "$TMP/img" --into "$target"
+  echo "$output"
+  [ "$status" -eq 69 ]
+  [[ "$output" == *"process $stranger (sleep) has it open and is not restored"* ]]
+  [[ "$output" == *"--allow-outside-fifo-holders"* ]]
+  [ "$(echo "$output" | wc -l)" -eq 1 ]
+  # Allowed: the FIFO is replaced (a FIFO that holds bytes is refused, so drain it first).
+  python3 -c "import os; fd=os.open('/proc/$target/fd/3', os.O_RDONLY|os.O_NONBLOCK); os.read(fd, 100)"
+  run "$PIPECR" restore "$TMP/img" --into "$target" --allow-outside-fifo-holders
+  echo "$output"
+  [ "$status" -eq 0 ]
+  [[ "$output" == *"note: FIFO $TMP/f: process $stranger (sleep) has it open"* ]]
+  [ "$(fifo_bytes "/proc/$target/fd/3")" -eq 8 ]
+}
+
+@test "FIFO: restored in the target's mount namespace, not pipecr's" {
+  mkdir "$TMP/d"
+  mkfifo "$TMP/d/f"   # pipecr's namespace: this FIFO must get nothing
+  spawn target "exec unshare -m sh -c \"mount -t tmpfs none '$TMP/d' && mkfifo '$TMP/d/f' && exec 3<>'$TMP/d/f' && printf recorded >&3 && exec sleep 100\"" &
+  local target
+  target=$(pid_of target)
+  for i in $(seq 1 100); do [ "$(readlink /proc/$target/fd/3 2>/dev/null)" = "$TMP/d/f" ] && break; sleep 0.05; done
+  "$PIPECR" dump -t "$target" -o "$TMP/img"
+  # Held after the dump (so that the dump does not take it for the same FIFO by its path), so bytes
+  # written into it would stay.
+  spawn host "exec 3<>'$TMP/d/f'; exec sleep 100" &
+  local host
+  host=$(pid_of host)
+  for i in $(seq 1 100); do [ "$(readlink /proc/$host/fd/3 2>/dev/null)" = "$TMP/d/f" ] && break; sleep 0.05; done
+  local theirs
+  theirs=$(stat -L -c %d:%i "/proc/$target/fd/3")
+  [ "$theirs" != "$(stat -L -c %d:%i "$TMP/d/f")" ]
+  for mode in "" "--replace"; do
+    # Empty the target's FIFO, then restore it.
+    python3 -c "import os; fd=os.open('/proc/$target/fd/3', os.O_RDONLY|os.O_NONBLOCK); os.read(fd, 100)"
+    [ "$(fifo_bytes "/proc/$target/fd/3")" -eq 0 ]
+    run "$PIPECR" restore -v "$TMP/img" --into "$target" $mode
+    echo "$output"
+    [ "$status" -eq 0 ]
+    [ "$(fifo_bytes "/proc/$target/fd/3")" -eq 8 ]
+    [ "$(stat -L -c %d:%i "/proc/$target/fd/3")" = "$theirs" ]
+    [ "$(fifo_bytes "/proc/$host/fd/3")" -eq 0 ]
+  done
+}
