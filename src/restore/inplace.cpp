@@ -67,9 +67,9 @@ void scan_holders(std::vector<Candidate>& cands, const std::unordered_set<pid_t>
     return;
   }
   const dev_t pipefs = pipefs_dev();
-  const pid_t self = ::getpid();
+  // This process is scanned too: it holds nothing of its own yet, so what it holds is the
+  // caller's (a program calling the library holds the pipe: it is a holder like any other).
   for (pid_t pid : *all) {
-    if (pid == self) continue;
     // A process whose fds pipecr may not read (another user's, not dumpable, or one that gone
     // meanwhile) is not seen, as dump does not see it either (dump/process.cpp,
     // mark_outside_holders): pipecr cannot ptrace it, so it could not have dumped it either.
