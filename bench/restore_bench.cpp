@@ -7,10 +7,15 @@
 //   BM_StoppedTime/N/K    a whole restore of N pipes holding K KiB each into a running child; the
 //                         counter "stopped_us" is the time from the first seize to the last resume
 //                         (Stage::built to Stage::resumed), which must not grow with K.
+//   BM_StoppedTimeInPlace/N/K  the same, but the child holds the very pipes the image records, so
+//                         each is refilled in place (restore/inplace.hpp): stopped_us must not grow
+//                         with K either; total_us includes the plan's scan of every /proc/PID/fd.
 // Read ratios from one run: per_pipe_us, per_MiB_ms, and stopped_us across K.
 #include <signal.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
+#include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -21,6 +26,7 @@
 #include <fcntl.h>
 
 #include "image/image_io.hpp"
+#include "image/info.hpp"
 #include "restore/plan.hpp"
 #include "restore/process.hpp"
 
@@ -139,6 +145,66 @@ void BM_StoppedTime(benchmark::State& state) {
   state.counters["stopped_us"] = stopped_total / static_cast<double>(state.iterations());
 }
 BENCHMARK(BM_StoppedTime)->Args({10, 0})->Args({10, 64})->Args({10, 1024})->Args({100, 0})->Args({100, 64})
+    ->Unit(benchmark::kMillisecond);
+
+void BM_StoppedTimeInPlace(benchmark::State& state) {
+  raise_nofile();
+  const int n = static_cast<int>(state.range(0));
+  const int pages = static_cast<int>(state.range(1)) / 4;
+  Built b = make_image(n, pages);
+  // The child's pipes, made here so that their inodes go into the image; this process lets go of
+  // them once the child has them, so the child is their only holder.
+  std::vector<int> ends;
+  for (int i = 0; i < n; ++i) {
+    int p[2];
+    if (::pipe(p) != 0) {
+      state.SkipWithError("pipe");
+      return;
+    }
+    struct stat st {};
+    ::fstat(p[0], &st);
+    b.img.pipes[static_cast<size_t>(i)].inode = st.st_ino;
+    ends.push_back(p[0]);
+    ends.push_back(p[1]);
+  }
+  b.img.info.boot_id = image::boot_id();
+  pid_t child = ::fork();
+  if (child == 0) {
+    for (int& fd : ends) fd = ::fcntl(fd, F_DUPFD, 100 + 2 * n);  // out of the way of the numbers below
+    for (size_t i = 0; i < ends.size(); ++i) ::dup2(ends[i], 100 + static_cast<int>(i));
+    for (;;) ::pause();
+  }
+  for (int fd : ends) ::close(fd);
+  double stopped_total = 0, total = 0;
+  size_t in_place = 0;
+  std::string why;
+  for (auto _ : state) {
+    std::chrono::steady_clock::time_point t0, t1;
+    restore::ProcessRestoreOptions opts;
+    opts.hook = [&](restore::Stage s) {
+      if (s == restore::Stage::built) t0 = std::chrono::steady_clock::now();
+      if (s == restore::Stage::resumed) t1 = std::chrono::steady_clock::now();
+    };
+    auto start = std::chrono::steady_clock::now();
+    auto r = restore::restore_processes(b.img, {{{child, kRec}}, std::nullopt}, opts);
+    total += std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start).count();
+    if (!r) {
+      state.SkipWithError(r.error().what.c_str());
+      break;
+    }
+    in_place = r->in_place;
+    for (const restore::PipeOutcome& o : r->outcomes)
+      if (!o.in_place) why = o.why;
+    stopped_total += std::chrono::duration<double, std::micro>(t1 - t0).count();
+  }
+  ::kill(child, SIGKILL);
+  ::waitpid(child, nullptr, 0);
+  why = "not every pipe was refilled in place: " + why;
+  if (in_place != static_cast<size_t>(n)) state.SkipWithError(why.c_str());
+  state.counters["stopped_us"] = stopped_total / static_cast<double>(state.iterations());
+  state.counters["total_us"] = total / static_cast<double>(state.iterations());
+}
+BENCHMARK(BM_StoppedTimeInPlace)->Args({10, 0})->Args({10, 64})->Args({10, 1024})->Args({100, 0})->Args({100, 64})
     ->Unit(benchmark::kMillisecond);
 
 }  // namespace

@@ -33,6 +33,9 @@ struct Options {
   bool create_fifos = false;
   bool allow_smaller_capacity = false;
   bool no_vmsplice = false;
+  bool replace = false;
+  bool outside_fifo_holders = false;
+  bool verbose = false;
 };
 
 Expected<int32_t> parse_pid(std::string_view s, std::string_view what) {
@@ -92,6 +95,8 @@ Expected<int> run(const Options& o, CommandContext& ctx) {
   opts.refill.allow_smaller_capacity = o.allow_smaller_capacity;
   opts.refill.no_vmsplice = o.no_vmsplice;
   opts.create_fifos = o.create_fifos;
+  opts.replace = o.replace;
+  opts.allow_outside_fifo_holders = o.outside_fifo_holders;
   opts.note = [&ctx](const std::string& n) {
     fmt::print(ctx.err, "pipecr {}: note: {}\n", ctx.name, printable(n));
     std::fflush(ctx.err);
@@ -99,9 +104,19 @@ Expected<int> run(const Options& o, CommandContext& ctx) {
   std::fflush(ctx.out);  // nothing buffered may reach the command after exec
   auto sum = restore::restore_processes(*img, *req, opts);
   if (!sum) return tl::unexpected(sum.error());
-  fmt::print(ctx.out, "restored {} pipe{} ({} open file{}, {} fd{}) into {} process{}\n", sum->pipes,
-             sum->pipes == 1 ? "" : "s", sum->files, sum->files == 1 ? "" : "s", sum->fds, sum->fds == 1 ? "" : "s",
-             req->into.size(), req->into.size() == 1 ? "" : "es");
+  if (o.verbose)
+    for (const restore::PipeOutcome& p : sum->outcomes) {
+      if (p.in_place)
+        fmt::print(ctx.err, "pipecr {}: pipe {} ({}): refilled in place ({} fd{} kept)\n", ctx.name, p.pipe_id,
+                   printable(p.name), p.kept, p.kept == 1 ? "" : "s");
+      else
+        fmt::print(ctx.err, "pipecr {}: pipe {} ({}): replaced: {}\n", ctx.name, p.pipe_id, printable(p.name),
+                   printable(p.why));
+    }
+  const size_t replaced = sum->pipes - sum->in_place;
+  fmt::print(ctx.out, "restored {} pipe{} ({} in place, {} replaced; {} open file{}, {} fd{}) into {} process{}\n",
+             sum->pipes, sum->pipes == 1 ? "" : "s", sum->in_place, replaced, sum->files, sum->files == 1 ? "" : "s",
+             sum->fds, sum->fds == 1 ? "" : "s", req->into.size(), req->into.size() == 1 ? "" : "es");
   return kExitOk;
 }
 
@@ -118,6 +133,13 @@ RunFn setup(CLI::App& app, CommandContext& ctx) {
   app.add_flag("--allow-smaller-capacity", o->allow_smaller_capacity,
                "accept the largest capacity this kernel allows when the recorded one is refused");
   app.add_flag("--no-vmsplice", o->no_vmsplice, "refill without vmsplice() (splice from a memfd, or write())");
+  app.add_flag("--replace", o->replace,
+               "put a new pipe at the recorded fds even where the targets still hold the recorded pipe "
+               "(default: such a pipe is emptied and refilled in place, keeping epoll watches and every other link)");
+  app.add_flag("--allow-outside-fifo-holders", o->outside_fifo_holders,
+               "restore a FIFO even when processes outside the restore have it open (they share the restored "
+               "FIFO: they may read its bytes); refused without it");
+  app.add_flag("-v,--verbose", o->verbose, "say for each pipe whether it was refilled in place or replaced, and why");
   app.footer("Ends held by recorded processes that are not restored are dropped (a note on stderr each).");
   return [o, &ctx]() -> Expected<int> { return run(*o, ctx); };
 }

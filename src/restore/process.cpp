@@ -104,6 +104,7 @@ struct Session {
   std::optional<sys::RemoteSyscalls> remote;
   sys::UniqueFd pidfd;
   std::vector<LocalStash> stash;             // every number touched so far, in order
+  std::vector<std::pair<int, long>> async_undo;  // kept fds whose O_ASYNC was changed: number, old flags
   size_t chunk = kStashChunk;                // fds per install_fds() call: what the target has room for
   const Holder* holder;
 };
@@ -114,7 +115,8 @@ class TargetTransaction {
       : plan_(plan), built_(built), opts_(opts) {
     for (const Holder& h : plan_.holders)
       if (!h.exec)
-        for (const PlannedFd& f : h.fds) ++uses_[f.rec->file_id];
+        for (const PlannedFd& f : h.fds)
+          if (!f.keep) ++uses_[f.rec->file_id];
   }
   TargetTransaction(const TargetTransaction&) = delete;
   TargetTransaction& operator=(const TargetTransaction&) = delete;
@@ -133,7 +135,12 @@ class TargetTransaction {
     for (Phase phase : {&TargetTransaction::attach, &TargetTransaction::replace, &TargetTransaction::async}) {
       for (auto& s : sessions_)
         if (auto ok = (this->*phase)(*s); !ok) return abort(in_target(*s->holder, ok.error()));
-      if (phase == &TargetTransaction::attach) stage(Stage::stashed);
+      if (phase == &TargetTransaction::attach) {
+        stage(Stage::stashed);
+        // Pipes refilled in place: every target holding them is stopped now (inplace.hpp).
+        for (InPlacePipe& p : built_.in_place)
+          if (auto ok = swap_in_place(p, opts_); !ok) return abort(ok.error());
+      }
     }
     stage(Stage::installed);
     return {};
@@ -142,8 +149,10 @@ class TargetTransaction {
   // Drops the stashes and lets every target go. Past the point of no return: reports the first error.
   Expected<void> commit() {
     std::optional<Error> first;
+    built_.in_place.clear();  // the old buffers, the copies of the kept files: nothing to undo now
     for (auto& s : sessions_) {
       s->stash.clear();
+      s->async_undo.clear();
       auto ok = s->remote->restore();
       if (ok) ok = s->proc.resume();
       if (!ok && !first) first = in_target(*s->holder, ok.error());
@@ -192,13 +201,15 @@ class TargetTransaction {
       const size_t end = std::min(fds.size(), at + s.chunk);
       batch.clear();
       for (size_t i = at; i < end; ++i) {
+        if (fds[i].keep) continue;  // in place: the target holds that file there already
         const FdRecord& r = *fds[i].rec;
         if (auto ok = stash_one(s, r.fd); !ok) return ok;
         batch.push_back(sys::FdInstall{built_.files.at(r.file_id).get(), r.fd, r.cloexec});
       }
+      if (batch.empty()) continue;
       if (auto ok = sys::install_fds(*s.remote, batch); !ok) return ok;
       for (size_t i = at; i < end; ++i)
-        if (--uses_[fds[i].rec->file_id] == 0) built_.files.erase(fds[i].rec->file_id);
+        if (!fds[i].keep && --uses_[fds[i].rec->file_id] == 0) built_.files.erase(fds[i].rec->file_id);
     }
     return {};
   }
@@ -218,12 +229,34 @@ class TargetTransaction {
 
   Expected<void> async(Session& s) {
     for (const PlannedFd& f : s.holder->fds) {
+      if (f.keep) {
+        if (auto ok = async_kept(s, f); !ok) return ok;
+        continue;
+      }
       if (!f.set_async) continue;
       auto fl = sys::remote_fcntl(*s.remote, f.rec->fd, F_GETFL);
       if (fl && *fl >= 0) fl = sys::remote_fcntl(*s.remote, f.rec->fd, F_SETFL, *fl | O_ASYNC);
       if (!fl) return tl::unexpected(fl.error());
       if (*fl < 0) return fail_errno(static_cast<int>(-*fl), fmt::format("fcntl(fd={}, F_SETFL, O_ASYNC)", f.rec->fd));
     }
+    return {};
+  }
+
+  // A kept description (in place) gets O_ASYNC as recorded, set or cleared in the target at its
+  // own number (si_fd is the number O_ASYNC is set through), once per recorded file.
+  Expected<void> async_kept(Session& s, const PlannedFd& f) {
+    const FileRecord& rec = plan_.files[plan_.file_index.at(f.rec->file_id)].rec;
+    if (!async_seen_.insert(rec.id).second) return {};
+    auto fl = sys::remote_fcntl(*s.remote, f.rec->fd, F_GETFL);
+    if (!fl) return tl::unexpected(fl.error());
+    if (*fl < 0) return fail_errno(static_cast<int>(-*fl), fmt::format("fcntl(fd={}, F_GETFL)", f.rec->fd));
+    const bool want = rec.flags & O_ASYNC;
+    if (((*fl & O_ASYNC) != 0) == want) return {};
+    long set = want ? (*fl | O_ASYNC) : (*fl & ~static_cast<long>(O_ASYNC));
+    auto r = sys::remote_fcntl(*s.remote, f.rec->fd, F_SETFL, set);
+    if (!r) return tl::unexpected(r.error());
+    if (*r < 0) return fail_errno(static_cast<int>(-*r), fmt::format("fcntl(fd={}, F_SETFL, {:#o})", f.rec->fd, set));
+    s.async_undo.emplace_back(f.rec->fd, *fl);
     return {};
   }
 
@@ -248,6 +281,12 @@ class TargetTransaction {
   // Undo in every target touched: old fds back, registers back, detached. Errors cannot be reported
   // better than the error that caused the rollback.
   void rollback() {
+    for (auto& s : sessions_)
+      if (s->remote)
+        for (auto it = s->async_undo.rbegin(); it != s->async_undo.rend(); ++it)
+          (void)sys::remote_fcntl(*s->remote, it->first, F_SETFL, it->second);
+    for (auto it = built_.in_place.rbegin(); it != built_.in_place.rend(); ++it) undo_in_place(*it);
+    built_.in_place.clear();
     for (auto& s : sessions_) {
       if (!s->stash.empty() && s->remote) unstash(*s);
       if (s->remote) (void)s->remote->restore();
@@ -260,6 +299,7 @@ class TargetTransaction {
   Built& built_;
   const ProcessRestoreOptions& opts_;
   std::unordered_map<uint64_t, size_t> uses_;       // file id -> fds of targets not yet installed
+  std::unordered_set<uint64_t> async_seen_;          // recorded files whose kept O_ASYNC is done
   std::vector<std::unique_ptr<Session>> sessions_;  // stable addresses: RemoteSyscalls points at proc
 };
 
@@ -420,7 +460,7 @@ Expected<ProcessRestoreSummary> restore_processes(const Image& img, const Proces
                                                   const ProcessRestoreOptions& opts) {
   SoftFdLimitRaised raised;  // declared first: set back after every fd below is closed
   const rlim_t soft_before = raised.before();
-  auto plan = make_plan(img, request);
+  auto plan = make_plan(img, request, opts);
   if (!plan) return tl::unexpected(plan.error());
   ProcessRestoreSummary sum;
   auto note = [&](const std::string& n) {
@@ -436,6 +476,16 @@ Expected<ProcessRestoreSummary> restore_processes(const Image& img, const Proces
   for (const std::string& n : built->notes) note(n);
   if (opts.hook) opts.hook(Stage::built);
   sum.pipes = plan->pipes.size();
+  for (const PlannedPipe& pp : plan->pipes) {
+    const PipeRecord& p = *pp.pipe;
+    PipeOutcome o{p.id, p.kind == PipeKind::fifo ? fmt::format("FIFO {}", p.path) : fmt::format("pipe:[{}]", p.inode),
+                  pp.choice.in_place, pp.choice.why, 0};
+    for (const Holder& h : plan->holders)
+      for (const PlannedFd& f : h.fds)
+        if (f.keep && plan->files[plan->file_index.at(f.rec->file_id)].pipe == &p) ++o.kept;
+    sum.in_place += o.in_place;
+    sum.outcomes.push_back(std::move(o));
+  }
   sum.files = plan->files.size();
   for (const Holder& h : plan->holders) sum.fds += h.fds.size();
 

@@ -556,12 +556,12 @@ TEST(RestoreProcess, ExecPlusIntoConnectsThePipe) {
     ::_exit(r ? 98 : 99);
   }
   ::close(out[1]);
-  EXPECT_UNTRACED(producer.pid());
   std::string got;
   char buf[256];
   // Read what was in flight, then let the producer write; cat ends at EOF when the producer exits.
   ssize_t n = ::read(out[0], buf, sizeof buf);
   got.append(buf, n > 0 ? static_cast<size_t>(n) : 0);
+  EXPECT_UNTRACED(producer.pid());  // only now: cat printing means the restore is done
   EXPECT_EQ(producer.finish(), "");
   for (; (n = ::read(out[0], buf, sizeof buf)) > 0;) got.append(buf, static_cast<size_t>(n));
   ::close(out[0]);
