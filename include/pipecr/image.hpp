@@ -40,6 +40,8 @@ struct PipeRecord {
   uint32_t uid = 0, gid = 0;  // owner of the inode
   uint32_t mode = 0;          // st_mode & 07777
   std::string path;           // FIFO: its path as seen by the dumped process ("" for a pipe)
+  uint64_t dev = 0;           // FIFO: st_dev of its inode when dumped (0: not recorded). With inode,
+                              // path and the boot id it tells restore it is looking at the same FIFO
   bool unlinked = false;      // FIFO: the path was unlinked when dumped
   bool outside_holders = false;  // some end is held by a process outside the image
   std::vector<Slot> slots;    // queued buffers, head first
@@ -115,6 +117,8 @@ struct ImageInfo {
   uint64_t created_unix_ns = 0;
   std::string kernel;     // uname -r
   std::string tool;       // "pipecr 0.1.0"
+  std::string boot_id;    // /proc/sys/kernel/random/boot_id ("" if unknown): inode numbers are
+                          // only comparable within one boot
 };
 
 struct Image {

@@ -35,6 +35,9 @@ struct Options {
   bool allow_smaller_capacity = false;
   bool no_vmsplice = false;
   double timeout = 10;  // --timeout SECONDS
+  bool replace = false;
+  bool outside_fifo_holders = false;
+  bool verbose = false;
 };
 
 // --timeout SECONDS: the bound on every wait for a target (sys::set_wait_timeout).
@@ -103,6 +106,8 @@ Expected<int> run(const Options& o, CommandContext& ctx) {
   opts.refill.allow_smaller_capacity = o.allow_smaller_capacity;
   opts.refill.no_vmsplice = o.no_vmsplice;
   opts.create_fifos = o.create_fifos;
+  opts.replace = o.replace;
+  opts.allow_outside_fifo_holders = o.outside_fifo_holders;
   opts.note = [&ctx](const std::string& n) {
     fmt::print(ctx.err, "pipecr {}: note: {}\n", ctx.name, printable(n));
     std::fflush(ctx.err);
@@ -110,9 +115,19 @@ Expected<int> run(const Options& o, CommandContext& ctx) {
   std::fflush(ctx.out);  // nothing buffered may reach the command after exec
   auto sum = restore::restore_processes(*img, *req, opts);
   if (!sum) return tl::unexpected(sum.error());
-  fmt::print(ctx.out, "restored {} pipe{} ({} open file{}, {} fd{}) into {} process{}\n", sum->pipes,
-             sum->pipes == 1 ? "" : "s", sum->files, sum->files == 1 ? "" : "s", sum->fds, sum->fds == 1 ? "" : "s",
-             req->into.size(), req->into.size() == 1 ? "" : "es");
+  if (o.verbose)
+    for (const restore::PipeOutcome& p : sum->outcomes) {
+      if (p.in_place)
+        fmt::print(ctx.err, "pipecr {}: pipe {} ({}): refilled in place ({} fd{} kept)\n", ctx.name, p.pipe_id,
+                   printable(p.name), p.kept, p.kept == 1 ? "" : "s");
+      else
+        fmt::print(ctx.err, "pipecr {}: pipe {} ({}): replaced: {}\n", ctx.name, p.pipe_id, printable(p.name),
+                   printable(p.why));
+    }
+  const size_t replaced = sum->pipes - sum->in_place;
+  fmt::print(ctx.out, "restored {} pipe{} ({} in place, {} replaced; {} open file{}, {} fd{}) into {} process{}\n",
+             sum->pipes, sum->pipes == 1 ? "" : "s", sum->in_place, replaced, sum->files, sum->files == 1 ? "" : "s",
+             sum->fds, sum->fds == 1 ? "" : "s", req->into.size(), req->into.size() == 1 ? "" : "es");
   return kExitOk;
 }
 
@@ -132,6 +147,13 @@ RunFn setup(CLI::App& app, CommandContext& ctx) {
   app.add_option("--timeout", o->timeout,
                  "SECONDS: the longest wait for a target to stop or its agent to answer (default 10); then "
                  "every target is rolled back");
+  app.add_flag("--replace", o->replace,
+               "put a new pipe at the recorded fds even where the targets still hold the recorded pipe "
+               "(default: such a pipe is emptied and refilled in place, keeping epoll watches and every other link)");
+  app.add_flag("--allow-outside-fifo-holders", o->outside_fifo_holders,
+               "restore a FIFO even when processes outside the restore have it open (they share the restored "
+               "FIFO: they may read its bytes); refused without it");
+  app.add_flag("-v,--verbose", o->verbose, "say for each pipe whether it was refilled in place or replaced, and why");
   app.footer("Ends held by recorded processes that are not restored are dropped (a note on stderr each).");
   return [o, &ctx]() -> Expected<int> { return run(*o, ctx); };
 }

@@ -21,6 +21,7 @@ Json info_json(const ImageInfo& i) {
   return Json{{"page_size", i.page_size},
               {"kernel", i.kernel},
               {"tool", i.tool},
+              {"boot_id", i.boot_id},
               {"created", created.empty() ? Json(nullptr) : Json(created)},
               {"created_unix_ns", i.created_unix_ns}};
 }
@@ -49,6 +50,7 @@ Json pipe_json(const PipeRecord& p, const ImageJsonOptions& opt) {
          {"path", fifo ? Json(p.path) : Json(nullptr)},
          {"unlinked", p.unlinked},
          {"inode", p.inode},
+         {"dev", fifo ? Json(p.dev) : Json(nullptr)},
          {"capacity", p.capacity},
          {"bytes", p.bytes()},
          {"slots", std::move(slots)},

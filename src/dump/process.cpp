@@ -484,6 +484,7 @@ class Dumper {
       p.rec.gid = h.gid;
       p.rec.mode = h.mode;
       if (h.kind == PipeKind::fifo) {
+        p.rec.dev = h.dev;  // restore in place checks it is the same FIFO (restore/inplace.hpp)
         p.rec.path = h.target;
         if (p.rec.path.ends_with(kDeleted)) {
           p.rec.path.resize(p.rec.path.size() - kDeleted.size());

@@ -76,6 +76,7 @@ inline constexpr uint32_t kSlotPacket = 1u << 0;
 inline constexpr uint32_t kMaxPath = 4096;          // PATH_MAX
 inline constexpr uint32_t kMaxComm = 64;            // the kernel's is 16; leave room
 inline constexpr uint32_t kMaxShortString = 256;    // INFO.kernel, INFO.tool
+inline constexpr uint32_t kMaxBootId = 64;          // INFO.boot_id (a UUID is 36)
 inline constexpr uint64_t kMaxArgvBytes = 1u << 20; // sum of argv string lengths
 inline constexpr uint32_t kMinPageSize = 4096;
 inline constexpr uint32_t kMaxPageSize = 1u << 20;
@@ -218,6 +219,7 @@ class Cursor {
     return fmt::format("page size {} is not a power of two in [{}, {}]", i.page_size, kMinPageSize, kMaxPageSize);
   if (i.kernel.size() > kMaxShortString) return "kernel string too long";
   if (i.tool.size() > kMaxShortString) return "tool string too long";
+  if (i.boot_id.size() > kMaxBootId) return "boot id string too long";
   return {};
 }
 

@@ -5,8 +5,16 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <fstream>
 
 namespace pipecr::image {
+
+std::string boot_id() {
+  std::ifstream in("/proc/sys/kernel/random/boot_id");
+  std::string id;
+  if (!std::getline(in, id) || id.size() > 64) return {};
+  return id;
+}
 
 ImageInfo current_info() {
   ImageInfo info;
@@ -17,6 +25,7 @@ ImageInfo current_info() {
   struct utsname u {};
   if (::uname(&u) == 0) info.kernel = u.release;
   info.tool = "pipecr 0.1.0";
+  info.boot_id = boot_id();
   return info;
 }
 

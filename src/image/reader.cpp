@@ -56,7 +56,8 @@ Expected<ImageInfo> decode_info(const RawRecord& r) {
   Cursor c = r.cursor();
   ImageInfo i;
   if (!c.opt(i.page_size, "page_size") || !c.opt(i.created_unix_ns, "created_unix_ns") ||
-      !c.opt_string(i.kernel, "kernel", kMaxShortString) || !c.opt_string(i.tool, "tool", kMaxShortString))
+      !c.opt_string(i.kernel, "kernel", kMaxShortString) || !c.opt_string(i.tool, "tool", kMaxShortString) ||
+      !c.opt_string(i.boot_id, "boot_id", kMaxBootId))
     return bad_field(r, c);
   return i;
 }
@@ -108,6 +109,7 @@ Expected<PipeRecord> decode_pipe(const RawRecord& r, uint32_t page_size) {
     if (!len || !fl) return bad_field(r, c);
     p.slots.push_back(Slot{*len, (*fl & kSlotPacket) != 0});
   }
+  if (!c.opt(p.dev, "dev")) return bad_field(r, c);
   return p;
 }
 

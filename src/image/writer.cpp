@@ -41,6 +41,7 @@ void encode_info(std::vector<std::byte>& out, const ImageInfo& i) {
   put_u64(out, i.created_unix_ns);
   put_string(out, i.kernel);
   put_string(out, i.tool);
+  put_string(out, i.boot_id);
 }
 
 void encode_process(std::vector<std::byte>& out, const ProcessRecord& p) {
@@ -66,6 +67,7 @@ void encode_pipe(std::vector<std::byte>& out, const PipeRecord& p) {
     put_u32(out, s.len);
     put_u32(out, s.packet ? kSlotPacket : 0);
   }
+  put_u64(out, p.dev);
 }
 
 void encode_file(std::vector<std::byte>& out, const FileRecord& f) {

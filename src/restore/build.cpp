@@ -31,8 +31,10 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdlib>
+#include <optional>
 
 #include <fmt/format.h>
 
@@ -127,27 +129,60 @@ Expected<sys::UniqueFd> open_unlinked_fifo(const PipeRecord& p) {
   return fd;
 }
 
-// The recorded path, checked and opened O_RDWR. created: we made it (--create-fifos).
-Expected<sys::UniqueFd> open_named_fifo(const PipeRecord& p, const ProcessRestoreOptions& opts, Built& built, bool& created) {
+// The recorded path, checked and opened O_RDWR, at `at`: the path in the mount namespace of the
+// targets holding it (/proc/TARGET/root/PATH), or as it is for the --exec process (pipecr's own).
+// created: we made it (--create-fifos).
+Expected<sys::UniqueFd> open_named_fifo(const PipeRecord& p, const std::string& at, const ProcessRestoreOptions& opts,
+                                        Built& built, bool& created) {
   struct stat st {};
-  if (::lstat(p.path.c_str(), &st) < 0) {
+  if (::lstat(at.c_str(), &st) < 0) {
     if (errno != ENOENT) return tl::unexpected(sys::call_error("lstat", p.path));
     if (!opts.create_fifos)
       return fail(Errc::not_found, ENOENT, fmt::format("FIFO {} does not exist (give --create-fifos to create it)", p.path));
-    if (::mkfifo(p.path.c_str(), p.mode ? (p.mode & 0777) : 0600) < 0)  // never setuid/setgid/sticky
+    if (::mkfifo(at.c_str(), p.mode ? (p.mode & 0777) : 0600) < 0)  // never setuid/setgid/sticky
       return tl::unexpected(sys::call_error("mkfifo", fmt::format("{}, {:#o}", p.path, p.mode)));
-    built.created_fifos.push_back(p.path);
+    built.created_fifos.push_back(at);
     created = true;
   } else if (S_ISLNK(st.st_mode)) {
     return fail(Errc::unsupported, ELOOP, fmt::format("FIFO {} is now a symbolic link: not followed", p.path));
   } else if (!S_ISFIFO(st.st_mode)) {
     return fail(Errc::unsupported, ENOTSUP, fmt::format("{} exists but is not a FIFO: refused", p.path));
   }
-  sys::UniqueFd fd(::open(p.path.c_str(), O_RDWR | O_NONBLOCK | O_CLOEXEC | O_NOFOLLOW));
+  sys::UniqueFd fd(::open(at.c_str(), O_RDWR | O_NONBLOCK | O_CLOEXEC | O_NOFOLLOW));
   if (!fd) return tl::unexpected(sys::call_error("open", fmt::format("{}, O_RDWR|O_NOFOLLOW", p.path)));
   if (::fstat(fd.get(), &st) < 0) return tl::unexpected(sys::call_error("fstat", p.path));
   if (!S_ISFIFO(st.st_mode)) return fail(Errc::unsupported, ENOTSUP, fmt::format("{} is not a FIFO: refused", p.path));
   return fd;
+}
+
+// Where the recorded path of a FIFO is, for the processes that will hold it: in the mount namespace
+// of the targets holding it (/proc/TARGET/root/PATH: a path in pipecr's own namespace may name
+// another FIFO, and the restored bytes would go to whoever holds that one), or pipecr's own path
+// when only the --exec process holds it. Targets in different mount namespaces: refused.
+Expected<std::string> fifo_path_in_namespace(const Plan& plan, const PlannedPipe& pp) {
+  const std::string& path = pp.pipe->path;
+  std::optional<std::pair<pid_t, std::string>> first;  // target, its mount namespace
+  for (const Holder& h : plan.holders) {
+    if (h.exec) continue;
+    bool holds = std::any_of(h.fds.begin(), h.fds.end(), [&](const PlannedFd& f) {
+      return plan.files[plan.file_index.at(f.rec->file_id)].pipe == pp.pipe;
+    });
+    if (!holds) continue;
+    char ns[64] = {};
+    std::string link = fmt::format("/proc/{}/ns/mnt", h.target);
+    ssize_t n = ::readlink(link.c_str(), ns, sizeof ns - 1);
+    if (n < 0) return tl::unexpected(sys::call_error("readlink", link));
+    std::string mnt(ns, static_cast<size_t>(n));
+    if (!first) first.emplace(h.target, mnt);
+    else if (first->second != mnt)
+      return fail(Errc::unsupported, EXDEV,
+                  fmt::format("FIFO {}: targets {} and {} are in different mount namespaces: refused", path,
+                              first->first, h.target));
+  }
+  if (!first) return path;
+  if (path.empty() || path[0] != '/')
+    return fail(Errc::bad_image, EINVAL, fmt::format("FIFO path {} is not absolute: refused", path));
+  return fmt::format("/proc/{}/root{}", first->first, path);
 }
 
 bool latched_reader(const FileRecord& f) {
@@ -179,7 +214,9 @@ Expected<void> open_fifo_files(const Plan& plan, const PlannedPipe& pp, int via,
 Expected<void> build_fifo(const Plan& plan, const PlannedPipe& pp, const ProcessRestoreOptions& opts, Built& built) {
   const PipeRecord& p = *pp.pipe;
   bool created = p.unlinked;
-  auto keep = p.unlinked ? open_unlinked_fifo(p) : open_named_fifo(p, opts, built, created);
+  auto at = fifo_path_in_namespace(plan, pp);
+  if (!at) return tl::unexpected(at.error());
+  auto keep = p.unlinked ? open_unlinked_fifo(p) : open_named_fifo(p, *at, opts, built, created);
   if (!keep) return tl::unexpected(keep.error());
   auto queued = sys::bytes_queued(keep->get());
   if (!queued) return tl::unexpected(queued.error());
@@ -220,8 +257,10 @@ Expected<size_t> open_fd_count() {
 
 size_t fds_needed(const Plan& plan) {
   size_t n = plan.files.size() + kFdSlack;
-  for (const PlannedPipe& pp : plan.pipes)
-    if (pp.pipe->kind == PipeKind::fifo) ++n;  // the read-write open or the temporary reader, kept
+  for (const PlannedPipe& pp : plan.pipes) {
+    if (pp.choice.in_place) n += in_place_fds(pp, pp.choice.kept);  // copies, scratch, holding, own ends
+    else if (pp.pipe->kind == PipeKind::fifo) ++n;  // the read-write open or the temporary reader, kept
+  }
   bool targets = false;
   for (const Holder& h : plan.holders) {
     if (h.exec) n += 2 * h.fds.size();  // at the recorded numbers, and a copy of what was there
@@ -250,7 +289,9 @@ Expected<Built> build(const Plan& plan, const ProcessRestoreOptions& opts) {
   Built built;
   built.files.reserve(plan.files.size());
   for (const PlannedPipe& pp : plan.pipes) {
-    auto ok = pp.pipe->kind == PipeKind::fifo ? build_fifo(plan, pp, opts, built) : build_anonymous(plan, pp, opts, built);
+    auto ok = pp.choice.in_place           ? build_in_place(plan, pp, opts, built)
+              : pp.pipe->kind == PipeKind::fifo ? build_fifo(plan, pp, opts, built)
+                                                : build_anonymous(plan, pp, opts, built);
     if (!ok) {
       remove_created_fifos(built);
       return tl::unexpected(for_pipe(*pp.pipe, ok.error()));

@@ -313,11 +313,11 @@ Expected<void> set_inode_owner(int fd, const PipeRecord& pipe) {
   return {};
 }
 
-Expected<void> set_file_state(int fd, const FileRecord& file) {
+Expected<void> set_file_state(int fd, const FileRecord& file, bool keep_async) {
   auto fl = sys::get_fl(fd);
   if (!fl) return tl::unexpected(fl.error());
   constexpr int kSettable = O_NONBLOCK | O_DIRECT;
-  int want = (*fl & ~(kSettable | O_ASYNC)) | (static_cast<int>(file.flags) & kSettable);
+  int want = (*fl & ~(kSettable | (keep_async ? 0 : O_ASYNC))) | (static_cast<int>(file.flags) & kSettable);
   if (want != *fl)
     if (auto s = sys::set_fl(fd, want); !s) return s;
   if (file.owner.pid != 0) {

@@ -14,6 +14,7 @@
 #include "restore/plan.hpp"
 
 #include <fcntl.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -26,6 +27,7 @@
 
 #include <fmt/format.h>
 
+#include "restore/links.hpp"
 #include "sys/proc.hpp"
 #include "sys/syscalls.hpp"
 
@@ -182,7 +184,12 @@ std::optional<size_t> thread_holder(Plan& plan, size_t h, pid_t tid) {
 // Fds of restored processes, the files and pipes they need; the rest is dropped. A process that
 // shared the fd table of a recorded one (SHARED_FILES) receives that table's fds when only it is
 // restored; when both are, they are installed once.
-void select_fds(const Image& img, Plan& plan) {
+void select_fds(const Image& img, Plan& plan, std::unordered_map<uint64_t, PipeChoice>& choices) {
+  auto in_place = [&](const FdRecord& d) {
+    const FileRecord* f = img.find_file(d.file_id);
+    auto c = f ? choices.find(f->pipe_id) : choices.end();
+    return c != choices.end() && c->second.in_place;
+  };
   std::unordered_map<int32_t, size_t> holder_of;
   for (size_t i = 0; i < plan.holders.size(); ++i) holder_of[plan.holders[i].recorded] = i;
   for (const SharedFdTable& s : img.shared_tables)
@@ -199,7 +206,7 @@ void select_fds(const Image& img, Plan& plan) {
                                        d.fd, d.tid));
       continue;
     }
-    if (still_connected(img, d, plan.holders[*hi].target)) {
+    if (!in_place(d) && still_connected(img, d, plan.holders[*hi].target)) {
       plan.notes.push_back(fmt::format("fd {} of process {} left as it is: its pipe is also held outside the image, "
                                        "and the process still holds that pipe there",
                                        d.fd, plan.holders[*hi].target));
@@ -220,8 +227,8 @@ void select_fds(const Image& img, Plan& plan) {
       continue;
     }
     pipe_at[p.id] = plan.pipes.size();
-    plan.pipes.push_back(PlannedPipe{&p, {}});
-    if (p.outside_holders)
+    plan.pipes.push_back(PlannedPipe{&p, {}, std::move(choices[p.id])});
+    if (p.outside_holders && !plan.pipes.back().choice.in_place)
       plan.notes.push_back(fmt::format("pipe {}: ends held outside the image are not restored", p.id));
   }
   // Files in image order within each pipe.
@@ -298,12 +305,36 @@ Expected<void> check_thread_tables(Plan& plan) {
   return {};
 }
 
-Expected<Plan> make_plan(const Image& img, const ProcessRestoreRequest& request) {
+Expected<Plan> make_plan(const Image& img, const ProcessRestoreRequest& request, const ProcessRestoreOptions& opts) {
   Plan plan;
   plan.img = &img;
   if (auto ok = add_holders(img, request, plan); !ok) return tl::unexpected(ok.error());
-  select_fds(img, plan);
+  auto choices = choose_in_place(img, plan.holders, opts.replace);
+  select_fds(img, plan, choices);
   if (auto ok = check_thread_tables(plan); !ok) return tl::unexpected(ok.error());
+  // A FIFO is shared by path: a process outside the restore that has it open would read the
+  // restored bytes, or write into the restored FIFO (issue 9). Refused unless the user says so.
+  for (const PlannedPipe& pp : plan.pipes) {
+    if (pp.pipe->kind != PipeKind::fifo || pp.choice.strangers.empty()) continue;
+    const pid_t who = pp.choice.strangers.front();
+    auto comm = sys::read_comm(who);
+    std::string more = pp.choice.strangers.size() > 1 ? fmt::format(" (and {} more)", pp.choice.strangers.size() - 1) : "";
+    if (!opts.allow_outside_fifo_holders)
+      return fail(Errc::unsupported, EBUSY,
+                  fmt::format("FIFO {}: process {} ({}){} has it open and is not restored: it would share the restored "
+                              "FIFO (read its bytes, write into it); refused (give --allow-outside-fifo-holders to "
+                              "restore it anyway)",
+                              pp.pipe->path, who, comm ? *comm : "?", more));
+    plan.notes.push_back(fmt::format("FIFO {}: process {} ({}){} has it open and is not restored: it shares the "
+                                     "restored FIFO (--allow-outside-fifo-holders)",
+                                     pp.pipe->path, who, comm ? *comm : "?", more));
+  }
+  mark_kept(plan);
+  rlimit rl{};
+  auto open_now = sys::list_fds(::getpid(), false);
+  if (::getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_max != RLIM_INFINITY && open_now)
+    fit_fd_limit(plan, static_cast<size_t>(rl.rlim_max), open_now->size());
+  for (std::string& n : cut_links_notes(plan)) plan.notes.push_back(std::move(n));
   return plan;
 }
 

@@ -16,6 +16,7 @@
 
 #include "pipecr/error.hpp"
 #include "pipecr/image.hpp"
+#include "restore/inplace.hpp"
 #include "restore/process.hpp"
 #include "sys/unique_fd.hpp"
 
@@ -24,6 +25,7 @@ namespace pipecr::restore {
 struct PlannedFd {
   const FdRecord* rec = nullptr;
   bool set_async = false;  // O_ASYNC is set through this fd (the file's first restored fd, image order)
+  bool keep = false;       // in place: the target holds the recorded file here already; nothing is installed
 };
 
 // One restored process: a running target (--into) or this process before exec (--exec).
@@ -45,6 +47,7 @@ struct PlannedFile {
 struct PlannedPipe {
   const PipeRecord* pipe = nullptr;
   std::vector<size_t> files;  // indices into Plan::files, image order
+  PipeChoice choice;          // refilled in place, or replaced and why (inplace.hpp)
 };
 
 struct Plan {
@@ -59,8 +62,10 @@ struct Plan {
 };
 
 // Stage 1: reads img, request and /proc only. Errors as restore_processes() documents for the
-// command line and the targets (invalid_argument, gone, permission).
-[[nodiscard]] Expected<Plan> make_plan(const Image& img, const ProcessRestoreRequest& request);
+// command line and the targets (invalid_argument, gone, permission), and Errc::unsupported for a
+// FIFO held by processes outside the restore (unless opts.allow_outside_fifo_holders).
+[[nodiscard]] Expected<Plan> make_plan(const Image& img, const ProcessRestoreRequest& request,
+                                       const ProcessRestoreOptions& opts = {});
 
 // The recorded pid a spec means (its own, or the image's only process).
 [[nodiscard]] Expected<int32_t> recorded_pid_of(const Image& img, const IntoSpec& spec);
@@ -75,6 +80,7 @@ struct Built {
   std::vector<sys::UniqueFd> keep;
   std::vector<std::string> notes;  // owners that could not be set
   std::vector<std::string> created_fifos;  // paths made by --create-fifos: removed again if the restore fails
+  std::vector<InPlacePipe> in_place;       // pipes refilled in place (inplace.hpp), plan order
 };
 
 // Unlinks the FIFOs build() created (a failed restore leaves the file system as it found it).

@@ -113,7 +113,8 @@ class TargetTransaction {
       : plan_(plan), built_(built), opts_(opts) {
     for (const Holder& h : plan_.holders)
       if (!h.exec)
-        for (const PlannedFd& f : h.fds) ++uses_[f.rec->file_id];
+        for (const PlannedFd& f : h.fds)
+          if (!f.keep) ++uses_[f.rec->file_id];
   }
   TargetTransaction(const TargetTransaction&) = delete;
   TargetTransaction& operator=(const TargetTransaction&) = delete;
@@ -146,7 +147,12 @@ class TargetTransaction {
         if (auto ok = check_interrupt(); !ok) return abort(ok.error());
         if (auto ok = (this->*phase)(*s); !ok) return abort(in_target(*s->holder, ok.error()));
       }
-      if (phase == &TargetTransaction::start) stage(Stage::stashed);
+      if (phase == &TargetTransaction::start) {
+        stage(Stage::stashed);
+        // Pipes refilled in place: every target holding them is stopped now (inplace.hpp).
+        for (InPlacePipe& p : built_.in_place)
+          if (auto ok = swap_in_place(p, opts_); !ok) return abort(ok.error());
+      }
     }
     if (auto ok = check_interrupt(); !ok) return abort(ok.error());
     stage(Stage::installed);
@@ -160,6 +166,7 @@ class TargetTransaction {
     if (!commit_->commit())
       return abort(Error{Errc::system, ECANCELED, "an agent gave up before the commit (timeout or failure); every target rolled back"});
     std::optional<Error> first;
+    built_.in_place.clear();  // the old buffers, the copies of the kept files: nothing to undo now
     for (auto& s : sessions_) {
       auto done = s->agent->decide();
       Expected<void> ok = done ? Expected<void>{} : tl::unexpected(done.error());
@@ -196,10 +203,12 @@ class TargetTransaction {
     const Holder& h = *s.holder;
     int top = highest_fd(h);
     for (const PlannedFd& f : h.fds)
-      s.ops.push_back(sys::AgentOp{sys::AgentOp::install, f.rec->fd, f.rec->cloexec ? 1 : 0, 0, 0,
-                                   built_.files.at(f.rec->file_id).get()});
+      if (!f.keep)  // kept in place: the target holds that file there already
+        s.ops.push_back(sys::AgentOp{sys::AgentOp::install, f.rec->fd, f.rec->cloexec ? 1 : 0, 0, 0,
+                                     built_.files.at(f.rec->file_id).get()});
     for (const PlannedFd& f : h.fds)
-      if (f.set_async) s.ops.push_back(sys::AgentOp{sys::AgentOp::setfl_or, f.rec->fd, 0, O_ASYNC, 0, -1});
+      if (f.keep ? wants_async_kept(f) : f.set_async)
+        s.ops.push_back(sys::AgentOp{sys::AgentOp::setfl_or, f.rec->fd, 0, O_ASYNC, 0, -1});
     const Before& known = before_.at(&h);
     if (top >= 0) {
       const uint64_t* limit = &known.nofile;
@@ -239,11 +248,19 @@ class TargetTransaction {
   Expected<void> hand_over(Session& s) {
     if (auto ok = s.agent->send_files(); !ok) return ok;
     for (const PlannedFd& f : s.holder->fds)
-      if (--uses_[f.rec->file_id] == 0) built_.files.erase(f.rec->file_id);
+      if (!f.keep && --uses_[f.rec->file_id] == 0) built_.files.erase(f.rec->file_id);
     return {};
   }
 
   Expected<void> prepare(Session& s) { return s.agent->prepare(); }
+
+  // A kept description (in place) that records O_ASYNC gets it set in the target at its own number
+  // (si_fd is the number O_ASYNC is set through), once per recorded file. Setting it where it is set
+  // already changes nothing (the kernel rebinds SIGIO only when the bit flips).
+  bool wants_async_kept(const PlannedFd& f) {
+    const FileRecord& rec = plan_.files[plan_.file_index.at(f.rec->file_id)].rec;
+    return (rec.flags & O_ASYNC) && async_seen_.insert(rec.id).second;
+  }
 
   tl::unexpected<Error> abort(Error e) {
     rollback();
@@ -253,6 +270,8 @@ class TargetTransaction {
   // Nothing of any target was changed: each agent closes what it received and returns.
   void rollback() {
     if (commit_) commit_->abort();
+    for (auto it = built_.in_place.rbegin(); it != built_.in_place.rend(); ++it) undo_in_place(*it);
+    built_.in_place.clear();
     for (auto& s : sessions_) {
       if (s->agent) (void)s->agent->restore();
       (void)s->proc.resume();
@@ -272,6 +291,7 @@ class TargetTransaction {
   std::unordered_map<uint64_t, size_t> uses_;       // file id -> fds of targets not yet handed over
   std::vector<std::unique_ptr<Session>> sessions_;  // stable addresses: the agent points at proc
   std::vector<std::unique_ptr<Session>> finished_;  // committed and let go; destroyed last
+  std::unordered_set<uint64_t> async_seen_;          // recorded files whose kept O_ASYNC is asked for
 };
 
 // The exec holder's fds put in place in this process, undone unless the exec happens.
@@ -433,7 +453,7 @@ Expected<ProcessRestoreSummary> restore_processes(const Image& img, const Proces
                                                   const ProcessRestoreOptions& opts) {
   SoftFdLimitRaised raised;  // declared first: set back after every fd below is closed
   const rlim_t soft_before = raised.before();
-  auto plan = make_plan(img, request);
+  auto plan = make_plan(img, request, opts);
   if (!plan) return tl::unexpected(plan.error());
   ProcessRestoreSummary sum;
   auto note = [&](const std::string& n) {
@@ -449,6 +469,16 @@ Expected<ProcessRestoreSummary> restore_processes(const Image& img, const Proces
   for (const std::string& n : built->notes) note(n);
   if (opts.hook) opts.hook(Stage::built);
   sum.pipes = plan->pipes.size();
+  for (const PlannedPipe& pp : plan->pipes) {
+    const PipeRecord& p = *pp.pipe;
+    PipeOutcome o{p.id, p.kind == PipeKind::fifo ? fmt::format("FIFO {}", p.path) : fmt::format("pipe:[{}]", p.inode),
+                  pp.choice.in_place, pp.choice.why, 0};
+    for (const Holder& h : plan->holders)
+      for (const PlannedFd& f : h.fds)
+        if (f.keep && plan->files[plan->file_index.at(f.rec->file_id)].pipe == &p) ++o.kept;
+    sum.in_place += o.in_place;
+    sum.outcomes.push_back(std::move(o));
+  }
   sum.files = plan->files.size();
   for (const Holder& h : plan->holders) sum.fds += h.fds.size();
 

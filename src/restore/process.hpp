@@ -67,6 +67,8 @@ enum class Stage {
 struct ProcessRestoreOptions {
   RefillOptions refill;
   bool create_fifos = false;                               // mkfifo a recorded FIFO path that is missing
+  bool replace = false;                                    // --replace: a new pipe for every pipe, none in place
+  bool allow_outside_fifo_holders = false;                 // restore a FIFO that processes outside the restore hold
   std::function<void(const std::string&)> note;            // one line per dropped end / unmapped owner
   std::function<void(Stage)> hook;                         // tests only
 };
@@ -80,10 +82,21 @@ struct DroppedEnd {
   bool write_side = false;
 };
 
+// How one pipe was restored: refilled in place (the targets keep the pipe they hold) or replaced.
+struct PipeOutcome {
+  uint64_t pipe_id = 0;
+  std::string name;          // "pipe:[123]" or "FIFO /path"
+  bool in_place = false;
+  std::string why;           // replaced: why it could not be done in place
+  size_t kept = 0;           // in place: restored fds that were already there
+};
+
 struct ProcessRestoreSummary {
-  size_t pipes = 0;          // pipes built
+  size_t pipes = 0;          // pipes built (replaced) or refilled in place
+  size_t in_place = 0;       // of which refilled in place
+  std::vector<PipeOutcome> outcomes;  // one per pipe, plan order
   size_t files = 0;          // open file descriptions built
-  size_t fds = 0;            // fds installed, over every target (and the exec process)
+  size_t fds = 0;            // fds restored (installed, or kept in place), over every target (and the exec process)
   std::vector<DroppedEnd> dropped;
   std::vector<std::string> notes;  // everything also passed to options.note
 };
@@ -96,7 +109,9 @@ struct ProcessRestoreSummary {
 //   Errc::gone              a target does not exist or exited;
 //   Errc::permission        not allowed to ptrace a target;
 //   Errc::not_found         a recorded FIFO path is missing (without create_fifos);
-//   Errc::unsupported       a FIFO path that is not a FIFO, or a FIFO that already holds data;
+//   Errc::unsupported       a FIFO path that is not a FIFO, or a FIFO that already holds data, or
+//                           one that processes outside the restore hold (unless allowed), or
+//                           targets holding one FIFO in different mount namespaces;
 //   Errc::capacity          a pipe capacity this kernel refuses;
 //   Errc::system            anything else, e.g. a target's RLIMIT_NOFILE below a recorded fd, or more
 //                           fds needed in this process than its hard RLIMIT_NOFILE allows (EMFILE).

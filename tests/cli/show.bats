@@ -54,14 +54,14 @@ mk() {
   mk mixed "$TMP/img"
   "$PIPECR" show --json "$TMP/img" > "$TMP/doc.json"
   jq -e '.format_version == 1' "$TMP/doc.json"
-  jq -e '.info == {page_size: 4096, kernel: "6.18.0-test", tool: "pipecr-mkimage",
+  jq -e '.info == {page_size: 4096, kernel: "6.18.0-test", tool: "pipecr-mkimage", boot_id: "",
                    created: "2023-11-14T22:13:20Z", created_unix_ns: 1700000000123456789}' "$TMP/doc.json"
   jq -e '.processes == [{pid: 4242, ppid: 1, comm: "writer", argv: ["writer", "-n", "3"]},
                         {pid: 4243, ppid: 4242, comm: "reader", argv: ["reader", "it'"'"'s here"]}]' "$TMP/doc.json"
-  jq -e '.pipes[0] == {id: 1, kind: "pipe", path: null, unlinked: false, inode: 1001, capacity: 65536,
+  jq -e '.pipes[0] == {id: 1, kind: "pipe", path: null, unlinked: false, inode: 1001, dev: null, capacity: 65536,
                        bytes: 4206, slots: [{len: 10, packet: true}, {len: 100, packet: true}, {len: 4096, packet: true}],
                        packets: [10, 100, 4096], outside_holders: false, uid: 0, gid: 0, mode: 384}' "$TMP/doc.json"
-  jq -e '.pipes[1] == {id: 2, kind: "fifo", path: "/tmp/pipecr-show.fifo", unlinked: true, inode: 1002,
+  jq -e '.pipes[1] == {id: 2, kind: "fifo", path: "/tmp/pipecr-show.fifo", unlinked: true, inode: 1002, dev: 0,
                        capacity: 16384, bytes: 11, slots: [{len: 11, packet: false}], packets: null,
                        outside_holders: true, uid: 1000, gid: 100, mode: 420}' "$TMP/doc.json"
   jq -e '.pipes[2] | .bytes == 0 and .slots == [] and .packets == null' "$TMP/doc.json"

@@ -1,7 +1,7 @@
 // scenario_test.cpp: runs the zdtm-style scenario programs against `pipecr dump`, `show` and
 // `restore`.
 //
-// For each program (see the list below and tests/scenario/CMakeLists.txt), four modes:
+// For each program (see the list below and tests/scenario/CMakeLists.txt), six modes:
 //   alone    start, wait for "ready", check its description against the live state (/proc),
 //            SIGUSR1, expect exit 0: the program and its description are right.
 //   wreck    start, drain its pipes through /proc/PID/fd, SIGUSR1, expect exit 1: its checks bite,
@@ -10,7 +10,12 @@
 //            `pipecr show --json` matches the description, SIGUSR1, expect exit 0: the processes
 //            ran on and found their pipes byte-identical.
 //   restore  as dump, then wreck, `pipecr restore IMG --into P=P ...` (one call for all the
-//            processes, so the pipes between them connect), SIGUSR1, expect exit 0.
+//            processes, so the pipes between them connect), SIGUSR1, expect exit 0. The targets
+//            still hold their (drained) pipes, so these are refilled in place.
+//   intact   as dump, then `pipecr restore -v` over the intact state (no wreck): every pipe is
+//            refilled in place (the summary says so), SIGUSR1, expect exit 0.
+//   replace  as restore, with --replace: every pipe is a new one (the summary says so). Skipped
+//            for programs whose checks need the links to their pipes kept (epoll watches).
 // Then the consumer restart with --exec, and the failures: a pid that does not exist, a target
 // that exits during the dump, pipecr SIGKILLed during a dump, pipecr run as nobody.
 //
@@ -185,19 +190,24 @@ void show_matches(const Scenario& s) {
   EXPECT_TRUE(diffs.empty()) << "show --json differs from what the program holds:\n" << lines(diffs);
 }
 
-void restore(const Scenario& s) {
+// Returns the summary line (stdout) and the -v lines (stderr).
+RunResult restore(const Scenario& s, std::vector<std::string> extra = {}) {
   std::vector<std::string> args = {"restore", s.image()};
   for (pid_t p : s.pids()) args.insert(args.end(), {"--into", std::to_string(p) + "=" + std::to_string(p)});
+  args.insert(args.end(), extra.begin(), extra.end());
   RunResult r = pipecr_run(s, args);
   expect_not_stopped(s, "pipecr restore");
-  ASSERT_EQ(r.code, 0) << "pipecr restore: " << describe(r);
+  EXPECT_EQ(r.code, 0) << "pipecr restore: " << describe(r);
+  return r;
 }
 
 // ---- the scenarios and their modes ----
 
 struct Info {
   const char* name;
-  bool drains;  // holds bytes, so the wreck must make it fail
+  bool drains;         // holds bytes, so the wreck must make it fail
+  bool links = false;  // its checks need the links to its pipes kept (not for --replace)
+  bool fits = true;    // few enough pipes that pipecr's fd limit lets every one be refilled in place
 };
 
 void PrintTo(const Info& i, std::ostream* os) { *os << i.name; }
@@ -207,7 +217,8 @@ const Info kScenarios[] = {
     {"pipe00", true},     {"pipe01", true},        {"pipe02", true},      {"pipe03", true},
     {"packet", true},     {"write_only", true},    {"file_fown", true},   {"fifo", true},
     {"fifo_ro", true},    {"fifo_nowriter", false}, {"fifo_wronly", false}, {"fifo_ghost", true},
-    {"freespace", true},  {"many_pipes", true},    {"vmsplice", true},    {"pipe_exec", true},
+    {"freespace", true},  {"many_pipes", true, false, false},    {"vmsplice", true},    {"pipe_exec", true},
+    {"epoll_links", true, true},
 };
 
 class Zdtm : public ::testing::TestWithParam<Info> {};
@@ -245,8 +256,37 @@ TEST_P(Zdtm, restore) {
   if (GetParam().drains) {
     EXPECT_GT(drained, 0u);
   }
-  ASSERT_NO_FATAL_FAILURE(restore(s));
+  RunResult r = restore(s);
+  ASSERT_EQ(r.code, 0);
   EXPECT_EQ(s.finish(), 0) << "after the restore: " << s.err();
+}
+
+TEST_P(Zdtm, intact) {
+  Scenario s(GetParam().name);
+  ASSERT_NO_FATAL_FAILURE(s.start());
+  ASSERT_NO_FATAL_FAILURE(dump(s));
+  RunResult r = restore(s, {"-v"});
+  ASSERT_EQ(r.code, 0);
+  if (GetParam().fits) {
+    EXPECT_NE(r.out.find(" in place, 0 replaced;"), std::string::npos)
+        << "every pipe should be refilled in place: " << describe(r);
+    EXPECT_EQ(r.err.find("replaced:"), std::string::npos) << describe(r);
+  } else {
+    EXPECT_EQ(r.out.find("(0 in place,"), std::string::npos) << "some pipes should be in place: " << describe(r);
+  }
+  EXPECT_EQ(s.finish(), 0) << "after the restore over the intact state: " << s.err();
+}
+
+TEST_P(Zdtm, replace) {
+  if (GetParam().links) GTEST_SKIP() << GetParam().name << " needs the links to its pipes kept";
+  Scenario s(GetParam().name);
+  ASSERT_NO_FATAL_FAILURE(s.start());
+  ASSERT_NO_FATAL_FAILURE(dump(s));
+  s.wreck();
+  RunResult r = restore(s, {"--replace"});
+  ASSERT_EQ(r.code, 0);
+  EXPECT_NE(r.out.find("(0 in place,"), std::string::npos) << "--replace should replace every pipe: " << describe(r);
+  EXPECT_EQ(s.finish(), 0) << "after the restore with --replace: " << s.err();
 }
 
 INSTANTIATE_TEST_SUITE_P(Scenario, Zdtm, ::testing::ValuesIn(kScenarios),

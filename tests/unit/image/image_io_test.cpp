@@ -60,6 +60,7 @@ Sample sample() {
   img.info.created_unix_ns = 1'700'000'000'123'456'789ull;
   img.info.kernel = "6.18.0-test";
   img.info.tool = "pipecr 0.1.0";
+  img.info.boot_id = "1217e6e4-5ddc-46cc-9816-1c6be508fffb";
   img.processes.push_back({100, 1, "cat", {"cat", "-"}});
   img.processes.push_back({101, 100, "sh", {"sh", "-c", "echo hi | cat", ""}});
   img.pipes.push_back(make_pipe(1, 65536, {{4096, false}, {100, false}}));
@@ -68,6 +69,7 @@ Sample sample() {
   img.pipes.push_back(make_pipe(3, 4096, {}));  // empty
   img.pipes.push_back(make_pipe(4, 8192, {{5, false}}));
   img.pipes.back().kind = PipeKind::fifo;
+  img.pipes.back().dev = 0x10302;
   img.pipes.back().path = "/tmp/x.fifo";
   img.pipes.back().unlinked = true;
   img.pipes.push_back(make_pipe(5, 65536, {}));
@@ -118,6 +120,7 @@ void expect_same(const Image& a, const Image& b) {
   EXPECT_EQ(a.info.created_unix_ns, b.info.created_unix_ns);
   EXPECT_EQ(a.info.kernel, b.info.kernel);
   EXPECT_EQ(a.info.tool, b.info.tool);
+  EXPECT_EQ(a.info.boot_id, b.info.boot_id);
   ASSERT_EQ(a.processes.size(), b.processes.size());
   for (size_t i = 0; i < a.processes.size(); ++i) {
     EXPECT_EQ(a.processes[i].pid, b.processes[i].pid);
@@ -131,6 +134,7 @@ void expect_same(const Image& a, const Image& b) {
     EXPECT_EQ(x.id, y.id);
     EXPECT_EQ(x.kind, y.kind);
     EXPECT_EQ(x.inode, y.inode);
+    EXPECT_EQ(x.dev, y.dev);
     EXPECT_EQ(x.capacity, y.capacity);
     EXPECT_EQ(x.uid, y.uid);
     EXPECT_EQ(x.gid, y.gid);
@@ -286,7 +290,7 @@ TEST(ImageIo, EmptyImage) {
   Image img;
   auto bytes = encode(img);
   ASSERT_TRUE(bytes);
-  EXPECT_EQ(bytes->size(), kFileHeaderSize + kRecordOverhead + 4 + 8 + 4 + 4 + kRecordOverhead + 8);
+  EXPECT_EQ(bytes->size(), kFileHeaderSize + kRecordOverhead + 4 + 8 + 4 + 4 + 4 + kRecordOverhead + 8);
   auto back = parse(*bytes);
   ASSERT_TRUE(back) << back.error().what;
   expect_same(img, *back);

@@ -565,7 +565,7 @@ TEST(RestoreProcess, ExecPlusIntoConnectsThePipe) {
   // producer write; cat ends at EOF when the producer exits.
   ssize_t n = ::read(out[0], buf, sizeof buf);
   got.append(buf, n > 0 ? static_cast<size_t>(n) : 0);
-  EXPECT_UNTRACED(producer.pid());
+  EXPECT_UNTRACED(producer.pid());  // only now: cat printing means the restore is done
   EXPECT_EQ(producer.finish(), "");
   for (; (n = ::read(out[0], buf, sizeof buf)) > 0;) got.append(buf, static_cast<size_t>(n));
   ::close(out[0]);

@@ -1,0 +1,130 @@
+// restore/inplace.hpp: refill in place, the first choice of a restore into processes.
+//
+// When the targets still hold the very pipe the image recorded, and nobody else holds it, pipecr
+// does not put a new pipe at the recorded numbers: it empties and refills the pipe they hold, and
+// sets status flags, owner and signal on the open files that are there. Every link the processes
+// have to that pipe survives by construction: epoll watches, ends in flight in unix sockets, fds the
+// image does not cover, descriptions shared with the rest of the process. Replacement (build.cpp,
+// process.cpp) remains for the rest; the choice is made per pipe, in the plan, and reported.
+//
+// "The very pipe", checked, not just an inode number:
+//   - an anonymous pipe: the pipefs inode number AND the boot the image was made in (INFO.boot_id):
+//     pipefs numbers are only unique within one boot;
+//   - a FIFO: device and inode of what the recorded path names in the target's mount namespace
+//     (/proc/TARGET/root/PATH) equal the recorded ones, and a target holds that inode (an unlinked
+//     FIFO: device and inode of a held end, in the same boot).
+// "Nobody else": every process whose fd table holds the pipe (a scan of /proc/*/fd at plan time)
+// is a target of this restore (--into; not the --exec process, which gets new pipes).
+//
+// Stages, as for a replacement (process.hpp):
+//   plan     choose_in_place(): per pipe, in place or replaced and why; per restored fd whether the
+//            target still holds the recorded file there (kept) or gets one installed there.
+//   build    build_in_place(): before any target is stopped. The recorded content is built in a
+//            scratch pipe of pipecr's (capacity and refill as for a new pipe), a copy of every end
+//            the targets hold is taken (pidfd_getfd: the same open file description), and every
+//            recorded file the targets no longer hold is opened again on the live pipe (an open of
+//            /proc/self/fd/<copy>: a new description on the same pipe), or is a copy of a kept
+//            description of the same recorded file.
+//   install swap_in_place(), all targets stopped: the live buffers move out into a holding pipe
+//            (splice pipe->pipe moves buffers, no bytes are copied), the capacity is set, the
+//            scratch buffers move in (measured on 6.18: a moved buffer keeps its packet and
+//            mergeable flags, so the slot layout is exactly the one refill built), then status
+//            flags (never O_ASYNC: that is set at the target's number, see process.cpp), owner and
+//            signal go onto the kept descriptions through pipecr's copies. The stop does not grow
+//            with the bytes: each move is a few splice() calls.
+//   undo     undo_in_place(): the new buffers are dropped, the old capacity set, the old buffers
+//            moved back, the old flags, owner and signal put back.
+//   commit   the holding pipe, the scratch pipe and the copies are closed.
+#pragma once
+
+#include <fcntl.h>
+#include <sys/types.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "pipecr/error.hpp"
+#include "pipecr/image.hpp"
+#include "sys/unique_fd.hpp"
+
+namespace pipecr::restore {
+
+struct Plan;
+struct PlannedPipe;
+struct Built;
+struct ProcessRestoreOptions;
+
+// An fd of a target on the live pipe, found by the plan's scan.
+struct LiveEnd {
+  pid_t pid = -1;
+  int fd = -1;
+  int accmode = O_RDONLY;
+};
+
+// The plan's choice for one pipe.
+struct PipeChoice {
+  bool in_place = false;
+  std::string why;             // replaced: the reason; in place: empty
+  std::vector<LiveEnd> held;   // in place: every fd of every target on the live pipe
+  size_t kept = 0;             // in place: restored fds the targets hold already (mark_kept)
+  std::vector<pid_t> strangers;  // processes holding it now that are not targets (ascending)
+};
+
+struct Holder;
+
+// Decides, for every pipe of the image that a restored process holds, in place or replaced, and
+// why (pipe id -> choice). Reads the image and /proc only. force_replace: --replace.
+[[nodiscard]] std::unordered_map<uint64_t, PipeChoice> choose_in_place(const Image& img,
+                                                                      const std::vector<Holder>& holders,
+                                                                      bool force_replace);
+
+// Marks the restored fds of in-place pipes that the target still holds, with the recorded access
+// mode, at the recorded number (PlannedFd::keep): nothing is installed there.
+void mark_kept(Plan& plan);
+
+// Replaces pipes planned in place, last first, until what pipecr holds at once (fds_needed()) fits
+// under `limit` fds beside the `open_now` it holds: 10,000 pipes refilled in place at once need more
+// fds than replacing them (copies, scratch and holding pipes until the commit).
+void fit_fd_limit(Plan& plan, size_t limit, size_t open_now);
+
+// A kept open file description: pipecr's copy, and what it had before, for the undo.
+struct KeptFile {
+  const FileRecord* rec = nullptr;
+  sys::UniqueFd copy;
+  bool saved = false;
+  int old_fl = 0;
+  int old_owner_type = 0;
+  pid_t old_owner_pid = 0;
+  int old_sig = 0;
+};
+
+// One pipe refilled in place: what build made, and what install did so far (for the undo).
+struct InPlacePipe {
+  const PipeRecord* pipe = nullptr;
+  std::vector<sys::UniqueFd> held;   // copies of the targets' ends (index as PipeChoice::held)
+  sys::UniqueFd reader, writer;      // pipecr's own ends on the live pipe, opened when needed
+  sys::UniqueFd scratch_r, scratch_w;  // the recorded content, built beforehand
+  sys::UniqueFd hold_r, hold_w;      // the live content while the restore can be undone
+  std::vector<KeptFile> kept;
+  int old_cap = 0;
+  bool emptied = false, capacity_set = false, filled = false;
+};
+
+// Stage 2 for one in-place pipe: scratch content, copies, reopened files (into built.files).
+[[nodiscard]] Expected<void> build_in_place(const Plan& plan, const PlannedPipe& pp, const ProcessRestoreOptions& opts,
+                                            Built& built);
+
+// The most fds pipecr holds for one in-place pipe until the commit, with `kept` kept descriptions.
+[[nodiscard]] size_t in_place_fds(const PlannedPipe& pp, size_t kept);
+
+// Stage 3, all targets stopped: swap the content, set the state of the kept descriptions.
+[[nodiscard]] Expected<void> swap_in_place(InPlacePipe& p, const ProcessRestoreOptions& opts);
+
+// Undo what swap_in_place() did, as far as it got. Best effort: errors cannot be reported better
+// than the one that caused the rollback.
+void undo_in_place(InPlacePipe& p);
+
+}  // namespace pipecr::restore

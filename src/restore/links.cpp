@@ -1,0 +1,78 @@
+// restore/links.cpp: what a replacement cuts off, said rather than done in silence.
+//
+// The kernel drops an epoll watch when the watched file is released, so a target whose epoll
+// instance watches a file that the restore replaces stops hearing from it. Until replacement can
+// re-add such watches (issue 7 item 2), the plan names each one: for every replaced fd of a
+// target, the target's epoll instances (fds whose link is anon_inode:[eventpoll]) are read from
+// /proc/PID/fdinfo ("tfd: N events: E data: D ... ino: I"), and a watch on that fd number whose
+// inode is the inode the target holds there now is a watch the restore cuts.
+#include "restore/links.hpp"
+
+#include <sys/stat.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <unordered_map>
+#include <unordered_set>
+
+#include <fmt/format.h>
+
+#include "restore/plan.hpp"
+#include "sys/proc.hpp"
+
+namespace pipecr::restore {
+namespace {
+
+struct Watch {
+  int tfd = -1;
+  uint64_t ino = 0;
+};
+
+// The watches of one epoll instance, from its fdinfo text.
+std::vector<Watch> parse_watches(const std::string& text) {
+  std::vector<Watch> out;
+  size_t at = 0;
+  while ((at = text.find("tfd:", at)) != std::string::npos) {
+    Watch w;
+    const char* p = text.c_str() + at + 4;
+    w.tfd = static_cast<int>(std::strtol(p, nullptr, 10));
+    size_t eol = text.find('\n', at);
+    size_t ino = text.find("ino:", at);
+    if (ino != std::string::npos && (eol == std::string::npos || ino < eol))
+      w.ino = std::strtoull(text.c_str() + ino + 4, nullptr, 16);
+    out.push_back(w);
+    at += 4;
+  }
+  return out;
+}
+
+}  // namespace
+
+std::vector<std::string> cut_links_notes(const Plan& plan) {
+  std::vector<std::string> notes;
+  for (const Holder& h : plan.holders) {
+    if (h.exec) continue;
+    std::unordered_set<int> replaced;
+    for (const PlannedFd& f : h.fds)
+      if (!f.keep) replaced.insert(f.rec->fd);
+    if (replaced.empty()) continue;
+    auto fds = sys::list_fds(h.target, true);
+    if (!fds) continue;
+    for (const sys::FdEntry& e : *fds) {
+      if (e.target != "anon_inode:[eventpoll]") continue;
+      auto info = sys::read_proc_file(fmt::format("/proc/{}/fdinfo/{}", h.target, e.fd));
+      if (!info) continue;
+      for (const Watch& w : parse_watches(*info)) {
+        if (!replaced.count(w.tfd)) continue;
+        struct stat st {};
+        if (::stat(fmt::format("/proc/{}/fd/{}", h.target, w.tfd).c_str(), &st) < 0 || st.st_ino != w.ino) continue;
+        notes.push_back(fmt::format("fd {} of process {} is watched by its epoll fd {}: the watch stays on the file "
+                                    "being replaced, so the process will not hear from the restored pipe there",
+                                    w.tfd, h.target, e.fd));
+      }
+    }
+  }
+  return notes;
+}
+
+}  // namespace pipecr::restore

@@ -1,0 +1,147 @@
+#!/usr/bin/env bats
+# links.bats: a real event-loop program keeps hearing its pipe after `pipecr restore --into`
+# (issue 7). The program is Python asyncio (links/asyncio_reader.py): its loop watches the read
+# end of a pipe with epoll (loop.add_reader). A restore that puts a new pipe there leaves the watch
+# on the old file; a restore in place keeps it.
+
+load helpers
+
+PROG="$BATS_TEST_DIRNAME/links/asyncio_reader.py"
+
+# start: runs the reader; sets PID once it is up.
+start() {
+  python3 "$PROG" "$TMP/reader.pid" "$TMP/heard" &
+  PID=
+  local i
+  for i in $(seq 1 200); do
+    [ -s "$TMP/reader.pid" ] && PID=$(cat "$TMP/reader.pid") && break
+    sleep 0.05
+  done
+  [ -n "$PID" ]
+}
+
+# say TEXT: writes TEXT into the reader's pipe through its write end.
+say() { printf '%s' "$1" > "/proc/$PID/fd/41"; }
+
+# heard TEXT: waits (up to 10 s) until the reader has heard exactly TEXT.
+heard() {
+  local i
+  for i in $(seq 1 200); do
+    [ "$(cat "$TMP/heard" 2>/dev/null)" = "$1" ] && return 0
+    sleep 0.05
+  done
+  echo "heard: '$(cat "$TMP/heard" 2>/dev/null)', expected '$1'"
+  return 1
+}
+
+@test "asyncio: the loop hears its pipe after a restore over the intact state" {
+  start
+  say "one;"
+  heard "one;"
+  "$PIPECR" dump -t "$PID" -o "$TMP/img"
+  run "$PIPECR" restore -v "$TMP/img" --into "$PID"
+  echo "$output"
+  [ "$status" -eq 0 ]
+  [[ "$output" == *"refilled in place"* ]]
+  [[ "$output" == *"(1 in place, 0 replaced;"* ]]
+  say "two;END"
+  heard "one;two;END"
+  wait "$(cat "$TMP/reader.pid")" 2>/dev/null || true
+}
+
+@test "asyncio: bytes queued at the dump reach the loop after a restore" {
+  start
+  # Stop the reader so the bytes stay queued while it is dumped; it reads them once let go.
+  kill -STOP "$PID"
+  say "queued;"
+  "$PIPECR" dump -t "$PID" -o "$TMP/img"
+  # Drain the pipe behind the loop's back, as a crash of its content would.
+  python3 -c "import os,sys; fd=os.open('/proc/$PID/fd/40', os.O_RDONLY|os.O_NONBLOCK); os.read(fd, 65536)"
+  run "$PIPECR" restore "$TMP/img" --into "$PID"
+  echo "$output"
+  [ "$status" -eq 0 ]
+  [[ "$output" == *"(1 in place, 0 replaced;"* ]]
+  kill -CONT "$PID"
+  heard "queued;"
+  say "END"
+  heard "queued;END"
+}
+
+@test "asyncio: with --replace the loop goes deaf (why refill in place exists)" {
+  start
+  "$PIPECR" dump -t "$PID" -o "$TMP/img"
+  run "$PIPECR" restore --replace "$TMP/img" --into "$PID"
+  echo "$output"
+  [ "$status" -eq 0 ]
+  [[ "$output" == *"(0 in place, 1 replaced;"* ]]
+  # Not in silence: the watch the replacement cuts is named.
+  [[ "$output" == *"note: fd 40 of process $PID is watched by its epoll fd "*": the watch stays on the file being replaced"* ]]
+  say "lost;END"
+  sleep 1
+  [ "$(cat "$TMP/heard" 2>/dev/null)" = "" ]
+  kill -9 "$PID"
+}
+
+# fifo_bytes PATH: the bytes queued in the FIFO at PATH (opened O_RDWR|O_NONBLOCK: never blocks).
+fifo_bytes() {
+  python3 -c "
+import fcntl, os, struct, termios, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_NONBLOCK)
+print(struct.unpack('i', fcntl.ioctl(fd, termios.FIONREAD, b'\0' * 4))[0])" "$1"
+}
+
+@test "FIFO: another process holding it refuses the restore unless allowed" {
+  mkfifo "$TMP/f"
+  spawn target "exec 3<>'$TMP/f'; printf recorded >&3; exec sleep 100" &
+  local target
+  target=$(pid_of target)
+  "$PIPECR" dump -t "$target" -o "$TMP/img"
+  # A stranger opens it after the dump: it would read what the restore puts there.
+  spawn stranger "exec sleep 100 < '$TMP/f'" &
+  local stranger
+  stranger=$(pid_of stranger)
+  for i in $(seq 1 100); do [ "$(readlink /proc/$stranger/fd/0)" = "$TMP/f" ] && break; sleep 0.05; done
+  run "$PIPECR" restore "$TMP/img" --into "$target"
+  echo "$output"
+  [ "$status" -eq 69 ]
+  [[ "$output" == *"process $stranger (sleep) has it open and is not restored"* ]]
+  [[ "$output" == *"--allow-outside-fifo-holders"* ]]
+  [ "$(echo "$output" | wc -l)" -eq 1 ]
+  # Allowed: the FIFO is replaced (a FIFO that holds bytes is refused, so drain it first).
+  python3 -c "import os; fd=os.open('/proc/$target/fd/3', os.O_RDONLY|os.O_NONBLOCK); os.read(fd, 100)"
+  run "$PIPECR" restore "$TMP/img" --into "$target" --allow-outside-fifo-holders
+  echo "$output"
+  [ "$status" -eq 0 ]
+  [[ "$output" == *"note: FIFO $TMP/f: process $stranger (sleep) has it open"* ]]
+  [ "$(fifo_bytes "/proc/$target/fd/3")" -eq 8 ]
+}
+
+@test "FIFO: restored in the target's mount namespace, not pipecr's" {
+  mkdir "$TMP/d"
+  mkfifo "$TMP/d/f"   # pipecr's namespace: this FIFO must get nothing
+  spawn target "exec unshare -m sh -c \"mount -t tmpfs none '$TMP/d' && mkfifo '$TMP/d/f' && exec 3<>'$TMP/d/f' && printf recorded >&3 && exec sleep 100\"" &
+  local target
+  target=$(pid_of target)
+  for i in $(seq 1 100); do [ "$(readlink /proc/$target/fd/3 2>/dev/null)" = "$TMP/d/f" ] && break; sleep 0.05; done
+  "$PIPECR" dump -t "$target" -o "$TMP/img"
+  # Held after the dump (so that the dump does not take it for the same FIFO by its path), so bytes
+  # written into it would stay.
+  spawn host "exec 3<>'$TMP/d/f'; exec sleep 100" &
+  local host
+  host=$(pid_of host)
+  for i in $(seq 1 100); do [ "$(readlink /proc/$host/fd/3 2>/dev/null)" = "$TMP/d/f" ] && break; sleep 0.05; done
+  local theirs
+  theirs=$(stat -L -c %d:%i "/proc/$target/fd/3")
+  [ "$theirs" != "$(stat -L -c %d:%i "$TMP/d/f")" ]
+  for mode in "" "--replace"; do
+    # Empty the target's FIFO, then restore it.
+    python3 -c "import os; fd=os.open('/proc/$target/fd/3', os.O_RDONLY|os.O_NONBLOCK); os.read(fd, 100)"
+    [ "$(fifo_bytes "/proc/$target/fd/3")" -eq 0 ]
+    run "$PIPECR" restore -v "$TMP/img" --into "$target" $mode
+    echo "$output"
+    [ "$status" -eq 0 ]
+    [ "$(fifo_bytes "/proc/$target/fd/3")" -eq 8 ]
+    [ "$(stat -L -c %d:%i "/proc/$target/fd/3")" = "$theirs" ]
+    [ "$(fifo_bytes "/proc/$host/fd/3")" -eq 0 ]
+  done
+}

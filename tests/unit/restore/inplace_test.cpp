@@ -1,0 +1,160 @@
+// inplace_test.cpp: refill in place (restore/inplace.hpp) into real children.
+//
+// The child holds a live pipe made by the test (the test lets go of its own ends once the child
+// has them, so the child is its only holder); the image names that very pipe (its inode, this
+// boot). The restore must keep the child's open file (same description: an epoll watch on it
+// still reports), refill it and set capacity and flags; a failure after the refill must put the old
+// bytes back; --replace and a second holder must make it a replacement.
+#include <sys/epoll.h>
+#include <sys/stat.h>
+
+#include <gtest/gtest.h>
+
+#include "image/info.hpp"
+#include "restore/process.hpp"
+#include "restore_helpers.hpp"
+
+namespace pipecr::restore {
+namespace {
+
+using testing::ImageBuilder;
+using testing::Scenario;
+
+#define EXPECT_UNTRACED(pid) EXPECT_EQ(testing::traced_or_stopped(pid), "")
+
+constexpr int32_t kRec = 4242;
+constexpr int32_t kRec2 = 4343;
+constexpr int kR = 11, kW = 12, kEp = 20;
+
+// A pipe of the test holding `old`: its ends, at numbers the child moves to kR and kW.
+struct LivePipe {
+  int r = -1, w = -1;
+  uint64_t inode = 0;
+  explicit LivePipe(const std::string& old) {
+    int p[2];
+    if (::pipe(p) != 0) throw std::runtime_error("pipe");
+    r = p[0];
+    w = p[1];
+    if (!old.empty() && ::write(w, old.data(), old.size()) != static_cast<ssize_t>(old.size()))
+      throw std::runtime_error("write");
+    struct stat st {};
+    ::fstat(r, &st);
+    inode = st.st_ino;
+  }
+  // In the child: the ends at kR and kW, an epoll at kEp watching kR (level, data 7).
+  void take() const {
+    ::dup2(r, kR);
+    ::dup2(w, kW);
+    ::close(r);
+    ::close(w);
+    int ep = ::epoll_create1(0);
+    ::dup2(ep, kEp);
+    ::close(ep);
+    epoll_event ev{};
+    ev.events = EPOLLIN;
+    ev.data.u64 = 7;
+    ::epoll_ctl(kEp, EPOLL_CTL_ADD, kR, &ev);
+  }
+  void let_go() {
+    ::close(r);
+    ::close(w);
+  }
+};
+
+// The image of the child holding `pipe` with `bytes` queued, at capacity 16384, read end O_NONBLOCK.
+ImageBuilder image_of(const LivePipe& live, const std::string& bytes) {
+  ImageBuilder b;
+  b.process(kRec);
+  uint64_t p = b.pipe({{bytes, false}}, 16384);
+  b.raw().pipes.back().inode = live.inode;
+  b.raw().info.boot_id = image::boot_id();
+  b.fd(kRec, kR, b.file(p, O_RDONLY | O_NONBLOCK)).fd(kRec, kW, b.file(p, O_WRONLY));
+  return b;
+}
+
+std::string epoll_reports_in() {
+  epoll_event ev{};
+  int n = ::epoll_wait(kEp, &ev, 1, 0);
+  if (n == 1 && ev.data.u64 == 7 && (ev.events & EPOLLIN)) return "";
+  return fmt::format("the epoll watch on fd {} does not report (epoll_wait {}, events {:#x})", kR, n,
+                     static_cast<unsigned>(ev.events));
+}
+
+TEST(RestoreInPlace, KeepsTheOpenFileAndRefillsIt) {
+  LivePipe live("old bytes");
+  ImageBuilder b = image_of(live, "recorded");
+  Image img = b.parsed();
+  Scenario child([&] { live.take(); },
+                 []() -> std::string {
+                   if (auto e = epoll_reports_in(); !e.empty()) return e;
+                   if (::fcntl(kR, F_GETPIPE_SZ) != 16384) return "capacity not set";
+                   if (!(::fcntl(kR, F_GETFL) & O_NONBLOCK)) return "O_NONBLOCK not set on the kept read end";
+                   return testing::expect_bytes(kR, "recorded");
+                 });
+  ASSERT_TRUE(child.ready());
+  live.let_go();
+  auto sum = restore_processes(img, {{{child.pid(), kRec}}, std::nullopt});
+  ASSERT_TRUE(sum) << sum.error().what;
+  EXPECT_EQ(sum->in_place, 1u);
+  ASSERT_EQ(sum->outcomes.size(), 1u);
+  EXPECT_TRUE(sum->outcomes[0].in_place) << sum->outcomes[0].why;
+  EXPECT_EQ(sum->outcomes[0].kept, 2u);
+  EXPECT_UNTRACED(child.pid());
+  EXPECT_EQ(child.finish(), "");
+}
+
+TEST(RestoreInPlace, FailureAfterTheRefillPutsTheOldBytesBack) {
+  LivePipe live("old bytes");
+  ImageBuilder b = image_of(live, "recorded");
+  b.process(kRec2);
+  b.fd(kRec2, 13, b.file(b.pipe({{"x", false}}), O_RDONLY));
+  Image img = b.parsed();
+  Scenario child([&] { live.take(); },
+                 []() -> std::string {
+                   if (::fcntl(kR, F_GETPIPE_SZ) != 65536) return "capacity not put back";
+                   if (::fcntl(kR, F_GETFL) & O_NONBLOCK) return "O_NONBLOCK not put back";
+                   if (auto e = epoll_reports_in(); !e.empty()) return e;
+                   return testing::expect_bytes(kR, "old bytes");
+                 });
+  Scenario victim([] {}, [] { return std::string(); });
+  ASSERT_TRUE(child.ready() && victim.ready());
+  live.let_go();
+  ProcessRestoreOptions opts;
+  opts.hook = [&](Stage s) {
+    if (s == Stage::stashed) ::kill(victim.pid(), SIGKILL);  // the refill in place runs next, then the victim fails
+  };
+  auto r = restore_processes(img, {{{child.pid(), kRec}, {victim.pid(), kRec2}}, std::nullopt}, opts);
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().kind, Errc::gone) << r.error().what;
+  EXPECT_UNTRACED(child.pid());
+  EXPECT_EQ(child.finish(), "");
+}
+
+TEST(RestoreInPlace, AnotherHolderOrReplaceMeansANewPipe) {
+  for (bool force : {false, true}) {
+    LivePipe live("old bytes");
+    ImageBuilder b = image_of(live, "recorded");
+    Image img = b.parsed();
+    Scenario child([&] { live.take(); },
+                   []() -> std::string {
+                     epoll_event ev{};
+                     if (::epoll_wait(kEp, &ev, 1, 0) != 0) return "the watch on the replaced file still reports";
+                     return testing::expect_bytes(kR, "recorded");
+                   });
+    ASSERT_TRUE(child.ready());
+    if (force) live.let_go();  // else the test itself is the other holder
+    ProcessRestoreOptions opts;
+    opts.replace = force;
+    auto sum = restore_processes(img, {{{child.pid(), kRec}}, std::nullopt}, opts);
+    ASSERT_TRUE(sum) << sum.error().what;
+    EXPECT_EQ(sum->in_place, 0u);
+    ASSERT_EQ(sum->outcomes.size(), 1u);
+    if (force) EXPECT_EQ(sum->outcomes[0].why, "--replace");
+    else EXPECT_EQ(sum->outcomes[0].why.rfind(fmt::format("process {} (", ::getpid()), 0), 0u) << sum->outcomes[0].why;
+    if (!force) live.let_go();  // the last reference to the old file: its epoll watch goes with it
+    EXPECT_EQ(child.finish(), "");
+  }
+}
+
+}  // namespace
+}  // namespace pipecr::restore
