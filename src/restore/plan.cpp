@@ -155,13 +155,14 @@ void add_file(const Image& img, uint64_t file_id, Plan& plan) {
   plan.files.push_back(std::move(pf));
 }
 
-// A pipe that processes outside the image hold too (a terminal's log pipe, a supervisor's stdout
+// A pipe that processes outside the restore hold too (a terminal's log pipe, a supervisor's stdout
 // pipe) cannot be restored whole: a new pipe would cut those holders off. Where the target still
-// holds that very pipe at the recorded number, the fd is left as it is.
-bool still_connected(const Image& img, const FdRecord& d, pid_t target) {
+// holds that very pipe at the recorded number, the fd is left as it is. Outside holders are those
+// the dump recorded (dump --outside-holders) or those the restore's own scan sees now (inplace.hpp).
+bool still_connected(const Image& img, const FdRecord& d, pid_t target, bool held_outside_now) {
   const FileRecord* f = img.find_file(d.file_id);
   const PipeRecord* p = f ? img.find_pipe(f->pipe_id) : nullptr;
-  if (!p || !p->outside_holders || target <= 0) return false;
+  if (!p || !(p->outside_holders || held_outside_now) || target <= 0) return false;
   struct stat st {};
   if (::stat(fmt::format("/proc/{}/fd/{}", target, d.fd).c_str(), &st) < 0 || !S_ISFIFO(st.st_mode)) return false;
   if (st.st_ino != p->inode) return false;
@@ -185,10 +186,10 @@ std::optional<size_t> thread_holder(Plan& plan, size_t h, pid_t tid) {
 // shared the fd table of a recorded one (SHARED_FILES) receives that table's fds when only it is
 // restored; when both are, they are installed once.
 void select_fds(const Image& img, Plan& plan, std::unordered_map<uint64_t, PipeChoice>& choices) {
-  auto in_place = [&](const FdRecord& d) {
+  auto choice_of = [&](const FdRecord& d) -> const PipeChoice* {
     const FileRecord* f = img.find_file(d.file_id);
     auto c = f ? choices.find(f->pipe_id) : choices.end();
-    return c != choices.end() && c->second.in_place;
+    return c == choices.end() ? nullptr : &c->second;
   };
   std::unordered_map<int32_t, size_t> holder_of;
   for (size_t i = 0; i < plan.holders.size(); ++i) holder_of[plan.holders[i].recorded] = i;
@@ -206,7 +207,13 @@ void select_fds(const Image& img, Plan& plan, std::unordered_map<uint64_t, PipeC
                                        d.fd, d.tid));
       continue;
     }
-    if (!in_place(d) && still_connected(img, d, plan.holders[*hi].target)) {
+    const PipeChoice* c = choice_of(d);
+    const bool in_place = c && c->in_place;
+    // (FIFOs held by strangers are refused or allowed by make_plan: not left as they are.)
+    const FileRecord* fr = img.find_file(d.file_id);
+    const PipeRecord* pr = fr ? img.find_pipe(fr->pipe_id) : nullptr;
+    const bool outside_now = c && !c->strangers.empty() && pr && pr->kind == PipeKind::anonymous;
+    if (!in_place && still_connected(img, d, plan.holders[*hi].target, outside_now)) {
       plan.notes.push_back(fmt::format("fd {} of process {} left as it is: its pipe is also held outside the image, "
                                        "and the process still holds that pipe there",
                                        d.fd, plan.holders[*hi].target));
