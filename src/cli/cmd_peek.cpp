@@ -18,6 +18,7 @@
 #include <fmt/format.h>
 
 #include "cli/command.hpp"
+#include "cli/size_arg.hpp"
 #include "cli/hexdump.hpp"
 #include "dump/pipe.hpp"
 #include "sys/proc.hpp"
@@ -26,42 +27,8 @@
 namespace pipecr::cli {
 namespace {
 
-struct Target {
-  pid_t pid = 0;
-  int fd = -1;
-};
-
-Expected<Target> parse_target(const std::string& s) {
-  Target t;
-  size_t colon = s.find(':');
-  auto bad = [&] { return fail(Errc::invalid_argument, EINVAL, fmt::format("'{}' is not PID:FD", s)); };
-  if (colon == std::string::npos) return bad();
-  const char* b = s.data();
-  auto r1 = std::from_chars(b, b + colon, t.pid);
-  auto r2 = std::from_chars(b + colon + 1, b + s.size(), t.fd);
-  if (r1.ec != std::errc() || r1.ptr != b + colon || r2.ec != std::errc() || r2.ptr != b + s.size() ||
-      t.pid <= 0 || t.fd < 0)
-    return bad();
-  return t;
-}
-
-// Our copy of the target's fd; errors worded for the user.
-Expected<sys::UniqueFd> grab_fd(const Target& t) {
-  auto pidfd = sys::pidfd_open(t.pid);
-  if (!pidfd) {
-    Error e = pidfd.error();
-    if (e.err == ESRCH) e.what = fmt::format("process {} does not exist", t.pid);
-    return tl::unexpected(e);
-  }
-  auto fd = sys::pidfd_getfd(pidfd->get(), t.fd, t.pid);
-  if (!fd && fd.error().err == EBADF)
-    return fail(Errc::invalid_argument, EBADF, fmt::format("{}:{} is not an open fd", t.pid, t.fd));
-  if (!fd && fd.error().err == ESRCH) return fail(Errc::gone, ESRCH, fmt::format("process {} exited", t.pid));
-  return fd;
-}
-
 // Refuses anything but a pipe or FIFO, naming what it is.
-Expected<void> require_pipe(const Target& t, int fd) {
+Expected<void> require_pipe(const PidFd& t, int fd) {
   struct stat st {};
   if (::fstat(fd, &st) < 0) return tl::unexpected(sys::call_error("fstat", fmt::format("fd={}", fd)));
   if (S_ISFIFO(st.st_mode)) return {};
@@ -71,7 +38,7 @@ Expected<void> require_pipe(const Target& t, int fd) {
 }
 
 // A read end of the same pipe: the copy itself unless it is write-only.
-Expected<sys::UniqueFd> read_end_for(const Target& t, sys::UniqueFd copy) {
+Expected<sys::UniqueFd> read_end_for(const PidFd& t, sys::UniqueFd copy) {
   auto fl = sys::get_fl(copy.get());
   if (!fl) return tl::unexpected(fl.error());
   if ((*fl & O_ACCMODE) != O_WRONLY) return copy;
@@ -99,9 +66,9 @@ struct Options {
 };
 
 Expected<int> peek(const Options& o, CommandContext& ctx) {
-  auto t = parse_target(o.target);
+  auto t = parse_pid_fd(o.target);
   if (!t) return tl::unexpected(t.error());
-  auto copy = grab_fd(*t);
+  auto copy = grab_pid_fd(*t);
   if (!copy) return tl::unexpected(copy.error());
   if (auto p = require_pipe(*t, copy->get()); !p) return tl::unexpected(p.error());
   if (auto id = dump::identify(copy->get()); !id) return tl::unexpected(id.error());

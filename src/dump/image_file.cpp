@@ -42,15 +42,6 @@ Error cannot_create(const std::string& path, const char* call) {
   return e;
 }
 
-const char* type_name(mode_t m) {
-  if (S_ISDIR(m)) return "a directory";
-  if (S_ISFIFO(m)) return "a FIFO";
-  if (S_ISCHR(m)) return "a character device";
-  if (S_ISBLK(m)) return "a block device";
-  if (S_ISSOCK(m)) return "a socket";
-  return "not a regular file";
-}
-
 // The path the image will be renamed to: path itself, or what its symbolic link resolves to, as
 // long as that is a regular file or does not exist yet. Errc::cannot_create otherwise.
 Expected<std::string> output_path(const std::string& path) {
@@ -64,14 +55,14 @@ Expected<std::string> output_path(const std::string& path) {
   if (!S_ISLNK(st.st_mode))
     return fail(Errc::cannot_create, EEXIST,
                 fmt::format("\"{}\" is {}: dump -o writes only a regular file (or `-` for stdout)", path,
-                            type_name(st.st_mode)));
+                            image::file_type_name(st.st_mode)));
   std::string target;
   if (::stat(path.c_str(), &st) == 0) {
     if (!S_ISREG(st.st_mode))
       return fail(Errc::cannot_create, EEXIST,
                   fmt::format("\"{}\" is a symbolic link to {}: dump -o writes only a regular file (or `-` for "
                               "stdout)",
-                              path, type_name(st.st_mode)));
+                              path, image::file_type_name(st.st_mode)));
     char* real = ::realpath(path.c_str(), nullptr);
     if (!real) return tl::unexpected(cannot_create(path, "realpath"));
     target = real;
@@ -116,7 +107,7 @@ class OutputFile {
     struct stat st {};
     if (::lstat(path_.c_str(), &st) == 0 && !S_ISREG(st.st_mode))
       return fail(Errc::cannot_create, EEXIST,
-                  fmt::format("\"{}\" became {} during the dump: not replaced", path_, type_name(st.st_mode)));
+                  fmt::format("\"{}\" became {} during the dump: not replaced", path_, image::file_type_name(st.st_mode)));
     if (::rename(named_.c_str(), path_.c_str()) < 0) return tl::unexpected(cannot_create(path_, "rename"));
     named_.clear();
     return {};

@@ -7,6 +7,8 @@
 // PipeRecord::data views those bytes: nothing is copied and nothing is parsed twice.
 #pragma once
 
+#include <sys/types.h>
+
 #include <cstddef>
 #include <cstdint>
 #include <span>
@@ -91,6 +93,9 @@ class Writer {
 // Errc::invalid_argument (stdin is a terminal), Errc::system. An empty image maps to an empty span
 // (which parse() refuses as truncated). The source may change or shrink afterwards: the mapping
 // does not see it (no SIGBUS).
+// What a file that is not a regular file is, for messages: "a directory", "a FIFO", "a socket" ...
+[[nodiscard]] const char* file_type_name(mode_t m);
+
 class MappedFile {
  public:
   [[nodiscard]] static Expected<MappedFile> open(const std::string& path);

@@ -37,17 +37,6 @@
 namespace pipecr::image {
 namespace {
 
-const char* type_name(mode_t m) {
-  if (S_ISDIR(m)) return "a directory";
-  if (S_ISFIFO(m)) return "a FIFO";
-  if (S_ISCHR(m)) return "a character device";
-  if (S_ISBLK(m)) return "a block device";
-  if (S_ISSOCK(m)) return "a socket";
-  if (S_ISLNK(m)) return "a symbolic link";
-  return "not a regular file";
-}
-
-// An unnamed, unlinked file in $TMPDIR (or /tmp) that only this process holds.
 Expected<sys::UniqueFd> make_spool() {
   const char* env = std::getenv("TMPDIR");
   std::string dir = env && *env ? env : "/tmp";
@@ -115,6 +104,17 @@ Expected<Mapping> map_spool(int fd, uint64_t size, const std::string& name) {
 
 }  // namespace
 
+const char* file_type_name(mode_t m) {
+  if (S_ISDIR(m)) return "a directory";
+  if (S_ISFIFO(m)) return "a FIFO";
+  if (S_ISCHR(m)) return "a character device";
+  if (S_ISBLK(m)) return "a block device";
+  if (S_ISSOCK(m)) return "a socket";
+  if (S_ISLNK(m)) return "a symbolic link";
+  return "not a regular file";
+}
+
+// An unnamed, unlinked file in $TMPDIR (or /tmp) that only this process holds.
 Expected<MappedFile> MappedFile::open(const std::string& path) {
   if (path == "-") return from_stdin();
   sys::UniqueFd fd(::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC));
@@ -124,7 +124,7 @@ Expected<MappedFile> MappedFile::open(const std::string& path) {
   if (!S_ISREG(st.st_mode))
     return fail(Errc::not_found, EINVAL,
                 fmt::format("image \"{}\" is {}, not a regular file (give `-` to read an image from stdin)", path,
-                            type_name(st.st_mode)));
+                            file_type_name(st.st_mode)));
   // A file that does not start with the magic is refused before it is copied (a log file, a disk
   // image given by mistake); a short file is copied and refused by parse() with its offset.
   std::array<std::byte, kMagic.size()> head{};

@@ -341,7 +341,7 @@ Expected<void> Agent::connect(const CommitPoint& commit) {
   if (auto ok = read_remote(pid_, ctl_addr_, &ctl, sizeof ctl); !ok) return ok;
   if (ctl.phase != PIPECR_AGENT_SOCKET_READY && ctl.sock_peer < 0)
     return tl::unexpected(error("no socket", -ctl.error));
-  auto pidfd = pidfd_open(pid_);
+  auto pidfd = pidfd_open(tid_);  // the fd table of the agent's thread (it may have its own)
   if (!pidfd) return tl::unexpected(pidfd.error());
   auto mine = pidfd_getfd(pidfd->get(), ctl.sock_peer, pid_);
   if (!mine) return tl::unexpected(mine.error());
