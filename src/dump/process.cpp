@@ -589,13 +589,16 @@ class Dumper {
     h.owner = state->owner;
     h.signal = state->signal;
     h.state_read = true;
-    PipeState& p = pipes_[h.pipe];
-    if (!p.capacity_read) {
-      auto cap = sys::get_pipe_size(h.copy.get());
-      if (!cap) return tl::unexpected(cap.error());
-      p.rec.capacity = static_cast<uint32_t>(*cap);
-      p.capacity_read = true;
-    }
+    return read_capacity(pipes_[h.pipe], h.copy.get());
+  }
+
+  // F_GETPIPE_SZ of a pipe, once, through any copy of one of its files.
+  static Expected<void> read_capacity(PipeState& p, int fd) {
+    if (p.capacity_read) return {};
+    auto cap = sys::get_pipe_size(fd);
+    if (!cap) return tl::unexpected(cap.error());
+    p.rec.capacity = static_cast<uint32_t>(*cap);
+    p.capacity_read = true;
     return {};
   }
 
@@ -688,14 +691,7 @@ class Dumper {
     if (!f.state_read) {
       if (auto r = file_state_from(f, h); !r) return r;
     }
-    PipeState& p = pipes_[h.pipe];
-    if (!p.capacity_read) {
-      auto cap = sys::get_pipe_size(h.copy.get());
-      if (!cap) return tl::unexpected(cap.error());
-      p.rec.capacity = static_cast<uint32_t>(*cap);
-      p.capacity_read = true;
-    }
-    return {};
+    return read_capacity(pipes_[h.pipe], h.copy.get());
   }
 
   Expected<void> file_state_from(OpenFile& f, const Holder& h) {
