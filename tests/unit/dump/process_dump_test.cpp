@@ -21,53 +21,12 @@
 
 #include "dump/process.hpp"
 #include "image/image_io.hpp"
+#include "dump_child.hpp"
 
 namespace pipecr {
 namespace {
 
-// A forked child running `body`; killed and reaped on every path.
-class Child {
- public:
-  explicit Child(const std::function<int(int ready_fd)>& body) {
-    int p[2];
-    if (pipe2(p, O_CLOEXEC) != 0) return;
-    pid_ = fork();
-    if (pid_ == 0) {
-      // Only what the body builds: stdio on /dev/null (under ctest they are pipes), nothing inherited.
-      int null = open("/dev/null", O_RDWR);
-      for (int fd = 0; fd < 3; ++fd) dup2(null, fd);
-      dup2(p[1], 3);
-      syscall(SYS_close_range, 4, ~0U, 0);
-      _exit(body(3));
-    }
-    close(p[1]);
-    // The child closes its end when its state is built: EOF, and the ready pipe is gone from its fds.
-    char c;
-    ready_ = read(p[0], &c, 1) == 0 && kill(pid_, 0) == 0;
-    close(p[0]);
-  }
-  ~Child() {
-    if (pid_ > 0 && !reaped_) {
-      kill(pid_, SIGKILL);
-      waitpid(pid_, nullptr, 0);
-    }
-  }
-  pid_t pid() const { return pid_; }
-  bool ready() const { return ready_; }
-  // Signals SIGUSR1 and returns the exit status (-1 on a signal death).
-  int finish() {
-    kill(pid_, SIGUSR1);
-    int st = 0;
-    waitpid(pid_, &st, 0);
-    reaped_ = true;
-    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-  }
-
- private:
-  pid_t pid_ = -1;
-  bool ready_ = false;
-  bool reaped_ = false;
-};
+using Child = testing::DumpChild;
 
 void signal_ready(int fd) { close(fd); }
 
