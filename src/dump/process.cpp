@@ -35,6 +35,7 @@
 
 #include "dump/pipe.hpp"
 #include "image/info.hpp"
+#include "sys/file_kind.hpp"
 #include "sys/fdgroup.hpp"
 #include "sys/proc.hpp"
 #include "sys/ptrace.hpp"
@@ -99,17 +100,6 @@ Expected<sys::UniqueFd> pidfd_of(pid_t pid, pid_t tid) {
     return tl::unexpected(e);
   }
   return sys::UniqueFd(static_cast<int>(fd));
-}
-
-// The device number of pipefs: an anonymous pipe's fstat shows it, a FIFO's shows its filesystem.
-dev_t pipefs_dev() {
-  static const dev_t dev = [] {
-    auto p = sys::make_pipe(O_CLOEXEC);
-    struct stat st {};
-    if (!p || ::fstat(p->read.get(), &st) < 0) return dev_t{0};
-    return st.st_dev;
-  }();
-  return dev;
 }
 
 // RLIMIT_NOFILE raised to its hard limit for the dump's duration, and set back after.
@@ -392,7 +382,7 @@ class Dumper {
     h.uid = st.st_uid;
     h.gid = st.st_gid;
     h.mode = st.st_mode & 07777;
-    h.kind = st.st_dev == pipefs_dev() ? PipeKind::anonymous : PipeKind::fifo;
+    h.kind = st.st_dev == sys::pipefs_dev() ? PipeKind::anonymous : PipeKind::fifo;
   }
 
   // One fd table, fast path: pidfd_getfd() of every number below the table's size (FDSize) and
@@ -418,7 +408,14 @@ class Dumper {
       ++hits;
       sys::UniqueFd copy(static_cast<int>(r));
       struct stat st {};
-      if (::fstat(copy.get(), &st) < 0 || !S_ISFIFO(st.st_mode)) continue;
+      if (::fstat(copy.get(), &st) < 0) continue;
+      switch (sys::classify(copy.get(), st)) {  // each kind goes to its own code
+        case sys::FileKind::pipe:
+        case sys::FileKind::fifo: break;
+        case sys::FileKind::epoll:
+        case sys::FileKind::unix_socket:
+        case sys::FileKind::other: continue;
+      }
       Holder h;
       h.table = ti;
       h.fd = fd;

@@ -13,6 +13,7 @@
 
 #include "image/info.hpp"
 #include "restore/plan.hpp"
+#include "sys/file_kind.hpp"
 #include "sys/proc.hpp"
 #include "sys/syscalls.hpp"
 
@@ -22,20 +23,6 @@ namespace {
 int accmode_of(uint32_t flags) { return static_cast<int>(flags) & O_ACCMODE; }
 bool can_read(int acc) { return acc == O_RDONLY || acc == O_RDWR; }
 bool can_write(int acc) { return acc == O_WRONLY || acc == O_RDWR; }
-
-// The device of pipefs: every anonymous pipe lives there.
-dev_t pipefs_dev() {
-  static const dev_t dev = [] {
-    int fds[2];
-    struct stat st {};
-    if (::pipe2(fds, O_CLOEXEC) < 0) return dev_t(0);
-    bool ok = ::fstat(fds[0], &st) == 0;
-    ::close(fds[0]);
-    ::close(fds[1]);
-    return ok ? st.st_dev : dev_t(0);
-  }();
-  return dev;
-}
 
 struct Candidate {
   const PipeRecord* pipe = nullptr;
@@ -66,7 +53,7 @@ void scan_holders(std::vector<Candidate>& cands, const std::unordered_set<pid_t>
       if (c.undecided) c.choice.why = fmt::format("cannot list processes: {}", all.error().what), c.undecided = false;
     return;
   }
-  const dev_t pipefs = pipefs_dev();
+  const dev_t pipefs = sys::pipefs_dev();
   // This process is scanned too: it holds nothing of its own yet, so what it holds is the
   // caller's (a program calling the library holds the pipe: it is a holder like any other).
   for (pid_t pid : *all) {
@@ -264,7 +251,7 @@ Expected<void> build_in_place(const Plan& plan, const PlannedPipe& pp, const Pro
   InPlacePipe ip;
   ip.pipe = &p;
   // Copies of every end the targets hold, checked to be the recorded pipe.
-  const dev_t pipefs = pipefs_dev();
+  const dev_t pipefs = sys::pipefs_dev();
   std::unordered_map<pid_t, sys::UniqueFd> pidfds;
   for (const LiveEnd& e : pp.choice.held) {
     auto& pidfd = pidfds[e.pid];
