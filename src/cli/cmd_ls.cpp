@@ -59,7 +59,7 @@ void print_end(std::FILE* out, const PipeView& p, const End& e, const Scan& scan
     if (std::find(comms.begin(), comms.end(), comm) == comms.end()) comms.push_back(comm);
     for (const Stuck& s : p.stuck)
       if (s.pid == h.pid && s.fd == h.fd)
-        notes.push_back(fmt::format("BLOCKED in {}() tid {}", s.dir == Blocked::reading ? "read" : "write", s.tid));
+        notes.push_back(fmt::format("BLOCKED in {}() tid {}", s.call, s.tid));
   }
   auto flags = flag_names(e.holders.front().flags);
   std::string line = fmt::format("    {:<3} {:<18} {:<16} {:<12} {}", access_of(e.holders.front().flags),
@@ -128,7 +128,7 @@ nlohmann::json to_json(const Scan& scan) {
     for (const Stuck& s : p.stuck) {
       const char* op = s.fd < 0 ? "opening" : s.dir == Blocked::reading ? "reading" : "writing";
       blocked.push_back({{"pid", s.pid}, {"tid", s.tid}, {"comm", comm(s.pid)}, {"op", op},
-                         {"fd", s.fd < 0 ? nlohmann::json(nullptr) : nlohmann::json(s.fd)}, {"wchan", s.wchan}});
+                         {"fd", s.fd < 0 ? nlohmann::json(nullptr) : nlohmann::json(s.fd)}, {"call", s.call}, {"wchan", s.wchan}});
     }
     auto opt = [](const std::optional<int>& v) { return v ? nlohmann::json(*v) : nlohmann::json(nullptr); };
     nlohmann::json fill = nullptr;

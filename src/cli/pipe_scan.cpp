@@ -86,7 +86,7 @@ void scan_tasks(pid_t pid, Scan& scan, std::map<std::pair<pid_t, int>, std::vect
     if (!s) continue;
     if (auto b = sys::blocked_io(*s)) {
       if (scan.pipe_fds.count({pid, b->fd}))
-        by_fd[{pid, b->fd}].push_back(Stuck{pid, tid, b->fd, b->dir, b->wchan});
+        by_fd[{pid, b->fd}].push_back(Stuck{pid, tid, b->fd, b->dir, b->wchan, b->call});
       continue;
     }
     if (s->wchan != "wait_for_partner") continue;
@@ -105,7 +105,7 @@ void scan_tasks(pid_t pid, Scan& scan, std::map<std::pair<pid_t, int>, std::vect
     uint64_t oflags = s->nr == 2 ? s->args[1] : s->nr == 257 ? s->args[2] : O_RDWR;
     Blocked want = (oflags & O_ACCMODE) == O_RDONLY ? Blocked::reading
                    : (oflags & O_ACCMODE) == O_WRONLY ? Blocked::writing : Blocked::none;
-    p.stuck.push_back(Stuck{pid, tid, -1, want, s->wchan});
+    p.stuck.push_back(Stuck{pid, tid, -1, want, s->wchan, "open"});
   }
 }
 

@@ -42,6 +42,7 @@ struct Stuck {  // a thread blocked on the pipe
   int fd = -1;  // -1: in open() of the FIFO
   Blocked dir = Blocked::none;  // for open(): the access asked for (reading, writing, none = O_RDWR)
   std::string wchan;
+  std::string call;  // the syscall it is blocked in: "read", "splice", "open", ...
 };
 
 struct PipeView {

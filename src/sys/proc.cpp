@@ -18,6 +18,7 @@
 
 #include <fmt/format.h>
 
+#include "sys/arch/x86_64.hpp"
 #include "sys/unique_fd.hpp"
 
 namespace pipecr::sys {
@@ -406,16 +407,32 @@ Expected<TaskSyscall> read_task_syscall(pid_t pid, pid_t tid) {
 }
 
 std::optional<BlockedIo> blocked_io(const TaskSyscall& s) {
-  // x86_64 syscall numbers: read 0, pread64 17, readv 19, preadv 295, preadv2 327;
-  // write 1, pwrite64 18, writev 20, pwritev 296, pwritev2 328.
+  if (s.nr < 0) return std::nullopt;
+  const arch::PipeIoArgs io = arch::pipe_io_args(s.nr);
+  int arg = -1;
   Blocked dir = Blocked::none;
-  switch (s.nr) {
-    case 0: case 17: case 19: case 295: case 327: dir = Blocked::reading; break;
-    case 1: case 18: case 20: case 296: case 328: dir = Blocked::writing; break;
-    default: return std::nullopt;
+  if (io.read_arg >= 0 && io.write_arg >= 0) {
+    // Two sides (splice, tee) or one of either (vmsplice): the pipe wait it sleeps in says which.
+    if (s.wchan.find("writable") != std::string::npos || s.wchan.find("pipe_write") != std::string::npos) {
+      arg = io.write_arg;
+      dir = Blocked::writing;
+    } else if (s.wchan.find("readable") != std::string::npos || s.wchan.find("pipe_read") != std::string::npos) {
+      arg = io.read_arg;
+      dir = Blocked::reading;
+    } else {
+      return std::nullopt;
+    }
+  } else if (io.read_arg >= 0) {
+    arg = io.read_arg;
+    dir = Blocked::reading;
+  } else if (io.write_arg >= 0) {
+    arg = io.write_arg;
+    dir = Blocked::writing;
+  } else {
+    return std::nullopt;
   }
-  if (s.args[0] > static_cast<uint64_t>(INT_MAX)) return std::nullopt;
-  return BlockedIo{s.tid, static_cast<int>(s.args[0]), dir, s.wchan};
+  if (s.args[arg] > static_cast<uint64_t>(INT_MAX)) return std::nullopt;
+  return BlockedIo{s.tid, static_cast<int>(s.args[arg]), dir, s.wchan, io.name};
 }
 
 Expected<std::vector<BlockedIo>> list_blocked_io(pid_t pid) {

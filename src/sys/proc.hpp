@@ -98,14 +98,16 @@ struct TaskSyscall {
 // Parse the text of a syscall file (exposed for tests).
 [[nodiscard]] Expected<TaskSyscall> parse_task_syscall(std::string_view text);
 
-// Which fd, if any, a thread is blocked on for reading or writing: read/readv/preadv/pread64
-// (0, 19, 295, 17) -> reading, write/writev/pwritev/pwrite64 (1, 20, 296, 18) -> writing, with the
-// fd in the first argument (x86_64 numbers).
+// Which fd, if any, a thread is blocked on for reading or writing: the read and write families,
+// sendfile, and splice/tee/vmsplice, whose side is the one its wait channel names
+// (pipe_wait_readable or pipe_wait_writable). Syscall numbers are the arch file's
+// (arch::pipe_io_args).
 struct BlockedIo {
   pid_t tid = 0;
   int fd = -1;
   Blocked dir = Blocked::none;
   std::string wchan;
+  const char* call = "";  // "read", "splice", ...
 };
 [[nodiscard]] std::optional<BlockedIo> blocked_io(const TaskSyscall& s);
 // Every thread of pid blocked in read*/write* on some fd (threads that vanish are skipped).

@@ -87,3 +87,19 @@ PY
   run "$PIPECR" ls -t 0
   [ "$status" -eq 64 ]
 }
+
+@test "ls sees a reader blocked in splice() and names the call" {
+  # python's os.splice() from its stdin, an empty pipe, into a pipe of its own: it sleeps in
+  # pipe_wait_readable on fd 0.
+  spawn sleeper 'exec sleep 100' 3>&- | spawn splicer 'exec python3 -c "import os; r, w = os.pipe(); os.splice(0, w, 16)"' 3>&- &
+  P=$(pid_of splicer)
+  wait_wchan "$P" pipe_wait_readable
+  run "$PIPECR" ls -t "$P"
+  [ "$status" -eq 0 ]
+  echo "$output" | grep -E "^    r +$P:0 .*BLOCKED in splice\(\) tid $P"
+  "$PIPECR" ls -t "$P" --json | python3 -c '
+import json, sys
+doc = json.load(sys.stdin)
+b = [b for p in doc["pipes"] for b in p["blocked"]]
+assert b and b[0]["call"] == "splice" and b[0]["op"] == "reading" and b[0]["fd"] == 0, b'
+}

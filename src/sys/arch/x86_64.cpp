@@ -51,6 +51,26 @@ bool restart_on_eintr(long nr) {
   return nr == SYS_epoll_wait || nr == SYS_epoll_pwait || nr == SYS_epoll_pwait2 || nr == SYS_rt_sigtimedwait;
 }
 
+PipeIoArgs pipe_io_args(long nr) {
+  switch (nr) {
+    case SYS_read: return {0, -1, "read"};
+    case SYS_pread64: return {0, -1, "pread64"};
+    case SYS_readv: return {0, -1, "readv"};
+    case SYS_preadv: return {0, -1, "preadv"};
+    case SYS_preadv2: return {0, -1, "preadv2"};
+    case SYS_write: return {-1, 0, "write"};
+    case SYS_pwrite64: return {-1, 0, "pwrite64"};
+    case SYS_writev: return {-1, 0, "writev"};
+    case SYS_pwritev: return {-1, 0, "pwritev"};
+    case SYS_pwritev2: return {-1, 0, "pwritev2"};
+    case SYS_sendfile: return {-1, 0, "sendfile"};
+    case SYS_splice: return {0, 2, "splice"};
+    case SYS_tee: return {0, 1, "tee"};
+    case SYS_vmsplice: return {0, 0, "vmsplice"};
+    default: return {};
+  }
+}
+
 Regs as_restarted(const Regs& r, bool restart_eintr) {
   Regs out = r;
   const long nr = r.syscall_nr();

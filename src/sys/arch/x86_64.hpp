@@ -73,6 +73,18 @@ struct Regs {
 // sigtimedwait). pipecr puts them back to restart (their timeout then starts again in full).
 [[nodiscard]] bool restart_on_eintr(long nr);
 
+// The fds a syscall may block on in a pipe, as argument indexes (-1: none): the one it reads from
+// and the one it writes to. read/pread64/readv/preadv/preadv2 read their first argument,
+// write/pwrite64/writev/pwritev/pwritev2 and sendfile write theirs; splice reads its first and
+// writes its third, tee its first and second; vmsplice reads or writes its first (which one, the
+// thread's wait channel says). Other syscalls: both -1.
+struct PipeIoArgs {
+  int read_arg = -1;
+  int write_arg = -1;
+  const char* name = nullptr;  // the call's name, "splice"
+};
+[[nodiscard]] PipeIoArgs pipe_io_args(long nr);
+
 // The agent's return: the register block its epilogue pops (r15 ... rax, rflags, rip; 17 words), to
 // be written at sp() - kRedZone - sizeof block, so that after `ret $128` rsp is sp() again.
 inline constexpr size_t kReturnWords = 17;

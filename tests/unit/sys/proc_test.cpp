@@ -8,6 +8,7 @@
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -357,6 +358,55 @@ TEST(ProcSyscall, SeesBlockedReaderAndWriter) {
   auto ws = read_task_syscall(writer.pid, writer.pid);
   ASSERT_TRUE(ws);
   EXPECT_NE(ws->wchan.find("pipe_write"), std::string::npos) << ws->wchan;
+}
+
+// splice, tee and vmsplice name two fds (or one of either direction): the side the thread sleeps on
+// is the one reported. Real threads blocked in splice() from an empty pipe, splice() into a full one,
+// and vmsplice() into a full one.
+TEST(ProcSyscall, SeesWhichSideOfASpliceBlocks) {
+  auto empty = make_pipe(0);
+  auto full = make_pipe(0);
+  auto spare = make_pipe(0);
+  ASSERT_TRUE(empty && full && spare);
+  ASSERT_EQ(::fcntl(full->write.get(), F_SETFL, O_NONBLOCK), 0);
+  static char buf[1 << 16];
+  while (::write(full->write.get(), buf, sizeof buf) > 0) {
+  }
+  ASSERT_EQ(::fcntl(full->write.get(), F_SETFL, 0), 0);
+  ASSERT_EQ(::write(spare->write.get(), "abc", 3), 3);
+  const int in = empty->read.get(), out = full->write.get(), src = spare->read.get();
+
+  pid_t a = ::fork();  // splice(in -> spare's write end): waits for in to be readable
+  if (a == 0) {
+    (void)!::splice(in, nullptr, spare->write.get(), nullptr, 16, 0);
+    ::_exit(0);
+  }
+  ChildGuard reader(a);
+  pid_t b = ::fork();  // splice(spare's read end -> out): waits for out to be writable
+  if (b == 0) {
+    (void)!::splice(src, nullptr, out, nullptr, 3, 0);
+    ::_exit(0);
+  }
+  ChildGuard writer(b);
+  pid_t c = ::fork();  // vmsplice into out: waits for out to be writable
+  if (c == 0) {
+    iovec iov{buf, 16};
+    (void)!::vmsplice(out, &iov, 1, 0);
+    ::_exit(0);
+  }
+  ChildGuard vwriter(c);
+
+  auto blocked_on = [](pid_t pid, int fd, Blocked dir) {
+    auto bl = list_blocked_io(pid);
+    if (!bl) return false;
+    for (const BlockedIo& x : *bl)
+      if (x.fd == fd && x.dir == dir) return true;
+    return false;
+  };
+  EXPECT_TRUE(eventually([&] { return blocked_on(reader.pid, in, Blocked::reading); }));
+  EXPECT_TRUE(eventually([&] { return blocked_on(writer.pid, out, Blocked::writing); }));
+  EXPECT_TRUE(eventually([&] { return blocked_on(vwriter.pid, out, Blocked::writing); }));
+  EXPECT_FALSE(blocked_on(reader.pid, spare->write.get(), Blocked::writing));
 }
 
 }  // namespace
