@@ -104,6 +104,21 @@ struct SharedFdTable {
   friend bool operator==(const SharedFdTable&, const SharedFdTable&) = default;
 };
 
+// An open file (FileRecord) sent over a unix socket with SCM_RIGHTS and not received yet: it is
+// in no fd table but in the receive queue of the socket at fd sock_fd of process pid (record
+// IN_FLIGHT). It holds its pipe like an fd does.
+struct InFlightRecord {
+  uint64_t file_id = 0;
+  int32_t pid = 0;        // the process holding the socket (a ProcessRecord)
+  int32_t sock_fd = -1;   // the socket's fd in pid (the first, if pid holds it at several)
+  uint64_t sock_ino = 0;  // the socket's inode (informational: it names the socket while it lives)
+  uint32_t msg = 0;       // datagram/seqpacket: the message's position in the queue (0 = received
+                          // next); stream: its position among the messages that carry files
+  uint32_t slot = 0;      // the file's place among the files of its message
+  uint64_t end = 0;       // bytes a receiver takes up to and including that message's data
+  friend bool operator==(const InFlightRecord&, const InFlightRecord&) = default;
+};
+
 struct ProcessRecord {
   int32_t pid = 0;
   int32_t ppid = 0;
@@ -129,6 +144,7 @@ struct Image {
   std::vector<FileRecord> files;
   std::vector<FdRecord> fds;
   std::vector<SharedFdTable> shared_tables;
+  std::vector<InFlightRecord> in_flight;  // ends in flight in unix sockets (IN_FLIGHT records)
 
   [[nodiscard]] PIPECR_API const PipeRecord* find_pipe(uint64_t id) const;
   [[nodiscard]] PIPECR_API const FileRecord* find_file(uint64_t id) const;

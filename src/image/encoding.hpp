@@ -44,6 +44,7 @@ enum class RecordType : uint32_t {
   pipe_data = 4,
   file = 5,
   fd = 6,
+  in_flight = 8,      // InFlightRecord; optional
   thread_fd = 9,      // an FD in a thread's own fd table (FdRecord::tid != 0); required
   shared_files = 10,  // SharedFdTable; optional
   end = 0xFFFF,
@@ -58,6 +59,7 @@ inline constexpr uint32_t kRecordRequired = 1u << 0;  // record flags bit 0
     case RecordType::pipe_data: return "PIPE_DATA";
     case RecordType::file: return "FILE";
     case RecordType::fd: return "FD";
+    case RecordType::in_flight: return "IN_FLIGHT";
     case RecordType::thread_fd: return "THREAD_FD";
     case RecordType::shared_files: return "SHARED_FILES";
     case RecordType::end: return "END";
@@ -270,6 +272,13 @@ class Cursor {
     return fmt::format("fd {} has blocked state {}", f.fd, static_cast<unsigned>(f.blocked));
   if (f.tid < 0) return fmt::format("fd {} has negative thread id {}", f.fd, f.tid);
   if (f.tid != 0 && f.pid == 0) return fmt::format("fd {} is in thread {} of no process", f.fd, f.tid);
+  return {};
+}
+
+[[nodiscard]] inline std::string check_in_flight(const InFlightRecord& f) {
+  if (f.file_id == 0) return "end in flight with file id 0";
+  if (f.pid <= 0) return fmt::format("file {} in flight in pid {}", f.file_id, f.pid);
+  if (f.sock_fd < 0) return fmt::format("file {} in flight in socket fd {}", f.file_id, f.sock_fd);
   return {};
 }
 

@@ -67,6 +67,8 @@ class Writer {
   [[nodiscard]] Expected<void> end_data();
   [[nodiscard]] Expected<void> add(const FileRecord& f);
   [[nodiscard]] Expected<void> add(const FdRecord& f);  // tid != 0: a THREAD_FD record
+  // In the fds section: after its FILE and its process's PROCESS record (optional record).
+  [[nodiscard]] Expected<void> add(const InFlightRecord& f);
   // After the PROCESS records of both processes, before any PIPE.
   [[nodiscard]] Expected<void> add(const SharedFdTable& s);
   [[nodiscard]] Expected<void> finish();

@@ -234,6 +234,7 @@ class Parser {
       case RecordType::file: return file(r);
       case RecordType::fd: return fd(r);
       case RecordType::thread_fd: return fd(r);
+      case RecordType::in_flight: return in_flight(r);
       case RecordType::shared_files: return shared(r);
       case RecordType::end: break;  // handled by run()
     }
@@ -337,6 +338,26 @@ class Parser {
     return {};
   }
 
+  Expected<void> in_flight(const RawRecord& r) {
+    if (auto e = enter(r, Section::fds); !e) return e;
+    Cursor c = r.cursor();
+    InFlightRecord f;
+    if (!c.opt(f.file_id, "file_id") || !c.opt(f.pid, "pid") || !c.opt(f.sock_fd, "sock_fd") ||
+        !c.opt(f.sock_ino, "sock_ino") || !c.opt(f.msg, "msg") || !c.opt(f.slot, "slot") || !c.opt(f.end, "end"))
+      return bad_field(r, c);
+    if (auto e = check_in_flight(f); !e.empty()) return bad(r.offset, "record IN_FLIGHT: " + e);
+    if (!file_ids_.count(f.file_id))
+      return bad(r.offset, fmt::format("record IN_FLIGHT: file {} has no FILE record", f.file_id));
+    if (!pids_.count(f.pid))
+      return bad(r.offset, fmt::format("record IN_FLIGHT: file {} is in flight in pid {} which has no PROCESS record",
+                                       f.file_id, f.pid));
+    if (!in_flight_.insert({f.pid, f.sock_fd, f.msg, f.slot}).second)
+      return bad(r.offset, fmt::format("record IN_FLIGHT: place {}/{} of socket fd {} of pid {} appears twice", f.msg,
+                                       f.slot, f.sock_fd, f.pid));
+    img_.in_flight.push_back(f);
+    return {};
+  }
+
   Expected<void> end(const RawRecord& r) {
     if (!saw_info_) return bad(r.offset, "first record is END, not INFO");
     if (section_ <= Section::pipes)
@@ -374,6 +395,7 @@ class Parser {
   std::unordered_set<uint64_t> file_ids_;
   std::unordered_set<int32_t> pids_;
   std::set<std::tuple<int32_t, int32_t, int32_t>> fds_;  // (pid, tid, fd)
+  std::set<std::tuple<int32_t, int32_t, uint32_t, uint32_t>> in_flight_;  // (pid, sock_fd, msg, slot)
 };
 
 }  // namespace

@@ -139,6 +139,17 @@ Expected<void> validate(const Image& img, uint32_t page_size) {
     if (!slots.insert({d.pid, d.tid, d.fd}).second)
       return refuse(fmt::format("fd {} of pid {} appears twice", d.fd, d.pid));
   }
+  std::set<std::tuple<int32_t, int32_t, uint32_t, uint32_t>> places;  // (pid, sock_fd, msg, slot)
+  for (const InFlightRecord& f : img.in_flight) {
+    if (f.pid <= 0 || !pids.count(f.pid))
+      return refuse(fmt::format("end in flight of file {} is in pid {}, which the image does not record", f.file_id,
+                                f.pid));
+    if (f.sock_fd < 0) return refuse(fmt::format("end in flight of file {} is in socket fd {}", f.file_id, f.sock_fd));
+    if (!files.count(f.file_id)) return refuse(fmt::format("end in flight names file {}, which the image does not hold", f.file_id));
+    if (!places.insert({f.pid, f.sock_fd, f.msg, f.slot}).second)
+      return refuse(fmt::format("place {}/{} of socket fd {} of pid {} holds two ends in flight", f.msg, f.slot,
+                                f.sock_fd, f.pid));
+  }
   return {};
 }
 

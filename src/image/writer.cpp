@@ -108,6 +108,7 @@ struct Writer::State {
   std::unordered_map<uint64_t, PipeBooks> pipes;
   std::unordered_set<uint64_t> files;
   std::set<std::tuple<int32_t, int32_t, int32_t>> fds;  // (pid, tid, fd)
+  std::set<std::tuple<int32_t, int32_t, uint32_t, uint32_t>> in_flight;  // (pid, sock_fd, msg, slot)
   // The PIPE_DATA record being streamed, if any.
   bool in_data = false;
   uint64_t data_pipe = 0, data_len = 0, data_written = 0;
@@ -261,6 +262,32 @@ Expected<void> Writer::add(const FdRecord& f) {
   return st_->emit(f.tid != 0 ? RecordType::thread_fd : RecordType::fd, pl);
 }
 
+Expected<void> Writer::add(const InFlightRecord& f) {
+  if (auto r = st_->enter(Phase::fds, "IN_FLIGHT"); !r) return r;
+  if (auto e = check_in_flight(f); !e.empty()) return misuse(e);
+  if (!st_->files.count(f.file_id)) return misuse(fmt::format("end in flight refers to unknown file {}", f.file_id));
+  if (!st_->pids.count(f.pid))
+    return misuse(fmt::format("file {} in flight in pid {} which has no PROCESS record", f.file_id, f.pid));
+  if (!st_->in_flight.insert({f.pid, f.sock_fd, f.msg, f.slot}).second)
+    return misuse(fmt::format("place {}/{} of socket fd {} of pid {} added twice", f.msg, f.slot, f.sock_fd, f.pid));
+  std::vector<std::byte> pl;
+  put_u64(pl, f.file_id);
+  put_i32(pl, f.pid);
+  put_i32(pl, f.sock_fd);
+  put_u64(pl, f.sock_ino);
+  put_u32(pl, f.msg);
+  put_u32(pl, f.slot);
+  put_u64(pl, f.end);
+  st_->phase = Phase::fds;
+  // Optional: an older reader skips it and restores the image as if the end were not there.
+  std::vector<std::byte> rec = record_header(static_cast<uint32_t>(RecordType::in_flight), 0, pl.size());
+  put_bytes(rec, pl);
+  put_u64(rec, XXH3_64bits(rec.data(), rec.size()));
+  auto r = st_->write(rec);
+  if (r) ++st_->records;
+  return r;
+}
+
 Expected<void> Writer::add(const SharedFdTable& s) {
   if (auto r = st_->enter(Phase::processes, "SHARED_FILES"); !r) return r;
   if (auto e = check_shared(s); !e.empty()) return misuse(e);
@@ -365,6 +392,8 @@ Expected<std::vector<std::byte>> encode(const Image& img) {
   for (const FileRecord& f : img.files)
     if (auto r = w.add(f); !r) return tl::unexpected(r.error());
   for (const FdRecord& f : img.fds)
+    if (auto r = w.add(f); !r) return tl::unexpected(r.error());
+  for (const InFlightRecord& f : img.in_flight)
     if (auto r = w.add(f); !r) return tl::unexpected(r.error());
   if (auto r = w.finish(); !r) return tl::unexpected(r.error());
   return std::move(sink.bytes());

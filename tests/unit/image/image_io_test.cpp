@@ -772,5 +772,103 @@ TEST(ImageWriter, EncodeRefusesOtherVersions) {
   EXPECT_EQ(e.error().kind, Errc::invalid_argument);
 }
 
+
+// ---- ends in flight (IN_FLIGHT, type 8) ---------------------------------------------------
+
+Image with_in_flight(const Image& base) {
+  Image img = base;
+  img.in_flight.push_back(InFlightRecord{.file_id = 10, .pid = 100, .sock_fd = 4, .sock_ino = 777, .msg = 0,
+                                         .slot = 0, .end = 1});
+  img.in_flight.push_back(InFlightRecord{.file_id = 13, .pid = 101, .sock_fd = 6, .sock_ino = 778, .msg = 2,
+                                         .slot = 1, .end = 99});
+  return img;
+}
+
+Bytes in_flight_payload(uint64_t file_id, int32_t pid, int32_t sock_fd, uint32_t msg, uint32_t slot) {
+  Bytes p;
+  put_u64(p, file_id);
+  put_i32(p, pid);
+  put_i32(p, sock_fd);
+  put_u64(p, 5);  // sock_ino
+  put_u32(p, msg);
+  put_u32(p, slot);
+  put_u64(p, 1);  // end
+  return p;
+}
+
+Bytes process_payload(int32_t pid) {
+  Bytes p;
+  put_i32(p, pid);
+  return p;
+}
+
+TEST(ImageIo, InFlightRoundTripsAsAnOptionalRecord) {
+  Sample s = sample();
+  Image img = with_in_flight(s.img);
+  auto bytes = encode(img);
+  ASSERT_TRUE(bytes) << bytes.error().what;
+  auto back = parse(*bytes);
+  ASSERT_TRUE(back) << back.error().what;
+  expect_same(img, *back);
+  EXPECT_EQ(back->in_flight, img.in_flight);
+  EXPECT_EQ(end_count(*bytes), end_count(*encode(s.img)) + 2);
+  // Both records are type 8 and optional (flags 0): an older reader skips them.
+  size_t seen = 0;
+  for (size_t pos = kFileHeaderSize; pos < bytes->size();) {
+    uint32_t type = get_le<uint32_t>(bytes->data() + pos);
+    uint32_t flags = get_le<uint32_t>(bytes->data() + pos + 4);
+    uint64_t len = get_le<uint64_t>(bytes->data() + pos + 8);
+    if (type == 8) {
+      ++seen;
+      EXPECT_EQ(flags, 0u);
+      EXPECT_EQ(len, 40u);
+    }
+    pos += kRecordOverhead + len;
+  }
+  EXPECT_EQ(seen, 2u);
+  auto again = encode(*back);
+  ASSERT_TRUE(again);
+  EXPECT_EQ(*again, *bytes);
+}
+
+TEST(ImageIo, InFlightReferencesAreChecked) {
+  auto base = [] {
+    return Raw()
+        .info()
+        .add(record(RecordType::process, process_payload(7)))
+        .add(one_pipe())
+        .add(its_data())
+        .add(record(RecordType::file, file_payload(2, 1)));
+  };
+  auto ok = parse(base().add(record(RecordType::in_flight, in_flight_payload(2, 7, 3, 0, 0))).done());
+  ASSERT_TRUE(ok) << ok.error().what;
+  ASSERT_EQ(ok->in_flight.size(), 1u);
+  EXPECT_EQ(ok->in_flight[0].sock_fd, 3);
+  expect_error(base().add(record(RecordType::in_flight, in_flight_payload(5, 7, 3, 0, 0))).done(), Errc::bad_image,
+               "file 5 has no FILE record");
+  expect_error(base().add(record(RecordType::in_flight, in_flight_payload(2, 8, 3, 0, 0))).done(), Errc::bad_image,
+               "pid 8 which has no PROCESS record");
+  expect_error(base().add(record(RecordType::in_flight, in_flight_payload(2, 7, -1, 0, 0))).done(), Errc::bad_image,
+               "socket fd -1");
+  expect_error(base()
+                   .add(record(RecordType::in_flight, in_flight_payload(2, 7, 3, 1, 0)))
+                   .add(record(RecordType::in_flight, in_flight_payload(2, 7, 3, 1, 0)))
+                   .done(),
+               Errc::bad_image, "appears twice");
+  // The grammar puts it in the fds section: no pipe may follow it.
+  expect_error(base().add(record(RecordType::in_flight, in_flight_payload(2, 7, 3, 0, 0))).add(one_pipe(3)).done(),
+               Errc::bad_image, "PIPE record after");
+  // The writer refuses what the reader would.
+  Sample s = sample();
+  Image bad = with_in_flight(s.img);
+  bad.in_flight[1].file_id = 99;
+  auto e = encode(bad);
+  ASSERT_FALSE(e);
+  EXPECT_EQ(e.error().kind, Errc::invalid_argument);
+  bad = with_in_flight(s.img);
+  bad.in_flight[1] = bad.in_flight[0];
+  EXPECT_FALSE(encode(bad));
+}
+
 }  // namespace
 }  // namespace pipecr::image

@@ -107,5 +107,18 @@ TEST(Validate, IdsAndReferencesAreConsistent) {
   expect_refused([](Fixture& f) { f.img.processes.push_back(f.img.processes[0]); }, "appears twice");
 }
 
+TEST(Validate, EndsInFlightNameTheirFileAndProcess) {
+  auto flying = [](Fixture& f) {
+    f.img.in_flight.push_back(InFlightRecord{.file_id = 2, .pid = 10, .sock_fd = 5, .sock_ino = 9, .msg = 0});
+  };
+  Fixture ok;
+  flying(ok);
+  EXPECT_TRUE(validate(ok.img));
+  expect_refused([&](Fixture& f) { flying(f), f.img.in_flight[0].file_id = 7; }, "names file 7");
+  expect_refused([&](Fixture& f) { flying(f), f.img.in_flight[0].pid = 11; }, "does not record");
+  expect_refused([&](Fixture& f) { flying(f), f.img.in_flight[0].sock_fd = -2; }, "socket fd -2");
+  expect_refused([&](Fixture& f) { flying(f), flying(f); }, "holds two ends in flight");
+}
+
 }  // namespace
 }  // namespace pipecr::image
