@@ -71,9 +71,15 @@ Expected<int> run_dump(const Options& o, CommandContext& ctx) {
   if (!stats) return tl::unexpected(stats.error());
   if (o.json) write_image_json(to_stdout ? ctx.err : ctx.out, records);
   if (o.verbose)
-    fmt::print(ctx.err, "pipecr dump: {} processes, {} pipes, {} open files, {} fds, {} bytes; stopped for {:.3f} ms\n",
-               records.processes.size(), stats->pipes, stats->files, stats->fds, stats->bytes,
+    fmt::print(ctx.err,
+               "pipecr dump: {} processes, {} pipes, {} open files, {} fds, {} ends in flight, {} bytes; stopped for "
+               "{:.3f} ms\n",
+               records.processes.size(), stats->pipes, stats->files, stats->fds, stats->in_flight, stats->bytes,
                static_cast<double>(stats->stopped_ns) / 1e6);
+  if (stats->other_in_flight > 0)
+    fmt::print(ctx.err, "pipecr dump: note: {} files in flight in unix sockets are not pipes or FIFOs: not recorded\n",
+               stats->other_in_flight);
+  for (const std::string& n : stats->notes) fmt::print(ctx.err, "pipecr dump: note: {}\n", n);
   return kExitOk;
 }
 

@@ -34,12 +34,14 @@
 #include <fmt/format.h>
 
 #include "dump/pipe.hpp"
+#include "dump/unix_queue.hpp"
 #include "image/info.hpp"
 #include "sys/file_kind.hpp"
 #include "sys/fdgroup.hpp"
 #include "sys/proc.hpp"
 #include "sys/ptrace.hpp"
 #include "sys/syscalls.hpp"
+#include "sys/unix_peek.hpp"
 
 #ifndef KCMP_FILES
 #define KCMP_FILES 2
@@ -155,7 +157,8 @@ struct Holder {            // one fd slot
   Blocked blocked = Blocked::none;
   size_t file = SIZE_MAX;  // index into files_
   size_t pipe = SIZE_MAX;  // index into pipes_
-  sys::UniqueFd copy;      // pidfd_getfd() copy, while held
+  sys::UniqueFd copy;      // pidfd_getfd() copy, while held (in flight: the peeked copy, kept to the end)
+  size_t in_flight = SIZE_MAX;  // an end in flight (into in_flight_), not an fd: fd is -1
   Owner owner;             // batched mode: read from the copy before it was closed
   int32_t signal = 0;
   bool state_read = false;
@@ -235,28 +238,14 @@ class Dumper {
   }
 
   // pidfd_getfd() of a socket re-tags it with the taker's cgroup v1 net_cls class id and net_prio
-  // index (__receive_sock(), as for SCM_RIGHTS). Where pipecr and the target are in the same
-  // net_cls and net_prio groups (always, without those v1 controllers) that changes nothing, and
-  // pipecr may take every fd; else it takes pipes only, found through /proc.
-  static std::string net_groups(pid_t pid) {
-    auto text = sys::read_proc_file(fmt::format("/proc/{}/cgroup", pid), 1 << 16);
-    if (!text) return "?";
-    std::string out;
-    for (size_t at = 0; at < text->size();) {
-      size_t eol = text->find('\n', at);
-      if (eol == std::string::npos) eol = text->size();
-      std::string_view line(text->data() + at, eol - at);
-      if (line.find("net_cls") != std::string_view::npos || line.find("net_prio") != std::string_view::npos)
-        out.append(line).push_back('\n');
-      at = eol + 1;
-    }
-    return out;
-  }
-
+  // index (sys::socket_tagging_groups). Where pipecr and the target are in the same groups (always,
+  // without those v1 controllers) that changes nothing, and pipecr may take every fd (and peek its
+  // sockets' queues: a file received there is re-tagged as the target's own receive would); else it
+  // takes pipes only, found through /proc.
   void check_copies_harmless() {
-    std::string mine = net_groups(::getpid());
+    std::string mine = sys::socket_tagging_groups(::getpid());
     harmless_.clear();
-    for (pid_t pid : pids_) harmless_.push_back(net_groups(pid) == mine);
+    for (pid_t pid : pids_) harmless_.push_back(sys::socket_tagging_groups(pid) == mine);
   }
 
   // Seizes every process; with --tree, goes on until no new descendant appeared (a stopped
@@ -412,8 +401,10 @@ class Dumper {
       switch (sys::classify(copy.get(), st)) {  // each kind goes to its own code
         case sys::FileKind::pipe:
         case sys::FileKind::fifo: break;
+        case sys::FileKind::unix_socket:  // its queue is peeked once every table is read (add_in_flight)
+          sockets_.push_back(HeldSocket{.table = ti, .pid = t.pid, .fd = fd, .ino = st.st_ino, .copy = std::move(copy)});
+          continue;
         case sys::FileKind::epoll:
-        case sys::FileKind::unix_socket:
         case sys::FileKind::other: continue;
       }
       Holder h;
@@ -464,6 +455,42 @@ class Dumper {
     check_copies_harmless();
     for (size_t i = 0; i < tables_.size(); ++i)
       if (auto r = harmless_[tables_[i].proc] ? probe_fd_table(i) : list_fd_table(i, 0); !r) return r;
+    return add_in_flight();
+  }
+
+  // The pipe ends in flight in the queues of the sockets the probe kept (dump/unix_queue.hpp),
+  // while the targets are stopped: each is one more holder, with its peeked copy. Sockets of a
+  // process whose fds are read the slow way (check_copies_harmless) were not taken: not peeked.
+  Expected<void> add_in_flight() {
+    for (size_t i = 0; i < pids_.size(); ++i)
+      if (!harmless_[i])
+        stats_.notes.push_back(fmt::format("process {}: its unix sockets were not examined for ends in flight (its "
+                                           "net_cls/net_prio groups differ from pipecr's)",
+                                           pids_[i]));
+    if (sockets_.empty()) return {};
+    auto scan = scan_unix_queues(sockets_);
+    if (!scan) return tl::unexpected(scan.error());
+    stats_.other_in_flight = scan->other_files;
+    for (std::string& n : scan->notes) stats_.notes.push_back(std::move(n));
+    for (InFlightEnd& e : scan->ends) {
+      const HeldSocket& s = sockets_[e.socket];
+      Holder h;
+      h.table = s.table;
+      h.fd = -1;
+      set_inode(h, e.st);
+      if (h.kind == PipeKind::fifo) {
+        char link[PATH_MAX];
+        ssize_t n = ::readlink(fmt::format("/proc/self/fd/{}", e.copy.get()).c_str(), link, sizeof link);
+        if (n < 0) continue;
+        h.target.assign(link, static_cast<size_t>(n));
+      }
+      h.copy = std::move(e.copy);
+      h.in_flight = in_flight_.size();
+      in_flight_.push_back(InFlightRecord{.file_id = 0, .pid = s.pid, .sock_fd = s.fd, .sock_ino = s.ino,
+                                          .msg = e.msg, .slot = e.slot, .end = e.end});
+      if (auto r = added(std::move(h)); !r) return r;
+    }
+    sockets_.clear();  // the socket copies are not needed any more
     return {};
   }
 
@@ -565,7 +592,7 @@ class Dumper {
       Holder& h = holders_[i];
       if (!h.copy) continue;
       if (auto r = holder_state(h); !r) return r;
-      h.copy.reset();
+      if (h.in_flight == SIZE_MAX) h.copy.reset();  // an end in flight has no other way in
     }
     flushed_ = end;
     held_ = 0;
@@ -668,7 +695,8 @@ class Dumper {
     }
     if (!w) return {};
     const Table& t = tables_[w->table];
-    std::string link = fmt::format("/proc/{}/task/{}/fd/{}", t.pid, t.tid, w->fd);
+    std::string link = w->in_flight != SIZE_MAX ? fmt::format("/proc/self/fd/{}", w->copy.get())
+                                                : fmt::format("/proc/{}/task/{}/fd/{}", t.pid, t.tid, w->fd);
     sys::UniqueFd rd(::open(link.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC));
     if (!rd) return tl::unexpected(in_process(sys::call_error("open", link + ", O_RDONLY"), t.pid));
     auto q = sys::bytes_queued(rd.get());
@@ -715,7 +743,8 @@ class Dumper {
     for (size_t i = 0; i < holders_.size(); ++i) {
       const Holder& h = holders_[i];
       if (copies && !h.copy) continue;
-      refs.push_back(copies ? sys::FdRef{self, h.copy.get(), h.ino} : sys::FdRef{tables_[h.table].tid, h.fd, h.ino});
+      bool own = copies || h.in_flight != SIZE_MAX;  // an end in flight is reached through pipecr's copy
+      refs.push_back(own ? sys::FdRef{self, h.copy.get(), h.ino} : sys::FdRef{tables_[h.table].tid, h.fd, h.ino});
       who.push_back(i);
     }
     auto groups = sys::group_by_open_file(refs);
@@ -794,6 +823,13 @@ class Dumper {
     for (size_t i = 0; i < holders_.size(); ++i) {
       Holder& h = holders_[i];
       if (h.file == SIZE_MAX) continue;  // closed before its copy was taken
+      if (h.in_flight != SIZE_MAX) {     // no fd: the flags of the description, from the copy
+        auto fl = sys::get_fl(h.copy.get());
+        if (!fl) return tl::unexpected(fl.error());
+        h.flags = *fl & ~O_CLOEXEC;
+        if (auto r = read_with_copy(i); !r) return r;
+        continue;
+      }
       const Table& t = tables_[h.table];
       if (!info_dirs[h.table]) info_dirs[h.table].reset(::open(fmt::format("/proc/{}/task/{}/fdinfo", t.pid, t.tid).c_str(),
                                                              O_RDONLY | O_DIRECTORY | O_CLOEXEC));
@@ -933,14 +969,21 @@ class Dumper {
     }
     std::vector<FdRecord> fds;
     for (const Holder& h : holders_) {
-      if (h.file == SIZE_MAX) continue;
+      if (h.file == SIZE_MAX || h.in_flight != SIZE_MAX) continue;
       const Table& t = tables_[h.table];
       fds.push_back(FdRecord{.pid = t.pid, .fd = h.fd, .file_id = files_[h.file].rec.id, .cloexec = h.cloexec,
                              .blocked = h.blocked, .tid = t.own ? t.tid : 0});
       if (ok) ok = w.add(fds.back());
     }
+    for (const Holder& h : holders_) {
+      if (h.file == SIZE_MAX || h.in_flight == SIZE_MAX) continue;
+      InFlightRecord& r = in_flight_[h.in_flight];
+      r.file_id = files_[h.file].rec.id;
+      if (ok) ok = w.add(r);
+    }
     if (ok) ok = w.finish();
     if (!ok) return tl::unexpected(ok.error());
+    stats_.in_flight = in_flight_.size();
     stats_.pipes = pipes_.size();
     stats_.files = files_.size();
     stats_.fds = fds.size();
@@ -952,6 +995,7 @@ class Dumper {
       for (size_t i : order) records->pipes.push_back(pipes_[i].rec);
       for (const OpenFile& f : files_) records->files.push_back(f.rec);
       records->fds = std::move(fds);
+      records->in_flight = in_flight_;
     }
     return stats_;
   }
@@ -965,6 +1009,8 @@ class Dumper {
   std::vector<Holder> holders_;
   std::vector<OpenFile> files_;
   std::vector<PipeState> pipes_;
+  std::vector<HeldSocket> sockets_;          // the probe's copies of unix sockets
+  std::vector<InFlightRecord> in_flight_;    // per end in flight (file_id set when written)
   std::set<size_t> pollhup_;  // holders whose FIFO read end showed POLLHUP
   SnapshotPacker packer_;
   size_t batch_ = 0;             // copies held at most at once (SIZE_MAX: all)

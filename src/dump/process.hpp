@@ -45,6 +45,9 @@ struct DumpStats {
   uint64_t files = 0;
   uint64_t fds = 0;
   uint64_t bytes = 0;          // queued bytes written
+  uint64_t in_flight = 0;      // pipe ends in flight in unix sockets (IN_FLIGHT records)
+  uint64_t other_in_flight = 0;  // other files in flight there (not recorded)
+  std::vector<std::string> notes;  // what the dump could not examine (one sentence each)
 };
 
 // Dump into sink. `records`, when not null, receives the records written (without data).
