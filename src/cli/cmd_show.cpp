@@ -37,6 +37,7 @@ struct Options {
 struct Index {
   std::unordered_map<uint64_t, std::vector<size_t>> files_of_pipe;
   std::unordered_map<uint64_t, std::vector<size_t>> fds_of_file;
+  std::unordered_map<uint64_t, std::vector<size_t>> in_flight_of_file;
   std::unordered_map<int32_t, const ProcessRecord*> process;
 };
 
@@ -44,6 +45,7 @@ Index build_index(const Image& img) {
   Index ix;
   for (size_t i = 0; i < img.files.size(); ++i) ix.files_of_pipe[img.files[i].pipe_id].push_back(i);
   for (size_t i = 0; i < img.fds.size(); ++i) ix.fds_of_file[img.fds[i].file_id].push_back(i);
+  for (size_t i = 0; i < img.in_flight.size(); ++i) ix.in_flight_of_file[img.in_flight[i].file_id].push_back(i);
   for (const ProcessRecord& p : img.processes) ix.process.emplace(p.pid, &p);
   return ix;
 }
@@ -66,9 +68,12 @@ void print_header(Out out, const Image& img, const std::string& path, size_t siz
                  img.info.kernel.empty() ? "?" : printable(img.info.kernel), created.empty() ? "date unknown" : created,
                  img.info.page_size);
   if (auto ok = image::validate(img); !ok) fmt::format_to(out, "restore here: REFUSED: {}\n", printable(ok.error().what));
-  fmt::format_to(out, "{}, {} ({} queued), {}, {}; {} blocked\n", plural(img.processes.size(), "process", "processes"),
-                 plural(img.pipes.size(), "pipe", "pipes"), plural(queued, "byte", "bytes"),
-                 plural(img.files.size(), "open file", "open files"), plural(img.fds.size(), "fd", "fds"),
+  fmt::format_to(out, "{}, {} ({} queued), {}, {}{}; {} blocked\n",
+                 plural(img.processes.size(), "process", "processes"), plural(img.pipes.size(), "pipe", "pipes"),
+                 plural(queued, "byte", "bytes"), plural(img.files.size(), "open file", "open files"),
+                 plural(img.fds.size(), "fd", "fds"),
+                 img.in_flight.empty() ? std::string()
+                                       : ", " + plural(img.in_flight.size(), "end in flight", "ends in flight"),
                  plural(blocked, "fd", "fds"));
 }
 
@@ -119,6 +124,14 @@ void print_fd_line(Out out, const FdRecord& f, const Index& ix) {
   if (f.tid != 0) who += fmt::format("/{}", f.tid);  // in the own fd table of thread tid
   fmt::format_to(out, "    fd {}:{}{}{}{}{}\n", who, f.fd, comm, f.tid != 0 ? "  (thread's own fd table)" : "",
                  f.cloexec ? "  cloexec" : "", blocked ? fmt::format("  BLOCKED {}", blocked) : std::string());
+}
+
+// "    in flight: socket fd 5 of 4243 (comm), inode 88, message 0, file 1 of it (after 12 bytes)".
+void print_in_flight_line(Out out, const InFlightRecord& f, const Index& ix) {
+  auto proc = ix.process.find(f.pid);
+  std::string comm = proc == ix.process.end() ? std::string() : fmt::format(" ({})", printable(proc->second->comm));
+  fmt::format_to(out, "    in flight: socket fd {} of {}{}, socket inode {}, message {}, file {} of it (received after {})\n",
+                 f.sock_fd, f.pid, comm, f.sock_ino, f.msg, f.slot, plural(f.end, "byte", "bytes"));
 }
 
 std::string indent(const std::string& text, const char* prefix) {
@@ -184,6 +197,7 @@ void print_pipes(std::FILE* file, std::string& text, const Image& img, const Ind
       const FileRecord& f = img.files[fi];
       print_file_line(out, f, p);
       for (size_t di : get(ix.fds_of_file, f.id)) print_fd_line(out, img.fds[di], ix);
+      for (size_t ii : get(ix.in_flight_of_file, f.id)) print_in_flight_line(out, img.in_flight[ii], ix);
     }
     if (data) print_data(out, p);
     flush_chunk(file, text);

@@ -98,6 +98,11 @@ Json fd_json(const FdRecord& f) {
 
 Json shared_json(const SharedFdTable& s) { return Json{{"pid", s.pid}, {"with_pid", s.with_pid}}; }
 
+Json in_flight_json(const InFlightRecord& f) {
+  return Json{{"file", f.file_id},  {"pid", f.pid},   {"socket_fd", f.sock_fd}, {"socket_inode", f.sock_ino},
+              {"message", f.msg},   {"slot", f.slot}, {"end", f.end}};
+}
+
 }  // namespace
 
 std::string base64(std::span<const std::byte> bytes) {
@@ -193,6 +198,11 @@ nlohmann::ordered_json image_to_json(const Image& img, const ImageJsonOptions& o
     for (const SharedFdTable& s : img.shared_tables) shared.push_back(shared_json(s));
     doc["shared_fd_tables"] = std::move(shared);
   }
+  if (!img.in_flight.empty()) {
+    Json in_flight = Json::array();
+    for (const InFlightRecord& f : img.in_flight) in_flight.push_back(in_flight_json(f));
+    doc["in_flight"] = std::move(in_flight);
+  }
   return doc;
 }
 
@@ -220,6 +230,11 @@ void write_image_json(std::FILE* out, const Image& img, const ImageJsonOptions& 
   if (!img.shared_tables.empty()) {
     doc.begin_array("shared_fd_tables");
     for (const SharedFdTable& s : img.shared_tables) doc.element(shared_json(s));
+    doc.end_array();
+  }
+  if (!img.in_flight.empty()) {
+    doc.begin_array("in_flight");
+    for (const InFlightRecord& f : img.in_flight) doc.element(in_flight_json(f));
     doc.end_array();
   }
   doc.end();
