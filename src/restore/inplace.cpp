@@ -12,6 +12,7 @@
 #include <fmt/format.h>
 
 #include "image/info.hpp"
+#include "restore/in_flight.hpp"
 #include "restore/plan.hpp"
 #include "sys/file_kind.hpp"
 #include "sys/proc.hpp"
@@ -112,9 +113,10 @@ std::unordered_map<uint64_t, PipeChoice> choose_in_place(const Image& img, const
                                                          bool force_replace) {
   std::unordered_map<int32_t, const Holder*> holder_of;
   std::unordered_set<pid_t> targets;
+  std::unordered_set<int32_t> restored;  // recorded pids of the --into targets
   for (const Holder& h : holders) {
     holder_of[h.recorded] = &h;
-    if (!h.exec) targets.insert(h.target);
+    if (!h.exec) targets.insert(h.target), restored.insert(h.recorded);
   }
   // Pipes a restored process holds, and whether the exec process holds any of them.
   std::unordered_map<uint64_t, bool> wanted;  // pipe id -> held by the exec process
@@ -142,6 +144,8 @@ std::unordered_map<uint64_t, PipeChoice> choose_in_place(const Image& img, const
       c.choice.why = "the image does not record the FIFO's device (an older pipecr made it)";
     else if (p.kind == PipeKind::fifo && p.unlinked && img.info.boot_id != boot)
       c.choice.why = "an unlinked FIFO from another boot";
+    else if (auto away = in_flight_outside(img, p.id, restored); !away.empty())
+      c.choice.why = away;  // an end in flight is a holder too (in_flight.hpp)
     else
       c.undecided = true;
     if (!c.choice.why.empty()) c.undecided = false;

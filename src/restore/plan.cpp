@@ -27,6 +27,7 @@
 
 #include <fmt/format.h>
 
+#include "restore/in_flight.hpp"
 #include "restore/links.hpp"
 #include "sys/proc.hpp"
 #include "sys/syscalls.hpp"
@@ -342,6 +343,7 @@ Expected<Plan> make_plan(const Image& img, const ProcessRestoreRequest& request,
   if (::getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_max != RLIM_INFINITY && open_now)
     fit_fd_limit(plan, static_cast<size_t>(rl.rlim_max), open_now->size());
   for (std::string& n : cut_links_notes(plan)) plan.notes.push_back(std::move(n));
+  for (std::string& n : in_flight_notes(plan)) plan.notes.push_back(std::move(n));
   return plan;
 }
 
