@@ -53,7 +53,7 @@ std::string join_some(const std::vector<std::string>& items, size_t max) {
 void print_end(std::FILE* out, const PipeView& p, const End& e, const Scan& scan) {
   std::vector<std::string> who, comms, notes;
   for (const Holder& h : e.holders) {
-    who.push_back(fmt::format("{}:{}", h.pid, h.fd));
+    who.push_back(h.fd < 0 ? fmt::format("{} sock:{} (in flight)", h.pid, h.sock_fd) : fmt::format("{}:{}", h.pid, h.fd));
     auto c = scan.comms.find(h.pid);
     std::string comm = c == scan.comms.end() ? "?" : printable(c->second);
     if (std::find(comms.begin(), comms.end(), comm) == comms.end()) comms.push_back(comm);
@@ -116,7 +116,12 @@ nlohmann::json to_json(const Scan& scan) {
     for (const End& e : p.ends) {
       nlohmann::json holders = nlohmann::json::array();
       for (const Holder& h : e.holders)
-        holders.push_back({{"pid", h.pid}, {"fd", h.fd}, {"comm", comm(h.pid)}, {"cloexec", (h.flags & O_CLOEXEC) != 0}});
+        holders.push_back({{"pid", h.pid},
+                           {"fd", h.fd < 0 ? nlohmann::json(nullptr) : nlohmann::json(h.fd)},
+                           {"comm", comm(h.pid)},
+                           {"cloexec", (h.flags & O_CLOEXEC) != 0},
+                           {"in_flight", h.fd >= 0 ? nlohmann::json(nullptr)
+                                                   : nlohmann::json{{"socket_fd", h.sock_fd}, {"message", h.message}}}});
       int fl = e.holders.front().flags;
       static const char* const kAccess[] = {"read", "write", "readwrite", "readwrite"};
       ends.push_back({{"access", kAccess[fl & O_ACCMODE]},
@@ -154,6 +159,7 @@ struct Options {
   bool dot = false;
   std::optional<double> watch;
   int count = 0;
+  bool in_flight = false;
 };
 
 RunFn setup(CLI::App& app, CommandContext& ctx) {
@@ -169,6 +175,11 @@ RunFn setup(CLI::App& app, CommandContext& ctx) {
                     ->default_str("2");
   watch->excludes(dot);
   app.add_option("-n,--count", o->count, "with --watch: stop after this many frames")->needs(watch);
+  app.add_flag("--in-flight", o->in_flight,
+               "also show pipe ends in flight in unix sockets (sent with SCM_RIGHTS, not received yet): peeks "
+               "each socket's queue, moving its SO_PEEK_OFF for the walk and back; sockets whose peek offset is in "
+               "use are skipped")
+      ->excludes(watch);
   return [o, &ctx]() -> Expected<int> {
     for (pid_t pid : o->pids)
       if (pid <= 0) return fail(Errc::invalid_argument, EINVAL, fmt::format("--target {}: not a process id", pid));
@@ -182,7 +193,7 @@ RunFn setup(CLI::App& app, CommandContext& ctx) {
       WatchOptions w{o->pids, secs, o->count, o->json, style};
       return watch_pipes(w, ctx);
     }
-    auto scan = scan_system(o->pids);
+    auto scan = scan_system(o->pids, o->in_flight);
     if (!scan) return tl::unexpected(scan.error());
     if (o->dot || o->graph) {
       PipeGraph g = build_graph(*scan);

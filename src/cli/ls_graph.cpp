@@ -56,6 +56,7 @@ std::string box(const GraphPipe& p, const GraphStyle& st) {
   if (has(p.states, "reader_blocked")) parts.emplace_back("READER BLOCKED");
   if (has(p.states, "open_waiting")) parts.emplace_back("OPEN WAITING");
   if (p.shared()) parts.emplace_back("shared");
+  for (const auto& [pid, sock] : p.in_flight) parts.push_back(fmt::format("in flight {} sock:{}", pid, sock));
   std::string text = fmt::format("[{}]", fmt::join(parts, ", "));
   if (has(p.states, "writer_blocked")) return paint(st, kRed, text);
   if (has(p.states, "reader_blocked") || has(p.states, "open_waiting")) return paint(st, kYellow, text);
@@ -160,6 +161,7 @@ PipeGraph build_graph(const Scan& scan) {
     std::set<pid_t> w, r;
     std::map<pid_t, int> fds_held, fd2_held;
     for (const Holder& h : p.fds) {
+      if (h.fd < 0) gp.in_flight.emplace_back(h.pid, h.sock_fd);  // its socket's process takes it later
       ++fds_held[h.pid];
       if (h.fd == 2) ++fd2_held[h.pid];
       int acc = h.flags & O_ACCMODE;
@@ -362,7 +364,12 @@ nlohmann::json graph_json(const PipeGraph& g) {
                      {"readers", p.readers},
                      {"blocked_writers", p.blocked_writers},
                      {"blocked_readers", p.blocked_readers},
-                     {"shared", p.shared()}});
+                     {"shared", p.shared()},
+                     {"in_flight", [&] {
+                        nlohmann::json a = nlohmann::json::array();
+                        for (const auto& [pid, sock] : p.in_flight) a.push_back({{"pid", pid}, {"socket_fd", sock}});
+                        return a;
+                      }()}});
   nlohmann::json chains = nlohmann::json::array();
   for (const auto& c : g.chains) {
     nlohmann::json inodes = nlohmann::json::array();

@@ -22,6 +22,7 @@
 #include <optional>
 #include <set>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -65,6 +66,7 @@ struct GraphPipe {
   std::set<pid_t> blocked_writers, blocked_readers;  // in write()/read() on it, or in open() of the FIFO
   std::set<pid_t> stdin_of, stdout_of;  // processes holding its read end at fd 0, its write end at fd 1
   std::set<pid_t> stderr_only;          // processes holding it at fd 2 and no other fd: not data flow
+  std::vector<std::pair<pid_t, int>> in_flight;  // ends in flight: (process, socket fd) (ls --in-flight)
   [[nodiscard]] bool shared() const { return writers.size() > 1 || readers.size() > 1; }
 };
 

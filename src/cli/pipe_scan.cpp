@@ -2,6 +2,7 @@
 #include "cli/pipe_scan.hpp"
 
 #include <fcntl.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
@@ -9,11 +10,14 @@
 #include <algorithm>
 #include <climits>
 #include <cstring>
+#include <set>
 
 #include <fmt/format.h>
 
 #include "sys/fdgroup.hpp"
+#include "sys/file_kind.hpp"
 #include "sys/syscalls.hpp"
+#include "sys/unix_peek.hpp"
 
 namespace pipecr::cli {
 namespace {
@@ -112,6 +116,13 @@ void scan_tasks(pid_t pid, Scan& scan, std::map<std::pair<pid_t, int>, std::vect
 // Capacity and bytes queued through a copy of one end; the copy is closed right away.
 void measure(PipeView& p, std::map<pid_t, sys::UniqueFd>& pidfds) {
   for (const Holder& h : p.fds) {
+    if (h.fd < 0) {  // an end in flight: pipecr holds a copy
+      auto cap = sys::get_pipe_size(h.copy);
+      auto q = sys::bytes_queued(h.copy);
+      if (cap) p.capacity = *cap;
+      if (q) p.bytes = *q;
+      return;
+    }
     auto it = pidfds.find(h.pid);
     if (it == pidfds.end()) {
       auto pidfd = sys::pidfd_open(h.pid);
@@ -128,9 +139,58 @@ void measure(PipeView& p, std::map<pid_t, sys::UniqueFd>& pidfds) {
   }
 }
 
+// The pipe ends queued in the unix sockets of pid (pipe_scan.hpp): holders with fd -1, whose
+// copies go into `keep` until the ends are grouped.
+void scan_in_flight(pid_t pid, Scan& scan, std::set<uint64_t>& sockets, std::vector<sys::UniqueFd>& keep) {
+  static const std::string mine = sys::socket_tagging_groups(::getpid());
+  if (pid == ::getpid() || sys::socket_tagging_groups(pid) != mine) return;
+  auto fds = sys::list_fds(pid, true);
+  if (!fds) return;
+  sys::UniqueFd pidfd;
+  for (const sys::FdEntry& e : *fds) {
+    if (e.target.rfind("socket:[", 0) != 0) continue;
+    if (!pidfd) {
+      auto p = sys::pidfd_open(pid);
+      if (!p) return;
+      pidfd = std::move(*p);
+    }
+    auto sock = sys::pidfd_getfd(pidfd.get(), e.fd, pid);
+    if (!sock) continue;
+    struct stat st {};
+    if (::fstat(sock->get(), &st) < 0 || sys::classify(sock->get(), st) != sys::FileKind::unix_socket) continue;
+    if (!sockets.insert(st.st_ino).second) continue;  // one queue per socket
+    int off = 0;
+    socklen_t len = sizeof off;
+    if (::getsockopt(sock->get(), SOL_SOCKET, SO_PEEK_OFF, &off, &len) < 0 || off != -1) continue;
+    auto q = sys::peek_unix_queue(sock->get());
+    if (!q) continue;
+    for (sys::PeekedMessage& m : q->with_files)
+      for (sys::UniqueFd& f : m.fds) {
+        struct stat fst {};
+        if (::fstat(f.get(), &fst) < 0) continue;
+        sys::FileKind kind = sys::classify(f.get(), fst);
+        if (kind != sys::FileKind::pipe && kind != sys::FileKind::fifo) continue;
+        int fl = ::fcntl(f.get(), F_GETFL);
+        PipeView& p = scan.pipes[PipeKey{fst.st_dev, fst.st_ino}];
+        p.dev = fst.st_dev;
+        p.ino = fst.st_ino;
+        p.fifo = kind == sys::FileKind::fifo;
+        if (p.fifo && p.path.empty()) {
+          char link[PATH_MAX];
+          ssize_t n = ::readlink(fmt::format("/proc/self/fd/{}", f.get()).c_str(), link, sizeof link);
+          if (n > 0) p.path.assign(link, static_cast<size_t>(n));
+        }
+        p.fds.push_back(Holder{pid, -1, fl < 0 ? 0 : fl & ~O_CLOEXEC, e.fd, m.index, f.get()});
+        keep.push_back(std::move(f));
+      }
+  }
+}
+
 void group_ends(PipeView& p) {
   std::vector<sys::FdRef> refs;
-  for (const Holder& h : p.fds) refs.push_back(sys::FdRef{h.pid, h.fd, p.ino});
+  const pid_t self = ::getpid();
+  for (const Holder& h : p.fds)
+    refs.push_back(h.fd < 0 ? sys::FdRef{self, h.copy, p.ino} : sys::FdRef{h.pid, h.fd, p.ino});
   auto groups = sys::group_by_open_file(refs);
   if (!groups) {  // kcmp refused: one end per fd
     for (const Holder& h : p.fds) p.ends.push_back(End{{h}});
@@ -140,7 +200,7 @@ void group_ends(PipeView& p) {
     End e;
     for (const sys::FdRef& r : g.members)
       for (const Holder& h : p.fds)
-        if (h.pid == r.pid && h.fd == r.fd) e.holders.push_back(h);
+        if (h.fd < 0 ? (r.pid == self && h.copy == r.fd) : (h.pid == r.pid && h.fd == r.fd)) e.holders.push_back(h);
     p.ends.push_back(std::move(e));
   }
 }
@@ -154,7 +214,7 @@ std::string strip_deleted(std::string s) {
   return s;
 }
 
-Expected<Scan> scan_system(const std::vector<pid_t>& targets) {
+Expected<Scan> scan_system(const std::vector<pid_t>& targets, bool in_flight) {
   Scan scan;
   bool named = !targets.empty();
   std::vector<pid_t> pids = targets;
@@ -176,6 +236,10 @@ Expected<Scan> scan_system(const std::vector<pid_t>& targets) {
     for (pid_t tid : own_table_threads(pid))
       if (scan_fds(tid, scan)) scan.comms.emplace(tid, sys::read_comm(pid).value_or("?"));
   }
+  std::vector<sys::UniqueFd> copies;  // of the ends in flight, until they are grouped
+  std::set<uint64_t> sockets;
+  if (in_flight)
+    for (pid_t pid : seen) scan_in_flight(pid, scan, sockets, copies);
   std::map<std::pair<pid_t, int>, std::vector<Stuck>> by_fd;
   for (pid_t pid : seen) scan_tasks(pid, scan, by_fd);
   std::map<pid_t, sys::UniqueFd> pidfds;
@@ -186,6 +250,9 @@ Expected<Scan> scan_system(const std::vector<pid_t>& targets) {
       auto it = by_fd.find({h.pid, h.fd});
       if (it != by_fd.end()) p.stuck.insert(p.stuck.end(), it->second.begin(), it->second.end());
     }
+    for (Holder& h : p.fds) h.copy = -1;
+    for (End& e : p.ends)
+      for (Holder& h : e.holders) h.copy = -1;
   }
   return scan;
 }

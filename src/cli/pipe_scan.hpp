@@ -16,6 +16,7 @@
 
 #include <sys/types.h>
 
+#include <cstdint>
 #include <map>
 #include <optional>
 #include <set>
@@ -29,8 +30,11 @@ namespace pipecr::cli {
 
 struct Holder {
   pid_t pid = 0;
-  int fd = -1;
+  int fd = -1;    // -1: an end in flight (sock_fd says where)
   int flags = 0;  // fdinfo flags (O_CLOEXEC there is this fd's FD_CLOEXEC)
+  int sock_fd = -1;      // an end in flight: queued in the unix socket at this fd of pid
+  uint32_t message = 0;  // its message (sys::PeekedMessage::index)
+  int copy = -1;         // an end in flight: pipecr's copy, during the scan only
 };
 
 struct End {  // one open file description
@@ -67,7 +71,12 @@ struct Scan {
 
 // Every pipe and FIFO of the given processes (all processes when targets is empty). A named
 // target that cannot be inspected is an error; unnamed ones are counted in Scan::skipped.
-[[nodiscard]] Expected<Scan> scan_system(const std::vector<pid_t>& targets);
+// With in_flight, the queues of the unix sockets of those processes are peeked too (as `dump`
+// does, sys/unix_peek.hpp) and each pipe end queued there is a Holder with fd -1: the socket's
+// SO_PEEK_OFF moves for the walk and is put back, so a socket whose peek offset is in use, or one
+// of a process in other net_cls/net_prio groups than pipecr's (taking it would re-tag it), is left
+// alone.
+[[nodiscard]] Expected<Scan> scan_system(const std::vector<pid_t>& targets, bool in_flight = false);
 
 // "r", "w" or "rw" for fdinfo flags.
 [[nodiscard]] const char* access_of(int flags);
