@@ -12,6 +12,7 @@
 #include <fstream>
 #include <map>
 #include <set>
+#include <tuple>
 
 namespace zdtm_harness {
 namespace {
@@ -158,6 +159,37 @@ std::vector<std::string> compare(const json& want, const json& got, bool strict)
   }
   for (auto& [k, f] : got_fds)
     if (!seen.count(k)) out.push_back("unexpected fd " + std::to_string(k.first) + ":" + std::to_string(k.second));
+
+  // Ends in flight, by (pid, socket fd, message, slot): they pair files too. The live view (/proc)
+  // cannot see them: compared only when the document has them or in strict mode.
+  if (strict || got.contains("in_flight")) {
+    using Place = std::tuple<int, int, long, long>;
+    auto place = [](const json& f) {
+      return Place{f.value("pid", 0), f.value("socket_fd", -1), f.value("message", -1L), f.value("slot", -1L)};
+    };
+    std::map<Place, json> got_fl;
+    for (const json& f : got.value("in_flight", json::array())) got_fl[place(f)] = f;
+    std::set<Place> seen_fl;
+    for (const json& f : want.value("in_flight", json::array())) {
+      Place k = place(f);
+      std::string what = "end in flight in socket " + std::to_string(std::get<0>(k)) + ":" +
+                         std::to_string(std::get<1>(k)) + " message " + std::to_string(std::get<2>(k)) + " slot " +
+                         std::to_string(std::get<3>(k));
+      seen_fl.insert(k);
+      auto it = got_fl.find(k);
+      if (it == got_fl.end()) {
+        out.push_back(what + " missing");
+        continue;
+      }
+      std::string why;
+      if (!files.pair(f.value("file", ""), key_of(it->second.value("file", json(nullptr))), &why))
+        out.push_back(what + ": open file description differs: " + why);
+    }
+    for (auto& [k, f] : got_fl)
+      if (!seen_fl.count(k))
+        out.push_back("unexpected end in flight in socket " + std::to_string(std::get<0>(k)) + ":" +
+                      std::to_string(std::get<1>(k)));
+  }
 
   // Open file descriptions, through the pairing the fds made.
   std::map<std::string, json> want_files = index_by(want.value("files", json::array()), "name");

@@ -218,7 +218,7 @@ const Info kScenarios[] = {
     {"packet", true},     {"write_only", true},    {"file_fown", true},   {"fifo", true},
     {"fifo_ro", true},    {"fifo_nowriter", false}, {"fifo_wronly", false}, {"fifo_ghost", true},
     {"freespace", true},  {"many_pipes", true, false, false},    {"vmsplice", true},    {"pipe_exec", true},
-    {"epoll_links", true, true},
+    {"epoll_links", true, true}, {"scm_inflight", true, true},
 };
 
 class Zdtm : public ::testing::TestWithParam<Info> {};
@@ -291,6 +291,24 @@ TEST_P(Zdtm, replace) {
 
 INSTANTIATE_TEST_SUITE_P(Scenario, Zdtm, ::testing::ValuesIn(kScenarios),
                          [](const ::testing::TestParamInfo<Info>& i) { return std::string(i.param.name); });
+
+// scm_inflight with --replace: the pipes are new, the ends in flight stay on the old ones; restore
+// must say so per end (never silence), and the program then sees it.
+TEST(Zdtm, scm_inflight_replace_says_ends_stay) {
+  Scenario s("scm_inflight");
+  ASSERT_NO_FATAL_FAILURE(s.start());
+  ASSERT_NO_FATAL_FAILURE(dump(s));
+  s.wreck();
+  RunResult r = restore(s, {"--replace", "-v"});
+  ASSERT_EQ(r.code, 0);
+  EXPECT_NE(r.out.find("(0 in place,"), std::string::npos) << describe(r);
+  for (const char* end : {"the read end in flight in socket fd 41", "the write end in flight in socket fd 43"}) {
+    size_t at = r.err.find(end);
+    ASSERT_NE(at, std::string::npos) << "no note for " << end << ": " << describe(r);
+    EXPECT_NE(r.err.find("stays on the old pipe", at), std::string::npos) << describe(r);
+  }
+  EXPECT_EQ(s.finish(), 1) << "the ends in flight should be on the old pipes: " << s.err();
+}
 
 // The consumer restart: producer and consumer dumped together; the consumer is killed and
 // started again from the image by `restore --exec`, while the producer gets its pipe back with

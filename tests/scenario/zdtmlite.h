@@ -353,6 +353,12 @@ class Expect {
     bool cloexec = false;
     std::string blocked;                 // "", "reading", "writing"
   };
+  struct InFlight {                      // a file sent with SCM_RIGHTS, not received yet
+    pid_t pid;
+    int socket_fd;                       // the receiving socket
+    std::string file;
+    long message, slot;                  // docs/json.md in_flight[]
+  };
 
   void process(pid_t pid) { procs_.push_back(pid); }
   Pipe& pipe(std::string name, long capacity, long bytes) {
@@ -377,6 +383,10 @@ class Expect {
     return fds_.back();
   }
 
+  void in_flight(pid_t pid, int socket_fd, std::string file, long message, long slot) {
+    in_flight_.push_back(InFlight{pid, socket_fd, std::move(file), message, slot});
+  }
+
   // Write the JSON document to ZDTM_EXPECT (no-op without it).
   void write() const {
     std::string path = env_or("ZDTM_EXPECT", "");
@@ -391,7 +401,18 @@ class Expect {
     for (size_t i = 0; i < files_.size(); i++) s += (i ? ",\n  " : "\n  ") + file_json(files_[i]);
     s += "],\n \"fds\": [";
     for (size_t i = 0; i < fds_.size(); i++) s += (i ? ",\n  " : "\n  ") + fd_json(fds_[i]);
-    s += "]\n}\n";
+    s += "]";
+    if (!in_flight_.empty()) {
+      s += ",\n \"in_flight\": [";
+      for (size_t i = 0; i < in_flight_.size(); i++) {
+        const InFlight& f = in_flight_[i];
+        s += (i ? ",\n  " : "\n  ") + std::string("{\"pid\": ") + std::to_string(f.pid) +
+             ", \"socket_fd\": " + std::to_string(f.socket_fd) + ", \"file\": " + str(f.file) +
+             ", \"message\": " + std::to_string(f.message) + ", \"slot\": " + std::to_string(f.slot) + "}";
+      }
+      s += "]";
+    }
+    s += "\n}\n";
     std::string tmp = path + ".tmp";
     int fd = open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     if (fd < 0) ZDTM_SYSFAIL("open(%s)", tmp.c_str());
@@ -461,6 +482,7 @@ class Expect {
   std::deque<Pipe> pipes_;
   std::deque<File> files_;
   std::deque<Fd> fds_;
+  std::vector<InFlight> in_flight_;
 };
 
 }  // namespace zdtm
