@@ -186,6 +186,28 @@ class Dumper {
  public:
   explicit Dumper(const DumpOptions& opts) : opts_(opts) {}
 
+  // The calling process as the one target (dump_self_pipe): no stop, no ptrace, no pidfd. Its fd
+  // table is read by the same steps as a target's, with dup() for pidfd_getfd() and the fds asked
+  // for (probe_self) instead of the whole table. What follows the probe is the path of run():
+  // snapshots, grouping by kcmp, fdinfo, owner, signal, capacity, records, writer.
+  Expected<DumpStats> run_self(int fd, image::Sink& sink, Image* records) {
+    self_ = true;
+    pid_t pid = ::getpid();
+    pids_.push_back(pid);
+    tables_.push_back(Table{.proc = 0, .pid = pid, .tid = static_cast<pid_t>(::gettid()), .own = false, .pidfd = {}});
+    stats_.tables = 1;
+    base_fds_ = open_fds_of_self();
+    rlimit rl{};
+    limit_ = ::getrlimit(RLIMIT_NOFILE, &rl) == 0 ? rl.rlim_cur : 1024;
+    batch_ = SIZE_MAX;
+    if (auto r = probe_self(fd); !r) return tl::unexpected(r.error());
+    if (auto r = finish_snapshots(); !r) return tl::unexpected(r.error());
+    packer_.seal();
+    if (auto r = after_resume(); !r) return tl::unexpected(r.error());
+    mark_outside_holders(true);
+    return write(sink, records);
+  }
+
   Expected<DumpStats> run(image::Sink& sink, Image* records) {
     if (auto r = collect_processes(); !r) return tl::unexpected(r.error());
     NofileRaise nofile;
@@ -421,6 +443,57 @@ class Dumper {
       if (auto r = added(std::move(h)); !r) return r;
     }
     return {};
+  }
+
+  // The self source: fd, and the first fd of the other end of its pipe that the caller holds (pipe()
+  // gave it both: that end's flags, O_DIRECT on a packet pipe's write end, come back too). A copy is
+  // an F_DUPFD_CLOEXEC of the fd: the very open file description, as pidfd_getfd() gives it.
+  Expected<void> probe_self(int fd) {
+    sys::UniqueFd copy(::fcntl(fd, F_DUPFD_CLOEXEC, 0));
+    if (!copy) return tl::unexpected(sys::call_error("fcntl", fmt::format("fd={}, F_DUPFD_CLOEXEC", fd)));
+    struct stat st {};
+    if (::fstat(copy.get(), &st) < 0) return tl::unexpected(sys::call_error("fstat", fmt::format("fd={}", fd)));
+    sys::FileKind kind = sys::classify(copy.get(), st);
+    if (kind != sys::FileKind::pipe && kind != sys::FileKind::fifo)
+      return fail(Errc::unsupported, ENOTSUP,
+                  fmt::format("fd {} is not a pipe or FIFO (it is {})", fd, sys::file_kind_name(kind)));
+    if (is_notification_pipe(copy.get()))
+      return fail(Errc::unsupported, ENOTSUP,
+                  fmt::format("fd {} is a notification pipe (O_NOTIFICATION_PIPE): its messages cannot be read "
+                              "without consuming them",
+                              fd));
+    int access = ::fcntl(fd, F_GETFL) & O_ACCMODE;
+    if (auto r = add_self_holder(fd, std::move(copy), st); !r) return r;
+    if (access == O_RDWR) return {};
+    const int want = access == O_WRONLY ? O_RDONLY : O_WRONLY;
+    auto fds = sys::list_fds(::getpid(), false);
+    if (!fds) return {};  // the other end is optional
+    for (const sys::FdEntry& e : *fds) {
+      if (e.fd == fd) continue;
+      struct stat other {};
+      if (::fstat(e.fd, &other) < 0 || other.st_ino != st.st_ino || other.st_dev != st.st_dev) continue;
+      int fl = ::fcntl(e.fd, F_GETFL);
+      if (fl < 0 || (fl & O_ACCMODE) != want) continue;
+      sys::UniqueFd peer(::fcntl(e.fd, F_DUPFD_CLOEXEC, 0));
+      if (!peer) continue;
+      return add_self_holder(e.fd, std::move(peer), other);
+    }
+    return {};
+  }
+
+  Expected<void> add_self_holder(int fd, sys::UniqueFd copy, const struct stat& st) {
+    Holder h;
+    h.table = 0;
+    h.fd = fd;
+    set_inode(h, st);
+    if (h.kind == PipeKind::fifo) {
+      char link[PATH_MAX];
+      ssize_t n = ::readlink(fmt::format("/proc/self/fd/{}", copy.get()).c_str(), link, sizeof link);
+      if (n < 0) return tl::unexpected(sys::call_error("readlink", fmt::format("/proc/self/fd/{}", fd)));
+      h.target.assign(link, static_cast<size_t>(n));
+    }
+    h.copy = std::move(copy);
+    return added(std::move(h));
   }
 
   // FDSize of a table: the number of fd slots it has, above every open fd.
@@ -971,7 +1044,7 @@ class Dumper {
     for (const Holder& h : holders_) {
       if (h.file == SIZE_MAX || h.in_flight != SIZE_MAX) continue;
       const Table& t = tables_[h.table];
-      fds.push_back(FdRecord{.pid = t.pid, .fd = h.fd, .file_id = files_[h.file].rec.id, .cloexec = h.cloexec,
+      fds.push_back(FdRecord{.pid = self_ ? 0 : t.pid, .fd = h.fd, .file_id = files_[h.file].rec.id, .cloexec = h.cloexec,
                              .blocked = h.blocked, .tid = t.own ? t.tid : 0});
       if (ok) ok = w.add(fds.back());
     }
@@ -1017,6 +1090,7 @@ class Dumper {
   size_t held_ = 0;              // copies held now
   size_t flushed_ = 0;           // holders before this are snapshotted (and, batched, closed)
   bool batched_ = false;         // some copies were closed while stopped
+  bool self_ = false;            // the calling process (run_self): no process record, fds of pid 0
   std::map<std::pair<dev_t, uint64_t>, size_t> pipe_index_;
   std::vector<bool> harmless_;  // per process: taking its sockets changes nothing
   uint64_t limit_ = 0;
@@ -1031,6 +1105,13 @@ class Dumper {
 Expected<DumpStats> dump_processes(const DumpOptions& opts, image::Sink& sink, Image* records) {
   Dumper d(opts);
   return d.run(sink, records);
+}
+
+Expected<DumpStats> dump_self_pipe(int fd, image::Sink& sink, Image* records) {
+  if (fd < 0) return fail(Errc::system, EBADF, fmt::format("fd {} is not open", fd));
+  static const DumpOptions kNone;
+  Dumper d(kNone);
+  return d.run_self(fd, sink, records);
 }
 
 }  // namespace pipecr::dump

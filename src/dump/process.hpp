@@ -56,6 +56,14 @@ struct DumpStats {
 // which and how to fix it), Errc::system. Every process is resumed whatever happens.
 [[nodiscard]] Expected<DumpStats> dump_processes(const DumpOptions& opts, image::Sink& sink, Image* records = nullptr);
 
+// The calling process as the one target, for the in-process API (pipecr::checkpoint_pipe): the
+// pipe behind fd, recorded by the same collection as dump_processes() (grouping, fdinfo, owner,
+// signal, capacity, snapshot, records, writer), with the caller's own fds as the source: a copy is a
+// dup(), nothing is stopped or traced. It records fd and the first fd of the other end the caller
+// holds, and no process: the fds are of pid 0 (docs/image-format.md). Errors: EBADF (fd not open),
+// Errc::unsupported (not a pipe or FIFO, or a notification pipe), Errc::system.
+[[nodiscard]] Expected<DumpStats> dump_self_pipe(int fd, image::Sink& sink, Image* records = nullptr);
+
 // Dump into the file at path, atomically: a temporary file in the same directory (mode 0600),
 // fsync, rename. A failed or killed dump leaves no file at path (Errc::cannot_create when the
 // file cannot be made).

@@ -151,7 +151,11 @@ std::unordered_map<uint64_t, PipeChoice> choose_in_place(const Image& img, const
     if (!c.choice.why.empty()) c.undecided = false;
     cands.push_back(std::move(c));
   }
-  scan_holders(cands, targets);
+  // The library's caller alone (restore_pipe()) replaces every pipe and allows FIFOs shared by path:
+  // who else holds them changes nothing, so the machine's fd tables are not read.
+  const bool caller_only =
+      force_replace && std::all_of(holders.begin(), holders.end(), [](const Holder& h) { return h.caller; });
+  if (!caller_only) scan_holders(cands, targets);
 
   std::unordered_map<uint64_t, PipeChoice> out;
   for (Candidate& c : cands) {

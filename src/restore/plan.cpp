@@ -119,6 +119,18 @@ Expected<void> add_holders(const Image& img, const ProcessRestoreRequest& req, P
     plan.exec_path = *path;
     plan.holders.push_back(Holder{req.exec->recorded, ::getpid(), true, {}});
   }
+  if (req.caller) {
+    if (req.exec) return fail(Errc::invalid_argument, EINVAL, "the caller and --exec are both this process");
+    if (!image_has_process(img, req.caller->recorded))
+      return fail(Errc::invalid_argument, EINVAL,
+                  fmt::format("the image records no process {} (it records: {})", req.caller->recorded,
+                              recorded_list(img)));
+    if (!recorded.insert(req.caller->recorded).second)
+      return fail(Errc::invalid_argument, EINVAL, fmt::format("recorded process {} is restored twice", req.caller->recorded));
+    Holder self{req.caller->recorded, ::getpid(), true, {}};
+    self.caller = true;
+    plan.holders.push_back(std::move(self));
+  }
   if (plan.holders.empty()) return fail(Errc::invalid_argument, EINVAL, "nothing to restore into: give --into or --exec");
   return {};
 }
@@ -143,7 +155,11 @@ void add_file(const Image& img, uint64_t file_id, Plan& plan) {
   if (plan.file_index.count(file_id)) return;
   const FileRecord* f = img.find_file(file_id);
   PlannedFile pf{*f, img.find_pipe(f->pipe_id)};
-  if (f->owner.pid != 0) {
+  // An in-process image (no process records) restored into the caller: its owners are pids of the
+  // caller's own world, kept as they are.
+  const bool live_owners = img.processes.empty() &&
+                           std::any_of(plan.holders.begin(), plan.holders.end(), [](const Holder& h) { return h.caller; });
+  if (f->owner.pid != 0 && !live_owners) {
     if (auto o = map_owner(f->owner, plan)) {
       pf.rec.owner = *o;
     } else {
@@ -214,7 +230,7 @@ void select_fds(const Image& img, Plan& plan, std::unordered_map<uint64_t, PipeC
     const FileRecord* fr = img.find_file(d.file_id);
     const PipeRecord* pr = fr ? img.find_pipe(fr->pipe_id) : nullptr;
     const bool outside_now = c && !c->strangers.empty() && pr && pr->kind == PipeKind::anonymous;
-    if (!in_place && still_connected(img, d, plan.holders[*hi].target, outside_now)) {
+    if (!in_place && !plan.holders[*hi].caller && still_connected(img, d, plan.holders[*hi].target, outside_now)) {
       plan.notes.push_back(fmt::format("fd {} of process {} left as it is: its pipe is also held outside the image, "
                                        "and the process still holds that pipe there",
                                        d.fd, plan.holders[*hi].target));

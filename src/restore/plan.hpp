@@ -28,11 +28,13 @@ struct PlannedFd {
   bool keep = false;       // in place: the target holds the recorded file here already; nothing is installed
 };
 
-// One restored process: a running target (--into) or this process before exec (--exec).
+// One restored process: a running target (--into), or this process: before exec (--exec), or the
+// library's caller (restore_pipe()). `exec` marks this process's own fd table in both cases.
 struct Holder {
   int32_t recorded = 0;
   pid_t target = -1;       // the live pid; getpid() for the exec holder
   bool exec = false;
+  bool caller = false;     // (with exec) the library's caller: nothing is exec'd; fd -1 is any free number
   std::vector<PlannedFd> fds;  // image order
   // Not 0: the fds go into the own fd table of this thread of target (FdRecord::tid, THREAD_FD);
   // the install runs in that thread.

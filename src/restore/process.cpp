@@ -294,7 +294,10 @@ class TargetTransaction {
   std::unordered_set<uint64_t> async_seen_;          // recorded files whose kept O_ASYNC is asked for
 };
 
-// The exec holder's fds put in place in this process, undone unless the exec happens.
+// The fds of this process's holder (--exec, or the library's caller) put in place in its own fd
+// table: all or nothing. What was open at each number is kept (a copy above `floor`) until
+// commit(); rollback(), or the destructor without commit(), puts it back with its FD_CLOEXEC, and
+// closes the numbers that were free, last placed first.
 class SelfInstall {
  public:
   SelfInstall() = default;
@@ -302,7 +305,15 @@ class SelfInstall {
   SelfInstall& operator=(const SelfInstall&) = delete;
   ~SelfInstall() { rollback(); }
 
-  Expected<void> place(int source, int fd, bool cloexec, int floor) {
+  // source at number fd (replacing what is there), or at the lowest free number when fd is -1.
+  // Returns the number it is at.
+  Expected<int> place(int source, int fd, bool cloexec, int floor) {
+    if (fd < 0) {
+      int got = ::fcntl(source, cloexec ? F_DUPFD_CLOEXEC : F_DUPFD, 0);
+      if (got < 0) return tl::unexpected(sys::call_error("fcntl", fmt::format("fd={}, F_DUPFD, 0", source)));
+      saved_.push_back(Saved{got, sys::UniqueFd(), 0});
+      return got;
+    }
     Saved s{fd, sys::UniqueFd(), 0};
     int old = ::fcntl(fd, F_GETFD);
     if (old >= 0) {
@@ -313,8 +324,11 @@ class SelfInstall {
     if (::dup3(source, fd, cloexec ? O_CLOEXEC : 0) < 0)
       return tl::unexpected(sys::call_error("dup3", fmt::format("{}, {}", source, fd)));
     saved_.push_back(std::move(s));
-    return {};
+    return fd;
   }
+
+  // The fds stay; what they replaced is closed.
+  void commit() { saved_.clear(); }
 
   void rollback() {
     for (auto it = saved_.rbegin(); it != saved_.rend(); ++it) {
@@ -357,18 +371,30 @@ Expected<void> self_fd_room(int top) {
   return {};
 }
 
-Expected<void> place_self(const Holder& h, Built& built, SelfInstall& self) {
+// Every fd of h (this process's holder) at its number; `placed` gets each one's number (h.fds order).
+Expected<void> place_self(const Holder& h, Built& built, SelfInstall& self, std::vector<int>& placed) {
   const int top = highest_fd(h);
-  if (top < 0) return {};
-  if (auto ok = self_fd_room(top); !ok) return ok;
+  if (h.fds.empty()) return {};
+  if (top >= 0)
+    if (auto ok = self_fd_room(top); !ok) return ok;
   const int floor = top + 1;
   for (auto& [id, fd] : built.files)
     if (auto ok = move_up(fd, floor); !ok) return ok;
   for (sys::UniqueFd& fd : built.keep)
     if (auto ok = move_up(fd, floor); !ok) return ok;
-  for (const PlannedFd& f : h.fds)
-    if (auto ok = self.place(built.files.at(f.rec->file_id).get(), f.rec->fd, f.rec->cloexec, floor); !ok)
-      return tl::unexpected(Error{ok.error().kind, ok.error().err, fmt::format("exec process: {}", ok.error().what)});
+  // Numbers asked for first, then any free number (fd -1, the caller only): so a free pick never
+  // takes a number asked for.
+  placed.assign(h.fds.size(), -1);
+  for (bool any : {false, true})
+    for (size_t i = 0; i < h.fds.size(); ++i) {
+      const FdRecord& d = *h.fds[i].rec;
+      if ((d.fd < 0) != any) continue;
+      auto at = self.place(built.files.at(d.file_id).get(), d.fd, d.cloexec, floor);
+      if (!at)
+        return tl::unexpected(Error{at.error().kind, at.error().err,
+                                    fmt::format("{}: {}", h.caller ? "this process" : "exec process", at.error().what)});
+      placed[i] = *at;
+    }
   return {};
 }
 
@@ -486,8 +512,9 @@ Expected<ProcessRestoreSummary> restore_processes(const Image& img, const Proces
   for (const Holder& h : plan->holders)
     if (h.exec) exec_holder = &h;
   SelfInstall self;
+  std::vector<int> placed;
   if (exec_holder)
-    if (auto ok = place_self(*exec_holder, *built, self); !ok) {
+    if (auto ok = place_self(*exec_holder, *built, self, placed); !ok) {
       self.rollback();
       remove_created_fifos(*built);
       return tl::unexpected(ok.error());
@@ -505,6 +532,21 @@ Expected<ProcessRestoreSummary> restore_processes(const Image& img, const Proces
     if (opts.hook) opts.hook(Stage::resumed);
   }
   if (!exec_holder) return sum;
+  if (exec_holder->caller) {
+    // O_ASYNC at the final numbers (si_fd names the number it was set through), then keep them.
+    for (size_t i = 0; i < exec_holder->fds.size(); ++i) {
+      const PlannedFd& f = exec_holder->fds[i];
+      if (f.set_async)
+        if (auto ok = set_async(placed[i], plan->files[plan->file_index.at(f.rec->file_id)].rec); !ok) {
+          self.rollback();
+          remove_created_fifos(*built);
+          return tl::unexpected(ok.error());
+        }
+      sum.caller_fds.push_back(ProcessRestoreSummary::CallerFd{f.rec->file_id, placed[i]});
+    }
+    self.commit();
+    return sum;
+  }
   Error e = exec_now(*plan, *exec_holder, *request.exec, soft_before);
   self.rollback();
   bool targets = plan->holders.size() > 1;

@@ -47,9 +47,16 @@ struct ExecSpec {
   std::vector<std::string> argv;
 };
 
+// The calling process itself (the in-process API, restore_pipe()): it takes RECORDED's fds in its own
+// fd table, as --exec does, and the call returns. An FdRecord::fd of -1 asks for any free number.
+struct CallerSpec {
+  int32_t recorded = 0;
+};
+
 struct ProcessRestoreRequest {
   std::vector<IntoSpec> into;
   std::optional<ExecSpec> exec;
+  std::optional<CallerSpec> caller;  // not with exec: both are this process
 };
 
 // Points where a test may act (kill a target, look at it). Called in this order.
@@ -99,6 +106,11 @@ struct ProcessRestoreSummary {
   size_t fds = 0;            // fds restored (installed, or kept in place), over every target (and the exec process)
   std::vector<DroppedEnd> dropped;
   std::vector<std::string> notes;  // everything also passed to options.note
+  struct CallerFd {
+    uint64_t file_id = 0;
+    int fd = -1;
+  };
+  std::vector<CallerFd> caller_fds;  // request.caller: where each of its fds ended, its plan order
 };
 
 // Restores `request` from img (whose PipeRecord::data views memory that stays mapped during the
