@@ -14,6 +14,7 @@
 #include <span>
 #include <vector>
 
+#include "dump/open_file.hpp"  // the per-file state every kind shares
 #include "pipecr/error.hpp"
 #include "pipecr/image.hpp"
 #include "sys/unique_fd.hpp"
@@ -112,11 +113,5 @@ class SnapshotReader {
 
 // The slot layout of a snapshot, leaving the snapshot whole (a copy of it is read).
 [[nodiscard]] Expected<std::vector<Slot>> layout(const Snapshot& snap);
-
-// The state of the open file description behind fd: access mode and status flags, signal owner
-// (F_GETOWN_EX, F_GETOWNER_UIDS where the kernel has it) and signal (F_GETSIG). id and pipe_id are
-// left 0 for the caller to fill in.
-// with_flags=false skips F_GETFL (for callers that read the flags from /proc/PID/fdinfo already).
-[[nodiscard]] Expected<FileRecord> file_state(int fd, bool with_flags = true);
 
 }  // namespace pipecr::dump

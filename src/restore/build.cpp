@@ -46,24 +46,6 @@ namespace {
 
 int accmode(const FileRecord& f) { return static_cast<int>(f.flags) & O_ACCMODE; }
 
-Expected<sys::UniqueFd> reopen(int fd, int mode) {
-  std::string self = fmt::format("/proc/self/fd/{}", fd);
-  sys::UniqueFd out(::open(self.c_str(), mode | O_NONBLOCK | O_CLOEXEC));
-  if (!out) return tl::unexpected(sys::call_error("open", fmt::format("{}, {}", self, mode == O_RDONLY ? "O_RDONLY" : mode == O_WRONLY ? "O_WRONLY" : "O_RDWR")));
-  return out;
-}
-
-// Flags, owner and signal; an owner that cannot be set is a note, not a failure.
-Expected<void> apply_state(int fd, const FileRecord& f, Built& built) {
-  auto ok = set_file_state(fd, f);
-  if (ok || f.owner.pid == 0) return ok;
-  FileRecord no_owner = f;
-  no_owner.owner = Owner{};
-  if (auto again = set_file_state(fd, no_owner); !again) return again;
-  built.notes.push_back(fmt::format("pipe {} file {}: signal owner not set: {}", f.pipe_id, f.id, ok.error().what));
-  return {};
-}
-
 // The file (index into plan.files) that gets the end pipe2() made for mode, or SIZE_MAX.
 size_t pick_original(const Plan& plan, const PlannedPipe& pp, int mode) {
   size_t first = SIZE_MAX;
@@ -107,7 +89,7 @@ Expected<void> build_anonymous(const Plan& plan, const PlannedPipe& pp, const Pr
   if (orig_r != SIZE_MAX) made.emplace_back(orig_r, std::move(ends->read));
   if (orig_w != SIZE_MAX) made.emplace_back(orig_w, std::move(ends->write));
   for (auto& [i, fd] : made) {
-    if (auto ok = apply_state(fd.get(), plan.files[i].rec, built); !ok) return ok;
+    if (auto ok = apply_file_state(fd.get(), plan.files[i].rec, built.notes); !ok) return ok;
     built.files[plan.files[i].rec.id] = std::move(fd);
   }
   return {};
@@ -197,7 +179,7 @@ Expected<void> open_fifo_files(const Plan& plan, const PlannedPipe& pp, int via,
     if (!which(f)) continue;
     auto fd = reopen(via, accmode(f));
     if (!fd) return tl::unexpected(fd.error());
-    if (auto ok = apply_state(fd->get(), f, built); !ok) return ok;
+    if (auto ok = apply_file_state(fd->get(), f, built.notes); !ok) return ok;
     built.files[f.id] = std::move(*fd);
   }
   return {};

@@ -13,6 +13,7 @@
 
 #include "image/info.hpp"
 #include "restore/in_flight.hpp"
+#include "restore/open_file.hpp"
 #include "restore/plan.hpp"
 #include "sys/file_kind.hpp"
 #include "sys/proc.hpp"
@@ -236,15 +237,6 @@ void fit_fd_limit(Plan& plan, size_t limit, size_t open_now) {
 
 namespace {
 
-Expected<sys::UniqueFd> reopen_live(int via, int mode) {
-  std::string self = fmt::format("/proc/self/fd/{}", via);
-  sys::UniqueFd out(::open(self.c_str(), mode | O_NONBLOCK | O_CLOEXEC));
-  if (!out)
-    return tl::unexpected(sys::call_error(
-        "open", fmt::format("{}, {}", self, mode == O_RDONLY ? "O_RDONLY" : mode == O_WRONLY ? "O_WRONLY" : "O_RDWR")));
-  return out;
-}
-
 Expected<sys::UniqueFd> dup_cloexec(int fd) {
   sys::UniqueFd out(::fcntl(fd, F_DUPFD_CLOEXEC, 0));
   if (!out) return tl::unexpected(sys::call_error("fcntl", fmt::format("fd={}, F_DUPFD_CLOEXEC", fd)));
@@ -327,18 +319,10 @@ Expected<void> build_in_place(const Plan& plan, const PlannedPipe& pp, const Pro
       if (!copy) return tl::unexpected(copy.error());
       fd = std::move(*copy);
     } else {
-      auto made = reopen_live(ip.held.front().get(), accmode_of(f.flags));
+      auto made = reopen(ip.held.front().get(), accmode_of(f.flags));
       if (!made) return tl::unexpected(made.error());
       fd = std::move(*made);
-      auto ok = set_file_state(fd.get(), f);
-      if (!ok && f.owner.pid != 0) {
-        FileRecord no_owner = f;
-        no_owner.owner = Owner{};
-        if (auto again = set_file_state(fd.get(), no_owner); !again) return again;
-        built.notes.push_back(fmt::format("pipe {} file {}: signal owner not set: {}", f.pipe_id, f.id, ok.error().what));
-      } else if (!ok) {
-        return ok;
-      }
+      if (auto ok = apply_file_state(fd.get(), f, built.notes); !ok) return ok;
     }
     built.files[f.id] = std::move(fd);
   }
@@ -375,7 +359,7 @@ Expected<int> live_end(InPlacePipe& p, bool write) {
       auto r = live_end(p, false);
       if (!r) return r;
     }
-    auto made = reopen_live(any_end(p), write ? O_WRONLY : O_RDONLY);
+    auto made = reopen(any_end(p), write ? O_WRONLY : O_RDONLY);
     if (!made) return tl::unexpected(made.error());
     own = std::move(*made);
   }

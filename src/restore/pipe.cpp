@@ -1,4 +1,5 @@
-// restore/pipe.cpp: capacity, refill and per-end state of a restored pipe (see pipe.hpp).
+// restore/pipe.cpp: capacity, refill and inode owner of a restored pipe (see pipe.hpp); the state
+// of each of its open files is the generic layer's (restore/open_file.cpp).
 //
 // Refill builds each slot on purpose rather than writing the bytes in one go: write() merges into
 // the last slot while it has room, so one write() of the bytes of a vmspliced or packet pipe would
@@ -182,26 +183,6 @@ class Refiller {
   bool last_mergeable_room_ = false;
 };
 
-// Switches this thread's real and effective uid for the lifetime of the object (raw syscall: glibc's
-// setresuid would switch every thread of the process). Keeps saved uid so it can switch back.
-class ThreadCreds {
- public:
-  ThreadCreds(uid_t ruid, uid_t euid) {
-    ::getresuid(&r_, &e_, &s_);
-    if (ruid == r_ && euid == e_) return;
-    ok_ = ::syscall(SYS_setresuid, ruid, euid, -1) == 0;
-    switched_ = ok_;
-  }
-  ~ThreadCreds() {
-    if (switched_) ::syscall(SYS_setresuid, r_, e_, s_);
-  }
-
- private:
-  uid_t r_ = 0, e_ = 0, s_ = 0;
-  bool ok_ = true;
-  bool switched_ = false;
-};
-
 }  // namespace
 
 Expected<uint32_t> set_capacity(int fd, const PipeRecord& pipe, const RefillOptions& opts) {
@@ -311,35 +292,6 @@ Expected<void> set_inode_owner(int fd, const PipeRecord& pipe) {
   if ((st.st_mode & 07777) != mode && ::fchmod(fd, mode) < 0)
     return tl::unexpected(sys::call_error("fchmod", fmt::format("fd={}, mode={:#o}", fd, mode)));
   return {};
-}
-
-Expected<void> set_file_state(int fd, const FileRecord& file, bool keep_async) {
-  auto fl = sys::get_fl(fd);
-  if (!fl) return tl::unexpected(fl.error());
-  constexpr int kSettable = O_NONBLOCK | O_DIRECT;
-  int want = (*fl & ~(kSettable | (keep_async ? 0 : O_ASYNC))) | (static_cast<int>(file.flags) & kSettable);
-  if (want != *fl)
-    if (auto s = sys::set_fl(fd, want); !s) return s;
-  if (file.owner.pid != 0) {
-    struct f_owner_ex own {static_cast<__pid_type>(file.owner.type), file.owner.pid};
-    // F_SETOWN records the caller's uid/euid for the permission check on each signal; take the
-    // recorded ones where this thread may switch to them.
-    ThreadCreds creds(file.owner.has_uids ? file.owner.uid : ::getuid(),
-                      file.owner.has_uids ? file.owner.euid : ::geteuid());
-    if (::fcntl(fd, F_SETOWN_EX, &own) < 0)
-      return tl::unexpected(sys::call_error(
-          "fcntl", fmt::format("fd={}, F_SETOWN_EX, type={}, pid={}", fd, file.owner.type, file.owner.pid)));
-  }
-  if (file.signal != 0 && ::fcntl(fd, F_SETSIG, file.signal) < 0)
-    return tl::unexpected(sys::call_error("fcntl", fmt::format("fd={}, F_SETSIG, {}", fd, file.signal)));
-  return {};
-}
-
-Expected<void> set_async(int fd, const FileRecord& file) {
-  if (!(file.flags & O_ASYNC)) return {};
-  auto fl = sys::get_fl(fd);
-  if (!fl) return tl::unexpected(fl.error());
-  return sys::set_fl(fd, *fl | O_ASYNC);
 }
 
 }  // namespace pipecr::restore

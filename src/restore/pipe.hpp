@@ -12,6 +12,7 @@
 
 #include "pipecr/error.hpp"
 #include "pipecr/image.hpp"
+#include "restore/open_file.hpp"  // the per-file state every kind shares
 #include "sys/unique_fd.hpp"
 
 namespace pipecr::restore {
@@ -45,13 +46,5 @@ struct RefillOptions {
 
 // fchown/fchmod the pipe inode behind fd to the recorded owner and mode, where they differ.
 [[nodiscard]] Expected<void> set_inode_owner(int fd, const PipeRecord& pipe);
-
-// Status flags (O_NONBLOCK, O_DIRECT; not O_ASYNC), signal owner (with its uid/euid where the
-// caller may switch to them) and F_SETSIG of file, applied to fd. O_ASYNC is cleared, or with
-// keep_async left as it is (a file restored in place: see restore/inplace.hpp).
-[[nodiscard]] Expected<void> set_file_state(int fd, const FileRecord& file, bool keep_async = false);
-
-// Sets O_ASYNC on fd if file has it. Call once fd is at its final number.
-[[nodiscard]] Expected<void> set_async(int fd, const FileRecord& file);
 
 }  // namespace pipecr::restore
