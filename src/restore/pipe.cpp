@@ -283,6 +283,12 @@ Expected<void> refill(int wfd, const PipeRecord& pipe, const RefillOptions& opts
   return {};
 }
 
+Expected<void> fill(int fd, const PipeRecord& pipe, const RefillOptions& opts) {
+  auto cap = set_capacity(fd, pipe, opts);
+  if (!cap) return tl::unexpected(cap.error());
+  return refill(fd, pipe, opts);
+}
+
 Expected<void> set_inode_owner(int fd, const PipeRecord& pipe) {
   struct stat st {};
   if (::fstat(fd, &st) < 0) return tl::unexpected(sys::call_error("fstat", fmt::format("fd={}", fd)));

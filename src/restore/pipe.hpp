@@ -44,6 +44,9 @@ struct RefillOptions {
 // write_fd's status flags are changed during refill: the caller sets the final ones afterwards.
 [[nodiscard]] Expected<void> refill(int write_fd, const PipeRecord& pipe, const RefillOptions& opts);
 
+// set_capacity() then refill(): the buffer of a new, empty pipe or FIFO, through fd.
+[[nodiscard]] Expected<void> fill(int fd, const PipeRecord& pipe, const RefillOptions& opts);
+
 // fchown/fchmod the pipe inode behind fd to the recorded owner and mode, where they differ.
 [[nodiscard]] Expected<void> set_inode_owner(int fd, const PipeRecord& pipe);
 

@@ -1,0 +1,22 @@
+// restore/fifo.hpp: the FIFO kind of a restore: what a named pipe needs besides what every pipe
+// needs (restore/pipe.hpp: capacity, refill, inode owner) and every open file needs
+// (restore/open_file.hpp): its path, opened in the mount namespace of the targets that hold it (or
+// made again, for an unlinked FIFO or with --create-fifos), and an open order that keeps each
+// reader's "seen a writer" state (FifoReaderState). Stage 2 (build.cpp) calls build_fifo() for
+// every FIFO to be replaced; its files are installed like any other.
+#pragma once
+
+#include "pipecr/error.hpp"
+#include "restore/plan.hpp"
+
+namespace pipecr::restore {
+
+// Builds the FIFO pp: refilled through one read-write open (kept in built.keep until every end is
+// installed), each of its files opened in the order that keeps the readers' state, with its flags,
+// owner and signal. Errors: Errc::not_found (a missing path without --create-fifos),
+// Errc::unsupported (not a FIFO, a symbolic link, already holding data, targets in different mount
+// namespaces), and those of the pipe steps.
+[[nodiscard]] Expected<void> build_fifo(const Plan& plan, const PlannedPipe& pp, const ProcessRestoreOptions& opts,
+                                        Built& built);
+
+}  // namespace pipecr::restore
