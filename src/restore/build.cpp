@@ -21,7 +21,9 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstdlib>
+#include <cstring>
 #include <optional>
+#include <unordered_set>
 
 #include <fmt/format.h>
 
@@ -91,7 +93,17 @@ Expected<size_t> open_fd_count() {
 }  // namespace
 
 size_t fds_needed(const Plan& plan) {
-  size_t n = plan.files.size() + kFdSlack;
+  // The files built: those of the --exec process stay until it has them at their numbers; the
+  // others (and the in-place reopens) are queued to their targets a chunk at a time (kBuildChunk,
+  // plus the files of the pipe that crosses the mark) and closed.
+  std::unordered_set<uint64_t> exec_files;
+  for (const Holder& h : plan.holders)
+    if (h.exec)
+      for (const PlannedFd& f : h.fds) exec_files.insert(f.rec->file_id);
+  size_t widest = 0;
+  for (const PlannedPipe& pp : plan.pipes) widest = std::max(widest, pp.files.size());
+  const size_t others = plan.files.size() - std::min(plan.files.size(), exec_files.size());
+  size_t n = exec_files.size() + std::min(others, kBuildChunk + widest) + kFdSlack;
   for (const PlannedPipe& pp : plan.pipes) {
     if (pp.choice.in_place) n += in_place_fds(pp, pp.choice.kept);  // copies, scratch, holding, own ends
     else if (pp.pipe->kind == PipeKind::fifo) ++n;  // the read-write open or the temporary reader, kept
@@ -99,11 +111,34 @@ size_t fds_needed(const Plan& plan) {
   bool targets = false;
   for (const Holder& h : plan.holders) {
     if (h.exec) n += 2 * h.fds.size();  // at the recorded numbers, and a copy of what was there
-    else targets = true;
+    else {
+      targets = true;
+      n += 2;  // its files queue, both ends until the agent takes one
+    }
   }
-  if (targets) n += kStashChunk;  // copies of the targets' old fds, one chunk beyond the files installed
+  if (targets) n += kStashChunk;  // the targets' old files, handed back at the commit
   return n;
 }
+
+namespace {
+
+// Whether files in flight in unix sockets are unlimited for this process (CAP_SYS_ADMIN or
+// CAP_SYS_RESOURCE, effective); without, the kernel refuses to queue more than RLIMIT_NOFILE of
+// them per user (ETOOMANYREFS).
+bool inflight_unlimited() {
+  sys::UniqueFd in(::open("/proc/self/status", O_RDONLY | O_CLOEXEC));
+  if (!in) return false;
+  char buf[4096];
+  ssize_t n = ::read(in.get(), buf, sizeof buf - 1);
+  if (n <= 0) return false;
+  buf[n] = 0;
+  const char* at = std::strstr(buf, "CapEff:");
+  if (!at) return false;
+  const unsigned long long eff = std::strtoull(at + 7, nullptr, 16);
+  return (eff >> 21 & 1) || (eff >> 24 & 1);  // CAP_SYS_ADMIN, CAP_SYS_RESOURCE
+}
+
+}  // namespace
 
 Expected<void> check_fd_room(const Plan& plan) {
   rlimit rl{};
@@ -111,6 +146,18 @@ Expected<void> check_fd_room(const Plan& plan) {
   auto open_now = open_fd_count();
   if (!open_now) return tl::unexpected(open_now.error());
   const size_t need = fds_needed(plan);
+  size_t inflight = 0;  // files queued to the targets, all in flight at once before the stop
+  for (const Holder& h : plan.holders)
+    if (!h.exec)
+      for (const PlannedFd& f : h.fds) inflight += !f.keep;
+  if (rl.rlim_cur != RLIM_INFINITY && inflight > rl.rlim_cur && !inflight_unlimited())
+    return fail(Errc::system, ETOOMANYREFS,
+                fmt::format("this restore parks {} files in flight (unix sockets) before it stops the targets, and "
+                            "without CAP_SYS_ADMIN or CAP_SYS_RESOURCE the kernel allows a user only its "
+                            "RLIMIT_NOFILE ({}) of them: raise it, e.g. prlimit --pid {} --nofile={}:{}, or restore "
+                            "fewer processes at once",
+                            inflight, rl.rlim_cur, ::getpid(), inflight + kBuildChunk + 1024,
+                            inflight + kBuildChunk + 1024));
   if (rl.rlim_cur == RLIM_INFINITY || *open_now + need <= rl.rlim_cur) return {};
   return fail(Errc::system, EMFILE,
               fmt::format("this restore needs about {} fds open in pipecr at once ({} open files of {} pipes, "
@@ -119,10 +166,10 @@ Expected<void> check_fd_room(const Plan& plan) {
                           need, plan.files.size(), plan.pipes.size(), *open_now, rl.rlim_cur, rl.rlim_max));
 }
 
-Expected<Built> build(const Plan& plan, const ProcessRestoreOptions& opts) {
+Expected<Built> build(const Plan& plan, const ProcessRestoreOptions& opts, const Flush& flush) {
   if (auto ok = check_fd_room(plan); !ok) return tl::unexpected(ok.error());
   Built built;
-  built.files.reserve(plan.files.size());
+  size_t mark = kBuildChunk;  // flush when built.files reaches it (what stays after a flush, plus a chunk)
   for (const PlannedPipe& pp : plan.pipes) {
     auto ok = pp.choice.in_place           ? build_in_place(plan, pp, opts, built)
               : pp.pipe->kind == PipeKind::fifo ? build_fifo(plan, pp, opts, built)
@@ -131,7 +178,19 @@ Expected<Built> build(const Plan& plan, const ProcessRestoreOptions& opts) {
       remove_created_fifos(built);
       return tl::unexpected(for_pipe(*pp.pipe, ok.error()));
     }
+    if (flush && built.files.size() >= mark) {
+      if (auto f = flush(built); !f) {
+        remove_created_fifos(built);
+        return tl::unexpected(f.error());
+      }
+      mark = built.files.size() + kBuildChunk;
+    }
   }
+  if (flush)
+    if (auto f = flush(built); !f) {
+      remove_created_fifos(built);
+      return tl::unexpected(f.error());
+    }
   return built;
 }
 

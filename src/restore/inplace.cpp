@@ -219,7 +219,10 @@ void mark_kept(Plan& plan) {
 }
 
 void fit_fd_limit(Plan& plan, size_t limit, size_t open_now) {
-  size_t need = fds_needed(plan) + open_now;
+  // A margin for what pipecr opens between the plan and the build (listings, the targets' queues).
+  constexpr size_t kMargin = 64;
+  size_t need = fds_needed(plan) + open_now + kMargin;
+  std::unordered_set<const PipeRecord*> replaced;
   for (auto it = plan.pipes.rbegin(); it != plan.pipes.rend() && need > limit; ++it) {
     PlannedPipe& pp = *it;
     if (!pp.choice.in_place) continue;
@@ -229,10 +232,12 @@ void fit_fd_limit(Plan& plan, size_t limit, size_t open_now) {
     need += costs;
     pp.choice = PipeChoice{};
     pp.choice.why = fmt::format("pipecr's fd limit ({}) does not allow more pipes refilled in place at once", limit);
-    for (Holder& h : plan.holders)
-      for (PlannedFd& f : h.fds)
-        if (plan.files[plan.file_index.at(f.rec->file_id)].pipe == pp.pipe) f.keep = false;
+    replaced.insert(pp.pipe);
   }
+  if (replaced.empty()) return;
+  for (Holder& h : plan.holders)  // one pass, whatever the number of pipes replaced
+    for (PlannedFd& f : h.fds)
+      if (f.keep && replaced.count(plan.files[plan.file_index.at(f.rec->file_id)].pipe)) f.keep = false;
 }
 
 namespace {

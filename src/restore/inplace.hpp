@@ -34,7 +34,8 @@
 //            with the bytes: each move is a few splice() calls.
 //   undo     undo_in_place(): the new buffers are dropped, the old capacity set, the old buffers
 //            moved back, the old flags, owner and signal put back.
-//   commit   the holding pipe, the scratch pipe and the copies are closed.
+//   commit   the holding pipe, the scratch pipe and the copies are closed, once the targets run again
+//            (freeing the old buffers costs no stop).
 #pragma once
 
 #include <fcntl.h>

@@ -10,6 +10,7 @@
 #include <sys/types.h>
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -88,10 +89,14 @@ struct Built {
 // Unlinks the FIFOs build() created (a failed restore leaves the file system as it found it).
 void remove_created_fifos(Built& built);
 
-// Stage 3 stashes the targets' old fds in pipecr (pidfd_getfd) this many at a time, installing each
-// chunk before the next is stashed: pipecr then holds at most the files not yet installed plus one
-// chunk. 253 is SCM_MAX_FD, one sendmsg() of install_fds().
+// At the commit the agents hand the files their installs replaced to pipecr (closed after the
+// resume, so freeing big pipes costs no stop), up to this many at once over every agent; beyond
+// that pipecr closes them as they come (sys/agent.cpp).
 inline constexpr size_t kStashChunk = 253;
+// Stage 2 builds the files for the --into targets this many at a time (plus the files of the pipe
+// that crosses the mark): each chunk goes into the targets' files queues (sys::FileQueue) and pipecr
+// closes its copies, so it never holds more than one chunk of them.
+inline constexpr size_t kBuildChunk = 1024;
 // Fds pipecr holds besides the planned ones: stdio, the pidfd and socket of a target, a pipe's two
 // ends while it is built, /proc listings.
 inline constexpr size_t kFdSlack = 32;
@@ -105,6 +110,9 @@ inline constexpr size_t kFdSlack = 32;
 [[nodiscard]] Expected<void> check_fd_room(const Plan& plan);
 
 // Stage 2: builds every planned pipe in this process, after check_fd_room(). Every fd is O_CLOEXEC.
-[[nodiscard]] Expected<Built> build(const Plan& plan, const ProcessRestoreOptions& options);
+// flush, when given, is called whenever about kBuildChunk files are in built.files, and once at the
+// end: it queues them to the targets and closes what the --exec process does not need.
+using Flush = std::function<Expected<void>(Built&)>;
+[[nodiscard]] Expected<Built> build(const Plan& plan, const ProcessRestoreOptions& options, const Flush& flush = {});
 
 }  // namespace pipecr::restore

@@ -1,11 +1,12 @@
 // restore/process.cpp: stage 3 of a restore into processes: the transaction that installs the
 // prepared pipes into running targets, and the exec of a new command that holds its share.
 //
-// Targets (all-or-nothing over every target, whatever happens to pipecr): stop every one first
-// (PTRACE_SEIZE + INTERRUPT on all threads, sys/ptrace.hpp), check each one's RLIMIT_NOFILE, then start
-// an agent in each (sys/agent.hpp: one remote mmap, then the agent runs inside the target), queue its
-// files on its files socket (pipecr closes its copy of each file once every target taking it has it
-// queued) and ask it to prepare. Nothing of any target has changed so far. Then one store in the
+// Targets (all-or-nothing over every target, whatever happens to pipecr): before anything is built,
+// read each one's RLIMIT_NOFILE and fd table (the room check) and make its files queue (Parcels);
+// stage 2 parks every built file in the queues a chunk at a time and closes pipecr's copies. Then stop
+// every target (PTRACE_SEIZE + INTERRUPT on all threads, sys/ptrace.hpp), start an agent in each
+// (sys/agent.hpp: one remote mmap, then the agent runs inside the target), hand it the receiving end
+// of its queue with HELLO, and ask it to prepare (it checks, exactly, that one batch fits). Nothing of any target has changed so far. Then one store in the
 // shared CommitPoint commits every target at once; each agent installs its files (dup3 to the
 // recorded numbers), sets O_ASYNC at the final number of each file that had it (si_fd is the number
 // O_ASYNC was set through), and pipecr takes the thread back, removes the agent and lets every
@@ -87,14 +88,145 @@ Expected<std::vector<int>> target_fds(pid_t pid) {
   return fds;
 }
 
+// What a target gets, known and prepared before it is stopped: its limits, and its files parked in
+// flight in a queue its agent will receive from (sys::FileQueue), in the order of `order`.
+struct Parcel {
+  const Holder* holder = nullptr;
+  uint64_t nofile = 0;                // its soft RLIMIT_NOFILE
+  uint64_t vdso = 0;                  // a syscall instruction in its [vdso]
+  size_t batch = sys::kAgentBatch;    // files per message: what the target has room for at the commit
+  sys::FileQueue queue;
+  std::vector<const PlannedFd*> order;    // the install operations, in the order their files are queued
+  std::vector<const PlannedFd*> pending;  // of the chunk being queued
+};
+
+// Room in a target for what arrives at the commit (read before the stop; the agent checks again,
+// exactly, while stopped: PREPARE). Sets p.batch; EMFILE naming the limit when it cannot fit.
+Expected<void> size_batch(Parcel& p) {
+  const Holder& h = *p.holder;
+  const int top = highest_fd(h);
+  p.batch = sys::kAgentBatch;
+  if (top < 0) return {};
+  auto open = target_fds(h.thread ? h.thread : h.target);  // that thread's own fd table, if any
+  if (!open) return tl::unexpected(open.error());
+  // The files wait in a socket queue (no fd numbers); at the commit the agent takes them one
+  // message (a batch of up to 253) at a time. It holds then: what the target holds, one batch, its
+  // 4 socket ends; so the batch is what fits. A received file or a socket that lands on a number
+  // still to be filled moves above the highest one.
+  constexpr uint64_t kSockets = 4, kSpare = 2;
+  const uint64_t limit = p.nofile;
+  const uint64_t room = limit > open->size() + kSockets + kSpare ? limit - open->size() - kSockets - kSpare : 0;
+  p.batch = static_cast<size_t>(std::min<uint64_t>({room, sys::kAgentBatch, h.fds.size()}));
+  // A received file lands on the lowest free number, never above what is open plus what arrives:
+  // only free recorded numbers below that can be hit (and then it moves above the highest).
+  const uint64_t reach = open->size() + p.batch + kSockets;
+  uint64_t free_targets = 0;
+  for (const PlannedFd& f : h.fds)
+    free_targets += static_cast<uint64_t>(f.rec->fd) < reach && !std::binary_search(open->begin(), open->end(), f.rec->fd);
+  const uint64_t need = std::max<uint64_t>(open->size() + kSockets + kSpare + 1,
+                                           uint64_t(top) + 1 + std::min<uint64_t>(p.batch + kSockets, free_targets));
+  if (p.batch == 0 || need > limit)
+    return fail(Errc::system, EMFILE,
+                fmt::format("its RLIMIT_NOFILE ({}) is too low: the restore needs {} fds in it at once (the {} it "
+                            "holds, the files arriving, fd {} the highest): raise it, e.g. prlimit --pid {} "
+                            "--nofile={}",
+                            limit, need, open->size(), top, h.target, need + 64));
+  return {};
+}
+
+// Every target's parcel: made before anything is built, filled while building (flush() after each
+// chunk of files, which pipecr then closes), handed to the agents once the targets are stopped.
+// Destroying it before that drops every file queued: no target saw anything.
+class Parcels {
+ public:
+  explicit Parcels(const Plan& plan) : plan_(plan) {}
+
+  // Limits and queues, before anything is built or stopped.
+  Expected<void> make() {
+    size_t chunks = plan_.files.size() / kBuildChunk + 2;
+    for (const Holder& h : plan_.holders) {
+      if (h.exec) {
+        for (const PlannedFd& f : h.fds) exec_files_.insert(f.rec->file_id);
+        continue;
+      }
+      Parcel p;
+      p.holder = &h;
+      auto limit = target_nofile_limit(h.target);
+      if (!limit) return tl::unexpected(in_target(h, limit.error()));
+      p.nofile = *limit;
+      p.vdso = sys::vdso_syscall_address(h.target);
+      if (auto ok = size_batch(p); !ok) return tl::unexpected(in_target(h, ok.error()));
+      size_t installs = 0;
+      for (const PlannedFd& f : h.fds) installs += !f.keep;
+      auto q = sys::FileQueue::create(installs / std::max<size_t>(p.batch, 1) + chunks);
+      if (!q) return tl::unexpected(q.error());
+      p.queue = std::move(*q);
+      list_.push_back(std::move(p));
+    }
+    for (size_t i = 0; i < list_.size(); ++i)
+      for (const PlannedFd& f : list_[i].holder->fds)
+        if (!f.keep) takers_[f.rec->file_id].emplace_back(i, &f);
+    return {};
+  }
+
+  // Queues every built file not queued yet to every target taking it, then closes pipecr's copy
+  // (unless the --exec process takes it too: that one needs it at its number).
+  Expected<void> flush(Built& built) {
+    for (auto it = built.files.begin(); it != built.files.end();) {
+      const uint64_t id = it->first;
+      if (!queued_.insert(id).second) {
+        ++it;
+        continue;
+      }
+      if (auto t = takers_.find(id); t != takers_.end())
+        for (auto& [i, f] : t->second) list_[i].pending.push_back(f);
+      ++it;
+    }
+    for (Parcel& p : list_) {
+      std::vector<int> fds;
+      for (size_t at = 0; at < p.pending.size();) {
+        fds.clear();
+        const auto first = static_cast<uint32_t>(p.order.size());
+        while (at < p.pending.size() && fds.size() < p.batch) {
+          fds.push_back(built.files.at(p.pending[at]->rec->file_id).get());
+          p.order.push_back(p.pending[at++]);
+        }
+        if (auto ok = p.queue.queue(first, fds); !ok) return tl::unexpected(in_target(*p.holder, ok.error()));
+      }
+      p.pending.clear();
+    }
+    for (auto it = built.files.begin(); it != built.files.end();)
+      it = exec_files_.count(it->first) ? std::next(it) : built.files.erase(it);
+    return {};
+  }
+
+  Parcel& of(const Holder& h) {
+    for (Parcel& p : list_)
+      if (p.holder == &h) return p;
+    throw std::logic_error("no parcel for a target");  // cannot happen: make() made one per target
+  }
+  [[nodiscard]] size_t queued_files() const {
+    size_t n = 0;
+    for (const Parcel& p : list_) n += p.queue.files();
+    return n;
+  }
+
+ private:
+  const Plan& plan_;
+  std::vector<Parcel> list_;
+  std::unordered_map<uint64_t, std::vector<std::pair<size_t, const PlannedFd*>>> takers_;
+  std::unordered_set<uint64_t> exec_files_;
+  std::unordered_set<uint64_t> queued_;
+};
+
 // One stopped target and its agent.
 struct Session {
-  Session(sys::StoppedProcess p, const Holder& h) : proc(std::move(p)), holder(&h) {}
+  Session(sys::StoppedProcess p, const Holder& h, Parcel& pc) : proc(std::move(p)), holder(&h), parcel(&pc) {}
   sys::StoppedProcess proc;             // declared first: destroyed after the agent
   std::unique_ptr<sys::Agent> agent;
   std::vector<sys::AgentOp> ops;
-  size_t batch = sys::kAgentBatch;      // files per message: what the target has room for at the commit
   const Holder* holder;
+  Parcel* parcel;
 };
 
 // A signal that asks pipecr to stop (SIGINT, SIGTERM, SIGHUP, SIGQUIT) is pending: the transaction
@@ -109,13 +241,8 @@ std::optional<int> interrupt_pending() {
 
 class TargetTransaction {
  public:
-  TargetTransaction(const Plan& plan, Built& built, const ProcessRestoreOptions& opts)
-      : plan_(plan), built_(built), opts_(opts) {
-    for (const Holder& h : plan_.holders)
-      if (!h.exec)
-        for (const PlannedFd& f : h.fds)
-          if (!f.keep) ++uses_[f.rec->file_id];
-  }
+  TargetTransaction(const Plan& plan, Built& built, Parcels& parcels, const ProcessRestoreOptions& opts)
+      : plan_(plan), built_(built), parcels_(parcels), opts_(opts) {}
   TargetTransaction(const TargetTransaction&) = delete;
   TargetTransaction& operator=(const TargetTransaction&) = delete;
   ~TargetTransaction() { rollback(); }
@@ -123,26 +250,21 @@ class TargetTransaction {
   // Stops every target, starts an agent in each and hands it its files; nothing of any target is
   // changed yet. On failure everything is rolled back before returning.
   Expected<void> run() {
-    // What can be known before anything is stopped: each target's fd limit and vdso.
-    for (const Holder& h : plan_.holders) {
-      if (h.exec) continue;
-      auto limit = target_nofile_limit(h.target);
-      if (!limit) return abort(in_target(h, limit.error()));
-      before_[&h] = {*limit, sys::vdso_syscall_address(h.target)};
-    }
+    // Everything that can be done before the stop is done: the limits were read and the files
+    // queued (Parcels), the commit page is made here.
+    auto cp = sys::CommitPoint::create();
+    if (!cp) return abort(cp.error());
+    commit_.emplace(std::move(*cp));
     for (const Holder& h : plan_.holders) {
       if (h.exec) continue;
       if (auto ok = check_interrupt(); !ok) return abort(ok.error());
       auto sp = sys::StoppedProcess::seize(h.target);
       if (!sp) return abort(in_target(h, sp.error()));
-      sessions_.push_back(std::make_unique<Session>(std::move(*sp), h));
+      sessions_.push_back(std::make_unique<Session>(std::move(*sp), h, parcels_.of(h)));
     }
     stage(Stage::seized);
-    auto cp = sys::CommitPoint::create();
-    if (!cp) return abort(cp.error());
-    commit_.emplace(std::move(*cp));
     using Phase = Expected<void> (TargetTransaction::*)(Session&);
-    for (Phase phase : {&TargetTransaction::start, &TargetTransaction::hand_over, &TargetTransaction::prepare}) {
+    for (Phase phase : {&TargetTransaction::start, &TargetTransaction::prepare}) {
       for (auto& s : sessions_) {
         if (auto ok = check_interrupt(); !ok) return abort(ok.error());
         if (auto ok = (this->*phase)(*s); !ok) return abort(in_target(*s->holder, ok.error()));
@@ -166,7 +288,8 @@ class TargetTransaction {
     if (!commit_->commit())
       return abort(Error{Errc::system, ECANCELED, "an agent gave up before the commit (timeout or failure); every target rolled back"});
     std::optional<Error> first;
-    built_.in_place.clear();  // the old buffers, the copies of the kept files: nothing to undo now
+    committed_ = true;  // in-place swaps are not undone from here (their old buffers go after the resume)
+    for (auto& s : sessions_) s->agent->send_decide();  // every agent installs at once
     for (auto& s : sessions_) {
       auto done = s->agent->decide();
       Expected<void> ok = done ? Expected<void>{} : tl::unexpected(done.error());
@@ -183,6 +306,7 @@ class TargetTransaction {
     // done when the transaction goes away, after the targets run again.
     finished_ = std::move(sessions_);
     sessions_.clear();
+    built_.in_place.clear();  // the old buffers, the copies of the kept files: freed with the targets running
     if (first) return tl::unexpected(*first);
     return {};
   }
@@ -198,57 +322,21 @@ class TargetTransaction {
     return {};
   }
 
-  // Limits, the operations, and the agent.
+  // The operations and the agent; the agent gets the queue its files wait in.
   Expected<void> start(Session& s) {
     const Holder& h = *s.holder;
-    int top = highest_fd(h);
-    for (const PlannedFd& f : h.fds)
-      if (!f.keep)  // kept in place: the target holds that file there already
-        s.ops.push_back(sys::AgentOp{sys::AgentOp::install, f.rec->fd, f.rec->cloexec ? 1 : 0, 0, 0,
-                                     built_.files.at(f.rec->file_id).get()});
+    Parcel& p = *s.parcel;
+    for (const PlannedFd* f : p.order)
+      s.ops.push_back(sys::AgentOp{sys::AgentOp::install, f->rec->fd, f->rec->cloexec ? 1 : 0, 0, 0, -1});
     for (const PlannedFd& f : h.fds)
       if (f.keep ? wants_async_kept(f) : f.set_async)
         s.ops.push_back(sys::AgentOp{sys::AgentOp::setfl_or, f.rec->fd, 0, O_ASYNC, 0, -1});
-    const Before& known = before_.at(&h);
-    if (top >= 0) {
-      const uint64_t* limit = &known.nofile;
-      auto open = target_fds(h.thread ? h.thread : h.target);  // that thread's own fd table, if any
-      if (!open) return tl::unexpected(open.error());
-      // The files wait in a socket queue (no fd numbers); at the commit the agent takes them one
-      // message (a batch of up to 253) at a time. It holds then: what the target holds, one batch, its
-      // 4 socket ends; so the batch is what fits. A received file or a socket that lands on a number
-      // still to be filled moves above the highest one.
-      constexpr uint64_t kSockets = 4, kSpare = 2;
-      const uint64_t room = *limit > open->size() + kSockets + kSpare ? *limit - open->size() - kSockets - kSpare : 0;
-      s.batch = static_cast<size_t>(std::min<uint64_t>({room, sys::kAgentBatch, h.fds.size()}));
-      // A received file lands on the lowest free number, never above what is open plus what arrives:
-      // only free recorded numbers below that can be hit (and then it moves above the highest).
-      const uint64_t reach = open->size() + s.batch + kSockets;
-      uint64_t free_targets = 0;
-      for (const PlannedFd& f : h.fds)
-        free_targets += static_cast<uint64_t>(f.rec->fd) < reach && !std::binary_search(open->begin(), open->end(), f.rec->fd);
-      const uint64_t need = std::max<uint64_t>(open->size() + kSockets + kSpare + 1,
-                                               uint64_t(top) + 1 + std::min<uint64_t>(s.batch + kSockets, free_targets));
-      if (s.batch == 0 || need > *limit)
-        return fail(Errc::system, EMFILE,
-                    fmt::format("its RLIMIT_NOFILE ({}) is too low: the restore needs {} fds in it at once (the {} it "
-                                "holds, the files arriving, fd {} the highest): raise it, e.g. prlimit --pid {} "
-                                "--nofile={}",
-                                *limit, need, open->size(), top, h.target, need + 64));
-    }
     // The agent runs in the thread whose fd table the holder is (a thread that unshared its table).
-    auto agent = sys::Agent::start(s.proc, h.thread ? h.thread : s.proc.threads().front(), *commit_, s.ops, top + 1,
-                                   s.batch, known.vdso);
+    auto agent = sys::Agent::start(s.proc, h.thread ? h.thread : s.proc.threads().front(), *commit_, s.ops,
+                                   highest_fd(h) + 1, std::max<size_t>(p.queue.largest(), 1), p.vdso,
+                                   p.queue.messages() ? p.queue.take_receiver() : sys::UniqueFd());
     if (!agent) return tl::unexpected(agent.error());
     s.agent = std::move(*agent);
-    return {};
-  }
-
-  // Every file goes to the agent; pipecr lets go of each one as soon as every target taking it has it.
-  Expected<void> hand_over(Session& s) {
-    if (auto ok = s.agent->send_files(); !ok) return ok;
-    for (const PlannedFd& f : s.holder->fds)
-      if (!f.keep && --uses_[f.rec->file_id] == 0) built_.files.erase(f.rec->file_id);
     return {};
   }
 
@@ -270,7 +358,8 @@ class TargetTransaction {
   // Nothing of any target was changed: each agent closes what it received and returns.
   void rollback() {
     if (commit_) commit_->abort();
-    for (auto it = built_.in_place.rbegin(); it != built_.in_place.rend(); ++it) undo_in_place(*it);
+    if (!committed_)
+      for (auto it = built_.in_place.rbegin(); it != built_.in_place.rend(); ++it) undo_in_place(*it);
     built_.in_place.clear();
     for (auto& s : sessions_) {
       if (s->agent) (void)s->agent->restore();
@@ -281,14 +370,10 @@ class TargetTransaction {
 
   const Plan& plan_;
   Built& built_;
+  Parcels& parcels_;
   const ProcessRestoreOptions& opts_;
   std::optional<sys::CommitPoint> commit_;
-  struct Before {
-    uint64_t nofile = 0;  // soft RLIMIT_NOFILE
-    uint64_t vdso = 0;    // a syscall instruction in its [vdso]
-  };
-  std::unordered_map<const Holder*, Before> before_;
-  std::unordered_map<uint64_t, size_t> uses_;       // file id -> fds of targets not yet handed over
+  bool committed_ = false;
   std::vector<std::unique_ptr<Session>> sessions_;  // stable addresses: the agent points at proc
   std::vector<std::unique_ptr<Session>> finished_;  // committed and let go; destroyed last
   std::unordered_set<uint64_t> async_seen_;          // recorded files whose kept O_ASYNC is asked for
@@ -490,7 +575,12 @@ Expected<ProcessRestoreSummary> restore_processes(const Image& img, const Proces
   sum.dropped = plan->dropped;
   if (opts.hook) opts.hook(Stage::planned);
 
-  auto built = build(*plan, opts);
+  // The targets' limits are read and their queues made before anything is built; each chunk of
+  // built files goes into the queues at once and pipecr closes its copies (so pipecr holds about
+  // one chunk of files at a time, not one fd per open file description).
+  Parcels parcels(*plan);
+  if (auto ok = parcels.make(); !ok) return tl::unexpected(ok.error());
+  auto built = build(*plan, opts, [&](Built& b) { return parcels.flush(b); });
   if (!built) return tl::unexpected(built.error());
   for (const std::string& n : built->notes) note(n);
   if (opts.hook) opts.hook(Stage::built);
@@ -498,10 +588,7 @@ Expected<ProcessRestoreSummary> restore_processes(const Image& img, const Proces
   for (const PlannedPipe& pp : plan->pipes) {
     const PipeRecord& p = *pp.pipe;
     PipeOutcome o{p.id, p.kind == PipeKind::fifo ? fmt::format("FIFO {}", p.path) : fmt::format("pipe:[{}]", p.inode),
-                  pp.choice.in_place, pp.choice.why, 0};
-    for (const Holder& h : plan->holders)
-      for (const PlannedFd& f : h.fds)
-        if (f.keep && plan->files[plan->file_index.at(f.rec->file_id)].pipe == &p) ++o.kept;
+                  pp.choice.in_place, pp.choice.why, pp.choice.kept};  // kept: counted by mark_kept()
     sum.in_place += o.in_place;
     sum.outcomes.push_back(std::move(o));
   }
@@ -522,7 +609,7 @@ Expected<ProcessRestoreSummary> restore_processes(const Image& img, const Proces
   if (exec_holder) release_exec_only(*plan, *built);
   if (plan->holders.size() > (exec_holder ? 1u : 0u)) {
     InterruptsHeld held;  // declared before tx: released only after every target is whole again
-    TargetTransaction tx(*plan, *built, opts);
+    TargetTransaction tx(*plan, *built, parcels, opts);
     if (auto ok = tx.run(); !ok) {
       self.rollback();
       remove_created_fifos(*built);

@@ -5,17 +5,20 @@
 //                           where, which fds, open files and pipes that needs, which ends are dropped.
 //   2. build  (build.cpp)   make every pipe and every open file description inside this process:
 //                           pipe2 / FIFO opens, capacity, refill (the bytes stream from the image),
-//                           inode owner, status flags, signal owner. No target is touched yet, so the
+//                           inode owner, status flags, signal owner; a chunk at a time, each chunk
+//                           parked in flight in the files queue of every target taking it
+//                           (sys::FileQueue) and closed here. No target is touched yet, so the
 //                           time spent here (which grows with the bytes) costs the targets nothing.
 //   3. install (process.cpp) stop every target (ptrace), start an agent in each (sys/agent.hpp) and
-//                           queue its files to it (SCM_RIGHTS); one store commits every target at
+//                           hand it its files queue (one message); one store commits every target at
 //                           once, then each agent puts its files at their numbers and sets O_ASYNC,
 //                           and every target is let go. Any failure (or pipecr's death) before that
 //                           store: the agents drop what they were sent, every target runs on
 //                           unchanged, the error is returned. --exec then puts the exec process's fds
 //                           in place in this process and execs the command.
 // The soft RLIMIT_NOFILE of this process is raised to the hard one during the call; the fds it needs
-// (about one per open file description restored) are counted before anything is made.
+// (one chunk of files, the --exec process's files, in-place copies) are counted before anything is
+// made, and so is each target's room (its fd table is read before the stop).
 // The library never prints: notes (dropped ends, owners that cannot be mapped) go to a callback.
 #pragma once
 

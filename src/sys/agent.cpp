@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstddef>
 #include <cstdio>
@@ -32,6 +33,9 @@ constexpr size_t kMaxFdsPerMessage = 253;  // SCM_MAX_FD
 constexpr uint64_t kAgentStackGap = 64;    // between the register block and the agent's stack
 
 uint64_t round_up(uint64_t v, uint64_t to) { return (v + to - 1) / to * to; }
+
+// Replaced files held (Agent::replaced_) over every agent of this process.
+std::atomic<size_t> replaced_kept{0};
 
 Expected<void> write_remote(pid_t pid, uint64_t addr, const void* data, size_t len) {
   iovec local{const_cast<void*>(data), len};
@@ -101,8 +105,9 @@ Error Agent::error(const std::string& what, int err) const {
 
 Expected<std::unique_ptr<Agent>> Agent::start(StoppedProcess& process, pid_t tid, const CommitPoint& commit,
                                               std::span<const AgentOp> ops, int floor, size_t batch,
-                                              uint64_t vdso_hint) {
+                                              uint64_t vdso_hint, UniqueFd queue) {
   std::unique_ptr<Agent> a(new Agent(process, tid));
+  a->queue_ = std::move(queue);
   a->ops_.assign(ops.begin(), ops.end());
   a->batch_ = std::clamp<size_t>(batch, 1, kAgentBatch);
   a->vdso_hint_ = vdso_hint;
@@ -117,6 +122,7 @@ Expected<std::unique_ptr<Agent>> Agent::start(StoppedProcess& process, pid_t tid
 Agent::~Agent() {
   (void)restore();
   unlink();
+  replaced_kept -= replaced_.size();
 }
 
 // Maps the agent, writes it, its control block, operations and return block, and lets it run.
@@ -318,7 +324,12 @@ Expected<::pipecr_agent_msg> Agent::receive(std::chrono::milliseconds limit) {
             for (size_t i = 0; i < (c->cmsg_len - CMSG_LEN(0)) / sizeof(int); ++i) {
               int fd;
               std::memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
-              replaced_.emplace_back(fd);  // only OLDFILES carries files; kept until destruction
+              if (replaced_kept < kReplacedKept) {  // only OLDFILES carries files; kept until destruction
+                replaced_.emplace_back(fd);
+                ++replaced_kept;
+              } else {
+                ::close(fd);  // enough kept over every agent: pipecr's own fds are counted (kStashChunk)
+              }
             }
       if (n == static_cast<ssize_t>(sizeof m) && m.type == PIPECR_MSG_OLDFILES) continue;
       if (n == static_cast<ssize_t>(sizeof m)) return m;
@@ -358,12 +369,77 @@ Expected<void> Agent::connect(const CommitPoint& commit) {
   const int want = static_cast<int>(std::min<size_t>(1u << 30, 4096 + ops_.size() * 64));
   if (::setsockopt(files_.get(), SOL_SOCKET, SO_SNDBUFFORCE, &want, sizeof want) < 0)
     (void)::setsockopt(files_.get(), SOL_SOCKET, SO_SNDBUF, &want, sizeof want);
-  const int memfd = commit.fd();
-  if (auto ok = send(sock_.get(), PIPECR_MSG_HELLO, 0, 0, std::span(&memfd, 1)); !ok) return ok;
+  // HELLO carries the commit memfd, and the receiving end of the files queue when pipecr filled one
+  // before the stop (the agent then receives from it instead of its own pair).
+  const int hello[2] = {commit.fd(), queue_.get()};
+  if (auto ok = send(sock_.get(), PIPECR_MSG_HELLO, 0, 0, std::span(hello, queue_ ? 2 : 1)); !ok) return ok;
+  queue_.reset();  // the agent holds it now (and drops its files if it aborts)
   auto m = receive(wait_timeout());
   if (!m) return tl::unexpected(m.error());
   if (m->type != PIPECR_MSG_ACK) return tl::unexpected(error("handshake refused", -m->status));
   return {};
+}
+
+// ---------------------------------------------------------------- FileQueue
+
+Expected<FileQueue> FileQueue::create(size_t messages) {
+  int sv[2];
+  if (::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0)
+    return fail_errno(errno, "socketpair(AF_UNIX, SOCK_SEQPACKET) for a files queue");
+  FileQueue q;
+  q.sender_.reset(sv[0]);
+  q.receiver_.reset(sv[1]);
+  int flags = ::fcntl(sv[0], F_GETFL);
+  if (flags >= 0) (void)::fcntl(sv[0], F_SETFL, flags | O_NONBLOCK);
+  // Each queued message is charged to the sender until received: its skb (a few hundred bytes; a
+  // 1 KiB upper bound) plus the files' list. 2 KiB a message leaves room.
+  const int want = static_cast<int>(std::min<size_t>(1u << 30, 8192 + messages * 2048));
+  if (::setsockopt(sv[0], SOL_SOCKET, SO_SNDBUFFORCE, &want, sizeof want) < 0)
+    (void)::setsockopt(sv[0], SOL_SOCKET, SO_SNDBUF, &want, sizeof want);
+  return q;
+}
+
+Expected<void> FileQueue::queue(uint32_t first, std::span<const int> fds) {
+  pipecr_agent_msg m{PIPECR_MSG_FILES, first, static_cast<uint32_t>(fds.size()), 0};
+  iovec iov{&m, sizeof m};
+  alignas(cmsghdr) char ctl[CMSG_SPACE(kMaxFdsPerMessage * sizeof(int))] = {};
+  msghdr h{};
+  h.msg_iov = &iov;
+  h.msg_iovlen = 1;
+  if (fds.empty() || fds.size() > kMaxFdsPerMessage)
+    return fail(Errc::invalid_argument, EINVAL, fmt::format("files queue: {} files in one message", fds.size()));
+  h.msg_control = ctl;
+  h.msg_controllen = CMSG_SPACE(fds.size() * sizeof(int));
+  cmsghdr* c = CMSG_FIRSTHDR(&h);
+  c->cmsg_level = SOL_SOCKET;
+  c->cmsg_type = SCM_RIGHTS;
+  c->cmsg_len = CMSG_LEN(fds.size() * sizeof(int));
+  std::memcpy(CMSG_DATA(c), fds.data(), fds.size() * sizeof(int));
+  ssize_t n;
+  do n = ::sendmsg(sender_.get(), &h, MSG_NOSIGNAL);
+  while (n < 0 && errno == EINTR);
+  if (n == static_cast<ssize_t>(sizeof m)) {
+    ++messages_;
+    files_ += fds.size();
+    largest_ = std::max(largest_, fds.size());
+    return {};
+  }
+  const int e = n < 0 ? errno : EIO;
+  int buf = 0;
+  socklen_t len = sizeof buf;
+  (void)::getsockopt(sender_.get(), SOL_SOCKET, SO_SNDBUF, &buf, &len);
+  std::string what = fmt::format("sendmsg(files queue, {} fds, after {} messages holding {} files)", fds.size(),
+                                 messages_, files_);
+  if (e == ETOOMANYREFS)
+    what += fmt::format(": files in flight count against pipecr's RLIMIT_NOFILE without CAP_SYS_ADMIN or "
+                        "CAP_SYS_RESOURCE: this restore needs about {} in flight at once; raise it, e.g. "
+                        "prlimit --pid {} --nofile={}:{}, or restore fewer processes at once",
+                        files_ + fds.size(), ::getpid(), files_ + fds.size() + 1024, files_ + fds.size() + 1024);
+  else if (e == EAGAIN)
+    what += fmt::format(": its send buffer ({} bytes) is full; without CAP_NET_ADMIN it is capped by "
+                        "net.core.wmem_max: raise it, e.g. sysctl -w net.core.wmem_max={}",
+                        buf, std::max<size_t>(8192 + (messages_ + 1) * 2048, 1u << 20));
+  return fail_errno(e, what);
 }
 
 Expected<void> Agent::send_files() {
@@ -384,7 +460,11 @@ Expected<void> Agent::send_files() {
 }
 
 Expected<void> Agent::prepare() {
-  if (auto ok = send(sock_.get(), PIPECR_MSG_PREPARE, 0, 0, {}); !ok) return ok;
+  // count: the most files one FILES message brings; the agent checks there is room for them.
+  size_t installs = 0;
+  for (const AgentOp& op : ops_) installs += op.code == AgentOp::install;
+  const auto count = static_cast<uint32_t>(std::min(batch_, installs));
+  if (auto ok = send(sock_.get(), PIPECR_MSG_PREPARE, 0, count, {}); !ok) return ok;
   auto m = receive(wait_timeout());
   if (!m) return tl::unexpected(m.error());
   if (m->status == 0 && m->type == PIPECR_MSG_PREPARED) return {};
@@ -398,10 +478,17 @@ Expected<void> Agent::prepare() {
   return tl::unexpected(e);
 }
 
+void Agent::send_decide() {
+  if (decide_sent_) return;
+  decide_sent_ = true;
+  if (auto ok = send(sock_.get(), PIPECR_MSG_DECIDE, 0, 0, {}); !ok) decide_error_ = ok.error();
+}
+
 Expected<bool> Agent::decide() {
   if (decided_) return fail(Errc::invalid_argument, EINVAL, "agent: decided already");
   decided_ = true;
-  if (auto ok = send(sock_.get(), PIPECR_MSG_DECIDE, 0, 0, {}); !ok) return tl::unexpected(ok.error());
+  send_decide();
+  if (decide_error_) return tl::unexpected(*decide_error_);
   for (;;) {
     auto m = receive(wait_timeout());
     if (!m) return tl::unexpected(m.error());

@@ -27,6 +27,7 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <vector>
 
@@ -76,16 +77,49 @@ struct AgentOp {
 // Files the agent receives at once (SCM_MAX_FD): what it needs in fd numbers at the commit.
 inline constexpr size_t kAgentBatch = 253;
 
+// The files the installs replaced, handed back at the commit, that pipecr keeps until the agents are
+// destroyed (after the resume), over every agent; beyond that it closes them as they come.
+inline constexpr size_t kReplacedKept = 253;
+
+// A target's files, parked in flight before the target is stopped: a SOCK_SEQPACKET socketpair this
+// process holds both ends of. queue() sends one FILES message (SCM_RIGHTS) for operations
+// [first, first + count); the caller may then close its copies: the queue holds the files (and a
+// pipe's bytes with them) with no fd number anywhere. Agent::start() hands the receiving end to the
+// agent with HELLO; the agent takes the messages one at a time at the commit. Destroying the queue
+// before that (or the agent closing it on an abort) drops every file in it.
+// Limits: each message is charged to the sending end's send buffer until received (SO_SNDBUFFORCE,
+// else SO_SNDBUF up to net.core.wmem_max); net.unix.max_dgram_qlen does not apply (the receiver's
+// peer is the sender); without CAP_SYS_ADMIN or CAP_SYS_RESOURCE every file in flight counts
+// against the sender's RLIMIT_NOFILE, per user (ETOOMANYREFS).
+class FileQueue {
+ public:
+  // messages: how many will be queued at most (sizes the send buffer).
+  [[nodiscard]] static Expected<FileQueue> create(size_t messages);
+  [[nodiscard]] Expected<void> queue(uint32_t first, std::span<const int> fds);
+  // The receiving end, for Agent::start() (once).
+  [[nodiscard]] UniqueFd take_receiver() { return std::move(receiver_); }
+  [[nodiscard]] size_t messages() const { return messages_; }
+  [[nodiscard]] size_t files() const { return files_; }
+  [[nodiscard]] size_t largest() const { return largest_; }
+
+ private:
+  UniqueFd sender_, receiver_;
+  size_t messages_ = 0, files_ = 0, largest_ = 0;
+};
+
 class Agent : public Injector {
  public:
   // Starts an agent on thread tid of process (stopped) with these operations (install ones carry
   // their source fd, sent later by send_files()). floor: above every number an operation fills (the
   // agent keeps its temporaries there when they would collide). Returns once the agent is connected.
   // On failure the target is as it was (the mapping removed, registers back).
+  // queue: the receiving end of a FileQueue already holding the install operations' files (their
+  // AgentOp::source is then -1 and send_files() sends nothing); batch is then its largest message.
   [[nodiscard]] static Expected<std::unique_ptr<Agent>> start(StoppedProcess& process, pid_t tid,
                                                               const CommitPoint& commit,
                                                               std::span<const AgentOp> ops, int floor,
-                                                              size_t batch = kAgentBatch, uint64_t vdso_hint = 0);
+                                                              size_t batch = kAgentBatch, uint64_t vdso_hint = 0,
+                                                              UniqueFd queue = UniqueFd());
   ~Agent() override;
   Agent(const Agent&) = delete;
   Agent& operator=(const Agent&) = delete;
@@ -95,8 +129,11 @@ class Agent : public Injector {
   [[nodiscard]] Expected<void> send_files();
   // Asks the agent whether everything can run; an error (naming the operation) when not.
   [[nodiscard]] Expected<void> prepare();
-  // Tells the agent to act on the CommitPoint; returns whether it committed, or the error of an
-  // operation that failed at commit (the others ran).
+  // Tells the agent to act on the CommitPoint without waiting for its answer (so that every agent
+  // of a restore acts at once); decide() then collects it. Once.
+  void send_decide();
+  // Tells the agent to act on the CommitPoint (unless send_decide() did); returns whether it
+  // committed, or the error of an operation that failed at commit (the others ran).
   [[nodiscard]] Expected<bool> decide();
   // Takes the thread back: decide() first if not done (the agent then aborts unless the CommitPoint
   // says committed), then interrupt it while parked, unmap the agent, put registers and signal mask
@@ -131,10 +168,13 @@ class Agent : public Injector {
   uint64_t vdso_hint_ = 0;   // vdso_syscall_address(), found before the stop
   UniqueFd sock_;             // control messages
   UniqueFd files_;            // the files, queued for the agent
+  UniqueFd queue_;            // a FileQueue's receiving end, handed over with HELLO
   std::vector<UniqueFd> replaced_;  // what the installs replaced: closed when the agent is destroyed,
                                     // after the target runs again (freeing big pipes costs no stop)
   bool running_ = false;      // the thread runs the agent
   bool decided_ = false;
+  bool decide_sent_ = false;
+  std::optional<Error> decide_error_;  // send_decide() failed
   bool done_ = false;
 };
 

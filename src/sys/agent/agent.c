@@ -5,7 +5,10 @@
  *      files) and publishes them (phase SOCKET_READY); pipecr takes one end of each with pidfd_getfd
  *      and sends HELLO with the commit memfd; the agent maps the commit page, closes the ends pipecr
  *      took (so that pipecr's death is EOF) and answers ACK;
- *   2. answers PREPARE (can every operation run?) while pipecr queues the prepared files on the
+ *      HELLO may carry a second fd: the receiving end of a files queue pipecr filled before the stop
+ *      (its FILES already waiting there); the agent then uses it in place of its own files pair;
+ *   2. answers PREPARE (can every operation run, and do `count` received files fit now: it takes
+ *      that many numbers as recvmsg would and gives them back) while the prepared files wait on the
  *      files socket (FILES, SCM_RIGHTS). They stay there, in flight: they hold their files without
  *      taking a number in the target, and nothing of the target is changed;
  *   3. on DECIDE, on EOF, on a timeout or on its own failure, decides once: it compare-and-swaps the
@@ -231,6 +234,27 @@ static int32_t prepare(struct state* s, uint32_t* at) {
   return 0;
 }
 
+/* Whether `count` received files fit at the commit: takes that many numbers now, as recvmsg() would
+ * (the lowest free ones), moves those that collide above floor as settle() does, and gives them all
+ * back. Every thread of the target is stopped, so what fits now fits at the commit. 0 or -EMFILE. */
+static int32_t room_for(struct state* s, uint32_t count) {
+  int taken[K_MAX_FDS];
+  int n = 0;
+  int32_t st = 0;
+  if (count > K_MAX_FDS) count = K_MAX_FDS;
+  while ((uint32_t)n < count) {
+    long fd = SYS(__NR_fcntl, s->sock, K_F_DUPFD_CLOEXEC, 0, 0, 0);
+    if (fd >= 0) fd = settle(s, (int)fd);
+    if (fd < 0) {
+      st = (int32_t)fd;
+      break;
+    }
+    taken[n++] = (int)fd;
+  }
+  for (int i = 0; i < n; ++i) close_fd(taken[i]);
+  return st;
+}
+
 /* Runs every operation; returns 0 or the first -errno (and where), going on after an error. */
 #define OLD_OFF 3072 /* K_MAX_FDS ints: 1012 bytes, up to 4084 */
 
@@ -352,13 +376,25 @@ static void converse(struct state* s) {
     r = wait_readable(s->sock, 10);
     if (r != 0 || waited >= ctl->handshake_ms || !traced(ctl)) break;
   }
-  if (r > 0) r = recv_msg(s, s->sock, 0, &m, fds, 1, &nfds);
+  if (r > 0) r = recv_msg(s, s->sock, 0, &m, fds, 2, &nfds);
   close_fd(sv[0]);
   close_fd(fv[0]);
-  if (r <= 0 || m.type != PIPECR_MSG_HELLO || nfds != 1) {
+  if (r <= 0 || m.type != PIPECR_MSG_HELLO || nfds < 1) {
     for (int i = 0; i < nfds; ++i) close_fd(fds[i]);
     ctl->error = r < 0 ? (int32_t)r : -K_ETIMEDOUT;
     return;
+  }
+  if (nfds == 2) {
+    /* The files queue pipecr filled before the stop: its receiving end replaces our own pair. */
+    int q = settle(s, fds[1]);
+    if (q < 0) {
+      close_fd(fds[0]);
+      ctl->error = q;
+      return;
+    }
+    close_fd(fv[1]);
+    s->files = q;
+    ctl->files_mine = q;
   }
   long page = SYS6(__NR_mmap, 0, 4096, K_PROT_RW, K_MAP_SHARED, fds[0], 0);
   close_fd(fds[0]);
@@ -389,6 +425,7 @@ static void converse(struct state* s) {
     if (m.type == PIPECR_MSG_PREPARE) {
       uint32_t at = 0;
       int32_t st = s->failed ? s->failed : prepare(s, &at);
+      if (!st) st = room_for(s, m.count);
       if (st) fail(s, st, at);
       send_msg(s->sock, PIPECR_MSG_PREPARED, s->failed ? s->failed_at : 0, 0, s->failed);
     } else {

@@ -47,9 +47,12 @@ enum { PIPECR_COMMIT_OPEN = 0, PIPECR_COMMIT_COMMITTED = 1, PIPECR_COMMIT_ABORTE
 
 /* Messages (SOCK_SEQPACKET, one struct per packet). */
 enum {
-  PIPECR_MSG_HELLO = 1,    /* pipecr -> agent, carries the commit memfd */
+  PIPECR_MSG_HELLO = 1,    /* pipecr -> agent, carries the commit memfd, and optionally the receiving
+                              end of a files queue pipecr filled before the stop: the agent then
+                              receives FILES from it instead of its own files pair */
   PIPECR_MSG_FILES = 2,    /* pipecr -> agent on the files socket, `count` files for ops [first, first+count) */
-  PIPECR_MSG_PREPARE = 3,  /* pipecr -> agent: check every operation can run */
+  PIPECR_MSG_PREPARE = 3,  /* pipecr -> agent: check every operation can run, and that `count` files
+                              (the largest FILES message) fit in the fd table at the commit */
   PIPECR_MSG_DECIDE = 4,   /* pipecr -> agent: read the commit word now and act on it */
   PIPECR_MSG_ACK = 0x81,   /* agent -> pipecr, after HELLO */
   PIPECR_MSG_PREPARED = 0x83, /* agent -> pipecr, status 0 or -errno at operation `first` */
