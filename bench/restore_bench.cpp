@@ -10,7 +10,9 @@
 //   BM_VictimStall/N/K    the same, seen from the target: a thread of it spins reading the clock,
 //                         "victim_stall_us" is its longest gap during one restore (mean over the
 //                         iterations), the time it stood still; must stay under 3 ms for N = 1000
-//                         and not grow with K.
+//                         and not grow with K. seize_us, agent_us, prepare_us, commit_us and
+//                         takeback_us split pipecr's side of the stop by phase (stage hook).
+//                         10000/0 has read ends only, 16 bytes each (the stall's growth in pipes).
 //   BM_Scale/N            a restore of N pipes (read ends only, 16 bytes each) into running children
 //                         (15,000 pipes each at most, each under RLIMIT_NOFILE 20,000), whole (plan,
 //                         build, install), 100 to 100,000: "per_pipe_us" states the slope.
@@ -188,17 +190,35 @@ struct Spinner {
   }
 };
 
+Built make_small_image(int n);
+
 void BM_VictimStall(benchmark::State& state) {
   raise_nofile();
   const int n = static_cast<int>(state.range(0));
   const int pages = static_cast<int>(state.range(1)) / 4;
-  Built b = make_image(n, pages);
+  // Over 5,000 pipes, read ends only (16 bytes each): both ends would pass an fd limit of 20,000.
+  Built b = n > 5000 ? make_small_image(n) : make_image(n, pages);
   Spinner victim;
   double stall_total = 0, worst = 0, stopped_total = 0;
+  // Phases, from the stage hook: built -> seized (seize), -> stashed (agent start and hand-over),
+  // -> installed (in-place swaps, prepare), -> committed (commit and install), -> resumed (take-back).
+  constexpr int kPhases = 5;
+  double phase_total[kPhases] = {};
   for (auto _ : state) {
     std::chrono::steady_clock::time_point t0, t1;
+    std::chrono::steady_clock::time_point at[kPhases + 1];
     restore::ProcessRestoreOptions opts;
     opts.hook = [&](restore::Stage s) {
+      const auto now = std::chrono::steady_clock::now();
+      switch (s) {
+        case restore::Stage::built: at[0] = now; break;
+        case restore::Stage::seized: at[1] = now; break;
+        case restore::Stage::stashed: at[2] = now; break;
+        case restore::Stage::installed: at[3] = now; break;
+        case restore::Stage::committed: at[4] = now; break;
+        case restore::Stage::resumed: at[5] = now; break;
+        default: break;
+      }
       if (s == restore::Stage::built) {
         victim.shared->max_gap_ns = 0;  // the build (which grows with K) happens before this
         t0 = std::chrono::steady_clock::now();
@@ -219,13 +239,17 @@ void BM_VictimStall(benchmark::State& state) {
     stall_total += us;
     worst = std::max(worst, us);
     stopped_total += std::chrono::duration<double, std::micro>(t1 - t0).count();
+    for (int i = 0; i < kPhases; ++i) phase_total[i] += std::chrono::duration<double, std::micro>(at[i + 1] - at[i]).count();
   }
   const double it = static_cast<double>(std::max<int64_t>(1, state.iterations()));
+  static const char* const names[kPhases] = {"seize_us", "agent_us", "prepare_us", "commit_us", "takeback_us"};
+  for (int i = 0; i < kPhases; ++i) state.counters[names[i]] = phase_total[i] / it;
   state.counters["victim_stall_us"] = stall_total / it;
   state.counters["victim_stall_max_us"] = worst;
   state.counters["stopped_us"] = stopped_total / it;
 }
-BENCHMARK(BM_VictimStall)->Args({1000, 0})->Args({1000, 64})->Unit(benchmark::kMillisecond)->Iterations(10);
+BENCHMARK(BM_VictimStall)->Args({1000, 0})->Args({1000, 64})->Args({10000, 0})->Unit(benchmark::kMillisecond)
+    ->Iterations(10);
 
 // Pipes per target process in BM_Scale: what one process holds under an fd limit of 20,000 (the
 // hard limit of many hosts), with room for the batch the agent receives at once.

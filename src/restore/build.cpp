@@ -169,9 +169,10 @@ Expected<void> check_fd_room(const Plan& plan) {
 Expected<Built> build(const Plan& plan, const ProcessRestoreOptions& opts, const Flush& flush) {
   if (auto ok = check_fd_room(plan); !ok) return tl::unexpected(ok.error());
   Built built;
+  const FdsByPipe index = index_fds_by_pipe(plan);
   size_t mark = kBuildChunk;  // flush when built.files reaches it (what stays after a flush, plus a chunk)
   for (const PlannedPipe& pp : plan.pipes) {
-    auto ok = pp.choice.in_place           ? build_in_place(plan, pp, opts, built)
+    auto ok = pp.choice.in_place           ? build_in_place(plan, pp, opts, built, &index)
               : pp.pipe->kind == PipeKind::fifo ? build_fifo(plan, pp, opts, built)
                                                 : build_anonymous(plan, pp, opts, built);
     if (!ok) {
@@ -192,6 +193,13 @@ Expected<Built> build(const Plan& plan, const ProcessRestoreOptions& opts, const
       return tl::unexpected(f.error());
     }
   return built;
+}
+
+FdsByPipe index_fds_by_pipe(const Plan& plan) {
+  FdsByPipe out;
+  for (const Holder& h : plan.holders)
+    for (const PlannedFd& f : h.fds) out[plan.files[plan.file_index.at(f.rec->file_id)].pipe].emplace_back(&h, &f);
+  return out;
 }
 
 void remove_created_fifos(Built& built) {

@@ -251,7 +251,7 @@ Expected<sys::UniqueFd> dup_cloexec(int fd) {
 }  // namespace
 
 Expected<void> build_in_place(const Plan& plan, const PlannedPipe& pp, const ProcessRestoreOptions& opts,
-                              Built& built) {
+                              Built& built, const FdsByPipe* index) {
   const PipeRecord& p = *pp.pipe;
   InPlacePipe ip;
   ip.pipe = &p;
@@ -293,13 +293,19 @@ Expected<void> build_in_place(const Plan& plan, const PlannedPipe& pp, const Pro
 
   // Kept descriptions: one copy per restored fd the target still holds (the same description may
   // come twice; setting it twice is harmless).
+  FdsByPipe own;
+  if (!index) own = index_fds_by_pipe(plan);
+  static const std::vector<std::pair<const Holder*, const PlannedFd*>> none;
+  const auto found = (index ? index : &own)->find(&p);
+  const auto& fds_of_pipe = found != (index ? index : &own)->end() ? found->second : none;
   std::unordered_map<uint64_t, int> kept_copy;  // file id -> an fd of pipecr on that description
-  for (const Holder& h : plan.holders) {
+  for (const auto& [hp, fp] : fds_of_pipe) {
+    const Holder& h = *hp;
     if (h.exec) continue;
-    for (const PlannedFd& f : h.fds) {
+    {
+      const PlannedFd& f = *fp;
       if (!f.keep) continue;
       const PlannedFile& pf = plan.files[plan.file_index.at(f.rec->file_id)];
-      if (pf.pipe != &p) continue;
       for (size_t i = 0; i < pp.choice.held.size(); ++i) {
         const LiveEnd& e = pp.choice.held[i];
         if (e.pid != h.target || e.fd != f.rec->fd) continue;
@@ -315,8 +321,7 @@ Expected<void> build_in_place(const Plan& plan, const PlannedPipe& pp, const Pro
   for (size_t i : pp.files) {
     const FileRecord& f = plan.files[i].rec;
     bool needed = false;
-    for (const Holder& h : plan.holders)
-      for (const PlannedFd& d : h.fds) needed = needed || (!d.keep && d.rec->file_id == f.id);
+    for (const auto& [hp, d] : fds_of_pipe) needed = needed || (!d->keep && d->rec->file_id == f.id);
     if (!needed) continue;
     sys::UniqueFd fd;
     if (auto k = kept_copy.find(f.id); k != kept_copy.end()) {

@@ -75,6 +75,7 @@ struct PipeChoice {
 };
 
 struct Holder;
+struct PlannedFd;
 
 // Decides, for every pipe of the image that a restored process holds, in place or replaced, and
 // why (pipe id -> choice). Reads the image and /proc only. force_replace: --replace.
@@ -115,8 +116,9 @@ struct InPlacePipe {
 };
 
 // Stage 2 for one in-place pipe: scratch content, copies, reopened files (into built.files).
+// index: index_fds_by_pipe(plan), made once by the caller (made here when not given).
 [[nodiscard]] Expected<void> build_in_place(const Plan& plan, const PlannedPipe& pp, const ProcessRestoreOptions& opts,
-                                            Built& built);
+                                            Built& built, const std::unordered_map<const PipeRecord*, std::vector<std::pair<const Holder*, const PlannedFd*>>>* index = nullptr);
 
 // The most fds pipecr holds for one in-place pipe until the commit, with `kept` kept descriptions.
 [[nodiscard]] size_t in_place_fds(const PlannedPipe& pp, size_t kept);

@@ -86,6 +86,11 @@ struct Built {
   std::vector<InPlacePipe> in_place;       // pipes refilled in place (inplace.hpp), plan order
 };
 
+// The restored fds of each pipe (holder, fd), indexed once so that work done per pipe does not loop
+// over every fd of every holder (quadratic at 90,000 pipes).
+using FdsByPipe = std::unordered_map<const PipeRecord*, std::vector<std::pair<const Holder*, const PlannedFd*>>>;
+[[nodiscard]] FdsByPipe index_fds_by_pipe(const Plan& plan);
+
 // Unlinks the FIFOs build() created (a failed restore leaves the file system as it found it).
 void remove_created_fifos(Built& built);
 
