@@ -113,10 +113,10 @@ size_t fds_needed(const Plan& plan) {
     if (h.exec) n += 2 * h.fds.size();  // at the recorded numbers, and a copy of what was there
     else {
       targets = true;
-      n += 2;  // its files queue, both ends until the agent takes one
+      n += 4;  // its files queue (both ends until the agent takes one), and the queue its old files are parked in
     }
   }
-  if (targets) n += kStashChunk;  // the targets' old files, handed back at the commit
+  if (targets) n += kStashChunk;  // the targets' old files, handed back at the commit, one message at a time
   return n;
 }
 

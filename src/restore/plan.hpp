@@ -94,9 +94,9 @@ using FdsByPipe = std::unordered_map<const PipeRecord*, std::vector<std::pair<co
 // Unlinks the FIFOs build() created (a failed restore leaves the file system as it found it).
 void remove_created_fifos(Built& built);
 
-// At the commit the agents hand the files their installs replaced to pipecr (closed after the
-// resume, so freeing big pipes costs no stop), up to this many at once over every agent; beyond
-// that pipecr closes them as they come (sys/agent.cpp).
+// At the commit the agents hand the files their installs replaced to pipecr (freed after the
+// resume, so freeing big pipes costs no stop), one OLDFILES message of at most this many at a time;
+// pipecr parks each message's files in flight at once (sys/agent.cpp), so it holds one message.
 inline constexpr size_t kStashChunk = 253;
 // Stage 2 builds the files for the --into targets this many at a time (plus the files of the pipe
 // that crosses the mark): each chunk goes into the targets' files queues (sys::FileQueue) and pipecr

@@ -11,7 +11,6 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cerrno>
 #include <cstddef>
 #include <cstdio>
@@ -34,8 +33,6 @@ constexpr uint64_t kAgentStackGap = 64;    // between the register block and the
 
 uint64_t round_up(uint64_t v, uint64_t to) { return (v + to - 1) / to * to; }
 
-// Replaced files held (Agent::replaced_) over every agent of this process.
-std::atomic<size_t> replaced_kept{0};
 
 Expected<void> write_remote(pid_t pid, uint64_t addr, const void* data, size_t len) {
   iovec local{const_cast<void*>(data), len};
@@ -122,7 +119,6 @@ Expected<std::unique_ptr<Agent>> Agent::start(StoppedProcess& process, pid_t tid
 Agent::~Agent() {
   (void)restore();
   unlink();
-  replaced_kept -= replaced_.size();
 }
 
 // Maps the agent, writes it, its control block, operations and return block, and lets it run.
@@ -320,17 +316,23 @@ Expected<::pipecr_agent_msg> Agent::receive(std::chrono::milliseconds limit) {
       ssize_t n = ::recvmsg(sock_.get(), &h, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
       if (n > 0)
         for (cmsghdr* c = CMSG_FIRSTHDR(&h); c; c = CMSG_NXTHDR(&h, c))
-          if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS)
-            for (size_t i = 0; i < (c->cmsg_len - CMSG_LEN(0)) / sizeof(int); ++i) {
-              int fd;
-              std::memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
-              if (replaced_kept < kReplacedKept) {  // only OLDFILES carries files; kept until destruction
-                replaced_.emplace_back(fd);
-                ++replaced_kept;
-              } else {
-                ::close(fd);  // enough kept over every agent: pipecr's own fds are counted (kStashChunk)
-              }
+          if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
+            // Only OLDFILES carries files: the replaced ones, kept alive until this agent is destroyed
+            // (after the resume), in flight in a socket queue of pipecr's (no fd number held), else
+            // at an fd of pipecr's.
+            const size_t k = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+            std::vector<int> fds(k);
+            std::memcpy(fds.data(), CMSG_DATA(c), k * sizeof(int));
+            if (!grave_) {
+              auto q = FileQueue::create(ops_.size() / kMaxFdsPerMessage + 4);
+              if (q) grave_ = std::make_unique<FileQueue>(std::move(*q));
             }
+            const bool parked = !fds.empty() && grave_ && grave_->queue(0, fds);
+            for (int fd : fds) {
+              if (parked) ::close(fd);
+              else replaced_.emplace_back(fd);
+            }
+          }
       if (n == static_cast<ssize_t>(sizeof m) && m.type == PIPECR_MSG_OLDFILES) continue;
       if (n == static_cast<ssize_t>(sizeof m)) return m;
       if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;

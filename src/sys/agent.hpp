@@ -77,10 +77,6 @@ struct AgentOp {
 // Files the agent receives at once (SCM_MAX_FD): what it needs in fd numbers at the commit.
 inline constexpr size_t kAgentBatch = 253;
 
-// The files the installs replaced, handed back at the commit, that pipecr keeps until the agents are
-// destroyed (after the resume), over every agent; beyond that it closes them as they come.
-inline constexpr size_t kReplacedKept = 253;
-
 // A target's files, parked in flight before the target is stopped: a SOCK_SEQPACKET socketpair this
 // process holds both ends of. queue() sends one FILES message (SCM_RIGHTS) for operations
 // [first, first + count); the caller may then close its copies: the queue holds the files (and a
@@ -169,8 +165,11 @@ class Agent : public Injector {
   UniqueFd sock_;             // control messages
   UniqueFd files_;            // the files, queued for the agent
   UniqueFd queue_;            // a FileQueue's receiving end, handed over with HELLO
-  std::vector<UniqueFd> replaced_;  // what the installs replaced: closed when the agent is destroyed,
-                                    // after the target runs again (freeing big pipes costs no stop)
+  // What the installs replaced, freed when the agent is destroyed, after the target runs again
+  // (freeing big pipes costs no stop): parked in flight in grave_ (a FileQueue nobody receives
+  // from: pipecr holds one message of them at a time), or at pipecr's fds if that queue failed.
+  std::unique_ptr<FileQueue> grave_;
+  std::vector<UniqueFd> replaced_;
   bool running_ = false;      // the thread runs the agent
   bool decided_ = false;
   bool decide_sent_ = false;
