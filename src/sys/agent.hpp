@@ -11,10 +11,12 @@
 // on its socket (or a timeout), decides, and returns to the interrupted code by itself.
 //
 // Protocol (agent_abi.h; two SOCK_SEQPACKET socketpairs made by the agent, control and files; pipecr
-// takes its ends with pidfd_getfd): HELLO (carries the CommitPoint's memfd) / ACK; FILES on the files
-// socket (SCM_RIGHTS, up to 253 files for consecutive INSTALL operations): they stay queued there,
-// in flight, holding their files without taking fd numbers in the target (nor in pipecr, which
-// closes its copies); PREPARE / PREPARED (every epoll fd valid); then the CommitPoint decides for
+// takes its ends with pidfd_getfd): HELLO (carries the CommitPoint's memfd, and the receiving end of
+// a FileQueue pipecr filled before the stop, which then replaces the agent's own files pair) / ACK;
+// FILES (SCM_RIGHTS, up to 253 files for consecutive INSTALL operations), queued before the stop or
+// sent on the files socket after HELLO: they stay queued, in flight, holding their files without
+// taking fd numbers in the target (nor in pipecr, which closes its copies); PREPARE / PREPARED (every
+// epoll fd valid, and room for the largest FILES message); then the CommitPoint decides for
 // every target at once, and DECIDE / DONE lets each agent act on it: run every operation in order
 // (receive 253 files, dup3 each, close the temporary; epoll_ctl ADD; F_SETFL) or close the files
 // socket, which drops what is queued. Finally pipecr takes the thread back
