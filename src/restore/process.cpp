@@ -285,6 +285,11 @@ class TargetTransaction {
   // is let go. Past that store nothing is undone: reports the first error.
   Expected<void> commit() {
     if (auto ok = check_interrupt(); !ok) return abort(ok.error());
+    // A target that died since its agent answered PREPARED cannot abort the shared word any more:
+    // look once more, right before the store, so the others are not committed without it (a death
+    // between this look and the store remains possible).
+    for (auto& s : sessions_)
+      if (auto ok = s->proc.check_running(s->agent->tid()); !ok) return abort(in_target(*s->holder, ok.error()));
     if (!commit_->commit())
       return abort(Error{Errc::system, ECANCELED, "an agent gave up before the commit (timeout or failure); every target rolled back"});
     std::optional<Error> first;
