@@ -26,6 +26,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <array>
 #include <memory>
 #include <span>
 #include <vector>
@@ -35,6 +36,7 @@
 #include "sys/unique_fd.hpp"
 
 struct pipecr_agent_msg;  // sys/agent/agent_abi.h
+struct pipecr_agent_ctl;
 
 namespace pipecr::sys {
 
@@ -106,10 +108,18 @@ class Agent : public Injector {
   [[nodiscard]] pid_t tid() const { return tid_; }
   [[nodiscard]] uint64_t address() const { return base_; }
   [[nodiscard]] uint64_t length() const { return map_len_; }
+  // True when the agent returns through an rt_sigframe (the target has a `syscall; ret` and a
+  // restorer); false in the fallback (a register block and pipecr's take-back munmap).
+  [[nodiscard]] bool returns_by_sigreturn() const { return frame_mode_; }
 
  private:
   Agent(StoppedProcess& p, pid_t tid) : pid_(p.pid()), tid_(tid) { link(&p); }
   [[nodiscard]] Expected<void> boot(const CommitPoint& commit, std::span<const AgentOp> ops, int floor);
+  [[nodiscard]] Expected<void> boot_with_frame(pipecr_agent_ctl& ctl, std::vector<unsigned char>& image,
+                                               const arch::SigFrame& frame);
+  [[nodiscard]] Expected<void> boot_with_block(pipecr_agent_ctl& ctl, std::vector<unsigned char>& image, bool no_signal);
+  [[nodiscard]] Expected<long> frame_syscall(uint64_t gadget, uint64_t frame, long nr, std::array<unsigned long, 6> args);
+  [[nodiscard]] Expected<void> put_back();
   [[nodiscard]] Expected<void> connect(const CommitPoint& commit);
   [[nodiscard]] Expected<uint32_t> phase();
   [[nodiscard]] Expected<void> wait_phase(uint32_t at_least, std::chrono::milliseconds limit);
@@ -136,7 +146,13 @@ class Agent : public Injector {
   bool running_ = false;      // the thread runs the agent
   bool decided_ = false;
   bool done_ = false;
+  bool frame_mode_ = false;   // returns through an rt_sigframe (boot_with_frame)
+  bool masked_ = false;       // every signal blocked by the bootstrap
 };
+
+// Whether agents return through an rt_sigframe when the target has what it needs (default true);
+// false forces the fallback (register block + take-back munmap). Process-wide; for tests and bench.
+void set_agent_sigreturn(bool enabled);
 
 // The agent's code, embedded at build time (src/sys/agent/agent.cmake).
 extern const unsigned char agent_blob[];

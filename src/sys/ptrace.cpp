@@ -178,11 +178,26 @@ Error thread_died(pid_t pid, pid_t tid) {
 namespace {
 std::atomic<std::atomic<uint64_t>*> g_window_count{nullptr};
 std::atomic<std::atomic<uint64_t>*> g_window_ns{nullptr};
+std::atomic<std::atomic<uint64_t>*> g_leak_count{nullptr};
 }  // namespace
 
 void set_harm_window(HarmWindow w) {
   g_window_count = w.count;
   g_window_ns = w.ns;
+  g_leak_count = w.leak_count;
+}
+
+LeakWindowScope::LeakWindowScope() {
+  if (auto* c = g_leak_count.load()) {
+    c->fetch_add(1);
+    open_ = true;
+  }
+}
+
+void LeakWindowScope::close() {
+  if (!open_) return;
+  open_ = false;
+  if (auto* c = g_leak_count.load()) c->fetch_add(1);
 }
 
 HarmWindowScope::HarmWindowScope() {

@@ -69,6 +69,9 @@ inline constexpr std::chrono::milliseconds kDefaultWaitTimeout{10'000};
 struct HarmWindow {
   std::atomic<uint64_t>* count = nullptr;
   std::atomic<uint64_t>* ns = nullptr;
+  // The steps during which pipecr's death leaves an (unnamed, anonymous) mapping in a target but
+  // harms nothing else: the agent's bootstrap from its mmap until it runs. Counted the same way.
+  std::atomic<uint64_t>* leak_count = nullptr;
 };
 void set_harm_window(HarmWindow w);
 // RAII: one window, from construction to destruction (or close()).
@@ -83,6 +86,19 @@ class HarmWindowScope {
  private:
   bool open_ = false;
   std::chrono::steady_clock::time_point start_;
+};
+
+// RAII: one leak window (HarmWindow::leak_count).
+class LeakWindowScope {
+ public:
+  LeakWindowScope();
+  ~LeakWindowScope() { close(); }
+  LeakWindowScope(const LeakWindowScope&) = delete;
+  LeakWindowScope& operator=(const LeakWindowScope&) = delete;
+  void close();
+
+ private:
+  bool open_ = false;
 };
 
 using arch::kErestartNoHand;
