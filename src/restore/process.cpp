@@ -241,8 +241,15 @@ class TargetTransaction {
                                    s.batch, known.vdso);
     if (!agent) return tl::unexpected(agent.error());
     s.agent = std::move(*agent);
+    if (!s.agent->returns_by_sigreturn()) register_block_.push_back(h.target);
     return {};
   }
+
+ public:
+  // Targets whose agent returns through the fallback register block (sys::Agent::returns_by_sigreturn).
+  [[nodiscard]] const std::vector<pid_t>& register_block_targets() const { return register_block_; }
+
+ private:
 
   // Every file goes to the agent; pipecr lets go of each one as soon as every target taking it has it.
   Expected<void> hand_over(Session& s) {
@@ -292,6 +299,7 @@ class TargetTransaction {
   std::vector<std::unique_ptr<Session>> sessions_;  // stable addresses: the agent points at proc
   std::vector<std::unique_ptr<Session>> finished_;  // committed and let go; destroyed last
   std::unordered_set<uint64_t> async_seen_;          // recorded files whose kept O_ASYNC is asked for
+  std::vector<pid_t> register_block_;
 };
 
 // The fds of this process's holder (--exec, or the library's caller) put in place in its own fd
@@ -529,6 +537,7 @@ Expected<ProcessRestoreSummary> restore_processes(const Image& img, const Proces
       return tl::unexpected(ok.error());
     }
     if (auto ok = tx.commit(); !ok) return tl::unexpected(ok.error());
+    sum.register_block_return = tx.register_block_targets();
     if (opts.hook) opts.hook(Stage::resumed);
   }
   if (!exec_holder) return sum;

@@ -22,7 +22,7 @@
 #include <fmt/format.h>
 
 #include "sys/agent/agent_abi.h"
-#include "sys/arch/x86_64.hpp"
+#include "sys/arch.hpp"
 #include "sys/remote.hpp"
 #include "sys/syscalls.hpp"
 
@@ -223,7 +223,8 @@ Expected<void> Agent::boot(const CommitPoint&, std::span<const AgentOp> ops, int
   if (!wire.empty()) std::memcpy(image.data() + ops_offset, wire.data(), wire.size() * sizeof wire[0]);
 
   const bool no_signal = !process_->signal_pending(tid_);
-  const ReturnGadgets g = g_sigreturn ? find_return_gadgets(pid_) : ReturnGadgets{};
+  const ReturnGadgets g =
+      g_sigreturn && arch::frame_return_allowed(pid_, tid_) ? find_return_gadgets(pid_) : ReturnGadgets{};
   if (g.syscall_ret && g.restorer) {
     auto fpu = arch::fpu_state(tid_);
     if (!fpu) return tl::unexpected(fpu.error());
@@ -564,7 +565,9 @@ Expected<void> Agent::take_back() {
     // kernel restarts when it is detached), change nothing, and close the socket: once detached, the
     // agent sees EOF, unmaps itself and rt_sigreturn puts the thread back. A thread that left the
     // agent already (park_ms passed) is stopped wherever it is: nothing of it is ours any more.
-    auto parked = wait_phase(PIPECR_AGENT_PARKED, wait_timeout());
+    // Without a connection (start() failed half way) there is nothing to wait for: the agent needs
+    // pipecr for nothing and returns by itself once it sees it has no tracer (or EOF).
+    Expected<void> parked = decided_ ? wait_phase(PIPECR_AGENT_PARKED, wait_timeout()) : Expected<void>{};
     auto ok = process_->interrupt(tid_);
     running_ = false;
     sock_.reset();
@@ -609,8 +612,10 @@ Expected<void> Agent::restore() {
       auto d = decide();
       if (!d) first = d.error();
     }
-    sock_.reset();  // EOF for an agent that did not get DECIDE
-    files_.reset();
+    if (!frame_mode_) {  // with a frame, the socket stays open until the thread is stopped (take_back)
+      sock_.reset();     // EOF for an agent that did not get DECIDE
+      files_.reset();
+    }
     auto ok = take_back();
     if (!ok && !first) first = ok.error();
   } else if (base_) {

@@ -7,6 +7,7 @@
 #include <sys/uio.h>
 
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 
 #include <fmt/format.h>
@@ -140,6 +141,17 @@ constexpr size_t kFrameSize = 8 + 304 + 128;
 constexpr uint64_t kUcFpXstate = 1, kUcSigcontextSs = 2, kUcStrictRestoreSs = 4;
 
 }  // namespace
+
+bool frame_return_allowed(pid_t pid, pid_t tid) {
+  std::FILE* f = std::fopen(fmt::format("/proc/{}/task/{}/status", pid, tid).c_str(), "re");
+  if (!f) return false;
+  char line[512];
+  bool ok = true;
+  while (std::fgets(line, sizeof line, f))
+    if (std::strncmp(line, "x86_Thread_features:", 20) == 0 && std::strstr(line, "shstk")) ok = false;
+  std::fclose(f);
+  return ok;
+}
 
 Expected<std::vector<unsigned char>> fpu_state(pid_t tid) {
   std::vector<unsigned char> buf(64 * 1024);

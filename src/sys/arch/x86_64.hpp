@@ -1,8 +1,10 @@
 // arch/x86_64.hpp: every x86-64 detail of the ptrace layer and the agent, in one place: the register
 // set (Regs), where a syscall's number, arguments and result live, the syscall instruction, the
-// kernel's restart codes and how a restart rewrites the registers, and the register block the agent
-// returns through (its epilogue is src/sys/agent/x86_64.S). Another architecture is one more pair of
-// files with the same names (arch/aarch64.*): nothing else in src/ knows register names.
+// kernel's restart codes and how a restart rewrites the registers, the rt_sigframe the agent returns
+// through (with the byte patterns of a `syscall; ret` and a restorer) and the fallback register block
+// (the agent's side of both is src/sys/agent/x86_64.S). Included through sys/arch.hpp; another
+// architecture is one more pair of files with the same names (arch/aarch64.*): nothing else in src/
+// knows register names.
 #pragma once
 
 #if !defined(__x86_64__)
@@ -110,6 +112,10 @@ inline constexpr size_t kReturnWords = 17;
 inline constexpr std::array<unsigned char, 3> kSyscallRet = {0x0f, 0x05, 0xc3};
 inline constexpr std::array<unsigned char, 9> kRestorer = {0x48, 0xc7, 0xc0, 0x0f, 0x00, 0x00, 0x00, 0x0f, 0x05};
 inline constexpr std::array<unsigned char, 7> kRestorerShort = {0xb8, 0x0f, 0x00, 0x00, 0x00, 0x0f, 0x05};
+
+// False when the thread runs with a user shadow stack (CET, x86_Thread_features: shstk): a `ret`
+// into the restorer would not match it.
+[[nodiscard]] bool frame_return_allowed(pid_t pid, pid_t tid);
 
 // The thread's FPU/SSE/AVX... state in the signal frame's format: PTRACE_GETREGSET NT_X86_XSTATE
 // (the kernel fills the software bytes: magic1, sizes, features) followed by magic2; the legacy
