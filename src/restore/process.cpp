@@ -89,8 +89,8 @@ Expected<std::vector<int>> target_fds(pid_t pid) {
 
 // One stopped target and its agent.
 struct Session {
-  Session(sys::StoppedProcess p, const Holder& h) : proc(std::move(p)), holder(&h) {}
-  sys::StoppedProcess proc;             // declared first: destroyed after the agent
+  Session(std::unique_ptr<sys::StoppedProcess> p, const Holder& h) : proc(std::move(p)), holder(&h) {}
+  std::unique_ptr<sys::StoppedProcess> proc;  // declared first: destroyed after the agent
   std::unique_ptr<sys::Agent> agent;
   std::vector<sys::AgentOp> ops;
   size_t batch = sys::kAgentBatch;      // files per message: what the target has room for at the commit
@@ -176,7 +176,7 @@ class TargetTransaction {
     stage(Stage::committed);
     for (auto& s : sessions_) {
       Expected<void> ok = s->agent->restore();
-      if (auto r = s->proc.resume(); ok && !r) ok = r;
+      if (auto r = s->proc->resume(); ok && !r) ok = r;
       if (!ok && !first) first = in_target(*s->holder, ok.error());
     }
     // The agents hold the files their installs replaced: closing them may free big pipes, which is
@@ -237,7 +237,7 @@ class TargetTransaction {
                                 *limit, need, open->size(), top, h.target, need + 64));
     }
     // The agent runs in the thread whose fd table the holder is (a thread that unshared its table).
-    auto agent = sys::Agent::start(s.proc, h.thread ? h.thread : s.proc.threads().front(), *commit_, s.ops, top + 1,
+    auto agent = sys::Agent::start(*s.proc, h.thread ? h.thread : s.proc->threads().front(), *commit_, s.ops, top + 1,
                                    s.batch, known.vdso);
     if (!agent) return tl::unexpected(agent.error());
     s.agent = std::move(*agent);
@@ -281,7 +281,7 @@ class TargetTransaction {
     built_.in_place.clear();
     for (auto& s : sessions_) {
       if (s->agent) (void)s->agent->restore();
-      (void)s->proc.resume();
+      (void)s->proc->resume();
     }
     sessions_.clear();
   }

@@ -49,7 +49,7 @@ bool install_through_agent(pid_t pid, pid_t tid, int gift) {
   auto sp = StoppedProcess::seize(pid);
   EXPECT_TRUE(sp) << sp.error().what;
   if (!sp) return false;
-  auto process = std::make_unique<StoppedProcess>(std::move(*sp));
+  auto process = std::move(*sp);
   auto cp = CommitPoint::create();
   EXPECT_TRUE(cp);
   std::vector<AgentOp> ops = {{AgentOp::install, 10, 0, 0, 0, gift}};
