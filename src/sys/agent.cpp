@@ -575,6 +575,7 @@ Expected<void> Agent::take_back() {
     base_ = 0;
     if (!ok) return ok;
     if (!parked && parked.error().err == EFAULT) return {};  // unmapped: it has returned
+    awaiting_return_ = true;  // after_detach() waits for it
     return parked;
   }
   if (auto ok = wait_phase(PIPECR_AGENT_PARKED, wait_timeout()); !ok) return ok;
@@ -622,9 +623,32 @@ Expected<void> Agent::restore() {
     // Booted but never run (start() failed half way): nothing else to undo here.
     base_ = 0;
   }
-  unlink();
+  if (!awaiting_return_) unlink();  // else linked until after_detach()
   if (first) return tl::unexpected(*first);
   return {};
+}
+
+// The thread is detached: the agent sees EOF, closes its last fds and unmaps itself. Waits (bounded)
+// until its mapping is gone, so that when StoppedProcess::resume() returns the target holds exactly
+// its own fds and mappings again (the rt_sigreturn that follows the munmap is a few instructions).
+void Agent::after_detach() {
+  if (!awaiting_return_) return;
+  awaiting_return_ = false;
+  unlink();
+  using namespace std::chrono;
+  const auto deadline = steady_clock::now() + milliseconds(std::min<long long>(wait_timeout().count(), 2000)) + seconds(1);
+  const auto spin_until = steady_clock::now() + milliseconds(20);
+  for (;;) {
+    uint32_t ph = 0;
+    iovec local{&ph, sizeof ph};
+    iovec remote{reinterpret_cast<void*>(ctl_addr_ + offsetof(pipecr_agent_ctl, phase)), sizeof ph};
+    if (::process_vm_readv(pid_, &local, 1, &remote, 1, 0) != static_cast<ssize_t>(sizeof ph)) return;  // gone
+    if (steady_clock::now() > deadline) return;  // it returns by itself all the same (park_ms)
+    if (steady_clock::now() < spin_until)
+      std::this_thread::yield();
+    else
+      std::this_thread::sleep_for(microseconds(100));
+  }
 }
 
 }  // namespace pipecr::sys

@@ -95,6 +95,8 @@ class Agent : public Injector {
                                                               const CommitPoint& commit,
                                                               std::span<const AgentOp> ops, int floor,
                                                               size_t batch = kAgentBatch, uint64_t vdso_hint = 0);
+  // Destroy an Agent after its StoppedProcess::resume(): resume() then waits (after_detach) until
+  // the agent has returned and unmapped itself; destroyed before, it finishes a moment after.
   ~Agent() override;
   Agent(const Agent&) = delete;
   Agent& operator=(const Agent&) = delete;
@@ -112,6 +114,9 @@ class Agent : public Injector {
   // agent returns by itself once the thread is detached, a moment after StoppedProcess::resume());
   // in the fallback, unmap the agent and put registers and signal mask back. Idempotent.
   [[nodiscard]] Expected<void> restore() override;
+  // With a frame: waits (bounded) until the detached thread has left the agent and its mapping is
+  // gone (StoppedProcess::resume() calls it after the detach).
+  void after_detach() override;
 
   [[nodiscard]] pid_t tid() const { return tid_; }
   [[nodiscard]] uint64_t address() const { return base_; }
@@ -156,6 +161,7 @@ class Agent : public Injector {
   bool done_ = false;
   bool frame_mode_ = false;   // returns through an rt_sigframe (boot_with_frame)
   bool masked_ = false;       // every signal blocked by the bootstrap
+  bool awaiting_return_ = false;  // let go in its wait: returns by itself once detached
 };
 
 // Whether agents return through an rt_sigframe when the target has what it needs (default true);

@@ -545,6 +545,7 @@ Expected<void> StoppedProcess::resume(bool leave_stopped) {
       error = ptrace_error(errno, "PTRACE_DETACH", pid_, tid);
   }
   threads_.clear();
+  for (Injector* r : std::vector<Injector*>(injectors_)) r->after_detach();
   if (error) return tl::unexpected(*error);
   if (leave_stopped) return wait_stopped_state();
   // Not reaching T here means a SIGCONT after the check above, or the process died: both fine.

@@ -44,11 +44,16 @@ class StoppedProcess;
 
 // Something that runs code inside a stopped process (remote syscalls, the agent) and must put the
 // thread it uses back before the process is let go. StoppedProcess::resume() calls restore() on
-// every injector still registered, in order, before any thread is detached.
+// every injector still registered, in order, before any thread is detached, and after_detach() once
+// they are.
 class Injector {
  public:
   virtual ~Injector() = default;
   [[nodiscard]] virtual Expected<void> restore() = 0;
+  // Called by StoppedProcess::resume() once every thread is detached, for injectors still
+  // registered then: one that finishes inside the target by itself (the agent's rt_sigframe return)
+  // waits for that here, so that resume() returns with the target whole.
+  virtual void after_detach() {}
 
  protected:
   friend class StoppedProcess;

@@ -514,13 +514,12 @@ TEST(Agent, GenericOperationsCommitOrAbortAsOne) {
     ASSERT_TRUE(done) << done.error().what;
     EXPECT_EQ(*done, commit);
     ASSERT_TRUE((*agent)->restore());
+    ASSERT_TRUE(process->resume());  // waits for the agent to return (it is still registered)
     agent->reset();
-    ASSERT_TRUE(process->resume());
     if (!commit) EXPECT_EQ(fd_table(child.pid), table);
   }
   EXPECT_TRUE(same_file(gift.read.get(), child.pid, 10));
-  // The agent unmaps itself once let go (its rt_sigframe return), a moment after resume().
-  EXPECT_TRUE(eventually([&] { return maps_of() == maps_before; })) << "a mapping was left:\n" << maps_of();
+  EXPECT_EQ(maps_of(), maps_before) << "a mapping was left";
   ASSERT_TRUE(write_all(gift.write.get(), std::as_bytes(std::span("x", 1))));
   ASSERT_TRUE(write_all(input.write.get(), std::as_bytes(std::span("go", 2))));
   EXPECT_EQ(read_report(report.read.get()), "read 2 epoll 1 data 0x1234 nonblock true cloexec true");
