@@ -594,11 +594,11 @@ Expected<void> Agent::take_back() {
   auto rs = RemoteSyscalls::attach(*process_, tid_, RemoteSyscalls::Insn::vdso_first, vdso_hint_);
   if (!rs) return tl::unexpected(rs.error());
   rs->restore_to(saved_);
-  HarmWindowScope window;  // from the munmap's registers until the thread's own are back
+  HarmWindowScope window;  // from the munmap's registers until the thread's own, and its mask, are back
   auto un = rs->call(SYS_munmap, base_, map_len_);
   auto ok = rs->restore();
-  window.close();
   if (ok) ok = process_->set_signal_mask(tid_, saved_mask_);
+  window.close();
   base_ = 0;
   if (!un) return tl::unexpected(un.error());
   return ok;
