@@ -124,6 +124,12 @@ Expected<int> run(const Options& o, CommandContext& ctx) {
         fmt::print(ctx.err, "pipecr {}: pipe {} ({}): replaced: {}\n", ctx.name, p.pipe_id, printable(p.name),
                    printable(p.why));
     }
+  if (o.verbose)
+    for (pid_t pid : sum->register_block_return)
+      fmt::print(ctx.err,
+                 "pipecr {}: pid {}: no `syscall; ret` or rt_sigreturn restorer in its code: its agent used the "
+                 "fallback return (register block, removed by a remote munmap)\n",
+                 ctx.name, pid);
   const size_t replaced = sum->pipes - sum->in_place;
   fmt::print(ctx.out, "restored {} pipe{} ({} in place, {} replaced; {} open file{}, {} fd{}) into {} process{}\n",
              sum->pipes, sum->pipes == 1 ? "" : "s", sum->in_place, replaced, sum->files, sum->files == 1 ? "" : "s",

@@ -298,7 +298,7 @@ class Dumper {
   // fdgroup.hpp, and listed once, under the first of them.
   Expected<void> find_tables() {
     for (size_t i = 0; i < stopped_.size(); ++i) {
-      const std::vector<pid_t>& tids = stopped_[i].threads();
+      const std::vector<pid_t>& tids = stopped_[i]->threads();
       pid_t first = tids.front();
       tables_.push_back(Table{.proc = i, .pid = pids_[i], .tid = first, .own = false, .pidfd = {}});
       std::vector<pid_t> others;  // first threads of the extra tables
@@ -837,8 +837,8 @@ class Dumper {
 
   void mark_blocked() {
     std::map<std::pair<pid_t, int>, Blocked> blocked;  // (table's tid, fd)
-    for (const sys::StoppedProcess& s : stopped_)
-      for (pid_t tid : s.threads()) {
+    for (const auto& sp : stopped_)
+      for (const sys::StoppedProcess& s = *sp; pid_t tid : s.threads()) {
         auto st = s.syscall_state(tid);
         if (!st || !st->in_syscall) continue;
         sys::TaskSyscall ts;
@@ -870,7 +870,8 @@ class Dumper {
   // A target killed while stopped leaves its ptrace stop and loses its fd table on the way out:
   // what was read of it may be empty or partial. Every target must still stand in its stop here.
   Expected<void> check_alive() {
-    for (const sys::StoppedProcess& s : stopped_) {
+    for (const auto& sp : stopped_) {
+      const sys::StoppedProcess& s = *sp;
       auto st = sys::read_task_stat(s.pid(), s.threads().front());
       if (!st || (st->state != 't' && st->state != 'T'))
         return fail(Errc::gone, ESRCH,
@@ -882,8 +883,8 @@ class Dumper {
 
   Expected<void> resume_all() {
     Expected<void> first;
-    for (sys::StoppedProcess& s : stopped_)
-      if (auto r = s.resume(opts_.leave_stopped); !r && first) first = r;
+    for (auto& s : stopped_)
+      if (auto r = s->resume(opts_.leave_stopped); !r && first) first = r;
     return first;
   }
 
@@ -1076,7 +1077,7 @@ class Dumper {
   const DumpOptions& opts_;
   std::vector<pid_t> pids_;
   std::vector<ProcessRecord> procs_;
-  std::vector<sys::StoppedProcess> stopped_;
+  std::vector<std::unique_ptr<sys::StoppedProcess>> stopped_;
   std::vector<Table> tables_;
   std::vector<SharedFdTable> shared_;
   std::vector<Holder> holders_;

@@ -221,8 +221,9 @@ class Parcels {
 
 // One stopped target and its agent.
 struct Session {
-  Session(sys::StoppedProcess p, const Holder& h, Parcel& pc) : proc(std::move(p)), holder(&h), parcel(&pc) {}
-  sys::StoppedProcess proc;             // declared first: destroyed after the agent
+  Session(std::unique_ptr<sys::StoppedProcess> p, const Holder& h, Parcel& pc)
+      : proc(std::move(p)), holder(&h), parcel(&pc) {}
+  std::unique_ptr<sys::StoppedProcess> proc;  // declared first: destroyed after the agent
   std::unique_ptr<sys::Agent> agent;
   std::vector<sys::AgentOp> ops;
   const Holder* holder;
@@ -289,7 +290,7 @@ class TargetTransaction {
     // look once more, right before the store, so the others are not committed without it (a death
     // between this look and the store remains possible).
     for (auto& s : sessions_)
-      if (auto ok = s->proc.check_running(s->agent->tid()); !ok) return abort(in_target(*s->holder, ok.error()));
+      if (auto ok = s->proc->check_running(s->agent->tid()); !ok) return abort(in_target(*s->holder, ok.error()));
     if (!commit_->commit())
       return abort(Error{Errc::system, ECANCELED, "an agent gave up before the commit (timeout or failure); every target rolled back"});
     std::optional<Error> first;
@@ -304,7 +305,7 @@ class TargetTransaction {
     stage(Stage::committed);
     for (auto& s : sessions_) {
       Expected<void> ok = s->agent->restore();
-      if (auto r = s->proc.resume(); ok && !r) ok = r;
+      if (auto r = s->proc->resume(); ok && !r) ok = r;
       if (!ok && !first) first = in_target(*s->holder, ok.error());
     }
     // The agents hold the files their installs replaced: closing them may free big pipes, which is
@@ -337,13 +338,20 @@ class TargetTransaction {
       if (f.keep ? wants_async_kept(f) : f.set_async)
         s.ops.push_back(sys::AgentOp{sys::AgentOp::setfl_or, f.rec->fd, 0, O_ASYNC, 0, -1});
     // The agent runs in the thread whose fd table the holder is (a thread that unshared its table).
-    auto agent = sys::Agent::start(s.proc, h.thread ? h.thread : s.proc.threads().front(), *commit_, s.ops,
+    auto agent = sys::Agent::start(*s.proc, h.thread ? h.thread : s.proc->threads().front(), *commit_, s.ops,
                                    highest_fd(h) + 1, std::max<size_t>(p.queue.largest(), 1), p.vdso,
                                    p.queue.messages() ? p.queue.take_receiver() : sys::UniqueFd());
     if (!agent) return tl::unexpected(agent.error());
     s.agent = std::move(*agent);
+    if (!s.agent->returns_by_sigreturn()) register_block_.push_back(h.target);
     return {};
   }
+
+ public:
+  // Targets whose agent returns through the fallback register block (sys::Agent::returns_by_sigreturn).
+  [[nodiscard]] const std::vector<pid_t>& register_block_targets() const { return register_block_; }
+
+ private:
 
   Expected<void> prepare(Session& s) { return s.agent->prepare(); }
 
@@ -368,7 +376,7 @@ class TargetTransaction {
     built_.in_place.clear();
     for (auto& s : sessions_) {
       if (s->agent) (void)s->agent->restore();
-      (void)s->proc.resume();
+      (void)s->proc->resume();
     }
     sessions_.clear();
   }
@@ -382,6 +390,7 @@ class TargetTransaction {
   std::vector<std::unique_ptr<Session>> sessions_;  // stable addresses: the agent points at proc
   std::vector<std::unique_ptr<Session>> finished_;  // committed and let go; destroyed last
   std::unordered_set<uint64_t> async_seen_;          // recorded files whose kept O_ASYNC is asked for
+  std::vector<pid_t> register_block_;
 };
 
 // The fds of this process's holder (--exec, or the library's caller) put in place in its own fd
@@ -621,6 +630,7 @@ Expected<ProcessRestoreSummary> restore_processes(const Image& img, const Proces
       return tl::unexpected(ok.error());
     }
     if (auto ok = tx.commit(); !ok) return tl::unexpected(ok.error());
+    sum.register_block_return = tx.register_block_targets();
     if (opts.hook) opts.hook(Stage::resumed);
   }
   if (!exec_holder) return sum;

@@ -114,6 +114,10 @@ struct ProcessRestoreSummary {
     int fd = -1;
   };
   std::vector<CallerFd> caller_fds;  // request.caller: where each of its fds ended, its plan order
+  // Targets whose agent had to return through the fallback register block: no `syscall; ret` or
+  // rt_sigreturn restorer in their code (docs/design.md section 8). A kill of pipecr during their
+  // bootstrap or take-back could have harmed them; the others could not be harmed that way.
+  std::vector<pid_t> register_block_return;
 };
 
 // Restores `request` from img (whose PipeRecord::data views memory that stays mapped during the

@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstddef>
 #include <cstdio>
@@ -21,6 +22,7 @@
 #include <fmt/format.h>
 
 #include "sys/agent/agent_abi.h"
+#include "sys/arch.hpp"
 #include "sys/remote.hpp"
 #include "sys/syscalls.hpp"
 
@@ -52,6 +54,58 @@ Expected<void> read_remote(pid_t pid, uint64_t addr, void* data, size_t len) {
   return {};
 }
 
+// Looks for the two pieces of the target's own code that the rt_sigframe return needs (arch.hpp):
+// a `syscall; ret` and a restorer, in its executable file mappings and [vdso], read in chunks with
+// process_vm_readv (nothing is written). 0 where one is missing.
+struct ReturnGadgets {
+  uint64_t syscall_ret = 0;
+  uint64_t restorer = 0;
+};
+
+ReturnGadgets find_return_gadgets(pid_t pid) {
+  ReturnGadgets g;
+  std::FILE* maps = std::fopen(fmt::format("/proc/{}/maps", pid).c_str(), "re");
+  if (!maps) return g;
+  struct Range {
+    uint64_t lo, hi;
+    bool libc;
+  };
+  std::vector<Range> ranges;
+  char line[4096];
+  while (std::fgets(line, sizeof line, maps)) {
+    unsigned long lo = 0, hi = 0;
+    char perms[8] = {};
+    if (std::sscanf(line, "%lx-%lx %7s", &lo, &hi, perms) != 3 || hi <= lo || perms[2] != 'x') continue;
+    if (std::strstr(line, "[vsyscall]")) continue;
+    ranges.push_back({lo, hi, std::strstr(line, "/libc") != nullptr});
+  }
+  std::fclose(maps);
+  std::stable_partition(ranges.begin(), ranges.end(), [](const Range& r) { return r.libc; });  // glibc first
+  constexpr size_t kChunk = 256 * 1024, kOverlap = 16;
+  std::vector<unsigned char> buf(kChunk);
+  auto find = [&](auto& pattern, size_t n, uint64_t at) -> uint64_t {
+    auto it = std::search(buf.begin(), buf.begin() + static_cast<long>(n), pattern.begin(), pattern.end());
+    return it == buf.begin() + static_cast<long>(n) ? 0 : at + static_cast<uint64_t>(it - buf.begin());
+  };
+  for (const Range& r : ranges) {
+    for (uint64_t at = r.lo; at < r.hi && !(g.syscall_ret && g.restorer);) {
+      const size_t n = std::min<uint64_t>(kChunk, r.hi - at);
+      iovec local{buf.data(), n};
+      iovec remote{reinterpret_cast<void*>(at), n};
+      if (::process_vm_readv(pid, &local, 1, &remote, 1, 0) != static_cast<ssize_t>(n)) break;
+      if (!g.syscall_ret) g.syscall_ret = find(arch::kSyscallRet, n, at);
+      if (!g.restorer) g.restorer = find(arch::kRestorer, n, at);
+      if (!g.restorer) g.restorer = find(arch::kRestorerShort, n, at);
+      if (at + n >= r.hi) break;
+      at += n - kOverlap;
+    }
+    if (g.syscall_ret && g.restorer) break;
+  }
+  return g;
+}
+
+std::atomic<bool> g_sigreturn{true};
+
 const char* op_name(uint32_t code) {
   switch (code) {
     case AgentOp::install: return "install";
@@ -62,6 +116,8 @@ const char* op_name(uint32_t code) {
 }
 
 }  // namespace
+
+void set_agent_sigreturn(bool enabled) { g_sigreturn = enabled; }
 
 // ---------------------------------------------------------------- CommitPoint
 
@@ -121,7 +177,7 @@ Agent::~Agent() {
   unlink();
 }
 
-// Maps the agent, writes it, its control block, operations and return block, and lets it run.
+// Maps the agent, writes it, its control block, operations and return path, and lets it run.
 Expected<void> Agent::boot(const CommitPoint&, std::span<const AgentOp> ops, int floor) {
   auto regs = process_->regs(tid_);
   if (!regs) return tl::unexpected(regs.error());
@@ -137,41 +193,6 @@ Expected<void> Agent::boot(const CommitPoint&, std::span<const AgentOp> ops, int
   const uint64_t ops_offset = fdmap_offset + fdmap_bytes;
   map_len_ = round_up(ops_offset + ops.size() * sizeof(pipecr_agent_op), kPage);
 
-  // The registers the thread returns with, as the kernel would restart its syscall, in a block on
-  // its own stack below the red zone (written before the bootstrap: nothing uses that memory).
-  const bool no_signal = !process_->signal_pending(tid_);
-  const Regs back = arch::as_restarted(saved_, no_signal);
-  const auto block = arch::return_block(back);
-  const uint64_t block_addr = arch::return_block_address(back);
-  const uint64_t agent_sp = (block_addr - kAgentStackGap) & ~uint64_t{15};
-  if (auto ok = write_remote(pid_, block_addr, block.data(), sizeof block); !ok)
-    return tl::unexpected(error(fmt::format("no room for the return block on the thread's stack: {}", ok.error().what),
-                                ok.error().err));
-
-  // The one remote syscall of the bootstrap: from here until the registers point at the agent,
-  // pipecr's death would leave the thread with the injected registers (the harm window).
-  auto rs = RemoteSyscalls::attach(*process_, tid_, RemoteSyscalls::Insn::vdso_first, vdso_hint_);
-  if (!rs) return tl::unexpected(rs.error());
-  vdso_hint_ = rs->patched_code() ? 0 : rs->syscall_address();
-  std::vector<unsigned char> image(map_len_, 0);  // filled below; allocated outside the window
-  HarmWindowScope window;
-  auto addr = rs->call(SYS_mmap, 0, map_len_, PROT_READ | PROT_WRITE | PROT_EXEC, MAP_PRIVATE | MAP_ANONYMOUS,
-                       static_cast<unsigned long>(-1L), 0);
-  if (!addr) return tl::unexpected(addr.error());
-  if (*addr < 0 && *addr >= -4095) {
-    (void)rs->restore();
-    return tl::unexpected(error(fmt::format("mmap({} bytes, rwx) in the target", map_len_), static_cast<int>(-*addr)));
-  }
-  base_ = static_cast<uint64_t>(*addr);
-  ctl_addr_ = base_ + ctl_offset;
-  // From here a failure must unmap the agent: restore() does (base_ is set, running_ is not).
-  auto unmap_and_fail = [&](Error e) -> Expected<void> {
-    (void)rs->call(SYS_munmap, base_, map_len_);
-    base_ = 0;
-    (void)rs->restore();
-    return tl::unexpected(std::move(e));
-  };
-
   pipecr_agent_ctl ctl{};
   ctl.magic = PIPECR_AGENT_MAGIC;
   ctl.sock_peer = ctl.sock_mine = -1;
@@ -186,7 +207,6 @@ Expected<void> Agent::boot(const CommitPoint&, std::span<const AgentOp> ops, int
   ctl.idle_ms = ctl.handshake_ms;
   ctl.park_ms = static_cast<int32_t>(std::min<long long>(limit, 2000));
   ctl.orig_sigmask = saved_mask_;
-  ctl.return_block = block_addr;
   std::snprintf(ctl.name, sizeof ctl.name, "pipecr-agent");
 
   std::vector<unsigned char> fdmap(fdmap_bytes, 0);
@@ -195,15 +215,136 @@ Expected<void> Agent::boot(const CommitPoint&, std::span<const AgentOp> ops, int
     const AgentOp& o = ops[i];
     wire[i] = pipecr_agent_op{o.code, o.fd, -1, o.a, o.b, o.c};
     if (o.code == AgentOp::install) {
-      if (o.fd < 0 || o.fd >= floor) return unmap_and_fail(error(fmt::format("install at fd {}: not below floor {}", o.fd, floor), EINVAL));
+      if (o.fd < 0 || o.fd >= floor) return tl::unexpected(error(fmt::format("install at fd {}: not below floor {}", o.fd, floor), EINVAL));
       fdmap[static_cast<size_t>(o.fd) / 8] |= static_cast<unsigned char>(1u << (o.fd % 8));
     }
   }
+  std::vector<unsigned char> image(map_len_, 0);
   std::memcpy(image.data(), agent_blob, agent_blob_size);
-  std::memcpy(image.data() + ctl_offset, &ctl, sizeof ctl);
   std::memcpy(image.data() + fdmap_offset, fdmap.data(), fdmap.size());
   if (!wire.empty()) std::memcpy(image.data() + ops_offset, wire.data(), wire.size() * sizeof wire[0]);
+
+  const bool no_signal = !process_->signal_pending(tid_);
+  const ReturnGadgets g =
+      g_sigreturn && arch::frame_return_allowed(pid_, tid_) ? find_return_gadgets(pid_) : ReturnGadgets{};
+  if (g.syscall_ret && g.restorer) {
+    auto fpu = arch::fpu_state(tid_);
+    if (!fpu) return tl::unexpected(fpu.error());
+    const arch::SigFrame frame =
+        arch::build_sigframe(arch::as_resumed_by_sigreturn(saved_, no_signal), saved_mask_, *fpu, g.restorer);
+    ctl.frame = frame.frame;
+    ctl.gadget = g.syscall_ret;
+    return boot_with_frame(ctl, image, frame);
+  }
+  return boot_with_block(ctl, image, no_signal);
+}
+
+// Runs one syscall of the bootstrap at the target's `syscall; ret` with rsp at the frame: were
+// pipecr to die at any moment of it, the thread finishes the syscall and returns through the frame.
+Expected<long> Agent::frame_syscall(uint64_t gadget, uint64_t frame, long nr, std::array<unsigned long, 6> args) {
+  Regs r = saved_;
+  r.set_syscall(nr, args, gadget);
+  r.set_sp(frame);
+  if (auto ok = process_->set_regs(tid_, r); !ok) return tl::unexpected(ok.error());
+  if (!masked_) {  // now that rt_sigreturn would restore it: no signal is held back from the thread
+    if (auto ok = process_->set_signal_mask(tid_, ~uint64_t{0}); !ok) return tl::unexpected(ok.error());
+    masked_ = true;
+  }
+  if (auto ok = process_->run_syscall(tid_, nr); !ok) return tl::unexpected(ok.error());
+  auto after = process_->regs(tid_);
+  if (!after) return tl::unexpected(after.error());
+  return after->ret();
+}
+
+// The thread as it was (registers, mask), re-parked so that the kernel restarts its syscall.
+Expected<void> Agent::put_back() {
+  auto ok = process_->set_regs(tid_, saved_);
+  if (ok) ok = process_->set_signal_mask(tid_, saved_mask_);
+  if (ok) ok = process_->repark(tid_);
+  return ok;
+}
+
+Expected<void> Agent::boot_with_frame(pipecr_agent_ctl& ctl, std::vector<unsigned char>& image,
+                                      const arch::SigFrame& frame) {
+  frame_mode_ = true;
+  if (auto ok = write_remote(pid_, frame.frame, frame.bytes.data(), frame.bytes.size()); !ok)
+    return tl::unexpected(error(fmt::format("no room for the signal frame on the thread's stack: {}", ok.error().what),
+                                ok.error().err));
+  const uint64_t agent_sp = (frame.frame - kAgentStackGap) & ~uint64_t{15};
+  // Signals stay pending (not delivered to a thread that runs our code) until rt_sigreturn puts the
+  // mask back: frame_syscall() blocks them once the registers point at the gadget, so that the frame
+  // restores the mask whenever pipecr dies.
+  const uint64_t code_len = round_up(agent_blob_size, kPage);
+  LeakWindowScope leak;  // from the mmap until the agent runs: pipecr's death leaves the mapping
+  auto addr = frame_syscall(ctl.gadget, frame.frame, SYS_mmap,
+                            {0, map_len_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, static_cast<unsigned long>(-1L), 0});
+  auto fail_back = [&](Error e) -> Expected<void> {
+    if (base_) (void)frame_syscall(ctl.gadget, frame.frame, SYS_munmap, {base_, map_len_, 0, 0, 0, 0});
+    base_ = 0;
+    (void)put_back();
+    return tl::unexpected(std::move(e));
+  };
+  if (!addr) return fail_back(addr.error());
+  if (*addr < 0 && *addr >= -4095)
+    return fail_back(error(fmt::format("mmap({} bytes, rw) in the target", map_len_), static_cast<int>(-*addr)));
+  base_ = static_cast<uint64_t>(*addr);
+  ctl_addr_ = base_ + ctl.ctl_offset;
+  std::memcpy(image.data() + ctl.ctl_offset, &ctl, sizeof ctl);
+  if (auto ok = write_remote(pid_, base_, image.data(), image.size()); !ok) return fail_back(ok.error());
+  auto prot = frame_syscall(ctl.gadget, frame.frame, SYS_mprotect, {base_, code_len, PROT_READ | PROT_EXEC, 0, 0, 0});
+  if (!prot) return fail_back(prot.error());
+  if (*prot != 0) return fail_back(error("mprotect(agent code, r-x) in the target", static_cast<int>(-*prot)));
+  Regs entry = saved_;
+  entry.set_call(base_, agent_sp, ctl_addr_);
+  if (auto ok = process_->set_regs(tid_, entry); !ok) return fail_back(ok.error());
+  leak.close();
+  if (auto ok = process_->let_run(tid_); !ok) return fail_back(ok.error());
+  running_ = true;
+  return {};
+}
+
+// The fallback without a `syscall; ret` or restorer in the target: a remote mmap through [vdso] (or
+// the thread's own syscall instruction), and the agent returns through a register block.
+Expected<void> Agent::boot_with_block(pipecr_agent_ctl& ctl, std::vector<unsigned char>& image, bool no_signal) {
+  // The registers the thread returns with, as the kernel would restart its syscall, in a block on
+  // its own stack below the red zone (written before the bootstrap: nothing uses that memory).
+  const Regs back = arch::as_restarted(saved_, no_signal);
+  const auto block = arch::return_block(back);
+  const uint64_t block_addr = arch::return_block_address(back);
+  const uint64_t agent_sp = (block_addr - kAgentStackGap) & ~uint64_t{15};
+  if (auto ok = write_remote(pid_, block_addr, block.data(), sizeof block); !ok)
+    return tl::unexpected(error(fmt::format("no room for the return block on the thread's stack: {}", ok.error().what),
+                                ok.error().err));
+  ctl.return_block = block_addr;
+  const uint64_t code_len = round_up(agent_blob_size, kPage);
+
+  // The remote syscalls of the bootstrap: from here until the registers point at the agent,
+  // pipecr's death would leave the thread with the injected registers (the harm window).
+  auto rs = RemoteSyscalls::attach(*process_, tid_, RemoteSyscalls::Insn::vdso_first, vdso_hint_);
+  if (!rs) return tl::unexpected(rs.error());
+  vdso_hint_ = rs->patched_code() ? 0 : rs->syscall_address();
+  HarmWindowScope window;
+  auto addr = rs->call(SYS_mmap, 0, map_len_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                       static_cast<unsigned long>(-1L), 0);
+  if (!addr) return tl::unexpected(addr.error());
+  if (*addr < 0 && *addr >= -4095) {
+    (void)rs->restore();
+    return tl::unexpected(error(fmt::format("mmap({} bytes, rw) in the target", map_len_), static_cast<int>(-*addr)));
+  }
+  base_ = static_cast<uint64_t>(*addr);
+  ctl_addr_ = base_ + ctl.ctl_offset;
+  // From here a failure must unmap the agent.
+  auto unmap_and_fail = [&](Error e) -> Expected<void> {
+    (void)rs->call(SYS_munmap, base_, map_len_);
+    base_ = 0;
+    (void)rs->restore();
+    return tl::unexpected(std::move(e));
+  };
+  std::memcpy(image.data() + ctl.ctl_offset, &ctl, sizeof ctl);
   if (auto ok = write_remote(pid_, base_, image.data(), image.size()); !ok) return unmap_and_fail(ok.error());
+  auto prot = rs->call(SYS_mprotect, base_, code_len, PROT_READ | PROT_EXEC);
+  if (!prot) return unmap_and_fail(prot.error());
+  if (*prot != 0) return unmap_and_fail(error("mprotect(agent code, r-x) in the target", static_cast<int>(-*prot)));
 
   // Point the thread at the agent: registers first (were pipecr to die now, the agent runs and
   // returns), then the mask, then let it run.
@@ -508,6 +649,24 @@ Expected<bool> Agent::decide() {
 
 // Interrupts the parked agent and puts the thread back where it was, removing the mapping.
 Expected<void> Agent::take_back() {
+  if (frame_mode_) {
+    // The agent returns by itself: stop the thread where it waits for EOF (in ppoll, which the
+    // kernel restarts when it is detached), change nothing, and close the socket: once detached, the
+    // agent sees EOF, unmaps itself and rt_sigreturn puts the thread back. A thread that left the
+    // agent already (park_ms passed) is stopped wherever it is: nothing of it is ours any more.
+    // Without a connection (start() failed half way) there is nothing to wait for: the agent needs
+    // pipecr for nothing and returns by itself once it sees it has no tracer (or EOF).
+    Expected<void> parked = decided_ ? wait_phase(PIPECR_AGENT_PARKED, wait_timeout()) : Expected<void>{};
+    auto ok = process_->interrupt(tid_);
+    running_ = false;
+    sock_.reset();
+    files_.reset();
+    base_ = 0;
+    if (!ok) return ok;
+    if (!parked && parked.error().err == EFAULT) return {};  // unmapped: it has returned
+    awaiting_return_ = true;  // after_detach() waits for it
+    return parked;
+  }
   if (auto ok = wait_phase(PIPECR_AGENT_PARKED, wait_timeout()); !ok) return ok;
   if (auto ok = process_->interrupt(tid_); !ok) return ok;
   running_ = false;
@@ -524,11 +683,11 @@ Expected<void> Agent::take_back() {
   auto rs = RemoteSyscalls::attach(*process_, tid_, RemoteSyscalls::Insn::vdso_first, vdso_hint_);
   if (!rs) return tl::unexpected(rs.error());
   rs->restore_to(saved_);
-  HarmWindowScope window;  // from the munmap's registers until the thread's own are back
+  HarmWindowScope window;  // from the munmap's registers until the thread's own, and its mask, are back
   auto un = rs->call(SYS_munmap, base_, map_len_);
   auto ok = rs->restore();
-  window.close();
   if (ok) ok = process_->set_signal_mask(tid_, saved_mask_);
+  window.close();
   base_ = 0;
   if (!un) return tl::unexpected(un.error());
   return ok;
@@ -543,17 +702,42 @@ Expected<void> Agent::restore() {
       auto d = decide();
       if (!d) first = d.error();
     }
-    sock_.reset();  // EOF for an agent that did not get DECIDE
-    files_.reset();
+    if (!frame_mode_) {  // with a frame, the socket stays open until the thread is stopped (take_back)
+      sock_.reset();     // EOF for an agent that did not get DECIDE
+      files_.reset();
+    }
     auto ok = take_back();
     if (!ok && !first) first = ok.error();
   } else if (base_) {
     // Booted but never run (start() failed half way): nothing else to undo here.
     base_ = 0;
   }
-  unlink();
+  if (!awaiting_return_) unlink();  // else linked until after_detach()
   if (first) return tl::unexpected(*first);
   return {};
+}
+
+// The thread is detached: the agent sees EOF, closes its last fds and unmaps itself. Waits (bounded)
+// until its mapping is gone, so that when StoppedProcess::resume() returns the target holds exactly
+// its own fds and mappings again (the rt_sigreturn that follows the munmap is a few instructions).
+void Agent::after_detach() {
+  if (!awaiting_return_) return;
+  awaiting_return_ = false;
+  unlink();
+  using namespace std::chrono;
+  const auto deadline = steady_clock::now() + milliseconds(std::min<long long>(wait_timeout().count(), 2000)) + seconds(1);
+  const auto spin_until = steady_clock::now() + milliseconds(20);
+  for (;;) {
+    uint32_t ph = 0;
+    iovec local{&ph, sizeof ph};
+    iovec remote{reinterpret_cast<void*>(ctl_addr_ + offsetof(pipecr_agent_ctl, phase)), sizeof ph};
+    if (::process_vm_readv(pid_, &local, 1, &remote, 1, 0) != static_cast<ssize_t>(sizeof ph)) return;  // gone
+    if (steady_clock::now() > deadline) return;  // it returns by itself all the same (park_ms)
+    if (steady_clock::now() < spin_until)
+      std::this_thread::yield();
+    else
+      std::this_thread::sleep_for(microseconds(100));
+  }
 }
 
 }  // namespace pipecr::sys

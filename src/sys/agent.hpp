@@ -1,14 +1,19 @@
 // agent.hpp: install files into stopped processes through an agent that runs inside each of them,
 // all-or-nothing over every target, whatever happens to pipecr.
 //
-// Bootstrap (the only step that runs the target through ptrace): one remote mmap through a `syscall`
-// instruction of the target's [vdso] (remote.hpp) makes an anonymous mapping; the agent's code
-// (src/sys/agent/, built at build time and embedded as agent_blob), its control block and its list
-// of operations are written there with process_vm_writev, the thread's registers (as the kernel
-// would restart its interrupted syscall) are written as a block on its own stack below the red zone,
-// its signal mask is set to block everything, and it is let run from the agent's entry, still traced
-// but needing nothing from its tracer. From then on, pipecr's death is harmless: the agent sees EOF
-// on its socket (or a timeout), decides, and returns to the interrupted code by itself.
+// Bootstrap (the only step that runs the target through ptrace). Usually (returns_by_sigreturn()):
+// an rt_sigframe holding the thread's context (registers as the kernel would restart its
+// interrupted syscall, FPU state, signal mask; arch.hpp) is written on its own stack below the red
+// zone, and one remote mmap (RW) and one mprotect (code R+X) run at a `syscall; ret` of the target's
+// code with rsp at that frame and every signal blocked: whenever pipecr dies, the thread finishes the
+// syscall and returns into the target's restorer, and rt_sigreturn puts it back (an empty mapping is
+// left at worst: the leak window). The agent (src/sys/agent/, built at build time and embedded as
+// agent_blob), its control block and operations are written there with process_vm_writev, and the
+// thread runs from the agent's entry, still traced but needing nothing from its tracer. Fallback (no
+// gadget or restorer in the target): the syscalls go through a `syscall` of the target's [vdso]
+// (remote.hpp) and the registers go in a block on the stack, which the agent's epilogue pops.
+// From the agent's start on, pipecr's death is harmless: the agent sees EOF on its socket (or a
+// timeout), decides, and returns to the interrupted code by itself.
 //
 // Protocol (agent_abi.h; two SOCK_SEQPACKET socketpairs made by the agent, control and files; pipecr
 // takes its ends with pidfd_getfd): HELLO (carries the CommitPoint's memfd, and the receiving end of
@@ -19,15 +24,18 @@
 // epoll fd valid, and room for the largest FILES message); then the CommitPoint decides for
 // every target at once, and DECIDE / DONE lets each agent act on it: run every operation in order
 // (receive 253 files, dup3 each, close the temporary; epoll_ctl ADD; F_SETFL) or close the files
-// socket, which drops what is queued. Finally pipecr takes the thread back
-// (PTRACE_INTERRUPT while the agent is parked), unmaps the agent with one more remote syscall, and
-// puts the registers and signal mask back; the thread is then detached with the process.
+// socket, which drops what is queued. Finally pipecr stops the thread where the agent waits
+// (PTRACE_INTERRUPT), changes nothing, closes its socket and detaches it with the process: the agent
+// sees EOF, unmaps itself through the `syscall; ret` with rsp at the frame, and rt_sigreturn returns
+// the thread to its interrupted code. In the fallback pipecr takes the thread back instead (unmaps
+// the agent with one more remote syscall, puts the registers and signal mask back).
 #pragma once
 
 #include <sys/types.h>
 
 #include <chrono>
 #include <cstdint>
+#include <array>
 #include <memory>
 #include <optional>
 #include <span>
@@ -38,6 +46,7 @@
 #include "sys/unique_fd.hpp"
 
 struct pipecr_agent_msg;  // sys/agent/agent_abi.h
+struct pipecr_agent_ctl;
 
 namespace pipecr::sys {
 
@@ -118,6 +127,8 @@ class Agent : public Injector {
                                                               std::span<const AgentOp> ops, int floor,
                                                               size_t batch = kAgentBatch, uint64_t vdso_hint = 0,
                                                               UniqueFd queue = UniqueFd());
+  // Destroy an Agent after its StoppedProcess::resume(): resume() then waits (after_detach) until
+  // the agent has returned and unmapped itself; destroyed before, it finishes a moment after.
   ~Agent() override;
   Agent(const Agent&) = delete;
   Agent& operator=(const Agent&) = delete;
@@ -133,18 +144,30 @@ class Agent : public Injector {
   // Tells the agent to act on the CommitPoint (unless send_decide() did); returns whether it
   // committed, or the error of an operation that failed at commit (the others ran).
   [[nodiscard]] Expected<bool> decide();
-  // Takes the thread back: decide() first if not done (the agent then aborts unless the CommitPoint
-  // says committed), then interrupt it while parked, unmap the agent, put registers and signal mask
-  // back. Idempotent.
+  // Ends the agent's use of the thread: decide() first if not done (the agent then aborts unless the
+  // CommitPoint says committed), then interrupt it while parked; with a frame, close the socket (the
+  // agent returns by itself once the thread is detached, a moment after StoppedProcess::resume());
+  // in the fallback, unmap the agent and put registers and signal mask back. Idempotent.
   [[nodiscard]] Expected<void> restore() override;
+  // With a frame: waits (bounded) until the detached thread has left the agent and its mapping is
+  // gone (StoppedProcess::resume() calls it after the detach).
+  void after_detach() override;
 
   [[nodiscard]] pid_t tid() const { return tid_; }
   [[nodiscard]] uint64_t address() const { return base_; }
   [[nodiscard]] uint64_t length() const { return map_len_; }
+  // True when the agent returns through an rt_sigframe (the target has a `syscall; ret` and a
+  // restorer); false in the fallback (a register block and pipecr's take-back munmap).
+  [[nodiscard]] bool returns_by_sigreturn() const { return frame_mode_; }
 
  private:
   Agent(StoppedProcess& p, pid_t tid) : pid_(p.pid()), tid_(tid) { link(&p); }
   [[nodiscard]] Expected<void> boot(const CommitPoint& commit, std::span<const AgentOp> ops, int floor);
+  [[nodiscard]] Expected<void> boot_with_frame(pipecr_agent_ctl& ctl, std::vector<unsigned char>& image,
+                                               const arch::SigFrame& frame);
+  [[nodiscard]] Expected<void> boot_with_block(pipecr_agent_ctl& ctl, std::vector<unsigned char>& image, bool no_signal);
+  [[nodiscard]] Expected<long> frame_syscall(uint64_t gadget, uint64_t frame, long nr, std::array<unsigned long, 6> args);
+  [[nodiscard]] Expected<void> put_back();
   [[nodiscard]] Expected<void> connect(const CommitPoint& commit);
   [[nodiscard]] Expected<uint32_t> phase();
   [[nodiscard]] Expected<void> wait_phase(uint32_t at_least, std::chrono::milliseconds limit);
@@ -177,7 +200,14 @@ class Agent : public Injector {
   bool decide_sent_ = false;
   std::optional<Error> decide_error_;  // send_decide() failed
   bool done_ = false;
+  bool frame_mode_ = false;   // returns through an rt_sigframe (boot_with_frame)
+  bool masked_ = false;       // every signal blocked by the bootstrap
+  bool awaiting_return_ = false;  // let go in its wait: returns by itself once detached
 };
+
+// Whether agents return through an rt_sigframe when the target has what it needs (default true);
+// false forces the fallback (register block + take-back munmap). Process-wide; for tests and bench.
+void set_agent_sigreturn(bool enabled);
 
 // The agent's code, embedded at build time (src/sys/agent/agent.cmake).
 extern const unsigned char agent_blob[];

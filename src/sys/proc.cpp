@@ -18,7 +18,7 @@
 
 #include <fmt/format.h>
 
-#include "sys/arch/x86_64.hpp"
+#include "sys/arch.hpp"
 #include "sys/unique_fd.hpp"
 
 namespace pipecr::sys {

@@ -178,11 +178,26 @@ Error thread_died(pid_t pid, pid_t tid) {
 namespace {
 std::atomic<std::atomic<uint64_t>*> g_window_count{nullptr};
 std::atomic<std::atomic<uint64_t>*> g_window_ns{nullptr};
+std::atomic<std::atomic<uint64_t>*> g_leak_count{nullptr};
 }  // namespace
 
 void set_harm_window(HarmWindow w) {
   g_window_count = w.count;
   g_window_ns = w.ns;
+  g_leak_count = w.leak_count;
+}
+
+LeakWindowScope::LeakWindowScope() {
+  if (auto* c = g_leak_count.load()) {
+    c->fetch_add(1);
+    open_ = true;
+  }
+}
+
+void LeakWindowScope::close() {
+  if (!open_) return;
+  open_ = false;
+  if (auto* c = g_leak_count.load()) c->fetch_add(1);
 }
 
 HarmWindowScope::HarmWindowScope() {
@@ -227,7 +242,7 @@ SyscallState syscall_state_of(const Regs& regs) {
   return s;
 }
 
-Expected<StoppedProcess> StoppedProcess::seize(pid_t pid) {
+Expected<std::unique_ptr<StoppedProcess>> StoppedProcess::seize(pid_t pid) {
   if (pid <= 0) return fail(Errc::invalid_argument, EINVAL, fmt::format("seize(pid={}): not a process id", pid));
   auto state = task_state(pid, pid);
   if (!state) return fail(Errc::gone, ESRCH, fmt::format("seize(pid={}): no such process", pid));
@@ -236,7 +251,8 @@ Expected<StoppedProcess> StoppedProcess::seize(pid_t pid) {
     auto n = thread_count(pid);
     if (!n || *n <= 1) return fail(Errc::gone, ESRCH, fmt::format("seize(pid={}): the process has exited", pid));
   }
-  StoppedProcess sp(pid);
+  std::unique_ptr<StoppedProcess> owned(new StoppedProcess(pid));
+  StoppedProcess& sp = *owned;
   sp.was_stopped_ = *state == 'T';
   // Re-list until a listing brings no new thread: every listed thread is stopped then, and a
   // stopped thread creates no threads. But a listing can miss live threads while others exit
@@ -260,7 +276,7 @@ Expected<StoppedProcess> StoppedProcess::seize(pid_t pid) {
   if (sp.threads_.empty()) return fail(Errc::gone, ESRCH, fmt::format("seize(pid={}): the process has exited", pid));
   auto leader = std::find(sp.threads_.begin(), sp.threads_.end(), pid);
   if (leader != sp.threads_.end()) std::rotate(sp.threads_.begin(), leader, leader + 1);
-  return sp;
+  return owned;
 }
 
 // Seizes and interrupts every listed thread not yet stopped, then waits for all of them (even after
@@ -346,35 +362,9 @@ Expected<bool> StoppedProcess::wait_first_stop(pid_t tid) {
   }
 }
 
-StoppedProcess::StoppedProcess(StoppedProcess&& o) noexcept
-    : pid_(o.pid_),
-      threads_(std::move(o.threads_)),
-      held_signals_(std::move(o.held_signals_)),
-      was_stopped_(o.was_stopped_),
-      injectors_(std::move(o.injectors_)),
-      running_(std::move(o.running_)) {
-  o.threads_.clear();
-  o.held_signals_.clear();
-  o.injectors_.clear();
-  o.running_.clear();
-  adopt_injectors();
-}
-
-StoppedProcess& StoppedProcess::operator=(StoppedProcess&& o) noexcept {
-  if (this != &o) {
-    this->~StoppedProcess();
-    new (this) StoppedProcess(std::move(o));
-  }
-  return *this;
-}
-
 StoppedProcess::~StoppedProcess() {
   (void)resume();
   for (Injector* r : injectors_) r->process_ = nullptr;
-}
-
-void StoppedProcess::adopt_injectors() {
-  for (Injector* r : injectors_) r->process_ = this;
 }
 
 void StoppedProcess::forget_thread(pid_t tid) {
@@ -383,13 +373,14 @@ void StoppedProcess::forget_thread(pid_t tid) {
 }
 
 Expected<Regs> StoppedProcess::regs(pid_t tid) const {
-  Regs r;
-  if (::ptrace(PTRACE_GETREGS, tid, nullptr, &r.raw) < 0) return tl::unexpected(ptrace_error(errno, "PTRACE_GETREGS", pid_, tid));
+  auto r = arch::get_regs(tid);
+  if (!r) return tl::unexpected(ptrace_error(r.error().err, "PTRACE_GETREGS", pid_, tid));
   return r;
 }
 
 Expected<void> StoppedProcess::set_regs(pid_t tid, const Regs& regs) {
-  if (::ptrace(PTRACE_SETREGS, tid, nullptr, &regs.raw) < 0) return tl::unexpected(ptrace_error(errno, "PTRACE_SETREGS", pid_, tid));
+  auto ok = arch::set_regs(tid, regs);
+  if (!ok) return tl::unexpected(ptrace_error(ok.error().err, "PTRACE_SETREGS", pid_, tid));
   return {};
 }
 
@@ -554,6 +545,7 @@ Expected<void> StoppedProcess::resume(bool leave_stopped) {
       error = ptrace_error(errno, "PTRACE_DETACH", pid_, tid);
   }
   threads_.clear();
+  for (Injector* r : std::vector<Injector*>(injectors_)) r->after_detach();
   if (error) return tl::unexpected(*error);
   if (leave_stopped) return wait_stopped_state();
   // Not reaching T here means a SIGCONT after the check above, or the process died: both fine.

@@ -14,8 +14,8 @@
 //   - a thread interrupted in a blocking syscall (read, write, nanosleep) is left in the kernel's
 //     interrupt stop, so detaching lets the kernel run its own restart logic: the syscall is
 //     re-entered as if nothing happened.
-// Move-only RAII: whatever fails half way, and whenever the object dies without resume(), every
-// thread seized so far is detached.
+// Immovable RAII (held through std::unique_ptr): injectors keep a pointer to it. Whatever fails half
+// way, and whenever the object dies without resume(), every thread seized so far is detached.
 //
 // Every wait on a thread is bounded (wait_timeout(), `--timeout`): a thread that cannot reach a
 // ptrace stop (a vfork parent whose child never execs) is an error (Errc::gone, ETIMEDOUT), not a hang.
@@ -31,11 +31,12 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <utility>
 #include <vector>
 
 #include "pipecr/error.hpp"
-#include "sys/arch/x86_64.hpp"
+#include "sys/arch.hpp"
 
 namespace pipecr::sys {
 
@@ -43,15 +44,20 @@ class StoppedProcess;
 
 // Something that runs code inside a stopped process (remote syscalls, the agent) and must put the
 // thread it uses back before the process is let go. StoppedProcess::resume() calls restore() on
-// every injector still registered, in order, before any thread is detached.
+// every injector still registered, in order, before any thread is detached, and after_detach() once
+// they are.
 class Injector {
  public:
   virtual ~Injector() = default;
   [[nodiscard]] virtual Expected<void> restore() = 0;
+  // Called by StoppedProcess::resume() once every thread is detached, for injectors still
+  // registered then: one that finishes inside the target by itself (the agent's rt_sigframe return)
+  // waits for that here, so that resume() returns with the target whole.
+  virtual void after_detach() {}
 
  protected:
   friend class StoppedProcess;
-  StoppedProcess* process_ = nullptr;  // follows moves of the process; null once it is gone
+  StoppedProcess* process_ = nullptr;  // null once the process is gone (or resumed)
   void link(StoppedProcess* p);
   void unlink();
 };
@@ -69,6 +75,9 @@ inline constexpr std::chrono::milliseconds kDefaultWaitTimeout{10'000};
 struct HarmWindow {
   std::atomic<uint64_t>* count = nullptr;
   std::atomic<uint64_t>* ns = nullptr;
+  // The steps during which pipecr's death leaves an (unnamed, anonymous) mapping in a target but
+  // harms nothing else: the agent's bootstrap from its mmap until it runs. Counted the same way.
+  std::atomic<uint64_t>* leak_count = nullptr;
 };
 void set_harm_window(HarmWindow w);
 // RAII: one window, from construction to destruction (or close()).
@@ -83,6 +92,19 @@ class HarmWindowScope {
  private:
   bool open_ = false;
   std::chrono::steady_clock::time_point start_;
+};
+
+// RAII: one leak window (HarmWindow::leak_count).
+class LeakWindowScope {
+ public:
+  LeakWindowScope();
+  ~LeakWindowScope() { close(); }
+  LeakWindowScope(const LeakWindowScope&) = delete;
+  LeakWindowScope& operator=(const LeakWindowScope&) = delete;
+  void close();
+
+ private:
+  bool open_ = false;
 };
 
 using arch::kErestartNoHand;
@@ -113,10 +135,10 @@ class StoppedProcess {
   //   Errc::gone        also (err ETIMEDOUT) when a thread did not reach its stop within wait_timeout();
   //   Errc::system      anything else.
   // On error every thread already seized has been detached again.
-  [[nodiscard]] static Expected<StoppedProcess> seize(pid_t pid);
+  [[nodiscard]] static Expected<std::unique_ptr<StoppedProcess>> seize(pid_t pid);
 
-  StoppedProcess(StoppedProcess&& o) noexcept;
-  StoppedProcess& operator=(StoppedProcess&& o) noexcept;
+  StoppedProcess(StoppedProcess&&) = delete;
+  StoppedProcess& operator=(StoppedProcess&&) = delete;
   StoppedProcess(const StoppedProcess&) = delete;
   StoppedProcess& operator=(const StoppedProcess&) = delete;
   // Calls resume() if it was not called (errors ignored: nothing to report them to).
@@ -127,7 +149,7 @@ class StoppedProcess {
   [[nodiscard]] const std::vector<pid_t>& threads() const { return threads_; }
   // The process was in a group stop (SIGSTOP, SIGTSTP...) when seized; it is left stopped.
   [[nodiscard]] bool was_stopped() const { return was_stopped_; }
-  // False once resume() ran (or after a move).
+  // False once resume() ran.
   [[nodiscard]] bool attached() const { return !threads_.empty(); }
 
   [[nodiscard]] Expected<Regs> regs(pid_t tid) const;
@@ -173,7 +195,6 @@ class StoppedProcess {
  private:
   friend class Injector;  // registers itself in injectors_
   explicit StoppedProcess(pid_t pid) : pid_(pid) {}
-  void adopt_injectors();
   [[nodiscard]] Expected<bool> seize_new_threads(size_t& dead_listed);
   [[nodiscard]] Expected<bool> wait_first_stop(pid_t tid);
   void forget_thread(pid_t tid);
@@ -183,7 +204,7 @@ class StoppedProcess {
   std::vector<pid_t> threads_;                     // seized and stopped
   std::vector<std::pair<pid_t, int>> held_signals_;  // (tid, signo) to send again before detach
   bool was_stopped_ = false;
-  std::vector<Injector*> injectors_;                // open on this process; their process_ follows moves
+  std::vector<Injector*> injectors_;                // open on this process (remote syscalls, agents)
   std::vector<pid_t> running_;                      // let_run() and not yet interrupt()ed
 };
 

@@ -15,10 +15,14 @@
  *      shared commit word from OPEN to ABORTED; if it reads COMMITTED it runs the operations in order
  *      (receive the next 253 files, dup3 each to its number and close the temporary, epoll_ctl ADD,
  *      F_SETFL |= flags), else it closes the files socket, dropping what is queued there;
- *   4. answers DONE, unmaps the commit page, closes its sockets, and parks (a sleep) so that pipecr
- *      can take the thread back and remove the mapping; when pipecr is gone (EOF, timeout) or nobody
- *      comes within park_ms, it restores the signal mask and returns to the interrupted context
- *      through the register block by itself, leaving its mapping (named pipecr-agent) behind.
+ *   4. answers DONE, unmaps the commit page, closes its files socket, and waits: with an rt_sigframe
+ *      (the usual case) for EOF on its control socket, which pipecr closes once it has let the thread
+ *      go (or by dying), then it unmaps itself through the target's `syscall; ret` with rsp at the
+ *      frame and rt_sigreturn returns the thread to its interrupted context, leaving nothing behind.
+ *      Without a frame (fallback) it parks (a sleep) so that pipecr can take the thread back and
+ *      remove the mapping; when pipecr is gone (EOF, timeout) or nobody comes within park_ms, it
+ *      restores the signal mask and returns to the interrupted context through the register block
+ *      by itself, leaving its mapping (named pipecr-agent) behind.
  * Every decision is one word in a page shared by all agents of a restore: one store by pipecr commits
  * every target, and an agent that gave up first makes that store fail, so targets never split. */
 #include <asm/unistd.h>
@@ -28,6 +32,7 @@
 typedef unsigned long ulong;
 
 long agent_syscall(long nr, long a1, long a2, long a3, long a4, long a5, long a6);
+void agent_return(uint64_t frame, uint64_t gadget, void* base, uint64_t len) __attribute__((noreturn));
 
 #define SYS6(nr, a1, a2, a3, a4, a5, a6) \
   agent_syscall((nr), (long)(a1), (long)(a2), (long)(a3), (long)(a4), (long)(a5), (long)(a6))
@@ -466,9 +471,27 @@ __attribute__((used)) void* agent_main(struct pipecr_agent_ctl* ctl) {
     s.orphan = 1; /* no connection: nobody will come */
   }
   close_fd(s.files); /* files still parked in its queue go with it */
+  if (ctl->frame) {
+    /* pipecr lets the thread go (it interrupts it here and detaches it, changing nothing) and then
+     * closes its socket: EOF. Or pipecr is gone (EOF already), or nobody comes within park_ms. Then
+     * the agent unmaps itself and the thread returns through the rt_sigframe: registers, FPU state
+     * and signal mask as they were, no mapping left. Waiting in ppoll leaves the restart block alone
+     * (not that it matters here: rt_sigreturn resets it, see as_resumed_by_sigreturn). */
+    __atomic_store_n(&ctl->phase, PIPECR_AGENT_PARKED, __ATOMIC_RELEASE);
+    if (!s.orphan) {
+      struct k_timespec ts = {ctl->park_ms / 1000, (long)(ctl->park_ms % 1000) * 1000000L};
+      struct k_pollfd p = {s.sock, K_POLLIN, 0};
+      while (SYS(__NR_ppoll, &p, 1, &ts, 0, 8) == -4) {
+      }
+    }
+    close_fd(s.sock);
+    __atomic_store_n(&ctl->phase, PIPECR_AGENT_RETURNING, __ATOMIC_RELEASE);
+    agent_return(ctl->frame, ctl->gadget, base, ctl->map_len);
+  }
   close_fd(s.sock);
   __atomic_store_n(&ctl->phase, PIPECR_AGENT_PARKED, __ATOMIC_RELEASE);
-  /* pipecr normally takes the thread back here (PTRACE_INTERRUPT): it puts the registers and the
+  /* Without a frame (the fallback), pipecr normally takes the thread back here (PTRACE_INTERRUPT): it
+   * puts the registers and the
    * signal mask back and unmaps this code. Past park_ms the agent returns by itself. The sleep is a
    * ppoll on nothing, not nanosleep: an interrupted nanosleep (like poll, futex, clock_nanosleep)
    * overwrites the thread's restart_block, which the interrupted syscall may still need

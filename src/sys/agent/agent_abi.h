@@ -2,14 +2,18 @@
  * and the messages. Plain C, fixed-width types only: compiled into the freestanding agent and into
  * pipecr (src/sys/agent.cpp). See docs/design.md section 8 for the protocol.
  *
- * The agent's mapping, one anonymous RWX mapping in the target made by one remote mmap:
- *   [0, code)                    the agent's code (the blob; entry at offset 0)
+ * The agent's mapping, anonymous, made by one remote mmap (read-write), then [0, code) made
+ * read+execute by one remote mprotect before the agent runs (never writable and executable at once):
+ *   [0, code)                    the agent's code (the blob; entry at offset 0), R+X
+ *   [code, map_len)              the rest, RW:
  *   [ctl_offset, +4096)          struct pipecr_agent_ctl, then the agent's receive buffers
  *   [fdmap_offset, +fdmap_bytes) one bit per fd number below `floor`: set when an operation installs
  *                                at that number (a received temporary there must be moved away)
  *   [ops_offset, +nops * 32)     the operations, in the order they run at commit
- * The register block the agent returns through sits on the thread's own stack (below the red zone),
- * not in the mapping. */
+ * What the agent returns through sits on the thread's own stack (below the red zone), not in the
+ * mapping: an rt_sigframe (`frame` set: the agent unmaps itself through the `syscall; ret` at `gadget`
+ * with rsp at the frame, and rt_sigreturn puts the thread back), else the register block its
+ * epilogue pops (the fallback when the target has no such gadget or restorer). */
 #ifndef PIPECR_AGENT_ABI_H
 #define PIPECR_AGENT_ABI_H
 
@@ -38,7 +42,8 @@ enum {
   PIPECR_AGENT_STARTED = 1,
   PIPECR_AGENT_SOCKET_READY = 2, /* sock_peer is there for pidfd_getfd */
   PIPECR_AGENT_CONNECTED = 3,    /* holds the commit page; sock_peer closed: pipecr's death is EOF */
-  PIPECR_AGENT_PARKED = 4,       /* decided and done; waits for pipecr to take the thread back */
+  PIPECR_AGENT_PARKED = 4,       /* decided and done; waits for pipecr to take the thread back (register
+                                    block), or to let it go and close its socket (frame) */
   PIPECR_AGENT_RETURNING = 5,    /* returns to the interrupted code by itself */
 };
 
@@ -93,6 +98,8 @@ struct pipecr_agent_ctl {
   uint64_t orig_sigmask;  /* the thread's signal mask when pipecr stopped it */
   uint64_t return_block;  /* address of the register block (on the thread's stack) */
   char name[32];          /* the mapping's name (PR_SET_VMA_ANON_NAME) */
+  uint64_t frame;         /* the rt_sigframe on the thread's stack; 0: return through return_block */
+  uint64_t gadget;        /* a `syscall; ret` of the target (frame mode) */
 };
 
 #endif

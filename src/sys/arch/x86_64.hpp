@@ -1,8 +1,10 @@
 // arch/x86_64.hpp: every x86-64 detail of the ptrace layer and the agent, in one place: the register
 // set (Regs), where a syscall's number, arguments and result live, the syscall instruction, the
-// kernel's restart codes and how a restart rewrites the registers, and the register block the agent
-// returns through (its epilogue is src/sys/agent/x86_64.S). Another architecture is one more pair of
-// files with the same names (arch/aarch64.*): nothing else in src/ knows register names.
+// kernel's restart codes and how a restart rewrites the registers, the rt_sigframe the agent returns
+// through (with the byte patterns of a `syscall; ret` and a restorer) and the fallback register block
+// (the agent's side of both is src/sys/agent/x86_64.S). Included through sys/arch.hpp; another
+// architecture is one more pair of files with the same names (arch/aarch64.*): nothing else in src/
+// knows register names.
 #pragma once
 
 #if !defined(__x86_64__)
@@ -15,6 +17,8 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <span>
+#include <vector>
 
 #include "pipecr/error.hpp"
 
@@ -92,6 +96,52 @@ inline constexpr size_t kReturnWords = 17;
 [[nodiscard]] inline uint64_t return_block_address(const Regs& r) {
   return r.sp() - kRedZone - kReturnWords * sizeof(uint64_t);
 }
+
+// ---- The return through rt_sigreturn (docs/design.md section 8) ----
+//
+// The agent's bootstrap and its exit run with rsp at an rt_sigframe that pipecr built on the thread's
+// own stack (below the red zone) from the thread's context: its registers as they resume (below), its
+// signal mask and its FPU/SSE/AVX state (PTRACE_GETREGSET NT_X86_XSTATE, with the magic words the
+// kernel checks before it restores more than the legacy area). The frame's return address is a
+// restorer of the target (`mov $15, %rax; syscall`, glibc's __restore_rt, Go's runtime.sigreturn);
+// the syscall instruction used is one followed by `ret`. So a syscall run at that instruction returns
+// into the restorer, and rt_sigreturn puts the whole context back: the thread needs pipecr for
+// nothing, whenever pipecr dies.
+
+// `syscall; ret`, and the two encodings of a restorer (`mov $15, %rax` and `mov $15, %eax`).
+inline constexpr std::array<unsigned char, 3> kSyscallRet = {0x0f, 0x05, 0xc3};
+inline constexpr std::array<unsigned char, 9> kRestorer = {0x48, 0xc7, 0xc0, 0x0f, 0x00, 0x00, 0x00, 0x0f, 0x05};
+inline constexpr std::array<unsigned char, 7> kRestorerShort = {0xb8, 0x0f, 0x00, 0x00, 0x00, 0x0f, 0x05};
+
+// False when the thread runs with a user shadow stack (CET, x86_Thread_features: shstk): a `ret`
+// into the restorer would not match it.
+[[nodiscard]] bool frame_return_allowed(pid_t pid, pid_t tid);
+
+// The thread's FPU/SSE/AVX... state in the signal frame's format: PTRACE_GETREGSET NT_X86_XSTATE
+// (the kernel fills the software bytes: magic1, sizes, features) followed by magic2; the legacy
+// 512-byte area (NT_PRFPREG) without magic when the CPU has no XSAVE (the kernel then restores
+// x87/SSE only, which is all there is).
+[[nodiscard]] Expected<std::vector<unsigned char>> fpu_state(pid_t tid);
+
+// The registers the thread resumes with after rt_sigreturn: as_restarted(r, restart_eintr), except
+// that a syscall interrupted with ERESTART_RESTARTBLOCK (nanosleep, clock_nanosleep with a relative
+// time, futex with a timeout, poll) is re-run with its own arguments instead of restart_syscall:
+// rt_sigreturn resets the thread's restart block (as after any signal handler), so restart_syscall
+// would return EINTR. Such a syscall starts its timeout again in full.
+[[nodiscard]] Regs as_resumed_by_sigreturn(const Regs& r, bool restart_eintr);
+
+// An rt_sigframe to be written at `frame` .. frame + bytes.size() (fpstate 64-byte aligned inside):
+// rsp = frame when the `syscall; ret` runs.
+struct SigFrame {
+  uint64_t frame = 0;
+  std::vector<unsigned char> bytes;
+};
+// Built for a thread whose resuming registers are `back` (as_resumed_by_sigreturn), whose signal
+// mask is `mask`, with its fpu_state(), returning through `restorer`. The frame sits below
+// back.sp() - kRedZone. uc_stack carries an invalid mode, so rt_sigreturn leaves the thread's
+// sigaltstack as it is (restore_altstack ignores the EINVAL).
+[[nodiscard]] SigFrame build_sigframe(const Regs& back, uint64_t mask, std::span<const unsigned char> fpu,
+                                      uint64_t restorer);
 
 }  // namespace pipecr::sys::arch
 

@@ -54,17 +54,17 @@ TEST(Ptrace, SeizesEveryThreadAndResumes) {
 
   auto sp = StoppedProcess::seize(child.pid);
   ASSERT_TRUE(sp) << sp.error().what;
-  ASSERT_EQ(sp->threads().size(), 4u);
-  EXPECT_EQ(sp->threads().front(), child.pid);
-  EXPECT_FALSE(sp->was_stopped());
-  for (pid_t tid : sp->threads()) EXPECT_EQ(state_of(child.pid, tid), 't') << tid;
+  ASSERT_EQ((*sp)->threads().size(), 4u);
+  EXPECT_EQ((*sp)->threads().front(), child.pid);
+  EXPECT_FALSE((*sp)->was_stopped());
+  for (pid_t tid : (*sp)->threads()) EXPECT_EQ(state_of(child.pid, tid), 't') << tid;
   EXPECT_EQ(tracer_of(child.pid), ::getpid());
   long frozen = counter.get();
   std::this_thread::sleep_for(30ms);
   EXPECT_EQ(counter.get(), frozen);  // nothing runs while seized
 
-  ASSERT_TRUE(sp->resume());
-  EXPECT_FALSE(sp->attached());
+  ASSERT_TRUE((*sp)->resume());
+  EXPECT_FALSE((*sp)->attached());
   EXPECT_EQ(tracer_of(child.pid), 0);
   EXPECT_TRUE(eventually([&] { return counter.get() > frozen + 10; }));
   for (pid_t tid : tasks_of(child.pid)) EXPECT_NE(state_of(child.pid, tid), 't');
@@ -89,10 +89,10 @@ TEST(Ptrace, CatchesThreadsCreatedWhileSeizing) {
     for (pid_t tid : tasks_of(child.pid)) {
       char s = state_of(child.pid, tid);
       if (s == 'Z' || s == 'X' || s == '?') continue;  // exiting threads are not ours to stop
-      EXPECT_TRUE(contains(sp->threads(), tid)) << "thread " << tid << " state " << s;
+      EXPECT_TRUE(contains((*sp)->threads(), tid)) << "thread " << tid << " state " << s;
       EXPECT_EQ(s, 't');
     }
-    ASSERT_TRUE(sp->resume());
+    ASSERT_TRUE((*sp)->resume());
   }
 }
 
@@ -102,14 +102,14 @@ TEST(Ptrace, BlockedReadIsReportedAndGoesOnAfterDetach) {
   {
     auto sp = StoppedProcess::seize(rc.child.pid);
     ASSERT_TRUE(sp) << sp.error().what;
-    auto st = sp->syscall_state(rc.child.pid);
+    auto st = (*sp)->syscall_state(rc.child.pid);
     ASSERT_TRUE(st) << st.error().what;
     EXPECT_TRUE(st->in_syscall);
     EXPECT_EQ(st->nr, SYS_read);
     EXPECT_EQ(st->args[0], 5u);
     EXPECT_EQ(st->args[2], 256u);
     EXPECT_EQ(st->ret, kErestartSys);
-    ASSERT_TRUE(sp->resume());
+    ASSERT_TRUE((*sp)->resume());
   }
   ASSERT_TRUE(eventually([&] { return blocked_in(rc.child.pid, rc.child.pid, SYS_read, 5); }));
   ASSERT_TRUE(write_all(rc.input.write.get(), std::as_bytes(std::span("hello", 5))));
@@ -153,8 +153,8 @@ TEST(Ptrace, GroupStoppedProcessStaysStopped) {
 
   auto sp = StoppedProcess::seize(child.pid);
   ASSERT_TRUE(sp) << sp.error().what;
-  EXPECT_TRUE(sp->was_stopped());
-  ASSERT_TRUE(sp->resume());
+  EXPECT_TRUE((*sp)->was_stopped());
+  ASSERT_TRUE((*sp)->resume());
   EXPECT_EQ(tracer_of(child.pid), 0);
   ASSERT_TRUE(eventually([&] { return state_of(child.pid, child.pid) == 'T'; }));
   long frozen = counter.get();
@@ -188,8 +188,8 @@ TEST(Ptrace, ResumeOfAGroupStoppedProcessReturnsOnceItIsStoppedAgain) {
   for (int round = 0; round < 50; ++round) {
     auto sp = StoppedProcess::seize(child.pid);
     ASSERT_TRUE(sp) << sp.error().what;
-    ASSERT_TRUE(sp->was_stopped());
-    auto ok = sp->resume();
+    ASSERT_TRUE((*sp)->was_stopped());
+    auto ok = (*sp)->resume();
     ASSERT_TRUE(ok) << ok.error().what;
     for (pid_t tid : tasks_of(child.pid)) ASSERT_EQ(state_of(child.pid, tid), 'T') << "round " << round << ", thread " << tid;
   }
@@ -209,10 +209,10 @@ TEST(Ptrace, SigcontWhileSeizedLetsAGroupStoppedProcessRun) {
   ASSERT_EQ(::waitpid(child.pid, &status, WUNTRACED), child.pid);
   auto sp = StoppedProcess::seize(child.pid);
   ASSERT_TRUE(sp) << sp.error().what;
-  ASSERT_TRUE(sp->was_stopped());
+  ASSERT_TRUE((*sp)->was_stopped());
   ASSERT_EQ(::kill(child.pid, SIGCONT), 0);
   auto t0 = std::chrono::steady_clock::now();
-  auto ok = sp->resume();
+  auto ok = (*sp)->resume();
   ASSERT_TRUE(ok) << ok.error().what;
   EXPECT_LT(std::chrono::steady_clock::now() - t0, 500ms);
   long frozen = counter.get();
@@ -226,7 +226,7 @@ TEST(Ptrace, ResumeLeaveStoppedIsAnOrdinaryGroupStop) {
   ASSERT_TRUE(eventually([&] { return counter.get() > 0; }));
   auto sp = StoppedProcess::seize(child.pid);
   ASSERT_TRUE(sp) << sp.error().what;
-  auto ok = sp->resume(/*leave_stopped=*/true);
+  auto ok = (*sp)->resume(/*leave_stopped=*/true);
   ASSERT_TRUE(ok) << ok.error().what;
   EXPECT_EQ(state_of(child.pid, child.pid), 'T');
   EXPECT_EQ(tracer_of(child.pid), 0);
@@ -250,9 +250,7 @@ TEST(Ptrace, DestructorDetaches) {
   {
     auto sp = StoppedProcess::seize(child.pid);
     ASSERT_TRUE(sp) << sp.error().what;
-    StoppedProcess moved = std::move(*sp);
-    EXPECT_FALSE(sp->attached());
-    EXPECT_TRUE(moved.attached());
+    EXPECT_TRUE((*sp)->attached());
     EXPECT_EQ(tracer_of(child.pid), ::getpid());
   }
   EXPECT_EQ(tracer_of(child.pid), 0);
@@ -292,10 +290,10 @@ TEST(Ptrace, ZombieLeaderWithLiveThreads) {
   ASSERT_TRUE(eventually([&] { return state_of(child.pid, child.pid) == 'Z' && tasks_of(child.pid).size() == 2; }));
   auto sp = StoppedProcess::seize(child.pid);
   ASSERT_TRUE(sp) << sp.error().what;
-  ASSERT_EQ(sp->threads().size(), 1u);
-  EXPECT_NE(sp->threads()[0], child.pid);
-  EXPECT_EQ(state_of(child.pid, sp->threads()[0]), 't');
-  ASSERT_TRUE(sp->resume());
+  ASSERT_EQ((*sp)->threads().size(), 1u);
+  EXPECT_NE((*sp)->threads()[0], child.pid);
+  EXPECT_EQ(state_of(child.pid, (*sp)->threads()[0]), 't');
+  ASSERT_TRUE((*sp)->resume());
   EXPECT_EQ(state_of(child.pid, child.pid), 'Z');
   EXPECT_EQ(tracer_of(child.pid), 0);
 }
@@ -341,7 +339,7 @@ TEST(Ptrace, AlreadyTracedNamesTheTracer) {
   std::string msg = read_report(report.read.get());
   EXPECT_EQ(msg.substr(0, msg.find(' ')), std::to_string(static_cast<int>(Errc::permission))) << msg;
   EXPECT_NE(msg.find(fmt::format("already traced by {} (", ::getpid())), std::string::npos) << msg;
-  ASSERT_TRUE(first->resume());
+  ASSERT_TRUE((*first)->resume());
   EXPECT_EQ(tracer_of(target.pid), 0);
 }
 
@@ -406,7 +404,7 @@ TEST(Ptrace, EpollWaitAndSigwaitinfoSeeNoEintr) {
   for (int i = 0; i < 3; ++i) {
     auto sp = StoppedProcess::seize(child.pid);
     ASSERT_TRUE(sp) << sp.error().what;
-    ASSERT_TRUE(sp->resume());
+    ASSERT_TRUE((*sp)->resume());
     std::this_thread::sleep_for(20ms);
   }
   ASSERT_EQ(::write(wake.write.get(), "x", 1), 1);

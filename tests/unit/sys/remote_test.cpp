@@ -87,7 +87,7 @@ std::unique_ptr<Seized> seize_main(pid_t pid, RemoteSyscalls::Insn insn = Remote
   auto sp = StoppedProcess::seize(pid);
   EXPECT_TRUE(sp) << sp.error().what;
   if (!sp) return nullptr;
-  auto process = std::make_unique<StoppedProcess>(std::move(*sp));
+  auto process = std::move(*sp);
   auto r = RemoteSyscalls::attach(*process, pid, insn);
   EXPECT_TRUE(r) << r.error().what;
   if (!r) return nullptr;
@@ -395,21 +395,21 @@ TEST(Remote, SignalDuringInjectionIsNotEaten) {
   EXPECT_EQ(read_report(report.read.get()), "still");
 }
 
-// The StoppedProcess moves and resumes while a RemoteSyscalls is still open on it: the thread is
-// restored before it is let go, and the remote then refuses to run.
+// The StoppedProcess resumes while a RemoteSyscalls is still open on it: the thread is restored
+// before it is let go, and the remote then refuses to run.
 TEST(Remote, ResumeRestoresAnOpenRemoteFirst) {
   ReaderChild rc = start_reader();
   ASSERT_TRUE(eventually([&] { return blocked_in(rc.child.pid, rc.child.pid, SYS_read, 5); }));
   auto sp = StoppedProcess::seize(rc.child.pid);
   ASSERT_TRUE(sp);
-  auto r = RemoteSyscalls::attach(*sp, rc.child.pid);
+  auto r = RemoteSyscalls::attach(**sp, rc.child.pid);
   ASSERT_TRUE(r);
   ASSERT_TRUE(r->scratch_page());
-  StoppedProcess moved = std::move(*sp);
+  StoppedProcess& process = **sp;
   auto pid = r->call(SYS_getpid);
   ASSERT_TRUE(pid) << pid.error().what;
   EXPECT_EQ(*pid, rc.child.pid);
-  ASSERT_TRUE(moved.resume());
+  ASSERT_TRUE(process.resume());
   auto late = r->call(SYS_getpid);
   ASSERT_FALSE(late);
   EXPECT_EQ(late.error().kind, Errc::invalid_argument);
@@ -439,14 +439,14 @@ TEST(Remote, InjectIntoAnotherThread) {
   {
     auto sp = StoppedProcess::seize(rc.child.pid);
     ASSERT_TRUE(sp);
-    ASSERT_EQ(sp->threads().size(), 2u);
-    pid_t other = sp->threads()[1];
-    auto r = RemoteSyscalls::attach(*sp, other);
+    ASSERT_EQ((*sp)->threads().size(), 2u);
+    pid_t other = (*sp)->threads()[1];
+    auto r = RemoteSyscalls::attach(**sp, other);
     ASSERT_TRUE(r) << r.error().what;
     auto tid = r->call(SYS_gettid);
     ASSERT_TRUE(tid);
     EXPECT_EQ(*tid, other);
-    EXPECT_FALSE(RemoteSyscalls::attach(*sp, 1));
+    EXPECT_FALSE(RemoteSyscalls::attach(**sp, 1));
   }
   ASSERT_TRUE(write_all(rc.input.write.get(), std::as_bytes(std::span("both", 4))));
   EXPECT_EQ(read_report(rc.report.read.get()), "both");
@@ -497,7 +497,7 @@ TEST(Agent, GenericOperationsCommitOrAbortAsOne) {
     auto table = fd_table(child.pid);
     auto sp = StoppedProcess::seize(child.pid);
     ASSERT_TRUE(sp) << sp.error().what;
-    auto process = std::make_unique<StoppedProcess>(std::move(*sp));
+    auto process = std::move(*sp);
     auto cp = CommitPoint::create();
     ASSERT_TRUE(cp) << cp.error().what;
     auto agent = Agent::start(*process, child.pid, *cp, ops, 21);
@@ -514,8 +514,8 @@ TEST(Agent, GenericOperationsCommitOrAbortAsOne) {
     ASSERT_TRUE(done) << done.error().what;
     EXPECT_EQ(*done, commit);
     ASSERT_TRUE((*agent)->restore());
+    ASSERT_TRUE(process->resume());  // waits for the agent to return (it is still registered)
     agent->reset();
-    ASSERT_TRUE(process->resume());
     if (!commit) EXPECT_EQ(fd_table(child.pid), table);
   }
   EXPECT_TRUE(same_file(gift.read.get(), child.pid, 10));
