@@ -209,6 +209,10 @@ class TargetTransaction {
     for (const PlannedFd& f : h.fds)
       if (f.keep ? wants_async_kept(f) : f.set_async)
         s.ops.push_back(sys::AgentOp{sys::AgentOp::setfl_or, f.rec->fd, 0, O_ASYNC, 0, -1});
+    // Epoll watches on the files just installed (epoll.hpp), checked now that the target is stopped.
+    auto watches = epoll_ops(plan_, built_, static_cast<size_t>(&h - plan_.holders.data()));
+    if (!watches) return tl::unexpected(watches.error());
+    s.ops.insert(s.ops.end(), watches->begin(), watches->end());
     const Before& known = before_.at(&h);
     if (top >= 0) {
       const uint64_t* limit = &known.nofile;
@@ -506,6 +510,7 @@ Expected<ProcessRestoreSummary> restore_processes(const Image& img, const Proces
     sum.outcomes.push_back(std::move(o));
   }
   sum.files = plan->files.size();
+  sum.epoll_readded = plan->epoll.adds.size();
   for (const Holder& h : plan->holders) sum.fds += h.fds.size();
 
   const Holder* exec_holder = nullptr;

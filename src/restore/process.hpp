@@ -111,6 +111,7 @@ struct ProcessRestoreSummary {
     int fd = -1;
   };
   std::vector<CallerFd> caller_fds;  // request.caller: where each of its fds ended, its plan order
+  size_t epoll_readded = 0;  // epoll watches added again on replaced ends (restore/epoll.hpp)
 };
 
 // Restores `request` from img (whose PipeRecord::data views memory that stays mapped during the
