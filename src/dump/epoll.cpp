@@ -118,15 +118,17 @@ Expected<void> EpollDump::group(bool copies) {
 }
 
 Expected<void> EpollDump::read(bool copies, const std::function<size_t(size_t, int)>& holder_at,
+                               const std::function<std::vector<size_t>(size_t, uint64_t)>& same_inode,
                                const std::function<FdAt(size_t)>& reach) {
   if (epolls_.empty()) return {};
   if (auto g = group(copies); !g) return g;
   for (size_t e = 0; e < epolls_.size(); ++e)
-    if (auto r = read_one(e, copies, holder_at, reach); !r) return r;
+    if (auto r = read_one(e, copies, holder_at, same_inode, reach); !r) return r;
   return {};
 }
 
 Expected<void> EpollDump::read_one(size_t ei, bool copies, const std::function<size_t(size_t, int)>& holder_at,
+                                   const std::function<std::vector<size_t>(size_t, uint64_t)>& same_inode,
                                    const std::function<FdAt(size_t)>& reach) {
   const Epoll& e = epolls_[ei];
   const FdAt epoll = copies ? FdAt{::getpid(), e.copy.get()} : FdAt{e.tid, e.fd};
@@ -143,23 +145,37 @@ Expected<void> EpollDump::read_one(size_t ei, bool copies, const std::function<s
   uint64_t unattributed = 0, other = 0;
   for (const EpollFdinfoEntry& w : *entries) {
     uint32_t toff = seen[w.tfd]++;
-    size_t h = holder_at(e.table, w.tfd);
-    if (h == SIZE_MAX) {
+    // First the pipe end at the watch's own number; then the other ends of that inode in the table
+    // (the fd the watch was added with may have been closed, the file staying at another number).
+    size_t at_fd = holder_at(e.table, w.tfd);
+    std::vector<size_t> tries;
+    if (at_fd != SIZE_MAX) tries.push_back(at_fd);
+    for (size_t h : same_inode(e.table, w.ino))
+      if (h != at_fd) tries.push_back(h);
+    if (tries.empty()) {
       ++other;
       continue;
     }
-    auto same = same_as_watched(reach(h), epoll, w.tfd, toff);
-    if (!same) return tl::unexpected(same.error());
-    if (!*same) continue;  // removed meanwhile
-    if (!**same) {
+    std::optional<size_t> found;
+    bool gone = false;
+    for (size_t h : tries) {
+      auto same = same_as_watched(reach(h), epoll, w.tfd, toff);
+      if (!same) return tl::unexpected(same.error());
+      if (!*same) {
+        gone = true;  // removed meanwhile
+        break;
+      }
+      if (**same) {
+        found = h;
+        break;
+      }
+    }
+    if (gone) continue;
+    if (!found || e.own) {
       ++unattributed;
       continue;
     }
-    if (e.own) {
-      ++unattributed;
-      continue;
-    }
-    watches_.push_back(Watch{ei, h, w.tfd, w.events, w.data});
+    watches_.push_back(Watch{ei, *found, w.tfd, w.events, w.data});
   }
   // Counted once per instance and table, not per fd of it.
   bool first = true;
@@ -174,7 +190,7 @@ Expected<void> EpollDump::read_one(size_t ei, bool copies, const std::function<s
       lost_.push_back(fmt::format("epoll fd {} of process {}: {} not recorded: {}", e.fd, e.pid,
                                   unattributed == 1 ? "1 watch" : fmt::format("{} watches", unattributed),
                                   e.own ? "the epoll is in a thread's own fd table"
-                                        : "the fd it was added with was closed and now holds another pipe end"));
+                                        : "the process no longer holds the watched pipe end at any fd"));
   }
   return {};
 }

@@ -2,13 +2,14 @@
 //
 // The probe of each fd table (process.cpp) hands every fd that sys::classify() calls an epoll here,
 // with pipecr's pidfd_getfd() copy of it when it took one. Each epoll's watches come from its fdinfo
-// ("tfd: N events: E data: D ..."); the watched open file is identified exactly with
-// kcmp(KCMP_EPOLL_TFD), which compares an fd with the file a watch holds: a watch is attributed to
-// the pipe end at its own fd number only when that very open file is there. A watch whose fd was
-// closed since EPOLL_CTL_ADD and then reused for another pipe end is counted as not attributable;
-// one whose fd number holds no dumped pipe end is on another kind of file (or on a pipe end whose fd
-// was closed) and is counted apart (DumpStats::epoll_other). The first kind is said in the dump's
-// notes, per epoll fd.
+// ("tfd: N events: E data: D ... ino: I"); the watched open file is identified exactly with
+// kcmp(KCMP_EPOLL_TFD), which compares an fd with the file a watch holds: first the pipe end at the
+// watch's own fd number, then the other dumped ends of that inode in the same table (a program may
+// have added the watch through a dup and closed it since: the watch stays, keyed by that number,
+// while the file lives at another one; CRIU's zdtm epoll and epoll01 do this). A watch on a pipe
+// inode the table holds whose very file the table no longer holds is counted as not attributable
+// and said in the dump's notes, per epoll fd; one whose fd number and inode match no dumped pipe end
+// is on another kind of file and is counted apart (DumpStats::epoll_other).
 //
 // When pipecr holds copies of the epolls and of the pipe ends (the fast path), the watches are read
 // after the targets run again, from the copies (the same epoll, the same files): a program that
@@ -54,7 +55,7 @@ struct FdAt {
 struct EpollDumpStats {
   uint64_t epolls = 0;          // epoll instances held by the dumped processes
   uint64_t watches = 0;         // watches on dumped pipe ends, attributed (records: per holding fd)
-  uint64_t unattributed = 0;    // watches whose fd now holds another pipe end than the watched file
+  uint64_t unattributed = 0;    // watches on a dumped inode whose very file the table no longer holds
   uint64_t other = 0;           // watches on fds that hold no dumped pipe end
 };
 
@@ -69,11 +70,12 @@ class EpollDump {
   [[nodiscard]] bool all_copied() const;
 
   // Reads every epoll's watches and attributes them. holder_at(table, fd): the index of the dumped
-  // pipe end at that fd of that table, SIZE_MAX if none; reach(holder): how to reach it (its copy
-  // when `copies`, else the target's fd). Errors: the epoll's fdinfo unreadable or malformed, kcmp
-  // failing for another reason than a watch gone meanwhile (Errc::unsupported without
-  // KCMP_EPOLL_TFD: the message says so).
+  // pipe end at that fd of that table, SIZE_MAX if none; same_inode(table, ino): the dumped ends of
+  // that pipe inode in that table; reach(holder): how to reach it (its copy when `copies`, else the
+  // target's fd). Errors: the epoll's fdinfo unreadable or malformed, kcmp failing for another
+  // reason than a watch gone meanwhile (Errc::unsupported without KCMP_EPOLL_TFD: the message says so).
   [[nodiscard]] Expected<void> read(bool copies, const std::function<size_t(size_t, int)>& holder_at,
+                                    const std::function<std::vector<size_t>(size_t, uint64_t)>& same_inode,
                                     const std::function<FdAt(size_t)>& reach);
   // Closes the copies.
   void drop_copies();
@@ -97,13 +99,14 @@ class EpollDump {
   };
   struct Watch {
     size_t epoll = 0;   // index into epolls_
-    size_t holder = 0;  // the dumped pipe end it watches
-    int fd = -1;
+    size_t holder = 0;  // a dumped pipe end holding the watched file (at fd, or at another number)
+    int fd = -1;        // the fd number the watch was added with
     uint32_t events = 0;
     uint64_t data = 0;
   };
   [[nodiscard]] Expected<void> group(bool copies);
   [[nodiscard]] Expected<void> read_one(size_t e, bool copies, const std::function<size_t(size_t, int)>& holder_at,
+                                        const std::function<std::vector<size_t>(size_t, uint64_t)>& same_inode,
                                         const std::function<FdAt(size_t)>& reach);
 
   std::vector<Epoll> epolls_;

@@ -409,16 +409,23 @@ class Dumper {
   // The watches of every epoll (dump/epoll.hpp), attributed to the pipe ends at their fd numbers.
   Expected<void> read_epolls(bool copies) {
     if (epolls_.empty()) return {};
-    std::map<std::pair<size_t, int>, size_t> at;  // (table, fd) -> holder
+    std::map<std::pair<size_t, int>, size_t> at;                   // (table, fd) -> holder
+    std::map<std::pair<size_t, uint64_t>, std::vector<size_t>> ends;  // (table, inode) -> holders
     for (size_t i = 0; i < holders_.size(); ++i)
-      if ((!copies || holders_[i].copy) && holders_[i].in_flight == SIZE_MAX)  // an end in flight has no fd
+      if ((!copies || holders_[i].copy) && holders_[i].in_flight == SIZE_MAX) {  // an end in flight has no fd
         at.emplace(std::pair(holders_[i].table, holders_[i].fd), i);
+        ends[{holders_[i].table, holders_[i].ino}].push_back(i);
+      }
     pid_t self = ::getpid();
     auto r = epolls_.read(
         copies,
         [&](size_t table, int fd) {
           auto it = at.find({table, fd});
           return it == at.end() ? SIZE_MAX : it->second;
+        },
+        [&](size_t table, uint64_t ino) {
+          auto it = ends.find({table, ino});
+          return it == ends.end() ? std::vector<size_t>() : it->second;
         },
         [&](size_t h) {
           return copies ? FdAt{self, holders_[h].copy.get()} : FdAt{tables_[holders_[h].table].tid, holders_[h].fd};

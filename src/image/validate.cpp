@@ -91,15 +91,19 @@ Expected<void> validate_file(const FileRecord& f, const std::unordered_set<uint6
   return {};
 }
 
-// Each watch names a recorded process and file, and the fd it was added with is an FD of that very
-// file in that process's table (a table shared with with_pid is recorded under with_pid); the epoll
-// fd is no recorded pipe end; one (pid, epoll fd) is one epoll instance.
+// Each watch names a recorded process and a file that process holds (at the fd the watch was added
+// with, or at another: a table shared with with_pid is recorded under with_pid); the epoll fd is no
+// recorded pipe end; one (pid, epoll fd) is one epoll instance.
 Expected<void> validate_epoll_watches(const Image& img, const std::unordered_set<int32_t>& pids,
                                       const std::unordered_set<uint64_t>& files) {
   if (img.epoll_watches.empty()) return {};
-  std::map<std::pair<int32_t, int32_t>, uint64_t> fd_file;  // (pid, fd) of the process tables -> file id
+  std::set<std::pair<int32_t, int32_t>> fd_slots;     // (pid, fd) of the process tables
+  std::set<std::pair<int32_t, uint64_t>> held;        // (pid, file) of the process tables
   for (const FdRecord& d : img.fds)
-    if (d.tid == 0) fd_file.emplace(std::pair(d.pid, d.fd), d.file_id);
+    if (d.tid == 0) {
+      fd_slots.emplace(d.pid, d.fd);
+      held.emplace(d.pid, d.file_id);
+    }
   std::unordered_map<int32_t, int32_t> table_of;  // sharer -> the pid its fds are recorded under
   for (const SharedFdTable& t : img.shared_tables) table_of[t.pid] = t.with_pid;
   std::map<std::pair<int32_t, int32_t>, uint64_t> epolls;
@@ -113,12 +117,9 @@ Expected<void> validate_epoll_watches(const Image& img, const std::unordered_set
     if (!files.count(w.file_id))
       return refuse(fmt::format("{} watches file {}, which the image does not hold", name, w.file_id));
     int32_t table = table_of.count(w.pid) ? table_of.at(w.pid) : w.pid;
-    auto at = fd_file.find({table, w.fd});
-    if (at == fd_file.end() || at->second != w.file_id)
-      return refuse(fmt::format("{} watches file {} at fd {}, but that fd of pid {} is {}", name, w.file_id, w.fd,
-                                table, at == fd_file.end() ? std::string("not recorded")
-                                                           : fmt::format("file {}", at->second)));
-    if (fd_file.count({table, w.epoll_fd})) return refuse(fmt::format("{}: that fd is a recorded pipe end", name));
+    if (!held.count({table, w.file_id}))
+      return refuse(fmt::format("{} watches file {}, but pid {} holds no fd of it", name, w.file_id, table));
+    if (fd_slots.count({table, w.epoll_fd})) return refuse(fmt::format("{}: that fd is a recorded pipe end", name));
     auto [it, fresh] = epolls.emplace(std::pair(w.pid, w.epoll_fd), w.epoll_id);
     if (!fresh && it->second != w.epoll_id)
       return refuse(fmt::format("fd {} of pid {} is epoll {} and epoll {}", w.epoll_fd, w.pid, it->second, w.epoll_id));

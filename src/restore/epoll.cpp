@@ -33,6 +33,13 @@ const PlannedFd* planned_at(const Holder& h, int fd) {
   return nullptr;
 }
 
+// Whether the holder receives file anew at some fd.
+bool installs(const Holder& h, uint64_t file) {
+  for (const PlannedFd& f : h.fds)
+    if (!f.keep && f.rec->file_id == file) return true;
+  return false;
+}
+
 std::string fd_list(const std::vector<int>& fds) {
   constexpr size_t kShown = 8;
   std::string s;
@@ -72,10 +79,15 @@ void plan_epoll(const Image& img, Plan& plan) {
     }
     const Holder& h = plan.holders[hi->second];
     const PlannedFd* f = planned_at(h, w.fd);
-    if (!f || f->keep || f->rec->file_id != w.file_id) {
-      missed.emplace(key, fmt::format("epoll fd {} of process {} watched fd {} (file {}), which this restore does "
-                                      "not install at that number: the watch is not re-added",
-                                      w.epoll_fd, h.target, w.fd, w.file_id));
+    const bool direct = f && !f->keep && f->rec->file_id == w.file_id;
+    const bool through = !direct && f && !f->keep && installs(h, w.file_id);
+    if (!direct && !through) {
+      const char* why = !f        ? "leaves empty (the watch was added through an fd closed since)"
+                        : f->keep ? "keeps as it is"
+                                  : "gives another file while the process receives none of the watched one";
+      missed.emplace(key, fmt::format("epoll fd {} of process {} watched file {} through fd {}, which this restore "
+                                      "{}: the watch is not re-added",
+                                      w.epoll_fd, h.target, w.file_id, w.fd, why));
       continue;
     }
     auto [it, fresh] = epoll_now.emplace(std::pair(hi->second, w.epoll_fd), false);
@@ -88,7 +100,12 @@ void plan_epoll(const Image& img, Plan& plan) {
     }
     plan.epoll.readded.insert(key);
     missed.erase(key);
-    plan.epoll.adds.push_back(EpollReAdd{hi->second, w.epoll_fd, w.fd, w.events, w.data, w.file_id, w.epoll_id});
+    EpollReAdd add{hi->second, w.epoll_fd, w.fd, w.events, w.data, w.file_id, w.epoll_id};
+    if (through) {
+      add.final_file = f->rec->file_id;
+      add.final_cloexec = f->rec->cloexec;
+    }
+    plan.epoll.adds.push_back(add);
     readded[{hi->second, w.epoll_fd}].push_back(w.fd);
   }
   for (auto& [at, fds] : readded)
@@ -144,7 +161,19 @@ Expected<std::vector<sys::AgentOp>> epoll_ops(const Plan& plan, const Built& bui
                                      a.events, a.fd, a.epoll_fd)));
       (void)::epoll_ctl(trial.get(), EPOLL_CTL_DEL, it->second.get(), nullptr);
     }
+    if (a.final_file == 0) {
+      ops.push_back(sys::AgentOp{sys::AgentOp::epoll_add, a.fd, a.epoll_fd, a.events, a.data, -1});
+      continue;
+    }
+    // The watched file at fd for the ADD, then the file fd ends up with, back (both are files this
+    // target receives: built, and sent with its other files).
+    auto watched = built.files.find(a.file_id), final = built.files.find(a.final_file);
+    if (watched == built.files.end() || final == built.files.end())
+      return fail(Errc::system, EINVAL, fmt::format("epoll fd {}: file {} or {} of fd {} was not built", a.epoll_fd,
+                                                    a.file_id, a.final_file, a.fd));
+    ops.push_back(sys::AgentOp{sys::AgentOp::install, a.fd, 0, 0, 0, watched->second.get()});
     ops.push_back(sys::AgentOp{sys::AgentOp::epoll_add, a.fd, a.epoll_fd, a.events, a.data, -1});
+    ops.push_back(sys::AgentOp{sys::AgentOp::install, a.fd, a.final_cloexec ? 1 : 0, 0, 0, final->second.get()});
   }
   return ops;
 }

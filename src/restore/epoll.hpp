@@ -7,13 +7,17 @@
 // epoll_ctl(EPOLL_CTL_ADD) with the recorded events (EPOLLET, EPOLLONESHOT, EPOLLEXCLUSIVE and
 // EPOLLWAKEUP included) and data, after the install of that fd, at the commit.
 //
-//   plan     plan_epoll(): for each recorded watch on a file that a target receives anew at the
-//            very fd number it was added with, in the target that holds the epoll at the recorded
-//            number (an epoll held at several fds, or by several targets, is one instance: re-added
-//            once, through its first holder in command-line order). The target's fd there must be
-//            an epoll now (/proc); one it closed since the dump, or an epoll held by a process
-//            that is not restored, is a note, as is a watch on a replaced file whose fd is not
-//            restored at its number.
+//   plan     plan_epoll(): for each recorded watch on a file that a target receives anew, in the
+//            target that holds the epoll at the recorded number (an epoll held at several fds, or by
+//            several targets, is one instance: re-added once, through its first holder in
+//            command-line order). The watch is keyed by (file, fd number it was added with): where
+//            the target receives the file at that number, the ADD follows the install; where that
+//            number receives another file of the image (the program added the watch through a dup
+//            it closed since, then reused the number: CRIU's zdtm epoll01), the agent puts the
+//            watched file there for the ADD and the final file back. The target's fd there must be
+//            an epoll now (/proc); one it closed since the dump, an epoll held by a process that is
+//            not restored, and a watch keyed by a number this restore leaves empty or does not
+//            install (zdtm epoll's fd 999) are notes.
 //   install epoll_ops(), with the targets stopped: the agent operations of one target. Each epoll
 //            fd is checked again (a pidfd_getfd() copy must be an epoll), and each watch is first
 //            added to a private epoll of pipecr's on the very file being installed (events that
@@ -49,8 +53,14 @@ struct EpollReAdd {
   int fd = -1;           // the restored fd it is added with (installed by the same agent, before)
   uint32_t events = 0;
   uint64_t data = 0;
-  uint64_t file_id = 0;  // the recorded file installed at fd
+  uint64_t file_id = 0;  // the watched recorded file
   uint64_t epoll_id = 0; // the recorded epoll instance
+  // Not 0: fd ends up holding this other recorded file (the watch was added through a dup closed
+  // since, and fd reused): the agent installs file_id at fd, adds the watch, and installs this file
+  // at fd again (with final_cloexec). The watch stays: it is keyed by (file, fd), and the file lives on
+  // at its own numbers.
+  uint64_t final_file = 0;
+  bool final_cloexec = false;
 };
 
 // What the plan re-adds.

@@ -4,6 +4,7 @@
 // was added (not attributable), and a watch on an eventfd (another kind of file).
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/prctl.h>
 
 #include <algorithm>
 #include <tuple>
@@ -77,8 +78,9 @@ void add(int ep, int fd, uint32_t events, uint64_t data) {
 
 // Child: pipe a at 10 (read) / 11 (write), 11 also at 300; epoll E1 at 20 watches 10 (IN|ET) and
 // 11 (OUT); epoll E2 at 400, also at 401, watches 300 (OUT|ONESHOT) and 10 (IN|EXCLUSIVE); pipe b
-// read end watched by E1 at 12, then 12 reused for pipe c's read end (b's read end kept at 13); an
-// eventfd at 14 watched by E1.
+// read end watched by E1 at 12, then 12 reused for pipe c's read end (b's read end kept at 13: the
+// watch is recorded, keyed by 12, on b's read end); a second description of a's read end watched
+// at 17 and then held only by a grandchild (not attributable); an eventfd at 14 watched by E1.
 int epoll_child(int ready) {
   testing::block_usr1();
   int a[2], b[2], c[2];
@@ -94,6 +96,19 @@ int epoll_child(int ready) {
   add(400, 10, EPOLLIN | EPOLLEXCLUSIVE, 4010);
   add(20, 12, EPOLLIN, 1212);
   dup2(15, 12);  // 12 is c's read end now; the watch stays on b's read end (held at 13)
+  // A second description of a's read end, watched at 17, then held only by a grandchild: the
+  // process holds a's inode, but not that file.
+  int x = open("/proc/self/fd/10", O_RDONLY | O_NONBLOCK);
+  dup2(x, 17);
+  close(x);
+  add(20, 17, EPOLLIN, 1717);
+  if (fork() == 0) {
+    close(ready);
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (getppid() == 1) _exit(0);
+    for (;;) pause();
+  }
+  close(17);
   int ev = eventfd(0, 0);
   dup2(ev, 14);
   close(ev);
@@ -128,24 +143,28 @@ TEST(EpollDump, RecordsWatchesOnPipeEnds) {
   std::sort(w.begin(), w.end(), [](const EpollWatch& x, const EpollWatch& y) {
     return std::tie(x.epoll_fd, x.fd) < std::tie(y.epoll_fd, y.fd);
   });
-  ASSERT_EQ(w.size(), 6u);
+  ASSERT_EQ(w.size(), 7u);
   const pid_t pid = child.pid();
   constexpr uint32_t kAlways = EPOLLERR | EPOLLHUP;  // EPOLL_CTL_ADD adds them
-  uint64_t e1 = w[0].epoll_id, e2 = w[2].epoll_id;
+  uint64_t e1 = w[0].epoll_id, e2 = w[3].epoll_id;
   EXPECT_NE(e1, e2);
+  ASSERT_NE(file_at(13), 0u);
+  EXPECT_NE(file_at(13), file_at(12));
   EXPECT_EQ(w[0], (EpollWatch{e1, pid, 20, file_at(10), 10, EPOLLIN | EPOLLET | kAlways, 1010}));
   EXPECT_EQ(w[1], (EpollWatch{e1, pid, 20, file_at(11), 11, EPOLLOUT | kAlways, 1111}));
-  EXPECT_EQ(w[2], (EpollWatch{e2, pid, 400, file_at(10), 10, EPOLLIN | EPOLLEXCLUSIVE | kAlways, 4010}));
-  EXPECT_EQ(w[3], (EpollWatch{e2, pid, 400, file_at(11), 300, EPOLLOUT | EPOLLONESHOT | kAlways, 300300}));
-  EXPECT_EQ(w[4], (EpollWatch{e2, pid, 401, file_at(10), 10, EPOLLIN | EPOLLEXCLUSIVE | kAlways, 4010}));
-  EXPECT_EQ(w[5], (EpollWatch{e2, pid, 401, file_at(11), 300, EPOLLOUT | EPOLLONESHOT | kAlways, 300300}));
+  EXPECT_EQ(w[2], (EpollWatch{e1, pid, 20, file_at(13), 12, EPOLLIN | kAlways, 1212}));  // keyed by 12, file at 13
+  EXPECT_EQ(w[3], (EpollWatch{e2, pid, 400, file_at(10), 10, EPOLLIN | EPOLLEXCLUSIVE | kAlways, 4010}));
+  EXPECT_EQ(w[4], (EpollWatch{e2, pid, 400, file_at(11), 300, EPOLLOUT | EPOLLONESHOT | kAlways, 300300}));
+  EXPECT_EQ(w[5], (EpollWatch{e2, pid, 401, file_at(10), 10, EPOLLIN | EPOLLEXCLUSIVE | kAlways, 4010}));
+  EXPECT_EQ(w[6], (EpollWatch{e2, pid, 401, file_at(11), 300, EPOLLOUT | EPOLLONESHOT | kAlways, 300300}));
   EXPECT_EQ(stats.epolls, 2u);
-  EXPECT_EQ(stats.epoll_watches, 4u);
-  EXPECT_EQ(stats.epoll_unattributed, 1u);  // fd 12: b's read end watched, c's read end there now
+  EXPECT_EQ(stats.epoll_watches, 5u);
+  EXPECT_EQ(stats.epoll_unattributed, 1u);  // fd 17: a's inode, but a description the process no longer holds
   EXPECT_EQ(stats.epoll_other, 1u);         // fd 14: an eventfd
   ASSERT_EQ(stats.notes.size(), 1u);
   EXPECT_THAT(stats.notes[0], HasSubstr("epoll fd 20 of process"));
-  EXPECT_THAT(stats.notes[0], HasSubstr("1 watch not recorded"));
+  EXPECT_THAT(stats.notes[0], HasSubstr("1 watch not recorded: the process no longer holds the watched pipe end"));
+  EXPECT_TRUE(image::validate(*img).has_value());
   EXPECT_EQ(child.finish(), 0);
 }
 
@@ -163,6 +182,7 @@ int family_child(int ready) {
   add(52, 50, EPOLLIN, 55);
   pid_t kid = fork();
   if (kid == 0) {
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
     dup2(50, 900);
     int mine = epoll_create1(0);
     dup2(mine, 53);

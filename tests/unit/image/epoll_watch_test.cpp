@@ -156,14 +156,20 @@ TEST(EpollWatch, ValidateChecksThatIdsAgree) {
     EXPECT_EQ(r.error().kind, Errc::bad_image);
     EXPECT_THAT(r.error().what, HasSubstr(says));
   };
-  // The fd the watch was added with must hold the watched file in that process.
-  refused([](Image& i) { i.epoll_watches[0].file_id = 2; }, "but that fd of pid 10 is file 1");
-  refused([](Image& i) { i.epoll_watches[4].fd = 4; }, "but that fd of pid 11 is not recorded");
+  // The process must hold the watched file (at the fd the watch was added with, or at another).
+  refused([](Image& i) { i.epoll_watches[4].file_id = 2; }, "watches file 2, but pid 11 holds no fd of it");
   refused([](Image& i) { i.epoll_watches[0].epoll_fd = 4; }, "that fd is a recorded pipe end");
   refused([](Image& i) { i.epoll_watches[4].pid = 12; }, "does not record");
   refused([](Image& i) { i.epoll_watches[4].file_id = 9; }, "watches file 9");
   refused([](Image& i) { i.epoll_watches[2].epoll_id = 3; }, "fd 6 of pid 10 is epoll 3 and epoll 1");
   refused([](Image& i) { i.epoll_watches[4] = i.epoll_watches[0]; }, "appears twice");
+  // A watch added through an fd that holds another file now (or nothing) is valid: the watch is
+  // keyed by that number, the file lives at another.
+  Image keyed = sample();
+  keyed.epoll_watches[0].file_id = 2;  // file 2 (held at 4 and 200), keyed by fd 3
+  keyed.epoll_watches[2].file_id = 2;
+  keyed.epoll_watches[4].fd = 4;       // pid 11 holds nothing at 4
+  EXPECT_TRUE(validate(keyed)) << validate(keyed).error().what;
   // A table shared with another process is recorded under that one.
   Image img = sample();
   img.processes.push_back({12, 10, "loop", {"loop"}});

@@ -4,6 +4,7 @@
 // back on the new pipe; an epoll the target closed since the dump and an epoll of a process that
 // is not restored are notes; a watch the kernel refuses fails the restore with nothing changed.
 #include <sys/epoll.h>
+#include <sys/stat.h>
 
 #include <map>
 
@@ -191,6 +192,47 @@ TEST(EpollRestore, EpollOfAnotherTargetReAddsOnce) {
   EXPECT_EQ(sum->epoll_readded, 1u) << all_notes(*sum);
   EXPECT_EQ(first.finish(), "");
   EXPECT_EQ(second.finish(), "");
+}
+
+TEST(EpollRestore, AWatchKeyedByAReusedFdNumberComesBack) {
+  // As CRIU's zdtm epoll01: the epoll watches P0's read end through fd 702, which was closed and
+  // reused for P1's read end, also watched there; P0's read end lives at 5. And a watch keyed by
+  // fd 999, closed since (as zdtm epoll): a note, since 999 must stay empty.
+  ImageBuilder b;
+  b.process(kRec);
+  uint64_t p0 = b.pipe({}), p1 = b.pipe({});
+  uint64_t r0 = b.file(p0, O_RDONLY), w0 = b.file(p0, O_WRONLY), r1 = b.file(p1, O_RDONLY), w1 = b.file(p1, O_WRONLY);
+  b.fd(kRec, 5, r0).fd(kRec, 6, w0).fd(kRec, 702, r1).fd(kRec, 7, w1);
+  b.raw().epoll_watches.push_back({1, kRec, kE1, r0, 702, EPOLLIN | EPOLLERR | EPOLLHUP, 0});
+  b.raw().epoll_watches.push_back({1, kRec, kE1, r1, 702, EPOLLIN | EPOLLERR | EPOLLHUP, 1});
+  b.raw().epoll_watches.push_back({2, kRec, kE2, r0, 999, EPOLLIN, 9});
+  Image img = b.parsed();
+  Scenario child(
+      [] {
+        testing::dev_null_at({5, 6, 7, 702});
+        child_setup();
+      },
+      []() -> std::string {
+        struct stat a {}, c {};
+        if (::fstat(702, &a) != 0 || ::fstat(7, &c) != 0 || a.st_ino != c.st_ino) return "fd 702 is not P1's read end";
+        if (::fcntl(999, F_GETFD) >= 0) return "fd 999 is open";
+        std::string e = expect_ready(kE1, {}, "E1 before any write");
+        if (e.empty() && ::write(6, "a", 1) != 1) e = "write P0";
+        if (e.empty()) e = expect_ready(kE1, {{0, EPOLLIN}}, "E1 after a write to P0");
+        if (e.empty()) e = testing::expect_bytes(5, "a");
+        if (e.empty() && ::write(7, "b", 1) != 1) e = "write P1";
+        if (e.empty()) e = expect_ready(kE1, {{1, EPOLLIN}}, "E1 after a write to P1");
+        return e;
+      });
+  ASSERT_TRUE(child.ready());
+  auto sum = restore_processes(img, {{{child.pid(), kRec}}, std::nullopt});
+  ASSERT_TRUE(sum) << sum.error().what;
+  EXPECT_EQ(sum->epoll_readded, 2u) << all_notes(*sum);
+  EXPECT_TRUE(noted(*sum, fmt::format("epoll fd {} of process {} watched file {} through fd 999, which this restore "
+                                      "leaves empty",
+                                      kE2, child.pid(), r0)))
+      << all_notes(*sum);
+  EXPECT_EQ(child.finish(), "");
 }
 
 }  // namespace
