@@ -119,6 +119,22 @@ struct InFlightRecord {
   friend bool operator==(const InFlightRecord&, const InFlightRecord&) = default;
 };
 
+// One watch of an epoll instance, held by a dumped process, on a pipe or FIFO end (record
+// EPOLL_WATCH). The kernel keys a watch by (open file, fd number given to EPOLL_CTL_ADD) and drops
+// it when that open file is released, so a restore that replaces the file re-adds it (docs/restore.md).
+// An instance held at several fds (dup, fork) has one record per watch and per fd holding it, all
+// with one epoll_id; a restore re-adds each watch once per instance.
+struct EpollWatch {
+  uint64_t epoll_id = 0;  // the epoll instance, > 0; equal ids are one instance
+  int32_t pid = 0;        // a process holding it (ProcessRecord::pid, > 0)
+  int32_t epoll_fd = -1;  // its fd there
+  uint64_t file_id = 0;   // the watched open file description (FileRecord::id)
+  int32_t fd = -1;        // the fd number the watch was added with, in pid's fd table (an FD of file_id)
+  uint32_t events = 0;    // EPOLLIN, EPOLLOUT, ... EPOLLET, EPOLLONESHOT, EPOLLEXCLUSIVE, EPOLLWAKEUP
+  uint64_t data = 0;      // epoll_data as the program gave it
+  friend bool operator==(const EpollWatch&, const EpollWatch&) = default;
+};
+
 struct ProcessRecord {
   int32_t pid = 0;
   int32_t ppid = 0;
@@ -145,6 +161,7 @@ struct Image {
   std::vector<FdRecord> fds;
   std::vector<SharedFdTable> shared_tables;
   std::vector<InFlightRecord> in_flight;  // ends in flight in unix sockets (IN_FLIGHT records)
+  std::vector<EpollWatch> epoll_watches;  // record EPOLL_WATCH (optional; older images have none)
 
   [[nodiscard]] PIPECR_API const PipeRecord* find_pipe(uint64_t id) const;
   [[nodiscard]] PIPECR_API const FileRecord* find_file(uint64_t id) const;

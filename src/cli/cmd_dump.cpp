@@ -80,6 +80,11 @@ Expected<int> run_dump(const Options& o, CommandContext& ctx) {
     fmt::print(ctx.err, "pipecr dump: note: {} files in flight in unix sockets are not pipes or FIFOs: not recorded\n",
                stats->other_in_flight);
   for (const std::string& n : stats->notes) fmt::print(ctx.err, "pipecr dump: note: {}\n", n);
+  if (o.verbose && stats->epolls > 0)
+    fmt::print(ctx.err,
+               "pipecr dump: {} epoll instances: {} watches on pipe ends recorded, {} not attributable, {} on "
+               "other files\n",
+               stats->epolls, stats->epoll_watches, stats->epoll_unattributed, stats->epoll_other);
   return kExitOk;
 }
 

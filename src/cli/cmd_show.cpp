@@ -204,6 +204,21 @@ void print_pipes(std::FILE* file, std::string& text, const Image& img, const Ind
   }
 }
 
+// "  epoll 1 (fd 9 of 4242) watches fd 3 (file 2, pipe 1): EPOLLIN,EPOLLET; data 0x2a".
+void print_epoll_watches(Out out, const Image& img) {
+  if (img.epoll_watches.empty()) return;
+  std::unordered_map<uint64_t, uint64_t> pipe_of;
+  for (const FileRecord& f : img.files) pipe_of.emplace(f.id, f.pipe_id);
+  fmt::format_to(out, "\nEpoll watches on pipe ends (re-added by a restore that replaces the end):\n");
+  for (const EpollWatch& w : img.epoll_watches) {
+    auto names = epoll_event_names(w.events);
+    auto pipe = pipe_of.find(w.file_id);
+    fmt::format_to(out, "  epoll {} (fd {} of {}) watches fd {} (file {}, pipe {}): {}; data {:#x}\n", w.epoll_id,
+                   w.epoll_fd, w.pid, w.fd, w.file_id, pipe == pipe_of.end() ? 0 : pipe->second,
+                   names.empty() ? std::string("no events") : fmt::format("{}", fmt::join(names, ",")), w.data);
+  }
+}
+
 void write_text(std::FILE* file, const Image& img, const std::string& path, size_t size, bool data) {
   std::string text;
   Out out(text);
@@ -212,6 +227,7 @@ void write_text(std::FILE* file, const Image& img, const std::string& path, size
   print_processes(out, img);
   if (!img.pipes.empty()) fmt::format_to(out, "\nPipes (each open file, then the fds that share it):\n");
   print_pipes(file, text, img, ix, data);
+  print_epoll_watches(out, img);
   flush_chunk(file, text, true);
 }
 

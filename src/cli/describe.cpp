@@ -3,6 +3,7 @@
 #include "cli/describe.hpp"
 
 #include <fcntl.h>
+#include <sys/epoll.h>
 #include <signal.h>
 #include <time.h>
 
@@ -74,6 +75,26 @@ std::vector<std::string> flag_names(uint32_t flags) {
     rest &= ~static_cast<uint32_t>(O_DSYNC);
   }
   if (rest != 0) out.push_back(fmt::format("0{:o}", rest));
+  return out;
+}
+
+std::vector<std::string> epoll_event_names(uint32_t events) {
+  static constexpr struct {
+    uint32_t bit;
+    const char* name;
+  } kEvents[] = {{EPOLLIN, "EPOLLIN"},         {EPOLLPRI, "EPOLLPRI"},       {EPOLLOUT, "EPOLLOUT"},
+                 {EPOLLERR, "EPOLLERR"},       {EPOLLHUP, "EPOLLHUP"},       {EPOLLRDNORM, "EPOLLRDNORM"},
+                 {EPOLLRDBAND, "EPOLLRDBAND"}, {EPOLLWRNORM, "EPOLLWRNORM"}, {EPOLLWRBAND, "EPOLLWRBAND"},
+                 {EPOLLMSG, "EPOLLMSG"},       {EPOLLRDHUP, "EPOLLRDHUP"},   {EPOLLEXCLUSIVE, "EPOLLEXCLUSIVE"},
+                 {EPOLLWAKEUP, "EPOLLWAKEUP"}, {EPOLLONESHOT, "EPOLLONESHOT"}, {EPOLLET, "EPOLLET"}};
+  std::vector<std::string> out;
+  uint32_t rest = events;
+  for (const auto& e : kEvents)
+    if (rest & e.bit) {
+      out.emplace_back(e.name);
+      rest &= ~e.bit;
+    }
+  if (rest != 0) out.push_back(fmt::format("{:#x}", rest));
   return out;
 }
 

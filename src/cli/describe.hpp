@@ -38,6 +38,12 @@ namespace pipecr::cli {
 // SIGIO without siginfo).
 [[nodiscard]] std::string signal_name(int32_t sig);
 
+// The bits of an epoll watch's events word as C names in a fixed order (EPOLLIN, EPOLLPRI,
+// EPOLLOUT, EPOLLERR, EPOLLHUP, EPOLLRDNORM, EPOLLRDBAND, EPOLLWRNORM, EPOLLWRBAND, EPOLLMSG,
+// EPOLLRDHUP, then the input flags EPOLLEXCLUSIVE, EPOLLWAKEUP, EPOLLONESHOT, EPOLLET); bits without
+// a name as one hex number ("0x4000") at the end.
+[[nodiscard]] std::vector<std::string> epoll_event_names(uint32_t events);
+
 // "reading", "writing", or nullptr for Blocked::none.
 [[nodiscard]] const char* blocked_name(Blocked b);
 // "pipe" or "fifo".

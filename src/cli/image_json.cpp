@@ -103,6 +103,18 @@ Json in_flight_json(const InFlightRecord& f) {
               {"message", f.msg},   {"slot", f.slot}, {"end", f.end}};
 }
 
+Json epoll_watch_json(const EpollWatch& w) {
+  return Json{{"epoll", w.epoll_id},
+              {"pid", w.pid},
+              {"epoll_fd", w.epoll_fd},
+              {"fd", w.fd},
+              {"file", w.file_id},
+              {"events", epoll_event_names(w.events)},
+              {"events_hex", fmt::format("{:#x}", w.events)},
+              {"data", w.data},
+              {"data_hex", fmt::format("{:#x}", w.data)}};
+}
+
 }  // namespace
 
 std::string base64(std::span<const std::byte> bytes) {
@@ -203,6 +215,11 @@ nlohmann::ordered_json image_to_json(const Image& img, const ImageJsonOptions& o
     for (const InFlightRecord& f : img.in_flight) in_flight.push_back(in_flight_json(f));
     doc["in_flight"] = std::move(in_flight);
   }
+  if (!img.epoll_watches.empty()) {
+    Json watches = Json::array();
+    for (const EpollWatch& w : img.epoll_watches) watches.push_back(epoll_watch_json(w));
+    doc["epoll_watches"] = std::move(watches);
+  }
   return doc;
 }
 
@@ -235,6 +252,11 @@ void write_image_json(std::FILE* out, const Image& img, const ImageJsonOptions& 
   if (!img.in_flight.empty()) {
     doc.begin_array("in_flight");
     for (const InFlightRecord& f : img.in_flight) doc.element(in_flight_json(f));
+    doc.end_array();
+  }
+  if (!img.epoll_watches.empty()) {
+    doc.begin_array("epoll_watches");
+    for (const EpollWatch& w : img.epoll_watches) doc.element(epoll_watch_json(w));
     doc.end_array();
   }
   doc.end();

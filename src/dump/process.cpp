@@ -33,6 +33,7 @@
 
 #include <fmt/format.h>
 
+#include "dump/epoll.hpp"
 #include "dump/pipe.hpp"
 #include "dump/unix_queue.hpp"
 #include "image/info.hpp"
@@ -218,6 +219,7 @@ class Dumper {
     if (taken) taken = find_tables();
     if (taken) taken = read_fd_tables(nofile);
     if (taken) taken = finish_snapshots();
+    if (taken && !epolls_after_resume()) taken = read_epolls(false);  // from the targets' fds, while stopped
     if (taken) mark_blocked();
     if (taken) {
       taken = check_alive();
@@ -371,7 +373,12 @@ class Dumper {
       if (fd < from) continue;
       *fmt::format_to_n(name, sizeof name - 1, "{}", fd).out = '\0';
       struct stat st {};
-      if (::fstatat(dir.get(), name, &st, 0) < 0 || !S_ISFIFO(st.st_mode)) continue;  // gone meanwhile, or no pipe
+      if (::fstatat(dir.get(), name, &st, 0) < 0) continue;  // gone meanwhile
+      if (!S_ISFIFO(st.st_mode)) {
+        if ((st.st_mode & S_IFMT) == 0 && is_epoll_link(dir.get(), name))
+          epolls_.found(ti, t.pid, t.tid, fd, t.own, sys::UniqueFd());
+        continue;
+      }
       Holder h;
       h.table = ti;
       h.fd = fd;
@@ -384,6 +391,53 @@ class Dumper {
       }
       if (auto r = added(std::move(h)); !r) return r;
     }
+    return {};
+  }
+
+  // An anonymous inode found through /proc: an epoll when its link says so (file_kind.hpp).
+  static bool is_epoll_link(int dir, const char* name) {
+    char link[64];
+    ssize_t n = ::readlinkat(dir, name, link, sizeof link);
+    constexpr std::string_view kEpoll = "anon_inode:[eventpoll]";
+    return n == static_cast<ssize_t>(kEpoll.size()) && std::string_view(link, kEpoll.size()) == kEpoll;
+  }
+
+  // The epolls' watches can be read after the resume, from pipecr's copies, when it holds a copy of
+  // every epoll and of every pipe end (the fast path); else they are read while stopped.
+  bool epolls_after_resume() const { return !batched_ && epolls_.all_copied(); }
+
+  // The watches of every epoll (dump/epoll.hpp), attributed to the pipe ends at their fd numbers.
+  Expected<void> read_epolls(bool copies) {
+    if (epolls_.empty()) return {};
+    std::map<std::pair<size_t, int>, size_t> at;                   // (table, fd) -> holder
+    std::map<std::pair<size_t, uint64_t>, std::vector<size_t>> ends;  // (table, inode) -> holders
+    for (size_t i = 0; i < holders_.size(); ++i)
+      if ((!copies || holders_[i].copy) && holders_[i].in_flight == SIZE_MAX) {  // an end in flight has no fd
+        at.emplace(std::pair(holders_[i].table, holders_[i].fd), i);
+        ends[{holders_[i].table, holders_[i].ino}].push_back(i);
+      }
+    pid_t self = ::getpid();
+    auto r = epolls_.read(
+        copies,
+        [&](size_t table, int fd) {
+          auto it = at.find({table, fd});
+          return it == at.end() ? SIZE_MAX : it->second;
+        },
+        [&](size_t table, uint64_t ino) {
+          auto it = ends.find({table, ino});
+          return it == ends.end() ? std::vector<size_t>() : it->second;
+        },
+        [&](size_t h) {
+          return copies ? FdAt{self, holders_[h].copy.get()} : FdAt{tables_[holders_[h].table].tid, holders_[h].fd};
+        });
+    epolls_.drop_copies();
+    if (!r) return r;
+    const EpollDumpStats& es = epolls_.stats();
+    stats_.epolls = es.epolls;
+    stats_.epoll_watches = es.watches;
+    stats_.epoll_unattributed = es.unattributed;
+    stats_.epoll_other = es.other;
+    for (std::string& n : epolls_.notes()) stats_.notes.push_back(std::move(n));
     return {};
   }
 
@@ -426,7 +480,7 @@ class Dumper {
         case sys::FileKind::unix_socket:  // its queue is peeked once every table is read (add_in_flight)
           sockets_.push_back(HeldSocket{.table = ti, .pid = t.pid, .fd = fd, .ino = st.st_ino, .copy = std::move(copy)});
           continue;
-        case sys::FileKind::epoll:
+        case sys::FileKind::epoll: epolls_.found(ti, t.pid, t.tid, fd, t.own, std::move(copy)); continue;
         case sys::FileKind::other: continue;
       }
       Holder h;
@@ -926,6 +980,8 @@ class Dumper {
       }
       if (auto r = read_with_copy(i); !r) return r;
     }
+    if (epolls_after_resume())
+      if (auto r = read_epolls(true); !r) return r;
     for (OpenFile& f : files_) {
       const Holder& h = holders_[f.first_holder];
       f.rec.flags = static_cast<uint32_t>(h.flags);
@@ -1055,6 +1111,10 @@ class Dumper {
       r.file_id = files_[h.file].rec.id;
       if (ok) ok = w.add(r);
     }
+    std::vector<EpollWatch> watches = epolls_.records(
+        [&](size_t h) { return holders_[h].file == SIZE_MAX ? uint64_t{0} : files_[holders_[h].file].rec.id; });
+    for (const EpollWatch& e : watches)
+      if (ok) ok = w.add(e);
     if (ok) ok = w.finish();
     if (!ok) return tl::unexpected(ok.error());
     stats_.in_flight = in_flight_.size();
@@ -1070,6 +1130,7 @@ class Dumper {
       for (const OpenFile& f : files_) records->files.push_back(f.rec);
       records->fds = std::move(fds);
       records->in_flight = in_flight_;
+      records->epoll_watches = std::move(watches);
     }
     return stats_;
   }
@@ -1085,6 +1146,7 @@ class Dumper {
   std::vector<PipeState> pipes_;
   std::vector<HeldSocket> sockets_;          // the probe's copies of unix sockets
   std::vector<InFlightRecord> in_flight_;    // per end in flight (file_id set when written)
+  EpollDump epolls_;          // the epolls the tables hold, and their watches on pipe ends
   std::set<size_t> pollhup_;  // holders whose FIFO read end showed POLLHUP
   SnapshotPacker packer_;
   size_t batch_ = 0;             // copies held at most at once (SIZE_MAX: all)

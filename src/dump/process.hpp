@@ -48,6 +48,10 @@ struct DumpStats {
   uint64_t in_flight = 0;      // pipe ends in flight in unix sockets (IN_FLIGHT records)
   uint64_t other_in_flight = 0;  // other files in flight there (not recorded)
   std::vector<std::string> notes;  // what the dump could not examine (one sentence each)
+  uint64_t epolls = 0;         // epoll instances the dumped processes hold (dump/epoll.hpp)
+  uint64_t epoll_watches = 0;  // their watches on dumped pipe ends, recorded (EPOLL_WATCH)
+  uint64_t epoll_unattributed = 0;  // watches not recorded: their fd now holds another pipe end
+  uint64_t epoll_other = 0;    // watches on fds that hold no dumped pipe end (other kinds of file)
 };
 
 // Dump into sink. `records`, when not null, receives the records written (without data).

@@ -44,6 +44,7 @@ enum class RecordType : uint32_t {
   pipe_data = 4,
   file = 5,
   fd = 6,
+  epoll_watch = 7,    // EpollWatch; optional
   in_flight = 8,      // InFlightRecord; optional
   thread_fd = 9,      // an FD in a thread's own fd table (FdRecord::tid != 0); required
   shared_files = 10,  // SharedFdTable; optional
@@ -59,6 +60,7 @@ inline constexpr uint32_t kRecordRequired = 1u << 0;  // record flags bit 0
     case RecordType::pipe_data: return "PIPE_DATA";
     case RecordType::file: return "FILE";
     case RecordType::fd: return "FD";
+    case RecordType::epoll_watch: return "EPOLL_WATCH";
     case RecordType::in_flight: return "IN_FLIGHT";
     case RecordType::thread_fd: return "THREAD_FD";
     case RecordType::shared_files: return "SHARED_FILES";
@@ -285,6 +287,16 @@ class Cursor {
 [[nodiscard]] inline std::string check_shared(const SharedFdTable& s) {
   if (s.pid <= 0 || s.with_pid <= 0 || s.pid == s.with_pid)
     return fmt::format("shared fd table of pid {} with pid {}", s.pid, s.with_pid);
+  return {};
+}
+
+[[nodiscard]] inline std::string check_epoll_watch(const EpollWatch& w) {
+  if (w.epoll_id == 0) return "epoll id 0";
+  if (w.pid <= 0) return fmt::format("epoll {} has holder pid {}", w.epoll_id, w.pid);
+  if (w.epoll_fd < 0 || w.fd < 0)
+    return fmt::format("epoll {} has a negative fd number ({} watching {})", w.epoll_id, w.epoll_fd, w.fd);
+  if (w.epoll_fd == w.fd) return fmt::format("epoll {} fd {} watches itself", w.epoll_id, w.fd);
+  if (w.file_id == 0) return fmt::format("epoll {} watches file id 0", w.epoll_id);
   return {};
 }
 

@@ -50,7 +50,8 @@ class FdSink final : public Sink {
 };
 
 // Writes one image. Call begin(), then records in this order: processes, pipes (each pipe's
-// record may be followed by its data: begin_data, data..., end_data), files, fds; then finish().
+// record may be followed by its data: begin_data, data..., end_data), files, fds and epoll watches;
+// then finish().
 // The writer checks the order and the data lengths; misuse returns Errc::invalid_argument.
 // It also refuses (invalid_argument, nothing written) any record the reader would refuse: zero or
 // duplicate ids, references to records not yet added, slot lengths outside 1..page_size, strings
@@ -71,6 +72,8 @@ class Writer {
   [[nodiscard]] Expected<void> add(const InFlightRecord& f);
   // After the PROCESS records of both processes, before any PIPE.
   [[nodiscard]] Expected<void> add(const SharedFdTable& s);
+  // In the fds section (after the FILE it names); optional record EPOLL_WATCH.
+  [[nodiscard]] Expected<void> add(const EpollWatch& w);
   [[nodiscard]] Expected<void> finish();
   ~Writer();
   Writer(const Writer&) = delete;

@@ -10,6 +10,7 @@
 // the input, which must outlive the Image.
 #include <xxhash.h>
 
+#include <map>
 #include <set>
 #include <tuple>
 #include <unordered_map>
@@ -147,6 +148,15 @@ Expected<FdRecord> decode_fd(const RawRecord& r) {
   return f;
 }
 
+Expected<EpollWatch> decode_epoll_watch(const RawRecord& r) {
+  Cursor c = r.cursor();
+  EpollWatch w;
+  if (!c.opt(w.epoll_id, "epoll_id") || !c.opt(w.pid, "pid") || !c.opt(w.epoll_fd, "epoll_fd") ||
+      !c.opt(w.file_id, "file_id") || !c.opt(w.fd, "fd") || !c.opt(w.events, "events") || !c.opt(w.data, "data"))
+    return bad_field(r, c);
+  return w;
+}
+
 class Parser {
  public:
   explicit Parser(std::span<const std::byte> bytes) : bytes_(bytes) {}
@@ -234,6 +244,7 @@ class Parser {
       case RecordType::file: return file(r);
       case RecordType::fd: return fd(r);
       case RecordType::thread_fd: return fd(r);
+      case RecordType::epoll_watch: return epoll_watch(r);
       case RecordType::in_flight: return in_flight(r);
       case RecordType::shared_files: return shared(r);
       case RecordType::end: break;  // handled by run()
@@ -358,6 +369,28 @@ class Parser {
     return {};
   }
 
+  Expected<void> epoll_watch(const RawRecord& r) {
+    if (auto e = enter(r, Section::fds); !e) return e;
+    auto w = decode_epoll_watch(r);
+    if (!w) return tl::unexpected(w.error());
+    if (auto e = check_epoll_watch(*w); !e.empty()) return bad(r.offset, "record EPOLL_WATCH: " + e);
+    if (!pids_.count(w->pid))
+      return bad(r.offset, fmt::format("record EPOLL_WATCH: epoll {} belongs to pid {} which has no PROCESS record",
+                                       w->epoll_id, w->pid));
+    if (!file_ids_.count(w->file_id))
+      return bad(r.offset, fmt::format("record EPOLL_WATCH: epoll {} watches file {} which has no FILE record",
+                                       w->epoll_id, w->file_id));
+    auto [it, fresh] = epolls_.emplace(std::pair(w->pid, w->epoll_fd), w->epoll_id);
+    if (!fresh && it->second != w->epoll_id)
+      return bad(r.offset, fmt::format("record EPOLL_WATCH: fd {} of pid {} is epoll {} and epoll {}", w->epoll_fd,
+                                       w->pid, it->second, w->epoll_id));
+    if (!watches_.insert({w->pid, w->epoll_fd, w->file_id, w->fd}).second)
+      return bad(r.offset, fmt::format("record EPOLL_WATCH: the watch of fd {} in epoll fd {} of pid {} appears twice",
+                                       w->fd, w->epoll_fd, w->pid));
+    img_.epoll_watches.push_back(*w);
+    return {};
+  }
+
   Expected<void> end(const RawRecord& r) {
     if (!saw_info_) return bad(r.offset, "first record is END, not INFO");
     if (section_ <= Section::pipes)
@@ -396,6 +429,8 @@ class Parser {
   std::unordered_set<int32_t> pids_;
   std::set<std::tuple<int32_t, int32_t, int32_t>> fds_;  // (pid, tid, fd)
   std::set<std::tuple<int32_t, int32_t, uint32_t, uint32_t>> in_flight_;  // (pid, sock_fd, msg, slot)
+  std::set<std::tuple<int32_t, int32_t, uint64_t, int32_t>> watches_;  // (pid, epoll fd, file, fd)
+  std::map<std::pair<int32_t, int32_t>, uint64_t> epolls_;            // (pid, epoll fd) -> epoll id
 };
 
 }  // namespace

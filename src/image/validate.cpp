@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <bit>
+#include <map>
 #include <set>
 #include <tuple>
 #include <string_view>
@@ -90,6 +91,44 @@ Expected<void> validate_file(const FileRecord& f, const std::unordered_set<uint6
   return {};
 }
 
+// Each watch names a recorded process and a file that process holds (at the fd the watch was added
+// with, or at another: a table shared with with_pid is recorded under with_pid); the epoll fd is no
+// recorded pipe end; one (pid, epoll fd) is one epoll instance.
+Expected<void> validate_epoll_watches(const Image& img, const std::unordered_set<int32_t>& pids,
+                                      const std::unordered_set<uint64_t>& files) {
+  if (img.epoll_watches.empty()) return {};
+  std::set<std::pair<int32_t, int32_t>> fd_slots;     // (pid, fd) of the process tables
+  std::set<std::pair<int32_t, uint64_t>> held;        // (pid, file) of the process tables
+  for (const FdRecord& d : img.fds)
+    if (d.tid == 0) {
+      fd_slots.emplace(d.pid, d.fd);
+      held.emplace(d.pid, d.file_id);
+    }
+  std::unordered_map<int32_t, int32_t> table_of;  // sharer -> the pid its fds are recorded under
+  for (const SharedFdTable& t : img.shared_tables) table_of[t.pid] = t.with_pid;
+  std::map<std::pair<int32_t, int32_t>, uint64_t> epolls;
+  std::set<std::tuple<int32_t, int32_t, uint64_t, int32_t>> seen;
+  for (const EpollWatch& w : img.epoll_watches) {
+    const std::string name = fmt::format("epoll {} (fd {} of pid {})", w.epoll_id, w.epoll_fd, w.pid);
+    if (w.epoll_id == 0) return refuse("epoll watch with epoll id 0");
+    if (w.pid <= 0 || !pids.count(w.pid))
+      return refuse(fmt::format("{} belongs to a process the image does not record", name));
+    if (w.epoll_fd < 0 || w.fd < 0) return refuse(fmt::format("{} watches fd {}: negative fd number", name, w.fd));
+    if (!files.count(w.file_id))
+      return refuse(fmt::format("{} watches file {}, which the image does not hold", name, w.file_id));
+    int32_t table = table_of.count(w.pid) ? table_of.at(w.pid) : w.pid;
+    if (!held.count({table, w.file_id}))
+      return refuse(fmt::format("{} watches file {}, but pid {} holds no fd of it", name, w.file_id, table));
+    if (fd_slots.count({table, w.epoll_fd})) return refuse(fmt::format("{}: that fd is a recorded pipe end", name));
+    auto [it, fresh] = epolls.emplace(std::pair(w.pid, w.epoll_fd), w.epoll_id);
+    if (!fresh && it->second != w.epoll_id)
+      return refuse(fmt::format("fd {} of pid {} is epoll {} and epoll {}", w.epoll_fd, w.pid, it->second, w.epoll_id));
+    if (!seen.insert({w.pid, w.epoll_fd, w.file_id, w.fd}).second)
+      return refuse(fmt::format("{}: the watch of fd {} appears twice", name, w.fd));
+  }
+  return {};
+}
+
 }  // namespace
 
 uint32_t host_page_size() {
@@ -150,7 +189,7 @@ Expected<void> validate(const Image& img, uint32_t page_size) {
       return refuse(fmt::format("place {}/{} of socket fd {} of pid {} holds two ends in flight", f.msg, f.slot,
                                 f.sock_fd, f.pid));
   }
-  return {};
+  return validate_epoll_watches(img, pids, files);
 }
 
 }  // namespace pipecr::image

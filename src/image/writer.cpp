@@ -12,6 +12,7 @@
 #include <unistd.h>
 #include <xxhash.h>
 
+#include <map>
 #include <memory>
 #include <set>
 #include <tuple>
@@ -92,6 +93,16 @@ void encode_fd(std::vector<std::byte>& out, const FdRecord& f) {
   if (f.tid != 0) put_i32(out, f.tid);  // THREAD_FD only
 }
 
+void encode_epoll_watch(std::vector<std::byte>& out, const EpollWatch& w) {
+  put_u64(out, w.epoll_id);
+  put_i32(out, w.pid);
+  put_i32(out, w.epoll_fd);
+  put_u64(out, w.file_id);
+  put_i32(out, w.fd);
+  put_u32(out, w.events);
+  put_u64(out, w.data);
+}
+
 }  // namespace
 
 struct Writer::State {
@@ -109,6 +120,8 @@ struct Writer::State {
   std::unordered_set<uint64_t> files;
   std::set<std::tuple<int32_t, int32_t, int32_t>> fds;  // (pid, tid, fd)
   std::set<std::tuple<int32_t, int32_t, uint32_t, uint32_t>> in_flight;  // (pid, sock_fd, msg, slot)
+  std::set<std::tuple<int32_t, int32_t, uint64_t, int32_t>> watches;  // (pid, epoll fd, file, fd)
+  std::map<std::pair<int32_t, int32_t>, uint64_t> epolls;           // (pid, epoll fd) -> epoll id
   // The PIPE_DATA record being streamed, if any.
   bool in_data = false;
   uint64_t data_pipe = 0, data_len = 0, data_written = 0;
@@ -136,8 +149,8 @@ struct Writer::State {
   }
 
   // One whole record: header, payload, checksum.
-  Expected<void> emit(RecordType type, std::span<const std::byte> payload) {
-    std::vector<std::byte> rec = record_header(static_cast<uint32_t>(type), kRecordRequired, payload.size());
+  Expected<void> emit(RecordType type, std::span<const std::byte> payload, uint32_t flags = kRecordRequired) {
+    std::vector<std::byte> rec = record_header(static_cast<uint32_t>(type), flags, payload.size());
     put_bytes(rec, payload);
     put_u64(rec, XXH3_64bits(rec.data(), rec.size()));
     auto r = write(rec);
@@ -305,6 +318,23 @@ Expected<void> Writer::add(const SharedFdTable& s) {
   return r;
 }
 
+Expected<void> Writer::add(const EpollWatch& w) {
+  if (auto r = st_->enter(Phase::fds, "EPOLL_WATCH"); !r) return r;
+  if (auto e = check_epoll_watch(w); !e.empty()) return misuse(e);
+  if (!st_->pids.count(w.pid)) return misuse(fmt::format("epoll {} held by pid {} which has no PROCESS record", w.epoll_id, w.pid));
+  if (!st_->files.count(w.file_id)) return misuse(fmt::format("epoll {} watches unknown file {}", w.epoll_id, w.file_id));
+  auto [it, fresh] = st_->epolls.emplace(std::pair(w.pid, w.epoll_fd), w.epoll_id);
+  if (!fresh && it->second != w.epoll_id)
+    return misuse(fmt::format("fd {} of pid {} is epoll {} and epoll {}", w.epoll_fd, w.pid, it->second, w.epoll_id));
+  if (st_->watches.count({w.pid, w.epoll_fd, w.file_id, w.fd}))
+    return misuse(fmt::format("watch of fd {} in epoll fd {} of pid {} added twice", w.fd, w.epoll_fd, w.pid));
+  std::vector<std::byte> pl;
+  encode_epoll_watch(pl, w);
+  st_->phase = Phase::fds;
+  st_->watches.insert({w.pid, w.epoll_fd, w.file_id, w.fd});
+  return st_->emit(RecordType::epoll_watch, pl, 0);  // optional: an older reader skips it
+}
+
 Expected<void> Writer::finish() {
   if (auto r = st_->enter(Phase::fds, "finish()"); !r) return r;
   std::vector<std::byte> pl;
@@ -395,6 +425,8 @@ Expected<std::vector<std::byte>> encode(const Image& img) {
     if (auto r = w.add(f); !r) return tl::unexpected(r.error());
   for (const InFlightRecord& f : img.in_flight)
     if (auto r = w.add(f); !r) return tl::unexpected(r.error());
+  for (const EpollWatch& e : img.epoll_watches)
+    if (auto r = w.add(e); !r) return tl::unexpected(r.error());
   if (auto r = w.finish(); !r) return tl::unexpected(r.error());
   return std::move(sink.bytes());
 }

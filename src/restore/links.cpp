@@ -1,11 +1,13 @@
 // restore/links.cpp: what a replacement cuts off, said rather than done in silence.
 //
 // The kernel drops an epoll watch when the watched file is released, so a target whose epoll
-// instance watches a file that the restore replaces stops hearing from it. Until replacement can
-// re-add such watches (issue 7 item 2), the plan names each one: for every replaced fd of a
-// target, the target's epoll instances (fds whose link is anon_inode:[eventpoll]) are read from
-// /proc/PID/fdinfo ("tfd: N events: E data: D ... ino: I"), and a watch on that fd number whose
-// inode is the inode the target holds there now is a watch the restore cuts.
+// instance watches a file that the restore replaces stops hearing from it, unless the restore adds
+// the watch again (epoll.hpp: the watches the image records). The plan names every other one: for
+// every replaced fd of a target, the target's epoll instances (fds whose link is
+// anon_inode:[eventpoll]) are read from /proc/PID/fdinfo ("tfd: N events: E data: D ... ino: I"),
+// and a watch on that fd number whose inode is the inode the target holds there now, and that is
+// not re-added, is a watch the restore cuts (the image does not record it: made by an older pipecr,
+// or added after the dump).
 #include "restore/links.hpp"
 
 #include <sys/stat.h>
@@ -17,6 +19,7 @@
 
 #include <fmt/format.h>
 
+#include "restore/epoll.hpp"
 #include "restore/plan.hpp"
 #include "sys/proc.hpp"
 
@@ -66,8 +69,10 @@ std::vector<std::string> cut_links_notes(const Plan& plan) {
         if (!replaced.count(w.tfd)) continue;
         struct stat st {};
         if (::stat(fmt::format("/proc/{}/fd/{}", h.target, w.tfd).c_str(), &st) < 0 || st.st_ino != w.ino) continue;
-        notes.push_back(fmt::format("fd {} of process {} is watched by its epoll fd {}: the watch stays on the file "
-                                    "being replaced, so the process will not hear from the restored pipe there",
+        if (epoll_watch_readded(plan, h, e.fd, w.tfd)) continue;
+        notes.push_back(fmt::format("fd {} of process {} is watched by its epoll fd {}, a watch the image does not "
+                                    "record: it stays on the file being replaced, so the process will not hear from "
+                                    "the restored pipe there",
                                     w.tfd, h.target, e.fd));
       }
     }

@@ -358,6 +358,7 @@ Expected<Plan> make_plan(const Image& img, const ProcessRestoreRequest& request,
   auto open_now = sys::list_fds(::getpid(), false);
   if (::getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_max != RLIM_INFINITY && open_now)
     fit_fd_limit(plan, static_cast<size_t>(rl.rlim_max), open_now->size());
+  plan_epoll(img, plan);
   for (std::string& n : cut_links_notes(plan)) plan.notes.push_back(std::move(n));
   for (std::string& n : in_flight_notes(plan)) plan.notes.push_back(std::move(n));
   return plan;

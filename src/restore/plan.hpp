@@ -17,6 +17,7 @@
 
 #include "pipecr/error.hpp"
 #include "pipecr/image.hpp"
+#include "restore/epoll.hpp"
 #include "restore/inplace.hpp"
 #include "restore/process.hpp"
 #include "sys/unique_fd.hpp"
@@ -61,6 +62,7 @@ struct Plan {
   std::unordered_map<uint64_t, size_t> file_index;  // FileRecord id -> index into files
   std::vector<DroppedEnd> dropped;
   std::vector<std::string> notes;  // dropped ends, pipes left out, owners not mapped
+  EpollPlan epoll;                 // epoll watches re-added on replaced ends (epoll.hpp)
   std::string exec_path;           // the command, resolved through PATH
 };
 

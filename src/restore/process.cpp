@@ -158,10 +158,15 @@ class Parcels {
       if (auto ok = size_batch(p); !ok) return tl::unexpected(in_target(h, ok.error()));
       size_t installs = 0;
       for (const PlannedFd& f : h.fds) installs += !f.keep;
-      auto q = sys::FileQueue::create(installs / std::max<size_t>(p.batch, 1) + chunks);
+      auto q = sys::FileQueue::create(installs / std::max<size_t>(p.batch, 1) + chunks + plan_.epoll.adds.size() * 2);
       if (!q) return tl::unexpected(q.error());
       p.queue = std::move(*q);
       list_.push_back(std::move(p));
+    }
+    // Files an epoll re-add checks (and may install once more) stay open until the agents start.
+    for (const EpollReAdd& a : plan_.epoll.adds) {
+      epoll_files_.insert(a.file_id);
+      if (a.final_file) epoll_files_.insert(a.final_file);
     }
     for (size_t i = 0; i < list_.size(); ++i)
       for (const PlannedFd& f : list_[i].holder->fds)
@@ -196,7 +201,7 @@ class Parcels {
       p.pending.clear();
     }
     for (auto it = built.files.begin(); it != built.files.end();)
-      it = exec_files_.count(it->first) ? std::next(it) : built.files.erase(it);
+      it = exec_files_.count(it->first) || epoll_files_.count(it->first) ? std::next(it) : built.files.erase(it);
     return {};
   }
 
@@ -216,6 +221,7 @@ class Parcels {
   std::vector<Parcel> list_;
   std::unordered_map<uint64_t, std::vector<std::pair<size_t, const PlannedFd*>>> takers_;
   std::unordered_set<uint64_t> exec_files_;
+  std::unordered_set<uint64_t> epoll_files_;
   std::unordered_set<uint64_t> queued_;
 };
 
@@ -337,6 +343,19 @@ class TargetTransaction {
     for (const PlannedFd& f : h.fds)
       if (f.keep ? wants_async_kept(f) : f.set_async)
         s.ops.push_back(sys::AgentOp{sys::AgentOp::setfl_or, f.rec->fd, 0, O_ASYNC, 0, -1});
+    // Epoll watches on the files installed (epoll.hpp), checked now that the target is stopped. An
+    // install they need (the watched file at a number that ends up with another) takes its file
+    // from the queue too, after every other: queued here, before the agent gets the queue.
+    auto watches = epoll_ops(plan_, built_, static_cast<size_t>(&h - plan_.holders.data()));
+    if (!watches) return tl::unexpected(watches.error());
+    for (sys::AgentOp op : *watches) {
+      if (op.code == sys::AgentOp::install) {
+        const int src[1] = {op.source};
+        if (auto ok = p.queue.queue(static_cast<uint32_t>(s.ops.size()), src); !ok) return tl::unexpected(ok.error());
+        op.source = -1;
+      }
+      s.ops.push_back(op);
+    }
     // The agent runs in the thread whose fd table the holder is (a thread that unshared its table).
     auto agent = sys::Agent::start(*s.proc, h.thread ? h.thread : s.proc->threads().front(), *commit_, s.ops,
                                    highest_fd(h) + 1, std::max<size_t>(p.queue.largest(), 1), p.vdso,
@@ -607,6 +626,7 @@ Expected<ProcessRestoreSummary> restore_processes(const Image& img, const Proces
     sum.outcomes.push_back(std::move(o));
   }
   sum.files = plan->files.size();
+  sum.epoll_readded = plan->epoll.adds.size();
   for (const Holder& h : plan->holders) sum.fds += h.fds.size();
 
   const Holder* exec_holder = nullptr;

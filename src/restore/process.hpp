@@ -118,6 +118,7 @@ struct ProcessRestoreSummary {
   // rt_sigreturn restorer in their code (docs/design.md section 8). A kill of pipecr during their
   // bootstrap or take-back could have harmed them; the others could not be harmed that way.
   std::vector<pid_t> register_block_return;
+  size_t epoll_readded = 0;  // epoll watches added again on replaced ends (restore/epoll.hpp)
 };
 
 // Restores `request` from img (whose PipeRecord::data views memory that stays mapped during the

@@ -1,8 +1,8 @@
 #!/usr/bin/env bats
 # links.bats: a real event-loop program keeps hearing its pipe after `pipecr restore --into`
 # (issue 7). The program is Python asyncio (links/asyncio_reader.py): its loop watches the read
-# end of a pipe with epoll (loop.add_reader). A restore that puts a new pipe there leaves the watch
-# on the old file; a restore in place keeps it.
+# end of a pipe with epoll (loop.add_reader). A restore in place keeps the watch; one that puts a
+# new pipe there (--replace) adds the watch the dump recorded again on the new file.
 
 load helpers
 
@@ -67,19 +67,42 @@ heard() {
   heard "queued;END"
 }
 
-@test "asyncio: with --replace the loop goes deaf (why refill in place exists)" {
+@test "asyncio: with --replace the loop still hears its pipe: the epoll watch follows the new file" {
   start
+  say "one;"
+  heard "one;"
   "$PIPECR" dump -t "$PID" -o "$TMP/img"
   run "$PIPECR" restore --replace "$TMP/img" --into "$PID"
   echo "$output"
   [ "$status" -eq 0 ]
   [[ "$output" == *"(0 in place, 1 replaced;"* ]]
-  # Not in silence: the watch the replacement cuts is named.
-  [[ "$output" == *"note: fd 40 of process $PID is watched by its epoll fd "*": the watch stays on the file being replaced"* ]]
-  say "lost;END"
-  sleep 1
-  [ "$(cat "$TMP/heard" 2>/dev/null)" = "" ]
-  kill -9 "$PID"
+  # Said, not done in silence: which epoll got which watch back.
+  [[ "$output" == *"note: epoll fd "*" of process $PID: 1 watch re-added on the restored pipe ends (fd 40)"* ]]
+  [[ "$output" != *"will not hear"* ]]
+  say "two;END"
+  heard "one;two;END"
+}
+
+@test "asyncio: the dump records the loop's epoll watch; show and show --json print it" {
+  start
+  "$PIPECR" dump -t "$PID" -o "$TMP/img"
+  local epfd
+  epfd=$(for f in /proc/$PID/fd/*; do [ "$(readlink "$f")" = "anon_inode:[eventpoll]" ] && basename "$f"; done | head -1)
+  [ -n "$epfd" ]
+  run "$PIPECR" show "$TMP/img"
+  echo "$output"
+  [ "$status" -eq 0 ]
+  echo "$output" | grep -F "Epoll watches on pipe ends"
+  echo "$output" | grep -E "^  epoll 1 \(fd $epfd of $PID\) watches fd 40 \(file [0-9]+, pipe [0-9]+\): EPOLLIN,EPOLLERR,EPOLLHUP; data 0x[0-9a-f]*28$"
+  "$PIPECR" show --json "$TMP/img" > "$TMP/doc.json"
+  # Python's epoll sets data.fd (40) and leaves the upper half of the data as it finds it.
+  jq -e --argjson pid "$PID" --argjson ep "$epfd" '[.fds[] | select(.pid == $pid and .fd == 40) | .file][0] as $f |
+      .epoll_watches | length == 1 and .[0].epoll == 1 and
+      .[0].pid == $pid and .[0].epoll_fd == $ep and .[0].fd == 40 and .[0].file == $f and
+      .[0].events == ["EPOLLIN", "EPOLLERR", "EPOLLHUP"] and .[0].events_hex == "0x19" and
+      (.[0].data_hex | endswith("28"))' "$TMP/doc.json"
+  say "END"
+  heard "END"
 }
 
 # fifo_bytes PATH: the bytes queued in the FIFO at PATH (opened O_RDWR|O_NONBLOCK: never blocks).

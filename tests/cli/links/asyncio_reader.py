@@ -1,8 +1,8 @@
 # asyncio_reader.py: a real event loop (Python asyncio, epoll underneath) that reads a pipe through
 # loop.add_reader, for tests/cli/links.bats. It makes a pipe (read end at fd 40, write end at 41),
 # writes its pid to $1, then appends everything the loop hears on the pipe to $2 and exits 0 once
-# it has heard "END". A restore that replaces the pipe leaves the loop's epoll watch on the old one:
-# the loop then never hears another byte.
+# it has heard "END". A restore that replaces the pipe must add the loop's epoll watch again on the
+# new one, else the loop never hears another byte.
 import asyncio
 import os
 import sys
