@@ -162,8 +162,10 @@ Expected<void> check_fd_room(const Plan& plan) {
   return fail(Errc::system, EMFILE,
               fmt::format("this restore needs about {} fds open in pipecr at once ({} open files of {} pipes, "
                           "plus temporaries) and pipecr holds {} already, but its RLIMIT_NOFILE is {} (hard {}): "
-                          "raise the hard limit (ulimit -Hn, prlimit --nofile) or restore fewer processes at once",
-                          need, plan.files.size(), plan.pipes.size(), *open_now, rl.rlim_cur, rl.rlim_max));
+                          "raise it, e.g. prlimit --nofile={}:{} pipecr restore ... (as root), or restore fewer "
+                          "processes at once",
+                          need, plan.files.size(), plan.pipes.size(), *open_now, rl.rlim_cur, rl.rlim_max,
+                          *open_now + need + 64, *open_now + need + 64));
 }
 
 Expected<Built> build(const Plan& plan, const ProcessRestoreOptions& opts, const Flush& flush) {
