@@ -115,6 +115,29 @@ const char* op_name(uint32_t code) {
   return "?";
 }
 
+// Sends one message, with fds attached (SCM_RIGHTS) when there are any, again after EINTR.
+// Returns what sendmsg() returned last (errno set when < 0).
+ssize_t send_message(int sock, const pipecr_agent_msg& m, std::span<const int> fds) {
+  iovec iov{const_cast<pipecr_agent_msg*>(&m), sizeof m};
+  alignas(cmsghdr) char ctl[CMSG_SPACE(kMaxFdsPerMessage * sizeof(int))] = {};
+  msghdr h{};
+  h.msg_iov = &iov;
+  h.msg_iovlen = 1;
+  if (!fds.empty()) {
+    h.msg_control = ctl;
+    h.msg_controllen = CMSG_SPACE(fds.size() * sizeof(int));
+    cmsghdr* c = CMSG_FIRSTHDR(&h);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(fds.size() * sizeof(int));
+    std::memcpy(CMSG_DATA(c), fds.data(), fds.size() * sizeof(int));
+  }
+  ssize_t n;
+  do n = ::sendmsg(sock, &h, MSG_NOSIGNAL);
+  while (n < 0 && errno == EINTR);
+  return n;
+}
+
 }  // namespace
 
 void set_agent_sigreturn(bool enabled) { g_sigreturn = enabled; }
@@ -405,24 +428,9 @@ Expected<void> Agent::died_meanwhile() {
 }
 
 Expected<void> Agent::send(int sock, uint32_t type, uint32_t first, uint32_t count, std::span<const int> fds) {
-  pipecr_agent_msg m{type, first, count, 0};
-  iovec iov{&m, sizeof m};
-  alignas(cmsghdr) char ctl[CMSG_SPACE(kMaxFdsPerMessage * sizeof(int))] = {};
-  msghdr h{};
-  h.msg_iov = &iov;
-  h.msg_iovlen = 1;
-  if (!fds.empty()) {
-    h.msg_control = ctl;
-    h.msg_controllen = CMSG_SPACE(fds.size() * sizeof(int));
-    cmsghdr* c = CMSG_FIRSTHDR(&h);
-    c->cmsg_level = SOL_SOCKET;
-    c->cmsg_type = SCM_RIGHTS;
-    c->cmsg_len = CMSG_LEN(fds.size() * sizeof(int));
-    std::memcpy(CMSG_DATA(c), fds.data(), fds.size() * sizeof(int));
-  }
+  const pipecr_agent_msg m{type, first, count, 0};
   for (;;) {
-    if (::sendmsg(sock, &h, MSG_NOSIGNAL) == static_cast<ssize_t>(sizeof m)) return {};
-    if (errno == EINTR) continue;
+    if (send_message(sock, m, fds) == static_cast<ssize_t>(sizeof m)) return {};
     if (errno == EAGAIN) {  // the agent has not drained the queue yet
       if (auto ok = process_->check_running(tid_); !ok) return ok;
       std::this_thread::sleep_for(std::chrono::microseconds(50));
@@ -543,24 +551,10 @@ Expected<FileQueue> FileQueue::create(size_t messages) {
 }
 
 Expected<void> FileQueue::queue(uint32_t first, std::span<const int> fds) {
-  pipecr_agent_msg m{PIPECR_MSG_FILES, first, static_cast<uint32_t>(fds.size()), 0};
-  iovec iov{&m, sizeof m};
-  alignas(cmsghdr) char ctl[CMSG_SPACE(kMaxFdsPerMessage * sizeof(int))] = {};
-  msghdr h{};
-  h.msg_iov = &iov;
-  h.msg_iovlen = 1;
   if (fds.empty() || fds.size() > kMaxFdsPerMessage)
     return fail(Errc::invalid_argument, EINVAL, fmt::format("files queue: {} files in one message", fds.size()));
-  h.msg_control = ctl;
-  h.msg_controllen = CMSG_SPACE(fds.size() * sizeof(int));
-  cmsghdr* c = CMSG_FIRSTHDR(&h);
-  c->cmsg_level = SOL_SOCKET;
-  c->cmsg_type = SCM_RIGHTS;
-  c->cmsg_len = CMSG_LEN(fds.size() * sizeof(int));
-  std::memcpy(CMSG_DATA(c), fds.data(), fds.size() * sizeof(int));
-  ssize_t n;
-  do n = ::sendmsg(sender_.get(), &h, MSG_NOSIGNAL);
-  while (n < 0 && errno == EINTR);
+  const pipecr_agent_msg m{PIPECR_MSG_FILES, first, static_cast<uint32_t>(fds.size()), 0};
+  const ssize_t n = send_message(sender_.get(), m, fds);
   if (n == static_cast<ssize_t>(sizeof m)) {
     ++messages_;
     files_ += fds.size();
