@@ -728,14 +728,19 @@ class Dumper {
     return {};
   }
 
-  // Owner and signal of a holder's open file and its pipe's capacity, from its copy.
-  Expected<void> holder_state(Holder& h) {
+  // Owner and signal of the open file behind a holder's copy; a notification pipe is refused.
+  Expected<FileRecord> owner_and_signal(const Holder& h) {
     if (is_notification_pipe(h.copy.get()))
       return fail(Errc::unsupported, ENOTSUP,
                   fmt::format("pid {} fd {} is a notification pipe (O_NOTIFICATION_PIPE): its messages cannot be "
                               "read without consuming them",
                               tables_[h.table].pid, h.fd));
-    auto state = file_state(h.copy.get(), false);
+    return file_state(h.copy.get(), false);
+  }
+
+  // Owner and signal of a holder's open file and its pipe's capacity, from its copy.
+  Expected<void> holder_state(Holder& h) {
+    auto state = owner_and_signal(h);
     if (!state) return tl::unexpected(state.error());
     h.owner = state->owner;
     h.signal = state->signal;
@@ -847,12 +852,7 @@ class Dumper {
   }
 
   Expected<void> file_state_from(OpenFile& f, const Holder& h) {
-    if (is_notification_pipe(h.copy.get()))
-      return fail(Errc::unsupported, ENOTSUP,
-                  fmt::format("pid {} fd {} is a notification pipe (O_NOTIFICATION_PIPE): its messages cannot be "
-                              "read without consuming them",
-                              tables_[h.table].pid, h.fd));
-    auto state = file_state(h.copy.get(), false);
+    auto state = owner_and_signal(h);
     if (!state) return tl::unexpected(state.error());
     f.rec.owner = state->owner;
     f.rec.signal = state->signal;
