@@ -30,40 +30,10 @@ using Child = testing::DumpChild;
 
 void signal_ready(int fd) { close(fd); }
 
-void wait_usr1() {
-  sigset_t set;
-  sigemptyset(&set);
-  sigaddset(&set, SIGUSR1);
-  int sig;
-  sigwait(&set, &sig);
-}
-
-void block_usr1() {
-  sigset_t set;
-  sigemptyset(&set);
-  sigaddset(&set, SIGUSR1);
-  sigprocmask(SIG_BLOCK, &set, nullptr);
-}
-
-// State letter and tracer of a process: nothing may be left stopped or traced.
-std::pair<char, int> state_of(pid_t pid) {
-  std::ifstream f("/proc/" + std::to_string(pid) + "/status");
-  std::string line;
-  char state = '?';
-  int tracer = -1;
-  while (std::getline(f, line)) {
-    if (line.rfind("State:", 0) == 0) state = line[7];
-    if (line.rfind("TracerPid:", 0) == 0) tracer = std::stoi(line.substr(10));
-  }
-  return {state, tracer};
-}
-
-void expect_running(pid_t pid) {
-  auto [state, tracer] = state_of(pid);
-  EXPECT_NE(state, 'T') << pid;
-  EXPECT_NE(state, 't') << pid;
-  EXPECT_EQ(tracer, 0) << pid;
-}
+using testing::block_usr1;
+using testing::expect_running;
+using testing::state_of;
+using testing::wait_usr1;
 
 Expected<Image> dump(std::vector<pid_t> pids, bool tree, std::vector<std::byte>& bytes, bool leave_stopped = false) {
   image::MemorySink sink;
