@@ -158,7 +158,11 @@ class Parcels {
       if (auto ok = size_batch(p); !ok) return tl::unexpected(in_target(h, ok.error()));
       size_t installs = 0;
       for (const PlannedFd& f : h.fds) installs += !f.keep;
-      auto q = sys::FileQueue::create(installs / std::max<size_t>(p.batch, 1) + chunks + plan_.epoll.adds.size() * 2);
+      // An epoll re-add through a reused number queues its two files a message each (start()).
+      const auto index = static_cast<size_t>(&h - plan_.holders.data());
+      size_t epoll_messages = 0;
+      for (const EpollReAdd& a : plan_.epoll.adds) epoll_messages += a.holder == index && a.final_file ? 2 : 0;
+      auto q = sys::FileQueue::create(installs / std::max<size_t>(p.batch, 1) + chunks + epoll_messages);
       if (!q) return tl::unexpected(q.error());
       p.queue = std::move(*q);
       list_.push_back(std::move(p));
