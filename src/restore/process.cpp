@@ -234,7 +234,7 @@ struct Session {
   Session(std::unique_ptr<sys::StoppedProcess> p, const Holder& h, Parcel& pc)
       : proc(std::move(p)), holder(&h), parcel(&pc) {}
   std::unique_ptr<sys::StoppedProcess> proc;  // declared first: destroyed after the agent
-  std::unique_ptr<sys::Agent> agent;
+  sys::Agent* agent = nullptr;  // owned by proc
   std::vector<sys::AgentOp> ops;
   const Holder* holder;
   Parcel* parcel;
@@ -361,11 +361,11 @@ class TargetTransaction {
       s.ops.push_back(op);
     }
     // The agent runs in the thread whose fd table the holder is (a thread that unshared its table).
-    auto agent = sys::Agent::start(*s.proc, h.thread ? h.thread : s.proc->threads().front(), *commit_, s.ops,
+    auto agent = s.proc->inject<sys::Agent>(h.thread ? h.thread : s.proc->threads().front(), *commit_, s.ops,
                                    highest_fd(h) + 1, std::max<size_t>(p.queue.largest(), 1), p.vdso,
                                    p.queue.messages() ? p.queue.take_receiver() : sys::UniqueFd());
     if (!agent) return tl::unexpected(agent.error());
-    s.agent = std::move(*agent);
+    s.agent = *agent;
     if (!s.agent->returns_by_sigreturn()) register_block_.push_back(h.target);
     return {};
   }

@@ -106,6 +106,20 @@ ReturnGadgets find_return_gadgets(pid_t pid) {
 
 std::atomic<bool> g_sigreturn{true};
 
+// The bootstrap's remote syscalls are used for one step: the process discards them (puts the
+// thread back if they did not, and destroys them) when the step ends.
+class Discard {
+ public:
+  Discard(StoppedProcess& p, Injector* i) : process_(p), injector_(i) {}
+  ~Discard() { (void)process_.discard(injector_); }
+  Discard(const Discard&) = delete;
+  Discard& operator=(const Discard&) = delete;
+
+ private:
+  StoppedProcess& process_;
+  Injector* injector_;
+};
+
 const char* op_name(uint32_t code) {
   switch (code) {
     case AgentOp::install: return "install";
@@ -179,9 +193,9 @@ Error Agent::error(const std::string& what, int err) const {
   return Error{Errc::system, err, fmt::format("agent in pid {} (thread {}): {}", pid_, tid_, what)};
 }
 
-Expected<std::unique_ptr<Agent>> Agent::start(StoppedProcess& process, pid_t tid, const CommitPoint& commit,
-                                              std::span<const AgentOp> ops, int floor, size_t batch,
-                                              uint64_t vdso_hint, UniqueFd queue) {
+Expected<std::unique_ptr<Agent>> Agent::create(StoppedProcess& process, pid_t tid, const CommitPoint& commit,
+                                               std::span<const AgentOp> ops, int floor, size_t batch,
+                                               uint64_t vdso_hint, UniqueFd queue) {
   std::unique_ptr<Agent> a(new Agent(process, tid));
   a->queue_ = std::move(queue);
   a->ops_.assign(ops.begin(), ops.end());
@@ -343,8 +357,10 @@ Expected<void> Agent::boot_with_block(pipecr_agent_ctl& ctl, std::vector<unsigne
 
   // The remote syscalls of the bootstrap: from here until the registers point at the agent,
   // pipecr's death would leave the thread with the injected registers (the harm window).
-  auto rs = RemoteSyscalls::attach(*process_, tid_, RemoteSyscalls::Insn::vdso_first, vdso_hint_);
-  if (!rs) return tl::unexpected(rs.error());
+  auto made = process_->inject<RemoteSyscalls>(tid_, RemoteSyscalls::Insn::vdso_first, vdso_hint_);
+  if (!made) return tl::unexpected(made.error());
+  Discard done_with(*process_, *made);
+  RemoteSyscalls* rs = *made;
   vdso_hint_ = rs->patched_code() ? 0 : rs->syscall_address();
   HarmWindowScope window;
   auto addr = rs->call(SYS_mmap, 0, map_len_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
@@ -674,8 +690,10 @@ Expected<void> Agent::take_back() {
     base_ = 0;
     return {};
   }
-  auto rs = RemoteSyscalls::attach(*process_, tid_, RemoteSyscalls::Insn::vdso_first, vdso_hint_);
-  if (!rs) return tl::unexpected(rs.error());
+  auto made = process_->inject<RemoteSyscalls>(tid_, RemoteSyscalls::Insn::vdso_first, vdso_hint_);
+  if (!made) return tl::unexpected(made.error());
+  Discard done_with(*process_, *made);
+  RemoteSyscalls* rs = *made;
   rs->restore_to(saved_);
   HarmWindowScope window;  // from the munmap's registers until the thread's own, and its mask, are back
   auto un = rs->call(SYS_munmap, base_, map_len_);

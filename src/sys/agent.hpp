@@ -91,7 +91,7 @@ inline constexpr size_t kAgentBatch = 253;
 // A target's files, parked in flight before the target is stopped: a SOCK_SEQPACKET socketpair this
 // process holds both ends of. queue() sends one FILES message (SCM_RIGHTS) for operations
 // [first, first + count); the caller may then close its copies: the queue holds the files (and a
-// pipe's bytes with them) with no fd number anywhere. Agent::start() hands the receiving end to the
+// pipe's bytes with them) with no fd number anywhere. The agent gets the receiving end to the
 // agent with HELLO; the agent takes the messages one at a time at the commit. Destroying the queue
 // before that (or the agent closing it on an abort) drops every file in it.
 // Limits: each message is charged to the sending end's send buffer until received (SO_SNDBUFFORCE,
@@ -103,7 +103,7 @@ class FileQueue {
   // messages: how many will be queued at most (sizes the send buffer).
   [[nodiscard]] static Expected<FileQueue> create(size_t messages);
   [[nodiscard]] Expected<void> queue(uint32_t first, std::span<const int> fds);
-  // The receiving end, for Agent::start() (once).
+  // The receiving end, for the agent (once).
   [[nodiscard]] UniqueFd take_receiver() { return std::move(receiver_); }
   [[nodiscard]] size_t messages() const { return messages_; }
   [[nodiscard]] size_t files() const { return files_; }
@@ -116,19 +116,15 @@ class FileQueue {
 
 class Agent : public Injector {
  public:
-  // Starts an agent on thread tid of process (stopped) with these operations (install ones carry
+  // Made by StoppedProcess::inject<Agent>(tid, commit, ops, floor, batch, vdso_hint, queue), which
+  // owns it: starts an agent on thread tid of the (stopped) process with these operations (install ones carry
   // their source fd, sent later by send_files()). floor: above every number an operation fills (the
   // agent keeps its temporaries there when they would collide). Returns once the agent is connected.
   // On failure the target is as it was (the mapping removed, registers back).
   // queue: the receiving end of a FileQueue already holding the install operations' files (their
   // AgentOp::source is then -1 and send_files() sends nothing); batch is then its largest message.
-  [[nodiscard]] static Expected<std::unique_ptr<Agent>> start(StoppedProcess& process, pid_t tid,
-                                                              const CommitPoint& commit,
-                                                              std::span<const AgentOp> ops, int floor,
-                                                              size_t batch = kAgentBatch, uint64_t vdso_hint = 0,
-                                                              UniqueFd queue = UniqueFd());
-  // Destroy an Agent after its StoppedProcess::resume(): resume() then waits (after_detach) until
-  // the agent has returned and unmapped itself; destroyed before, it finishes a moment after.
+  // The process's resume() restore()s it if it is still open, then waits (after_detach) until the
+  // agent has returned and unmapped itself.
   ~Agent() override;
   Agent(const Agent&) = delete;
   Agent& operator=(const Agent&) = delete;
@@ -161,6 +157,12 @@ class Agent : public Injector {
   [[nodiscard]] bool returns_by_sigreturn() const { return frame_mode_; }
 
  private:
+  friend class StoppedProcess;  // inject()
+  [[nodiscard]] static Expected<std::unique_ptr<Agent>> create(StoppedProcess& process, pid_t tid,
+                                                               const CommitPoint& commit,
+                                                               std::span<const AgentOp> ops, int floor,
+                                                               size_t batch = kAgentBatch, uint64_t vdso_hint = 0,
+                                                               UniqueFd queue = UniqueFd());
   Agent(StoppedProcess& p, pid_t tid) : pid_(p.pid()), tid_(tid) { link(&p); }
   [[nodiscard]] Expected<void> boot(const CommitPoint& commit, std::span<const AgentOp> ops, int floor);
   [[nodiscard]] Expected<void> boot_with_frame(pipecr_agent_ctl& ctl, std::vector<unsigned char>& image,

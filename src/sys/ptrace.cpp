@@ -365,6 +365,17 @@ Expected<bool> StoppedProcess::wait_first_stop(pid_t tid) {
 StoppedProcess::~StoppedProcess() {
   (void)resume();
   for (Injector* r : injectors_) r->process_ = nullptr;
+  injectors_.clear();
+  owned_.clear();  // each one's restore() has nothing left to do
+}
+
+Expected<void> StoppedProcess::discard(Injector* injector) {
+  auto it = std::find_if(owned_.begin(), owned_.end(), [injector](const auto& o) { return o.get() == injector; });
+  if (it == owned_.end())
+    return fail(Errc::invalid_argument, EINVAL, fmt::format("pid {}: discard() of an injector it does not own", pid_));
+  auto ok = injector->restore();
+  owned_.erase(it);
+  return ok;
 }
 
 void StoppedProcess::forget_thread(pid_t tid) {

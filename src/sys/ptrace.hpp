@@ -43,9 +43,9 @@ namespace pipecr::sys {
 class StoppedProcess;
 
 // Something that runs code inside a stopped process (remote syscalls, the agent) and must put the
-// thread it uses back before the process is let go. StoppedProcess::resume() calls restore() on
-// every injector still registered, in order, before any thread is detached, and after_detach() once
-// they are.
+// thread it uses back before the process is let go. Injectors are made and owned by their
+// StoppedProcess (StoppedProcess::inject). resume() calls restore() on every injector still open, in
+// order, before any thread is detached, and after_detach() once they are.
 class Injector {
  public:
   virtual ~Injector() = default;
@@ -161,6 +161,21 @@ class StoppedProcess {
   // A signal is pending for tid that it does not block (/proc status), or held back by us for it.
   [[nodiscard]] bool signal_pending(pid_t tid) const;
 
+  // Runs code in this process through an injector it makes and owns: T::create(*this, args...) (a
+  // private factory: RemoteSyscalls, Agent), kept until discard() or until this process is destroyed,
+  // so an injector can never outlive the process it works in nor be let go with a thread half done.
+  // The pointer returned stays valid until then.
+  template <class T, class... A>
+  [[nodiscard]] Expected<T*> inject(A&&... args) {
+    auto made = T::create(*this, std::forward<A>(args)...);
+    if (!made) return tl::unexpected(made.error());
+    T* raw = made->get();
+    owned_.push_back(std::move(*made));
+    return raw;
+  }
+  // Puts an injector's thread back (restore(): nothing when done already) and destroys it now.
+  Expected<void> discard(Injector* injector);
+
   // Detaches every thread. Any Injector still open on this process is restore()d first, so a
   // thread is never let go with injected registers or code. Held-back signals are sent again. With leave_stopped the process
   // is put in an ordinary group stop (SIGSTOP before detaching) that its parent's
@@ -205,6 +220,7 @@ class StoppedProcess {
   std::vector<std::pair<pid_t, int>> held_signals_;  // (tid, signo) to send again before detach
   bool was_stopped_ = false;
   std::vector<Injector*> injectors_;                // open on this process (remote syscalls, agents)
+  std::vector<std::unique_ptr<Injector>> owned_;    // every injector made by inject(), destroyed last
   std::vector<pid_t> running_;                      // let_run() and not yet interrupt()ed
 };
 

@@ -1,15 +1,4 @@
-// remote.cpp: system calls run inside a stopped thread, and fd injection over SCM_RIGHTS.
-//
-// The injection, step by step (see remote.hpp for why each step is so):
-//   1. check every target fd is below the target's RLIMIT_NOFILE: nothing is changed before that;
-//   2. target: socketpair(AF_UNIX, SOCK_STREAM|SOCK_CLOEXEC) -> a, b; tool: pidfd_getfd(a); target:
-//      close(a);
-//   3. per batch of <= 253 fds: tool sendmsg(1 byte + SCM_RIGHTS); target recvmsg(b) into the
-//      scratch page (MSG_CMSG_CLOEXEC), then dup3(temp, target_fd, O_CLOEXEC or 0), close(temp);
-//   4. target: close(b).
-// Temporaries land on the lowest free numbers, which may be target numbers still to be filled: such
-// a temporary is first moved above the largest target number (F_DUPFD_CLOEXEC), else a dup3 would
-// replace it.
+// remote.cpp: system calls run inside a stopped thread (the agent's bootstrap, remote.hpp).
 #include "sys/remote.hpp"
 
 #include <fcntl.h>
@@ -57,14 +46,14 @@ Expected<void> poke(pid_t pid, pid_t tid, uint64_t addr, long word) {
 
 // ---------------------------------------------------------------- RemoteSyscalls
 
-Expected<RemoteSyscalls> RemoteSyscalls::attach(StoppedProcess& process, pid_t tid, Insn insn, uint64_t vdso_hint) {
+Expected<std::unique_ptr<RemoteSyscalls>> RemoteSyscalls::create(StoppedProcess& process, pid_t tid, Insn insn,
+                                                                 uint64_t vdso_hint) {
   const auto& t = process.threads();
   if (std::find(t.begin(), t.end(), tid) == t.end())
     return fail(Errc::invalid_argument, EINVAL,
                 fmt::format("RemoteSyscalls(pid={}, tid={}): not a stopped thread of the process", process.pid(), tid));
-  RemoteSyscalls r(process, tid);
-
-  auto ok = r.prepare(insn, vdso_hint);
+  std::unique_ptr<RemoteSyscalls> r(new RemoteSyscalls(process, tid));
+  auto ok = r->prepare(insn, vdso_hint);
   if (!ok) return tl::unexpected(ok.error());
   return r;
 }
@@ -138,24 +127,6 @@ Expected<void> RemoteSyscalls::prepare(Insn insn, uint64_t vdso_hint) {
   insn_addr_ = ip;
   done_ = false;
   return {};
-}
-
-RemoteSyscalls::RemoteSyscalls(RemoteSyscalls&& o) noexcept
-    : pid_(o.pid_),
-      tid_(o.tid_),
-      saved_(o.saved_),
-      insn_addr_(o.insn_addr_),
-      patched_(o.patched_),
-      patched_word_addr_(o.patched_word_addr_),
-      original_word_(o.original_word_),
-      scratch_(o.scratch_),
-      ran_(o.ran_),
-      done_(o.done_) {
-  o.done_ = true;
-  o.scratch_ = 0;
-  StoppedProcess* p = o.process_;
-  o.unlink();
-  link(p);
 }
 
 RemoteSyscalls::~RemoteSyscalls() {
@@ -273,200 +244,6 @@ Expected<uint64_t> RemoteSyscalls::scratch_page() {
   if (!a) return a;
   scratch_ = *a;
   return scratch_;
-}
-
-// ---------------------------------------------------------------- fd helpers
-
-Expected<long> remote_fcntl(RemoteSyscalls& r, int fd, int cmd, long arg) {
-  return r.call(SYS_fcntl, static_cast<unsigned long>(fd), static_cast<unsigned long>(cmd), static_cast<unsigned long>(arg));
-}
-
-Expected<uint64_t> remote_nofile_limit(RemoteSyscalls& r) {
-  rlimit lim{};
-  if (::prlimit(r.pid(), RLIMIT_NOFILE, nullptr, &lim) == 0) return static_cast<uint64_t>(lim.rlim_cur);
-  if (errno != EPERM)
-    return fail_errno(errno, fmt::format("prlimit(pid={}, RLIMIT_NOFILE)", r.pid()));
-  // Another uid and no CAP_SYS_RESOURCE: ask from inside.
-  auto page = r.scratch_page();
-  if (!page) return tl::unexpected(page.error());
-  auto ok = r.call_checked("prlimit64(0, RLIMIT_NOFILE, NULL, scratch)", SYS_prlimit64, 0, RLIMIT_NOFILE, 0, *page);
-  if (!ok) return tl::unexpected(ok.error());
-  auto rd = r.read_memory(*page, std::as_writable_bytes(std::span(&lim, 1)));
-  if (!rd) return tl::unexpected(rd.error());
-  return static_cast<uint64_t>(lim.rlim_cur);
-}
-
-namespace {
-
-// fds open in the target that we must close: closed (errors ignored) when this goes away.
-class RemoteTemps {
- public:
-  explicit RemoteTemps(RemoteSyscalls& r) : r_(r) {}
-  ~RemoteTemps() { close_all(); }
-  RemoteTemps(const RemoteTemps&) = delete;
-  RemoteTemps& operator=(const RemoteTemps&) = delete;
-  std::vector<int>& fds() { return fds_; }
-  void close_all() {
-    for (int fd : fds_) (void)r_.call(SYS_close, static_cast<unsigned long>(fd));
-    fds_.clear();
-  }
-
- private:
-  RemoteSyscalls& r_;
-  std::vector<int> fds_;
-};
-
-Expected<int> remote_close(RemoteSyscalls& r, int fd) {
-  auto res = r.call_checked("close", SYS_close, static_cast<unsigned long>(fd));
-  if (!res) return tl::unexpected(res.error());
-  return 0;
-}
-
-// Moves each temporary that sits on a target number above `highest` (sorted_targets is sorted).
-Expected<void> move_off_targets(RemoteSyscalls& r, std::vector<int>& temps, const std::vector<int>& sorted_targets) {
-  const int highest = sorted_targets.back();
-  for (int& fd : temps) {
-    if (!std::binary_search(sorted_targets.begin(), sorted_targets.end(), fd)) continue;
-    auto moved = remote_fcntl(r, fd, F_DUPFD_CLOEXEC, highest + 1);
-    if (!moved) return tl::unexpected(moved.error());
-    if (is_errno_result(*moved))
-      return fail_errno(static_cast<int>(-*moved), fmt::format("fcntl({}, F_DUPFD_CLOEXEC, {}) in pid {}", fd, highest + 1, r.pid()));
-    int old = fd;
-    fd = static_cast<int>(*moved);
-    (void)r.call(SYS_close, static_cast<unsigned long>(old));
-  }
-  return {};
-}
-
-// Scratch page layout for recvmsg.
-constexpr uint64_t kMsgOff = 0, kIovOff = 64, kDataOff = 96, kCtlOff = 128;
-constexpr size_t kCtlSize = CMSG_SPACE(kMaxFdsPerMessage * sizeof(int));
-static_assert(kCtlOff + kCtlSize <= RemoteSyscalls::kScratchSize);
-
-Expected<void> send_batch(int sock, std::span<const FdInstall> batch) {
-  alignas(cmsghdr) char ctl[kCtlSize] = {};
-  char byte = 'F';
-  iovec iov{&byte, 1};
-  msghdr msg{};
-  msg.msg_iov = &iov;
-  msg.msg_iovlen = 1;
-  msg.msg_control = ctl;
-  msg.msg_controllen = CMSG_SPACE(batch.size() * sizeof(int));
-  cmsghdr* c = CMSG_FIRSTHDR(&msg);
-  c->cmsg_level = SOL_SOCKET;
-  c->cmsg_type = SCM_RIGHTS;
-  c->cmsg_len = CMSG_LEN(batch.size() * sizeof(int));
-  for (size_t i = 0; i < batch.size(); ++i) std::memcpy(CMSG_DATA(c) + i * sizeof(int), &batch[i].source_fd, sizeof(int));
-  for (;;) {
-    if (::sendmsg(sock, &msg, MSG_NOSIGNAL) == 1) return {};
-    if (errno != EINTR) return fail_errno(errno, fmt::format("sendmsg(SCM_RIGHTS, {} fds)", batch.size()));
-  }
-}
-
-// recvmsg(sock) in the target; the fds received are appended to temps (so they are closed on error).
-Expected<void> receive_batch(RemoteSyscalls& r, int sock, uint64_t page, size_t count, std::vector<int>& temps) {
-  msghdr msg{};
-  iovec iov{reinterpret_cast<void*>(page + kDataOff), 1};
-  msg.msg_iov = reinterpret_cast<iovec*>(page + kIovOff);
-  msg.msg_iovlen = 1;
-  msg.msg_control = reinterpret_cast<void*>(page + kCtlOff);
-  msg.msg_controllen = CMSG_SPACE(count * sizeof(int));
-  auto ok = r.write_memory(page + kMsgOff, std::as_bytes(std::span(&msg, 1)));
-  if (ok) ok = r.write_memory(page + kIovOff, std::as_bytes(std::span(&iov, 1)));
-  if (!ok) return ok;
-  auto n = r.call_checked("recvmsg(MSG_CMSG_CLOEXEC|MSG_DONTWAIT)", SYS_recvmsg, static_cast<unsigned long>(sock), page + kMsgOff,
-                          MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
-  if (!n) return tl::unexpected(n.error());
-  alignas(cmsghdr) char ctl[kCtlSize] = {};
-  ok = r.read_memory(page + kMsgOff, std::as_writable_bytes(std::span(&msg, 1)));
-  if (ok) ok = r.read_memory(page + kCtlOff, std::as_writable_bytes(std::span(ctl, kCtlSize)));
-  if (!ok) return ok;
-  msg.msg_control = ctl;
-  msg.msg_controllen = std::min<size_t>(msg.msg_controllen, kCtlSize);
-  for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
-    if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
-    size_t k = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-    for (size_t i = 0; i < k; ++i) {
-      int fd;
-      std::memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
-      temps.push_back(fd);
-    }
-  }
-  if ((msg.msg_flags & MSG_CTRUNC) || temps.size() != count)
-    return fail(Errc::system, EMFILE,
-                fmt::format("recvmsg(SCM_RIGHTS) in pid {}: {} of {} fds arrived (RLIMIT_NOFILE?)", r.pid(), temps.size(), count));
-  return {};
-}
-
-Expected<void> check_install_args(std::span<const FdInstall> fds, std::vector<int>& sorted_targets) {
-  for (const FdInstall& f : fds) {
-    if (f.target_fd < 0 || ::fcntl(f.source_fd, F_GETFD) < 0)
-      return fail(Errc::invalid_argument, EINVAL,
-                  fmt::format("install_fds: bad pair source_fd={} target_fd={}", f.source_fd, f.target_fd));
-    sorted_targets.push_back(f.target_fd);
-  }
-  std::sort(sorted_targets.begin(), sorted_targets.end());
-  if (std::adjacent_find(sorted_targets.begin(), sorted_targets.end()) != sorted_targets.end())
-    return fail(Errc::invalid_argument, EINVAL, "install_fds: a target fd is named twice");
-  return {};
-}
-
-// Makes the socketpair in the target; returns the tool's copy of one end, and the target's other end
-// in temps.
-Expected<UniqueFd> open_channel(RemoteSyscalls& r, uint64_t page, const std::vector<int>& sorted_targets,
-                                std::vector<int>& temps) {
-  auto ok = r.call_checked("socketpair(AF_UNIX, SOCK_STREAM|SOCK_CLOEXEC)", SYS_socketpair, AF_UNIX,
-                           SOCK_STREAM | SOCK_CLOEXEC, 0, page);
-  if (!ok) return tl::unexpected(ok.error());
-  int pair[2];
-  auto rd = r.read_memory(page, std::as_writable_bytes(std::span(pair)));
-  if (!rd) return tl::unexpected(rd.error());
-  temps.push_back(pair[0]);
-  temps.push_back(pair[1]);
-  auto moved = move_off_targets(r, temps, sorted_targets);
-  if (!moved) return tl::unexpected(moved.error());
-  auto pidfd = pidfd_open(r.tid());  // the table of the thread driven (a thread may have its own)
-  if (!pidfd) return tl::unexpected(pidfd.error());
-  auto mine = pidfd_getfd(pidfd->get(), temps[0], r.pid());
-  if (!mine) return tl::unexpected(mine.error());
-  auto closed = remote_close(r, temps[0]);
-  temps.erase(temps.begin());
-  if (!closed) return tl::unexpected(closed.error());
-  return mine;
-}
-
-}  // namespace
-
-Expected<void> install_fds(RemoteSyscalls& r, std::span<const FdInstall> fds) {
-  std::vector<int> targets;
-  auto ok = check_install_args(fds, targets);
-  if (!ok || fds.empty()) return ok;
-  auto limit = remote_nofile_limit(r);
-  if (!limit) return tl::unexpected(limit.error());
-  if (static_cast<uint64_t>(targets.back()) >= *limit)
-    return fail(Errc::system, EMFILE,
-                fmt::format("install_fds(pid={}): fd {} is not below the process's RLIMIT_NOFILE ({})", r.pid(),
-                            targets.back(), *limit));
-  auto page = r.scratch_page();
-  if (!page) return tl::unexpected(page.error());
-  RemoteTemps channel(r);
-  auto mine = open_channel(r, *page, targets, channel.fds());
-  if (!mine) return tl::unexpected(mine.error());
-  const int sock = channel.fds()[0];
-  for (size_t at = 0; at < fds.size(); at += kMaxFdsPerMessage) {
-    auto batch = fds.subspan(at, std::min(kMaxFdsPerMessage, fds.size() - at));
-    RemoteTemps temps(r);
-    ok = send_batch(mine->get(), batch);
-    if (ok) ok = receive_batch(r, sock, *page, batch.size(), temps.fds());
-    if (ok) ok = move_off_targets(r, temps.fds(), targets);
-    if (!ok) return ok;
-    for (size_t i = 0; i < batch.size(); ++i) {
-      auto d = r.call_checked("dup3", SYS_dup3, static_cast<unsigned long>(temps.fds()[i]),
-                              static_cast<unsigned long>(batch[i].target_fd), batch[i].cloexec ? O_CLOEXEC : 0);
-      if (!d) return tl::unexpected(d.error());
-    }
-  }
-  return {};
 }
 
 }  // namespace pipecr::sys

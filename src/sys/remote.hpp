@@ -1,4 +1,6 @@
-// remote.hpp: run system calls inside a stopped thread, and put fds into another process.
+// remote.hpp: run system calls inside a stopped thread: the agent's bootstrap (its mmap and
+// mprotect when the target has no `syscall; ret` of its own, and the fallback take-back munmap).
+// Everything else runs in the agent (agent.hpp); files are installed only there.
 //
 // Technique (the reptyr / CRIU parasite-free way): on one thread of a StoppedProcess, save its
 // registers; find a `syscall` instruction: one in the target's [vdso] (read with process_vm_readv:
@@ -10,15 +12,6 @@
 // restore() writes back code and registers and re-parks the thread in an interrupt stop, so that
 // on detach the kernel restarts an interrupted syscall itself: a thread blocked in read(5) reads
 // fd 5 again, whatever file fd 5 now is.
-//
-// fd injection: the target creates a socketpair (injected), the tool takes one end with
-// pidfd_getfd (it already has ptrace rights, so this needs nothing more), sends the fds with
-// SCM_RIGHTS in batches of at most 253 (SCM_MAX_FD), the target recvmsg()s them into a scratch page,
-// dup3()s each to its number and closes the temporaries. A socketpair rather than an abstract
-// unix address: no name another process could connect to, and it works across network
-// namespaces (abstract addresses are per netns). SCM_RIGHTS passes the same open file
-// descriptions (kcmp equal) and needs no privilege of the target over the tool, so a root tool
-// can install into an unprivileged target.
 //
 // Registers go through sys/arch (x86_64 today).
 #pragma once
@@ -37,19 +30,18 @@ namespace pipecr::sys {
 
 class RemoteSyscalls : public Injector {
  public:
-  // Saves tid's registers and prepares a syscall instruction. tid must be one of
-  // process.threads(). The two stay linked: a move of either is followed, process.resume()
-  // restore()s this first, and once process is gone every call fails (Errc::invalid_argument).
+  // Made by StoppedProcess::inject<RemoteSyscalls>(tid, insn, vdso_hint), which owns it: saves tid's
+  // registers and prepares a syscall instruction. tid must be one of process.threads() (else
+  // Errc::invalid_argument). process.resume() restore()s it first if it is still open, and once the
+  // process is resumed every call fails (Errc::invalid_argument).
   // Where the syscall instruction comes from: the [vdso] first (nothing written), or only the
   // thread's own code (its last syscall instruction, else two patched bytes; tests use this).
-  enum class Insn { vdso_first, thread_only };
   // vdso_hint: a vdso_syscall_address() found before the process was stopped (checked, then used
   // without reading the [vdso] again); 0 to look it up.
-  [[nodiscard]] static Expected<RemoteSyscalls> attach(StoppedProcess& process, pid_t tid, Insn insn = Insn::vdso_first,
-                                                      uint64_t vdso_hint = 0);
+  enum class Insn { vdso_first, thread_only };
 
-  RemoteSyscalls(RemoteSyscalls&& o) noexcept;
-  RemoteSyscalls& operator=(RemoteSyscalls&& o) = delete;
+  RemoteSyscalls(RemoteSyscalls&&) = delete;
+  RemoteSyscalls& operator=(RemoteSyscalls&&) = delete;
   RemoteSyscalls(const RemoteSyscalls&) = delete;
   RemoteSyscalls& operator=(const RemoteSyscalls&) = delete;
   // Calls restore() if it was not called (errors ignored).
@@ -97,6 +89,10 @@ class RemoteSyscalls : public Injector {
   [[nodiscard]] bool patched_code() const { return patched_; }
 
  private:
+  friend class StoppedProcess;  // inject()
+  [[nodiscard]] static Expected<std::unique_ptr<RemoteSyscalls>> create(StoppedProcess& process, pid_t tid,
+                                                                        Insn insn = Insn::vdso_first,
+                                                                        uint64_t vdso_hint = 0);
   RemoteSyscalls(StoppedProcess& p, pid_t tid) : pid_(p.pid()), tid_(tid) { link(&p); }
   [[nodiscard]] Expected<void> prepare(Insn insn, uint64_t vdso_hint);
 
@@ -111,28 +107,6 @@ class RemoteSyscalls : public Injector {
   bool ran_ = false;    // some syscall ran: registers must be put back
   bool done_ = true;    // restore() ran or nothing to restore
 };
-
-// A convenience: fcntl(fd, cmd, arg) in the target, raw result (negative errno is a value).
-[[nodiscard]] Expected<long> remote_fcntl(RemoteSyscalls& r, int fd, int cmd, long arg = 0);
-
-// RLIMIT_NOFILE (soft) of the target: prlimit() from the tool, or, when the tool may not
-// (another uid and no CAP_SYS_RESOURCE), an injected prlimit64 in the target.
-[[nodiscard]] Expected<uint64_t> remote_nofile_limit(RemoteSyscalls& r);
-
-struct FdInstall {
-  int source_fd = -1;  // in this process
-  int target_fd = -1;  // number to use in the target; whatever is open there is replaced
-  bool cloexec = false;
-};
-
-// Installs each source_fd at target_fd in the target (the same open file description, FD_CLOEXEC as
-// asked), one remote round trip per fd: for a few fds in tests and tools; a restore installs through
-// the agent (agent.hpp), all-or-nothing. target_fd values must be distinct and >= 0. Fails before
-// changing any fd of the target when a target_fd is at or above the target's RLIMIT_NOFILE
-// (Errc::system, EMFILE) or an argument is invalid (Errc::invalid_argument). Batches of 253 are
-// installed one after the other; when a later batch fails, earlier ones stay installed. Temporaries
-// in the target are always closed.
-[[nodiscard]] Expected<void> install_fds(RemoteSyscalls& r, std::span<const FdInstall> fds);
 
 // The address of a syscall instruction in pid's [vdso], or 0 when there is none (or no vdso).
 [[nodiscard]] uint64_t vdso_syscall_address(pid_t pid);

@@ -53,7 +53,7 @@ bool install_through_agent(pid_t pid, pid_t tid, int gift) {
   auto cp = CommitPoint::create();
   EXPECT_TRUE(cp);
   std::vector<AgentOp> ops = {{AgentOp::install, 10, 0, 0, 0, gift}};
-  auto agent = Agent::start(*process, tid, *cp, ops, 11);
+  auto agent = process->inject<Agent>(tid, *cp, ops, 11);
   EXPECT_TRUE(agent) << agent.error().what;
   if (!agent) return false;
   const bool framed = (*agent)->returns_by_sigreturn();
@@ -64,7 +64,6 @@ bool install_through_agent(pid_t pid, pid_t tid, int gift) {
   EXPECT_TRUE(done && *done);
   EXPECT_TRUE((*agent)->restore());
   EXPECT_TRUE(process->resume());  // waits for the agent's own return
-  agent->reset();
   return framed;
 }
 

@@ -1,7 +1,7 @@
-// remote_test.cpp: syscalls injected into real stopped children, and fd installation into them:
-// restart of a blocked read on the new file, uid 65534 targets, batches over 253, rlimit refusal,
-// signals not eaten. Children are killed and reaped by guards declared before
-// the StoppedProcess and RemoteSyscalls that use them.
+// remote_test.cpp: syscalls injected into real stopped children (the agent's bootstrap): the
+// syscall instruction found or patched and put back, memory, restart of an interrupted nanosleep,
+// signals not eaten, injectors owned by their process; and the agent's generic operations.
+// Children are killed and reaped by guards declared before the StoppedProcess that uses them.
 #include "sys/remote.hpp"
 
 #include <dirent.h>
@@ -74,11 +74,9 @@ bool same_file(int my_fd, pid_t pid, int fd) {
   return k && *k == 0;
 }
 
-// A StoppedProcess and a RemoteSyscalls on its main thread, both on the heap: RemoteSyscalls keeps
-// a pointer to the StoppedProcess, which must not move. The remote is destroyed first.
+// A StoppedProcess and a RemoteSyscalls on its main thread, which the process owns.
 struct Seized {
   std::unique_ptr<StoppedProcess> owned_process;
-  std::unique_ptr<RemoteSyscalls> owned_remote;
   StoppedProcess& process;
   RemoteSyscalls& remote;
 };
@@ -88,13 +86,12 @@ std::unique_ptr<Seized> seize_main(pid_t pid, RemoteSyscalls::Insn insn = Remote
   EXPECT_TRUE(sp) << sp.error().what;
   if (!sp) return nullptr;
   auto process = std::move(*sp);
-  auto r = RemoteSyscalls::attach(*process, pid, insn);
+  auto r = process->inject<RemoteSyscalls>(pid, insn);
   EXPECT_TRUE(r) << r.error().what;
   if (!r) return nullptr;
-  auto remote = std::make_unique<RemoteSyscalls>(std::move(*r));
   StoppedProcess& pref = *process;
-  RemoteSyscalls& rref = *remote;
-  return std::unique_ptr<Seized>(new Seized{std::move(process), std::move(remote), pref, rref});
+  RemoteSyscalls& rref = **r;
+  return std::unique_ptr<Seized>(new Seized{std::move(process), pref, rref});
 }
 
 TEST(Remote, GetpidInBlockedThreadReusesItsSyscallInstruction) {
@@ -189,32 +186,6 @@ TEST(Remote, MemoryRoundTrip) {
   EXPECT_EQ(maps_of(rc.child.pid).find(fmt::format("{:x}-", *scratch)), std::string::npos);
 }
 
-// The point of it all: a reader blocked in read(5) reads the NEW file at fd 5 after the install.
-TEST(Remote, BlockedReadRereadsTheNewFileAtItsFd) {
-  ReaderChild rc = start_reader();
-  ASSERT_TRUE(eventually([&] { return blocked_in(rc.child.pid, rc.child.pid, SYS_read, 5); }));
-  PipePair fresh = *make_pipe(0);
-  {
-    auto s = seize_main(rc.child.pid);
-    ASSERT_TRUE(s);
-    FdInstall inst{fresh.read.get(), 5, false};
-    auto ok = install_fds(s->remote, std::span(&inst, 1));
-    ASSERT_TRUE(ok) << ok.error().what;
-    EXPECT_TRUE(same_file(fresh.read.get(), rc.child.pid, 5));
-    EXPECT_FALSE(fd_cloexec(rc.child.pid, 5));
-    ASSERT_TRUE(s->remote.restore());
-    ASSERT_TRUE(s->process.resume());
-  }
-  EXPECT_FALSE(same_file(rc.input.write.get(), rc.child.pid, 5));
-  ASSERT_TRUE(eventually([&] { return blocked_in(rc.child.pid, rc.child.pid, SYS_read, 5); }));
-  ASSERT_TRUE(write_all(rc.input.write.get(), std::as_bytes(std::span("old", 3))));  // nobody reads the old pipe
-  ASSERT_TRUE(write_all(fresh.write.get(), std::as_bytes(std::span("new", 3))));
-  EXPECT_EQ(read_report(rc.report.read.get()), "new");
-  // Only our temporaries' fds were opened and closed: the table is as before plus nothing.
-  auto table = fd_table(rc.child.pid);
-  EXPECT_EQ(table.count(5), 1u);
-}
-
 TEST(Remote, NanosleepIsRestartedWithItsRestartBlock) {
   PipePair report = *make_pipe(0);
   int out = report.write.get();
@@ -243,118 +214,6 @@ TEST(Remote, NanosleepIsRestartedWithItsRestartBlock) {
   std::string msg = read_report(report.read.get());
   EXPECT_EQ(msg.substr(0, 2), "0 ") << msg;
   EXPECT_GE(std::stol(msg.substr(2)), 295) << msg;
-}
-
-TEST(Remote, InstallIntoUnprivilegedTarget) {
-  if (::geteuid() != 0) GTEST_SKIP() << "needs root to make a uid 65534 target";
-  PipePair input = *make_pipe(0), report = *make_pipe(0);
-  int in = input.read.get(), out = report.write.get();
-  Child child = spawn([in, out] {
-    if (::setresgid(65534, 65534, 65534) != 0 || ::setresuid(65534, 65534, 65534) != 0) ::_exit(10);
-    // Under a test runner the pipes may sit at 5 or 7: move them out of the way first.
-    int in_hi = ::fcntl(in, F_DUPFD, 100), out_hi = ::fcntl(out, F_DUPFD, 100);
-    ::dup2(in_hi, 5);
-    ::close(7);
-    int out = out_hi;
-    char buf[64];
-    ssize_t n = ::read(7, buf, sizeof buf);  // EBADF until we install fd 7: so wait on 5 first
-    (void)n;
-    n = ::read(5, buf, sizeof buf);
-    if (n > 0) n = ::read(7, buf, sizeof buf);
-    if (n > 0 && ::write(out, buf, static_cast<size_t>(n)) < 0) ::_exit(11);
-  });
-  input.read.reset();
-  report.write.reset();
-  ASSERT_TRUE(eventually([&] { return blocked_in(child.pid, child.pid, SYS_read, 5); }));
-  PipePair gift = *make_pipe(0);
-  {
-    auto s = seize_main(child.pid);
-    ASSERT_TRUE(s);
-    FdInstall inst{gift.read.get(), 7, true};
-    auto ok = install_fds(s->remote, std::span(&inst, 1));
-    ASSERT_TRUE(ok) << ok.error().what;
-    EXPECT_TRUE(same_file(gift.read.get(), child.pid, 7));
-    EXPECT_TRUE(fd_cloexec(child.pid, 7));
-    auto limit = remote_nofile_limit(s->remote);
-    ASSERT_TRUE(limit) << limit.error().what;
-    EXPECT_GT(*limit, 7u);
-  }
-  ASSERT_TRUE(write_all(gift.write.get(), std::as_bytes(std::span("gift", 4))));
-  ASSERT_TRUE(write_all(input.write.get(), std::as_bytes(std::span("go", 2))));
-  EXPECT_EQ(read_report(report.read.get()), "gift");
-}
-
-// 300 fds (two batches) at the lowest free numbers of the target, where the received temporaries
-// land too: every one must end up at its number, the same open file description.
-TEST(Remote, ManyFdsInBatchesOverTheTemporaries) {
-  ReaderChild rc = start_reader();
-  ASSERT_TRUE(eventually([&] { return blocked_in(rc.child.pid, rc.child.pid, SYS_read, 5); }));
-  auto before = fd_table(rc.child.pid);
-  std::vector<PipePair> pipes;
-  std::vector<FdInstall> installs;
-  int next = 0;
-  for (int i = 0; i < 300; ++i) {
-    while (before.count(next)) ++next;
-    pipes.push_back(*make_pipe(0));
-    installs.push_back({i % 2 ? pipes.back().read.get() : pipes.back().write.get(), next++, i % 3 == 0});
-  }
-  auto s = seize_main(rc.child.pid);
-  ASSERT_TRUE(s);
-  auto ok = install_fds(s->remote, installs);
-  ASSERT_TRUE(ok) << ok.error().what;
-  auto after = fd_table(rc.child.pid);
-  EXPECT_EQ(after.size(), before.size() + installs.size());  // no temporary left behind
-  for (const FdInstall& f : installs) {
-    EXPECT_TRUE(same_file(f.source_fd, rc.child.pid, f.target_fd)) << f.target_fd;
-    EXPECT_EQ(fd_cloexec(rc.child.pid, f.target_fd), f.cloexec) << f.target_fd;
-  }
-  for (const auto& [fd, link] : before) EXPECT_EQ(after[fd], link) << fd;
-}
-
-TEST(Remote, TooLowRlimitFailsBeforeAnyChange) {
-  PipePair input = *make_pipe(0);
-  int in = input.read.get();
-  Child child = spawn([in] {
-    rlimit lim{64, 64};
-    if (::setrlimit(RLIMIT_NOFILE, &lim) != 0) ::_exit(10);
-    ::dup2(in, 5);
-    char c;
-    for (;;) (void)!::read(5, &c, 1);
-  });
-  input.read.reset();
-  ASSERT_TRUE(eventually([&] { return blocked_in(child.pid, child.pid, SYS_read, 5); }));
-  auto table = fd_table(child.pid);
-  auto maps = maps_of(child.pid);
-  PipePair a = *make_pipe(0), b = *make_pipe(0);
-  {
-    auto s = seize_main(child.pid);
-    ASSERT_TRUE(s);
-    std::vector<FdInstall> installs = {{a.read.get(), 5, false}, {b.read.get(), 100, false}};
-    auto ok = install_fds(s->remote, installs);
-    ASSERT_FALSE(ok);
-    EXPECT_EQ(ok.error().err, EMFILE);
-    EXPECT_NE(ok.error().what.find("RLIMIT_NOFILE (64)"), std::string::npos) << ok.error().what;
-    EXPECT_EQ(fd_table(child.pid), table);
-    ASSERT_TRUE(s->remote.restore());
-  }
-  EXPECT_EQ(fd_table(child.pid), table);
-  EXPECT_EQ(maps_of(child.pid), maps);
-}
-
-TEST(Remote, InvalidArgumentsAreRefused) {
-  ReaderChild rc = start_reader();
-  auto s = seize_main(rc.child.pid);
-  ASSERT_TRUE(s);
-  PipePair p = *make_pipe(0);
-  std::vector<FdInstall> twice = {{p.read.get(), 9, false}, {p.write.get(), 9, false}};
-  auto ok = install_fds(s->remote, twice);
-  ASSERT_FALSE(ok);
-  EXPECT_EQ(ok.error().kind, Errc::invalid_argument);
-  FdInstall closed{999, 9, false};
-  ok = install_fds(s->remote, std::span(&closed, 1));
-  ASSERT_FALSE(ok);
-  EXPECT_EQ(ok.error().kind, Errc::invalid_argument);
-  EXPECT_EQ(fd_table(rc.child.pid).count(9), 0u);
 }
 
 // A signal that comes while the thread runs injected code is held back and delivered on detach;
@@ -402,8 +261,9 @@ TEST(Remote, ResumeRestoresAnOpenRemoteFirst) {
   ASSERT_TRUE(eventually([&] { return blocked_in(rc.child.pid, rc.child.pid, SYS_read, 5); }));
   auto sp = StoppedProcess::seize(rc.child.pid);
   ASSERT_TRUE(sp);
-  auto r = RemoteSyscalls::attach(**sp, rc.child.pid);
-  ASSERT_TRUE(r);
+  auto made = (*sp)->inject<RemoteSyscalls>(rc.child.pid);
+  ASSERT_TRUE(made);
+  RemoteSyscalls* r = *made;
   ASSERT_TRUE(r->scratch_page());
   StoppedProcess& process = **sp;
   auto pid = r->call(SYS_getpid);
@@ -441,12 +301,12 @@ TEST(Remote, InjectIntoAnotherThread) {
     ASSERT_TRUE(sp);
     ASSERT_EQ((*sp)->threads().size(), 2u);
     pid_t other = (*sp)->threads()[1];
-    auto r = RemoteSyscalls::attach(**sp, other);
+    auto r = (*sp)->inject<RemoteSyscalls>(other);
     ASSERT_TRUE(r) << r.error().what;
-    auto tid = r->call(SYS_gettid);
+    auto tid = (*r)->call(SYS_gettid);
     ASSERT_TRUE(tid);
     EXPECT_EQ(*tid, other);
-    EXPECT_FALSE(RemoteSyscalls::attach(**sp, 1));
+    EXPECT_FALSE((*sp)->inject<RemoteSyscalls>(1));
   }
   ASSERT_TRUE(write_all(rc.input.write.get(), std::as_bytes(std::span("both", 4))));
   EXPECT_EQ(read_report(rc.report.read.get()), "both");
@@ -500,7 +360,7 @@ TEST(Agent, GenericOperationsCommitOrAbortAsOne) {
     auto process = std::move(*sp);
     auto cp = CommitPoint::create();
     ASSERT_TRUE(cp) << cp.error().what;
-    auto agent = Agent::start(*process, child.pid, *cp, ops, 21);
+    auto agent = process->inject<Agent>(child.pid, *cp, ops, 21);
     ASSERT_TRUE(agent) << agent.error().what;
     ASSERT_TRUE((*agent)->send_files());
     ASSERT_TRUE((*agent)->prepare());
@@ -515,7 +375,6 @@ TEST(Agent, GenericOperationsCommitOrAbortAsOne) {
     EXPECT_EQ(*done, commit);
     ASSERT_TRUE((*agent)->restore());
     ASSERT_TRUE(process->resume());  // waits for the agent to return (it is still registered)
-    agent->reset();
     if (!commit) EXPECT_EQ(fd_table(child.pid), table);
   }
   EXPECT_TRUE(same_file(gift.read.get(), child.pid, 10));
