@@ -278,6 +278,41 @@ TEST(Remote, ResumeRestoresAnOpenRemoteFirst) {
   EXPECT_EQ(read_report(rc.report.read.get()), "later");
 }
 
+// discard() ends an injector early: the thread's registers and the scratch page are put back at
+// once (the process stays stopped), a second injector can then use the same thread, and an
+// injector the process does not own is refused.
+TEST(Remote, DiscardPutsTheThreadBackAtOnce) {
+  ReaderChild rc = start_reader();
+  ASSERT_TRUE(eventually([&] { return blocked_in(rc.child.pid, rc.child.pid, SYS_read, 5); }));
+  auto sp = StoppedProcess::seize(rc.child.pid);
+  ASSERT_TRUE(sp);
+  StoppedProcess& process = **sp;
+  auto before = process.regs(rc.child.pid);
+  ASSERT_TRUE(before);
+  auto first = process.inject<RemoteSyscalls>(rc.child.pid);
+  ASSERT_TRUE(first) << first.error().what;
+  auto scratch = (*first)->scratch_page();
+  ASSERT_TRUE(scratch);
+  ASSERT_TRUE((*first)->call(SYS_getpid));
+  ASSERT_TRUE(process.discard(*first));
+  auto after = process.regs(rc.child.pid);
+  ASSERT_TRUE(after);
+  EXPECT_EQ(after->ip(), before->ip());
+  EXPECT_EQ(after->syscall_nr(), before->syscall_nr());
+  EXPECT_EQ(after->ret(), before->ret());
+  EXPECT_EQ(maps_of(rc.child.pid).find(fmt::format("{:x}-", *scratch)), std::string::npos);
+  EXPECT_FALSE(process.discard(*first));  // gone already
+  auto second = process.inject<RemoteSyscalls>(rc.child.pid);
+  ASSERT_TRUE(second) << second.error().what;
+  auto pid = (*second)->call(SYS_getpid);
+  ASSERT_TRUE(pid);
+  EXPECT_EQ(*pid, rc.child.pid);
+  ASSERT_TRUE(process.resume());
+  ASSERT_TRUE(eventually([&] { return blocked_in(rc.child.pid, rc.child.pid, SYS_read, 5); }));
+  ASSERT_TRUE(write_all(rc.input.write.get(), std::as_bytes(std::span("again", 5))));
+  EXPECT_EQ(read_report(rc.report.read.get()), "again");
+}
+
 // Injection into a second thread while the main thread stays blocked.
 TEST(Remote, InjectIntoAnotherThread) {
   ReaderChild rc;
