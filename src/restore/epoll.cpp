@@ -27,6 +27,12 @@ bool is_epoll_now(pid_t pid, int fd) {
   return n == static_cast<ssize_t>(kEpoll.size()) && std::string_view(link, kEpoll.size()) == kEpoll;
 }
 
+// Whether fd of a running process is free now (nothing open at that number).
+bool free_now(pid_t pid, int fd) {
+  struct stat st {};
+  return ::lstat(fmt::format("/proc/{}/fd/{}", pid, fd).c_str(), &st) < 0 && errno == ENOENT;
+}
+
 const PlannedFd* planned_at(const Holder& h, int fd) {
   for (const PlannedFd& f : h.fds)
     if (f.rec->fd == fd) return &f;
@@ -81,8 +87,13 @@ void plan_epoll(const Image& img, Plan& plan) {
     const PlannedFd* f = planned_at(h, w.fd);
     const bool direct = f && !f->keep && f->rec->file_id == w.file_id;
     const bool through = !direct && f && !f->keep && installs(h, w.file_id);
-    if (!direct && !through) {
-      const char* why = !f        ? "leaves empty (the watch was added through an fd closed since)"
+    // The watch was added through an fd closed since (zdtm epoll's fd 999), and that number is free
+    // in the target now and stays so: the agent puts the watched file there for the ADD, then closes
+    // it again. The watch stays while the file lives at its own numbers.
+    const bool closed_since = !f && installs(h, w.file_id) && free_now(h.target, w.fd);
+    if (!direct && !through && !closed_since) {
+      const char* why = !f        ? (installs(h, w.file_id) ? "leaves empty but is in use in the target now"
+                                                            : "leaves empty while the process receives none of the watched file")
                         : f->keep ? "keeps as it is"
                                   : "gives another file while the process receives none of the watched one";
       missed.emplace(key, fmt::format("epoll fd {} of process {} watched file {} through fd {}, which this restore "
@@ -105,6 +116,7 @@ void plan_epoll(const Image& img, Plan& plan) {
       add.final_file = f->rec->file_id;
       add.final_cloexec = f->rec->cloexec;
     }
+    add.close_after = closed_since;
     plan.epoll.adds.push_back(add);
     readded[{hi->second, w.epoll_fd}].push_back(w.fd);
   }
@@ -160,6 +172,23 @@ Expected<std::vector<sys::AgentOp>> epoll_ops(const Plan& plan, const Built& bui
                                      "on the restored pipe; nothing was changed",
                                      a.events, a.fd, a.epoll_fd)));
       (void)::epoll_ctl(trial.get(), EPOLL_CTL_DEL, it->second.get(), nullptr);
+    }
+    if (a.close_after) {
+      // The number must still be free (the target is stopped: what it holds now is what the agent
+      // finds at the commit); the watched file goes there for the ADD and the number is closed again.
+      if (auto probe = sys::pidfd_getfd(pidfd.get(), a.fd, h.target); probe || probe.error().err != EBADF)
+        return fail(Errc::gone, ESTALE,
+                    fmt::format("fd {} of the target is in use now (it was closed at the dump), so the watch of epoll "
+                                "fd {} keyed by it cannot be re-added; nothing was changed: run the restore again",
+                                a.fd, a.epoll_fd));
+      auto watched = built.files.find(a.file_id);
+      if (watched == built.files.end())
+        return fail(Errc::system, EINVAL, fmt::format("epoll fd {}: file {} of fd {} was not built", a.epoll_fd,
+                                                      a.file_id, a.fd));
+      ops.push_back(sys::AgentOp{sys::AgentOp::install, a.fd, 0, 0, 0, watched->second.get()});
+      ops.push_back(sys::AgentOp{sys::AgentOp::epoll_add, a.fd, a.epoll_fd, a.events, a.data, -1});
+      ops.push_back(sys::AgentOp{sys::AgentOp::close_fd, a.fd, 0, 0, 0, -1});
+      continue;
     }
     if (a.final_file == 0) {
       ops.push_back(sys::AgentOp{sys::AgentOp::epoll_add, a.fd, a.epoll_fd, a.events, a.data, -1});

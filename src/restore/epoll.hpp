@@ -14,10 +14,12 @@
 //            the target receives the file at that number, the ADD follows the install; where that
 //            number receives another file of the image (the program added the watch through a dup
 //            it closed since, then reused the number: CRIU's zdtm epoll01), the agent puts the
-//            watched file there for the ADD and the final file back. The target's fd there must be
+//            watched file there for the ADD and the final file back; where the number was closed
+//            at the dump and is free in the target (zdtm epoll's fd 999), the agent puts the
+//            watched file there for the ADD and closes it again. The target's fd there must be
 //            an epoll now (/proc); one it closed since the dump, an epoll held by a process that is
-//            not restored, and a watch keyed by a number this restore leaves empty or does not
-//            install (zdtm epoll's fd 999) are notes.
+//            not restored, and a watch keyed by a number this restore keeps, or that was closed at
+//            the dump and is in use in the target now, are notes.
 //   install epoll_ops(), with the targets stopped: the agent operations of one target. Each epoll
 //            fd is checked again (a pidfd_getfd() copy must be an epoll), and each watch is first
 //            added to a private epoll of pipecr's on the very file being installed (events that
@@ -61,6 +63,9 @@ struct EpollReAdd {
   // at its own numbers.
   uint64_t final_file = 0;
   bool final_cloexec = false;
+  // fd ends up empty, as it was at the dump (the watch was added through a dup closed since): the
+  // agent installs file_id at fd, adds the watch and closes fd again.
+  bool close_after = false;
 };
 
 // What the plan re-adds.

@@ -161,7 +161,8 @@ class Parcels {
       // An epoll re-add through a reused number queues its two files a message each (start()).
       const auto index = static_cast<size_t>(&h - plan_.holders.data());
       size_t epoll_messages = 0;
-      for (const EpollReAdd& a : plan_.epoll.adds) epoll_messages += a.holder == index && a.final_file ? 2 : 0;
+      for (const EpollReAdd& a : plan_.epoll.adds)  // one message per file an epoll re-add installs
+        if (a.holder == index) epoll_messages += a.final_file ? 2 : a.close_after ? 1 : 0;
       auto q = sys::FileQueue::create(installs / std::max<size_t>(p.batch, 1) + chunks + epoll_messages);
       if (!q) return tl::unexpected(q.error());
       p.queue = std::move(*q);
@@ -360,9 +361,13 @@ class TargetTransaction {
       }
       s.ops.push_back(op);
     }
+    // Temporaries stay above every number an operation fills: the recorded ones, and those an epoll
+    // re-add fills for a moment (a watch keyed by an fd closed since).
+    int top = highest_fd(h);
+    for (const sys::AgentOp& op : s.ops) top = std::max(top, op.fd);
     // The agent runs in the thread whose fd table the holder is (a thread that unshared its table).
     auto agent = s.proc->inject<sys::Agent>(h.thread ? h.thread : s.proc->threads().front(), *commit_, s.ops,
-                                   highest_fd(h) + 1, std::max<size_t>(p.queue.largest(), 1), p.vdso,
+                                   top + 1, std::max<size_t>(p.queue.largest(), 1), p.vdso,
                                    p.queue.messages() ? p.queue.take_receiver() : sys::UniqueFd());
     if (!agent) return tl::unexpected(agent.error());
     s.agent = *agent;

@@ -125,6 +125,7 @@ const char* op_name(uint32_t code) {
     case AgentOp::install: return "install";
     case AgentOp::epoll_add: return "epoll_ctl(ADD)";
     case AgentOp::setfl_or: return "fcntl(F_SETFL)";
+    case AgentOp::close_fd: return "close";
   }
   return "?";
 }

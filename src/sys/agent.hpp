@@ -23,7 +23,7 @@
 // taking fd numbers in the target (nor in pipecr, which closes its copies); PREPARE / PREPARED (every
 // epoll fd valid, and room for the largest FILES message); then the CommitPoint decides for
 // every target at once, and DECIDE / DONE lets each agent act on it: run every operation in order
-// (receive 253 files, dup3 each, close the temporary; epoll_ctl ADD; F_SETFL) or close the files
+// (receive 253 files, dup3 each, close the temporary; epoll_ctl ADD; F_SETFL; close) or close the files
 // socket, which drops what is queued. Finally pipecr stops the thread where the agent waits
 // (PTRACE_INTERRUPT), changes nothing, closes its socket and detaches it with the process: the agent
 // sees EOF, unmaps itself through the `syscall; ret` with rsp at the frame, and rt_sigreturn returns
@@ -76,7 +76,7 @@ class CommitPoint {
 
 // One operation of a target's install, run in order at commit (see agent_abi.h).
 struct AgentOp {
-  enum Code : uint32_t { install = 1, epoll_add = 2, setfl_or = 3 };
+  enum Code : uint32_t { install = 1, epoll_add = 2, setfl_or = 3, close_fd = 4 };
   Code code = install;
   int fd = -1;           // the number in the target
   int a = 0;             // install: cloexec; epoll_add: the epoll fd in the target

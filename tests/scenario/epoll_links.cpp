@@ -6,7 +6,9 @@
 //      data 0xE5.
 //   P2 (read at the high fd 700, write 32, 3,000 bytes): E1 watches it edge-triggered (0xB2) and a
 //      second epoll E2 (fd 41) one-shot (0xC3): one file, two epolls.
-//   P3 (read 33, write 34, 100 bytes): E2 watches the write end for EPOLLOUT (0xD4).
+//   P3 (read 33, write 34, 100 bytes): E2 watches the write end for EPOLLOUT (0xD4), and the read
+//      end through a dup at fd 900 that is closed at once (0xF6; as CRIU's zdtm epoll): the watch is
+//      keyed by (file, 900) and lives while the read end does; 900 must stay closed.
 // The kernel drops a watch when its file is released, so a restore that puts new pipes at these
 // numbers leaves every epoll deaf (epoll_wait reports nothing): only a restore that keeps the
 // open files (in place) or re-adds the watches passes. Then every queued byte is checked, and
@@ -21,7 +23,7 @@
 namespace {
 
 constexpr int kR1 = 30, kW1 = 31, kW2 = 32, kR3 = 33, kW3 = 34, kR2 = 700;
-constexpr int kE1 = 40, kE2 = 41, kE3 = 50;
+constexpr int kE1 = 40, kE2 = 41, kE3 = 50, kDup = 900;
 constexpr size_t kB1 = 1000, kB2 = 3000, kB3 = 100;
 
 void watch(int ep, int fd, uint32_t events, uint64_t data) {
@@ -83,6 +85,9 @@ int main() {
   watch(kE1, kR2, EPOLLIN | EPOLLET, 0xB2);
   watch(kE2, kR2, EPOLLIN | EPOLLONESHOT, 0xC3);
   watch(kE2, kW3, EPOLLOUT, 0xD4);
+  if (dup2(kR3, kDup) != kDup) ZDTM_SYSFAIL("dup2(%d, %d)", kR3, kDup);
+  watch(kE2, kDup, EPOLLIN, 0xF6);
+  close(kDup);
 
   int sync[2];
   if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sync) != 0) ZDTM_SYSFAIL("socketpair");
@@ -132,14 +137,16 @@ int main() {
   if (kill(child, SIGUSR1) != 0) ZDTM_SYSFAIL("kill(child)");
   ZDTM_CHECK(zdtm::reap(child) == 0, "the child failed");
   expect_ready(kE1, {{0xA1, EPOLLIN}, {0xB2, EPOLLIN}}, "E1 (level P1, edge P2)");
-  expect_ready(kE2, {{0xC3, EPOLLIN}, {0xD4, EPOLLOUT}}, "E2 (one-shot P2, EPOLLOUT P3)");
+  ZDTM_CHECK(fcntl(kDup, F_GETFD) < 0 && errno == EBADF, "fd %d is open", kDup);
+  expect_ready(kE2, {{0xC3, EPOLLIN}, {0xD4, EPOLLOUT}, {0xF6, EPOLLIN}}, "E2 (one-shot P2, EPOLLOUT P3, P3 via 900)");
   // Edge-triggered and one-shot report once; level-triggered again.
   expect_ready(kE1, {{0xA1, EPOLLIN}}, "E1 again");
-  expect_ready(kE2, {{0xD4, EPOLLOUT}}, "E2 again");
+  expect_ready(kE2, {{0xD4, EPOLLOUT}, {0xF6, EPOLLIN}}, "E2 again");
   zdtm::expect_pattern(kR1, 21, 0, kB1, "P1");
   zdtm::expect_pattern(kR2, 22, 0, kB2, "P2");
   zdtm::expect_pattern(kR3, 23, 0, kB3, "P3");
   expect_ready(kE1, {}, "E1 with P1 and P2 empty");
+  expect_ready(kE2, {{0xD4, EPOLLOUT}}, "E2 with P3 empty");
   // New bytes wake the edge-triggered watch again: the watches are on the pipes the writers use.
   zdtm::write_pattern(kW2, 24, 0, 10, 10, "w2 after");
   expect_ready(kE1, {{0xB2, EPOLLIN}}, "E1 after a write to P2");

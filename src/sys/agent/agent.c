@@ -14,7 +14,7 @@
  *   3. on DECIDE, on EOF, on a timeout or on its own failure, decides once: it compare-and-swaps the
  *      shared commit word from OPEN to ABORTED; if it reads COMMITTED it runs the operations in order
  *      (receive the next 253 files, dup3 each to its number and close the temporary, epoll_ctl ADD,
- *      F_SETFL |= flags), else it closes the files socket, dropping what is queued there;
+ *      F_SETFL |= flags, close), else it closes the files socket, dropping what is queued there;
  *   4. answers DONE, unmaps the commit page, closes its files socket, and waits: with an rt_sigframe
  *      (the usual case) for EOF on its control socket, which pipecr closes once it has let the thread
  *      go (or by dying), then it unmaps itself through the target's `syscall; ret` with rsp at the
@@ -234,7 +234,7 @@ static int32_t prepare(struct state* s, uint32_t* at) {
       long r = SYS(__NR_fcntl, op->a, K_F_GETFD, 0, 0, 0);
       if (r < 0) return (int32_t)r;
     }
-    if (op->code < PIPECR_AGENT_OP_INSTALL || op->code > PIPECR_AGENT_OP_SETFL_OR) return -K_EINVAL;
+    if (op->code < PIPECR_AGENT_OP_INSTALL || op->code > PIPECR_AGENT_OP_CLOSE) return -K_EINVAL;
   }
   return 0;
 }
@@ -319,6 +319,8 @@ static int32_t apply(struct state* s, uint32_t* at) {
     } else if (op->code == PIPECR_AGENT_OP_SETFL_OR) {
       r = SYS(__NR_fcntl, op->fd, K_F_GETFL, 0, 0, 0);
       if (r >= 0) r = SYS(__NR_fcntl, op->fd, K_F_SETFL, (ulong)r | op->b, 0, 0);
+    } else if (op->code == PIPECR_AGENT_OP_CLOSE) {
+      r = SYS(__NR_close, op->fd, 0, 0, 0, 0);
     }
     if (r < 0 && !first) {
       first = (int32_t)r;

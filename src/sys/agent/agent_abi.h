@@ -26,6 +26,7 @@ enum {
   PIPECR_AGENT_OP_INSTALL = 1,   /* dup3(received file, fd, a ? O_CLOEXEC : 0) */
   PIPECR_AGENT_OP_EPOLL_ADD = 2, /* epoll_ctl(a, EPOLL_CTL_ADD, fd, {events = b, data = c}) */
   PIPECR_AGENT_OP_SETFL_OR = 3,  /* fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | b) */
+  PIPECR_AGENT_OP_CLOSE = 4,     /* close(fd): a number an earlier operation filled for a moment */
 };
 
 struct pipecr_agent_op {

@@ -196,8 +196,9 @@ TEST(EpollRestore, EpollOfAnotherTargetReAddsOnce) {
 
 TEST(EpollRestore, AWatchKeyedByAReusedFdNumberComesBack) {
   // As CRIU's zdtm epoll01: the epoll watches P0's read end through fd 702, which was closed and
-  // reused for P1's read end, also watched there; P0's read end lives at 5. And a watch keyed by
-  // fd 999, closed since (as zdtm epoll): a note, since 999 must stay empty.
+  // reused for P1's read end, also watched there; P0's read end lives at 5. And as zdtm epoll: a
+  // watch of P0's read end keyed by fd 999, closed since: the agent puts the file at 999 for the ADD
+  // and closes 999 again, so the watch comes back and 999 stays empty.
   ImageBuilder b;
   b.process(kRec);
   uint64_t p0 = b.pipe({}), p1 = b.pipe({});
@@ -217,8 +218,10 @@ TEST(EpollRestore, AWatchKeyedByAReusedFdNumberComesBack) {
         if (::fstat(702, &a) != 0 || ::fstat(7, &c) != 0 || a.st_ino != c.st_ino) return "fd 702 is not P1's read end";
         if (::fcntl(999, F_GETFD) >= 0) return "fd 999 is open";
         std::string e = expect_ready(kE1, {}, "E1 before any write");
+        if (e.empty()) e = expect_ready(kE2, {}, "E2 before any write");
         if (e.empty() && ::write(6, "a", 1) != 1) e = "write P0";
         if (e.empty()) e = expect_ready(kE1, {{0, EPOLLIN}}, "E1 after a write to P0");
+        if (e.empty()) e = expect_ready(kE2, {{9, EPOLLIN}}, "E2 after a write to P0 (its watch keyed by 999)");
         if (e.empty()) e = testing::expect_bytes(5, "a");
         if (e.empty() && ::write(7, "b", 1) != 1) e = "write P1";
         if (e.empty()) e = expect_ready(kE1, {{1, EPOLLIN}}, "E1 after a write to P1");
@@ -227,9 +230,36 @@ TEST(EpollRestore, AWatchKeyedByAReusedFdNumberComesBack) {
   ASSERT_TRUE(child.ready());
   auto sum = restore_processes(img, {{{child.pid(), kRec}}, std::nullopt});
   ASSERT_TRUE(sum) << sum.error().what;
-  EXPECT_EQ(sum->epoll_readded, 2u) << all_notes(*sum);
+  EXPECT_EQ(sum->epoll_readded, 3u) << all_notes(*sum);
+  EXPECT_EQ(child.finish(), "");
+}
+
+TEST(EpollRestore, AWatchKeyedByANumberInUseNowIsANote) {
+  // The watch was keyed by fd 999, closed at the dump; the target has opened something there since:
+  // the number is the target's own now, so the watch is not re-added (a note) and 999 is untouched.
+  ImageBuilder b;
+  b.process(kRec);
+  uint64_t p0 = b.pipe({});
+  uint64_t r0 = b.file(p0, O_RDONLY), w0 = b.file(p0, O_WRONLY);
+  b.fd(kRec, 5, r0).fd(kRec, 6, w0);
+  b.raw().epoll_watches.push_back({2, kRec, kE2, r0, 999, EPOLLIN, 9});
+  Image img = b.parsed();
+  Scenario child(
+      [] {
+        testing::dev_null_at({5, 6, 999});
+        child_setup();
+      },
+      []() -> std::string {
+        struct stat st {};
+        if (::fstat(999, &st) != 0 || !S_ISCHR(st.st_mode)) return "fd 999 is not /dev/null any more";
+        return expect_ready(kE2, {}, "E2 (no watch)");
+      });
+  ASSERT_TRUE(child.ready());
+  auto sum = restore_processes(img, {{{child.pid(), kRec}}, std::nullopt});
+  ASSERT_TRUE(sum) << sum.error().what;
+  EXPECT_EQ(sum->epoll_readded, 0u) << all_notes(*sum);
   EXPECT_TRUE(noted(*sum, fmt::format("epoll fd {} of process {} watched file {} through fd 999, which this restore "
-                                      "leaves empty",
+                                      "leaves empty but is in use in the target now",
                                       kE2, child.pid(), r0)))
       << all_notes(*sum);
   EXPECT_EQ(child.finish(), "");
