@@ -25,6 +25,9 @@
 #ifndef F_GETOWNER_UIDS
 #define F_GETOWNER_UIDS 17
 #endif
+#ifndef F_DUPFD_QUERY
+#define F_DUPFD_QUERY (1024 + 3)  // F_LINUX_SPECIFIC_BASE + 3, Linux 6.10
+#endif
 #ifndef O_NOTIFICATION_PIPE
 #define O_NOTIFICATION_PIPE O_EXCL  // include/uapi/linux/watch_queue.h
 #endif
@@ -82,6 +85,17 @@ Feature probe_kcmp() {
   auto diff = kcmp_file(::getpid(), p->read.get(), ::getpid(), p->write.get());
   f.ok = same && diff && *same == 0 && *diff != 0;
   f.detail = !same ? err_text(same.error()) : (f.ok ? "works" : "gave wrong answers");
+  return f;
+}
+
+// F_DUPFD_QUERY on a pipe's read end against a dup of it (1) and against its write end (0).
+Feature probe_dupfd_query(bool& ok) {
+  Feature f{"f_dupfd_query", false, "",
+            "Linux 6.10+; optional: the dump groups its copies with kcmp (about 4x slower per pair) without it",
+            false, false};
+  int err = 0;
+  ok = f.ok = dupfd_query_answers(&err);
+  f.detail = f.ok ? "works" : err ? errno_text(err) : "gave wrong answers";
   return f;
 }
 
@@ -242,6 +256,22 @@ Feature probe_notification_pipes(bool& ok) {
 
 }  // namespace
 
+bool dupfd_query_answers(int* err) {
+  auto p = make_pipe(O_CLOEXEC);
+  if (!p) return false;
+  UniqueFd dup(::fcntl(p->read.get(), F_DUPFD_CLOEXEC, 0));
+  if (!dup) return false;
+  int same = ::fcntl(p->read.get(), F_DUPFD_QUERY, dup.get());
+  if (same < 0 && err) *err = errno;
+  int diff = ::fcntl(p->read.get(), F_DUPFD_QUERY, p->write.get());
+  return same == 1 && diff == 0;
+}
+
+bool dupfd_query_works() {
+  static const bool works = dupfd_query_answers(nullptr);
+  return works;
+}
+
 bool KernelFeatures::dump_ready() const {
   for (const Feature& f : report)
     if (f.dump_needs && !f.ok) return false;
@@ -271,6 +301,7 @@ KernelFeatures probe_kernel_features() {
   Feature kcmp = probe_kcmp();
   k.kcmp = kcmp.ok;
   k.report.push_back(std::move(kcmp));
+  k.report.push_back(probe_dupfd_query(k.dupfd_query));
   Feature seize = probe_ptrace_seize();
   k.ptrace_seize = seize.ok;
   k.report.push_back(std::move(seize));

@@ -29,6 +29,7 @@ struct KernelFeatures {
   bool pidfd_open = false;
   bool pidfd_getfd = false;
   bool kcmp = false;
+  bool dupfd_query = false;        // fcntl(F_DUPFD_QUERY), Linux 6.10
   bool ptrace_seize = false;
   bool getowner_uids = false;      // F_GETOWNER_UIDS
   bool packet_pipes = false;       // pipe2(O_DIRECT)
@@ -50,6 +51,13 @@ struct KernelFeatures {
 
 // Probed on first call, then cached.
 [[nodiscard]] const KernelFeatures& kernel_features();
+
+// fcntl(F_DUPFD_QUERY) (Linux 6.10) gives right answers on a pipe of ours: a dup is the same file,
+// the other end is not. dupfd_query_works() probes once (three fcntls on a pipe, no child: cheap
+// enough for the dump to ask without running every probe above); dupfd_query_answers() probes
+// now, with errno of the failing call in *err.
+[[nodiscard]] bool dupfd_query_works();
+[[nodiscard]] bool dupfd_query_answers(int* err);
 
 // Run every probe now, uncached (for tests).
 [[nodiscard]] KernelFeatures probe_kernel_features();
