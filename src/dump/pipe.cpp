@@ -175,30 +175,82 @@ Expected<void> SnapshotPacker::fresh(uint32_t capacity) {
   scratch_.push_back(std::move(p->read));
   write_ = std::move(p->write);
   write_cap_ = size;
+  write_used_ = false;
   return {};
 }
+
+// One tee of everything read_end holds into the current scratch pipe: the bytes linked, or
+// -EAGAIN (the source is empty, or the scratch pipe full) and -EBADF (read_end is not open for
+// reading), which are answers here, not failures: no message is formatted for them (an empty pipe
+// answers EAGAIN, and a dump asks thousands). Anything else is an Error; EINVAL as add() says.
+Expected<ssize_t> SnapshotPacker::tee(int read_end) {
+  for (;;) {
+    ssize_t r = ::tee(read_end, write_.get(), SIZE_MAX >> 1, SPLICE_F_NONBLOCK);
+    if (r > 0) write_used_ = true;
+    if (r >= 0) return r;
+    if (errno == EINTR) continue;
+    if (errno == EAGAIN || errno == EBADF) return -errno;
+    Error e = sys::call_error("tee", fmt::format("in={}, out={}", read_end, write_.get()));
+    if (e.err == EINVAL) {
+      e.kind = Errc::unsupported;
+      e.what += " (a notification pipe cannot be read without consuming it)";
+    }
+    return tl::unexpected(e);
+  }
+}
+
+namespace {
+tl::unexpected<Error> not_readable(int fd) {
+  return fail(Errc::invalid_argument, EBADF, "tee: fd " + std::to_string(fd) + " is not open for reading");
+}
+}  // namespace
 
 Expected<SnapshotPacker::Piece> SnapshotPacker::add(int read_end, uint32_t queued, uint32_t capacity) {
   if (queued == 0) return Piece{};
   if (!write_ || capacity > write_cap_)
     if (auto f = fresh(capacity); !f) return tl::unexpected(f.error());
-  for (int attempt = 0;; ++attempt) {
-    size_t got = 0;
-    auto r = sys::tee_nb(read_end, write_.get(), SIZE_MAX >> 1);
-    if (r) {
-      got = *r;
-    } else if (r.error().err == EBADF) {
-      Error e = r.error();
-      e.kind = Errc::invalid_argument;
-      return tl::unexpected(e);
-    } else if (r.error().err == EINVAL) {
-      Error e = r.error();
-      e.kind = Errc::unsupported;
-      e.what += " (a notification pipe cannot be read without consuming it)";
-      return tl::unexpected(e);
-    } else if (r.error().err != EAGAIN) {  // EAGAIN: the scratch pipe is full, or the source emptied meanwhile
-      return tl::unexpected(r.error());
-    }
+  return add_from(read_end, queued, capacity, 0);
+}
+
+Expected<SnapshotPacker::Piece> SnapshotPacker::add_unknown(int read_end, Writers* writers) {
+  if (writers) *writers = Writers::unknown;
+  if (!write_)
+    if (auto f = fresh(0); !f) return tl::unexpected(f.error());
+  bool used = write_used_;
+  auto r = tee(read_end);
+  if (!r) return tl::unexpected(r.error());
+  if (*r == -EBADF) return not_readable(read_end);
+  // An empty source: the tee's ipipe_prep() returns 0 without a writer, EAGAIN with one, before it
+  // looks at the scratch pipe; a full scratch pipe answers EAGAIN too, so only an unused one is sure.
+  if (*r == 0 || (*r == -EAGAIN && !used)) {
+    if (writers && !used) *writers = *r == 0 ? Writers::none : Writers::some;
+    return Piece{};
+  }
+  // Bytes linked (all of them?), or EAGAIN into a used scratch pipe (empty, or that one full?).
+  ++fionread_calls_;
+  auto q = sys::bytes_queued(read_end);
+  if (!q) return tl::unexpected(q.error());
+  size_t got = *r > 0 ? static_cast<size_t>(*r) : 0;
+  auto queued = static_cast<uint32_t>(*q);
+  // got > queued: a reader outside the stopped set took bytes after the tee, which is the moment.
+  if (got > 0 && got >= queued) return Piece{static_cast<uint32_t>(scratch_.size() - 1), static_cast<uint32_t>(got)};
+  if (queued == 0) return Piece{};
+  // Short: what was linked stays as dead weight at the tail of this scratch pipe, which takes no
+  // more pieces; the source goes into a fresh one.
+  if (auto f = fresh(0); !f) return tl::unexpected(f.error());
+  return add_from(read_end, queued, 0, 1);
+}
+
+// add() from its `attempt`-th tee on (attempt 0: into the current scratch pipe; 1 and on: into a
+// fresh one, made by the caller).
+Expected<SnapshotPacker::Piece> SnapshotPacker::add_from(int read_end, uint32_t queued, uint32_t capacity,
+                                                         int attempt) {
+  for (;; ++attempt) {
+    auto r = tee(read_end);
+    if (!r) return tl::unexpected(r.error());
+    if (*r == -EBADF) return not_readable(read_end);
+    // -EAGAIN: the scratch pipe is full, or the source emptied meanwhile.
+    size_t got = *r > 0 ? static_cast<size_t>(*r) : 0;
     if (got >= queued) return Piece{static_cast<uint32_t>(scratch_.size() - 1), static_cast<uint32_t>(got)};
     if (attempt > 0) {
       // Short into a fresh scratch pipe: either the source has more slots than pipe-max-size (a

@@ -73,6 +73,19 @@ class SnapshotPacker {
   // open for reading) comes back as Errc::invalid_argument with err EBADF, for callers that try
   // the ends of a pipe in turn.
   [[nodiscard]] Expected<Piece> add(int read_end, uint32_t queued, uint32_t capacity = 0);
+  // The same without knowing the queued bytes: the tee comes first, and its answer says "empty"
+  // (0: no writer; EAGAIN into a scratch pipe that has taken nothing yet, so cannot be full), which
+  // for an empty pipe saves the FIONREAD (one tee instead of FIONREAD + tee). Only a tee that
+  // linked bytes (was that all?) or an EAGAIN into a used scratch pipe (empty, or the scratch full?)
+  // asks FIONREAD. EBADF as add() (a write end).
+  // An empty pipe's tee also says whether a writer is open (pipe_read's rule: 0 with none, EAGAIN
+  // with one), which *writers receives: none or some where the tee's answer is sure (a tee into a
+  // scratch pipe that has taken nothing, so cannot be full), else unknown (bytes were queued, or
+  // the answer was ambiguous). The dump uses it for FIFO readers instead of scanning /proc.
+  enum class Writers : uint8_t { unknown, none, some };
+  [[nodiscard]] Expected<Piece> add_unknown(int read_end, Writers* writers = nullptr);
+  // FIONREAD calls made by add_unknown() so far (tests and the bench count them).
+  [[nodiscard]] size_t fionread_calls() const { return fionread_calls_; }
   // Scratch pipes made so far (each holds one fd once sealed).
   [[nodiscard]] size_t scratch_pipes() const { return scratch_.size(); }
   // Closes the write ends: after the stop, nothing is added any more.
@@ -84,9 +97,13 @@ class SnapshotPacker {
 
  private:
   Expected<void> fresh(uint32_t capacity);
+  Expected<Piece> add_from(int read_end, uint32_t queued, uint32_t capacity, int attempt);
+  Expected<ssize_t> tee(int read_end);
   std::vector<sys::UniqueFd> scratch_;  // read ends
   sys::UniqueFd write_;                 // write end of scratch_.back()
   uint32_t write_cap_ = 0;
+  bool write_used_ = false;             // some tee linked bytes into scratch_.back()
+  size_t fionread_calls_ = 0;
 };
 
 // Reads snapshots out: their slot layout and their bytes. Keeps a few small pipes of its own

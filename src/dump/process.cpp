@@ -154,6 +154,7 @@ struct Holder {            // one fd slot
   uint32_t uid = 0, gid = 0, mode = 0;  // of the inode
   std::string target;      // FIFO: readlink of the fd
   int flags = 0;           // fdinfo flags: F_GETFL of the open file, without O_CLOEXEC
+  int access = -1;         // O_ACCMODE when known before the grouping (-1: not yet; group_files)
   bool cloexec = false;
   Blocked blocked = Blocked::none;
   size_t file = SIZE_MAX;  // index into files_
@@ -181,6 +182,9 @@ struct PipeState {
   bool snapped = false;
   bool has_writer_file = false;
   bool capacity_read = false;
+  // Whether a writer was open at the snapshot (an empty pipe's tee says so; SnapshotPacker::Writers):
+  // for a FIFO reader without POLLHUP and no dumped writer, this replaces the outside scan.
+  SnapshotPacker::Writers writers = SnapshotPacker::Writers::unknown;
 };
 
 class Dumper {
@@ -767,32 +771,32 @@ class Dumper {
                             needed, limit_, needed, needed));
   }
 
-  // The pipe's queued bytes (FIONREAD) and, when there are some, a tee through the first of its
-  // holders in [lo, hi) that is open for reading. FIFO readers get their poll() here too.
+  // The pipe's queued bytes: a tee through the first of its holders in [lo, hi) open for reading
+  // (SnapshotPacker::add_unknown: an empty pipe costs that one tee, no FIONREAD). A pipe held there
+  // only for writing gets FIONREAD on a write end: empty, or snapshot_write_only() later. FIFO
+  // readers get their poll() here too.
   Expected<void> snapshot_pipe(PipeState& p, size_t lo, size_t hi) {
-    std::optional<int> queued;
+    const Holder* writer = nullptr;
     for (size_t i : p.holders) {
       if (i < lo || i >= hi || !holders_[i].copy) continue;
       Holder& h = holders_[i];
       if (p.rec.kind == PipeKind::fifo) fifo_poll(h);
-      if (!queued) {
-        auto q = sys::bytes_queued(h.copy.get());
-        if (!q) return tl::unexpected(q.error());
-        queued = *q;
-        if (*q == 0) {
-          mark_snapped(p, SnapshotPacker::Piece{});
-          if (p.rec.kind != PipeKind::fifo) return {};
-          continue;
-        }
-      }
       if (p.snapped) continue;
-      auto piece = packer_.add(h.copy.get(), static_cast<uint32_t>(*queued));
+      auto piece = packer_.add_unknown(h.copy.get(), &p.writers);
       if (!piece) {
-        if (piece.error().err == EBADF) continue;  // a write end
-        return tl::unexpected(piece.error());
+        if (piece.error().err != EBADF) return tl::unexpected(piece.error());
+        writer = &h;  // a write end
+        continue;
       }
       mark_snapped(p, *piece);
-      if (auto r = check_scratch_room(); !r) return r;
+      if (piece->bytes > 0)
+        if (auto r = check_scratch_room(); !r) return r;
+      if (p.rec.kind != PipeKind::fifo) return {};
+    }
+    if (!p.snapped && writer) {
+      auto q = sys::bytes_queued(writer->copy.get());
+      if (!q) return tl::unexpected(q.error());
+      if (*q == 0) mark_snapped(p, SnapshotPacker::Piece{});
     }
     return {};
   }
@@ -860,8 +864,10 @@ class Dumper {
     return {};
   }
 
-  // Groups fds into open file descriptions: kcmp between pipecr's copies (after the resume), or
-  // between the targets' fds (batched mode, while they are stopped).
+  // Groups fds into open file descriptions: between pipecr's copies (after the resume) with
+  // F_DUPFD_QUERY where the kernel has it, else kcmp (sys/fdgroup.hpp), or kcmp between the
+  // targets' fds (batched mode, while they are stopped). Only fds of one inode, and of one access
+  // mode where the holders' modes are known already, are compared.
   Expected<void> group_files(bool copies) {
     std::vector<sys::FdRef> refs;
     std::vector<size_t> who;
@@ -871,10 +877,11 @@ class Dumper {
       const Holder& h = holders_[i];
       if (copies && !h.copy) continue;
       bool own = copies || h.in_flight != SIZE_MAX;  // an end in flight is reached through pipecr's copy
-      refs.push_back(own ? sys::FdRef{self, h.copy.get(), h.ino} : sys::FdRef{tables_[h.table].tid, h.fd, h.ino});
+      refs.push_back(own ? sys::FdRef{self, h.copy.get(), h.ino, h.access}
+                         : sys::FdRef{tables_[h.table].tid, h.fd, h.ino, h.access});
       who.push_back(i);
     }
-    auto groups = sys::group_by_open_file(refs);
+    auto groups = sys::group_by_open_file(refs, sys::kcmp_compare(), copies ? sys::own_file_equal() : sys::FileEqual());
     if (!groups) return tl::unexpected(groups.error());
     std::unordered_map<uint64_t, size_t> at;  // (pid, fd) -> index into who
     auto key = [](pid_t pid, int fd) { return (static_cast<uint64_t>(pid) << 32) | static_cast<uint32_t>(fd); };
@@ -992,8 +999,18 @@ class Dumper {
       int access = static_cast<int>(f.rec.flags) & O_ACCMODE;
       if (access != O_RDONLY) pipes_[h.pipe].has_writer_file = true;
     }
-    for (Holder& h : holders_) h.copy.reset();
+    close_copies();
     return {};
+  }
+
+  // Closes every copy pipecr holds: they were taken one after another, so their numbers are mostly
+  // runs that hold nothing else, one close_range() each (sys::close_fds).
+  void close_copies() {
+    std::vector<int> fds;
+    fds.reserve(holders_.size());
+    for (Holder& h : holders_)
+      if (h.copy) fds.push_back(h.copy.release());
+    sys::close_fds(fds);
   }
 
   static Expected<sys::FdInfo> read_fdinfo_at(int dir, int fd) {
@@ -1010,13 +1027,22 @@ class Dumper {
   // Which pipes have holders outside the dumped set: every other process's fd table, read once.
   // This costs time in proportion to every fd on the machine, so by default it is done only for
   // FIFOs whose reader state depends on it (fifo_only); DumpOptions::outside_holders asks for all.
+  // Such a FIFO was empty at its snapshot, as a rule (a reader that never saw a writer has read
+  // nothing), and then its tee said whether a writer was open: with no dumped writer, that writer
+  // is an outside holder, and without one no process holds it for writing, which is all the
+  // reader state needs. Only FIFOs whose tee could not tell are scanned for.
   void mark_outside_holders(bool fifo_only) {
     std::unordered_map<uint64_t, size_t> anon;
     std::unordered_map<std::string, size_t> fifos;
     for (size_t i = 0; i < pipes_.size(); ++i) {
-      const PipeState& p = pipes_[i];
+      PipeState& p = pipes_[i];
       const PipeRecord& r = p.rec;
       if (fifo_only && (r.kind != PipeKind::fifo || p.has_writer_file || !has_unseen_reader(i))) continue;
+      if (fifo_only && p.writers != SnapshotPacker::Writers::unknown) {
+        ++stats_.fifo_writers_from_tee;
+        p.rec.outside_holders = p.writers == SnapshotPacker::Writers::some;
+        continue;
+      }
       if (r.kind == PipeKind::anonymous)
         anon.emplace(r.inode, i);
       else
@@ -1025,6 +1051,7 @@ class Dumper {
     if (anon.empty() && fifos.empty()) return;
     auto all = sys::list_pids();
     if (!all) return;
+    ++stats_.outside_scans;
     std::set<pid_t> mine(pids_.begin(), pids_.end());
     mine.insert(::getpid());
     for (pid_t pid : *all) {

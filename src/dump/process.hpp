@@ -52,6 +52,8 @@ struct DumpStats {
   uint64_t epoll_watches = 0;  // their watches on dumped pipe ends, recorded (EPOLL_WATCH)
   uint64_t epoll_unattributed = 0;  // watches not recorded: their fd now holds another pipe end
   uint64_t epoll_other = 0;    // watches on fds that hold no dumped pipe end (other kinds of file)
+  uint64_t fifo_writers_from_tee = 0;  // FIFOs whose outside writer was told by their tee, not a /proc scan
+  uint64_t outside_scans = 0;  // scans of every other process's fd table (0 or 1)
 };
 
 // Dump into sink. `records`, when not null, receives the records written (without data).

@@ -281,6 +281,57 @@ TEST(ProcessDump, FifosWithPathsAndReaderState) {
   rmdir(dir);
 }
 
+// A FIFO reader without POLLHUP and no dumped writer: its latch state needs to know whether any
+// process holds the FIFO for writing. The empty FIFO's tee says so (0 without a writer, EAGAIN with
+// one), so no process's fd table is scanned; the full scan (--outside-holders) agrees.
+TEST(ProcessDump, FifoReaderStateFromTheTeeWithoutAScan) {
+  char dir[] = "/tmp/pipecr-dump-XXXXXX";
+  ASSERT_TRUE(mkdtemp(dir));
+  std::string lonely = std::string(dir) + "/lonely", fed = std::string(dir) + "/fed";
+  for (const auto& p : {lonely, fed}) ASSERT_EQ(mkfifo(p.c_str(), 0600), 0);
+  Child c([&](int ready) {
+    block_usr1();
+    int a = open(lonely.c_str(), O_RDONLY | O_NONBLOCK);  // no writer, ever
+    int b = open(fed.c_str(), O_RDONLY | O_NONBLOCK);     // a writer outside the dump comes next
+    dup2(a, 40);
+    dup2(b, 41);
+    signal_ready(ready);
+    wait_usr1();
+    return 0;
+  });
+  ASSERT_TRUE(c.ready());
+  Child writer([&](int ready) {  // not dumped
+    block_usr1();
+    if (open(fed.c_str(), O_WRONLY | O_NONBLOCK) < 0) return 2;
+    signal_ready(ready);
+    wait_usr1();
+    return 0;
+  });
+  ASSERT_TRUE(writer.ready());
+  for (bool scan : {false, true}) {
+    image::MemorySink sink;
+    dump::DumpOptions opts{.pids = {c.pid()}};
+    opts.outside_holders = scan;
+    auto st = dump::dump_processes(opts, sink);
+    ASSERT_TRUE(st) << st.error().what;
+    auto img = image::parse(sink.bytes());
+    ASSERT_TRUE(img) << img.error().what;
+    const FileRecord* fa = img->find_file(fd_of(*img, c.pid(), 40)->file_id);
+    const FileRecord* fb = img->find_file(fd_of(*img, c.pid(), 41)->file_id);
+    EXPECT_EQ(img->find_pipe(fa->pipe_id)->path, lonely);
+    EXPECT_EQ(fa->fifo_reader, FifoReaderState::no_writer_yet) << "scan " << scan;
+    EXPECT_FALSE(img->find_pipe(fa->pipe_id)->outside_holders) << "scan " << scan;
+    EXPECT_EQ(fb->fifo_reader, FifoReaderState::unknown) << "scan " << scan;
+    EXPECT_TRUE(img->find_pipe(fb->pipe_id)->outside_holders) << "scan " << scan;
+    EXPECT_EQ(st->outside_scans, scan ? 1u : 0u);
+    EXPECT_EQ(st->fifo_writers_from_tee, scan ? 0u : 2u);
+  }
+  EXPECT_EQ(c.finish(), 0);
+  EXPECT_EQ(writer.finish(), 0);
+  for (const auto& p : {lonely, fed}) unlink(p.c_str());
+  rmdir(dir);
+}
+
 TEST(ProcessDump, LeaveStopped) {
   Child c([](int ready) {
     block_usr1();
