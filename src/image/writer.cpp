@@ -148,15 +148,27 @@ struct Writer::State {
     return {};
   }
 
-  // One whole record: header, payload, checksum.
+  // The payload buffer, emptied: one per writer, reused by every record (a dump writes a few
+  // records per fd, and two fresh vectors each cost several allocations as they grew).
+  std::vector<std::byte>& payload() {
+    pl_buf.clear();
+    return pl_buf;
+  }
+
+  // One whole record: header, payload, checksum, encoded into a reused buffer.
   Expected<void> emit(RecordType type, std::span<const std::byte> payload, uint32_t flags = kRecordRequired) {
-    std::vector<std::byte> rec = record_header(static_cast<uint32_t>(type), flags, payload.size());
+    std::vector<std::byte>& rec = rec_buf;
+    rec.clear();
+    put_u32(rec, static_cast<uint32_t>(type));
+    put_u32(rec, flags);
+    put_u64(rec, payload.size());
     put_bytes(rec, payload);
     put_u64(rec, XXH3_64bits(rec.data(), rec.size()));
     auto r = write(rec);
     if (r) ++records;
     return r;
   }
+  std::vector<std::byte> pl_buf, rec_buf;
 };
 
 Writer::Writer(Sink& sink) : st_(new State(sink)) {}
@@ -170,7 +182,7 @@ Expected<void> Writer::begin(const ImageInfo& info) {
   put_u32(h, 0);  // reserved
   put_u64(h, XXH3_64bits(h.data(), h.size()));
   if (auto r = st_->write(h); !r) return r;
-  std::vector<std::byte> pl;
+  std::vector<std::byte>& pl = st_->payload();
   encode_info(pl, info);
   st_->page_size = info.page_size;
   st_->phase = Phase::info;
@@ -181,7 +193,7 @@ Expected<void> Writer::add(const ProcessRecord& p) {
   if (auto r = st_->enter(Phase::processes, "PROCESS"); !r) return r;
   if (auto e = check_process(p); !e.empty()) return misuse(e);
   if (st_->pids.count(p.pid)) return misuse(fmt::format("process {} added twice", p.pid));
-  std::vector<std::byte> pl;
+  std::vector<std::byte>& pl = st_->payload();
   encode_process(pl, p);
   st_->phase = Phase::processes;
   st_->pids.insert(p.pid);
@@ -192,7 +204,7 @@ Expected<void> Writer::add(const PipeRecord& p) {
   if (auto r = st_->enter(Phase::pipes, "PIPE"); !r) return r;
   if (auto e = check_pipe(p, st_->page_size); !e.empty()) return misuse(e);
   if (st_->pipes.count(p.id)) return misuse(fmt::format("pipe {} added twice", p.id));
-  std::vector<std::byte> pl;
+  std::vector<std::byte>& pl = st_->payload();
   encode_pipe(pl, p);
   st_->phase = Phase::pipes;
   st_->pipes[p.id] = State::PipeBooks{p.bytes(), false};
@@ -254,7 +266,7 @@ Expected<void> Writer::add(const FileRecord& f) {
   if (auto e = check_file(f); !e.empty()) return misuse(e);
   if (st_->files.count(f.id)) return misuse(fmt::format("file {} added twice", f.id));
   if (!st_->pipes.count(f.pipe_id)) return misuse(fmt::format("file {} refers to unknown pipe {}", f.id, f.pipe_id));
-  std::vector<std::byte> pl;
+  std::vector<std::byte>& pl = st_->payload();
   encode_file(pl, f);
   st_->phase = Phase::files;
   st_->files.insert(f.id);
@@ -268,7 +280,7 @@ Expected<void> Writer::add(const FdRecord& f) {
   if (f.pid != 0 && !st_->pids.count(f.pid))
     return misuse(fmt::format("fd {} belongs to pid {} which has no PROCESS record", f.fd, f.pid));
   if (st_->fds.count({f.pid, f.tid, f.fd})) return misuse(fmt::format("fd {} of pid {} added twice", f.fd, f.pid));
-  std::vector<std::byte> pl;
+  std::vector<std::byte>& pl = st_->payload();
   encode_fd(pl, f);
   st_->phase = Phase::fds;
   st_->fds.insert({f.pid, f.tid, f.fd});
@@ -283,7 +295,7 @@ Expected<void> Writer::add(const InFlightRecord& f) {
     return misuse(fmt::format("file {} in flight in pid {} which has no PROCESS record", f.file_id, f.pid));
   if (!st_->in_flight.insert({f.pid, f.sock_fd, f.msg, f.slot}).second)
     return misuse(fmt::format("place {}/{} of socket fd {} of pid {} added twice", f.msg, f.slot, f.sock_fd, f.pid));
-  std::vector<std::byte> pl;
+  std::vector<std::byte>& pl = st_->payload();
   put_u64(pl, f.file_id);
   put_i32(pl, f.pid);
   put_i32(pl, f.sock_fd);
@@ -293,12 +305,7 @@ Expected<void> Writer::add(const InFlightRecord& f) {
   put_u64(pl, f.end);
   st_->phase = Phase::fds;
   // Optional: an older reader skips it and restores the image as if the end were not there.
-  std::vector<std::byte> rec = record_header(static_cast<uint32_t>(RecordType::in_flight), 0, pl.size());
-  put_bytes(rec, pl);
-  put_u64(rec, XXH3_64bits(rec.data(), rec.size()));
-  auto r = st_->write(rec);
-  if (r) ++st_->records;
-  return r;
+  return st_->emit(RecordType::in_flight, pl, 0);
 }
 
 Expected<void> Writer::add(const SharedFdTable& s) {
@@ -306,16 +313,11 @@ Expected<void> Writer::add(const SharedFdTable& s) {
   if (auto e = check_shared(s); !e.empty()) return misuse(e);
   if (!st_->pids.count(s.pid) || !st_->pids.count(s.with_pid))
     return misuse(fmt::format("shared fd table of pids {} and {} without their PROCESS records", s.pid, s.with_pid));
-  std::vector<std::byte> pl;
+  std::vector<std::byte>& pl = st_->payload();
   put_i32(pl, s.pid);
   put_i32(pl, s.with_pid);
   st_->phase = Phase::processes;
-  std::vector<std::byte> rec = record_header(static_cast<uint32_t>(RecordType::shared_files), 0, pl.size());
-  put_bytes(rec, pl);
-  put_u64(rec, XXH3_64bits(rec.data(), rec.size()));
-  auto r = st_->write(rec);
-  if (r) ++st_->records;
-  return r;
+  return st_->emit(RecordType::shared_files, pl, 0);  // optional
 }
 
 Expected<void> Writer::add(const EpollWatch& w) {
@@ -328,7 +330,7 @@ Expected<void> Writer::add(const EpollWatch& w) {
     return misuse(fmt::format("fd {} of pid {} is epoll {} and epoll {}", w.epoll_fd, w.pid, it->second, w.epoll_id));
   if (st_->watches.count({w.pid, w.epoll_fd, w.file_id, w.fd}))
     return misuse(fmt::format("watch of fd {} in epoll fd {} of pid {} added twice", w.fd, w.epoll_fd, w.pid));
-  std::vector<std::byte> pl;
+  std::vector<std::byte>& pl = st_->payload();
   encode_epoll_watch(pl, w);
   st_->phase = Phase::fds;
   st_->watches.insert({w.pid, w.epoll_fd, w.file_id, w.fd});
@@ -337,7 +339,7 @@ Expected<void> Writer::add(const EpollWatch& w) {
 
 Expected<void> Writer::finish() {
   if (auto r = st_->enter(Phase::fds, "finish()"); !r) return r;
-  std::vector<std::byte> pl;
+  std::vector<std::byte>& pl = st_->payload();
   put_u64(pl, st_->records);
   auto r = st_->emit(RecordType::end, pl);
   if (r) st_->phase = Phase::finished;
