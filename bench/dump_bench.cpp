@@ -15,6 +15,14 @@
 //   dump_cpu_ms, floor_cpu_ms, cpu_ratio: the same on pipecr's CPU time (user + system), which
 //                    load on the machine inflates far less than wall time;
 //   rss_growth_kb    peak resident memory added by the dump (VmHWM, reset before it).
+// BM_DumpUnrelated: 1,000 empty pipes (or 1,000 FIFOs opened for reading without a writer) in a
+// victim, next to a hog process holding `hog_fds` unrelated fds (pipes of its own): dump_ms must
+// not grow with the hog's fds for pipes (the outside-holder scan is off by default); a FIFO reader
+// without POLLHUP and no dumped writer needed that scan (its "no writer yet" latch); the FIFO
+// case checks that the FIFOs' tee answers it without the scan (third argument 1: the scan asked
+// for, which is what the FIFO case cost before). Counters as BM_Dump (without the victim's clock),
+// plus outside_marked (a pipe was found held outside), no_writer_yet (FIFO readers found never to
+// have seen a writer) and outside_scans (0 or 1: whether every process's fd table was read).
 // BM_DumpScale: 16 bytes in each of N pipes, spread over victims of up to 9,000 pipes each
 // (18,000 fds, under the 20,000 fd limit of these machines), pipecr under the same limit: time per
 // pipe from 100 to 100,000 pipes (the slope), time stopped, scratch pipes and batches.
@@ -147,7 +155,8 @@ long vm_hwm_kb() {
 }
 
 // The pipe fds of pid and whether each is a read end (fdinfo flags), read before the timing.
-std::vector<std::pair<int, bool>> pipe_fds(pid_t pid) {
+// With fifos, FIFO fds (a link to a path that is a FIFO) instead of anonymous pipes.
+std::vector<std::pair<int, bool>> pipe_fds(pid_t pid, bool fifos = false) {
   std::vector<std::pair<int, bool>> out;
   std::string base = "/proc/" + std::to_string(pid);
   for (int fd = 3, misses = 0; misses < 64; ++fd) {
@@ -158,7 +167,11 @@ std::vector<std::pair<int, bool>> pipe_fds(pid_t pid) {
       continue;
     }
     misses = 0;
-    if (std::string(link, static_cast<size_t>(n)).rfind("pipe:", 0) != 0) continue;
+    std::string target(link, static_cast<size_t>(n));
+    struct stat st {};
+    if (fifos ? (target.empty() || target[0] != '/' || stat(target.c_str(), &st) != 0 || !S_ISFIFO(st.st_mode))
+              : target.rfind("pipe:", 0) != 0)
+      continue;
     std::ifstream info(base + "/fdinfo/" + std::to_string(fd));
     std::string key, val;
     int flags = 0;
@@ -254,6 +267,117 @@ void BM_Dump(benchmark::State& state) {
 // Empty pipes: the fixed cost per pipe. 64 KiB pipes: the stop must not grow with the bytes.
 BENCHMARK(BM_Dump)->Args({1000, 0})->Args({1000, 65536})->Args({100, 0})->Args({5000, 0})
     ->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(8);
+
+// A child that runs `body` (which must not return) once forked; killed by the destructor.
+struct Child {
+  pid_t pid = -1;
+  template <typename F>
+  explicit Child(F body) {
+    int ready[2];
+    if (pipe(ready) != 0) return;
+    pid = fork();
+    if (pid == 0) {
+      close(ready[0]);
+      body(ready[1]);
+      _exit(0);
+    }
+    close(ready[1]);
+    char c;
+    (void)!read(ready[0], &c, 1);
+    close(ready[0]);
+  }
+  ~Child() {
+    if (pid > 0) {
+      kill(pid, SIGKILL);
+      waitpid(pid, nullptr, 0);
+    }
+  }
+  Child(const Child&) = delete;
+  Child& operator=(const Child&) = delete;
+};
+
+// n FIFOs made in dir, each opened O_RDONLY | O_NONBLOCK and no writer: the readers' latch state
+// can only be told by the outside-holder scan.
+void hold_fifo_readers(const std::string& dir, int n, int ready) {
+  raise_nofile();
+  for (int i = 0; i < n; ++i) {
+    std::string path = dir + "/f" + std::to_string(i);
+    if (mkfifo(path.c_str(), 0600) != 0 || open(path.c_str(), O_RDONLY | O_NONBLOCK) < 0) _exit(2);
+  }
+  close(ready);
+  for (;;) pause();
+}
+
+void BM_DumpUnrelated(benchmark::State& state) {
+  raise_nofile();
+  int hog_fds = static_cast<int>(state.range(0));
+  bool fifo = state.range(1) != 0;
+  bool scan = state.range(2) != 0;  // DumpOptions::outside_holders: the full /proc scan, as asked for
+  constexpr int kPipes = 1000;
+  char tmpl[] = "/tmp/dump_bench_fifo.XXXXXX";
+  std::string dir = fifo ? mkdtemp(tmpl) : "";
+  std::unique_ptr<Victim> pipes;
+  std::unique_ptr<Child> fifos;
+  pid_t pid = -1;
+  if (fifo) {
+    fifos = std::make_unique<Child>([&](int ready) { hold_fifo_readers(dir, kPipes, ready); });
+    pid = fifos->pid;
+  } else {
+    pipes = std::make_unique<Victim>(kPipes, 0, false);
+    pid = pipes->pid;
+  }
+  std::unique_ptr<Victim> hog;
+  if (hog_fds > 0) hog = std::make_unique<Victim>(hog_fds / 2, 0, false);
+  auto fds = pipe_fds(pid, fifo);
+  double dump = 0, flr = 0, dump_cpu = 0, floor_cpu = 0, stopped = 0;
+  bool outside = false;
+  size_t latched = 0;
+  uint64_t scans = 0;
+  for (auto _ : state) {
+    auto t0 = Clock::now();
+    double c0 = thread_cpu_ms();
+    NullSink sink;
+    pipecr::Image image;
+    pipecr::dump::DumpOptions opts{.pids = {pid}};
+    opts.outside_holders = scan;
+    auto st = pipecr::dump::dump_processes(opts, sink, &image);
+    dump += std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+    dump_cpu += thread_cpu_ms() - c0;
+    if (!st) {
+      state.SkipWithError(st.error().what.c_str());
+      break;
+    }
+    stopped += static_cast<double>(st->stopped_ns) / 1e6;
+    scans = st->outside_scans;
+    for (const auto& p : image.pipes) outside = outside || p.outside_holders;
+    latched = 0;
+    for (const auto& f : image.files) latched += f.fifo_reader == pipecr::FifoReaderState::no_writer_yet;
+    flr += floor_ms(pid, fds, &floor_cpu);
+  }
+  double it = static_cast<double>(state.iterations());
+  state.counters["dump_ms"] = dump / it;
+  state.counters["floor_ms"] = flr / it;
+  state.counters["ratio"] = dump / flr;
+  state.counters["dump_cpu_ms"] = dump_cpu / it;
+  state.counters["floor_cpu_ms"] = floor_cpu / it;
+  state.counters["cpu_ratio"] = dump_cpu / floor_cpu;
+  state.counters["stopped_ms"] = stopped / it;
+  state.counters["fds"] = static_cast<double>(fds.size());
+  state.counters["outside_marked"] = outside ? 1 : 0;
+  state.counters["no_writer_yet"] = static_cast<double>(latched);
+  state.counters["outside_scans"] = static_cast<double>(scans);
+  fifos.reset();
+  if (fifo) {
+    for (int i = 0; i < kPipes; ++i) unlink((dir + "/f" + std::to_string(i)).c_str());
+    rmdir(dir.c_str());
+  }
+}
+
+// Args: unrelated fds held by another process, FIFO victim (1) or pipe victim (0), and the full
+// outside-holder scan asked for (1: what the FIFO case cost when it was scanned for).
+BENCHMARK(BM_DumpUnrelated)->Args({0, 0, 0})->Args({16000, 0, 0})->Args({0, 1, 0})->Args({16000, 1, 0})
+    ->Args({0, 1, 1})->Args({16000, 1, 1})
+    ->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(6);
 
 void BM_DumpScale(benchmark::State& state) {
   raise_nofile();
