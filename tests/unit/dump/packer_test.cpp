@@ -150,6 +150,50 @@ TEST(SnapshotPacker, FullAndPacketPipesComeBackWholeAndStayAsTheyWere) {
   for (const Slot& s : *slots) EXPECT_TRUE(s.packet);
 }
 
+// Pieces of exactly 16 pages: 16 full slots (stream or packets) are read through the 16-slot
+// window at once; 16 pages in 17 slots are not, and the walk gives each slot.
+TEST(SnapshotPacker, SixteenPagesInSixteenSlotsOrInMore) {
+  SnapshotPacker packer;
+  auto packets = pipe_of(O_DIRECT);  // each full-page write is one packet
+  for (int i = 0; i < 16; ++i) put(packets.write.get(), kPage, static_cast<char>('a' + i));
+  auto seventeen = pipe_of(0, static_cast<int>(32 * kPage));
+  for (int i = 0; i < 15; ++i) put(seventeen.write.get(), kPage, 's');
+  for (char c : {'t', 'u'}) {  // two half-page slots: tee'd buffers never merge with a neighbour
+    auto half = pipe_of(0);
+    put(half.write.get(), kPage / 2, c);
+    auto n = sys::tee_nb(half.read.get(), seventeen.write.get(), kPage);
+    ASSERT_TRUE(n && *n == kPage / 2);
+  }
+  auto a = packer.add_unknown(packets.read.get());
+  auto b = packer.add_unknown(seventeen.read.get());
+  ASSERT_TRUE(a && b);
+  ASSERT_EQ(a->bytes, 16 * kPage);
+  ASSERT_EQ(b->bytes, 16 * kPage);
+  packer.seal();
+  SnapshotReader reader;
+  std::vector<std::byte> bytes;
+  auto slots = reader.read_head(packer.scratch_fd(a->scratch), a->bytes, bytes);
+  ASSERT_TRUE(slots) << slots.error().what;
+  ASSERT_EQ(slots->size(), 16u);
+  for (const Slot& s : *slots) {
+    EXPECT_EQ(s.len, kPage);
+    EXPECT_TRUE(s.packet);
+  }
+  EXPECT_EQ(as_string(bytes).substr(15 * kPage), std::string(kPage, 'p'));
+  slots = reader.read_head(packer.scratch_fd(b->scratch), b->bytes, bytes);
+  ASSERT_TRUE(slots) << slots.error().what;
+  std::vector<uint32_t> lens;
+  for (const Slot& s : *slots) {
+    lens.push_back(s.len);
+    EXPECT_FALSE(s.packet);
+  }
+  std::vector<uint32_t> want(15, kPage);
+  want.push_back(kPage / 2);
+  want.push_back(kPage / 2);
+  EXPECT_EQ(lens, want);
+  EXPECT_EQ(as_string(bytes), std::string(15 * kPage, 's') + std::string(kPage / 2, 't') + std::string(kPage / 2, 'u'));
+}
+
 // A scratch pipe filled to its last slot: the next tee answers EAGAIN whether its source is empty
 // or not. FIONREAD tells them apart: the empty one is empty, the full one goes to a fresh scratch.
 TEST(SnapshotPacker, EagainIntoAFullScratchPipeIsNotTakenForEmpty) {
