@@ -9,10 +9,11 @@
 //
 // The work is split by what must be one moment and what may come after (docs/design.md, section
 // 7). While the targets are stopped: per fd, one fstatat() through /proc (is it a pipe or FIFO,
-// which inode) and one pidfd_getfd(); per pipe, FIONREAD and one tee() into a shared scratch pipe
-// (SnapshotPacker). After they run again, from pipecr's own copies: the grouping into open file
-// descriptions (kcmp between the copies), the flags and FD_CLOEXEC (fdinfo), owner and signal,
-// capacity, and the slot walk. When pipecr's fd limit cannot hold a copy of every pipe fd at once,
+// which inode) and one pidfd_getfd(); per pipe, one tee() into a shared scratch pipe
+// (SnapshotPacker; FIONREAD only when the tee linked bytes). After they run again, from pipecr's
+// own copies: the grouping into open file descriptions (F_DUPFD_QUERY, or kcmp, between the
+// copies), the flags and FD_CLOEXEC (fdinfo), owner and signal, capacity, the copies closed in
+// runs (close_range), and the slot walk. When pipecr's fd limit cannot hold a copy of every pipe fd at once,
 // the copies are taken in batches and closed, and what needs a copy is read while stopped.
 #include "dump/process.hpp"
 
@@ -814,9 +815,9 @@ class Dumper {
   }
 
   // A FIFO reader: POLLHUP now says it has seen a writer (the "no writer yet" latch, section 7).
+  // No F_GETFL first: pipe_poll() gives POLLHUP only to a file open for reading while no writer is
+  // open, and an O_RDWR file is a writer itself, so POLLHUP comes only to O_RDONLY readers.
   void fifo_poll(Holder& h) {
-    int fl = ::fcntl(h.copy.get(), F_GETFL);
-    if (fl < 0 || (fl & O_ACCMODE) != O_RDONLY) return;
     pollfd pfd{h.copy.get(), POLLIN, 0};
     if (::poll(&pfd, 1, 0) == 1 && (pfd.revents & POLLHUP)) pollhup_.insert(static_cast<size_t>(&h - holders_.data()));
   }

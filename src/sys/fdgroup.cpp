@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <numeric>
 
@@ -133,7 +134,7 @@ FileEqual own_file_equal() {
 }
 
 size_t close_fds(std::vector<int>& fds) {
-  static bool have_close_range = true;  // until the kernel says ENOSYS
+  static std::atomic<bool> have_close_range{true};  // until the kernel says ENOSYS
   std::sort(fds.begin(), fds.end());
   size_t calls = 0;
   for (size_t lo = 0; lo < fds.size();) {
