@@ -57,10 +57,20 @@ Expected<void> read_remote(pid_t pid, uint64_t addr, void* data, size_t len) {
 // Looks for the two pieces of the target's own code that the rt_sigframe return needs (arch.hpp):
 // a `syscall; ret` and a restorer, in its executable file mappings and [vdso], read in chunks with
 // process_vm_readv (nothing is written). 0 where one is missing.
-struct ReturnGadgets {
-  uint64_t syscall_ret = 0;
-  uint64_t restorer = 0;
-};
+using ReturnGadgets = AgentGadgets;
+
+// Whether the gadgets found before the stop are still there (one read each).
+bool gadgets_still_there(pid_t pid, const ReturnGadgets& g) {
+  auto holds = [pid](uint64_t at, const auto& pattern) {
+    unsigned char got[16];
+    iovec local{got, pattern.size()};
+    iovec remote{reinterpret_cast<void*>(at), pattern.size()};
+    return at && ::process_vm_readv(pid, &local, 1, &remote, 1, 0) == static_cast<ssize_t>(pattern.size()) &&
+           std::memcmp(got, pattern.data(), pattern.size()) == 0;
+  };
+  return holds(g.syscall_ret, arch::kSyscallRet) &&
+         (holds(g.restorer, arch::kRestorer) || holds(g.restorer, arch::kRestorerShort));
+}
 
 ReturnGadgets find_return_gadgets(pid_t pid) {
   ReturnGadgets g;
@@ -83,9 +93,9 @@ ReturnGadgets find_return_gadgets(pid_t pid) {
   std::stable_partition(ranges.begin(), ranges.end(), [](const Range& r) { return r.libc; });  // glibc first
   constexpr size_t kChunk = 256 * 1024, kOverlap = 16;
   std::vector<unsigned char> buf(kChunk);
-  auto find = [&](auto& pattern, size_t n, uint64_t at) -> uint64_t {
-    auto it = std::search(buf.begin(), buf.begin() + static_cast<long>(n), pattern.begin(), pattern.end());
-    return it == buf.begin() + static_cast<long>(n) ? 0 : at + static_cast<uint64_t>(it - buf.begin());
+  auto find = [&](auto& pattern, size_t n, uint64_t at) -> uint64_t {  // memmem: several times std::search's speed
+    const void* hit = ::memmem(buf.data(), n, pattern.data(), pattern.size());
+    return hit ? at + static_cast<uint64_t>(static_cast<const unsigned char*>(hit) - buf.data()) : 0;
   };
   for (const Range& r : ranges) {
     for (uint64_t at = r.lo; at < r.hi && !(g.syscall_ret && g.restorer);) {
@@ -157,6 +167,8 @@ ssize_t send_message(int sock, const pipecr_agent_msg& m, std::span<const int> f
 
 void set_agent_sigreturn(bool enabled) { g_sigreturn = enabled; }
 
+AgentGadgets find_agent_gadgets(pid_t pid) { return find_return_gadgets(pid); }
+
 // ---------------------------------------------------------------- CommitPoint
 
 Expected<CommitPoint> CommitPoint::create() {
@@ -208,6 +220,95 @@ Expected<std::unique_ptr<Agent>> Agent::create(StoppedProcess& process, pid_t ti
     return tl::unexpected(ok.error());
   }
   return a;
+}
+
+Expected<Agent*> Agent::start_survey(StoppedProcess& process, pid_t tid, uint64_t vdso_hint, const AgentGadgets* gadgets) {
+  return process.inject<Agent>(tid, SurveyOnly{}, vdso_hint, gadgets);
+}
+
+Expected<std::unique_ptr<Agent>> Agent::create(StoppedProcess& process, pid_t tid, SurveyOnly, uint64_t vdso_hint,
+                                               const AgentGadgets* gadgets) {
+  auto cp = CommitPoint::create();  // the agent maps it at HELLO; never committed: it aborts
+  if (!cp) return tl::unexpected(cp.error());
+  std::unique_ptr<Agent> a(new Agent(process, tid));
+  a->batch_ = 1;
+  a->frame_only_ = true;
+  a->vdso_hint_ = vdso_hint;
+  if (gadgets) a->pre_gadgets_ = *gadgets;
+  if (auto ok = a->boot(*cp, {}, 0); !ok) return tl::unexpected(ok.error());
+  if (auto ok = a->connect(*cp); !ok) {
+    (void)a->restore();
+    return tl::unexpected(ok.error());
+  }
+  return a;
+}
+
+Expected<std::vector<SurveyedFd>> Agent::survey(uint32_t below) {
+  if (!running_ || !sock_ || decided_) return fail(Errc::invalid_argument, EINVAL, "agent: no survey after the decision");
+  if (auto ok = send(sock_.get(), PIPECR_MSG_SURVEY, 0, below, {}); !ok) return tl::unexpected(ok.error());
+  std::vector<SurveyedFd> out;
+  using namespace std::chrono;
+  for (auto deadline = steady_clock::now() + wait_timeout();;) {
+    struct {
+      pipecr_agent_msg m;
+      uint32_t ent[PIPECR_SURVEY_BATCH];
+    } buf{};
+    iovec iov{&buf, sizeof buf};
+    alignas(cmsghdr) char ctl[CMSG_SPACE(kMaxFdsPerMessage * sizeof(int))];
+    msghdr h{};
+    h.msg_iov = &iov;
+    h.msg_iovlen = 1;
+    h.msg_control = ctl;
+    h.msg_controllen = sizeof ctl;
+    const ssize_t n = ::recvmsg(sock_.get(), &h, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+    if (n < 0 && (errno == EAGAIN || errno == EINTR)) {
+      pollfd p{sock_.get(), POLLIN, 0};
+      if (::poll(&p, 1, 2) > 0) continue;
+      if (auto ok = process_->check_running(tid_); !ok) return tl::unexpected(ok.error());
+      if (steady_clock::now() > deadline)
+        return fail(Errc::gone, ETIMEDOUT,
+                    fmt::format("agent in pid {} (thread {}): no survey within {} ms", pid_, tid_, wait_timeout().count()));
+      continue;
+    }
+    std::vector<UniqueFd> files;
+    if (n > 0)
+      for (cmsghdr* c = CMSG_FIRSTHDR(&h); c; c = CMSG_NXTHDR(&h, c))
+        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
+          const size_t k = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+          for (size_t i = 0; i < k; ++i) {
+            int fd;
+            std::memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
+            files.emplace_back(fd);
+          }
+        }
+    if (n <= 0) {
+      int e = n < 0 ? errno : EPIPE;
+      if (auto dead = died_meanwhile(); !dead) return tl::unexpected(dead.error());
+      return tl::unexpected(error(n == 0 ? "the agent closed its socket during the survey" : "recv(agent socket)", e));
+    }
+    if (h.msg_flags & MSG_CTRUNC)
+      return tl::unexpected(error("survey: files received truncated (pipecr's RLIMIT_NOFILE leaves no room)", EMFILE));
+    const pipecr_agent_msg& m = buf.m;
+    const size_t count = m.count;
+    if (static_cast<size_t>(n) != sizeof m + count * sizeof(uint32_t) || count > PIPECR_SURVEY_BATCH ||
+        m.first != out.size() || (m.type != PIPECR_MSG_SURVEY_FILES && m.type != PIPECR_MSG_SURVEY_DONE))
+      return tl::unexpected(error(fmt::format("survey: unexpected message {} ({} bytes)", m.type, n), EPROTO));
+    size_t unsent = 0;
+    for (size_t i = 0; i < count; ++i) unsent += (buf.ent[i] & PIPECR_SURVEY_UNSENT) != 0;
+    if (files.size() != count - unsent)
+      return tl::unexpected(error(fmt::format("survey: {} files for {} entries", files.size(), count - unsent), EPROTO));
+    for (size_t i = 0, f = 0; i < count; ++i) {
+      SurveyedFd s;
+      s.fd = static_cast<int>(buf.ent[i] & PIPECR_SURVEY_FD_MASK);
+      s.cloexec = (buf.ent[i] & PIPECR_SURVEY_CLOEXEC) != 0;
+      if (!(buf.ent[i] & PIPECR_SURVEY_UNSENT)) s.file = std::move(files[f++]);
+      out.push_back(std::move(s));
+    }
+    if (m.type == PIPECR_MSG_SURVEY_DONE) {
+      if (m.status != 0) return tl::unexpected(error("survey failed in the target", -m.status));
+      return out;
+    }
+  }
 }
 
 Agent::~Agent() {
@@ -263,8 +364,13 @@ Expected<void> Agent::boot(const CommitPoint&, std::span<const AgentOp> ops, int
   if (!wire.empty()) std::memcpy(image.data() + ops_offset, wire.data(), wire.size() * sizeof wire[0]);
 
   const bool no_signal = !process_->signal_pending(tid_);
-  const ReturnGadgets g =
-      g_sigreturn && arch::frame_return_allowed(pid_, tid_) ? find_return_gadgets(pid_) : ReturnGadgets{};
+  ReturnGadgets g{};
+  if (g_sigreturn && arch::frame_return_allowed(pid_, tid_))
+    g = pre_gadgets_ && gadgets_still_there(pid_, *pre_gadgets_) ? *pre_gadgets_ : find_return_gadgets(pid_);
+  if (frame_only_ && !(g.syscall_ret && g.restorer))  // nothing changed yet
+    return tl::unexpected(error("no return through an rt_sigframe here (no `syscall; ret` or restorer in the target, a "
+                                "shadow stack, or turned off): a survey does not take the fallback's harm window",
+                                ENOTSUP));
   if (g.syscall_ret && g.restorer) {
     auto fpu = arch::fpu_state(tid_);
     if (!fpu) return tl::unexpected(fpu.error());

@@ -114,8 +114,35 @@ class FileQueue {
   size_t messages_ = 0, files_ = 0, largest_ = 0;
 };
 
+// The two pieces of a target's own code an agent's rt_sigframe return needs: a `syscall; ret` and a
+// restorer (arch.hpp); 0 where missing. Finding them scans the target's executable mappings (most of
+// a millisecond with glibc), which may be done before the stop: start_survey() then checks them with
+// one read each instead of scanning while the target stands still.
+struct AgentGadgets {
+  uint64_t syscall_ret = 0;
+  uint64_t restorer = 0;
+};
+[[nodiscard]] AgentGadgets find_agent_gadgets(pid_t pid);
+
+// One open fd of a target as an agent's survey saw it, the target stopped (Agent::survey).
+struct SurveyedFd {
+  int fd = -1;
+  bool cloexec = false;  // FD_CLOEXEC (fcntl F_GETFD in the target)
+  UniqueFd file;         // the same open file description, received over SCM_RIGHTS; empty when the
+                         // kernel would not send it (the caller may take it with pidfd_getfd)
+};
+
 class Agent : public Injector {
  public:
+  // For a dump: an agent with no operation, on its own CommitPoint that nothing commits, so that it
+  // only answers survey() and then returns untouched (restore(), as after an abort). Made by
+  // process.inject<Agent>(tid, Agent::SurveyOnly{}, vdso_hint, gadgets), which owns it (this is a
+  // shorthand). Only where it can return through an rt_sigframe (returns_by_sigreturn()): else it
+  // fails (ENOTSUP) before anything of the target changed, since the fallback's remote syscalls are
+  // a harm window. gadgets: find_agent_gadgets() of the process, found before the stop (else here).
+  struct SurveyOnly {};
+  [[nodiscard]] static Expected<Agent*> start_survey(StoppedProcess& process, pid_t tid, uint64_t vdso_hint = 0,
+                                                     const AgentGadgets* gadgets = nullptr);
   // Made by StoppedProcess::inject<Agent>(tid, commit, ops, floor, batch, vdso_hint, queue), which
   // owns it: starts an agent on thread tid of the (stopped) process with these operations (install ones carry
   // their source fd, sent later by send_files()). floor: above every number an operation fills (the
@@ -132,6 +159,11 @@ class Agent : public Injector {
   // Sends the files of the install operations, in messages of at most `batch` (<= 253) consecutive
   // ones: the agent receives one message at a time at the commit.
   [[nodiscard]] Expected<void> send_files();
+  // Dump: every open fd of the thread's fd table below `below` (FDSize), in order, but the agent's
+  // own two sockets: its number, FD_CLOEXEC, and the file itself (SCM_RIGHTS, 253 a message: the
+  // agent runs one fcntl(F_GETFD) per number; nothing of the target changes). This process needs room
+  // for every file received (RLIMIT_NOFILE). An error leaves nothing received open.
+  [[nodiscard]] Expected<std::vector<SurveyedFd>> survey(uint32_t below);
   // Asks the agent whether everything can run; an error (naming the operation) when not.
   [[nodiscard]] Expected<void> prepare();
   // Tells the agent to act on the CommitPoint without waiting for its answer (so that every agent
@@ -163,6 +195,8 @@ class Agent : public Injector {
                                                                std::span<const AgentOp> ops, int floor,
                                                                size_t batch = kAgentBatch, uint64_t vdso_hint = 0,
                                                                UniqueFd queue = UniqueFd());
+  [[nodiscard]] static Expected<std::unique_ptr<Agent>> create(StoppedProcess& process, pid_t tid, SurveyOnly,
+                                                               uint64_t vdso_hint, const AgentGadgets* gadgets);
   Agent(StoppedProcess& p, pid_t tid) : pid_(p.pid()), tid_(tid) { link(&p); }
   [[nodiscard]] Expected<void> boot(const CommitPoint& commit, std::span<const AgentOp> ops, int floor);
   [[nodiscard]] Expected<void> boot_with_frame(pipecr_agent_ctl& ctl, std::vector<unsigned char>& image,
@@ -189,6 +223,8 @@ class Agent : public Injector {
   std::vector<AgentOp> ops_;
   size_t batch_ = kAgentBatch;
   uint64_t vdso_hint_ = 0;   // vdso_syscall_address(), found before the stop
+  std::optional<AgentGadgets> pre_gadgets_;  // find_agent_gadgets(), found before the stop
+  bool frame_only_ = false;   // a survey: refuse the fallback (its remote syscalls are a harm window)
   UniqueFd sock_;             // control messages
   UniqueFd files_;            // the files, queued for the agent
   UniqueFd queue_;            // a FileQueue's receiving end, handed over with HELLO

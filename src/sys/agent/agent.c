@@ -65,6 +65,10 @@ void agent_return(uint64_t frame, uint64_t gadget, void* base, uint64_t len) __a
 #define K_EINVAL 22
 #define K_EPROTO 71
 #define K_ETIMEDOUT 110
+#define K_ETOOMANYREFS 109
+#define K_EPIPE 32
+#define K_ECONNRESET 104
+#define K_FD_CLOEXEC 1
 #define K_MAX_FDS 253 /* SCM_MAX_FD */
 
 struct k_iovec { void* base; ulong len; };
@@ -352,6 +356,83 @@ static int make_pair(const struct state* s, int sv[2]) {
   return (int)r;
 }
 
+/* The survey (dump, PIPECR_MSG_SURVEY): one message of `k` entries with their files attached (those
+ * without PIPECR_SURVEY_UNSENT). When the files in flight exceed the limit the kernel puts on them
+ * (ETOOMANYREFS: the target's RLIMIT_NOFILE, per user, unless it has CAP_SYS_RESOURCE or
+ * CAP_SYS_ADMIN), it waits for pipecr to receive what is queued and tries again, for up to a second. */
+static long survey_send(struct state* s, uint32_t type, uint32_t first, const uint32_t* ent, uint32_t k,
+                        const int* fds, uint32_t nfds, int32_t status) {
+  struct pipecr_agent_msg m = {type, first, k, status};
+  struct k_iovec iov[2] = {{&m, sizeof m}, {(void*)ent, (ulong)k * 4}};
+  struct k_msghdr h = {0, 0, iov, k ? 2 : 1, 0, 0, 0};
+  if (nfds) {
+    char* cbuf = (char*)s->ctl + CMSG_BUF_OFF;
+    struct k_cmsghdr* c = (struct k_cmsghdr*)cbuf;
+    c->len = sizeof *c + (ulong)nfds * 4;
+    c->level = K_SOL_SOCKET;
+    c->type = K_SCM_RIGHTS;
+    int* data = (int*)(c + 1);
+    for (uint32_t i = 0; i < nfds; ++i) data[i] = fds[i];
+    h.control = cbuf;
+    h.controllen = (c->len + 7) & ~7ul;
+  }
+  for (int tries = 0;; ++tries) {
+    long r = SYS(__NR_sendmsg, s->sock, &h, K_MSG_NOSIGNAL, 0, 0);
+    if (r != -K_ETOOMANYREFS || tries >= 10000) return r;
+    struct k_timespec ts = {0, 100000};
+    SYS(__NR_ppoll, 0, 0, &ts, 0, 8);
+  }
+}
+
+static int broken(long r) { return r == -K_EPIPE || r == -K_ECONNRESET; }
+
+/* Sends k entries and their files in one message; when the kernel refuses the message (a file that
+ * may not travel over SCM_RIGHTS), one entry a message, marking UNSENT those it refuses. Returns 0,
+ * or -errno when pipecr's end is gone. */
+static long survey_flush(struct state* s, uint32_t first, uint32_t* ent, const int* fds, uint32_t k) {
+  long r = survey_send(s, PIPECR_MSG_SURVEY_FILES, first, ent, k, fds, k, 0);
+  if (r >= 0 || broken(r)) return r < 0 ? r : 0;
+  for (uint32_t i = 0; i < k; ++i) {
+    r = survey_send(s, PIPECR_MSG_SURVEY_FILES, first + i, &ent[i], 1, &fds[i], 1, 0);
+    if (r < 0 && !broken(r)) {
+      ent[i] |= PIPECR_SURVEY_UNSENT;
+      r = survey_send(s, PIPECR_MSG_SURVEY_FILES, first + i, &ent[i], 1, fds, 0, 0);
+    }
+    if (r < 0) return r;
+  }
+  return 0;
+}
+
+/* Reports every open fd below n but the agent's own (fcntl F_GETFD: open or not, FD_CLOEXEC) and
+ * sends each file, up to 253 a message, then SURVEY_DONE. Nothing of the target changes: the files
+ * travel as references, the table is only read. Returns 0, or -errno when pipecr's end is gone. */
+static long survey(struct state* s, uint32_t n) {
+  uint32_t ent[PIPECR_SURVEY_BATCH];
+  int fds[PIPECR_SURVEY_BATCH];
+  uint32_t k = 0, sent = 0;
+  if (n > PIPECR_SURVEY_FD_MASK + 1u) n = PIPECR_SURVEY_FD_MASK + 1u;
+  for (uint32_t fd = 0; fd < n; ++fd) {
+    if ((int)fd == s->sock || (int)fd == s->files) continue;
+    long fl = SYS(__NR_fcntl, fd, K_F_GETFD, 0, 0, 0);
+    if (fl < 0) continue; /* EBADF: not open */
+    ent[k] = fd | ((fl & K_FD_CLOEXEC) ? PIPECR_SURVEY_CLOEXEC : 0);
+    fds[k++] = (int)fd;
+    if (k == PIPECR_SURVEY_BATCH) {
+      long r = survey_flush(s, sent, ent, fds, k);
+      if (r < 0) return r;
+      sent += k;
+      k = 0;
+    }
+  }
+  if (k) {
+    long r = survey_flush(s, sent, ent, fds, k);
+    if (r < 0) return r;
+    sent += k;
+  }
+  long r = survey_send(s, PIPECR_MSG_SURVEY_DONE, sent, ent, 0, fds, 0, 0);
+  return r < 0 ? r : 0;
+}
+
 static void converse(struct state* s) {
   struct pipecr_agent_ctl* ctl = s->ctl;
   int sv[2] = {-1, -1}, fv[2] = {-1, -1};
@@ -429,6 +510,13 @@ static void converse(struct state* s) {
       return;
     }
     if (m.type == PIPECR_MSG_DECIDE) return;
+    if (m.type == PIPECR_MSG_SURVEY) {
+      if (survey(s, m.count) < 0) { /* pipecr is gone: nobody takes the thread back */
+        s->orphan = 1;
+        return;
+      }
+      continue;
+    }
     if (m.type == PIPECR_MSG_PREPARE) {
       uint32_t at = 0;
       int32_t st = s->failed ? s->failed : prepare(s, &at);

@@ -60,13 +60,30 @@ enum {
   PIPECR_MSG_PREPARE = 3,  /* pipecr -> agent: check every operation can run, and that `count` files
                               (the largest FILES message) fit in the fd table at the commit */
   PIPECR_MSG_DECIDE = 4,   /* pipecr -> agent: read the commit word now and act on it */
+  PIPECR_MSG_SURVEY = 5,   /* pipecr -> agent (dump): report every open fd below `count` (fcntl F_GETFD
+                              of each number but the agent's own) and send each open file over
+                              SCM_RIGHTS; answered by SURVEY_FILES messages then one SURVEY_DONE.
+                              Changes nothing in the target */
   PIPECR_MSG_ACK = 0x81,   /* agent -> pipecr, after HELLO */
   PIPECR_MSG_PREPARED = 0x83, /* agent -> pipecr, status 0 or -errno at operation `first` */
   PIPECR_MSG_DONE = 0x84,     /* agent -> pipecr, count = 1 if committed; status 0 or -errno at `first` */
   PIPECR_MSG_FAILED = 0x85,   /* agent -> pipecr, status -errno: the agent aborted (at `first`) */
   PIPECR_MSG_OLDFILES = 0x86, /* agent -> pipecr at commit, `count` files the installs replaced: pipecr
                                  closes them after the resume, so freeing their buffers costs no stop */
+  PIPECR_MSG_SURVEY_FILES = 0x87, /* agent -> pipecr, `count` entries (uint32_t each, after the message:
+                                     the fd number | PIPECR_SURVEY_CLOEXEC | PIPECR_SURVEY_UNSENT) and the
+                                     files of the entries without UNSENT, in order (SCM_RIGHTS);
+                                     `first`: how many entries came before */
+  PIPECR_MSG_SURVEY_DONE = 0x88,  /* agent -> pipecr, the last message of a survey, laid out as
+                                     SURVEY_FILES (`count` may be 0); status 0, or -errno: the survey
+                                     failed (what came is incomplete) */
 };
+
+/* A survey entry: the fd number in the low 30 bits. */
+#define PIPECR_SURVEY_CLOEXEC 0x80000000u /* FD_CLOEXEC is set on it */
+#define PIPECR_SURVEY_UNSENT 0x40000000u  /* open, but its file could not be sent (SCM_RIGHTS refused it) */
+#define PIPECR_SURVEY_FD_MASK 0x3fffffffu
+#define PIPECR_SURVEY_BATCH 253           /* entries per message at most (SCM_MAX_FD) */
 
 struct pipecr_agent_msg {
   uint32_t type;
