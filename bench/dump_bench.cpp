@@ -14,7 +14,12 @@
 //                    and splice of it to /dev/null; no stop, no metadata. ratio = dump_ms / floor_ms;
 //   dump_cpu_ms, floor_cpu_ms, cpu_ratio: the same on pipecr's CPU time (user + system), which
 //                    load on the machine inflates far less than wall time;
-//   rss_growth_kb    peak resident memory added by the dump (VmHWM, reset before it).
+//   rss_growth_kb    peak resident memory added by the dump (VmHWM, reset before it);
+//   agents, agent_start_ms, agent_survey_ms, agent_return_ms: fd tables read through the in-target
+//                    agent (DumpStats::agents) and what its start, its survey and its end before
+//                    the resume cost of stopped_ms; resume_ms: the resume, with the agent's own
+//                    return. PIPECR_BENCH_NO_AGENT=1 in the environment dumps without the agent
+//                    (pidfd_getfd of every number, FD_CLOEXEC from fdinfo): the comparison.
 // BM_DumpUnrelated: 1,000 empty pipes (or 1,000 FIFOs opened for reading without a writer) in a
 // victim, next to a hog process holding `hog_fds` unrelated fds (pipes of its own): dump_ms must
 // not grow with the hog's fds for pipes (the outside-holder scan is off by default); a FIFO reader
@@ -42,6 +47,7 @@
 #include <fstream>
 #include <memory>
 #include <string>
+#include <cstdlib>
 #include <thread>
 #include <vector>
 
@@ -212,6 +218,14 @@ double floor_ms(pid_t pid, const std::vector<std::pair<int, bool>>& fds, double*
   return ms;
 }
 
+// DumpOptions for the victims: the agent unless PIPECR_BENCH_NO_AGENT is set.
+pipecr::dump::DumpOptions dump_options(std::vector<pid_t> pids) {
+  pipecr::dump::DumpOptions o{.pids = std::move(pids)};
+  const char* off = std::getenv("PIPECR_BENCH_NO_AGENT");
+  o.survey_agent = !(off && *off && *off != '0');
+  return o;
+}
+
 void BM_Dump(benchmark::State& state) {
   raise_nofile();
   int n = static_cast<int>(state.range(0));
@@ -220,6 +234,7 @@ void BM_Dump(benchmark::State& state) {
   auto fds = pipe_fds(v.pid);
   double stall = 0, noise = 0, stopped = 0, seize = 0, dump = 0, flr = 0, growth = 0, last_ms = 20;
   double dump_cpu = 0, floor_cpu = 0;
+  double agents = 0, agent_start = 0, agent_survey = 0, agent_return = 0, resume = 0;
   for (auto _ : state) {
     // Noise: the victim's longest gap over as long as the dump takes, without a dump.
     v.reset_gap();
@@ -232,7 +247,7 @@ void BM_Dump(benchmark::State& state) {
     auto t0 = Clock::now();
     double c0 = thread_cpu_ms();
     NullSink sink;
-    auto st = pipecr::dump::dump_processes(pipecr::dump::DumpOptions{.pids = {v.pid}}, sink);
+    auto st = pipecr::dump::dump_processes(dump_options({v.pid}), sink);
     double ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
     dump_cpu += thread_cpu_ms() - c0;
     std::this_thread::sleep_for(std::chrono::milliseconds(2));  // let the spinner notice the resume
@@ -245,6 +260,11 @@ void BM_Dump(benchmark::State& state) {
     last_ms = ms;
     stopped += static_cast<double>(st->stopped_ns) / 1e6;
     seize += static_cast<double>(st->seize_ns) / 1e6;
+    agents += static_cast<double>(st->agents);
+    agent_start += static_cast<double>(st->agent_start_ns) / 1e6;
+    agent_survey += static_cast<double>(st->agent_survey_ns) / 1e6;
+    agent_return += static_cast<double>(st->agent_return_ns) / 1e6;
+    resume += static_cast<double>(st->resume_ns) / 1e6;
     growth += static_cast<double>(vm_hwm_kb() - before);
     flr += floor_ms(v.pid, fds, &floor_cpu);
     benchmark::DoNotOptimize(sink.bytes);
@@ -261,6 +281,11 @@ void BM_Dump(benchmark::State& state) {
   state.counters["floor_cpu_ms"] = floor_cpu / it;
   state.counters["cpu_ratio"] = dump_cpu / floor_cpu;
   state.counters["rss_growth_kb"] = growth / it;
+  state.counters["agents"] = agents / it;
+  state.counters["agent_start_ms"] = agent_start / it;
+  state.counters["agent_survey_ms"] = agent_survey / it;
+  state.counters["agent_return_ms"] = agent_return / it;
+  state.counters["resume_ms"] = resume / it;
   state.SetBytesProcessed(static_cast<int64_t>(state.iterations()) * n * static_cast<int64_t>(bytes));
 }
 
@@ -394,7 +419,7 @@ void BM_DumpScale(benchmark::State& state) {
   for (auto _ : state) {
     auto t0 = Clock::now();
     NullSink sink;
-    auto st = pipecr::dump::dump_processes(pipecr::dump::DumpOptions{.pids = pids}, sink);
+    auto st = pipecr::dump::dump_processes(dump_options(pids), sink);
     dump += std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
     if (!st) {
       state.SkipWithError(st.error().what.c_str());

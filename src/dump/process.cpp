@@ -38,6 +38,7 @@
 #include "dump/pipe.hpp"
 #include "dump/unix_queue.hpp"
 #include "image/info.hpp"
+#include "sys/agent.hpp"
 #include "sys/file_kind.hpp"
 #include "sys/fdgroup.hpp"
 #include "sys/proc.hpp"
@@ -144,6 +145,7 @@ struct Table {             // one fd table
   bool own = false;        // a thread's own table (unshare(CLONE_FILES)), not the process's
   sys::UniqueFd pidfd;     // of tid (PIDFD_THREAD when tid is not the leader)
   uint32_t max_fds = 0;    // FDSize: slots in the table, above every open fd
+  bool seccomp = true;     // the thread runs under a seccomp mode (Seccomp: in status is not 0)
 };
 
 struct Holder {            // one fd slot
@@ -157,6 +159,7 @@ struct Holder {            // one fd slot
   int flags = 0;           // fdinfo flags: F_GETFL of the open file, without O_CLOEXEC
   int access = -1;         // O_ACCMODE when known before the grouping (-1: not yet; group_files)
   bool cloexec = false;
+  bool cloexec_known = false;  // cloexec read while stopped (the agent's survey): no fdinfo after the resume
   Blocked blocked = Blocked::none;
   size_t file = SIZE_MAX;  // index into files_
   size_t pipe = SIZE_MAX;  // index into pipes_
@@ -218,6 +221,10 @@ class Dumper {
     if (auto r = collect_processes(); !r) return tl::unexpected(r.error());
     NofileRaise nofile;
     base_fds_ = open_fds_of_self();
+    // The code the survey agents return through, found while the targets still run (a scan of their
+    // executable mappings: most of a millisecond each, kept out of the stop).
+    if (opts_.survey_agent && !opts_.leave_stopped)
+      for (pid_t pid : pids_) gadgets_[pid] = sys::find_agent_gadgets(pid);
     stop_start_ = now_ns();
     Expected<void> taken = stop_all();
     stats_.seize_ns = now_ns() - stop_start_;
@@ -460,6 +467,8 @@ class Dumper {
   // A table much larger than the fds in it (a lone high fd) would waste probes: after 4,096 more
   // misses than hits the rest is listed the slow way.
   Expected<void> probe_fd_table(size_t ti) {
+    if (auto surveyed = survey_fd_table(ti); !surveyed || *surveyed)
+      return surveyed ? Expected<void>{} : tl::unexpected(surveyed.error());
     const Table& t = tables_[ti];
     size_t hits = 0, misses = 0;
     for (int fd = 0; fd < static_cast<int>(t.max_fds); ++fd) {
@@ -476,32 +485,100 @@ class Dumper {
         return tl::unexpected(in_process(e, t.pid));
       }
       ++hits;
-      sys::UniqueFd copy(static_cast<int>(r));
-      struct stat st {};
-      if (::fstat(copy.get(), &st) < 0) continue;
-      switch (sys::classify(copy.get(), st)) {  // each kind goes to its own code
-        case sys::FileKind::pipe:
-        case sys::FileKind::fifo: break;
-        case sys::FileKind::unix_socket:  // its queue is peeked once every table is read (add_in_flight)
-          sockets_.push_back(HeldSocket{.table = ti, .pid = t.pid, .fd = fd, .ino = st.st_ino, .copy = std::move(copy)});
-          continue;
-        case sys::FileKind::epoll: epolls_.found(ti, t.pid, t.tid, fd, t.own, std::move(copy)); continue;
-        case sys::FileKind::other: continue;
-      }
-      Holder h;
-      h.table = ti;
-      h.fd = fd;
-      set_inode(h, st);
-      if (h.kind == PipeKind::fifo) {
-        char link[PATH_MAX];
-        ssize_t n = ::readlink(fmt::format("/proc/self/fd/{}", copy.get()).c_str(), link, sizeof link);
-        if (n < 0) continue;
-        h.target.assign(link, static_cast<size_t>(n));
-      }
-      h.copy = std::move(copy);
-      if (auto r = added(std::move(h)); !r) return r;
+      if (auto ok = take_copy(ti, fd, sys::UniqueFd(static_cast<int>(r)), -1); !ok) return ok;
     }
     return {};
+  }
+
+  // A copy of the file at fd of table ti (pidfd_getfd, or received from the agent's survey): kept
+  // when it is a pipe or FIFO (a holder), a unix socket (its queue is peeked later) or an epoll;
+  // closed otherwise. cloexec: FD_CLOEXEC when known (the survey), else -1 (fdinfo after the resume).
+  Expected<void> take_copy(size_t ti, int fd, sys::UniqueFd copy, int cloexec) {
+    const Table& t = tables_[ti];
+    struct stat st {};
+    if (::fstat(copy.get(), &st) < 0) return {};
+    switch (sys::classify(copy.get(), st)) {  // each kind goes to its own code
+      case sys::FileKind::pipe:
+      case sys::FileKind::fifo: break;
+      case sys::FileKind::unix_socket:  // its queue is peeked once every table is read (add_in_flight)
+        sockets_.push_back(HeldSocket{.table = ti, .pid = t.pid, .fd = fd, .ino = st.st_ino, .copy = std::move(copy)});
+        return {};
+      case sys::FileKind::epoll: epolls_.found(ti, t.pid, t.tid, fd, t.own, std::move(copy)); return {};
+      case sys::FileKind::other: return {};
+    }
+    Holder h;
+    h.table = ti;
+    h.fd = fd;
+    h.cloexec = cloexec > 0;
+    h.cloexec_known = cloexec >= 0;
+    set_inode(h, st);
+    if (h.kind == PipeKind::fifo) {
+      char link[PATH_MAX];
+      ssize_t n = ::readlink(fmt::format("/proc/self/fd/{}", copy.get()).c_str(), link, sizeof link);
+      if (n < 0) return {};
+      h.target.assign(link, static_cast<size_t>(n));
+    }
+    h.copy = std::move(copy);
+    return added(std::move(h));
+  }
+
+  // One fd table through an agent in the target (sys::Agent::survey, docs/design.md section 8): the
+  // agent reads which numbers are open and their FD_CLOEXEC with one fcntl() each and sends every
+  // file over SCM_RIGHTS, 253 a message (about 0.2 us a file against pidfd_getfd's 0.9), then
+  // returns untouched; FD_CLOEXEC then needs no fdinfo read after the resume. True when done; false
+  // when this table is read by pidfd_getfd instead: a thread's own table (the agent runs in the
+  // process's first thread), --leave-stopped and a process in a group stop (the agent's thread
+  // must run to return, and a stopped one would stop inside the agent), a thread
+  // under seccomp (a filter could kill the target for the agent's socketpair or sendmsg), copies
+  // taken in batches, a table too small for the agent's start to pay (kSurveyMinFds) or too large
+  // to walk number by number (kSurveyMaxFds), DumpOptions::survey_agent off, or an agent that could
+  // not start or survey (the target is then as it was, and the fallback reads it).
+  static constexpr uint32_t kSurveyMinFds = 0;
+  static constexpr uint32_t kSurveyMaxFds = 1u << 16;
+  Expected<bool> survey_fd_table(size_t ti) {
+    const Table& t = tables_[ti];
+    if (self_ || !opts_.survey_agent || t.own || opts_.leave_stopped || t.seccomp || batch_ != SIZE_MAX ||
+        t.max_fds < kSurveyMinFds || t.max_fds > kSurveyMaxFds)
+      return false;
+    sys::StoppedProcess& sp = *stopped_[t.proc];
+    if (sp.was_stopped()) return false;  // the agent would go into the group stop before it returned
+    // The syscall the thread stands in, for mark_blocked(): once the agent ran, its registers are the
+    // agent's until the resume.
+    auto before = sp.syscall_state(t.tid);
+    if (!before) return tl::unexpected(in_process(before.error(), t.pid));
+    agent_threads_.emplace(t.tid, *before);
+    uint64_t t0 = now_ns();
+    auto known = gadgets_.find(t.pid);
+    auto agent = sys::Agent::start_survey(sp, t.tid, 0, known != gadgets_.end() ? &known->second : nullptr);
+    uint64_t t1 = now_ns();
+    stats_.agent_start_ns += t1 - t0;
+    if (!agent) {  // the target is as it was: the fallback reads it (and fails if it is gone)
+      if (agent.error().err == ENOTSUP) return false;  // no rt_sigframe return there: not worth a note
+      stats_.notes.push_back(fmt::format("process {}: no agent ({}); its fds were taken one by one", t.pid,
+                                         agent.error().what));
+      return false;
+    }
+    auto files = (*agent)->survey(t.max_fds);
+    uint64_t t2 = now_ns();
+    stats_.agent_survey_ns += t2 - t1;
+    auto back = (*agent)->restore();  // it returns by itself once the thread is let go (resume)
+    stats_.agent_return_ns += now_ns() - t2;
+    ++stats_.agents;  // sp owns the agent: its resume() waits for the agent's own return
+    if (!back) return tl::unexpected(in_process(back.error(), t.pid));
+    if (!files) {
+      stats_.notes.push_back(fmt::format("process {}: the agent's survey failed ({}); its fds were taken one by one",
+                                         t.pid, files.error().what));
+      return false;
+    }
+    for (sys::SurveyedFd& f : *files) {
+      if (!f.file) {  // a file SCM_RIGHTS may not carry: taken directly
+        long r = ::syscall(SYS_pidfd_getfd, t.pidfd.get(), f.fd, 0);
+        if (r < 0) continue;
+        f.file.reset(static_cast<int>(r));
+      }
+      if (auto r = take_copy(ti, f.fd, std::move(f.file), f.cloexec ? 1 : 0); !r) return tl::unexpected(r.error());
+    }
+    return true;
   }
 
   // The self source: fd, and the first fd of the other end of its pipe that the caller holds (pipe()
@@ -555,10 +632,13 @@ class Dumper {
     return added(std::move(h));
   }
 
-  // FDSize of a table: the number of fd slots it has, above every open fd.
-  Expected<uint32_t> table_size(const Table& t) {
+  // FDSize of a table: the number of fd slots it has, above every open fd. And whether its thread
+  // runs under seccomp (t.seccomp), read from the same file.
+  Expected<uint32_t> table_size(Table& t) {
     auto text = sys::read_proc_file(fmt::format("/proc/{}/task/{}/status", t.pid, t.tid), 1 << 16);
     if (!text) return tl::unexpected(in_process(text.error(), t.pid));
+    size_t sc = text->find("\nSeccomp:");
+    t.seccomp = sc == std::string::npos || std::strtoul(text->c_str() + sc + 9, nullptr, 10) != 0;
     size_t at = text->find("\nFDSize:");
     if (at == std::string::npos) return fail(Errc::system, 0, fmt::format("no FDSize in /proc/{}/status", t.tid));
     return static_cast<uint32_t>(std::strtoul(text->c_str() + at + 8, nullptr, 10));
@@ -901,7 +981,8 @@ class Dumper {
     std::map<std::pair<pid_t, int>, Blocked> blocked;  // (table's tid, fd)
     for (const auto& sp : stopped_)
       for (const sys::StoppedProcess& s = *sp; pid_t tid : s.threads()) {
-        auto st = s.syscall_state(tid);
+        auto known = agent_threads_.find(tid);  // an agent ran there: its state from before
+        auto st = known != agent_threads_.end() ? Expected<sys::SyscallState>(known->second) : s.syscall_state(tid);
         if (!st || !st->in_syscall) continue;
         sys::TaskSyscall ts;
         ts.tid = tid;
@@ -945,8 +1026,10 @@ class Dumper {
 
   Expected<void> resume_all() {
     Expected<void> first;
+    uint64_t t0 = now_ns();
     for (auto& s : stopped_)
       if (auto r = s->resume(opts_.leave_stopped); !r && first) first = r;
+    stats_.resume_ns = now_ns() - t0;
     return first;
   }
 
@@ -960,6 +1043,13 @@ class Dumper {
       Holder& h = holders_[i];
       if (h.file == SIZE_MAX) continue;  // closed before its copy was taken
       if (h.in_flight != SIZE_MAX) {     // no fd: the flags of the description, from the copy
+        auto fl = sys::get_fl(h.copy.get());
+        if (!fl) return tl::unexpected(fl.error());
+        h.flags = *fl & ~O_CLOEXEC;
+        if (auto r = read_with_copy(i); !r) return r;
+        continue;
+      }
+      if (h.cloexec_known) {  // FD_CLOEXEC from the survey, in the stop: the status flags from the copy
         auto fl = sys::get_fl(h.copy.get());
         if (!fl) return tl::unexpected(fl.error());
         h.flags = *fl & ~O_CLOEXEC;
@@ -1167,6 +1257,8 @@ class Dumper {
   std::vector<pid_t> pids_;
   std::vector<ProcessRecord> procs_;
   std::vector<std::unique_ptr<sys::StoppedProcess>> stopped_;
+  std::map<pid_t, sys::SyscallState> agent_threads_;
+  std::map<pid_t, sys::AgentGadgets> gadgets_;  // per process, found before the stop  // threads an agent ran in: their syscall state before it
   std::vector<Table> tables_;
   std::vector<SharedFdTable> shared_;
   std::vector<Holder> holders_;

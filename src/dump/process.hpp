@@ -32,6 +32,9 @@ struct DumpOptions {
   // time in proportion to every fd on the machine; without it only FIFOs whose reader state
   // depends on it are looked up (docs/design.md, section 7).
   bool outside_holders = false;
+  // Read each process's fd table through an agent in it (docs/design.md, section 8) where it can;
+  // false: pidfd_getfd of every number and fdinfo after the resume (tests and bench compare them).
+  bool survey_agent = true;
 };
 
 struct DumpStats {
@@ -54,6 +57,11 @@ struct DumpStats {
   uint64_t epoll_other = 0;    // watches on fds that hold no dumped pipe end (other kinds of file)
   uint64_t fifo_writers_from_tee = 0;  // FIFOs whose outside writer was told by their tee, not a /proc scan
   uint64_t outside_scans = 0;  // scans of every other process's fd table (0 or 1)
+  uint64_t agents = 0;         // fd tables read through an agent's survey (docs/design.md, section 8)
+  uint64_t agent_start_ns = 0; // of stopped_ns: starting them (bootstrap and handshake)
+  uint64_t agent_survey_ns = 0;  // the surveys (fcntl per number, files received)
+  uint64_t agent_return_ns = 0;  // ending them before the resume (the decision, the thread interrupted)
+  uint64_t resume_ns = 0;      // resuming every target (with the agents' own return and unmap)
 };
 
 // Dump into sink. `records`, when not null, receives the records written (without data).

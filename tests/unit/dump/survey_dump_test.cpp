@@ -1,0 +1,249 @@
+// survey_dump_test.cpp: the dump reads each fd table through the agent's survey (sys::Agent::survey:
+// the files over SCM_RIGHTS, FD_CLOEXEC from the stop) or, as a fallback, with pidfd_getfd of every
+// number and FD_CLOEXEC from fdinfo after the resume. On one real child holding a bit of
+// everything the dump records (pipes with bytes and FD_CLOEXEC on some ends, O_NONBLOCK, a dup,
+// a FIFO, an epoll watch, a pipe end in flight in a unix socket, the main thread blocked in read()),
+// both ways give the same records, and the target is left running, untraced, with its fds intact.
+#include <fcntl.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <sys/epoll.h>
+#include <sys/prctl.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include <fmt/format.h>
+#include <gtest/gtest.h>
+
+#include "dump/process.hpp"
+#include "image/image_io.hpp"
+#include "dump_child.hpp"
+
+namespace pipecr {
+namespace {
+
+using testing::DumpChild;
+using testing::expect_running;
+
+Expected<Image> dump(pid_t pid, bool agent, std::vector<std::byte>& bytes, dump::DumpStats& stats) {
+  image::MemorySink sink;
+  dump::DumpOptions opts{.pids = {pid}};
+  opts.survey_agent = agent;
+  auto st = dump::dump_processes(opts, sink);
+  if (!st) return tl::unexpected(st.error());
+  stats = *st;
+  bytes = std::move(sink.bytes());
+  return image::parse(bytes);
+}
+
+// A copy of the child's fd (pidfd_getfd), to write into.
+int fd_of_child(pid_t pid, int fd) {
+  int pfd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
+  int copy = static_cast<int>(::syscall(SYS_pidfd_getfd, pfd, fd, 0));
+  ::close(pfd);
+  return copy;
+}
+
+std::string fifo_path() { return fmt::format("/tmp/pipecr-survey-test-{}", ::getpid()); }
+
+// The child: 40 pipes at 10.. (read, write), FD_CLOEXEC on every third read end, O_NONBLOCK on
+// every fifth write end, i bytes queued in pipe i; a dup of pipe 0's write end at 100; a FIFO
+// (both ends); an epoll watching pipe 2's read end; pipe 3's read end sent over a socketpair and
+// not received; its main thread blocked in read() on pipe 1. The bytes written to pipe 1 by the
+// test end it: it checks every fd is still as it made it and exits 0.
+int survey_child(int ready) {
+  for (int i = 0; i < 40; ++i) {
+    int p[2];
+    if (::pipe(p) < 0) return 2;
+    ::dup2(p[0], 10 + 2 * i);
+    ::dup2(p[1], 11 + 2 * i);
+    ::close(p[0]);
+    ::close(p[1]);
+    if (i % 3 == 0) ::fcntl(10 + 2 * i, F_SETFD, FD_CLOEXEC);
+    if (i % 5 == 0) ::fcntl(11 + 2 * i, F_SETFL, O_NONBLOCK);
+    std::string bytes(static_cast<size_t>(i), 'a');
+    if (i != 1 && i && ::write(11 + 2 * i, bytes.data(), bytes.size()) != i) return 3;
+  }
+  ::dup2(11, 100);
+  const std::string path = fifo_path();
+  ::unlink(path.c_str());
+  if (::mkfifo(path.c_str(), 0600) < 0) return 4;
+  int fr = ::open(path.c_str(), O_RDONLY | O_NONBLOCK);
+  int fw = ::open(path.c_str(), O_WRONLY | O_CLOEXEC);
+  if (fr < 0 || fw < 0 || ::write(fw, "fifo", 4) != 4) return 5;
+  int ep = ::epoll_create1(EPOLL_CLOEXEC);
+  epoll_event ev{};
+  ev.events = EPOLLIN;
+  ev.data.u64 = 77;
+  if (::epoll_ctl(ep, EPOLL_CTL_ADD, 14, &ev) < 0) return 6;
+  int sv[2];
+  if (::socketpair(AF_UNIX, SOCK_DGRAM, 0, sv) < 0) return 7;
+  {
+    char c = 'x';
+    iovec iov{&c, 1};
+    alignas(cmsghdr) char ctl[CMSG_SPACE(sizeof(int))] = {};
+    msghdr h{};
+    h.msg_iov = &iov;
+    h.msg_iovlen = 1;
+    h.msg_control = ctl;
+    h.msg_controllen = sizeof ctl;
+    cmsghdr* cm = CMSG_FIRSTHDR(&h);
+    cm->cmsg_level = SOL_SOCKET;
+    cm->cmsg_type = SCM_RIGHTS;
+    cm->cmsg_len = CMSG_LEN(sizeof(int));
+    int end = 16;
+    std::memcpy(CMSG_DATA(cm), &end, sizeof end);
+    if (::sendmsg(sv[0], &h, 0) != 1) return 8;
+  }
+  ::close(ready);
+  char buf[8];
+  if (::read(12, buf, sizeof buf) != 3) return 9;  // blocked here while dumped
+  for (int i = 0; i < 40; ++i) {
+    const int r = 10 + 2 * i, w = r + 1;
+    if (::fcntl(r, F_GETFD) != (i % 3 == 0 ? FD_CLOEXEC : 0) || ::fcntl(w, F_GETFD) != 0) return 10;
+    if (((::fcntl(w, F_GETFL) & O_NONBLOCK) != 0) != (i % 5 == 0)) return 11;
+    int q = -1;
+    if (::ioctl(r, FIONREAD, &q) < 0 || q != (i == 1 ? 0 : i)) return 12;
+  }
+  return ::unlink(path.c_str()) == 0 ? 0 : 13;
+}
+
+void expect_same_records(const Image& a, const Image& b) {
+  ASSERT_EQ(a.pipes.size(), b.pipes.size());
+  for (size_t i = 0; i < a.pipes.size(); ++i) {
+    const PipeRecord &x = a.pipes[i], &y = b.pipes[i];
+    EXPECT_EQ(x.id, y.id);
+    EXPECT_EQ(x.kind, y.kind);
+    EXPECT_EQ(x.inode, y.inode);
+    EXPECT_EQ(x.capacity, y.capacity);
+    EXPECT_EQ(x.path, y.path);
+    EXPECT_EQ(x.slots, y.slots);
+    EXPECT_TRUE(x.data.size() == y.data.size() && std::equal(x.data.begin(), x.data.end(), y.data.begin()));
+  }
+  ASSERT_EQ(a.files.size(), b.files.size());
+  for (size_t i = 0; i < a.files.size(); ++i) {
+    EXPECT_EQ(a.files[i].id, b.files[i].id);
+    EXPECT_EQ(a.files[i].pipe_id, b.files[i].pipe_id);
+    EXPECT_EQ(a.files[i].flags, b.files[i].flags) << "file " << a.files[i].id;
+    EXPECT_EQ(a.files[i].owner, b.files[i].owner);
+    EXPECT_EQ(a.files[i].fifo_reader, b.files[i].fifo_reader);
+  }
+  ASSERT_EQ(a.fds.size(), b.fds.size());
+  for (size_t i = 0; i < a.fds.size(); ++i) {
+    const FdRecord &x = a.fds[i], &y = b.fds[i];
+    EXPECT_EQ(x.fd, y.fd);
+    EXPECT_EQ(x.file_id, y.file_id) << "fd " << x.fd;
+    EXPECT_EQ(x.cloexec, y.cloexec) << "fd " << x.fd;
+    EXPECT_EQ(x.blocked, y.blocked) << "fd " << x.fd;
+  }
+  EXPECT_EQ(a.in_flight.size(), b.in_flight.size());
+  for (size_t i = 0; i < std::min(a.in_flight.size(), b.in_flight.size()); ++i) {
+    EXPECT_EQ(a.in_flight[i].file_id, b.in_flight[i].file_id);
+    EXPECT_EQ(a.in_flight[i].sock_fd, b.in_flight[i].sock_fd);
+  }
+  EXPECT_EQ(a.epoll_watches, b.epoll_watches);
+}
+
+TEST(SurveyDump, TheAgentAndTheFallbackGiveTheSameRecords) {
+  testing::raise_nofile();
+  DumpChild c(survey_child);
+  ASSERT_TRUE(c.ready());
+  // Wait until its read() on fd 12 blocks (/proc/PID/syscall: read is 0, its first argument 0xc).
+  bool blocked = false;
+  for (int i = 0; i < 5000 && !blocked; ++i) {
+    std::ifstream sc(fmt::format("/proc/{}/syscall", c.pid()));
+    std::string nr, arg;
+    blocked = (sc >> nr >> arg) && nr == "0" && arg == "0xc";
+    if (!blocked) ::usleep(1000);
+  }
+  ASSERT_TRUE(blocked);
+  std::vector<std::byte> with_bytes, without_bytes;
+  dump::DumpStats with{}, without{};
+  auto a = dump(c.pid(), true, with_bytes, with);
+  ASSERT_TRUE(a) << a.error().what;
+  expect_running(c.pid());
+  auto b = dump(c.pid(), false, without_bytes, without);
+  ASSERT_TRUE(b) << b.error().what;
+  expect_running(c.pid());
+  EXPECT_EQ(with.agents, 1u);
+  EXPECT_EQ(without.agents, 0u);
+  for (const std::string& n : with.notes) ADD_FAILURE() << "note: " << n;
+  expect_same_records(*a, *b);
+
+  // What the records say, checked once against the child's own making.
+  ASSERT_EQ(a->pipes.size(), 41u);  // 40 pipes and the FIFO
+  ASSERT_EQ(a->in_flight.size(), 1u);
+  ASSERT_EQ(a->epoll_watches.size(), 1u);
+  EXPECT_EQ(a->epoll_watches[0].fd, 14);
+  EXPECT_EQ(a->epoll_watches[0].data, 77u);
+  for (const FdRecord& r : a->fds) {
+    if (r.fd >= 10 && r.fd < 90 && r.fd % 2 == 0) {
+      const int i = (r.fd - 10) / 2;
+      EXPECT_EQ(r.cloexec, i % 3 == 0) << "fd " << r.fd;
+      EXPECT_EQ(r.blocked, r.fd == 12 ? Blocked::reading : Blocked::none) << "fd " << r.fd;
+    } else if (r.fd >= 11 && r.fd < 90) {
+      EXPECT_FALSE(r.cloexec) << "fd " << r.fd;
+      const FileRecord* f = a->find_file(r.file_id);
+      ASSERT_TRUE(f);
+      EXPECT_EQ((f->flags & O_NONBLOCK) != 0, (r.fd - 11) / 2 % 5 == 0) << "fd " << r.fd;
+    }
+  }
+  // fd 100 is a dup of 11: one open file description.
+  const FdRecord *d = nullptr, *o = nullptr;
+  for (const FdRecord& r : a->fds) {
+    if (r.fd == 100) d = &r;
+    if (r.fd == 11) o = &r;
+  }
+  ASSERT_TRUE(d && o);
+  EXPECT_EQ(d->file_id, o->file_id);
+
+  const int wake = fd_of_child(c.pid(), 13);  // pipe 1's write end: the child's read() returns
+  ASSERT_GE(wake, 0);
+  EXPECT_EQ(::write(wake, "end", 3), 3);
+  ::close(wake);
+  EXPECT_EQ(c.reap(), 0);
+}
+
+// A process under a seccomp filter is read without the agent: a filter could kill it for the agent's
+// socketpair() or sendmsg(). This one allows everything; the dump must still not use the agent.
+TEST(SurveyDump, AProcessUnderSeccompIsReadWithoutTheAgent) {
+  DumpChild c([](int ready) {
+    testing::block_usr1();
+    sock_filter allow[] = {BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW)};
+    sock_fprog prog{1, allow};
+    if (::prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0) return 2;
+    if (::syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &prog) < 0) return 3;
+    int p[2];
+    if (::pipe(p) < 0 || ::write(p[1], "abc", 3) != 3) return 4;
+    ::fcntl(p[0], F_SETFD, FD_CLOEXEC);
+    ::close(ready);
+    testing::wait_usr1();
+    int q = 0;
+    return ::ioctl(p[0], FIONREAD, &q) == 0 && q == 3 ? 0 : 5;
+  });
+  ASSERT_TRUE(c.ready());
+  std::vector<std::byte> bytes;
+  dump::DumpStats stats{};
+  auto img = dump(c.pid(), true, bytes, stats);
+  ASSERT_TRUE(img) << img.error().what;
+  expect_running(c.pid());
+  EXPECT_EQ(stats.agents, 0u);
+  ASSERT_EQ(img->pipes.size(), 1u);
+  EXPECT_EQ(img->pipes[0].bytes(), 3u);
+  int cloexec = 0;
+  for (const FdRecord& r : img->fds) cloexec += r.cloexec;
+  EXPECT_EQ(cloexec, 1);
+  EXPECT_EQ(c.finish(), 0);
+}
+
+}  // namespace
+}  // namespace pipecr
