@@ -5,6 +5,7 @@
 // a FIFO, an epoll watch, a pipe end in flight in a unix socket, the main thread blocked in read()),
 // both ways give the same records, and the target is left running, untraced, with its fds intact.
 #include <fcntl.h>
+#include <sched.h>
 #include <linux/filter.h>
 #include <linux/seccomp.h>
 #include <sys/epoll.h>
@@ -225,6 +226,7 @@ TEST(SurveyDump, AProcessUnderSeccompIsReadWithoutTheAgent) {
     int p[2];
     if (::pipe(p) < 0 || ::write(p[1], "abc", 3) != 3) return 4;
     ::fcntl(p[0], F_SETFD, FD_CLOEXEC);
+    if (::dup2(p[1], 100) < 0) return 6;  // a table of 128 slots: large enough for the agent
     ::close(ready);
     testing::wait_usr1();
     int q = 0;
@@ -243,6 +245,48 @@ TEST(SurveyDump, AProcessUnderSeccompIsReadWithoutTheAgent) {
   for (const FdRecord& r : img->fds) cloexec += r.cloexec;
   EXPECT_EQ(cloexec, 1);
   EXPECT_EQ(c.finish(), 0);
+}
+
+// A table of the kernel's smallest size (64 slots) is read without the agent: its start would cost
+// more than it saves (docs/design.md section 12).
+TEST(SurveyDump, ASmallTableIsReadWithoutTheAgent) {
+  // A fork copies its parent's table size, and this test process's table has grown: the target is
+  // a grandchild forked once the child has closed everything above 3, so its table has 64 slots.
+  DumpChild c([](int ready) {
+    testing::block_usr1();
+    pid_t g = ::fork();
+    if (g == 0) {
+      int p[2];
+      if (::pipe(p) < 0 || ::write(p[1], "ab", 2) != 2) ::_exit(2);
+      ::close(ready);
+      testing::wait_usr1();
+      ::_exit(0);
+    }
+    ::close(ready);
+    int st = 0;
+    ::waitpid(g, &st, 0);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : 9;
+  });
+  ASSERT_TRUE(c.ready());
+  std::ifstream kids(fmt::format("/proc/{}/task/{}/children", c.pid(), c.pid()));
+  pid_t g = 0;
+  ASSERT_TRUE(kids >> g);
+  std::ifstream status(fmt::format("/proc/{}/status", g));
+  std::string line;
+  while (std::getline(status, line))
+    if (line.rfind("FDSize:", 0) == 0) {
+      EXPECT_EQ(std::stoi(line.substr(7)), 64);
+    }
+  std::vector<std::byte> bytes;
+  dump::DumpStats stats{};
+  auto img = dump(g, true, bytes, stats);
+  ASSERT_TRUE(img) << img.error().what;
+  expect_running(g);
+  EXPECT_EQ(stats.agents, 0u);
+  ASSERT_EQ(img->pipes.size(), 1u);
+  EXPECT_EQ(img->pipes[0].bytes(), 2u);
+  ::kill(g, SIGUSR1);
+  EXPECT_EQ(c.reap(), 0);
 }
 
 }  // namespace
