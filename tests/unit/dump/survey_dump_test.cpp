@@ -271,12 +271,14 @@ TEST(SurveyDump, ASmallTableIsReadWithoutTheAgent) {
   std::ifstream kids(fmt::format("/proc/{}/task/{}/children", c.pid(), c.pid()));
   pid_t g = 0;
   ASSERT_TRUE(kids >> g);
-  std::ifstream status(fmt::format("/proc/{}/status", g));
-  std::string line;
-  while (std::getline(status, line))
-    if (line.rfind("FDSize:", 0) == 0) {
-      EXPECT_EQ(std::stoi(line.substr(7)), 64);
-    }
+  int slots = 0;
+  {
+    std::ifstream status(fmt::format("/proc/{}/status", g));
+    std::string line;
+    while (std::getline(status, line))
+      if (line.rfind("FDSize:", 0) == 0) slots = std::stoi(line.substr(7));
+  }
+  ASSERT_EQ(slots, 64);
   std::vector<std::byte> bytes;
   dump::DumpStats stats{};
   auto img = dump(g, true, bytes, stats);
