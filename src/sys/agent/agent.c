@@ -7,7 +7,10 @@
  *      took (so that pipecr's death is EOF) and answers ACK;
  *      HELLO may carry a second fd: the receiving end of a files queue pipecr filled before the stop
  *      (its FILES already waiting there); the agent then uses it in place of its own files pair;
- *   2. answers PREPARE (can every operation run, and do `count` received files fit now: it takes
+ *   2. (dump) answers SURVEY: fcntl(F_GETFD) of every number below the limit given but its own two
+ *      sockets, and each open file sent back over SCM_RIGHTS with its number and FD_CLOEXEC, 253 a
+ *      message (survey()); nothing of the target changes, and pipecr then ends it as an abort;
+ *   2. (restore) answers PREPARE (can every operation run, and do `count` received files fit now: it takes
  *      that many numbers as recvmsg would and gives them back) while the prepared files wait on the
  *      files socket (FILES, SCM_RIGHTS). They stay there, in flight: they hold their files without
  *      taking a number in the target, and nothing of the target is changed;
