@@ -358,7 +358,9 @@ TEST(AgentKill, RestoreAndDumpKilledAtRandomLeaveTheVictimWhole) {
         ASSERT_EQ(got, "old") << "a dump changed the victim (killed after " << delay.count() << " us)";
       } else {
         ASSERT_TRUE(got == "old" || got == "new") << got << " (killed after " << delay.count() << " us)";
-        if (finished) ASSERT_EQ(got, "new");
+        if (finished) {
+          ASSERT_EQ(got, "new");
+        }
       }
       ++outcomes[fmt::format("{} {}{}", kind, got, finished ? " (finished)" : "")];
     }
