@@ -13,6 +13,10 @@
 //                         and not grow with K. seize_us, agent_us, prepare_us, commit_us and
 //                         takeback_us split pipecr's side of the stop by phase (stage hook).
 //                         10000/0 has read ends only, 16 bytes each (the stall's growth in pipes).
+//                         The image's fds go to numbers the victim does not hold (fresh numbers).
+//   BM_VictimStallReplace/N/K  the same where the victim already holds a pipe end at every recorded
+//                         number (what `restore --into` over a running process does): each install
+//                         replaces a file, which the agent hands back to pipecr.
 //   BM_Scale/N            a restore of N pipes (read ends only, 16 bytes each) into running children
 //                         (15,000 pipes each at most, each under RLIMIT_NOFILE 20,000), whole (plan,
 //                         build, install), 100 to 100,000: "per_pipe_us" states the slope.
@@ -156,7 +160,8 @@ BENCHMARK(BM_StoppedTime)->Args({10, 0})->Args({10, 64})->Args({10, 1024})->Args
     ->Unit(benchmark::kMillisecond);
 
 // A child with a thread that spins on the clock and records its longest gap (shared memory), and a
-// main thread in pause().
+// main thread in pause(). hold: pipe ends it opens first at 100 .. 100+hold-1 (what a restore then
+// replaces).
 struct Spinner {
   struct Shared {
     std::atomic<int64_t> max_gap_ns{0};
@@ -164,11 +169,19 @@ struct Spinner {
   };
   Shared* shared = nullptr;
   pid_t pid = -1;
-  Spinner() {
+  explicit Spinner(int hold = 0) {
     void* m = ::mmap(nullptr, sizeof(Shared), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     shared = new (m) Shared;
     pid = ::fork();
     if (pid == 0) {
+      for (int i = 0; i < hold; i += 2) {
+        int p[2];
+        if (::pipe(p) != 0) ::_exit(2);
+        ::dup2(p[0], 100 + i);
+        if (i + 1 < hold) ::dup2(p[1], 101 + i);
+        ::close(p[0]);
+        ::close(p[1]);
+      }
       std::thread([s = shared] {
         auto last = std::chrono::steady_clock::now();
         for (;;) {
@@ -192,13 +205,13 @@ struct Spinner {
 
 Built make_small_image(int n);
 
-void BM_VictimStall(benchmark::State& state) {
+void victim_stall(benchmark::State& state, bool replace) {
   raise_nofile();
   const int n = static_cast<int>(state.range(0));
   const int pages = static_cast<int>(state.range(1)) / 4;
   // Over 5,000 pipes, read ends only (16 bytes each): both ends would pass an fd limit of 20,000.
   Built b = n > 5000 ? make_small_image(n) : make_image(n, pages);
-  Spinner victim;
+  Spinner victim(replace ? static_cast<int>(b.img.fds.size()) : 0);
   double stall_total = 0, worst = 0, stopped_total = 0;
   // Phases, from the stage hook: built -> seized (seize), -> stashed (agent start and hand-over),
   // -> installed (in-place swaps, prepare), -> committed (commit and install), -> resumed (take-back).
@@ -248,6 +261,10 @@ void BM_VictimStall(benchmark::State& state) {
   state.counters["victim_stall_max_us"] = worst;
   state.counters["stopped_us"] = stopped_total / it;
 }
+
+void BM_VictimStall(benchmark::State& state) { victim_stall(state, false); }
+void BM_VictimStallReplace(benchmark::State& state) { victim_stall(state, true); }
+BENCHMARK(BM_VictimStallReplace)->Args({1000, 0})->Args({1000, 64})->Unit(benchmark::kMillisecond)->Iterations(10);
 BENCHMARK(BM_VictimStall)->Args({1000, 0})->Args({1000, 64})->Args({10000, 0})->Unit(benchmark::kMillisecond)
     ->Iterations(10);
 

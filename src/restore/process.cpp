@@ -193,6 +193,11 @@ class Parcels {
       ++it;
     }
     for (Parcel& p : list_) {
+      // Each message in ascending fd order: the agent then installs a batch with one dup3 per file
+      // (none for a file received at its own number) and no move of its temporaries (agent.c,
+      // install_batch).
+      std::sort(p.pending.begin(), p.pending.end(),
+                [](const PlannedFd* x, const PlannedFd* y) { return x->rec->fd < y->rec->fd; });
       std::vector<int> fds;
       for (size_t at = 0; at < p.pending.size();) {
         fds.clear();

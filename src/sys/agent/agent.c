@@ -50,6 +50,10 @@ void agent_return(uint64_t frame, uint64_t gadget, void* base, uint64_t len) __a
 #define K_F_GETFD 1
 #define K_F_GETFL 3
 #define K_F_SETFL 4
+#define K_F_SETFD 2
+#define K_FD_CLOEXEC 1
+#define K_POLLNVAL 0x20
+#define K_RLIMIT_NOFILE 7
 #define K_MSG_CMSG_CLOEXEC 0x40000000
 #define K_MSG_CTRUNC 0x8
 #define K_MSG_NOSIGNAL 0x4000
@@ -175,7 +179,7 @@ static long recv_msg(struct state* s, int sock, int flags, struct pipecr_agent_m
   char* cbuf = (char*)s->ctl + CMSG_BUF_OFF;
   struct k_iovec iov = {m, sizeof *m};
   struct k_msghdr h = {0, 0, &iov, 1, cbuf, CMSG_BUF_LEN, 0};
-  long n = SYS(__NR_recvmsg, sock, &h, K_MSG_CMSG_CLOEXEC | flags, 0, 0);
+  long n = SYS(__NR_recvmsg, sock, &h, flags, 0, 0);
   *nfds = 0;
   if (n <= 0) return n;
   ulong off = 0;
@@ -205,18 +209,176 @@ static void fail(struct state* s, long err, uint32_t at) {
   }
 }
 
+/* Scratch for ppoll() arrays (K_MAX_FDS entries, 2024 bytes), in the control page: it shares the
+ * status buffer (used before the handshake only) and the start of the kept-files array (OLD_OFF:
+ * keep_old() writes there only after the scratch is done with, see install_batch()). */
+#define SCRATCH_OFF STATUS_BUF_OFF
+#define OLD_OFF 3072 /* K_MAX_FDS ints: 1012 bytes, up to 4084 */
+
+static struct k_pollfd* scratch(const struct state* s) { return (struct k_pollfd*)((char*)s->ctl + SCRATCH_OFF); }
+
+/* Sends `n` files (SCM_RIGHTS) with a message of this type on the control socket. */
+static long send_files_msg(struct state* s, uint32_t type, const int* fds, int n) {
+  struct pipecr_agent_msg m = {type, 0, (uint32_t)n, 0};
+  struct k_iovec iov = {&m, sizeof m};
+  char* cbuf = (char*)s->ctl + CMSG_BUF_OFF;
+  struct k_cmsghdr* c = (struct k_cmsghdr*)cbuf;
+  c->len = sizeof *c + (ulong)n * 4;
+  c->level = K_SOL_SOCKET;
+  c->type = K_SCM_RIGHTS;
+  int* data = (int*)(c + 1);
+  if (data != fds)
+    for (int i = 0; i < n; ++i) data[i] = fds[i];
+  struct k_msghdr h = {0, 0, &iov, 1, cbuf, (c->len + 7) & ~7ul, 0};
+  return SYS(__NR_sendmsg, s->sock, &h, K_MSG_NOSIGNAL, 0, 0);
+}
+
+/* The array send_files_msg() sends from, where a caller may build it in place. */
+static int* files_msg_data(const struct state* s) {
+  return (int*)((struct k_cmsghdr*)((char*)s->ctl + CMSG_BUF_OFF) + 1);
+}
+
+/* Hands the replaced files to pipecr in one message (it closes them after the resume, so the last
+ * close of a big pipe frees its pages outside the stop), then closes them here. */
+static void flush_old(struct state* s) {
+  int* old = (int*)((char*)s->ctl + OLD_OFF);
+  if (s->nold == 0) return;
+  if (!s->orphan && send_files_msg(s, PIPECR_MSG_OLDFILES, old, s->nold) < 0) s->orphan = 1;
+  for (int i = 0; i < s->nold; ++i) close_fd(old[i]);
+  s->nold = 0;
+}
+
+/* Keeps the file at fd (about to be replaced) at a number at or above floor, for flush_old(); when
+ * there is no room, dup3 closes it in place. */
+static void keep_old(struct state* s, int fd) {
+  if (s->orphan) return;
+  long copy = SYS(__NR_fcntl, fd, K_F_DUPFD_CLOEXEC, s->ctl->floor, 0, 0);
+  if (copy < 0) return; /* EBADF: nothing there; EMFILE/EINVAL: no room */
+  ((int*)((char*)s->ctl + OLD_OFF))[s->nold++] = (int)copy;
+  if (s->nold == K_MAX_FDS) flush_old(s);
+}
+
+/* Closes [lo, hi] (all of them temporaries): one close_range() for a run. */
+static void close_run(int lo, int hi) {
+  if (lo < 0) return;
+  if (lo == hi || SYS(__NR_close_range, lo, hi, 0, 0, 0) < 0)
+    for (int fd = lo; fd <= hi; ++fd) close_fd(fd);
+}
+
+/* An install op of a batch marked done by install_batch() (its temp field). */
+#define PLACED (-2)
+
+/* Whether ops [first, first+n) with temporaries t can go through install_batch(): every one an
+ * install, their numbers and the temporaries both strictly ascending (recvmsg() fills the lowest
+ * free numbers in order, and pipecr queues each message in ascending fd order). */
+static int in_order(const struct state* s, uint32_t first, const int* t, int n) {
+  const struct pipecr_agent_op* op = s->ops + first;
+  for (int i = 0; i < n; ++i) {
+    if (op[i].code != PIPECR_AGENT_OP_INSTALL || op[i].fd < 0 || t[i] < 0) return 0;
+    if (i && (op[i].fd <= op[i - 1].fd || t[i] <= t[i - 1])) return 0;
+  }
+  return 1;
+}
+
+static void note(int32_t* err, uint32_t* err_at, long r, uint32_t at) {
+  if (r < 0 && (!*err || at < *err_at)) {
+    *err = (int32_t)r;
+    *err_at = at;
+  }
+}
+
+/* Installs one received batch at once (ops [first, first+n), temporaries t, received with
+ * FD_CLOEXEC when `cloexec`), in a few syscalls besides one dup3 per file:
+ *  - the numbers it replaces that hold a file now (one ppoll: POLLNVAL marks a free number; a
+ *    temporary sitting on a target is ours, not a file of the target) go to pipecr in one OLDFILES
+ *    message, before any dup3: the message holds them alive until pipecr closes them after the
+ *    resume. If that fails, each is kept by keep_old() as before (or closed in place by dup3);
+ *  - a temporary already at its own number is installed as it is (F_SETFD only when its
+ *    close-on-exec differs from the message's);
+ *  - the others are dup3'ed so that no temporary is overwritten before it is installed: when op i
+ *    targets the temporary of op j (fd_i == t_j), j must go first. Both sequences ascending,
+ *    fd_i == t_j > t_i gives j > i and fd_j > t_j, so the ops whose number is above their temporary
+ *    go first in descending order, then those below in ascending order (fd_i == t_j < t_i: j < i);
+ *  - the temporaries left (not now a target) are closed in runs, one close_range() each.
+ * Returns the first -errno by operation order (*at its index), 0 when all went. */
+static int32_t install_batch(struct state* s, uint32_t first, const int* t, int n, int cloexec, uint32_t* at) {
+  struct pipecr_agent_op* op = s->ops + first;
+  int32_t err = 0;
+  uint32_t err_at = 0;
+  int keep = 0;
+  if (!s->orphan) {
+    struct k_pollfd* p = scratch(s);
+    int np = 0;
+    for (int i = 0, j = 0; i < n; ++i) {
+      while (j < n && t[j] < op[i].fd) ++j;
+      if (j < n && t[j] == op[i].fd) continue;
+      p[np].fd = op[i].fd;
+      p[np].events = 0;
+      p[np].revents = 0;
+      ++np;
+    }
+    struct k_timespec zero = {0, 0};
+    long r = np ? SYS(__NR_ppoll, p, np, &zero, 0, 8) : 0;
+    if (r < 0) {
+      keep = 1;
+    } else {
+      int* old = files_msg_data(s);
+      int nold = 0;
+      for (int i = 0; i < np; ++i)
+        if (!(p[i].revents & K_POLLNVAL)) old[nold++] = p[i].fd;
+      if (nold) {
+        r = send_files_msg(s, PIPECR_MSG_OLDFILES, old, nold);
+        if (r < 0) keep = 1;
+      }
+    }
+  }
+  for (int i = n - 1; i >= 0; --i)
+    if (op[i].fd > t[i]) {
+      if (keep) keep_old(s, op[i].fd);
+      note(&err, &err_at, SYS(__NR_dup3, t[i], op[i].fd, op[i].a ? K_O_CLOEXEC : 0, 0, 0), first + (uint32_t)i);
+    }
+  for (int i = 0; i < n; ++i) {
+    if (op[i].fd < t[i]) {
+      if (keep) keep_old(s, op[i].fd);
+      note(&err, &err_at, SYS(__NR_dup3, t[i], op[i].fd, op[i].a ? K_O_CLOEXEC : 0, 0, 0), first + (uint32_t)i);
+    } else if (op[i].fd == t[i] && !op[i].a != !cloexec) {
+      note(&err, &err_at, SYS(__NR_fcntl, t[i], K_F_SETFD, op[i].a ? K_FD_CLOEXEC : 0, 0, 0), first + (uint32_t)i);
+    }
+    op[i].temp = PLACED;
+  }
+  int lo = -1, hi = -2;
+  for (int i = 0, j = 0; i < n; ++i) {
+    while (j < n && op[j].fd < t[i]) ++j;
+    if (j < n && op[j].fd == t[i]) continue; /* installed there now */
+    if (t[i] == hi + 1) {
+      hi = t[i];
+      continue;
+    }
+    close_run(lo, hi);
+    lo = hi = t[i];
+  }
+  close_run(lo, hi);
+  if (err) *at = err_at;
+  return err;
+}
+
 /* At commit: the next FILES message from the files socket, for the install at op `at`; its files
- * become the temporaries of ops [first, first+count). Returns 0 or -errno. */
-static int32_t take_files(struct state* s, uint32_t at) {
+ * become the temporaries of ops [first, first+count), received with FD_CLOEXEC as op `at` wants
+ * it. A batch in order (in_order) is installed at once (install_batch: its ops are marked PLACED,
+ * *at set to the failed one); else each temporary that sits on a number to be filled is moved above
+ * floor and the ops install them one at a time. Returns 0 or -errno. */
+static int32_t take_files(struct state* s, uint32_t* at) {
   struct pipecr_agent_ctl* ctl = s->ctl;
   int fds[K_MAX_FDS];
   int nfds = 0;
   struct pipecr_agent_msg m;
-  long r = recv_msg(s, s->files, K_MSG_DONTWAIT, &m, fds, K_MAX_FDS, &nfds);
+  const int cloexec = s->ops[*at].a != 0;
+  long r = recv_msg(s, s->files, K_MSG_DONTWAIT | (cloexec ? K_MSG_CMSG_CLOEXEC : 0), &m, fds, K_MAX_FDS, &nfds);
   int32_t st = 0;
   if (r <= 0) st = r < 0 ? (int32_t)r : -K_EPROTO;
-  else if (m.type != PIPECR_MSG_FILES || m.first != at || m.count != (uint32_t)nfds || ctl->nops - m.first < m.count)
+  else if (m.type != PIPECR_MSG_FILES || m.first != *at || m.count != (uint32_t)nfds || ctl->nops - m.first < m.count)
     st = nfds < (int)m.count ? -K_EMFILE : -K_EPROTO;
+  if (!st && in_order(s, m.first, fds, nfds)) return install_batch(s, m.first, fds, nfds, cloexec, at);
   for (int i = 0; i < nfds; ++i) {
     uint32_t op = m.first + (uint32_t)i;
     if (st || s->ops[op].code != PIPECR_AGENT_OP_INSTALL) {
@@ -246,73 +408,75 @@ static int32_t prepare(struct state* s, uint32_t* at) {
   return 0;
 }
 
-/* Whether `count` received files fit at the commit: takes that many numbers now, as recvmsg() would
- * (the lowest free ones), moves those that collide above floor as settle() does, and gives them all
- * back. Every thread of the target is stopped, so what fits now fits at the commit. 0 or -EMFILE. */
-static int32_t room_for(struct state* s, uint32_t count) {
-  int taken[K_MAX_FDS];
-  int n = 0;
-  int32_t st = 0;
-  if (count > K_MAX_FDS) count = K_MAX_FDS;
-  while ((uint32_t)n < count) {
-    long fd = SYS(__NR_fcntl, s->sock, K_F_DUPFD_CLOEXEC, 0, 0, 0);
-    if (fd >= 0) fd = settle(s, (int)fd);
-    if (fd < 0) {
-      st = (int32_t)fd;
-      break;
+/* Counts free numbers in [from, limit), K_MAX_FDS at a time with one ppoll() each (POLLNVAL marks
+ * a free number), until `want` are found. *collide: how many of them an operation fills (when not
+ * NULL); *last: the last one counted. Returns how many were found, or -errno. */
+static long free_numbers(const struct state* s, long from, long limit, uint32_t want, uint32_t* collide, long* last) {
+  struct k_pollfd* p = scratch(s);
+  struct k_timespec zero = {0, 0};
+  uint32_t found = 0;
+  for (long lo = from; found < want && lo < limit; lo += K_MAX_FDS) {
+    int n = limit - lo < K_MAX_FDS ? (int)(limit - lo) : K_MAX_FDS;
+    for (int i = 0; i < n; ++i) {
+      p[i].fd = (int)(lo + i);
+      p[i].events = 0;
+      p[i].revents = 0;
     }
-    taken[n++] = (int)fd;
+    long r = SYS(__NR_ppoll, p, n, &zero, 0, 8);
+    if (r < 0) return r;
+    for (int i = 0; i < n && found < want; ++i)
+      if (p[i].revents & K_POLLNVAL) {
+        ++found;
+        *last = lo + i;
+        if (collide && collides(s, (int)(lo + i))) ++*collide;
+      }
   }
-  for (int i = 0; i < n; ++i) close_fd(taken[i]);
-  return st;
+  return found;
+}
+
+/* Whether `count` received files fit at the commit, without taking any number: the soft
+ * RLIMIT_NOFILE, then the free numbers below it, as recvmsg() would fill them (the `count` lowest),
+ * and, for those an operation fills (which take_files() moves above floor when a batch is not in
+ * order), as many free numbers above both floor and the last of them (settle() takes the lowest free
+ * at or above floor). Every thread of the target is stopped, so what fits now fits at the commit.
+ * A few ppoll()s (one per 253 numbers scanned). 0 or -EMFILE. */
+static int32_t room_for(struct state* s, uint32_t count) {
+  struct { uint64_t cur, max; } lim;
+  if (count > K_MAX_FDS) count = K_MAX_FDS;
+  if (count == 0) return 0;
+  long r = SYS(__NR_prlimit64, 0, K_RLIMIT_NOFILE, 0, &lim, 0);
+  if (r < 0) return (int32_t)r;
+  const long limit = lim.cur > 0x7fffffffull ? 0x7fffffffl : (long)lim.cur;
+  uint32_t collide = 0;
+  long last = -1;
+  long got = free_numbers(s, 0, limit, count, &collide, &last);
+  if (got < 0) return (int32_t)got;
+  if ((uint32_t)got < count) return -K_EMFILE;
+  if (collide) {
+    long from = s->ctl->floor > last + 1 ? s->ctl->floor : last + 1;
+    long ignored = 0;
+    got = free_numbers(s, from, limit, collide, 0, &ignored);
+    if (got < 0) return (int32_t)got;
+    if ((uint32_t)got < collide) return -K_EMFILE;
+  }
+  return 0;
 }
 
 /* Runs every operation; returns 0 or the first -errno (and where), going on after an error. */
-#define OLD_OFF 3072 /* K_MAX_FDS ints: 1012 bytes, up to 4084 */
-
-/* Hands the replaced files to pipecr in one message (it closes them after the resume, so the last
- * close of a big pipe frees its pages outside the stop), then closes them here. */
-static void flush_old(struct state* s) {
-  int* old = (int*)((char*)s->ctl + OLD_OFF);
-  if (s->nold == 0) return;
-  if (!s->orphan) {
-    struct pipecr_agent_msg m = {PIPECR_MSG_OLDFILES, 0, (uint32_t)s->nold, 0};
-    struct k_iovec iov = {&m, sizeof m};
-    char* cbuf = (char*)s->ctl + CMSG_BUF_OFF;
-    struct k_cmsghdr* c = (struct k_cmsghdr*)cbuf;
-    c->len = sizeof *c + (ulong)s->nold * 4;
-    c->level = K_SOL_SOCKET;
-    c->type = K_SCM_RIGHTS;
-    int* data = (int*)(c + 1);
-    for (int i = 0; i < s->nold; ++i) data[i] = old[i];
-    struct k_msghdr h = {0, 0, &iov, 1, cbuf, (c->len + 7) & ~7ul, 0};
-    if (SYS(__NR_sendmsg, s->sock, &h, K_MSG_NOSIGNAL, 0, 0) < 0) s->orphan = 1;
-  }
-  for (int i = 0; i < s->nold; ++i) close_fd(old[i]);
-  s->nold = 0;
-}
-
-/* Keeps the file at fd (about to be replaced) at a number at or above floor, for flush_old(); when
- * there is no room, dup3 closes it in place. */
-static void keep_old(struct state* s, int fd) {
-  if (s->orphan) return;
-  long copy = SYS(__NR_fcntl, fd, K_F_DUPFD_CLOEXEC, s->ctl->floor, 0, 0);
-  if (copy < 0) return; /* EBADF: nothing there; EMFILE/EINVAL: no room */
-  ((int*)((char*)s->ctl + OLD_OFF))[s->nold++] = (int)copy;
-  if (s->nold == K_MAX_FDS) flush_old(s);
-}
-
 static int32_t apply(struct state* s, uint32_t* at) {
   int32_t first = 0;
   for (uint32_t i = 0; i < s->ctl->nops; ++i) {
     struct pipecr_agent_op* op = &s->ops[i];
+    uint32_t where = i;
     long r = 0;
     if (op->code == PIPECR_AGENT_OP_INSTALL) {
-      if (op->temp < 0) {
+      if (op->temp == -1) {
         flush_old(s); /* the kept files and the next batch never hold more numbers than one batch */
-        r = take_files(s, i);
+        r = take_files(s, &where);
       }
-      if (op->temp >= 0) {
+      if (op->temp == PLACED) {
+        op->temp = -1; /* installed with its batch (r: the batch's first error, at `where`) */
+      } else if (op->temp >= 0) {
         keep_old(s, op->fd);
         r = SYS(__NR_dup3, op->temp, op->fd, op->a ? K_O_CLOEXEC : 0, 0, 0);
         close_fd(op->temp);
@@ -331,7 +495,7 @@ static int32_t apply(struct state* s, uint32_t* at) {
     }
     if (r < 0 && !first) {
       first = (int32_t)r;
-      *at = i;
+      *at = where;
     }
   }
   flush_old(s);
@@ -467,7 +631,7 @@ static void converse(struct state* s) {
     r = wait_readable(s->sock, 10);
     if (r != 0 || waited >= ctl->handshake_ms || !traced(ctl)) break;
   }
-  if (r > 0) r = recv_msg(s, s->sock, 0, &m, fds, 2, &nfds);
+  if (r > 0) r = recv_msg(s, s->sock, K_MSG_CMSG_CLOEXEC, &m, fds, 2, &nfds);
   close_fd(sv[0]);
   close_fd(fv[0]);
   if (r <= 0 || m.type != PIPECR_MSG_HELLO || nfds < 1) {
@@ -505,7 +669,7 @@ static void converse(struct state* s) {
       s->orphan = 1;
       return;
     }
-    r = recv_msg(s, s->sock, 0, &m, fds, K_MAX_FDS, &nfds);
+    r = recv_msg(s, s->sock, K_MSG_CMSG_CLOEXEC, &m, fds, K_MAX_FDS, &nfds);
     for (int i = 0; i < nfds; ++i) close_fd(fds[i]); /* no files come this way */
     if (r <= 0) { /* EOF: pipecr is gone; an error: give up */
       if (r < 0) fail(s, r, 0);
