@@ -13,7 +13,8 @@
 //                         and not grow with K. seize_us, agent_us, prepare_us, commit_us and
 //                         takeback_us split pipecr's side of the stop by phase (stage hook).
 //                         10000/0 has read ends only, 16 bytes each (the stall's growth in pipes).
-//                         The image's fds go to numbers the victim does not hold (fresh numbers).
+//                         The image's fds go to numbers the victim does not hold (fresh numbers:
+//                         it closes them again after each iteration).
 //   BM_VictimStallReplace/N/K  the same where the victim already holds a pipe end at every recorded
 //                         number (what `restore --into` over a running process does): each install
 //                         replaces a file, which the agent hands back to pipecr.
@@ -166,7 +167,15 @@ struct Spinner {
   struct Shared {
     std::atomic<int64_t> max_gap_ns{0};
     std::atomic<int64_t> beats{0};
+    std::atomic<int64_t> cleared{0};
   };
+  static inline Shared* child_shared = nullptr;
+  // SIGUSR1: the child closes every fd from 100 up (what a restore installed), so that the next
+  // restore goes to fresh numbers again.
+  static void clear(int) {
+    ::close_range(100, ~0u, 0);
+    child_shared->cleared.fetch_add(1);
+  }
   Shared* shared = nullptr;
   pid_t pid = -1;
   explicit Spinner(int hold = 0) {
@@ -174,6 +183,8 @@ struct Spinner {
     shared = new (m) Shared;
     pid = ::fork();
     if (pid == 0) {
+      child_shared = shared;
+      ::signal(SIGUSR1, clear);
       for (int i = 0; i < hold; i += 2) {
         int p[2];
         if (::pipe(p) != 0) ::_exit(2);
@@ -195,6 +206,12 @@ struct Spinner {
       for (;;) ::pause();
     }
     while (shared->beats.load() < 1000) std::this_thread::yield();
+  }
+  // Makes the child close what a restore installed (fresh numbers for the next one).
+  void clear_fds() {
+    const int64_t before = shared->cleared.load();
+    ::kill(pid, SIGUSR1);
+    while (shared->cleared.load() == before) std::this_thread::yield();
   }
   ~Spinner() {
     ::kill(pid, SIGKILL);
@@ -248,6 +265,7 @@ void victim_stall(benchmark::State& state, bool replace) {
     }
     auto beats = victim.shared->beats.load();
     while (victim.shared->beats.load() < beats + 1000) std::this_thread::yield();  // it ran again
+    if (!replace) victim.clear_fds();  // every restore to fresh numbers, not only the first
     double us = static_cast<double>(victim.shared->max_gap_ns.load()) / 1e3;
     stall_total += us;
     worst = std::max(worst, us);

@@ -108,6 +108,9 @@ struct state {
   int orphan; /* pipecr is gone (EOF, a timeout, a send that failed): nobody will take us back */
   int nold;   /* replaced files kept (above floor) to hand to pipecr, in the control page at OLD_OFF */
   uint32_t failed_at;
+  long limit; /* the soft RLIMIT_NOFILE read by PREPARE (0: not read) */
+  int nfill;  /* numbers held by fill_below() during the commit */
+  int* fills;
 };
 
 static void close_fd(int fd) {
@@ -362,6 +365,55 @@ static int32_t install_batch(struct state* s, uint32_t first, const int* t, int 
   return err;
 }
 
+/* Before the batch that starts at op `at` is received: when its numbers (up to K_MAX_FDS consecutive
+ * installs) are all free and below the limit, recvmsg() would put its files at the lowest free
+ * numbers, below them, if there are any (fresh numbers above a few holes: the usual case). Holding
+ * those holes (copies of the control socket, closed at the end of the commit) makes each file land on
+ * its own number, where install_batch() leaves it as it is: at most K_MAX_FDS fcntl()s for the whole
+ * commit instead of a dup3 and a close per file. It never takes a number the batch would have
+ * needed: the files then land at or below its highest number, which is free and below the limit. */
+static void fill_below(struct state* s, uint32_t at) {
+  const struct pipecr_agent_op* op = s->ops + at;
+  struct k_pollfd* p = scratch(s);
+  struct k_timespec zero = {0, 0};
+  int n = 0;
+  if (!s->limit || s->nfill >= K_MAX_FDS) return;
+  while (n < K_MAX_FDS && at + (uint32_t)n < s->ctl->nops && op[n].code == PIPECR_AGENT_OP_INSTALL) {
+    if (op[n].fd < 0 || op[n].fd >= s->limit || (n && op[n].fd <= op[n - 1].fd)) return;
+    p[n].fd = op[n].fd;
+    p[n].events = 0;
+    p[n].revents = 0;
+    ++n;
+  }
+  if (n == 0 || SYS(__NR_ppoll, p, n, &zero, 0, 8) < 0) return;
+  for (int i = 0; i < n; ++i)
+    if (!(p[i].revents & K_POLLNVAL)) return; /* it replaces files: nothing lands in place */
+  while (s->nfill < K_MAX_FDS) {
+    long x = SYS(__NR_fcntl, s->sock, K_F_DUPFD_CLOEXEC, 0, 0, 0);
+    if (x < 0) return;
+    if (x >= op[0].fd) {
+      close_fd((int)x);
+      return;
+    }
+    s->fills[s->nfill++] = (int)x;
+  }
+}
+
+/* Gives back the numbers fill_below() held, in runs (they were the lowest free, so mostly one). */
+static void unfill(struct state* s) {
+  int lo = -1, hi = -2;
+  for (int i = 0; i < s->nfill; ++i) {
+    if (s->fills[i] == hi + 1) {
+      hi = s->fills[i];
+      continue;
+    }
+    close_run(lo, hi);
+    lo = hi = s->fills[i];
+  }
+  close_run(lo, hi);
+  s->nfill = 0;
+}
+
 /* At commit: the next FILES message from the files socket, for the install at op `at`; its files
  * become the temporaries of ops [first, first+count), received with FD_CLOEXEC as op `at` wants
  * it. A batch in order (in_order) is installed at once (install_batch: its ops are marked PLACED,
@@ -373,6 +425,7 @@ static int32_t take_files(struct state* s, uint32_t* at) {
   int nfds = 0;
   struct pipecr_agent_msg m;
   const int cloexec = s->ops[*at].a != 0;
+  fill_below(s, *at);
   long r = recv_msg(s, s->files, K_MSG_DONTWAIT | (cloexec ? K_MSG_CMSG_CLOEXEC : 0), &m, fds, K_MAX_FDS, &nfds);
   int32_t st = 0;
   if (r <= 0) st = r < 0 ? (int32_t)r : -K_EPROTO;
@@ -447,6 +500,7 @@ static int32_t room_for(struct state* s, uint32_t count) {
   long r = SYS(__NR_prlimit64, 0, K_RLIMIT_NOFILE, 0, &lim, 0);
   if (r < 0) return (int32_t)r;
   const long limit = lim.cur > 0x7fffffffull ? 0x7fffffffl : (long)lim.cur;
+  s->limit = limit;
   uint32_t collide = 0;
   long last = -1;
   long got = free_numbers(s, 0, limit, count, &collide, &last);
@@ -465,6 +519,8 @@ static int32_t room_for(struct state* s, uint32_t count) {
 /* Runs every operation; returns 0 or the first -errno (and where), going on after an error. */
 static int32_t apply(struct state* s, uint32_t* at) {
   int32_t first = 0;
+  int fills[K_MAX_FDS];
+  s->fills = fills;
   for (uint32_t i = 0; i < s->ctl->nops; ++i) {
     struct pipecr_agent_op* op = &s->ops[i];
     uint32_t where = i;
@@ -499,6 +555,7 @@ static int32_t apply(struct state* s, uint32_t* at) {
     }
   }
   flush_old(s);
+  unfill(s);
   return first;
 }
 
@@ -703,7 +760,7 @@ static void converse(struct state* s) {
 }
 
 __attribute__((used)) void* agent_main(struct pipecr_agent_ctl* ctl) {
-  struct state s = {ctl, 0, 0, 0, -1, -1, 0, 0, 0, 0};
+  struct state s = {ctl, 0, 0, 0, -1, -1, 0, 0, 0, 0, 0, 0, 0};
   uint64_t all = ~0ull;
   char* base = (char*)ctl - ctl->ctl_offset;
   SYS(__NR_rt_sigprocmask, K_SIG_BLOCK, &all, 0, 8, 0);

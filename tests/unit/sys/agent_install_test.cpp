@@ -1,6 +1,6 @@
 // agent_install_test.cpp: the agent's install of a batch into real children, one case per path of
-// agent.c's install_batch() and room_for(): files received at their own numbers (mixed
-// close-on-exec in one batch), replaced files handed back to pipecr (and no longer held by the
+// agent.c's install_batch(), fill_below() and room_for(): files received at their own numbers (mixed
+// close-on-exec in one batch; fresh numbers above free ones), replaced files handed back to pipecr (and no longer held by the
 // target), temporaries that land on another operation's number (in order and out of order, the
 // latter through the one-at-a-time path), more than one batch of 253, and an fd limit that leaves
 // no room (PREPARE fails, nothing changes). Real children, real ptrace; every child is killed and
@@ -242,6 +242,21 @@ TEST(AgentInstall, FreshNumbersInPlaceWithMixedCloexec) {
     expect_installed(t.child.pid, g, before);
     expect_alive(t);
   }
+}
+
+// Fresh numbers above free ones (the child holds 0-2 and 5; the files go to 60-359, two batches):
+// the agent holds the holes below while it receives, so each file lands on its own number, and
+// gives them back: nothing but the new files is left.
+TEST(AgentInstall, FreshNumbersAboveHoles) {
+  Target t = start_target({});
+  auto before = fd_table(t.child.pid);
+  std::vector<int> numbers;
+  for (int n = 60; n < 360; ++n) numbers.push_back(n);
+  auto g = gifts(numbers, [](size_t i) { return i % 7 == 3; });
+  Installed r = install(t.child.pid, ops_of(g));
+  ASSERT_TRUE(r.prepared) << r.prepared.error().what;
+  expect_installed(t.child.pid, g, before);
+  expect_alive(t);
 }
 
 // Numbers holding files already: each gets its new file, the old one is handed to pipecr (alive,
