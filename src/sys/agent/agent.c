@@ -110,6 +110,7 @@ struct state {
   uint32_t failed_at;
   long limit; /* the soft RLIMIT_NOFILE read by PREPARE (0: not read) */
   int nfill;  /* numbers held by fill_below() during the commit */
+  int fill_max; /* the highest of them */
   int* fills;
 };
 
@@ -365,40 +366,6 @@ static int32_t install_batch(struct state* s, uint32_t first, const int* t, int 
   return err;
 }
 
-/* Before the batch that starts at op `at` is received: when its numbers (up to K_MAX_FDS consecutive
- * installs) are all free and below the limit, recvmsg() would put its files at the lowest free
- * numbers, below them, if there are any (fresh numbers above a few holes: the usual case). Holding
- * those holes (copies of the control socket, closed at the end of the commit) makes each file land on
- * its own number, where install_batch() leaves it as it is: at most K_MAX_FDS fcntl()s for the whole
- * commit instead of a dup3 and a close per file. It never takes a number the batch would have
- * needed: the files then land at or below its highest number, which is free and below the limit. */
-static void fill_below(struct state* s, uint32_t at) {
-  const struct pipecr_agent_op* op = s->ops + at;
-  struct k_pollfd* p = scratch(s);
-  struct k_timespec zero = {0, 0};
-  int n = 0;
-  if (!s->limit || s->nfill >= K_MAX_FDS) return;
-  while (n < K_MAX_FDS && at + (uint32_t)n < s->ctl->nops && op[n].code == PIPECR_AGENT_OP_INSTALL) {
-    if (op[n].fd < 0 || op[n].fd >= s->limit || (n && op[n].fd <= op[n - 1].fd)) return;
-    p[n].fd = op[n].fd;
-    p[n].events = 0;
-    p[n].revents = 0;
-    ++n;
-  }
-  if (n == 0 || SYS(__NR_ppoll, p, n, &zero, 0, 8) < 0) return;
-  for (int i = 0; i < n; ++i)
-    if (!(p[i].revents & K_POLLNVAL)) return; /* it replaces files: nothing lands in place */
-  while (s->nfill < K_MAX_FDS) {
-    long x = SYS(__NR_fcntl, s->sock, K_F_DUPFD_CLOEXEC, 0, 0, 0);
-    if (x < 0) return;
-    if (x >= op[0].fd) {
-      close_fd((int)x);
-      return;
-    }
-    s->fills[s->nfill++] = (int)x;
-  }
-}
-
 /* Gives back the numbers fill_below() held, in runs (they were the lowest free, so mostly one). */
 static void unfill(struct state* s) {
   int lo = -1, hi = -2;
@@ -412,6 +379,44 @@ static void unfill(struct state* s) {
   }
   close_run(lo, hi);
   s->nfill = 0;
+  s->fill_max = -1;
+}
+
+/* Before the batch that starts at op `at` is received: when its numbers (the next installs, up to
+ * K_MAX_FDS, ascending) are all free and below the limit, recvmsg() would put its files at the lowest
+ * free numbers, below them, if there are any (fresh numbers above a few holes: the usual case).
+ * Holding those holes (copies of the control socket) makes each file land on its own number, where
+ * install_batch() leaves it as it is: at most one fcntl() per file of the batch, once, instead of a
+ * dup3 and a close per file. It never takes a number the batch needs: the files then land at or
+ * below its highest number, which is free and below the limit. The holes are given back before a
+ * batch that is not above all of them (so no operation ever fills a held number) and before any
+ * other operation (which must see the numbers as they are). */
+static void fill_below(struct state* s, uint32_t at) {
+  const struct pipecr_agent_op* op = s->ops + at;
+  struct k_pollfd* p = scratch(s);
+  struct k_timespec zero = {0, 0};
+  int n = 0, usable = 1;
+  while (n < K_MAX_FDS && at + (uint32_t)n < s->ctl->nops && op[n].code == PIPECR_AGENT_OP_INSTALL) {
+    if (op[n].fd < 0 || op[n].fd >= s->limit || (n && op[n].fd <= op[n - 1].fd)) usable = 0;
+    p[n].fd = op[n].fd;
+    p[n].events = 0;
+    p[n].revents = 0;
+    ++n;
+  }
+  if (s->nfill && (!usable || n == 0 || op[0].fd <= s->fill_max)) unfill(s);
+  if (!usable || n == 0 || !s->limit || SYS(__NR_ppoll, p, n, &zero, 0, 8) < 0) return;
+  for (int i = 0; i < n; ++i)
+    if (!(p[i].revents & K_POLLNVAL)) return; /* it replaces files: nothing lands in place */
+  for (int taken = 0; taken < n && s->nfill < K_MAX_FDS; ++taken) {
+    long x = SYS(__NR_fcntl, s->sock, K_F_DUPFD_CLOEXEC, 0, 0, 0);
+    if (x < 0) return;
+    if (x >= op[0].fd) {
+      close_fd((int)x);
+      return;
+    }
+    s->fills[s->nfill++] = (int)x;
+    if (x > s->fill_max) s->fill_max = (int)x;
+  }
 }
 
 /* At commit: the next FILES message from the files socket, for the install at op `at`; its files
@@ -540,7 +545,10 @@ static int32_t apply(struct state* s, uint32_t* at) {
       } else if (r == 0) {
         r = -K_EPROTO;
       }
-    } else if (op->code == PIPECR_AGENT_OP_EPOLL_ADD) {
+    } else if (s->nfill) {
+      unfill(s); /* the other operations see the numbers as they are */
+    }
+    if (op->code == PIPECR_AGENT_OP_EPOLL_ADD) {
       struct k_epoll_event ev = {(uint32_t)op->b, op->c};
       r = SYS(__NR_epoll_ctl, op->a, K_EPOLL_CTL_ADD, op->fd, &ev, 0);
     } else if (op->code == PIPECR_AGENT_OP_SETFL_OR) {
@@ -760,7 +768,7 @@ static void converse(struct state* s) {
 }
 
 __attribute__((used)) void* agent_main(struct pipecr_agent_ctl* ctl) {
-  struct state s = {ctl, 0, 0, 0, -1, -1, 0, 0, 0, 0, 0, 0, 0};
+  struct state s = {ctl, 0, 0, 0, -1, -1, 0, 0, 0, 0, 0, 0, -1, 0};
   uint64_t all = ~0ull;
   char* base = (char*)ctl - ctl->ctl_offset;
   SYS(__NR_rt_sigprocmask, K_SIG_BLOCK, &all, 0, 8, 0);

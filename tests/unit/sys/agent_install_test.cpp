@@ -259,6 +259,21 @@ TEST(AgentInstall, FreshNumbersAboveHoles) {
   expect_alive(t);
 }
 
+// A batch above holes (60-69: the agent holds 3-59 while it is received), then a batch below them
+// (10-19, messages of 10): the holes are given back before the second one, whose files must stay.
+TEST(AgentInstall, HeldHolesGoBackBeforeABatchBelowThem) {
+  Target t = start_target({});
+  auto before = fd_table(t.child.pid);
+  std::vector<int> numbers;
+  for (int n = 60; n < 70; ++n) numbers.push_back(n);
+  for (int n = 10; n < 20; ++n) numbers.push_back(n);
+  auto g = gifts(numbers, [](size_t i) { return i % 2 == 0; });
+  Installed r = install(t.child.pid, ops_of(g), 10);
+  ASSERT_TRUE(r.prepared) << r.prepared.error().what;
+  expect_installed(t.child.pid, g, before);
+  expect_alive(t);
+}
+
 // Numbers holding files already: each gets its new file, the old one is handed to pipecr (alive,
 // in flight, until the agent is destroyed) and the target holds it nowhere.
 TEST(AgentInstall, ReplacedFilesGoBackToPipecrAndLeaveTheTarget) {
