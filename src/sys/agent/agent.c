@@ -521,6 +521,18 @@ static int32_t room_for(struct state* s, uint32_t count) {
   return 0;
 }
 
+/* Makes the fd table cover every number an operation fills now, in one step: the kernel grows it as
+ * numbers are taken (to the next power of two), and growing a table that threads share waits for an
+ * RCU grace period (expand_fdtable: synchronize_rcu), milliseconds each; installing 2,000 fds at
+ * 100-2099 one batch at a time grew it 3 or 4 times during the commit. One F_DUPFD_CLOEXEC at the
+ * highest number (floor - 1, when below the limit), closed at once. */
+static void grow_table(struct state* s) {
+  const long top = (long)s->ctl->floor - 1;
+  if (top <= 0 || !s->limit || top >= s->limit) return;
+  long x = SYS(__NR_fcntl, s->sock, K_F_DUPFD_CLOEXEC, top, 0, 0);
+  if (x >= 0) close_fd((int)x);
+}
+
 /* Runs every operation; returns 0 or the first -errno (and where), going on after an error. */
 static int32_t apply(struct state* s, uint32_t* at) {
   int32_t first = 0;
@@ -753,6 +765,7 @@ static void converse(struct state* s) {
       uint32_t at = 0;
       int32_t st = s->failed ? s->failed : prepare(s, &at);
       if (!st) st = room_for(s, m.count);
+      if (!st) grow_table(s);
       if (st) fail(s, st, at);
       send_msg(s->sock, PIPECR_MSG_PREPARED, s->failed ? s->failed_at : 0, 0, s->failed);
     } else {
