@@ -58,6 +58,7 @@ void agent_return(uint64_t frame, uint64_t gadget, void* base, uint64_t len) __a
 #define K_MSG_CTRUNC 0x8
 #define K_MSG_NOSIGNAL 0x4000
 #define K_MSG_DONTWAIT 0x40
+#define K_MSG_PEEK 0x2
 #define K_SOL_SOCKET 1
 #define K_SCM_RIGHTS 1
 #define K_POLLIN 0x1
@@ -382,9 +383,11 @@ static void unfill(struct state* s) {
   s->fill_max = -1;
 }
 
-/* Before the batch that starts at op `at` is received: when its numbers (the next installs, up to
- * K_MAX_FDS, ascending) are all free and below the limit, recvmsg() would put its files at the lowest
- * free numbers, below them, if there are any (fresh numbers above a few holes: the usual case).
+/* Before the batch that starts at op `at` is received (its size peeked from its message): when its
+ * numbers are ascending and below the limit, the files they hold now (what it replaces) go to pipecr
+ * in one OLDFILES message and are closed here, so that every number is free; recvmsg() would then put
+ * its files at the lowest free numbers, below them, if there are any (fresh numbers above a few
+ * holes: the usual case).
  * Holding those holes (copies of the control socket) makes each file land on its own number, where
  * install_batch() leaves it as it is: at most one fcntl() per file of the batch, once, instead of a
  * dup3 and a close per file. It never takes a number the batch needs: the files then land at or
@@ -396,17 +399,45 @@ static void fill_below(struct state* s, uint32_t at) {
   struct k_pollfd* p = scratch(s);
   struct k_timespec zero = {0, 0};
   int n = 0, usable = 1;
-  while (n < K_MAX_FDS && at + (uint32_t)n < s->ctl->nops && op[n].code == PIPECR_AGENT_OP_INSTALL) {
+  /* The batch's size: its message's header, peeked (no control buffer: no file is installed). */
+  struct pipecr_agent_msg m;
+  struct k_iovec iov = {&m, sizeof m};
+  struct k_msghdr h = {0, 0, &iov, 1, 0, 0, 0};
+  long pk = SYS(__NR_recvmsg, s->files, &h, K_MSG_DONTWAIT | K_MSG_PEEK, 0, 0);
+  int count = 0;
+  if (pk == (long)sizeof m && m.type == PIPECR_MSG_FILES && m.first == at && m.count <= K_MAX_FDS &&
+      m.count <= s->ctl->nops - at)
+    count = (int)m.count;
+  while (n < count && op[n].code == PIPECR_AGENT_OP_INSTALL) {
     if (op[n].fd < 0 || op[n].fd >= s->limit || (n && op[n].fd <= op[n - 1].fd)) usable = 0;
     p[n].fd = op[n].fd;
     p[n].events = 0;
     p[n].revents = 0;
     ++n;
   }
+  if (n < count) usable = 0;
   if (s->nfill && (!usable || n == 0 || op[0].fd <= s->fill_max)) unfill(s);
   if (!usable || n == 0 || !s->limit || SYS(__NR_ppoll, p, n, &zero, 0, 8) < 0) return;
+  /* Numbers that hold a file now (it replaces them): handed to pipecr in one OLDFILES message (which
+   * holds them alive until pipecr closes them after the resume), then closed here in runs, so that
+   * the batch lands on them too. If that message cannot go, install_batch() deals with them. */
+  int* old = files_msg_data(s);
+  int nold = 0;
   for (int i = 0; i < n; ++i)
-    if (!(p[i].revents & K_POLLNVAL)) return; /* it replaces files: nothing lands in place */
+    if (!(p[i].revents & K_POLLNVAL)) old[nold++] = p[i].fd;
+  if (nold) {
+    if (s->orphan || send_files_msg(s, PIPECR_MSG_OLDFILES, old, nold) < 0) return;
+    int lo = -1, hi = -2;
+    for (int i = 0; i < nold; ++i) {
+      if (old[i] == hi + 1) {
+        hi = old[i];
+        continue;
+      }
+      close_run(lo, hi);
+      lo = hi = old[i];
+    }
+    close_run(lo, hi);
+  }
   for (int taken = 0; taken < n && s->nfill < K_MAX_FDS; ++taken) {
     long x = SYS(__NR_fcntl, s->sock, K_F_DUPFD_CLOEXEC, 0, 0, 0);
     if (x < 0) return;
