@@ -23,7 +23,8 @@
 // taking fd numbers in the target (nor in pipecr, which closes its copies); PREPARE / PREPARED (every
 // epoll fd valid, and room for the largest FILES message); then the CommitPoint decides for
 // every target at once, and DECIDE / DONE lets each agent act on it: run every operation in order
-// (receive 253 files, dup3 each, close the temporary; epoll_ctl ADD; F_SETFL; close) or close the files
+// (receive a batch of up to 253 files, each on its own number or dup3ed there; epoll_ctl ADD; F_SETFL;
+// close: agent.c, install_batch) or close the files
 // socket, which drops what is queued. Finally pipecr stops the thread where the agent waits
 // (PTRACE_INTERRUPT), changes nothing, closes its socket and detaches it with the process: the agent
 // sees EOF, unmaps itself through the `syscall; ret` with rsp at the frame, and rt_sigreturn returns

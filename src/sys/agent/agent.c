@@ -10,14 +10,17 @@
  *   2. (dump) answers SURVEY: fcntl(F_GETFD) of every number below the limit given but its own two
  *      sockets, and each open file sent back over SCM_RIGHTS with its number and FD_CLOEXEC, 253 a
  *      message (survey()); nothing of the target changes, and pipecr then ends it as an abort;
- *   2. (restore) answers PREPARE (can every operation run, and do `count` received files fit now: it takes
- *      that many numbers as recvmsg would and gives them back) while the prepared files wait on the
+ *   2. (restore) answers PREPARE (can every operation run, and do `count` received files fit now: it
+ *      counts the free numbers below its limit with ppoll, taking none; then it grows its fd table
+ *      to the highest number to fill) while the prepared files wait on the
  *      files socket (FILES, SCM_RIGHTS). They stay there, in flight: they hold their files without
  *      taking a number in the target, and nothing of the target is changed;
  *   3. on DECIDE, on EOF, on a timeout or on its own failure, decides once: it compare-and-swaps the
  *      shared commit word from OPEN to ABORTED; if it reads COMMITTED it runs the operations in order
- *      (receive the next 253 files, dup3 each to its number and close the temporary, epoll_ctl ADD,
- *      F_SETFL |= flags, close), else it closes the files socket, dropping what is queued there;
+ *      (receive the next batch of up to 253 files, each on its own number when it can: what the
+ *      batch replaces handed to pipecr and closed first, the free numbers below it held; else dup3
+ *      each to its number and close the temporaries; epoll_ctl ADD, F_SETFL |= flags, close), else
+ *      it closes the files socket, dropping what is queued there;
  *   4. answers DONE, unmaps the commit page, closes its files socket, and waits: with an rt_sigframe
  *      (the usual case) for EOF on its control socket, which pipecr closes once it has let the thread
  *      go (or by dying), then it unmaps itself through the target's `syscall; ret` with rsp at the
