@@ -776,8 +776,7 @@ Expected<void> Agent::take_back() {
     Expected<void> parked = decided_ ? wait_phase(PIPECR_AGENT_PARKED, wait_timeout()) : Expected<void>{};
     auto ok = process_->interrupt(tid_);
     running_ = false;
-    sock_.reset();
-    files_.reset();
+    sock_.reset();  // files_ stays: the files the installs replaced may wait in it (destructor)
     base_ = 0;
     if (!ok) return ok;
     if (!parked && parked.error().err == EFAULT) return {};  // unmapped: it has returned
@@ -822,8 +821,7 @@ Expected<void> Agent::restore() {
       if (!d) first = d.error();
     }
     if (!frame_mode_) {  // with a frame, the socket stays open until the thread is stopped (take_back)
-      sock_.reset();     // EOF for an agent that did not get DECIDE
-      files_.reset();
+      sock_.reset();     // EOF for an agent that did not get DECIDE (files_ stays: see take_back)
     }
     auto ok = take_back();
     if (!ok && !first) first = ok.error();

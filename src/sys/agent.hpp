@@ -227,10 +227,13 @@ class Agent : public Injector {
   std::optional<AgentGadgets> pre_gadgets_;  // find_agent_gadgets(), found before the stop
   bool frame_only_ = false;   // a survey: refuse the fallback (its remote syscalls are a harm window)
   UniqueFd sock_;             // control messages
-  UniqueFd files_;            // the files, queued for the agent
+  UniqueFd files_;            // the files, queued for the agent; and, the other way, the files the
+                              // installs replaced (OLDFILES), in flight until this agent is destroyed
   UniqueFd queue_;            // a FileQueue's receiving end, handed over with HELLO
   // What the installs replaced, freed when the agent is destroyed, after the target runs again
-  // (freeing big pipes costs no stop): parked in flight in grave_ (a FileQueue nobody receives
+  // (freeing big pipes costs no stop): in flight in the files socket (the agent sends them there;
+  // with a FileQueue, in that queue's sending end, freed with it), else, when that socket was full,
+  // received on the control socket and parked in flight in grave_ (a FileQueue nobody receives
   // from: pipecr holds one message of them at a time), or at pipecr's fds if that queue failed.
   std::unique_ptr<FileQueue> grave_;
   std::vector<UniqueFd> replaced_;

@@ -225,7 +225,11 @@ static void fail(struct state* s, long err, uint32_t at) {
 
 static struct k_pollfd* scratch(const struct state* s) { return (struct k_pollfd*)((char*)s->ctl + SCRATCH_OFF); }
 
-/* Sends `n` files (SCM_RIGHTS) with a message of this type on the control socket. */
+/* Sends `n` files (SCM_RIGHTS) with a message of this type on the control socket. OLDFILES goes
+ * first to the files socket, without waiting: pipecr never reads that one during the stop, so the
+ * files stay in flight there, held at no fd number and costing pipecr nothing, until it closes its
+ * end after the resume (or dies); when that socket's buffer is full, on the control socket, where
+ * pipecr receives and parks them. */
 static long send_files_msg(struct state* s, uint32_t type, const int* fds, int n) {
   struct pipecr_agent_msg m = {type, 0, (uint32_t)n, 0};
   struct k_iovec iov = {&m, sizeof m};
@@ -238,6 +242,8 @@ static long send_files_msg(struct state* s, uint32_t type, const int* fds, int n
   if (data != fds)
     for (int i = 0; i < n; ++i) data[i] = fds[i];
   struct k_msghdr h = {0, 0, &iov, 1, cbuf, (c->len + 7) & ~7ul, 0};
+  if (type == PIPECR_MSG_OLDFILES && SYS(__NR_sendmsg, s->files, &h, K_MSG_NOSIGNAL | K_MSG_DONTWAIT, 0, 0) >= 0)
+    return 0;
   return SYS(__NR_sendmsg, s->sock, &h, K_MSG_NOSIGNAL, 0, 0);
 }
 
