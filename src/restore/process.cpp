@@ -94,6 +94,7 @@ struct Parcel {
   const Holder* holder = nullptr;
   uint64_t nofile = 0;                // its soft RLIMIT_NOFILE
   uint64_t vdso = 0;                  // a syscall instruction in its [vdso]
+  sys::AgentGadgets gadgets;          // its agent's return gadgets (found before the stop)
   size_t batch = sys::kAgentBatch;    // files per message: what the target has room for at the commit
   sys::FileQueue queue;
   std::vector<const PlannedFd*> order;    // the install operations, in the order their files are queued
@@ -155,6 +156,7 @@ class Parcels {
       if (!limit) return tl::unexpected(in_target(h, limit.error()));
       p.nofile = *limit;
       p.vdso = sys::vdso_syscall_address(h.target);
+      p.gadgets = sys::find_agent_gadgets(h.target);  // the agent only checks them while stopped
       if (auto ok = size_batch(p); !ok) return tl::unexpected(in_target(h, ok.error()));
       size_t installs = 0;
       for (const PlannedFd& f : h.fds) installs += !f.keep;
@@ -373,7 +375,7 @@ class TargetTransaction {
     // The agent runs in the thread whose fd table the holder is (a thread that unshared its table).
     auto agent = s.proc->inject<sys::Agent>(h.thread ? h.thread : s.proc->threads().front(), *commit_, s.ops,
                                    top + 1, std::max<size_t>(p.queue.largest(), 1), p.vdso,
-                                   p.queue.messages() ? p.queue.take_receiver() : sys::UniqueFd());
+                                   p.queue.messages() ? p.queue.take_receiver() : sys::UniqueFd(), &p.gadgets);
     if (!agent) return tl::unexpected(agent.error());
     s.agent = *agent;
     if (!s.agent->returns_by_sigreturn()) register_block_.push_back(h.target);

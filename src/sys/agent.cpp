@@ -208,12 +208,13 @@ Error Agent::error(const std::string& what, int err) const {
 
 Expected<std::unique_ptr<Agent>> Agent::create(StoppedProcess& process, pid_t tid, const CommitPoint& commit,
                                                std::span<const AgentOp> ops, int floor, size_t batch,
-                                               uint64_t vdso_hint, UniqueFd queue) {
+                                               uint64_t vdso_hint, UniqueFd queue, const AgentGadgets* gadgets) {
   std::unique_ptr<Agent> a(new Agent(process, tid));
   a->queue_ = std::move(queue);
   a->ops_.assign(ops.begin(), ops.end());
   a->batch_ = std::clamp<size_t>(batch, 1, kAgentBatch);
   a->vdso_hint_ = vdso_hint;
+  if (gadgets) a->pre_gadgets_ = *gadgets;
   if (auto ok = a->boot(commit, ops, floor); !ok) return tl::unexpected(ok.error());
   if (auto ok = a->connect(commit); !ok) {
     (void)a->restore();

@@ -144,7 +144,7 @@ class Agent : public Injector {
   struct SurveyOnly {};
   [[nodiscard]] static Expected<Agent*> start_survey(StoppedProcess& process, pid_t tid, uint64_t vdso_hint = 0,
                                                      const AgentGadgets* gadgets = nullptr);
-  // Made by StoppedProcess::inject<Agent>(tid, commit, ops, floor, batch, vdso_hint, queue), which
+  // Made by StoppedProcess::inject<Agent>(tid, commit, ops, floor, batch, vdso_hint, queue, gadgets), which
   // owns it: starts an agent on thread tid of the (stopped) process with these operations (install ones carry
   // their source fd, sent later by send_files()). floor: above every number an operation fills (the
   // agent keeps its temporaries there when they would collide). Returns once the agent is connected.
@@ -195,7 +195,8 @@ class Agent : public Injector {
                                                                const CommitPoint& commit,
                                                                std::span<const AgentOp> ops, int floor,
                                                                size_t batch = kAgentBatch, uint64_t vdso_hint = 0,
-                                                               UniqueFd queue = UniqueFd());
+                                                               UniqueFd queue = UniqueFd(),
+                                                               const AgentGadgets* gadgets = nullptr);
   [[nodiscard]] static Expected<std::unique_ptr<Agent>> create(StoppedProcess& process, pid_t tid, SurveyOnly,
                                                                uint64_t vdso_hint, const AgentGadgets* gadgets);
   Agent(StoppedProcess& p, pid_t tid) : pid_(p.pid()), tid_(tid) { link(&p); }
