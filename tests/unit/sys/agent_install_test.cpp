@@ -27,38 +27,6 @@
 namespace pipecr::sys {
 namespace {
 
-// fd -> link target of /proc/PID/fd.
-std::map<int, std::string> fd_table(pid_t pid) {
-  std::map<int, std::string> out;
-  std::string dir = fmt::format("/proc/{}/fd", pid);
-  DIR* d = ::opendir(dir.c_str());
-  if (!d) return out;
-  while (dirent* e = ::readdir(d)) {
-    if (e->d_name[0] == '.') continue;
-    char buf[256] = {};
-    ssize_t n = ::readlink((dir + "/" + e->d_name).c_str(), buf, sizeof buf - 1);
-    out[std::stoi(e->d_name)] = std::string(buf, n > 0 ? static_cast<size_t>(n) : 0);
-  }
-  ::closedir(d);
-  return out;
-}
-
-std::string maps_without_stack(pid_t pid) {
-  std::ifstream in(fmt::format("/proc/{}/maps", pid));
-  std::string line, out;
-  while (std::getline(in, line))
-    if (line.find("[stack]") == std::string::npos) out += line + "\n";
-  return out;
-}
-
-bool fd_cloexec(pid_t pid, int fd) {
-  std::ifstream in(fmt::format("/proc/{}/fdinfo/{}", pid, fd));
-  std::string key, value;
-  while (in >> key >> value)
-    if (key == "flags:") return (std::stoul(value, nullptr, 8) & O_CLOEXEC) != 0;
-  return false;
-}
-
 bool same_file(int my_fd, pid_t pid, int fd) {
   auto k = kcmp_file(::getpid(), my_fd, pid, fd);
   return k && *k == 0;

@@ -34,15 +34,6 @@ using testing::syscall_holding_vectors;
 using testing::unusual_state;
 using testing::VectorSyscall;
 
-// Every mapping but the stack (the agent runs on it, which may grow it).
-std::string maps_without_stack(pid_t pid) {
-  std::ifstream in(fmt::format("/proc/{}/maps", pid));
-  std::string line, out;
-  while (std::getline(in, line))
-    if (line.find("[stack]") == std::string::npos) out += line + "\n";
-  return out;
-}
-
 // Seizes pid, runs an agent in tid that installs `gift` at fd 10, commits, gives the thread back.
 // Returns whether the agent returned through its frame.
 bool install_through_agent(pid_t pid, pid_t tid, int gift) {

@@ -134,15 +134,6 @@ std::string agent_maps(pid_t pid) {
   return out;
 }
 
-// Every mapping but the stack (the agent runs on it, which may grow it).
-std::string maps_without_stack(pid_t pid) {
-  std::ifstream in(fmt::format("/proc/{}/maps", pid));
-  std::string line, out;
-  while (std::getline(in, line))
-    if (line.find("[stack]") == std::string::npos) out += line + "\n";
-  return out;
-}
-
 uint32_t fd_size(pid_t pid) {
   std::ifstream in(fmt::format("/proc/{}/status", pid));
   std::string line;

@@ -15,6 +15,7 @@
 #include <csignal>
 #include <fstream>
 #include <functional>
+#include <map>
 #include <string>
 #include <thread>
 #include <vector>
@@ -24,6 +25,40 @@
 namespace pipecr::sys {
 
 using namespace std::chrono_literals;
+
+// fd -> link target of /proc/PID/fd.
+inline std::map<int, std::string> fd_table(pid_t pid) {
+  std::map<int, std::string> out;
+  std::string dir = "/proc/" + std::to_string(pid) + "/fd";
+  DIR* d = ::opendir(dir.c_str());
+  if (!d) return out;
+  while (dirent* e = ::readdir(d)) {
+    if (e->d_name[0] == '.') continue;
+    char buf[256] = {};
+    ssize_t n = ::readlink((dir + "/" + e->d_name).c_str(), buf, sizeof buf - 1);
+    out[std::stoi(e->d_name)] = std::string(buf, n > 0 ? static_cast<size_t>(n) : 0);
+  }
+  ::closedir(d);
+  return out;
+}
+
+// Every mapping but the stack (the agent runs on it, which may grow it).
+inline std::string maps_without_stack(pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/maps");
+  std::string line, out;
+  while (std::getline(in, line))
+    if (line.find("[stack]") == std::string::npos) out += line + "\n";
+  return out;
+}
+
+// FD_CLOEXEC of fd in pid, from its fdinfo.
+inline bool fd_cloexec(pid_t pid, int fd) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/fdinfo/" + std::to_string(fd));
+  std::string key, value;
+  while (in >> key >> value)
+    if (key == "flags:") return (std::stoul(value, nullptr, 8) & O_CLOEXEC) != 0;
+  return false;
+}
 
 // A forked child, killed and reaped in every path.
 struct Child {

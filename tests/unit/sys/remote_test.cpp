@@ -40,22 +40,6 @@ namespace {
 
 using namespace std::chrono_literals;
 
-// fd -> link target of /proc/PID/fd.
-std::map<int, std::string> fd_table(pid_t pid) {
-  std::map<int, std::string> out;
-  std::string dir = "/proc/" + std::to_string(pid) + "/fd";
-  DIR* d = ::opendir(dir.c_str());
-  if (!d) return out;
-  while (dirent* e = ::readdir(d)) {
-    if (e->d_name[0] == '.') continue;
-    char buf[256] = {};
-    ssize_t n = ::readlink((dir + "/" + e->d_name).c_str(), buf, sizeof buf - 1);
-    out[std::stoi(e->d_name)] = std::string(buf, n > 0 ? static_cast<size_t>(n) : 0);
-  }
-  ::closedir(d);
-  return out;
-}
-
 std::string maps_of(pid_t pid) {
   std::ifstream in("/proc/" + std::to_string(pid) + "/maps");
   return std::string(std::istreambuf_iterator<char>(in), {});
