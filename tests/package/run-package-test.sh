@@ -30,7 +30,7 @@ command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null || die "needs ap
 installed() { dpkg-query -W -f='${db:Status-Status} ${Package}\n' 2>/dev/null | sed -n 's/^installed //p' | sort; }
 
 for p in "${pkgs[@]}"; do
-  if installed | grep -qx "$p"; then
+  if installed | grep -x "$p" >/dev/null; then
     die "$p is already installed; remove it first (this test leaves the machine as it found it)"
   fi
 done
@@ -90,11 +90,11 @@ grep -q "usr/lib/.*cmake/pipecr/pipecrConfig.cmake$" "$work/dev.list" || die "li
 step "apt-get install ${debs[*]##*/}"
 apt-get install -y -q --no-install-recommends "${debs[@]}" </dev/null >"$work/install.log" 2>&1 ||
   { cat "$work/install.log"; die "apt-get install failed"; }
-for p in "${pkgs[@]}"; do installed | grep -qx "$p" || die "$p is not installed after apt-get install"; done
+for p in "${pkgs[@]}"; do installed | grep -x "$p" >/dev/null || die "$p is not installed after apt-get install"; done
 
 step "the installed command"
 [[ $(command -v pipecr) == /usr/bin/pipecr ]] || die "pipecr on PATH is $(command -v pipecr), not /usr/bin/pipecr"
-/usr/bin/pipecr --version | grep -qx "pipecr $version" || die "pipecr --version: $(/usr/bin/pipecr --version)"
+/usr/bin/pipecr --version | grep -x "pipecr $version" >/dev/null || die "pipecr --version: $(/usr/bin/pipecr --version)"
 set +e
 /usr/bin/pipecr check >"$work/check.txt" 2>&1
 rc=$?
