@@ -130,6 +130,32 @@ class Discard {
   Injector* injector_;
 };
 
+// Receives one message into buf (without waiting), and the fds attached to it (SCM_RIGHTS, close-on-
+// exec) into files. Returns what recvmsg() returned (errno set when < 0); *ctrunc tells that the
+// kernel dropped files for want of fd numbers here.
+ssize_t recv_message(int sock, void* buf, size_t len, std::vector<UniqueFd>& files, bool* ctrunc = nullptr) {
+  iovec iov{buf, len};
+  alignas(cmsghdr) char ctl[CMSG_SPACE(kMaxFdsPerMessage * sizeof(int))];
+  msghdr h{};
+  h.msg_iov = &iov;
+  h.msg_iovlen = 1;
+  h.msg_control = ctl;
+  h.msg_controllen = sizeof ctl;
+  const ssize_t n = ::recvmsg(sock, &h, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+  if (n > 0)
+    for (cmsghdr* c = CMSG_FIRSTHDR(&h); c; c = CMSG_NXTHDR(&h, c))
+      if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
+        const size_t k = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        for (size_t i = 0; i < k; ++i) {
+          int fd;
+          std::memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
+          files.emplace_back(fd);
+        }
+      }
+  if (ctrunc) *ctrunc = n > 0 && (h.msg_flags & MSG_CTRUNC);
+  return n;
+}
+
 const char* op_name(uint32_t code) {
   switch (code) {
     case AgentOp::install: return "install";
@@ -254,14 +280,9 @@ Expected<std::vector<SurveyedFd>> Agent::survey(uint32_t below) {
       pipecr_agent_msg m;
       uint32_t ent[PIPECR_SURVEY_BATCH];
     } buf{};
-    iovec iov{&buf, sizeof buf};
-    alignas(cmsghdr) char ctl[CMSG_SPACE(kMaxFdsPerMessage * sizeof(int))];
-    msghdr h{};
-    h.msg_iov = &iov;
-    h.msg_iovlen = 1;
-    h.msg_control = ctl;
-    h.msg_controllen = sizeof ctl;
-    const ssize_t n = ::recvmsg(sock_.get(), &h, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+    std::vector<UniqueFd> files;
+    bool truncated = false;
+    const ssize_t n = recv_message(sock_.get(), &buf, sizeof buf, files, &truncated);
     if (n < 0 && (errno == EAGAIN || errno == EINTR)) {
       pollfd p{sock_.get(), POLLIN, 0};
       if (::poll(&p, 1, 2) > 0) continue;
@@ -271,23 +292,12 @@ Expected<std::vector<SurveyedFd>> Agent::survey(uint32_t below) {
                     fmt::format("agent in pid {} (thread {}): no survey within {} ms", pid_, tid_, wait_timeout().count()));
       continue;
     }
-    std::vector<UniqueFd> files;
-    if (n > 0)
-      for (cmsghdr* c = CMSG_FIRSTHDR(&h); c; c = CMSG_NXTHDR(&h, c))
-        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
-          const size_t k = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-          for (size_t i = 0; i < k; ++i) {
-            int fd;
-            std::memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
-            files.emplace_back(fd);
-          }
-        }
     if (n <= 0) {
       int e = n < 0 ? errno : EPIPE;
       if (auto dead = died_meanwhile(); !dead) return tl::unexpected(dead.error());
       return tl::unexpected(error(n == 0 ? "the agent closed its socket during the survey" : "recv(agent socket)", e));
     }
-    if (h.msg_flags & MSG_CTRUNC)
+    if (truncated)
       return tl::unexpected(error("survey: files received truncated (pipecr's RLIMIT_NOFILE leaves no room)", EMFILE));
     const pipecr_agent_msg& m = buf.m;
     const size_t count = m.count;
@@ -579,33 +589,21 @@ Expected<::pipecr_agent_msg> Agent::receive(std::chrono::milliseconds limit) {
     if (r < 0 && errno != EINTR) return tl::unexpected(error("poll(agent socket)", errno));
     if (r > 0) {
       pipecr_agent_msg m{};
-      iovec iov{&m, sizeof m};
-      alignas(cmsghdr) char ctl[CMSG_SPACE(kMaxFdsPerMessage * sizeof(int))];
-      msghdr h{};
-      h.msg_iov = &iov;
-      h.msg_iovlen = 1;
-      h.msg_control = ctl;
-      h.msg_controllen = sizeof ctl;
-      ssize_t n = ::recvmsg(sock_.get(), &h, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
-      if (n > 0)
-        for (cmsghdr* c = CMSG_FIRSTHDR(&h); c; c = CMSG_NXTHDR(&h, c))
-          if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
-            // Only OLDFILES carries files: the replaced ones, kept alive until this agent is destroyed
-            // (after the resume), in flight in a socket queue of pipecr's (no fd number held), else
-            // at an fd of pipecr's.
-            const size_t k = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-            std::vector<int> fds(k);
-            std::memcpy(fds.data(), CMSG_DATA(c), k * sizeof(int));
-            if (!grave_) {
-              auto q = FileQueue::create(ops_.size() / kMaxFdsPerMessage + 4);
-              if (q) grave_ = std::make_unique<FileQueue>(std::move(*q));
-            }
-            const bool parked = !fds.empty() && grave_ && grave_->queue(0, fds);
-            for (int fd : fds) {
-              if (parked) ::close(fd);
-              else replaced_.emplace_back(fd);
-            }
-          }
+      std::vector<UniqueFd> files;
+      const ssize_t n = recv_message(sock_.get(), &m, sizeof m, files);
+      if (!files.empty()) {
+        // Only OLDFILES carries files: the replaced ones, kept alive until this agent is destroyed
+        // (after the resume), in flight in a socket queue of pipecr's (no fd number held), else
+        // at an fd of pipecr's.
+        std::vector<int> fds;
+        for (const UniqueFd& f : files) fds.push_back(f.get());
+        if (!grave_) {
+          auto q = FileQueue::create(ops_.size() / kMaxFdsPerMessage + 4);
+          if (q) grave_ = std::make_unique<FileQueue>(std::move(*q));
+        }
+        if (!(grave_ && grave_->queue(0, fds)))  // else parked: our copies close here
+          for (UniqueFd& f : files) replaced_.push_back(std::move(f));
+      }
       if (n == static_cast<ssize_t>(sizeof m) && m.type == PIPECR_MSG_OLDFILES) continue;
       if (n == static_cast<ssize_t>(sizeof m)) return m;
       if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
