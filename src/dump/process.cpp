@@ -493,10 +493,13 @@ class Dumper {
   // A copy of the file at fd of table ti (pidfd_getfd, or received from the agent's survey): kept
   // when it is a pipe or FIFO (a holder), a unix socket (its queue is peeked later) or an epoll;
   // closed otherwise. cloexec: FD_CLOEXEC when known (the survey), else -1 (fdinfo after the resume).
-  Expected<void> take_copy(size_t ti, int fd, sys::UniqueFd copy, int cloexec) {
+  Expected<void> take_copy(size_t ti, int fd, sys::UniqueFd copy, int cloexec, const struct stat* known = nullptr) {
     const Table& t = tables_[ti];
     struct stat st {};
-    if (::fstat(copy.get(), &st) < 0) return {};
+    if (known)
+      st = *known;
+    else if (::fstat(copy.get(), &st) < 0)
+      return {};
     switch (sys::classify(copy.get(), st)) {  // each kind goes to its own code
       case sys::FileKind::pipe:
       case sys::FileKind::fifo: break;
@@ -561,27 +564,48 @@ class Dumper {
                                          agent.error().what));
       return false;
     }
-    auto files = (*agent)->survey(t.max_fds);
+    // Each message is taken in (and its pipes tee'd) while the agent surveys the next fds. A failure
+    // of pipecr's own (not the agent's) ends the dump; the fds taken so far are dropped either way.
+    std::optional<Error> ours;
+    bool taken = false;  // some message was taken in: a failure then cannot fall back cleanly
+    holders_.reserve(holders_.size() + t.max_fds);
+    auto seen = (*agent)->survey(t.max_fds, [&](std::span<sys::SurveyedFd> batch) -> Expected<void> {
+      taken = true;
+      auto r = take_survey_batch(ti, batch);
+      if (!r) ours = r.error();
+      return r;
+    });
     uint64_t t2 = now_ns();
     stats_.agent_survey_ns += t2 - t1;
     auto back = (*agent)->restore();  // it returns by itself once the thread is let go (resume)
     stats_.agent_return_ns += now_ns() - t2;
     ++stats_.agents;  // sp owns the agent: its resume() waits for the agent's own return
     if (!back) return tl::unexpected(in_process(back.error(), t.pid));
-    if (!files) {
+    if (ours) return tl::unexpected(*ours);
+    if (!seen) {
+      if (taken) return tl::unexpected(in_process(seen.error(), t.pid));  // the target is whole: a retry works
       stats_.notes.push_back(fmt::format("process {}: the agent's survey failed ({}); its fds were taken one by one",
-                                         t.pid, files.error().what));
+                                         t.pid, seen.error().what));
       return false;
     }
-    for (sys::SurveyedFd& f : *files) {
+    return true;
+  }
+
+  // One message of a survey: each file taken (take_copy, with the fstat the agent made), then the
+  // pipes first seen in it tee'd, so that the stop's per-pipe work overlaps the agent's.
+  Expected<void> take_survey_batch(size_t ti, std::span<sys::SurveyedFd> batch) {
+    const Table& t = tables_[ti];
+    for (sys::SurveyedFd& f : batch) {
       if (!f.file) {  // a file SCM_RIGHTS may not carry: taken directly
         long r = ::syscall(SYS_pidfd_getfd, t.pidfd.get(), f.fd, 0);
         if (r < 0) continue;
         f.file.reset(static_cast<int>(r));
+        f.stat_known = false;
       }
-      if (auto r = take_copy(ti, f.fd, std::move(f.file), f.cloexec ? 1 : 0); !r) return tl::unexpected(r.error());
+      if (auto r = take_copy(ti, f.fd, std::move(f.file), f.cloexec ? 1 : 0, f.stat_known ? &f.st : nullptr); !r)
+        return r;
     }
-    return true;
+    return flush(false);
   }
 
   // The self source: fd, and the first fd of the other end of its pipe that the caller holds (pipe()
@@ -749,10 +773,21 @@ class Dumper {
   // reads what needs a copy (owner, signal, capacity) and closes the copies: a batch.
   Expected<void> flush(bool close) {
     if (close) return flush_upto(holders_.size());
-    for (size_t i = flushed_; i < holders_.size(); ++i) {
-      PipeState& p = pipes_[holders_[i].pipe];
-      if (p.snapped || !holders_[i].copy) continue;
-      if (auto r = snapshot_pipe(p, flushed_, holders_.size()); !r) return r;
+    const size_t lo = std::max(flushed_, snapped_upto_), hi = holders_.size();
+    snapped_upto_ = hi;
+    return snapshot_range(lo, hi);
+  }
+
+  // Snapshots the pipes of the holders in [lo, hi) not snapped yet, and polls the FIFO readers
+  // among them (each holder is in one range only).
+  Expected<void> snapshot_range(size_t lo, size_t hi) {
+    for (size_t i = lo; i < hi; ++i) {
+      Holder& h = holders_[i];
+      if (!h.copy) continue;
+      PipeState& p = pipes_[h.pipe];
+      if (p.rec.kind == PipeKind::fifo) fifo_poll(h);
+      if (p.snapped) continue;
+      if (auto r = snapshot_pipe(p, lo, hi); !r) return r;
     }
     return {};
   }
@@ -798,11 +833,7 @@ class Dumper {
   // flush(true) of the holders before `end` only.
   Expected<void> flush_upto(size_t end) {
     size_t lo = flushed_;
-    for (size_t i = lo; i < end; ++i) {
-      PipeState& p = pipes_[holders_[i].pipe];
-      if (p.snapped || !holders_[i].copy) continue;
-      if (auto r = snapshot_pipe(p, lo, end); !r) return r;
-    }
+    if (auto r = snapshot_range(lo, end); !r) return r;
     for (size_t i = lo; i < end; ++i) {
       Holder& h = holders_[i];
       if (!h.copy) continue;
@@ -857,15 +888,13 @@ class Dumper {
 
   // The pipe's queued bytes: a tee through the first of its holders in [lo, hi) open for reading
   // (SnapshotPacker::add_unknown: an empty pipe costs that one tee, no FIONREAD). A pipe held there
-  // only for writing gets FIONREAD on a write end: empty, or snapshot_write_only() later. FIFO
-  // readers get their poll() here too.
+  // only for writing gets FIONREAD on a write end: empty, or left for a later range (its reader may
+  // come in the next survey message) or snapshot_write_only().
   Expected<void> snapshot_pipe(PipeState& p, size_t lo, size_t hi) {
     const Holder* writer = nullptr;
     for (size_t i : p.holders) {
       if (i < lo || i >= hi || !holders_[i].copy) continue;
       Holder& h = holders_[i];
-      if (p.rec.kind == PipeKind::fifo) fifo_poll(h);
-      if (p.snapped) continue;
       auto piece = packer_.add_unknown(h.copy.get(), &p.writers);
       if (!piece) {
         if (piece.error().err != EBADF) return tl::unexpected(piece.error());
@@ -875,7 +904,7 @@ class Dumper {
       mark_snapped(p, *piece);
       if (piece->bytes > 0)
         if (auto r = check_scratch_room(); !r) return r;
-      if (p.rec.kind != PipeKind::fifo) return {};
+      return {};
     }
     if (!p.snapped && writer) {
       auto q = sys::bytes_queued(writer->copy.get());
@@ -1275,9 +1304,15 @@ class Dumper {
   size_t batch_ = 0;             // copies held at most at once (SIZE_MAX: all)
   size_t held_ = 0;              // copies held now
   size_t flushed_ = 0;           // holders before this are snapshotted (and, batched, closed)
+  size_t snapped_upto_ = 0;      // holders before this were given to snapshot_range() (flush(false))
   bool batched_ = false;         // some copies were closed while stopped
   bool self_ = false;            // the calling process (run_self): no process record, fds of pid 0
-  std::map<std::pair<dev_t, uint64_t>, size_t> pipe_index_;
+  struct InodeHash {
+    size_t operator()(const std::pair<dev_t, uint64_t>& k) const noexcept {
+      return std::hash<uint64_t>()(k.second * 0x9e3779b97f4a7c15ull ^ static_cast<uint64_t>(k.first));
+    }
+  };
+  std::unordered_map<std::pair<dev_t, uint64_t>, size_t, InodeHash> pipe_index_;
   std::vector<bool> harmless_;  // per process: taking its sockets changes nothing
   uint64_t limit_ = 0;
   size_t base_fds_ = 0;

@@ -271,15 +271,28 @@ Expected<std::unique_ptr<Agent>> Agent::create(StoppedProcess& process, pid_t ti
 }
 
 Expected<std::vector<SurveyedFd>> Agent::survey(uint32_t below) {
+  std::vector<SurveyedFd> out;
+  auto ok = survey(below, [&](std::span<SurveyedFd> batch) -> Expected<void> {
+    for (SurveyedFd& f : batch) out.push_back(std::move(f));
+    return {};
+  });
+  if (!ok) return tl::unexpected(ok.error());
+  return out;
+}
+
+Expected<size_t> Agent::survey(uint32_t below, const SurveySink& sink) {
   if (!running_ || !sock_ || decided_) return fail(Errc::invalid_argument, EINVAL, "agent: no survey after the decision");
   if (auto ok = send(sock_.get(), PIPECR_MSG_SURVEY, 0, below, {}); !ok) return tl::unexpected(ok.error());
-  std::vector<SurveyedFd> out;
+  size_t seen = 0;
+  std::optional<Error> refused;  // the sink's error: the rest is received and dropped, up to SURVEY_DONE
+  std::vector<SurveyedFd> batch;
+  batch.reserve(PIPECR_SURVEY_BATCH);
   using namespace std::chrono;
   for (auto deadline = steady_clock::now() + wait_timeout();;) {
     struct {
       pipecr_agent_msg m;
-      uint32_t ent[PIPECR_SURVEY_BATCH];
-    } buf{};
+      pipecr_survey_ent ent[PIPECR_SURVEY_BATCH];
+    } buf;
     std::vector<UniqueFd> files;
     bool truncated = false;
     const ssize_t n = recv_message(sock_.get(), &buf, sizeof buf, files, &truncated);
@@ -301,23 +314,37 @@ Expected<std::vector<SurveyedFd>> Agent::survey(uint32_t below) {
       return tl::unexpected(error("survey: files received truncated (pipecr's RLIMIT_NOFILE leaves no room)", EMFILE));
     const pipecr_agent_msg& m = buf.m;
     const size_t count = m.count;
-    if (static_cast<size_t>(n) != sizeof m + count * sizeof(uint32_t) || count > PIPECR_SURVEY_BATCH ||
-        m.first != out.size() || (m.type != PIPECR_MSG_SURVEY_FILES && m.type != PIPECR_MSG_SURVEY_DONE))
+    if (static_cast<size_t>(n) != sizeof m + count * sizeof(pipecr_survey_ent) || count > PIPECR_SURVEY_BATCH ||
+        m.first != seen || (m.type != PIPECR_MSG_SURVEY_FILES && m.type != PIPECR_MSG_SURVEY_DONE))
       return tl::unexpected(error(fmt::format("survey: unexpected message {} ({} bytes)", m.type, n), EPROTO));
     size_t unsent = 0;
-    for (size_t i = 0; i < count; ++i) unsent += (buf.ent[i] & PIPECR_SURVEY_UNSENT) != 0;
+    for (size_t i = 0; i < count; ++i) unsent += (buf.ent[i].fd & PIPECR_SURVEY_UNSENT) != 0;
     if (files.size() != count - unsent)
       return tl::unexpected(error(fmt::format("survey: {} files for {} entries", files.size(), count - unsent), EPROTO));
+    batch.clear();
     for (size_t i = 0, f = 0; i < count; ++i) {
+      const pipecr_survey_ent& e = buf.ent[i];
       SurveyedFd s;
-      s.fd = static_cast<int>(buf.ent[i] & PIPECR_SURVEY_FD_MASK);
-      s.cloexec = (buf.ent[i] & PIPECR_SURVEY_CLOEXEC) != 0;
-      if (!(buf.ent[i] & PIPECR_SURVEY_UNSENT)) s.file = std::move(files[f++]);
-      out.push_back(std::move(s));
+      s.fd = static_cast<int>(e.fd & PIPECR_SURVEY_FD_MASK);
+      s.cloexec = (e.fd & PIPECR_SURVEY_CLOEXEC) != 0;
+      if (!(e.fd & PIPECR_SURVEY_UNSENT)) s.file = std::move(files[f++]);
+      if (e.mode != 0) {
+        s.stat_known = true;
+        s.st.st_mode = e.mode;
+        s.st.st_ino = e.ino;
+        s.st.st_dev = e.dev;
+        s.st.st_uid = e.uid;
+        s.st.st_gid = e.gid;
+      }
+      batch.push_back(std::move(s));
     }
+    seen += count;
+    if (m.type == PIPECR_MSG_SURVEY_DONE && m.status != 0) return tl::unexpected(error("survey failed in the target", -m.status));
+    if (!batch.empty() && !refused)
+      if (auto ok = sink(std::span<SurveyedFd>(batch)); !ok) refused = ok.error();
     if (m.type == PIPECR_MSG_SURVEY_DONE) {
-      if (m.status != 0) return tl::unexpected(error("survey failed in the target", -m.status));
-      return out;
+      if (refused) return tl::unexpected(*refused);
+      return seen;
     }
   }
 }
@@ -341,7 +368,11 @@ Expected<void> Agent::boot(const CommitPoint&, std::span<const AgentOp> ops, int
   const uint64_t fdmap_offset = ctl_offset + kPage;
   const uint64_t fdmap_bytes = round_up(static_cast<uint64_t>(floor) / 8 + 1, 64);
   const uint64_t ops_offset = fdmap_offset + fdmap_bytes;
-  map_len_ = round_up(ops_offset + ops.size() * sizeof(pipecr_agent_op), kPage);
+  const uint64_t ops_end = ops_offset + ops.size() * sizeof(pipecr_agent_op);
+  // A survey's message is built in the mapping, not on the thread's stack (8 KiB; threads' stacks
+  // may be small). It stays zero: nothing of it is written from here.
+  const uint64_t survey_offset = frame_only_ ? round_up(ops_end, 64) : 0;
+  map_len_ = round_up(frame_only_ ? survey_offset + PIPECR_SURVEY_BATCH * sizeof(pipecr_survey_ent) : ops_end, kPage);
 
   pipecr_agent_ctl ctl{};
   ctl.magic = PIPECR_AGENT_MAGIC;
@@ -352,6 +383,7 @@ Expected<void> Agent::boot(const CommitPoint&, std::span<const AgentOp> ops, int
   ctl.map_len = map_len_;
   ctl.fdmap_offset = fdmap_offset;
   ctl.ops_offset = ops_offset;
+  ctl.survey_offset = survey_offset;
   const auto limit = wait_timeout().count();
   ctl.handshake_ms = static_cast<int32_t>(std::min<long long>(limit, 1 << 30));
   ctl.idle_ms = ctl.handshake_ms;
@@ -369,7 +401,7 @@ Expected<void> Agent::boot(const CommitPoint&, std::span<const AgentOp> ops, int
       fdmap[static_cast<size_t>(o.fd) / 8] |= static_cast<unsigned char>(1u << (o.fd % 8));
     }
   }
-  std::vector<unsigned char> image(map_len_, 0);
+  std::vector<unsigned char> image(round_up(ops_end, kPage), 0);
   std::memcpy(image.data(), agent_blob, agent_blob_size);
   std::memcpy(image.data() + fdmap_offset, fdmap.data(), fdmap.size());
   if (!wire.empty()) std::memcpy(image.data() + ops_offset, wire.data(), wire.size() * sizeof wire[0]);

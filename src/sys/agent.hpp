@@ -32,10 +32,12 @@
 // the agent with one more remote syscall, puts the registers and signal mask back).
 #pragma once
 
+#include <sys/stat.h>
 #include <sys/types.h>
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <array>
 #include <memory>
 #include <optional>
@@ -131,7 +133,11 @@ struct SurveyedFd {
   bool cloexec = false;  // FD_CLOEXEC (fcntl F_GETFD in the target)
   UniqueFd file;         // the same open file description, received over SCM_RIGHTS; empty when the
                          // kernel would not send it (the caller may take it with pidfd_getfd)
+  bool stat_known = false;  // fstat() in the target worked: st holds its mode, inode, device, uid, gid
+  struct stat st {};        // (only those fields)
 };
+// Takes one message's worth of a survey (up to 253 fds, in fd order); an error ends the survey.
+using SurveySink = std::function<Expected<void>(std::span<SurveyedFd>)>;
 
 class Agent : public Injector {
  public:
@@ -161,9 +167,14 @@ class Agent : public Injector {
   // ones: the agent receives one message at a time at the commit.
   [[nodiscard]] Expected<void> send_files();
   // Dump: every open fd of the thread's fd table below `below` (FDSize), in order, but the agent's
-  // own two sockets: its number, FD_CLOEXEC, and the file itself (SCM_RIGHTS, 253 a message: the
-  // agent runs one fcntl(F_GETFD) per number; nothing of the target changes). This process needs room
-  // for every file received (RLIMIT_NOFILE). An error leaves nothing received open.
+  // own two sockets: its number, FD_CLOEXEC, what fstat() says of its file, and the file itself
+  // (SCM_RIGHTS, 253 a message: the agent runs one fcntl(F_GETFD) per number and one fstat() per open
+  // fd; nothing of the target changes). Each message goes to `sink` as it comes, while the agent
+  // surveys the next fds (pipecr and the agent each have a CPU). Returns the number of fds seen.
+  // This process needs room for every file received (RLIMIT_NOFILE). When the sink fails, the rest
+  // is received and closed (the agent stays ready for another request) and the sink's error returned.
+  [[nodiscard]] Expected<size_t> survey(uint32_t below, const SurveySink& sink);
+  // The same, collected into one vector.
   [[nodiscard]] Expected<std::vector<SurveyedFd>> survey(uint32_t below);
   // Asks the agent whether everything can run; an error (naming the operation) when not.
   [[nodiscard]] Expected<void> prepare();

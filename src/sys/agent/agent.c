@@ -8,8 +8,8 @@
  *      HELLO may carry a second fd: the receiving end of a files queue pipecr filled before the stop
  *      (its FILES already waiting there); the agent then uses it in place of its own files pair;
  *   2. (dump) answers SURVEY: fcntl(F_GETFD) of every number below the limit given but its own two
- *      sockets, and each open file sent back over SCM_RIGHTS with its number and FD_CLOEXEC, 253 a
- *      message (survey()); nothing of the target changes, and pipecr then ends it as an abort;
+ *      sockets, and each open file sent back over SCM_RIGHTS with its number, FD_CLOEXEC and fstat(),
+ *      253 a message (survey()); nothing of the target changes, and pipecr then ends it as an abort;
  *   2. (restore) answers PREPARE (can every operation run, and do `count` received files fit now: it
  *      counts the free numbers below its limit with ppoll, taking none; then it grows its fd table
  *      to the highest number to fill) while the prepared files wait on the
@@ -81,6 +81,7 @@ void agent_return(uint64_t frame, uint64_t gadget, void* base, uint64_t len) __a
 #define K_ECONNRESET 104
 #define K_FD_CLOEXEC 1
 #define K_MAX_FDS 253 /* SCM_MAX_FD */
+#define K_SIOCOUTQ 0x5411 /* TIOCOUTQ: bytes sent on a unix socket not yet received */
 
 struct k_iovec { void* base; ulong len; };
 struct k_msghdr {
@@ -644,10 +645,10 @@ static int make_pair(const struct state* s, int sv[2]) {
  * without PIPECR_SURVEY_UNSENT). When the files in flight exceed the limit the kernel puts on them
  * (ETOOMANYREFS: the target's RLIMIT_NOFILE, per user, unless it has CAP_SYS_RESOURCE or
  * CAP_SYS_ADMIN), it waits for pipecr to receive what is queued and tries again, for up to a second. */
-static long survey_send(struct state* s, uint32_t type, uint32_t first, const uint32_t* ent, uint32_t k,
-                        const int* fds, uint32_t nfds, int32_t status) {
+static long survey_send(struct state* s, uint32_t type, uint32_t first, const struct pipecr_survey_ent* ent,
+                        uint32_t k, const int* fds, uint32_t nfds, int32_t status) {
   struct pipecr_agent_msg m = {type, first, k, status};
-  struct k_iovec iov[2] = {{&m, sizeof m}, {(void*)ent, (ulong)k * 4}};
+  struct k_iovec iov[2] = {{&m, sizeof m}, {(void*)ent, (ulong)k * sizeof *ent}};
   struct k_msghdr h = {0, 0, iov, k ? 2 : 1, 0, 0, 0};
   if (nfds) {
     char* cbuf = (char*)s->ctl + CMSG_BUF_OFF;
@@ -673,13 +674,13 @@ static int broken(long r) { return r == -K_EPIPE || r == -K_ECONNRESET; }
 /* Sends k entries and their files in one message; when the kernel refuses the message (a file that
  * may not travel over SCM_RIGHTS), one entry a message, marking UNSENT those it refuses. Returns 0,
  * or -errno when pipecr's end is gone. */
-static long survey_flush(struct state* s, uint32_t first, uint32_t* ent, const int* fds, uint32_t k) {
+static long survey_flush(struct state* s, uint32_t first, struct pipecr_survey_ent* ent, const int* fds, uint32_t k) {
   long r = survey_send(s, PIPECR_MSG_SURVEY_FILES, first, ent, k, fds, k, 0);
   if (r >= 0 || broken(r)) return r < 0 ? r : 0;
   for (uint32_t i = 0; i < k; ++i) {
     r = survey_send(s, PIPECR_MSG_SURVEY_FILES, first + i, &ent[i], 1, &fds[i], 1, 0);
     if (r < 0 && !broken(r)) {
-      ent[i] |= PIPECR_SURVEY_UNSENT;
+      ent[i].fd |= PIPECR_SURVEY_UNSENT;
       r = survey_send(s, PIPECR_MSG_SURVEY_FILES, first + i, &ent[i], 1, fds, 0, 0);
     }
     if (r < 0) return r;
@@ -687,19 +688,54 @@ static long survey_flush(struct state* s, uint32_t first, uint32_t* ent, const i
   return 0;
 }
 
-/* Reports every open fd below n but the agent's own (fcntl F_GETFD: open or not, FD_CLOEXEC) and
- * sends each file, up to 253 a message, then SURVEY_DONE. Nothing of the target changes: the files
- * travel as references, the table is only read. Returns 0, or -errno when pipecr's end is gone. */
+/* The kernel's struct stat of fstat() (x86-64 layout: the agent is built for x86-64 only, agent.cmake). */
+struct k_stat {
+  ulong dev, ino, nlink;
+  uint32_t mode, uid, gid, pad0;
+  ulong rdev;
+  long size, blksize, blocks;
+  ulong times[6];
+  long unused[3];
+};
+
+/* Reports every open fd below n but the agent's own (fcntl F_GETFD: open or not, FD_CLOEXEC; fstat:
+ * its kind and inode) and sends each file, up to 253 a message, then SURVEY_DONE. pipecr takes in
+ * one message while the agent prepares the next. Nothing of the target changes: the files travel as
+ * references, the table is only read. Returns 0, or -errno when pipecr's end is gone. */
 static long survey(struct state* s, uint32_t n) {
-  uint32_t ent[PIPECR_SURVEY_BATCH];
+  struct pipecr_survey_ent* ent =
+      s->ctl->survey_offset ? (struct pipecr_survey_ent*)((char*)s->ctl - s->ctl->ctl_offset + s->ctl->survey_offset) : 0;
   int fds[PIPECR_SURVEY_BATCH];
   uint32_t k = 0, sent = 0;
+  if (!ent) {
+    long r = survey_send(s, PIPECR_MSG_SURVEY_DONE, 0, 0, 0, fds, 0, -K_EINVAL);
+    return r < 0 ? r : 0;
+  }
   if (n > PIPECR_SURVEY_FD_MASK + 1u) n = PIPECR_SURVEY_FD_MASK + 1u;
+  int with_stat = 0;
   for (uint32_t fd = 0; fd < n; ++fd) {
     if ((int)fd == s->sock || (int)fd == s->files) continue;
+    if (k == 0) {
+      /* The fstat()s go to whichever side has time: pipecr's, while it waits for this message,
+       * cost the stop as much as ours. While a message sent earlier is still queued (pipecr is
+       * busy) this one carries them; else pipecr asks itself. Each side has a CPU. */
+      int queued = 0;
+      with_stat = SYS(__NR_ioctl, s->sock, K_SIOCOUTQ, &queued, 0, 0) == 0 && queued > 0;
+    }
     long fl = SYS(__NR_fcntl, fd, K_F_GETFD, 0, 0, 0);
     if (fl < 0) continue; /* EBADF: not open */
-    ent[k] = fd | ((fl & K_FD_CLOEXEC) ? PIPECR_SURVEY_CLOEXEC : 0);
+    struct k_stat st;
+    struct pipecr_survey_ent* e = &ent[k];
+    e->fd = fd | ((fl & K_FD_CLOEXEC) ? PIPECR_SURVEY_CLOEXEC : 0);
+    if (with_stat && SYS(__NR_fstat, fd, &st, 0, 0, 0) == 0) {
+      e->mode = st.mode;
+      e->ino = st.ino;
+      e->dev = st.dev;
+      e->uid = st.uid;
+      e->gid = st.gid;
+    } else {
+      e->mode = 0;
+    }
     fds[k++] = (int)fd;
     if (k == PIPECR_SURVEY_BATCH) {
       long r = survey_flush(s, sent, ent, fds, k);

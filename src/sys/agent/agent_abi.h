@@ -70,16 +70,24 @@ enum {
   PIPECR_MSG_FAILED = 0x85,   /* agent -> pipecr, status -errno: the agent aborted (at `first`) */
   PIPECR_MSG_OLDFILES = 0x86, /* agent -> pipecr at commit, `count` files the installs replaced: pipecr
                                  closes them after the resume, so freeing their buffers costs no stop */
-  PIPECR_MSG_SURVEY_FILES = 0x87, /* agent -> pipecr, `count` entries (uint32_t each, after the message:
-                                     the fd number | PIPECR_SURVEY_CLOEXEC | PIPECR_SURVEY_UNSENT) and the
-                                     files of the entries without UNSENT, in order (SCM_RIGHTS);
-                                     `first`: how many entries came before */
+  PIPECR_MSG_SURVEY_FILES = 0x87, /* agent -> pipecr, `count` entries (struct pipecr_survey_ent each,
+                                     after the message) and the files of the entries without UNSENT,
+                                     in order (SCM_RIGHTS); `first`: how many entries came before */
   PIPECR_MSG_SURVEY_DONE = 0x88,  /* agent -> pipecr, the last message of a survey, laid out as
                                      SURVEY_FILES (`count` may be 0); status 0, or -errno: the survey
                                      failed (what came is incomplete) */
 };
 
-/* A survey entry: the fd number in the low 30 bits. */
+/* A survey entry: one open fd, and what fstat() in the target said of its file (so that pipecr,
+ * which receives the files while the agent already surveys the next ones, need not ask). */
+struct pipecr_survey_ent {
+  uint32_t fd;    /* the fd number in the low 30 bits, | PIPECR_SURVEY_CLOEXEC | PIPECR_SURVEY_UNSENT */
+  uint32_t mode;  /* st_mode; 0 when fstat failed (pipecr then asks itself) */
+  uint64_t ino;   /* st_ino */
+  uint64_t dev;   /* st_dev, as fstat() gives it to a program */
+  uint32_t uid;   /* st_uid */
+  uint32_t gid;   /* st_gid */
+};
 #define PIPECR_SURVEY_CLOEXEC 0x80000000u /* FD_CLOEXEC is set on it */
 #define PIPECR_SURVEY_UNSENT 0x40000000u  /* open, but its file could not be sent (SCM_RIGHTS refused it) */
 #define PIPECR_SURVEY_FD_MASK 0x3fffffffu
@@ -118,6 +126,8 @@ struct pipecr_agent_ctl {
   char name[32];          /* the mapping's name (PR_SET_VMA_ANON_NAME) */
   uint64_t frame;         /* the rt_sigframe on the thread's stack; 0: return through return_block */
   uint64_t gadget;        /* a `syscall; ret` of the target (frame mode) */
+  uint64_t survey_offset; /* of PIPECR_SURVEY_BATCH entries (a survey's message), from the mapping's
+                             start; 0: no room, the agent answers SURVEY with -EINVAL */
 };
 
 #endif

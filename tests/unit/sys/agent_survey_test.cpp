@@ -12,11 +12,13 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <fstream>
 #include <map>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <fmt/format.h>
@@ -186,6 +188,67 @@ TEST(AgentSurvey, ReportsEveryOpenFdItsCloexecAndTheSameOpenFiles) {
     std::vector<int> expected;
     for (const auto& [fd, slot] : before) expected.push_back(fd);
     EXPECT_EQ(numbers, expected);
+    ASSERT_TRUE((*agent)->restore());
+    ASSERT_TRUE((*sp)->resume());
+  }
+  expect_untouched(sc, before, maps);
+}
+
+// The survey comes a message at a time (at most 253 fds, in fd order) while the agent goes on; a
+// message sent while pipecr is still busy with an earlier one carries the agent's fstat() of each
+// file (the sink here sleeps, so the third and later ones must), and that is what fstat() says of
+// the file received. An error from the sink ends the survey; the agent can still survey again.
+TEST(AgentSurvey, ComesInMessagesWithTheTargetsFstatWhilePipecrIsBusy) {
+  constexpr int kPipes = 400;  // 800 pipe fds: four messages
+  SurveyChild sc = start_survey_child(kPipes);
+  const pid_t pid = sc.child.pid;
+  ASSERT_EQ(ask(sc), "ok");
+  const auto before = table_of(pid);
+  std::string maps = maps_without_stack(pid);
+  {
+    auto sp = StoppedProcess::seize(pid);
+    ASSERT_TRUE(sp) << sp.error().what;
+    auto agent = Agent::start_survey(**sp, pid);
+    ASSERT_TRUE(agent) << agent.error().what;
+    std::vector<size_t> sizes;
+    std::vector<int> numbers;
+    size_t with_stat_late = 0;
+    auto seen = (*agent)->survey(fd_size(pid), [&](std::span<SurveyedFd> batch) -> Expected<void> {
+      sizes.push_back(batch.size());
+      for (SurveyedFd& f : batch) {
+        numbers.push_back(f.fd);
+        if (!f.stat_known) continue;
+        if (sizes.size() >= 3) ++with_stat_late;
+        struct stat st {};
+        EXPECT_EQ(::fstat(f.file.get(), &st), 0);
+        EXPECT_EQ(f.st.st_mode, st.st_mode) << "fd " << f.fd;
+        EXPECT_EQ(f.st.st_ino, st.st_ino) << "fd " << f.fd;
+        EXPECT_EQ(f.st.st_dev, st.st_dev) << "fd " << f.fd;
+        EXPECT_EQ(f.st.st_uid, st.st_uid) << "fd " << f.fd;
+        EXPECT_EQ(f.st.st_gid, st.st_gid) << "fd " << f.fd;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));  // busy: the agent queues ahead
+      return {};
+    });
+    ASSERT_TRUE(seen) << seen.error().what;
+    EXPECT_EQ(*seen, before.size());
+    EXPECT_EQ(numbers.size(), before.size());
+    EXPECT_TRUE(std::is_sorted(numbers.begin(), numbers.end()));
+    ASSERT_GE(sizes.size(), 4u);
+    for (size_t n : sizes) EXPECT_LE(n, kAgentBatch);  // SCM_MAX_FD
+    EXPECT_GT(with_stat_late, 0u) << "no message sent while pipecr was busy carried the agent's fstat";
+
+    size_t calls = 0;
+    auto stopped = (*agent)->survey(fd_size(pid), [&](std::span<SurveyedFd>) -> Expected<void> {
+      ++calls;
+      return tl::unexpected(Error{Errc::system, EIO, "the sink gives up"});
+    });
+    ASSERT_FALSE(stopped);
+    EXPECT_EQ(stopped.error().what, "the sink gives up");
+    EXPECT_EQ(calls, 1u);
+    auto again = (*agent)->survey(fd_size(pid));  // still in step with the agent
+    ASSERT_TRUE(again) << again.error().what;
+    EXPECT_EQ(again->size(), before.size());
     ASSERT_TRUE((*agent)->restore());
     ASSERT_TRUE((*sp)->resume());
   }
