@@ -223,8 +223,11 @@ class Dumper {
     base_fds_ = open_fds_of_self();
     // The code the survey agents return through, found while the targets still run (a scan of their
     // executable mappings: most of a millisecond each, kept out of the stop).
-    if (opts_.survey_agent && !opts_.leave_stopped)
+    if (opts_.survey_agent && !opts_.leave_stopped) {
       for (pid_t pid : pids_) gadgets_[pid] = sys::find_agent_gadgets(pid);
+      if (auto cp = sys::CommitPoint::create()) survey_commit_.emplace(std::move(*cp));  // else each agent makes one
+    }
+    check_copies_harmless();  // /proc reads kept out of the stop (--tree adds the descendants found in it)
     stop_start_ = now_ns();
     Expected<void> taken = stop_all();
     stats_.seize_ns = now_ns() - stop_start_;
@@ -279,9 +282,10 @@ class Dumper {
   // sockets' queues: a file received there is re-tagged as the target's own receive would); else it
   // takes pipes only, found through /proc.
   void check_copies_harmless() {
-    std::string mine = sys::socket_tagging_groups(::getpid());
-    harmless_.clear();
-    for (pid_t pid : pids_) harmless_.push_back(sys::socket_tagging_groups(pid) == mine);
+    if (harmless_.size() == pids_.size()) return;
+    if (!my_groups_) my_groups_ = sys::socket_tagging_groups(::getpid());
+    for (size_t i = harmless_.size(); i < pids_.size(); ++i)
+      harmless_.push_back(sys::socket_tagging_groups(pids_[i]) == *my_groups_);
   }
 
   // Seizes every process; with --tree, goes on until no new descendant appeared (a stopped
@@ -555,7 +559,8 @@ class Dumper {
     agent_threads_.emplace(t.tid, *before);
     uint64_t t0 = now_ns();
     auto known = gadgets_.find(t.pid);
-    auto agent = sys::Agent::start_survey(sp, t.tid, 0, known != gadgets_.end() ? &known->second : nullptr);
+    auto agent = sys::Agent::start_survey(sp, t.tid, 0, known != gadgets_.end() ? &known->second : nullptr,
+                                          survey_commit_ ? &*survey_commit_ : nullptr);
     uint64_t t1 = now_ns();
     stats_.agent_start_ns += t1 - t0;
     if (!agent) {  // the target is as it was: the fallback reads it (and fails if it is gone)
@@ -1314,6 +1319,8 @@ class Dumper {
   };
   std::unordered_map<std::pair<dev_t, uint64_t>, size_t, InodeHash> pipe_index_;
   std::vector<bool> harmless_;  // per process: taking its sockets changes nothing
+  std::optional<std::string> my_groups_;  // pipecr's own net_cls/net_prio groups (check_copies_harmless)
+  std::optional<sys::CommitPoint> survey_commit_;  // shared by the survey agents, made before the stop
   uint64_t limit_ = 0;
   size_t base_fds_ = 0;
   uint64_t seq_ = 0;

@@ -249,21 +249,28 @@ Expected<std::unique_ptr<Agent>> Agent::create(StoppedProcess& process, pid_t ti
   return a;
 }
 
-Expected<Agent*> Agent::start_survey(StoppedProcess& process, pid_t tid, uint64_t vdso_hint, const AgentGadgets* gadgets) {
-  return process.inject<Agent>(tid, SurveyOnly{}, vdso_hint, gadgets);
+Expected<Agent*> Agent::start_survey(StoppedProcess& process, pid_t tid, uint64_t vdso_hint, const AgentGadgets* gadgets,
+                                     const CommitPoint* commit) {
+  return process.inject<Agent>(tid, SurveyOnly{commit}, vdso_hint, gadgets);
 }
 
-Expected<std::unique_ptr<Agent>> Agent::create(StoppedProcess& process, pid_t tid, SurveyOnly, uint64_t vdso_hint,
-                                               const AgentGadgets* gadgets) {
-  auto cp = CommitPoint::create();  // the agent maps it at HELLO; never committed: it aborts
-  if (!cp) return tl::unexpected(cp.error());
+Expected<std::unique_ptr<Agent>> Agent::create(StoppedProcess& process, pid_t tid, SurveyOnly survey,
+                                               uint64_t vdso_hint, const AgentGadgets* gadgets) {
+  std::optional<CommitPoint> own;  // the agent maps it at HELLO; never committed: it aborts
+  if (!survey.commit) {
+    auto cp = CommitPoint::create();
+    if (!cp) return tl::unexpected(cp.error());
+    own.emplace(std::move(*cp));
+    survey.commit = &*own;
+  }
+  const CommitPoint& commit = *survey.commit;
   std::unique_ptr<Agent> a(new Agent(process, tid));
   a->batch_ = 1;
   a->frame_only_ = true;
   a->vdso_hint_ = vdso_hint;
   if (gadgets) a->pre_gadgets_ = *gadgets;
-  if (auto ok = a->boot(*cp, {}, 0); !ok) return tl::unexpected(ok.error());
-  if (auto ok = a->connect(*cp); !ok) {
+  if (auto ok = a->boot(commit, {}, 0); !ok) return tl::unexpected(ok.error());
+  if (auto ok = a->connect(commit); !ok) {
     (void)a->restore();
     return tl::unexpected(ok.error());
   }

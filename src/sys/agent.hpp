@@ -147,9 +147,14 @@ class Agent : public Injector {
   // shorthand). Only where it can return through an rt_sigframe (returns_by_sigreturn()): else it
   // fails (ENOTSUP) before anything of the target changed, since the fallback's remote syscalls are
   // a harm window. gadgets: find_agent_gadgets() of the process, found before the stop (else here).
-  struct SurveyOnly {};
+  // commit: a CommitPoint made before the stop, which any number of survey agents may share (none
+  // commits it; an aborted one aborts the next too, which is what a survey does); null: one of its own.
+  struct SurveyOnly {
+    const CommitPoint* commit = nullptr;
+  };
   [[nodiscard]] static Expected<Agent*> start_survey(StoppedProcess& process, pid_t tid, uint64_t vdso_hint = 0,
-                                                     const AgentGadgets* gadgets = nullptr);
+                                                     const AgentGadgets* gadgets = nullptr,
+                                                     const CommitPoint* commit = nullptr);
   // Made by StoppedProcess::inject<Agent>(tid, commit, ops, floor, batch, vdso_hint, queue, gadgets), which
   // owns it: starts an agent on thread tid of the (stopped) process with these operations (install ones carry
   // their source fd, sent later by send_files()). floor: above every number an operation fills (the
