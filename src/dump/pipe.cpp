@@ -22,6 +22,7 @@
 #include "dump/pipe.hpp"
 
 #include <fcntl.h>
+#include <poll.h>
 #include <linux/magic.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
@@ -34,6 +35,7 @@
 #include <climits>
 #include <cstdlib>
 #include <optional>
+#include <utility>
 
 #include <fmt/format.h>
 
@@ -208,9 +210,44 @@ tl::unexpected<Error> not_readable(int fd) {
 
 Expected<SnapshotPacker::Piece> SnapshotPacker::add(int read_end, uint32_t queued, uint32_t capacity) {
   if (queued == 0) return Piece{};
-  if (!write_ || capacity > write_cap_)
+  if (!write_ || capacity > write_cap_) {
+    if (auto s = settle(); !s) return tl::unexpected(s.error());  // the scratch pipe it was in is left
     if (auto f = fresh(capacity); !f) return tl::unexpected(f.error());
+  }
   return add_from(read_end, queued, capacity, 0);
+}
+
+// poll() on the current scratch pipe's write end: no POLLOUT when every slot is taken.
+Expected<bool> SnapshotPacker::scratch_full() const {
+  pollfd p{write_.get(), POLLOUT, 0};
+  int n;
+  do n = ::poll(&p, 1, 0);
+  while (n < 0 && errno == EINTR);
+  if (n < 0) return tl::unexpected(sys::call_error("poll", fmt::format("scratch pipe {}, POLLOUT", write_.get())));
+  return n == 0 || !(p.revents & POLLOUT);
+}
+
+Expected<void> SnapshotPacker::settle() {
+  if (unproven_.id == UINT32_MAX || !write_) return {};  // nothing to check (or sealed: too late)
+  const Unproven u = std::exchange(unproven_, Unproven{});
+  // Slots left after it: its tee ended because its source had nothing more, not for lack of room.
+  auto full = scratch_full();
+  if (!full) return tl::unexpected(full.error());
+  if (!*full) return {};
+  ++fionread_calls_;
+  auto q = sys::bytes_queued(u.read_end);
+  if (!q) return tl::unexpected(q.error());
+  const auto queued = static_cast<uint32_t>(*q);
+  // got >= queued: whole (got > queued: a reader outside the stopped set took bytes after the tee,
+  // which is the moment).
+  if (placed_[u.id].bytes >= queued) return {};
+  // Cut short by the full scratch pipe: what it linked stays there as dead weight, at the tail (no
+  // piece with bytes came after it); the source goes whole into a fresh one.
+  if (auto f = fresh(0); !f) return tl::unexpected(f.error());
+  auto moved = add_from(u.read_end, queued, 0, 1);
+  if (!moved) return tl::unexpected(moved.error());
+  placed_[u.id] = Piece{moved->scratch, moved->bytes, u.id};
+  return {};
 }
 
 Expected<SnapshotPacker::Piece> SnapshotPacker::add_unknown(int read_end, Writers* writers) {
@@ -227,23 +264,37 @@ Expected<SnapshotPacker::Piece> SnapshotPacker::add_unknown(int read_end, Writer
     if (writers && !used) *writers = *r == 0 ? Writers::none : Writers::some;
     return Piece{};
   }
-  // Bytes linked (all of them?), or EAGAIN into a used scratch pipe (empty, or that one full?).
+  if (*r > 0) {  // linked: the piece before it in this scratch pipe is whole (there was room after it)
+    Piece piece{static_cast<uint32_t>(scratch_.size() - 1), static_cast<uint32_t>(*r),
+                static_cast<uint32_t>(placed_.size())};
+    placed_.push_back(piece);
+    unproven_ = Unproven{read_end, piece.id};
+    return piece;
+  }
+  // EAGAIN into a used scratch pipe: the source is empty, or the scratch pipe is full.
+  auto full = scratch_full();
+  if (!full) return tl::unexpected(full.error());
+  if (!*full) {
+    unproven_ = Unproven{};  // room left: the last piece is whole too
+    return Piece{};
+  }
+  if (auto s = settle(); !s) return tl::unexpected(s.error());
   ++fionread_calls_;
   auto q = sys::bytes_queued(read_end);
   if (!q) return tl::unexpected(q.error());
-  size_t got = *r > 0 ? static_cast<size_t>(*r) : 0;
-  auto queued = static_cast<uint32_t>(*q);
-  // got > queued: a reader outside the stopped set took bytes after the tee, which is the moment.
-  if (got > 0 && got >= queued) return Piece{static_cast<uint32_t>(scratch_.size() - 1), static_cast<uint32_t>(got)};
-  if (queued == 0) return Piece{};
-  // Short: what was linked stays as dead weight at the tail of this scratch pipe, which takes no
-  // more pieces; the source goes into a fresh one.
+  if (*q == 0) return Piece{};
   if (auto f = fresh(0); !f) return tl::unexpected(f.error());
-  return add_from(read_end, queued, 0, 1);
+  auto piece = add_from(read_end, static_cast<uint32_t>(*q), 0, 1);
+  if (!piece) return tl::unexpected(piece.error());
+  piece->id = static_cast<uint32_t>(placed_.size());  // proven whole (add_from compares with FIONREAD)
+  placed_.push_back(*piece);
+  return piece;
 }
 
 // add() from its `attempt`-th tee on (attempt 0: into the current scratch pipe; 1 and on: into a
-// fresh one, made by the caller).
+// fresh one, made by the caller). A tee that links bytes into the current scratch pipe proves the
+// unproven piece before it whole; one that comes up short there leaves that scratch pipe, whose
+// unproven piece is settled first.
 Expected<SnapshotPacker::Piece> SnapshotPacker::add_from(int read_end, uint32_t queued, uint32_t capacity,
                                                          int attempt) {
   for (;; ++attempt) {
@@ -252,6 +303,7 @@ Expected<SnapshotPacker::Piece> SnapshotPacker::add_from(int read_end, uint32_t 
     if (*r == -EBADF) return not_readable(read_end);
     // -EAGAIN: the scratch pipe is full, or the source emptied meanwhile.
     size_t got = *r > 0 ? static_cast<size_t>(*r) : 0;
+    if (got > 0 && attempt == 0) unproven_ = Unproven{};
     if (got >= queued) return Piece{static_cast<uint32_t>(scratch_.size() - 1), static_cast<uint32_t>(got)};
     if (attempt > 0) {
       // Short into a fresh scratch pipe: either the source has more slots than pipe-max-size (a
@@ -262,6 +314,8 @@ Expected<SnapshotPacker::Piece> SnapshotPacker::add_from(int read_end, uint32_t 
       if (attempt > 1 || static_cast<uint32_t>(*cap) <= write_cap_)
         return Piece{static_cast<uint32_t>(scratch_.size() - 1), static_cast<uint32_t>(got)};
       capacity = static_cast<uint32_t>(*cap);
+    } else if (auto s = settle(); !s) {
+      return tl::unexpected(s.error());
     }
     if (auto f = fresh(capacity); !f) return tl::unexpected(f.error());
   }

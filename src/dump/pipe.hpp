@@ -62,6 +62,7 @@ class SnapshotPacker {
   struct Piece {
     uint32_t scratch = 0;
     uint32_t bytes = 0;
+    uint32_t id = UINT32_MAX;  // add_unknown()'s pieces with bytes: where() may have moved them
   };
 
   SnapshotPacker() = default;
@@ -75,16 +76,29 @@ class SnapshotPacker {
   [[nodiscard]] Expected<Piece> add(int read_end, uint32_t queued, uint32_t capacity = 0);
   // The same without knowing the queued bytes: the tee comes first, and its answer says "empty"
   // (0: no writer; EAGAIN into a scratch pipe that has taken nothing yet, so cannot be full), which
-  // for an empty pipe saves the FIONREAD (one tee instead of FIONREAD + tee). Only a tee that
-  // linked bytes (was that all?) or an EAGAIN into a used scratch pipe (empty, or the scratch full?)
-  // asks FIONREAD. EBADF as add() (a write end).
+  // for an empty pipe saves the FIONREAD (one tee instead of FIONREAD + tee). A tee that linked
+  // bytes took every buffer of its source unless it ran out of scratch slots; it is not asked at
+  // once: the next tee that links bytes into the same scratch pipe proves there was room, so the
+  // earlier one ended with its source. Only the last such piece of a scratch pipe is checked
+  // (FIONREAD), when that scratch pipe turns out full or at settle(); if it was cut short, its
+  // bytes stay as dead weight and it goes whole into a fresh scratch pipe (where() tells). An
+  // EAGAIN into a used scratch pipe (empty, or the scratch full?) asks poll() on the scratch pipe,
+  // and FIONREAD only when it is full. EBADF as add() (a write end).
   // An empty pipe's tee also says whether a writer is open (pipe_read's rule: 0 with none, EAGAIN
   // with one), which *writers receives: none or some where the tee's answer is sure (a tee into a
   // scratch pipe that has taken nothing, so cannot be full), else unknown (bytes were queued, or
   // the answer was ambiguous). The dump uses it for FIFO readers instead of scanning /proc.
   enum class Writers : uint8_t { unknown, none, some };
   [[nodiscard]] Expected<Piece> add_unknown(int read_end, Writers* writers = nullptr);
-  // FIONREAD calls made by add_unknown() so far (tests and the bench count them).
+  // Checks the last piece add_unknown() has not proven whole (see there), while its source still
+  // holds what it held at the tee: call it before the sources may change (the targets resume, or
+  // the source fds close). Idempotent.
+  [[nodiscard]] Expected<void> settle();
+  // Where a piece is now: settle() and later adds may have moved a piece cut short to a fresh
+  // scratch pipe (always the last piece with bytes at that moment: reading back in the order the
+  // pieces were added stays right).
+  [[nodiscard]] Piece where(const Piece& p) const { return p.id < placed_.size() ? placed_[p.id] : p; }
+  // FIONREAD calls made by add_unknown() and settle() so far (tests and the bench count them).
   [[nodiscard]] size_t fionread_calls() const { return fionread_calls_; }
   // Scratch pipes made so far (each holds one fd once sealed).
   [[nodiscard]] size_t scratch_pipes() const { return scratch_.size(); }
@@ -99,11 +113,17 @@ class SnapshotPacker {
   Expected<void> fresh(uint32_t capacity);
   Expected<Piece> add_from(int read_end, uint32_t queued, uint32_t capacity, int attempt);
   Expected<ssize_t> tee(int read_end);
+  Expected<bool> scratch_full() const;
   std::vector<sys::UniqueFd> scratch_;  // read ends
   sys::UniqueFd write_;                 // write end of scratch_.back()
   uint32_t write_cap_ = 0;
   bool write_used_ = false;             // some tee linked bytes into scratch_.back()
   size_t fionread_calls_ = 0;
+  std::vector<Piece> placed_;           // add_unknown()'s pieces with bytes, by id (where they are now)
+  struct Unproven {                     // the last of them in scratch_.back(), not proven whole yet
+    int read_end = -1;
+    uint32_t id = UINT32_MAX;
+  } unproven_;
 };
 
 // Reads snapshots out: their slot layout and their bytes. Keeps a few small pipes of its own

@@ -211,6 +211,7 @@ class Dumper {
     batch_ = SIZE_MAX;
     if (auto r = probe_self(fd); !r) return tl::unexpected(r.error());
     if (auto r = finish_snapshots(); !r) return tl::unexpected(r.error());
+    if (auto r = packer_.settle(); !r) return tl::unexpected(r.error());
     packer_.seal();
     if (auto r = after_resume(); !r) return tl::unexpected(r.error());
     mark_outside_holders(true);
@@ -234,6 +235,7 @@ class Dumper {
     if (taken) taken = find_tables();
     if (taken) taken = read_fd_tables(nofile);
     if (taken) taken = finish_snapshots();
+    if (taken) taken = packer_.settle();  // while the pipes still hold what they held at their tee
     if (taken && !epolls_after_resume()) taken = read_epolls(false);  // from the targets' fds, while stopped
     if (taken) mark_blocked();
     if (taken) {
@@ -839,6 +841,7 @@ class Dumper {
   Expected<void> flush_upto(size_t end) {
     size_t lo = flushed_;
     if (auto r = snapshot_range(lo, end); !r) return r;
+    if (auto r = packer_.settle(); !r) return r;  // before the copies it may need close
     for (size_t i = lo; i < end; ++i) {
       Holder& h = holders_[i];
       if (!h.copy) continue;
@@ -1232,9 +1235,10 @@ class Dumper {
     for (size_t i : order) {
       if (!ok) break;
       PipeState& p = pipes_[i];
-      if (p.piece.bytes > 0) {
-        for (; open_scratch < p.piece.scratch; ++open_scratch) packer_.release(open_scratch);
-        auto slots = reader.read_head(packer_.scratch_fd(p.piece.scratch), p.piece.bytes, bytes);
+      const SnapshotPacker::Piece piece = packer_.where(p.piece);
+      if (piece.bytes > 0) {
+        for (; open_scratch < piece.scratch; ++open_scratch) packer_.release(open_scratch);
+        auto slots = reader.read_head(packer_.scratch_fd(piece.scratch), piece.bytes, bytes);
         if (!slots) return tl::unexpected(slots.error());
         p.rec.slots = std::move(*slots);
       } else {

@@ -1,8 +1,9 @@
 // packer_test.cpp: SnapshotPacker::add_unknown(), the snapshot without FIONREAD, on real pipes:
-// an empty pipe costs one tee and no FIONREAD (with and without a writer), a full pipe and a packet
-// pipe come back byte for byte with their slot layout and are left as they were, a write end is
-// EBADF, and the two cases where the tee's answer is ambiguous (an EAGAIN into a scratch pipe that
-// is full, a tee cut short by one) ask FIONREAD and still put every byte where it belongs.
+// an empty pipe costs one tee and no FIONREAD (with and without a writer), nor does a pipe with
+// bytes while its scratch pipe has room; a full pipe and a packet pipe come back byte for byte with
+// their slot layout and are left as they were, a write end is EBADF, and the two cases where the
+// tee's answer is ambiguous (an EAGAIN into a scratch pipe that is full, a tee cut short by one)
+// ask FIONREAD and still put every byte where it belongs (settle(), where()).
 #include <fcntl.h>
 #include <unistd.h>
 
@@ -75,8 +76,8 @@ TEST(SnapshotPacker, EmptyPipeIsOneTeeWithoutFionread) {
   EXPECT_EQ(packer.fionread_calls(), 0u);
   EXPECT_EQ(packer.scratch_pipes(), 1u);
 
-  // Once the scratch pipe holds bytes, an EAGAIN may mean "full": FIONREAD decides "empty", and
-  // whether a writer is open is not known.
+  // Once the scratch pipe holds bytes, an EAGAIN may mean "full": poll() on the scratch pipe
+  // (room left) decides "empty", and whether a writer is open is not known.
   auto data = pipe_of(0);
   put(data.write.get(), 7, 'd');
   piece = packer.add_unknown(data.read.get(), &writers);
@@ -87,7 +88,8 @@ TEST(SnapshotPacker, EmptyPipeIsOneTeeWithoutFionread) {
   ASSERT_TRUE(piece) << piece.error().what;
   EXPECT_EQ(piece->bytes, 0u);
   EXPECT_EQ(writers, Writers::unknown);
-  EXPECT_EQ(packer.fionread_calls(), 2u);
+  ASSERT_TRUE(packer.settle());
+  EXPECT_EQ(packer.fionread_calls(), 0u);
 }
 
 TEST(SnapshotPacker, WriteEndIsEbadf) {
@@ -114,16 +116,18 @@ TEST(SnapshotPacker, FullAndPacketPipesComeBackWholeAndStayAsTheyWere) {
   auto a = packer.add_unknown(full.read.get());
   ASSERT_TRUE(a) << a.error().what;
   EXPECT_EQ(a->bytes, 16 * kPage);
-  EXPECT_EQ(packer.fionread_calls(), 1u);  // bytes linked: were they all?
-  auto b = packer.add_unknown(packet.read.get());
+  auto b = packer.add_unknown(packet.read.get());  // it linked bytes: a had room after it, a is whole
   ASSERT_TRUE(b) << b.error().what;
   EXPECT_EQ(b->bytes, 306u);
-  auto c = packer.add_unknown(empty.read.get());  // EAGAIN into a used scratch pipe: FIONREAD says empty
+  auto c = packer.add_unknown(empty.read.get());  // EAGAIN into a used scratch pipe with room: empty
   ASSERT_TRUE(c) << c.error().what;
   EXPECT_EQ(c->bytes, 0u);
-  EXPECT_EQ(packer.fionread_calls(), 3u);
+  ASSERT_TRUE(packer.settle());
+  EXPECT_EQ(packer.fionread_calls(), 0u);
   EXPECT_EQ(a->scratch, 0u);
   EXPECT_EQ(b->scratch, 0u);
+  EXPECT_EQ(packer.where(*a).scratch, 0u);
+  EXPECT_EQ(packer.where(*b).bytes, 306u);
   packer.seal();
 
   // The sources are untouched.
@@ -213,12 +217,15 @@ TEST(SnapshotPacker, EagainIntoAFullScratchPipeIsNotTakenForEmpty) {
   auto e = packer.add_unknown(empty.read.get());
   ASSERT_TRUE(e) << e.error().what;
   EXPECT_EQ(e->bytes, 0u);
+  // The scratch pipe is full: the last piece in it is checked (FIONREAD: whole), then the empty one.
+  EXPECT_EQ(packer.fionread_calls(), 2u);
   auto data = pipe_of(0);
   put(data.write.get(), 100, 'd');
   auto d = packer.add_unknown(data.read.get());
   ASSERT_TRUE(d) << d.error().what;
   EXPECT_EQ(d->bytes, 100u);
   EXPECT_EQ(d->scratch, 1u);
+  ASSERT_TRUE(packer.settle());
   packer.seal();
   SnapshotReader reader;
   std::vector<std::byte> bytes;
@@ -240,22 +247,38 @@ TEST(SnapshotPacker, ShortTeeGoesWholeIntoAFreshScratchPipe) {
   ASSERT_EQ(a->bytes, (slots - 8) * kPage);
   auto big = pipe_of(0);  // 16 slots: does not fit in 8
   for (int k = 0; k < 16; ++k) put(big.write.get(), kPage, static_cast<char>('A' + k));
-  auto b = packer.add_unknown(big.read.get());
+  auto b = packer.add_unknown(big.read.get());  // 8 slots linked: short, not known yet
   ASSERT_TRUE(b) << b.error().what;
-  EXPECT_EQ(b->bytes, 16 * kPage);
-  EXPECT_EQ(b->scratch, 1u);
+  EXPECT_EQ(b->bytes, 8 * kPage);
+  EXPECT_EQ(b->scratch, 0u);
+  ASSERT_TRUE(packer.settle());  // the scratch pipe is full: FIONREAD says short, again into a fresh one
+  EXPECT_EQ(packer.fionread_calls(), 1u);
+  const auto moved = packer.where(*b);
+  EXPECT_EQ(moved.bytes, 16 * kPage);
+  EXPECT_EQ(moved.scratch, 1u);
   EXPECT_EQ(queued(big.read.get()), static_cast<int>(16 * kPage));
+  // A later piece goes after it; an earlier one was proven whole by b's linking bytes.
+  EXPECT_EQ(packer.where(*a).scratch, 0u);
+  auto small = pipe_of(0);
+  put(small.write.get(), 10, 'm');
+  auto m = packer.add_unknown(small.read.get());
+  ASSERT_TRUE(m) << m.error().what;
+  EXPECT_EQ(m->scratch, 1u);
+  ASSERT_TRUE(packer.settle());
   packer.seal();
   SnapshotReader reader;
   std::vector<std::byte> bytes;
   auto got = reader.read_head(packer.scratch_fd(0), a->bytes, bytes);
   ASSERT_TRUE(got) << got.error().what;
   EXPECT_EQ(as_string(bytes), std::string((slots - 8) * kPage, 'p'));
-  got = reader.read_head(packer.scratch_fd(1), b->bytes, bytes);
+  got = reader.read_head(packer.scratch_fd(1), moved.bytes, bytes);
   ASSERT_TRUE(got) << got.error().what;
   std::string want;
   for (int k = 0; k < 16; ++k) want += std::string(kPage, static_cast<char>('A' + k));
   EXPECT_EQ(as_string(bytes), want);
+  got = reader.read_head(packer.scratch_fd(1), m->bytes, bytes);
+  ASSERT_TRUE(got) << got.error().what;
+  EXPECT_EQ(as_string(bytes), std::string(10, 'm'));
 }
 
 }  // namespace
