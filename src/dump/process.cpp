@@ -1076,23 +1076,30 @@ class Dumper {
   // After the resume: grouping (fast path), flags and FD_CLOEXEC from fdinfo, owner, signal and
   // capacity from the copies, which are then closed.
   Expected<void> after_resume() {
-    if (!batched_)
+    if (!batched_) {
+      // The status flags of every copy first: with the access modes known, a pipe's read ends and
+      // write ends are never compared (no F_DUPFD_QUERY between them), and the flags are needed anyway.
+      for (Holder& h : holders_) {
+        if (!h.copy) continue;
+        auto fl = sys::get_fl(h.copy.get());
+        if (!fl) return tl::unexpected(fl.error());
+        h.flags = *fl & ~O_CLOEXEC;
+        h.access = *fl & O_ACCMODE;
+      }
       if (auto g = group_files(true); !g) return g;
+    }
     std::vector<sys::UniqueFd> info_dirs(tables_.size());
     for (size_t i = 0; i < holders_.size(); ++i) {
       Holder& h = holders_[i];
       if (h.file == SIZE_MAX) continue;  // closed before its copy was taken
-      if (h.in_flight != SIZE_MAX) {     // no fd: the flags of the description, from the copy
-        auto fl = sys::get_fl(h.copy.get());
-        if (!fl) return tl::unexpected(fl.error());
-        h.flags = *fl & ~O_CLOEXEC;
-        if (auto r = read_with_copy(i); !r) return r;
-        continue;
-      }
-      if (h.cloexec_known) {  // FD_CLOEXEC from the survey, in the stop: the status flags from the copy
-        auto fl = sys::get_fl(h.copy.get());
-        if (!fl) return tl::unexpected(fl.error());
-        h.flags = *fl & ~O_CLOEXEC;
+      if (h.in_flight != SIZE_MAX || h.cloexec_known) {
+        // No fd (an end in flight), or FD_CLOEXEC from the survey in the stop: the status flags of
+        // the description, from the copy (read above unless batched).
+        if (h.access < 0) {
+          auto fl = sys::get_fl(h.copy.get());
+          if (!fl) return tl::unexpected(fl.error());
+          h.flags = *fl & ~O_CLOEXEC;
+        }
         if (auto r = read_with_copy(i); !r) return r;
         continue;
       }

@@ -17,6 +17,9 @@
 #include <cstdio>
 #include <optional>
 #include <cstring>
+#include <map>
+#include <mutex>
+#include <string>
 #include <thread>
 
 #include <fmt/format.h>
@@ -72,25 +75,52 @@ bool gadgets_still_there(pid_t pid, const ReturnGadgets& g) {
          (holds(g.restorer, arch::kRestorer) || holds(g.restorer, arch::kRestorerShort));
 }
 
+// Where the gadgets are in a mapped file (device and inode), as offsets into it: a second process
+// mapping the same file (every process of a dump uses one libc, as do the dumps a supervisor repeats)
+// needs no scan, only the read that checks the bytes are there. 0: not in that file.
+struct FileGadgets {
+  uint64_t syscall_ret = 0, restorer = 0;  // file offset + 1
+};
+std::mutex g_file_gadgets_lock;
+std::map<std::pair<std::string, uint64_t>, FileGadgets> g_file_gadgets;
+
 ReturnGadgets find_return_gadgets(pid_t pid) {
   ReturnGadgets g;
   std::FILE* maps = std::fopen(fmt::format("/proc/{}/maps", pid).c_str(), "re");
   if (!maps) return g;
   struct Range {
-    uint64_t lo, hi;
+    uint64_t lo, hi, offset;
+    std::pair<std::string, uint64_t> file;  // (device, inode); inode 0: no file ([vdso])
     bool libc;
   };
   std::vector<Range> ranges;
   char line[4096];
   while (std::fgets(line, sizeof line, maps)) {
-    unsigned long lo = 0, hi = 0;
-    char perms[8] = {};
-    if (std::sscanf(line, "%lx-%lx %7s", &lo, &hi, perms) != 3 || hi <= lo || perms[2] != 'x') continue;
+    unsigned long lo = 0, hi = 0, offset = 0, inode = 0;
+    char perms[8] = {}, dev[16] = {};
+    if (std::sscanf(line, "%lx-%lx %7s %lx %15s %lu", &lo, &hi, perms, &offset, dev, &inode) != 6 || hi <= lo ||
+        perms[2] != 'x')
+      continue;
     if (std::strstr(line, "[vsyscall]")) continue;
-    ranges.push_back({lo, hi, std::strstr(line, "/libc") != nullptr});
+    ranges.push_back({lo, hi, offset, {dev, inode}, std::strstr(line, "/libc") != nullptr});
   }
   std::fclose(maps);
   std::stable_partition(ranges.begin(), ranges.end(), [](const Range& r) { return r.libc; });  // glibc first
+  {
+    std::lock_guard<std::mutex> lock(g_file_gadgets_lock);
+    for (const Range& r : ranges) {
+      if (r.file.second == 0) continue;
+      auto it = g_file_gadgets.find(r.file);
+      if (it == g_file_gadgets.end()) continue;
+      auto at = [&](uint64_t off) -> uint64_t {
+        return off && off - 1 >= r.offset && off - 1 - r.offset < r.hi - r.lo ? r.lo + (off - 1 - r.offset) : 0;
+      };
+      if (!g.syscall_ret) g.syscall_ret = at(it->second.syscall_ret);
+      if (!g.restorer) g.restorer = at(it->second.restorer);
+    }
+  }
+  if (g.syscall_ret && g.restorer && gadgets_still_there(pid, g)) return g;
+  g = ReturnGadgets{};
   constexpr size_t kChunk = 256 * 1024, kOverlap = 16;
   std::vector<unsigned char> buf(kChunk);
   auto find = [&](auto& pattern, size_t n, uint64_t at) -> uint64_t {  // memmem: several times std::search's speed
@@ -108,6 +138,13 @@ ReturnGadgets find_return_gadgets(pid_t pid) {
       if (!g.restorer) g.restorer = find(arch::kRestorerShort, n, at);
       if (at + n >= r.hi) break;
       at += n - kOverlap;
+    }
+    if (r.file.second != 0) {  // remembered for the next process that maps this file
+      auto off = [&](uint64_t addr) { return addr >= r.lo && addr < r.hi ? addr - r.lo + r.offset + 1 : 0; };
+      std::lock_guard<std::mutex> lock(g_file_gadgets_lock);
+      FileGadgets& f = g_file_gadgets[r.file];
+      if (uint64_t o = off(g.syscall_ret)) f.syscall_ret = o;
+      if (uint64_t o = off(g.restorer)) f.restorer = o;
     }
     if (g.syscall_ret && g.restorer) break;
   }
