@@ -82,6 +82,7 @@ struct FileGadgets {
   uint64_t syscall_ret = 0, restorer = 0;  // file offset + 1
 };
 std::mutex g_file_gadgets_lock;
+std::atomic<size_t> g_gadget_scans{0};
 std::map<std::pair<std::string, uint64_t>, FileGadgets> g_file_gadgets;
 
 ReturnGadgets find_return_gadgets(pid_t pid) {
@@ -121,6 +122,7 @@ ReturnGadgets find_return_gadgets(pid_t pid) {
   }
   if (g.syscall_ret && g.restorer && gadgets_still_there(pid, g)) return g;
   g = ReturnGadgets{};
+  g_gadget_scans.fetch_add(1, std::memory_order_relaxed);
   constexpr size_t kChunk = 256 * 1024, kOverlap = 16;
   std::vector<unsigned char> buf(kChunk);
   auto find = [&](auto& pattern, size_t n, uint64_t at) -> uint64_t {  // memmem: several times std::search's speed
@@ -231,6 +233,8 @@ ssize_t send_message(int sock, const pipecr_agent_msg& m, std::span<const int> f
 void set_agent_sigreturn(bool enabled) { g_sigreturn = enabled; }
 
 AgentGadgets find_agent_gadgets(pid_t pid) { return find_return_gadgets(pid); }
+
+size_t agent_gadget_scans() { return g_gadget_scans.load(std::memory_order_relaxed); }
 
 // ---------------------------------------------------------------- CommitPoint
 

@@ -126,6 +126,9 @@ struct AgentGadgets {
   uint64_t restorer = 0;
 };
 [[nodiscard]] AgentGadgets find_agent_gadgets(pid_t pid);
+// How many times find_agent_gadgets() (or an agent's start without them) had to scan a process's
+// code: offsets found once are remembered per mapped file and only checked in the next process.
+[[nodiscard]] size_t agent_gadget_scans();
 
 // One open fd of a target as an agent's survey saw it, the target stopped (Agent::survey).
 struct SurveyedFd {

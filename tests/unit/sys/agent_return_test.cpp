@@ -9,8 +9,10 @@
 #include <sys/epoll.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
+#include <array>
 #include <chrono>
 #include <cstring>
 #include <fstream>
@@ -174,6 +176,50 @@ TEST_P(AgentReturn, SigwaitinfoAndEpollWaitReturnOnlyWhatIsSent) {
 
 INSTANTIATE_TEST_SUITE_P(Modes, AgentReturn, ::testing::Values(true, false),
                          [](const auto& info) { return info.param ? "Sigframe" : "RegisterBlock"; });
+
+}  // namespace
+}  // namespace pipecr::sys
+
+namespace pipecr::sys {
+namespace {
+
+// Holds `pattern` at `at` in pid's memory.
+template <size_t N>
+bool holds(pid_t pid, uint64_t at, const std::array<unsigned char, N>& pattern) {
+  unsigned char got[N];
+  iovec local{got, N};
+  iovec remote{reinterpret_cast<void*>(at), N};
+  return at && ::process_vm_readv(pid, &local, 1, &remote, 1, 0) == static_cast<ssize_t>(N) &&
+         std::memcmp(got, pattern.data(), N) == 0;
+}
+
+// The gadgets found in one process are remembered as offsets into the file that holds them; a second
+// process mapping that file elsewhere (its own ASLR base, or exec'd afresh) gets addresses that hold
+// them in its own memory, and so does a third that maps it at yet another place.
+TEST(AgentGadgets, FoundInOneProcessServeAnotherOfTheSameLibcAtItsOwnAddresses) {
+  std::vector<Child> kids;
+  std::vector<AgentGadgets> found;
+  for (int i = 0; i < 3; ++i) {
+    kids.push_back(spawn([] { ::execl("/bin/sleep", "sleep", "30", static_cast<char*>(nullptr)); }));
+    ASSERT_GT(kids.back().pid, 0);
+  }
+  size_t scans = 0;
+  for (Child& k : kids) {
+    ASSERT_TRUE(eventually([&] { return state_of(k.pid, k.pid) == 'S'; }));  // exec'd and asleep
+    const size_t before = agent_gadget_scans();
+    found.push_back(find_agent_gadgets(k.pid));
+    scans += agent_gadget_scans() - before;
+  }
+  EXPECT_LE(scans, 1u) << "the second and third processes were scanned again";
+  // With ASLR (randomize_va_space), each sleep maps libc elsewhere: the offsets were translated.
+  RecordProperty("same_address", found[0].syscall_ret == found[1].syscall_ret ? 1 : 0);
+  for (size_t i = 0; i < kids.size(); ++i) {
+    EXPECT_TRUE(holds(kids[i].pid, found[i].syscall_ret, arch::kSyscallRet)) << "process " << i;
+    EXPECT_TRUE(holds(kids[i].pid, found[i].restorer, arch::kRestorer) ||
+                holds(kids[i].pid, found[i].restorer, arch::kRestorerShort))
+        << "process " << i;
+  }
+}
 
 }  // namespace
 }  // namespace pipecr::sys
