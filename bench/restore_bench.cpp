@@ -13,8 +13,13 @@
 //                         and not grow with K. seize_us, agent_us, prepare_us, commit_us and
 //                         takeback_us split pipecr's side of the stop by phase (stage hook).
 //                         10000/0 has read ends only, 16 bytes each (the stall's growth in pipes).
+//                         victim_stall_first_us is the first restore's stall (the one whose fd table
+//                         must grow: grown before the stop, by one thread), victim_stall_later_us the
+//                         mean of the others.
 //                         The image's fds go to numbers the victim does not hold (fresh numbers:
 //                         it closes them again after each iteration).
+//   BM_VictimStallNoPregrow/N/K  BM_VictimStall without growing the victim's fd table before the stop:
+//                         victim_stall_first_us then holds an RCU grace period (expand_fdtable).
 //   BM_VictimStallReplace/N/K  the same where the victim already holds a pipe end at every recorded
 //                         number (what `restore --into` over a running process does): each install
 //                         replaces a file, which the agent hands back to pipecr.
@@ -42,6 +47,7 @@
 #include "image/image_io.hpp"
 #include "restore/plan.hpp"
 #include "restore/process.hpp"
+#include "sys/fdtable_grow.hpp"
 
 namespace {
 
@@ -233,7 +239,8 @@ void victim_stall(benchmark::State& state, bool replace) {
   // Phases, from the stage hook: built -> seized (seize), -> stashed (agent start and hand-over),
   // -> installed (in-place swaps, prepare), -> committed (commit and install), -> resumed (take-back).
   constexpr int kPhases = 5;
-  double phase_total[kPhases] = {};
+  double phase_total[kPhases] = {}, phase_first[kPhases] = {};
+  int iteration = 0;
   for (auto _ : state) {
     std::chrono::steady_clock::time_point t0, t1;
     std::chrono::steady_clock::time_point at[kPhases + 1];
@@ -273,21 +280,41 @@ void victim_stall(benchmark::State& state, bool replace) {
     if (first < 0) first = us;
     worst = std::max(worst, us);
     stopped_total += std::chrono::duration<double, std::micro>(t1 - t0).count();
-    for (int i = 0; i < kPhases; ++i) phase_total[i] += std::chrono::duration<double, std::micro>(at[i + 1] - at[i]).count();
+    for (int i = 0; i < kPhases; ++i) {
+      const double phase = std::chrono::duration<double, std::micro>(at[i + 1] - at[i]).count();
+      phase_total[i] += phase;
+      if (iteration == 0) phase_first[i] = phase;
+    }
+    ++iteration;
   }
   const double it = static_cast<double>(std::max<int64_t>(1, state.iterations()));
   static const char* const names[kPhases] = {"seize_us", "agent_us", "prepare_us", "commit_us", "takeback_us"};
   for (int i = 0; i < kPhases; ++i) state.counters[names[i]] = phase_total[i] / it;
+  // The first restore's seize (which includes growing the fd table before the stop, the target
+  // running) and prepare (where the stop grows the table when it was not grown before).
+  state.counters["seize_first_us"] = phase_first[0];
+  state.counters["prepare_first_us"] = phase_first[2];
   state.counters["victim_stall_us"] = stall_total / it;
   state.counters["victim_stall_max_us"] = worst;
   // The first restore into the victim, apart: only it grows the victim's fd table (fresh numbers),
   // which in a process with threads waits for an RCU grace period (expand_fdtable).
   state.counters["victim_stall_first_us"] = first;
+  // The iterations after the first (the table big already): the first one's stall is read against it.
+  state.counters["victim_stall_later_us"] = it > 1 ? (stall_total - first) / (it - 1) : 0;
   state.counters["stopped_us"] = stopped_total / it;
 }
 
 void BM_VictimStall(benchmark::State& state) { victim_stall(state, false); }
 void BM_VictimStallReplace(benchmark::State& state) { victim_stall(state, true); }
+// BM_VictimStall without the fd table's growth before the stop (sys/fdtable_grow.hpp): the first
+// restore's stop then grows the table itself, waiting for a grace period with every thread stopped.
+// victim_stall_first_us here against BM_VictimStall's is what the growth before the stop saves.
+void BM_VictimStallNoPregrow(benchmark::State& state) {
+  sys::set_fd_table_pregrow(false);
+  victim_stall(state, false);
+  sys::set_fd_table_pregrow(true);
+}
+BENCHMARK(BM_VictimStallNoPregrow)->Args({1000, 0})->Args({1000, 64})->Unit(benchmark::kMillisecond)->Iterations(10);
 BENCHMARK(BM_VictimStallReplace)->Args({1000, 0})->Args({1000, 64})->Unit(benchmark::kMillisecond)->Iterations(10);
 BENCHMARK(BM_VictimStall)->Args({1000, 0})->Args({1000, 64})->Args({10000, 0})->Unit(benchmark::kMillisecond)
     ->Iterations(10);

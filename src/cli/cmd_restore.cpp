@@ -130,6 +130,8 @@ Expected<int> run(const Options& o, CommandContext& ctx) {
                  "pipecr {}: pid {}: no `syscall; ret` or rt_sigreturn restorer in its code: its agent used the "
                  "fallback return (register block, removed by a remote munmap)\n",
                  ctx.name, pid);
+  if (o.verbose)
+    for (const std::string& line : sum->fd_table_growth) fmt::print(ctx.err, "pipecr {}: {}\n", ctx.name, printable(line));
   const size_t replaced = sum->pipes - sum->in_place;
   fmt::print(ctx.out, "restored {} pipe{} ({} in place, {} replaced; {} open file{}, {} fd{}) into {} process{}\n",
              sum->pipes, sum->pipes == 1 ? "" : "s", sum->in_place, replaced, sum->files, sum->files == 1 ? "" : "s",

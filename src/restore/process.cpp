@@ -42,6 +42,7 @@
 
 #include "restore/plan.hpp"
 #include "sys/agent.hpp"
+#include "sys/fdtable_grow.hpp"
 #include "sys/ptrace.hpp"
 #include "sys/remote.hpp"
 #include "sys/syscalls.hpp"
@@ -274,6 +275,11 @@ class TargetTransaction {
     auto cp = sys::CommitPoint::create();
     if (!cp) return abort(cp.error());
     commit_.emplace(std::move(*cp));
+    // A table too small for the restore grows now, in one thread, the others running: not in PREPARE,
+    // where its grace period would stop every thread (sys/fdtable_grow.hpp).
+    for (const Holder& h : plan_.holders)
+      if (!h.exec)
+        if (auto ok = pregrow_table(h); !ok) return abort(in_target(h, ok.error()));
     for (const Holder& h : plan_.holders) {
       if (h.exec) continue;
       if (auto ok = check_interrupt(); !ok) return abort(ok.error());
@@ -385,10 +391,34 @@ class TargetTransaction {
  public:
   // Targets whose agent returns through the fallback register block (sys::Agent::returns_by_sigreturn).
   [[nodiscard]] const std::vector<pid_t>& register_block_targets() const { return register_block_; }
+  // What the fd tables' growth before the stop did (ProcessRestoreSummary::fd_table_growth).
+  [[nodiscard]] const std::vector<std::string>& table_growth() const { return table_growth_; }
 
  private:
 
   Expected<void> prepare(Session& s) { return s.agent->prepare(); }
+
+  // The target's fd table grown to hold every number the agent will use (the highest it fills, and
+  // above it what a batch may move up, its sockets and spares: size_batch()), when that table is
+  // shared by threads. An optimisation: only the target's end fails the restore.
+  Expected<void> pregrow_table(const Holder& h) {
+    const Parcel& p = parcels_.of(h);
+    int top = highest_fd(h);
+    for (const EpollReAdd& a : plan_.epoll.adds)
+      if (&plan_.holders[a.holder] == &h) top = std::max(top, a.fd);
+    if (top < 0) return {};
+    const int want = top + static_cast<int>(p.batch) + 6;
+    auto g = sys::pregrow_fd_table(h.target, h.thread, want, p.nofile, p.gadgets);
+    if (!g) return tl::unexpected(g.error());
+    using O = sys::FdTableGrowth::Outcome;
+    if (g->outcome == O::grown)
+      table_growth_.push_back(fmt::format("pid {}: fd table grown before the stop, {} -> {} slots (by thread {}, the "
+                                          "others running)", h.target, g->before, g->after, g->tid));
+    else if (g->outcome == O::no_gadget || g->outcome == O::failed)
+      table_growth_.push_back(fmt::format("pid {}: fd table ({} slots, fd {} needed) not grown before the stop, "
+                                          "the stop grows it: {}", h.target, g->before, want, g->why));
+    return {};
+  }
 
   // A kept description (in place) that records O_ASYNC gets it set in the target at its own number
   // (si_fd is the number O_ASYNC is set through), once per recorded file. Setting it where it is set
@@ -426,6 +456,7 @@ class TargetTransaction {
   std::vector<std::unique_ptr<Session>> finished_;  // committed and let go; destroyed last
   std::unordered_set<uint64_t> async_seen_;          // recorded files whose kept O_ASYNC is asked for
   std::vector<pid_t> register_block_;
+  std::vector<std::string> table_growth_;
 };
 
 // The fds of this process's holder (--exec, or the library's caller) put in place in its own fd
@@ -667,6 +698,7 @@ Expected<ProcessRestoreSummary> restore_processes(const Image& img, const Proces
     }
     if (auto ok = tx.commit(); !ok) return tl::unexpected(ok.error());
     sum.register_block_return = tx.register_block_targets();
+    sum.fd_table_growth = tx.table_growth();
     if (opts.hook) opts.hook(Stage::resumed);
   }
   if (!exec_holder) return sum;

@@ -119,6 +119,9 @@ struct ProcessRestoreSummary {
   // bootstrap or take-back could have harmed them; the others could not be harmed that way.
   std::vector<pid_t> register_block_return;
   size_t epoll_readded = 0;  // epoll watches added again on replaced ends (restore/epoll.hpp)
+  // One line per target whose fd table was too small for the restore and shared by threads: grown
+  // before the stop by one thread (sys/fdtable_grow.hpp), or why it was left to the stop (restore -v).
+  std::vector<std::string> fd_table_growth;
 };
 
 // Restores `request` from img (whose PipeRecord::data views memory that stays mapped during the

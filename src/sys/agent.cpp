@@ -233,6 +233,7 @@ ssize_t send_message(int sock, const pipecr_agent_msg& m, std::span<const int> f
 void set_agent_sigreturn(bool enabled) { g_sigreturn = enabled; }
 
 AgentGadgets find_agent_gadgets(pid_t pid) { return find_return_gadgets(pid); }
+bool agent_gadgets_still_there(pid_t pid, const AgentGadgets& g) { return gadgets_still_there(pid, g); }
 
 size_t agent_gadget_scans() { return g_gadget_scans.load(std::memory_order_relaxed); }
 

@@ -129,6 +129,8 @@ struct AgentGadgets {
 // How many times find_agent_gadgets() (or an agent's start without them) had to scan a process's
 // code: offsets found once are remembered per mapped file and only checked in the next process.
 [[nodiscard]] size_t agent_gadget_scans();
+// Whether gadgets found earlier are still there in pid (one process_vm_readv each).
+[[nodiscard]] bool agent_gadgets_still_there(pid_t pid, const AgentGadgets& g);
 
 // One open fd of a target as an agent's survey saw it, the target stopped (Agent::survey).
 struct SurveyedFd {

@@ -279,6 +279,41 @@ Expected<std::unique_ptr<StoppedProcess>> StoppedProcess::seize(pid_t pid) {
   return owned;
 }
 
+Expected<std::unique_ptr<StoppedProcess>> StoppedProcess::seize_thread(pid_t pid, pid_t tid) {
+  if (pid <= 0 || tid <= 0)
+    return fail(Errc::invalid_argument, EINVAL, fmt::format("seize_thread(pid={}, tid={}): not a process id", pid, tid));
+  auto state = task_state(pid, tid);
+  if (is_dead_state(state)) return fail(Errc::gone, ESRCH, fmt::format("seize_thread(pid={}, tid={}): no such thread", pid, tid));
+  if (in_vfork_wait(pid, tid))  // seized, it would stay traced until pipecr exits
+    return fail(Errc::gone, EBUSY,
+                fmt::format("thread {} of process {} is a vfork parent waiting for its child: no ptrace stop can reach it",
+                            tid, pid));
+  std::unique_ptr<StoppedProcess> owned(new StoppedProcess(pid));
+  owned->was_stopped_ = task_state(pid, pid) == 'T';
+  HarmWindowScope window;  // as in seize_new_threads(): from the interrupt to the stop
+  if (::ptrace(PTRACE_SEIZE, tid, nullptr, reinterpret_cast<void*>(PTRACE_O_TRACESYSGOOD)) < 0) {
+    const int e = errno;
+    if (e == ESRCH) return fail(Errc::gone, ESRCH, fmt::format("seize_thread(pid={}, tid={}): the thread has exited", pid, tid));
+    Error err = ptrace_error(e, "PTRACE_SEIZE", pid, tid);
+    if (e == EPERM) {
+      auto [tracer, comm] = tracer_of(tid);
+      if (tracer > 0) err.what += fmt::format(" (already traced by {} ({}))", tracer, comm);
+      err.kind = Errc::permission;
+    }
+    return tl::unexpected(err);
+  }
+  std::optional<Error> error;
+  if (::ptrace(PTRACE_INTERRUPT, tid, nullptr, nullptr) < 0 && errno != ESRCH)
+    error = ptrace_error(errno, "PTRACE_INTERRUPT", pid, tid);
+  auto stopped = owned->wait_first_stop(tid);
+  window.close();
+  if (stopped && *stopped) owned->threads_.push_back(tid);  // detached by ~StoppedProcess from here
+  if (error) return tl::unexpected(*error);
+  if (!stopped) return tl::unexpected(stopped.error());
+  if (!*stopped) return fail(Errc::gone, ESRCH, fmt::format("seize_thread(pid={}, tid={}): the thread has exited", pid, tid));
+  return owned;
+}
+
 // Seizes and interrupts every listed thread not yet stopped, then waits for all of them (even after
 // an error, so that no seized thread is left running: PTRACE_DETACH needs a stopped tracee). Returns
 // whether any thread was seized (threads that exited or are zombies are skipped, so this ends).

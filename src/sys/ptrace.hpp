@@ -136,6 +136,10 @@ class StoppedProcess {
   //   Errc::system      anything else.
   // On error every thread already seized has been detached again.
   [[nodiscard]] static Expected<std::unique_ptr<StoppedProcess>> seize(pid_t pid);
+  // Seizes and stops one thread of pid only (tid), the others running on: threads() is {tid}, and
+  // everything below works on it as on a thread of seize() (sys/fdtable_grow.hpp runs one syscall in
+  // it). Same errors; Errc::gone (EBUSY) for a vfork parent waiting for its child.
+  [[nodiscard]] static Expected<std::unique_ptr<StoppedProcess>> seize_thread(pid_t pid, pid_t tid);
 
   StoppedProcess(StoppedProcess&&) = delete;
   StoppedProcess& operator=(StoppedProcess&&) = delete;
