@@ -225,9 +225,11 @@ uint64_t stack_limit(pid_t pid) {
 
 // An address for the agent's len bytes in pid's address space, from /proc/PID/maps read while every
 // thread using it is stopped: the highest page-aligned place with kAgentGuard free on both sides, below
-// the main stack's reserve (stack_limit()); 0 when there is none. Nothing else can map there until
-// the bootstrap's mmap (MAP_FIXED_NOREPLACE) takes it, since nothing else runs in that mm.
-uint64_t choose_agent_address(pid_t pid, uint64_t len) {
+// the reserve of the main stack ([stack]; stack_limit()) and of the mapping holding sp, the stack of
+// the thread the agent runs on (the same one, or a thread's fixed stack; a main stack that lost its
+// label, too); 0 when there is none. Nothing else can map there until the bootstrap's mmap
+// (MAP_FIXED_NOREPLACE) takes it, since nothing else runs in that mm.
+uint64_t choose_agent_address(pid_t pid, uint64_t len, uint64_t sp) {
   std::FILE* maps = std::fopen(fmt::format("/proc/{}/maps", pid).c_str(), "re");
   if (!maps) return 0;
   std::vector<std::pair<uint64_t, uint64_t>> used;
@@ -237,7 +239,8 @@ uint64_t choose_agent_address(pid_t pid, uint64_t len) {
     unsigned long lo = 0, hi = 0;
     if (std::sscanf(line, "%lx-%lx", &lo, &hi) != 2 || hi <= lo) continue;
     used.emplace_back(lo, hi);
-    if (std::strstr(line, "[stack]")) stack_lo = lo;
+    if (std::strstr(line, "[stack]") || (sp >= lo && sp < hi))
+      stack_lo = stack_lo ? std::min<uint64_t>(stack_lo, lo) : lo;
   }
   std::fclose(maps);
   std::sort(used.begin(), used.end());
@@ -658,7 +661,7 @@ Expected<void> Agent::boot_with_frame(pipecr_agent_ctl& ctl, std::vector<unsigne
   // mapping there (MAP_FIXED_NOREPLACE unknown: a mere hint).
   if (!mm_shared_outside(pid_)) {
     for (int attempt = 0; attempt < 3 && !base_; ++attempt) {
-      const uint64_t at = choose_agent_address(pid_, map_len_);
+      const uint64_t at = choose_agent_address(pid_, map_len_, saved_.sp());
       if (!at) break;
       if (auto ok = write_chain(at); !ok) return fail_back(ok.error());
       auto got = frame_syscall(ctl.gadget, chain_at, SYS_mmap, mmap_args(at), AgentBootStep::mmap_set, true);

@@ -20,6 +20,7 @@
 #include <atomic>
 #include <cstdio>
 #include <cstring>
+#include <fstream>
 #include <ostream>
 #include <span>
 #include <string>
@@ -239,6 +240,13 @@ TEST(AgentLeakWindow, CountsOnlyWhereTheOldPathRuns) {
       EXPECT_NE(at, 0u);
       EXPECT_EQ(at % 4096, 0u);
       EXPECT_EQ(maps_before.find(fmt::format("{:x}-", at)), std::string::npos);
+      // Far below the main stack: its rlimit (8 MiB here, 128 MiB at least) and the guard gap.
+      std::ifstream in(fmt::format("/proc/{}/maps", child.pid));
+      uint64_t stack_lo = 0;
+      for (std::string line; std::getline(in, line);)
+        if (line.find("[stack]") != std::string::npos) stack_lo = std::stoull(line, nullptr, 16);
+      ASSERT_NE(stack_lo, 0u);
+      EXPECT_LE(at + (uint64_t{129} << 20), stack_lo);
     }
     EXPECT_TRUE(eventually([&] { return maps_without_stack(child.pid) == maps_before; }));
     EXPECT_TRUE(eventually([&] { return fd_table(child.pid).count(10) == 1; }));
