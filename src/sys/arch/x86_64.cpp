@@ -202,7 +202,7 @@ SigFrame build_sigframe(const Regs& back, uint64_t mask, std::span<const unsigne
   put<uint16_t>(b, kMcontext + 150, static_cast<uint16_t>(g.ss));
   put<uint64_t>(b, kMcontext + 184, fpu.empty() ? 0 : fp);  // fpstate (none: rt_sigreturn resets the FPU)
   put<uint64_t>(b, kUcSigmask, mask);
-  std::memcpy(b.data() + (fp - frame), fpu.data(), fpu.size());
+  if (!fpu.empty()) std::memcpy(b.data() + (fp - frame), fpu.data(), fpu.size());
   return f;
 }
 

@@ -84,15 +84,18 @@ Child start_victim(int in, int out, bool share_mm) {
     ::close(10);
     if (share_mm) {
       static char stack[64 * 1024] __attribute__((aligned(16)));
-      const pid_t parent = ::getpid();
-      auto sleeper = [](void* arg) -> int {
+      static pid_t parent;
+      static std::atomic<int> started{0};
+      parent = ::getpid();
+      auto sleeper = [](void*) -> int {
         ::syscall(SYS_prctl, PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
-        if (::syscall(SYS_getppid) != *static_cast<pid_t*>(arg)) ::syscall(SYS_exit, 0);
+        if (::syscall(SYS_getppid) != parent) ::syscall(SYS_exit, 0);
+        started = 1;
         for (;;) ::syscall(SYS_pause);
       };
-      static pid_t parent_copy;
-      parent_copy = parent;
-      if (::clone(sleeper, stack + sizeof stack, CLONE_VM | SIGCHLD, &parent_copy) < 0) ::_exit(7);
+      if (::clone(sleeper, stack + sizeof stack, CLONE_VM | SIGCHLD, nullptr) < 0) ::_exit(7);
+      // Its start done (under ASan the prctl interceptor may map memory) before the test reads the maps.
+      while (!started) ::sched_yield();
     }
     unusual_state();
     const std::string before = own_state();
@@ -246,7 +249,8 @@ TEST(AgentLeakWindow, CountsOnlyWhereTheOldPathRuns) {
       ASSERT_NE(stack_lo, 0u);
       EXPECT_LE(at + (uint64_t{129} << 20), stack_lo);
     }
-    EXPECT_TRUE(eventually([&] { return maps_without_stack(child.pid) == maps_before; }));
+    EXPECT_TRUE(eventually([&] { return maps_without_stack(child.pid) == maps_before; }))
+        << "before:\n" << maps_before << "now:\n" << maps_without_stack(child.pid);
     EXPECT_TRUE(eventually([&] { return fd_table(child.pid).count(10) == 1; }));
     ASSERT_TRUE(write_all(input.write.get(), std::as_bytes(std::span("go", 2))));
     EXPECT_EQ(read_report(report.read.get()), "read 2 vectors same state same");
