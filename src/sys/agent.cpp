@@ -629,12 +629,9 @@ Expected<void> Agent::boot_with_frame(pipecr_agent_ctl& ctl, std::vector<unsigne
   };
   const uint64_t chain_at = chain_frame(0).frame;  // the same place whatever the address
   const uint64_t agent_sp = (chain_at - kAgentStackGap) & ~uint64_t{15};
-  auto write_chain = [&](uint64_t at) -> Expected<void> {
+  auto write_chain = [&](uint64_t at) {
     const arch::SigFrame f = chain_frame(at);
-    if (auto ok = write_remote(pid_, f.frame, f.bytes.data(), f.bytes.size()); !ok)
-      return tl::unexpected(error(fmt::format("no room for the signal frames on the thread's stack: {}", ok.error().what),
-                                  ok.error().err));
-    return {};
+    return bool(write_remote(pid_, f.frame, f.bytes.data(), f.bytes.size()));
   };
   // Where rsp points while a syscall of the bootstrap runs at the gadget: the chain once it unmaps
   // the agent's range, the thread's own frame before.
@@ -659,11 +656,18 @@ Expected<void> Agent::boot_with_frame(pipecr_agent_ctl& ctl, std::vector<unsigne
   // the mmap) and returns. Not where another process shares the address space (it runs: it could map
   // there first, and the munmap would take its mapping), nor if the kernel does not place the
   // mapping there (MAP_FIXED_NOREPLACE unknown: a mere hint).
+  // No room for the chain below the thread's frame (a main stack whose mapping ends just there: the
+  // agent's own pushes grow it, a remote write does not): the old bootstrap, with its leak window
+  // open until the agent runs.
+  bool chain_room = true;
   if (!mm_shared_outside(pid_)) {
     for (int attempt = 0; attempt < 3 && !base_; ++attempt) {
       const uint64_t at = choose_agent_address(pid_, map_len_, saved_.sp());
       if (!at) break;
-      if (auto ok = write_chain(at); !ok) return fail_back(ok.error());
+      if (!write_chain(at)) {
+        chain_room = false;
+        break;
+      }
       auto got = frame_syscall(ctl.gadget, chain_at, SYS_mmap, mmap_args(at), AgentBootStep::mmap_set, true);
       if (!got) return fail_back(got.error());
       syscall_sp = chain_at;
@@ -683,23 +687,26 @@ Expected<void> Agent::boot_with_frame(pipecr_agent_ctl& ctl, std::vector<unsigne
       break;
     }
   }
+  // The leak window: from the kernel's mmap until rsp points at a chain that unmaps it, two ptrace
+  // calls (the chain's write, the registers) after the mmap returns; without room for the chain,
+  // until the agent runs.
+  std::optional<LeakWindowScope> leak;
   if (!chained_) {
-    // The leak window: from this mmap until rsp points at a chain that unmaps it. Two ptrace calls
-    // (the chain's write, the registers) after the mmap returns.
-    LeakWindowScope leak;
+    leak.emplace();
     auto addr = frame_syscall(ctl.gadget, frame.frame, SYS_mmap, mmap_args(0), AgentBootStep::mmap_set, false);
     syscall_sp = frame.frame;
     if (!addr) return fail_back(addr.error());
     if (*addr < 0 && *addr >= -4095)
       return fail_back(error(fmt::format("mmap({} bytes, rw) in the target", map_len_), static_cast<int>(-*addr)));
     base_ = static_cast<uint64_t>(*addr);
-    if (auto ok = write_chain(base_); !ok) return fail_back(ok.error());
-    auto at_ret = process_->regs(tid_);  // at the gadget's ret: the ret now goes through the chain
-    if (!at_ret) return fail_back(at_ret.error());
-    at_ret->set_sp(chain_at);
-    if (auto ok = process_->set_regs(tid_, *at_ret); !ok) return fail_back(ok.error());
-    syscall_sp = chain_at;
-    leak.close();
+    if (chain_room && write_chain(base_)) {
+      auto at_ret = process_->regs(tid_);  // at the gadget's ret: the ret now goes through the chain
+      if (!at_ret) return fail_back(at_ret.error());
+      at_ret->set_sp(chain_at);
+      if (auto ok = process_->set_regs(tid_, *at_ret); !ok) return fail_back(ok.error());
+      syscall_sp = chain_at;
+      leak.reset();
+    }
   }
   boot_step(AgentBootStep::mapped, base_, chained_);
   ctl_addr_ = base_ + ctl.ctl_offset;
@@ -715,6 +722,7 @@ Expected<void> Agent::boot_with_frame(pipecr_agent_ctl& ctl, std::vector<unsigne
   Regs entry = saved_;
   entry.set_call(base_, agent_sp, ctl_addr_);
   if (auto ok = process_->set_regs(tid_, entry); !ok) return fail_back(ok.error());
+  leak.reset();
   boot_step(AgentBootStep::entry_set, base_, chained_);
   if (auto ok = process_->let_run(tid_); !ok) return fail_back(ok.error());
   running_ = true;
