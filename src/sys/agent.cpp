@@ -195,6 +195,57 @@ bool mm_shared_outside(pid_t pid) {
   return shared;
 }
 
+// The children of every thread of p (/proc/P/task/TID/children); nullopt when the kernel does not
+// list them (no CONFIG_PROC_CHILDREN) or p is gone.
+std::optional<std::vector<pid_t>> children_of(pid_t p) {
+  if (::access("/proc/thread-self/children", R_OK) != 0) return std::nullopt;
+  DIR* d = ::opendir(fmt::format("/proc/{}/task", p).c_str());
+  if (!d) return std::nullopt;
+  std::vector<pid_t> out;
+  while (dirent* e = ::readdir(d)) {
+    if (e->d_name[0] == '.') continue;
+    std::FILE* f = std::fopen(fmt::format("/proc/{}/task/{}/children", p, e->d_name).c_str(), "re");
+    if (!f) continue;  // a thread that exited meanwhile
+    for (int c; std::fscanf(f, "%d", &c) == 1;) out.push_back(c);
+    std::fclose(f);
+  }
+  ::closedir(d);
+  return out;
+}
+
+// mm_shared_outside(pid) while pid is stopped, knowing what find_agent_gadgets() saw before the stop.
+// No other process shared the address space then: one that does now was made since by a thread of
+// pid (clone(CLONE_VM), a child of that thread, or with CLONE_PARENT a child of pid's parent), since
+// only a task in that address space can give it to a new one, and every other was seen. Those are
+// the only ones checked (a few /proc reads). Else (not looked, or one did: it may have exec'd since),
+// the whole of /proc.
+bool mm_shared_at_stop(pid_t pid, const std::optional<AgentGadgets>& before) {
+  if (!before || before->mm_shared != 0) return mm_shared_outside(pid);
+  std::vector<pid_t> candidates;
+  auto children = children_of(pid);
+  if (!children) return mm_shared_outside(pid);
+  candidates = std::move(*children);
+  pid_t parent = 0;
+  if (std::FILE* f = std::fopen(fmt::format("/proc/{}/stat", pid).c_str(), "re")) {
+    char buf[1024];
+    const size_t n = std::fread(buf, 1, sizeof buf - 1, f);
+    std::fclose(f);
+    buf[n] = 0;
+    if (const char* close = std::strrchr(buf, ')')) (void)std::sscanf(close + 1, " %*c %d", &parent);
+  }
+  if (parent > 0) {
+    auto siblings = children_of(parent);
+    if (!siblings) return mm_shared_outside(pid);
+    candidates.insert(candidates.end(), siblings->begin(), siblings->end());
+  }
+  for (pid_t other : candidates) {
+    if (other == pid) continue;
+    const long r = ::syscall(SYS_kcmp, pid, other, KCMP_VM, 0, 0);
+    if (r == 0 || (r < 0 && errno != ESRCH && errno != EPERM && errno != EACCES)) return true;
+  }
+  return false;
+}
+
 // Room the agent's mapping keeps from every other mapping: no merge with a neighbour, and a distance
 // from whatever grows.
 constexpr uint64_t kAgentGuard = 1 << 20;
@@ -343,7 +394,11 @@ void set_agent_sigreturn(bool enabled) { g_sigreturn = enabled; }
 
 void set_agent_boot_hook(AgentBootHook hook) { g_boot_hook = hook; }
 
-AgentGadgets find_agent_gadgets(pid_t pid) { return find_return_gadgets(pid); }
+AgentGadgets find_agent_gadgets(pid_t pid) {
+  AgentGadgets g = find_return_gadgets(pid);
+  g.mm_shared = mm_shared_outside(pid) ? 1 : 0;
+  return g;
+}
 bool agent_gadgets_still_there(pid_t pid, const AgentGadgets& g) { return gadgets_still_there(pid, g); }
 
 size_t agent_gadget_scans() { return g_gadget_scans.load(std::memory_order_relaxed); }
@@ -660,7 +715,7 @@ Expected<void> Agent::boot_with_frame(pipecr_agent_ctl& ctl, std::vector<unsigne
   // agent's own pushes grow it, a remote write does not): the old bootstrap, with its leak window
   // open until the agent runs.
   bool chain_room = true;
-  if (!mm_shared_outside(pid_)) {
+  if (!mm_shared_at_stop(pid_, pre_gadgets_)) {
     for (int attempt = 0; attempt < 3 && !base_; ++attempt) {
       const uint64_t at = choose_agent_address(pid_, map_len_, saved_.sp());
       if (!at) break;

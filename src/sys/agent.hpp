@@ -9,7 +9,8 @@
 // mmap (RW) and one mprotect (code R+X) run at a `syscall; ret` of the target's code with rsp at the
 // chain and every signal blocked: whenever pipecr dies, the thread finishes the syscall, returns into
 // the target's restorer, rt_sigreturn runs the chain's munmap and then puts it back: no mapping is
-// left. Where another process shares the address space (kcmp KCMP_VM), the kernel chooses the address
+// left. Where another process shares the address space (kcmp KCMP_VM over /proc, before the stop in
+// find_agent_gadgets(); AgentGadgets::mm_shared), the kernel chooses the address
 // and rsp moves to the chain just after the mmap (an empty mapping may be left if pipecr dies in
 // between: the leak window). The agent (src/sys/agent/, built at build time and embedded as
 // agent_blob), its control block and operations are written there with process_vm_writev, and the
@@ -125,9 +126,15 @@ class FileQueue {
 // restorer (arch.hpp); 0 where missing. Finding them scans the target's executable mappings (most of
 // a millisecond with glibc), which may be done before the stop: start_survey() then checks them with
 // one read each instead of scanning while the target stands still.
+// find_agent_gadgets() also looks (kcmp KCMP_VM over /proc, before the stop, 0.1-0.3 ms with about
+// 100 processes) for another process sharing the target's address space, which makes the agent's
+// bootstrap keep its leak window (agent.hpp, top): with none then, the bootstrap only checks, while
+// stopped, the processes that could have been made since (children of the target's threads and of
+// its parent: clone(CLONE_VM), with or without CLONE_PARENT), instead of all of /proc.
 struct AgentGadgets {
   uint64_t syscall_ret = 0;
   uint64_t restorer = 0;
+  int mm_shared = -1;  // -1: not looked; 0: no other process shared the address space; 1: one did
 };
 [[nodiscard]] AgentGadgets find_agent_gadgets(pid_t pid);
 // How many times find_agent_gadgets() (or an agent's start without them) had to scan a process's

@@ -49,6 +49,7 @@ struct Shared {
   std::atomic<uint64_t> harm_ns{0};
   std::atomic<int> chained{-1};
   std::atomic<uint64_t> address{0};
+  std::atomic<pid_t> sibling{0};  // the victim's clone(CLONE_VM) sibling, made late (LateSibling)
 };
 
 Shared* g_shared = nullptr;
@@ -131,7 +132,7 @@ std::string regs_diff(const user_regs_struct& a, const user_regs_struct& b) {
 // Runs a "pipecr" in a forked helper: seize pid, start an agent on it that would install `gift` at
 // fd 10, commit and resume. With stop_at >= 0, the helper stops at that step and is SIGKILLed there;
 // returns the step it reached ('0' + step), or 'd' when it ran to the end, 'f' when it failed.
-char run_pipecr(pid_t pid, int gift, int stop_at, Shared* shared) {
+char run_pipecr(pid_t pid, int gift, int stop_at, Shared* shared, const AgentGadgets* gadgets = nullptr) {
   PipePair told = *make_pipe(0);
   const int tell = told.write.get();
   pid_t helper = ::fork();
@@ -146,7 +147,7 @@ char run_pipecr(pid_t pid, int gift, int stop_at, Shared* shared) {
     auto cp = CommitPoint::create();
     if (!cp) ::_exit(1);
     std::vector<AgentOp> ops = {{AgentOp::install, 10, 0, 0, 0, gift}};
-    auto agent = (*sp)->inject<Agent>(pid, *cp, ops, 11);
+    auto agent = (*sp)->inject<Agent>(pid, *cp, ops, 11, kAgentBatch, uint64_t{0}, UniqueFd(), gadgets);
     if (!agent || !(*agent)->send_files() || !(*agent)->prepare() || !cp->commit()) ::_exit(1);
     auto done = (*agent)->decide();
     if (!done || !*done || !(*agent)->restore() || !(*sp)->resume()) ::_exit(1);
@@ -254,6 +255,67 @@ TEST(AgentLeakWindow, CountsOnlyWhereTheOldPathRuns) {
     EXPECT_TRUE(eventually([&] { return fd_table(child.pid).count(10) == 1; }));
     ASSERT_TRUE(write_all(input.write.get(), std::as_bytes(std::span("go", 2))));
     EXPECT_EQ(read_report(report.read.get()), "read 2 vectors same state same");
+  }
+}
+
+// The victim makes its clone(CLONE_VM) sibling only after find_agent_gadgets() looked (before the
+// stop, as restore and dump do), when told on `go`: the bootstrap's check at the stop, which then
+// only looks at the children of the target and of its parent, must still see it and keep the old
+// path; with CLONE_PARENT the sibling is the test's child. Without the sibling it takes the chain.
+TEST(AgentLeakWindow, ASharerMadeAfterTheGadgetsWereFoundIsSeenAtTheStop) {
+  for (int mode : {0, 1, 2}) {  // no sibling, a child sharing the mm, a CLONE_PARENT sibling
+    SCOPED_TRACE(mode);
+    SharedMem shared;
+    PipePair input = *make_pipe(0), report = *make_pipe(0), go = *make_pipe(0);
+    const int in = input.read.get(), out = report.write.get(), go_r = go.read.get();
+    Shared* sh = shared.s;
+    Child child = spawn([in, out, go_r, mode, sh] {
+      int in_hi = ::fcntl(in, F_DUPFD, 100), out_hi = ::fcntl(out, F_DUPFD, 100), go_hi = ::fcntl(go_r, F_DUPFD, 100);
+      ::dup2(in_hi, 5);
+      ::close(10);
+      char c;
+      if (::read(go_hi, &c, 1) != 1) ::_exit(6);
+      if (mode) {
+        static char stack[64 * 1024] __attribute__((aligned(16)));
+        static std::atomic<int> started{0};
+        auto sleeper = [](void*) -> int {
+          started = 1;
+          for (;;) ::syscall(SYS_pause);
+        };
+        const int flags = CLONE_VM | SIGCHLD | (mode == 2 ? CLONE_PARENT : 0);
+        const pid_t sib = ::clone(sleeper, stack + sizeof stack, flags, nullptr);
+        if (sib < 0) ::_exit(7);
+        sh->sibling = sib;
+        while (!started) ::sched_yield();
+      }
+      char buf[8] = {};
+      const long r = ::read(5, buf, sizeof buf);
+      const std::string m = fmt::format("read {}", r);
+      (void)!::write(out_hi, m.data(), m.size());
+    });
+    input.read.reset();
+    report.write.reset();
+    go.read.reset();
+    ASSERT_TRUE(eventually([&] { return state_of(child.pid, child.pid) == 'S'; }));
+    const AgentGadgets gadgets = find_agent_gadgets(child.pid);
+    EXPECT_EQ(gadgets.mm_shared, 0);
+    ASSERT_EQ(::write(go.write.get(), "g", 1), 1);
+    ASSERT_TRUE(eventually([&] { return blocked_in(child.pid, child.pid, SYS_read, 5); }));
+    const pid_t sibling = shared.s->sibling.load();
+    EXPECT_EQ(sibling != 0, mode != 0);
+    PipePair gift = *make_pipe(0);
+    EXPECT_EQ(run_pipecr(child.pid, gift.read.get(), -1, shared.s, &gadgets), 'd');
+    EXPECT_EQ(shared.s->chained.load(), mode ? 0 : 1);
+    EXPECT_EQ(shared.s->leak.load(), mode ? 2u : 0u);
+    EXPECT_TRUE(eventually([&] { return fd_table(child.pid).count(10) == 1; }));
+    ASSERT_TRUE(write_all(input.write.get(), std::as_bytes(std::span("go", 2))));
+    EXPECT_EQ(read_report(report.read.get()), "read 2");
+    if (sibling > 0) {
+      ::kill(sibling, SIGKILL);
+      if (mode == 2)  // the test's own child
+        while (::waitpid(sibling, nullptr, 0) < 0 && errno == EINTR) {
+        }
+    }
   }
 }
 
