@@ -2,6 +2,7 @@
 // src/sys/agent/agent.c, the protocol src/sys/agent/agent_abi.h).
 #include "sys/agent.hpp"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/mman.h>
@@ -154,6 +155,165 @@ ReturnGadgets find_return_gadgets(pid_t pid) {
 }
 
 std::atomic<bool> g_sigreturn{true};
+std::atomic<AgentBootHook> g_boot_hook{nullptr};
+
+void boot_step(AgentBootStep step, uint64_t base, bool chained) {
+  if (AgentBootHook hook = g_boot_hook.load()) hook(step, base, chained);
+}
+
+#ifndef MAP_FIXED_NOREPLACE
+#define MAP_FIXED_NOREPLACE 0x100000
+#endif
+#ifndef KCMP_VM
+#define KCMP_VM 1
+#endif
+
+// Whether a task outside pid's thread group uses its address space (clone(CLONE_VM) without
+// CLONE_THREAD: a vfork or posix_spawn child before its exec, a process made with clone(CLONE_VM),
+// another target of the same restore): kcmp(KCMP_VM) against every process in /proc. Such a task is
+// not stopped with pid, so it could map at the agent's chosen address before the bootstrap's mmap,
+// and the chain's munmap would then remove its mapping. True when that cannot be ruled out (no
+// kcmp, /proc unreadable). Processes that kcmp may not inspect (EPERM: another user's, for a pipecr
+// without CAP_SYS_PTRACE) or that ended meanwhile are skipped. A process that stands at a thread
+// whose leader has exited is seen through the leader's entry, whose mm is gone: it is missed.
+bool mm_shared_outside(pid_t pid) {
+  DIR* d = ::opendir("/proc");
+  if (!d) return true;
+  bool shared = false;
+  while (dirent* e = ::readdir(d)) {
+    if (e->d_name[0] < '1' || e->d_name[0] > '9') continue;
+    char* end = nullptr;
+    const long other = std::strtol(e->d_name, &end, 10);
+    if (*end || other == pid) continue;
+    const long r = ::syscall(SYS_kcmp, pid, static_cast<pid_t>(other), KCMP_VM, 0, 0);
+    if (r == 0 || (r < 0 && errno != ESRCH && errno != EPERM && errno != EACCES)) {
+      shared = true;
+      break;
+    }
+  }
+  ::closedir(d);
+  return shared;
+}
+
+// The children of every thread of p (/proc/P/task/TID/children); nullopt when the kernel does not
+// list them (no CONFIG_PROC_CHILDREN) or p is gone.
+std::optional<std::vector<pid_t>> children_of(pid_t p) {
+  if (::access("/proc/thread-self/children", R_OK) != 0) return std::nullopt;
+  DIR* d = ::opendir(fmt::format("/proc/{}/task", p).c_str());
+  if (!d) return std::nullopt;
+  std::vector<pid_t> out;
+  while (dirent* e = ::readdir(d)) {
+    if (e->d_name[0] == '.') continue;
+    std::FILE* f = std::fopen(fmt::format("/proc/{}/task/{}/children", p, e->d_name).c_str(), "re");
+    if (!f) continue;  // a thread that exited meanwhile
+    for (int c; std::fscanf(f, "%d", &c) == 1;) out.push_back(c);
+    std::fclose(f);
+  }
+  ::closedir(d);
+  return out;
+}
+
+// mm_shared_outside(pid) while pid is stopped, knowing what find_agent_gadgets() saw before the stop.
+// No other process shared the address space then: one that does now was made since by a thread of
+// pid (clone(CLONE_VM), a child of that thread, or with CLONE_PARENT a child of pid's parent), since
+// only a task in that address space can give it to a new one, and every other was seen. Those are
+// the only ones checked (a few /proc reads). Else (not looked, or one did: it may have exec'd since),
+// the whole of /proc.
+bool mm_shared_at_stop(pid_t pid, const std::optional<AgentGadgets>& before) {
+  if (!before || before->mm_shared != 0) return mm_shared_outside(pid);
+  std::vector<pid_t> candidates;
+  auto children = children_of(pid);
+  if (!children) return mm_shared_outside(pid);
+  candidates = std::move(*children);
+  pid_t parent = 0;
+  if (std::FILE* f = std::fopen(fmt::format("/proc/{}/stat", pid).c_str(), "re")) {
+    char buf[1024];
+    const size_t n = std::fread(buf, 1, sizeof buf - 1, f);
+    std::fclose(f);
+    buf[n] = 0;
+    if (const char* close = std::strrchr(buf, ')')) (void)std::sscanf(close + 1, " %*c %d", &parent);
+  }
+  if (parent > 0) {
+    auto siblings = children_of(parent);
+    if (!siblings) return mm_shared_outside(pid);
+    candidates.insert(candidates.end(), siblings->begin(), siblings->end());
+  }
+  for (pid_t other : candidates) {
+    if (other == pid) continue;
+    const long r = ::syscall(SYS_kcmp, pid, other, KCMP_VM, 0, 0);
+    if (r == 0 || (r < 0 && errno != ESRCH && errno != EPERM && errno != EACCES)) return true;
+  }
+  return false;
+}
+
+// Room the agent's mapping keeps from every other mapping: no merge with a neighbour, and a distance
+// from whatever grows.
+constexpr uint64_t kAgentGuard = 1 << 20;
+// Below the main thread's stack, what it may still grow into: its RLIMIT_STACK (1 TiB when unlimited)
+// and the kernel's stack_guard_gap (256 pages by default), and at least the 128 MiB the kernel itself
+// keeps free there for mmap (mmap_base).
+constexpr uint64_t kStackReserveMin = uint64_t{128} << 20;
+constexpr uint64_t kStackReserveMax = uint64_t{1} << 40;
+constexpr uint64_t kStackGuardGap = uint64_t{1} << 20;
+constexpr uint64_t kLowestAgent = uint64_t{16} << 20;  // far above mmap_min_addr
+
+// RLIMIT_STACK of pid (its soft limit, /proc/PID/limits: readable whoever the owner), 0 if unknown,
+// UINT64_MAX when unlimited.
+uint64_t stack_limit(pid_t pid) {
+  std::FILE* f = std::fopen(fmt::format("/proc/{}/limits", pid).c_str(), "re");
+  if (!f) return 0;
+  char line[256];
+  uint64_t out = 0;
+  while (std::fgets(line, sizeof line, f)) {
+    if (std::strncmp(line, "Max stack size", 14) != 0) continue;
+    const char* v = line + 14;
+    while (*v == ' ') ++v;
+    out = std::strncmp(v, "unlimited", 9) == 0 ? UINT64_MAX : std::strtoull(v, nullptr, 10);
+  }
+  std::fclose(f);
+  return out;
+}
+
+// An address for the agent's len bytes in pid's address space, from /proc/PID/maps read while every
+// thread using it is stopped: the highest page-aligned place with kAgentGuard free on both sides, below
+// the reserve of the main stack ([stack]; stack_limit()) and of the mapping holding sp, the stack of
+// the thread the agent runs on (the same one, or a thread's fixed stack; a main stack that lost its
+// label, too); 0 when there is none. Nothing else can map there until the bootstrap's mmap
+// (MAP_FIXED_NOREPLACE) takes it, since nothing else runs in that mm.
+uint64_t choose_agent_address(pid_t pid, uint64_t len, uint64_t sp) {
+  std::FILE* maps = std::fopen(fmt::format("/proc/{}/maps", pid).c_str(), "re");
+  if (!maps) return 0;
+  std::vector<std::pair<uint64_t, uint64_t>> used;
+  uint64_t stack_lo = 0;
+  char line[4096];
+  while (std::fgets(line, sizeof line, maps)) {
+    unsigned long lo = 0, hi = 0;
+    if (std::sscanf(line, "%lx-%lx", &lo, &hi) != 2 || hi <= lo) continue;
+    used.emplace_back(lo, hi);
+    if (std::strstr(line, "[stack]") || (sp >= lo && sp < hi))
+      stack_lo = stack_lo ? std::min<uint64_t>(stack_lo, lo) : lo;
+  }
+  std::fclose(maps);
+  std::sort(used.begin(), used.end());
+  uint64_t top = uint64_t{0x7ffffffff000};  // the 47-bit user space (a 5-level process may use more)
+  if (stack_lo) {
+    const uint64_t rlim = stack_limit(pid);
+    const uint64_t reserve =
+        std::clamp<uint64_t>(rlim, kStackReserveMin, kStackReserveMax) + kStackGuardGap;
+    if (stack_lo <= reserve) return 0;
+    top = stack_lo - reserve;
+  }
+  // The gaps, from the highest down: between used[i - 1] and used[i], and below used[0].
+  for (size_t i = used.size() + 1; i-- > 0;) {
+    const uint64_t gap_hi = std::min(top, i < used.size() ? used[i].first : top);
+    const uint64_t gap_lo = std::max(kLowestAgent, i > 0 ? used[i - 1].second : kLowestAgent);
+    if (gap_hi > gap_lo && gap_hi - gap_lo >= len + 2 * kAgentGuard) {
+      const uint64_t at = (gap_hi - kAgentGuard - len) & ~uint64_t{kPage - 1};
+      if (at >= gap_lo + kAgentGuard) return at;
+    }
+  }
+  return 0;
+}
 
 // The bootstrap's remote syscalls are used for one step: the process discards them (puts the
 // thread back if they did not, and destroys them) when the step ends.
@@ -232,7 +392,13 @@ ssize_t send_message(int sock, const pipecr_agent_msg& m, std::span<const int> f
 
 void set_agent_sigreturn(bool enabled) { g_sigreturn = enabled; }
 
-AgentGadgets find_agent_gadgets(pid_t pid) { return find_return_gadgets(pid); }
+void set_agent_boot_hook(AgentBootHook hook) { g_boot_hook = hook; }
+
+AgentGadgets find_agent_gadgets(pid_t pid) {
+  AgentGadgets g = find_return_gadgets(pid);
+  g.mm_shared = mm_shared_outside(pid) ? 1 : 0;
+  return g;
+}
 bool agent_gadgets_still_there(pid_t pid, const AgentGadgets& g) { return gadgets_still_there(pid, g); }
 
 size_t agent_gadget_scans() { return g_gadget_scans.load(std::memory_order_relaxed); }
@@ -470,14 +636,15 @@ Expected<void> Agent::boot(const CommitPoint&, std::span<const AgentOp> ops, int
         arch::build_sigframe(arch::as_resumed_by_sigreturn(saved_, no_signal), saved_mask_, *fpu, g.restorer);
     ctl.frame = frame.frame;
     ctl.gadget = g.syscall_ret;
-    return boot_with_frame(ctl, image, frame);
+    return boot_with_frame(ctl, image, frame, g.restorer);
   }
   return boot_with_block(ctl, image, no_signal);
 }
 
 // Runs one syscall of the bootstrap at the target's `syscall; ret` with rsp at the frame: were
 // pipecr to die at any moment of it, the thread finishes the syscall and returns through the frame.
-Expected<long> Agent::frame_syscall(uint64_t gadget, uint64_t frame, long nr, std::array<unsigned long, 6> args) {
+Expected<long> Agent::frame_syscall(uint64_t gadget, uint64_t frame, long nr, std::array<unsigned long, 6> args,
+                                    std::optional<AgentBootStep> step, bool chained) {
   Regs r = saved_;
   r.set_syscall(nr, args, gadget);
   r.set_sp(frame);
@@ -486,6 +653,7 @@ Expected<long> Agent::frame_syscall(uint64_t gadget, uint64_t frame, long nr, st
     if (auto ok = process_->set_signal_mask(tid_, ~uint64_t{0}); !ok) return tl::unexpected(ok.error());
     masked_ = true;
   }
+  if (step) boot_step(*step, args[0], chained);
   if (auto ok = process_->run_syscall(tid_, nr); !ok) return tl::unexpected(ok.error());
   auto after = process_->regs(tid_);
   if (!after) return tl::unexpected(after.error());
@@ -501,39 +669,116 @@ Expected<void> Agent::put_back() {
 }
 
 Expected<void> Agent::boot_with_frame(pipecr_agent_ctl& ctl, std::vector<unsigned char>& image,
-                                      const arch::SigFrame& frame) {
+                                      const arch::SigFrame& frame, uint64_t restorer) {
   frame_mode_ = true;
   if (auto ok = write_remote(pid_, frame.frame, frame.bytes.data(), frame.bytes.size()); !ok)
     return tl::unexpected(error(fmt::format("no room for the signal frame on the thread's stack: {}", ok.error().what),
                                 ok.error().err));
-  const uint64_t agent_sp = (frame.frame - kAgentStackGap) & ~uint64_t{15};
-  // Signals stay pending (not delivered to a thread that runs our code) until rt_sigreturn puts the
-  // mask back: frame_syscall() blocks them once the registers point at the gadget, so that the frame
-  // restores the mask whenever pipecr dies.
-  const uint64_t code_len = round_up(agent_blob_size, kPage);
-  LeakWindowScope leak;  // from the mmap until the agent runs: pipecr's death leaves the mapping
-  auto addr = frame_syscall(ctl.gadget, frame.frame, SYS_mmap,
-                            {0, map_len_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, static_cast<unsigned long>(-1L), 0});
+  // The chain's first frame: rt_sigreturn into `munmap(at, map_len_)` at the gadget, every signal
+  // blocked, with rsp at the thread's own frame, whose rt_sigreturn follows the munmap's ret.
+  auto chain_frame = [&](uint64_t at) {
+    Regs unmap = saved_;
+    unmap.set_syscall(SYS_munmap, {at, map_len_, 0, 0, 0, 0}, ctl.gadget);
+    unmap.set_sp(frame.frame);
+    return arch::build_sigframe(unmap, ~uint64_t{0}, {}, restorer);
+  };
+  const uint64_t chain_at = chain_frame(0).frame;  // the same place whatever the address
+  const uint64_t agent_sp = (chain_at - kAgentStackGap) & ~uint64_t{15};
+  auto write_chain = [&](uint64_t at) {
+    const arch::SigFrame f = chain_frame(at);
+    return bool(write_remote(pid_, f.frame, f.bytes.data(), f.bytes.size()));
+  };
+  // Where rsp points while a syscall of the bootstrap runs at the gadget: the chain once it unmaps
+  // the agent's range, the thread's own frame before.
+  uint64_t syscall_sp = frame.frame;
   auto fail_back = [&](Error e) -> Expected<void> {
-    if (base_) (void)frame_syscall(ctl.gadget, frame.frame, SYS_munmap, {base_, map_len_, 0, 0, 0, 0});
+    if (base_) (void)frame_syscall(ctl.gadget, syscall_sp, SYS_munmap, {base_, map_len_, 0, 0, 0, 0});
     base_ = 0;
     (void)put_back();
     return tl::unexpected(std::move(e));
   };
-  if (!addr) return fail_back(addr.error());
-  if (*addr < 0 && *addr >= -4095)
-    return fail_back(error(fmt::format("mmap({} bytes, rw) in the target", map_len_), static_cast<int>(-*addr)));
-  base_ = static_cast<uint64_t>(*addr);
+  // Signals stay pending (not delivered to a thread that runs our code) until rt_sigreturn puts the
+  // mask back: frame_syscall() blocks them once the registers point at the gadget, so that the frames
+  // restore the mask whenever pipecr dies.
+  const uint64_t code_len = round_up(agent_blob_size, kPage);
+  const auto mmap_args = [&](uint64_t at) -> std::array<unsigned long, 6> {
+    return {at, map_len_, PROT_READ | PROT_WRITE,
+            static_cast<unsigned long>(MAP_PRIVATE | MAP_ANONYMOUS | (at ? MAP_FIXED_NOREPLACE : 0)),
+            static_cast<unsigned long>(-1L), 0};
+  };
+  // Usually: the address is chosen first and the chain written before the mmap, which runs with rsp
+  // at the chain: whenever pipecr dies from here on, the thread unmaps that range (nothing, before
+  // the mmap) and returns. Not where another process shares the address space (it runs: it could map
+  // there first, and the munmap would take its mapping), nor if the kernel does not place the
+  // mapping there (MAP_FIXED_NOREPLACE unknown: a mere hint).
+  // No room for the chain below the thread's frame (a main stack whose mapping ends just there: the
+  // agent's own pushes grow it, a remote write does not): the old bootstrap, with its leak window
+  // open until the agent runs.
+  bool chain_room = true;
+  if (!mm_shared_at_stop(pid_, pre_gadgets_)) {
+    for (int attempt = 0; attempt < 3 && !base_; ++attempt) {
+      const uint64_t at = choose_agent_address(pid_, map_len_, saved_.sp());
+      if (!at) break;
+      if (!write_chain(at)) {
+        chain_room = false;
+        break;
+      }
+      auto got = frame_syscall(ctl.gadget, chain_at, SYS_mmap, mmap_args(at), AgentBootStep::mmap_set, true);
+      if (!got) return fail_back(got.error());
+      syscall_sp = chain_at;
+      if (*got == -EEXIST) continue;  // mapped meanwhile (cannot be, with the mm stopped): choose again
+      if (*got < 0 && *got >= -4095)
+        return fail_back(error(fmt::format("mmap({:#x}, {} bytes, rw, MAP_FIXED_NOREPLACE) in the target", at, map_len_),
+                               static_cast<int>(-*got)));
+      base_ = static_cast<uint64_t>(*got);
+      if (base_ == at) {
+        chained_ = true;
+        break;
+      }
+      // Placed elsewhere: unmap it (the chain's munmap would miss it) and map as below.
+      auto un = frame_syscall(ctl.gadget, syscall_sp, SYS_munmap, {base_, map_len_, 0, 0, 0, 0});
+      base_ = 0;
+      if (!un || *un != 0) return fail_back(un ? error("munmap(misplaced agent) in the target", static_cast<int>(-*un)) : un.error());
+      break;
+    }
+  }
+  // The leak window: from the kernel's mmap until rsp points at a chain that unmaps it, two ptrace
+  // calls (the chain's write, the registers) after the mmap returns; without room for the chain,
+  // until the agent runs.
+  std::optional<LeakWindowScope> leak;
+  if (!chained_) {
+    leak.emplace();
+    auto addr = frame_syscall(ctl.gadget, frame.frame, SYS_mmap, mmap_args(0), AgentBootStep::mmap_set, false);
+    syscall_sp = frame.frame;
+    if (!addr) return fail_back(addr.error());
+    if (*addr < 0 && *addr >= -4095)
+      return fail_back(error(fmt::format("mmap({} bytes, rw) in the target", map_len_), static_cast<int>(-*addr)));
+    base_ = static_cast<uint64_t>(*addr);
+    if (chain_room && write_chain(base_)) {
+      auto at_ret = process_->regs(tid_);  // at the gadget's ret: the ret now goes through the chain
+      if (!at_ret) return fail_back(at_ret.error());
+      at_ret->set_sp(chain_at);
+      if (auto ok = process_->set_regs(tid_, *at_ret); !ok) return fail_back(ok.error());
+      syscall_sp = chain_at;
+      leak.reset();
+    }
+  }
+  boot_step(AgentBootStep::mapped, base_, chained_);
   ctl_addr_ = base_ + ctl.ctl_offset;
   std::memcpy(image.data() + ctl.ctl_offset, &ctl, sizeof ctl);
   if (auto ok = write_remote(pid_, base_, image.data(), image.size()); !ok) return fail_back(ok.error());
-  auto prot = frame_syscall(ctl.gadget, frame.frame, SYS_mprotect, {base_, code_len, PROT_READ | PROT_EXEC, 0, 0, 0});
+  boot_step(AgentBootStep::written, base_, chained_);
+  auto prot = frame_syscall(ctl.gadget, syscall_sp, SYS_mprotect, {base_, code_len, PROT_READ | PROT_EXEC, 0, 0, 0});
   if (!prot) return fail_back(prot.error());
   if (*prot != 0) return fail_back(error("mprotect(agent code, r-x) in the target", static_cast<int>(-*prot)));
+  boot_step(AgentBootStep::protected_code, base_, chained_);
+  // One PTRACE_SETREGS from the chain to the agent: before it a death unmaps through the chain, after
+  // it the agent runs and unmaps itself on its way out. The agent's stack is below the chain.
   Regs entry = saved_;
   entry.set_call(base_, agent_sp, ctl_addr_);
   if (auto ok = process_->set_regs(tid_, entry); !ok) return fail_back(ok.error());
-  leak.close();
+  leak.reset();
+  boot_step(AgentBootStep::entry_set, base_, chained_);
   if (auto ok = process_->let_run(tid_); !ok) return fail_back(ok.error());
   running_ = true;
   return {};

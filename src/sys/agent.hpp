@@ -4,10 +4,15 @@
 // Bootstrap (the only step that runs the target through ptrace). Usually (returns_by_sigreturn()):
 // an rt_sigframe holding the thread's context (registers as the kernel would restart its
 // interrupted syscall, FPU state, signal mask; arch.hpp) is written on its own stack below the red
-// zone, and one remote mmap (RW) and one mprotect (code R+X) run at a `syscall; ret` of the target's
-// code with rsp at that frame and every signal blocked: whenever pipecr dies, the thread finishes the
-// syscall and returns into the target's restorer, and rt_sigreturn puts it back (an empty mapping is
-// left at worst: the leak window). The agent (src/sys/agent/, built at build time and embedded as
+// zone, and below it a chain frame that runs munmap of the agent's range and returns into the first.
+// The agent's address is chosen from /proc/PID/maps and mapped there (MAP_FIXED_NOREPLACE): one remote
+// mmap (RW) and one mprotect (code R+X) run at a `syscall; ret` of the target's code with rsp at the
+// chain and every signal blocked: whenever pipecr dies, the thread finishes the syscall, returns into
+// the target's restorer, rt_sigreturn runs the chain's munmap and then puts it back: no mapping is
+// left. Where another process shares the address space (kcmp KCMP_VM over /proc, before the stop in
+// find_agent_gadgets(); AgentGadgets::mm_shared), the kernel chooses the address
+// and rsp moves to the chain just after the mmap (an empty mapping may be left if pipecr dies in
+// between: the leak window). The agent (src/sys/agent/, built at build time and embedded as
 // agent_blob), its control block and operations are written there with process_vm_writev, and the
 // thread runs from the agent's entry, still traced but needing nothing from its tracer. Fallback (no
 // gadget or restorer in the target): the syscalls go through a `syscall` of the target's [vdso]
@@ -121,9 +126,15 @@ class FileQueue {
 // restorer (arch.hpp); 0 where missing. Finding them scans the target's executable mappings (most of
 // a millisecond with glibc), which may be done before the stop: start_survey() then checks them with
 // one read each instead of scanning while the target stands still.
+// find_agent_gadgets() also looks (kcmp KCMP_VM over /proc, before the stop, 0.1-0.3 ms with about
+// 100 processes) for another process sharing the target's address space, which makes the agent's
+// bootstrap keep its leak window (agent.hpp, top): with none then, the bootstrap only checks, while
+// stopped, the processes that could have been made since (children of the target's threads and of
+// its parent: clone(CLONE_VM), with or without CLONE_PARENT), instead of all of /proc.
 struct AgentGadgets {
   uint64_t syscall_ret = 0;
   uint64_t restorer = 0;
+  int mm_shared = -1;  // -1: not looked; 0: no other process shared the address space; 1: one did
 };
 [[nodiscard]] AgentGadgets find_agent_gadgets(pid_t pid);
 // How many times find_agent_gadgets() (or an agent's start without them) had to scan a process's
@@ -143,6 +154,17 @@ struct SurveyedFd {
 };
 // Takes one message's worth of a survey (up to 253 fds, in fd order); an error ends the survey.
 using SurveySink = std::function<Expected<void>(std::span<SurveyedFd>)>;
+
+// The steps of an rt_sigframe bootstrap, for tests that kill pipecr at one of them:
+// mmap_set: the registers point at the gadget for the mmap (not run yet); mapped: the mmap returned
+// (and, without the chosen address, rsp points at the chain); written: the agent's image is in;
+// protected_code: the mprotect returned; entry_set: the registers point at the agent's entry (not
+// let run yet).
+enum class AgentBootStep { mmap_set, mapped, written, protected_code, entry_set };
+// Called at each step with the agent's address (mmap_set: the chosen one, 0 without) and whether the
+// bootstrap runs on the chain (Agent::boot_chained()). Process-wide; nullptr (the default): none.
+using AgentBootHook = void (*)(AgentBootStep step, uint64_t address, bool chained);
+void set_agent_boot_hook(AgentBootHook hook);
 
 class Agent : public Injector {
  public:
@@ -209,6 +231,11 @@ class Agent : public Injector {
   // True when the agent returns through an rt_sigframe (the target has a `syscall; ret` and a
   // restorer); false in the fallback (a register block and pipecr's take-back munmap).
   [[nodiscard]] bool returns_by_sigreturn() const { return frame_mode_; }
+  // True when the bootstrap mapped the agent at an address it chose, its syscalls running with rsp at
+  // the chain that unmaps it (no leak window); false where another process shares the address space
+  // (the mapping is then left only if pipecr dies in the two ptrace calls after the mmap), and in the
+  // fallback.
+  [[nodiscard]] bool boot_chained() const { return chained_; }
 
  private:
   friend class StoppedProcess;  // inject()
@@ -223,9 +250,10 @@ class Agent : public Injector {
   Agent(StoppedProcess& p, pid_t tid) : pid_(p.pid()), tid_(tid) { link(&p); }
   [[nodiscard]] Expected<void> boot(const CommitPoint& commit, std::span<const AgentOp> ops, int floor);
   [[nodiscard]] Expected<void> boot_with_frame(pipecr_agent_ctl& ctl, std::vector<unsigned char>& image,
-                                               const arch::SigFrame& frame);
+                                               const arch::SigFrame& frame, uint64_t restorer);
   [[nodiscard]] Expected<void> boot_with_block(pipecr_agent_ctl& ctl, std::vector<unsigned char>& image, bool no_signal);
-  [[nodiscard]] Expected<long> frame_syscall(uint64_t gadget, uint64_t frame, long nr, std::array<unsigned long, 6> args);
+  [[nodiscard]] Expected<long> frame_syscall(uint64_t gadget, uint64_t frame, long nr, std::array<unsigned long, 6> args,
+                                             std::optional<AgentBootStep> step = std::nullopt, bool chained = false);
   [[nodiscard]] Expected<void> put_back();
   [[nodiscard]] Expected<void> connect(const CommitPoint& commit);
   [[nodiscard]] Expected<uint32_t> phase();
@@ -265,6 +293,7 @@ class Agent : public Injector {
   std::optional<Error> decide_error_;  // send_decide() failed
   bool done_ = false;
   bool frame_mode_ = false;   // returns through an rt_sigframe (boot_with_frame)
+  bool chained_ = false;      // mapped at a chosen address with rsp at the unmapping chain (no leak window)
   bool masked_ = false;       // every signal blocked by the bootstrap
   bool awaiting_return_ = false;  // let go in its wait: returns by itself once detached
 };

@@ -76,7 +76,9 @@ struct HarmWindow {
   std::atomic<uint64_t>* count = nullptr;
   std::atomic<uint64_t>* ns = nullptr;
   // The steps during which pipecr's death leaves an (unnamed, anonymous) mapping in a target but
-  // harms nothing else: the agent's bootstrap from its mmap until it runs. Counted the same way.
+  // harms nothing else: the agent's bootstrap from its mmap until rsp points at the chain that
+  // unmaps it, only where another process shares the target's address space (agent.hpp). Counted the
+  // same way.
   std::atomic<uint64_t>* leak_count = nullptr;
 };
 void set_harm_window(HarmWindow w);

@@ -192,7 +192,7 @@ SigFrame build_sigframe(const Regs& back, uint64_t mask, std::span<const unsigne
   f.bytes.assign(fp + fpu.size() - frame, 0);
   auto& b = f.bytes;
   put<uint64_t>(b, 0, restorer);
-  put<uint64_t>(b, kUcFlags, kUcFpXstate | kUcSigcontextSs | kUcStrictRestoreSs);
+  put<uint64_t>(b, kUcFlags, (fpu.empty() ? 0 : kUcFpXstate) | kUcSigcontextSs | kUcStrictRestoreSs);
   put<int32_t>(b, kUcStackFlags, 3);  // neither SS_ONSTACK, SS_DISABLE nor 0: sigaltstack untouched
   const user_regs_struct& g = back.raw;
   const uint64_t words[] = {g.r8, g.r9, g.r10, g.r11, g.r12, g.r13, g.r14, g.r15, g.rdi,
@@ -200,9 +200,9 @@ SigFrame build_sigframe(const Regs& back, uint64_t mask, std::span<const unsigne
   for (size_t i = 0; i < std::size(words); ++i) put<uint64_t>(b, kMcontext + i * 8, words[i]);
   put<uint16_t>(b, kMcontext + 144, static_cast<uint16_t>(g.cs));
   put<uint16_t>(b, kMcontext + 150, static_cast<uint16_t>(g.ss));
-  put<uint64_t>(b, kMcontext + 184, fp);  // fpstate
+  put<uint64_t>(b, kMcontext + 184, fpu.empty() ? 0 : fp);  // fpstate (none: rt_sigreturn resets the FPU)
   put<uint64_t>(b, kUcSigmask, mask);
-  std::memcpy(b.data() + (fp - frame), fpu.data(), fpu.size());
+  if (!fpu.empty()) std::memcpy(b.data() + (fp - frame), fpu.data(), fpu.size());
   return f;
 }
 

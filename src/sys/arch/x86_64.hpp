@@ -139,7 +139,10 @@ struct SigFrame {
 // Built for a thread whose resuming registers are `back` (as_resumed_by_sigreturn), whose signal
 // mask is `mask`, with its fpu_state(), returning through `restorer`. The frame sits below
 // back.sp() - kRedZone. uc_stack carries an invalid mode, so rt_sigreturn leaves the thread's
-// sigaltstack as it is (restore_altstack ignores the EINVAL).
+// sigaltstack as it is (restore_altstack ignores the EINVAL). An empty fpu gives a frame without FPU
+// state (fpstate NULL: its rt_sigreturn resets the FPU to its initial state), for a frame that returns
+// into another one that carries it: the bootstrap's chain, whose first frame runs a munmap at the
+// `syscall; ret` with rsp at the thread's own frame (docs/design.md section 8).
 [[nodiscard]] SigFrame build_sigframe(const Regs& back, uint64_t mask, std::span<const unsigned char> fpu,
                                       uint64_t restorer);
 

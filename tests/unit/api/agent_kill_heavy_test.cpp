@@ -135,6 +135,32 @@ struct Victim {
 
 constexpr int kReport = 951;
 
+// Waits (up to 5 s) until both of the victim's threads are blocked where they should be: the main
+// thread in sigwaitinfo(), the second in read(kCtl). Before that the second thread may still be
+// starting (glibc's all-blocked mask, its malloc arena not yet made), which a snapshot of the masks
+// and mappings must not take.
+bool both_threads_blocked(pid_t pid) {
+  for (int i = 0; i < 500; ++i) {
+    size_t in_sigwait = 0, in_read = 0, tasks = 0;
+    if (DIR* d = ::opendir(fmt::format("/proc/{}/task", pid).c_str())) {
+      while (dirent* e = ::readdir(d)) {
+        if (e->d_name[0] == '.') continue;
+        ++tasks;
+        std::ifstream in(fmt::format("/proc/{}/task/{}/syscall", pid, e->d_name));
+        long nr = -1;
+        std::string a0;
+        if (!(in >> nr >> a0)) continue;
+        in_sigwait += nr == SYS_rt_sigtimedwait;
+        in_read += nr == SYS_read && std::stol(a0, nullptr, 16) == kCtl;
+      }
+      ::closedir(d);
+    }
+    if (tasks == 2 && in_sigwait == 1 && in_read == 1) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  return false;
+}
+
 // The victim: read ends at kFirst.. holding content(i); thread 2 blocked in read(kCtl); the main
 // thread blocked in sigwaitinfo(SIGUSR1). Any other return of either is written to kReport at once.
 std::unique_ptr<Victim> start_victim() {
@@ -262,6 +288,7 @@ TEST(AgentKill, RestoreAndDumpKilledAtRandomLeaveTheVictimWhole) {
   ASSERT_TRUE(v->s->ready());
   ASSERT_TRUE(v->s->wait_blocked_in(SYS_rt_sigtimedwait));
   pid_t victim = v->s->pid();
+  ASSERT_TRUE(both_threads_blocked(victim));
   size_t count = fd_links(victim).size();
   const bool fallback = std::getenv("PIPECR_KILL_FALLBACK") != nullptr;
   auto restore_fn = [&] {
@@ -348,6 +375,7 @@ TEST(AgentKill, RestoreAndDumpKilledAtRandomLeaveTheVictimWhole) {
           ASSERT_TRUE(v->s->ready());
           ASSERT_TRUE(v->s->wait_blocked_in(SYS_rt_sigtimedwait));
           victim = v->s->pid();
+          ASSERT_TRUE(both_threads_blocked(victim));
           count = fd_links(victim).size();
         }
         continue;
