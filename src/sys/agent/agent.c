@@ -189,6 +189,14 @@ static long recv_msg(struct state* s, int sock, int flags, struct pipecr_agent_m
   struct k_iovec iov = {m, sizeof *m};
   struct k_msghdr h = {0, 0, &iov, 1, cbuf, CMSG_BUF_LEN, 0};
   long n = SYS(__NR_recvmsg, sock, &h, flags, 0, 0);
+  /* ECONNRESET: pipecr's end closed with messages of ours unread (an OLDFILES the agent had just
+   * sent, pipecr dying): the kernel sets the error on this end (unix_release_sock), and the next
+   * receive reports it, once, before what is still queued here. Once more gets the message. */
+  if (n == -K_ECONNRESET) {
+    h.controllen = CMSG_BUF_LEN;
+    h.flags = 0;
+    n = SYS(__NR_recvmsg, sock, &h, flags, 0, 0);
+  }
   *nfds = 0;
   if (n <= 0) return n;
   ulong off = 0;
@@ -414,6 +422,7 @@ static void fill_below(struct state* s, uint32_t at) {
   struct k_iovec iov = {&m, sizeof m};
   struct k_msghdr h = {0, 0, &iov, 1, 0, 0, 0};
   long pk = SYS(__NR_recvmsg, s->files, &h, K_MSG_DONTWAIT | K_MSG_PEEK, 0, 0);
+  if (pk == -K_ECONNRESET) pk = SYS(__NR_recvmsg, s->files, &h, K_MSG_DONTWAIT | K_MSG_PEEK, 0, 0);  /* see recv_msg() */
   int count = 0;
   if (pk == (long)sizeof m && m.type == PIPECR_MSG_FILES && m.first == at && m.count <= K_MAX_FDS &&
       m.count <= s->ctl->nops - at)

@@ -8,9 +8,13 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <cstring>
 #include <fstream>
 #include <map>
 #include <memory>
@@ -341,6 +345,69 @@ TEST(AgentInstall, NoRoomFailsInPrepareAndChangesNothing) {
   EXPECT_EQ(fd_table(t.child.pid), before);
   EXPECT_EQ(maps_without_stack(t.child.pid), maps);
   expect_alive(t);
+}
+
+}  // namespace
+}  // namespace pipecr::sys
+
+namespace pipecr::sys {
+namespace {
+
+// The kernel fact the agent's receive relies on (agent.c, recv_msg): when pipecr's end of a
+// SOCK_SEQPACKET pair closes with messages of the agent's still unread there (an OLDFILES it had
+// just sent), the agent's end gets ECONNRESET (unix_release_sock), which its next receive reports
+// once, ahead of the messages pipecr queued to it before: a second receive gets them, files and all.
+// Without the second receive a batch was lost (its old files already closed): 1 kill-loop run in 14.
+TEST(AgentInstall, APeerClosedWithOurMessagesUnreadResetsOnceThenDelivers) {
+  int sv[2];
+  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv), 0);
+  UniqueFd pipecr_end(sv[0]), agent_end(sv[1]);
+  auto p = make_pipe(0);
+  ASSERT_TRUE(p);
+  // pipecr queues a message with a file for the agent...
+  char data = 'F';
+  iovec iov{&data, 1};
+  alignas(cmsghdr) char ctl[CMSG_SPACE(sizeof(int))] = {};
+  msghdr h{};
+  h.msg_iov = &iov;
+  h.msg_iovlen = 1;
+  h.msg_control = ctl;
+  h.msg_controllen = sizeof ctl;
+  cmsghdr* c = CMSG_FIRSTHDR(&h);
+  c->cmsg_level = SOL_SOCKET;
+  c->cmsg_type = SCM_RIGHTS;
+  c->cmsg_len = CMSG_LEN(sizeof(int));
+  const int fd = p->read.get();
+  std::memcpy(CMSG_DATA(c), &fd, sizeof fd);
+  ASSERT_EQ(::sendmsg(pipecr_end.get(), &h, 0), 1);
+  // ...the agent sends one back that pipecr never reads, and pipecr's end closes.
+  ASSERT_EQ(::send(agent_end.get(), "O", 1, 0), 1);
+  pipecr_end.reset();
+
+  char got = 0;
+  iovec riov{&got, 1};
+  alignas(cmsghdr) char rctl[CMSG_SPACE(sizeof(int))] = {};
+  msghdr r{};
+  r.msg_iov = &riov;
+  r.msg_iovlen = 1;
+  r.msg_control = rctl;
+  r.msg_controllen = sizeof rctl;
+  errno = 0;
+  EXPECT_EQ(::recvmsg(agent_end.get(), &r, MSG_DONTWAIT), -1);
+  EXPECT_EQ(errno, ECONNRESET);
+  r.msg_controllen = sizeof rctl;
+  ASSERT_EQ(::recvmsg(agent_end.get(), &r, MSG_DONTWAIT), 1) << std::strerror(errno);
+  EXPECT_EQ(got, 'F');
+  cmsghdr* rc = CMSG_FIRSTHDR(&r);
+  ASSERT_NE(rc, nullptr);
+  int received = -1;
+  std::memcpy(&received, CMSG_DATA(rc), sizeof received);
+  UniqueFd keep(received);
+  struct stat a {}, b {};
+  ASSERT_EQ(::fstat(received, &a), 0);
+  ASSERT_EQ(::fstat(p->read.get(), &b), 0);
+  EXPECT_EQ(a.st_ino, b.st_ino);
+  EXPECT_EQ(::recv(agent_end.get(), &got, 1, MSG_DONTWAIT), 0);  // then EOF
 }
 
 }  // namespace
