@@ -288,6 +288,26 @@ static void close_run(int lo, int hi) {
     for (int fd = lo; fd <= hi; ++fd) close_fd(fd);
 }
 
+/* Closes numbers given in ascending order, one close_run() per run of consecutive ones: runs_add()
+ * each, then runs_end(). */
+struct runs {
+  int lo, hi;
+};
+#define RUNS_EMPTY {-1, -2}
+static void runs_add(struct runs* r, int fd) {
+  if (fd == r->hi + 1) {
+    r->hi = fd;
+    return;
+  }
+  close_run(r->lo, r->hi);
+  r->lo = r->hi = fd;
+}
+static void runs_end(struct runs* r) {
+  close_run(r->lo, r->hi);
+  r->lo = -1;
+  r->hi = -2;
+}
+
 /* An install op of a batch marked done by install_batch() (its temp field). */
 #define PLACED (-2)
 
@@ -369,34 +389,22 @@ static int32_t install_batch(struct state* s, uint32_t first, const int* t, int 
     }
     op[i].temp = PLACED;
   }
-  int lo = -1, hi = -2;
+  struct runs left = RUNS_EMPTY;
   for (int i = 0, j = 0; i < n; ++i) {
     while (j < n && op[j].fd < t[i]) ++j;
     if (j < n && op[j].fd == t[i]) continue; /* installed there now */
-    if (t[i] == hi + 1) {
-      hi = t[i];
-      continue;
-    }
-    close_run(lo, hi);
-    lo = hi = t[i];
+    runs_add(&left, t[i]);
   }
-  close_run(lo, hi);
+  runs_end(&left);
   if (err) *at = err_at;
   return err;
 }
 
 /* Gives back the numbers fill_below() held, in runs (they were the lowest free, so mostly one). */
 static void unfill(struct state* s) {
-  int lo = -1, hi = -2;
-  for (int i = 0; i < s->nfill; ++i) {
-    if (s->fills[i] == hi + 1) {
-      hi = s->fills[i];
-      continue;
-    }
-    close_run(lo, hi);
-    lo = hi = s->fills[i];
-  }
-  close_run(lo, hi);
+  struct runs held = RUNS_EMPTY;
+  for (int i = 0; i < s->nfill; ++i) runs_add(&held, s->fills[i]);
+  runs_end(&held);
   s->nfill = 0;
   s->fill_max = -1;
 }
@@ -446,16 +454,9 @@ static void fill_below(struct state* s, uint32_t at) {
     if (!(p[i].revents & K_POLLNVAL)) old[nold++] = p[i].fd;
   if (nold) {
     if (s->orphan || send_files_msg(s, PIPECR_MSG_OLDFILES, old, nold) < 0) return;
-    int lo = -1, hi = -2;
-    for (int i = 0; i < nold; ++i) {
-      if (old[i] == hi + 1) {
-        hi = old[i];
-        continue;
-      }
-      close_run(lo, hi);
-      lo = hi = old[i];
-    }
-    close_run(lo, hi);
+    struct runs handed = RUNS_EMPTY;
+    for (int i = 0; i < nold; ++i) runs_add(&handed, old[i]);
+    runs_end(&handed);
   }
   for (int taken = 0; taken < n && s->nfill < K_MAX_FDS; ++taken) {
     long x = SYS(__NR_fcntl, s->sock, K_F_DUPFD_CLOEXEC, 0, 0, 0);
