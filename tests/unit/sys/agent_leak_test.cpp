@@ -37,10 +37,7 @@
 namespace pipecr::sys {
 namespace {
 
-using testing::own_state;
-using testing::syscall_holding_vectors;
-using testing::unusual_state;
-using testing::VectorSyscall;
+using testing::read_and_report;
 
 // Shared with the forked "pipecr" (MAP_SHARED): the leak-window counter and what the hook saw.
 struct Shared {
@@ -98,14 +95,7 @@ Child start_victim(int in, int out, bool share_mm) {
       // Its start done (under ASan the prctl interceptor may map memory) before the test reads the maps.
       while (!started) ::sched_yield();
     }
-    unusual_state();
-    const std::string before = own_state();
-    char buf[8] = {};
-    VectorSyscall r = syscall_holding_vectors(SYS_read, 5, reinterpret_cast<long>(buf), sizeof buf, 0);
-    const std::string after = own_state();
-    std::string m = fmt::format("read {} vectors {} state {}", r.ret, r.same ? "same" : "CHANGED",
-                                before == after ? "same" : before + " -> " + after);
-    (void)!::write(out_hi, m.data(), m.size());
+    read_and_report(5, out_hi);
   });
 }
 

@@ -32,6 +32,7 @@ namespace pipecr::sys {
 namespace {
 
 using testing::own_state;
+using testing::read_and_report;
 using testing::syscall_holding_vectors;
 using testing::unusual_state;
 using testing::VectorSyscall;
@@ -79,14 +80,7 @@ TEST_P(AgentReturn, ReadHoldingVectorsComesBackWhole) {
     int in_hi = ::fcntl(in, F_DUPFD, 100), out_hi = ::fcntl(out, F_DUPFD, 100);
     ::dup2(in_hi, 5);
     ::close(10);
-    unusual_state();
-    const std::string before = own_state();
-    char buf[8] = {};
-    VectorSyscall r = syscall_holding_vectors(SYS_read, 5, reinterpret_cast<long>(buf), sizeof buf, 0);
-    const std::string after = own_state();
-    std::string m = fmt::format("read {} vectors {} state {}", r.ret, r.same ? "same" : "CHANGED",
-                                before == after ? "same" : before + " -> " + after);
-    (void)!::write(out_hi, m.data(), m.size());
+    read_and_report(5, out_hi);
   });
   input.read.reset();
   report.write.reset();

@@ -4,6 +4,8 @@
 #pragma once
 
 #include <signal.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <cstdint>
 #include <cstring>
@@ -80,6 +82,20 @@ inline void unusual_state() {
   alt.ss_sp = alt_mem;
   alt.ss_size = sizeof alt_mem;
   ::sigaltstack(&alt, nullptr);
+}
+
+// A child's body: with the unusual mask and altstack set, blocks in read(fd) holding known vector
+// registers, then writes to `out` what it came back with: "read N vectors same|CHANGED state
+// same|<before> -> <after>".
+inline void read_and_report(int fd, int out) {
+  unusual_state();
+  const std::string before = own_state();
+  char buf[8] = {};
+  VectorSyscall r = syscall_holding_vectors(SYS_read, fd, reinterpret_cast<long>(buf), sizeof buf, 0);
+  const std::string after = own_state();
+  std::string m = fmt::format("read {} vectors {} state {}", r.ret, r.same ? "same" : "CHANGED",
+                              before == after ? "same" : before + " -> " + after);
+  (void)!::write(out, m.data(), m.size());
 }
 
 }  // namespace pipecr::sys::testing
