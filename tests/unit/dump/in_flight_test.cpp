@@ -13,27 +13,12 @@
 #include <gtest/gtest.h>
 
 #include "dump_child.hpp"
+#include "unit/send_fds.hpp"
 
 namespace pipecr::testing {
 namespace {
 
 const std::string kBytes = "bytes queued in a pipe whose ends are in flight";
-
-bool send_fds(int sock, const char* data, const std::vector<int>& fds) {
-  iovec iov{const_cast<char*>(data), std::strlen(data)};
-  alignas(cmsghdr) char ctl[CMSG_SPACE(sizeof(int) * 4)] = {};
-  msghdr m{};
-  m.msg_iov = &iov;
-  m.msg_iovlen = 1;
-  m.msg_control = ctl;
-  m.msg_controllen = CMSG_SPACE(sizeof(int) * fds.size());
-  cmsghdr* c = CMSG_FIRSTHDR(&m);
-  c->cmsg_level = SOL_SOCKET;
-  c->cmsg_type = SCM_RIGHTS;
-  c->cmsg_len = CMSG_LEN(sizeof(int) * fds.size());
-  std::memcpy(CMSG_DATA(c), fds.data(), sizeof(int) * fds.size());
-  return ::sendmsg(sock, &m, 0) == static_cast<ssize_t>(iov.iov_len);
-}
 
 std::vector<int> recv_fds(int sock) {
   char buf[256];

@@ -28,6 +28,7 @@
 #include "dump/process.hpp"
 #include "image/image_io.hpp"
 #include "dump_child.hpp"
+#include "unit/send_fds.hpp"
 
 namespace pipecr {
 namespace {
@@ -88,23 +89,7 @@ int survey_child(int ready) {
   if (::epoll_ctl(ep, EPOLL_CTL_ADD, 14, &ev) < 0) return 6;
   int sv[2];
   if (::socketpair(AF_UNIX, SOCK_DGRAM, 0, sv) < 0) return 7;
-  {
-    char c = 'x';
-    iovec iov{&c, 1};
-    alignas(cmsghdr) char ctl[CMSG_SPACE(sizeof(int))] = {};
-    msghdr h{};
-    h.msg_iov = &iov;
-    h.msg_iovlen = 1;
-    h.msg_control = ctl;
-    h.msg_controllen = sizeof ctl;
-    cmsghdr* cm = CMSG_FIRSTHDR(&h);
-    cm->cmsg_level = SOL_SOCKET;
-    cm->cmsg_type = SCM_RIGHTS;
-    cm->cmsg_len = CMSG_LEN(sizeof(int));
-    int end = 16;
-    std::memcpy(CMSG_DATA(cm), &end, sizeof end);
-    if (::sendmsg(sv[0], &h, 0) != 1) return 8;
-  }
+  if (!testing::send_fds(sv[0], "x", {16})) return 8;
   ::close(ready);
   char buf[8];
   if (::read(12, buf, sizeof buf) != 3) return 9;  // blocked here while dumped

@@ -26,6 +26,7 @@
 
 #include "sys/agent.hpp"
 #include "sys/syscalls.hpp"
+#include "unit/send_fds.hpp"
 #include "unit/sys/child_helpers.hpp"
 
 namespace pipecr::sys {
@@ -365,21 +366,7 @@ TEST(AgentInstall, APeerClosedWithOurMessagesUnreadResetsOnceThenDelivers) {
   auto p = make_pipe(0);
   ASSERT_TRUE(p);
   // pipecr queues a message with a file for the agent...
-  char data = 'F';
-  iovec iov{&data, 1};
-  alignas(cmsghdr) char ctl[CMSG_SPACE(sizeof(int))] = {};
-  msghdr h{};
-  h.msg_iov = &iov;
-  h.msg_iovlen = 1;
-  h.msg_control = ctl;
-  h.msg_controllen = sizeof ctl;
-  cmsghdr* c = CMSG_FIRSTHDR(&h);
-  c->cmsg_level = SOL_SOCKET;
-  c->cmsg_type = SCM_RIGHTS;
-  c->cmsg_len = CMSG_LEN(sizeof(int));
-  const int fd = p->read.get();
-  std::memcpy(CMSG_DATA(c), &fd, sizeof fd);
-  ASSERT_EQ(::sendmsg(pipecr_end.get(), &h, 0), 1);
+  ASSERT_TRUE(::pipecr::testing::send_fds(pipecr_end.get(), "F", {p->read.get()}));
   // ...the agent sends one back that pipecr never reads, and pipecr's end closes.
   ASSERT_EQ(::send(agent_end.get(), "O", 1, 0), 1);
   pipecr_end.reset();
