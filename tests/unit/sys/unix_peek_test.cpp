@@ -19,6 +19,8 @@
 
 #include <gtest/gtest.h>
 
+#include "unit/send_fds.hpp"
+
 namespace pipecr::sys {
 namespace {
 
@@ -33,21 +35,7 @@ Pair socket_pair(int type) {
 }
 
 void send_with(int sock, const std::string& data, const std::vector<int>& fds) {
-  iovec iov{const_cast<char*>(data.data()), data.size()};
-  msghdr m{};
-  m.msg_iov = &iov;
-  m.msg_iovlen = 1;
-  alignas(cmsghdr) char ctl[CMSG_SPACE(sizeof(int) * 8)] = {};
-  if (!fds.empty()) {
-    m.msg_control = ctl;
-    m.msg_controllen = CMSG_SPACE(sizeof(int) * fds.size());
-    cmsghdr* c = CMSG_FIRSTHDR(&m);
-    c->cmsg_level = SOL_SOCKET;
-    c->cmsg_type = SCM_RIGHTS;
-    c->cmsg_len = CMSG_LEN(sizeof(int) * fds.size());
-    std::memcpy(CMSG_DATA(c), fds.data(), sizeof(int) * fds.size());
-  }
-  ASSERT_EQ(::sendmsg(sock, &m, 0), static_cast<ssize_t>(data.size()));
+  ASSERT_TRUE(::pipecr::testing::send_fds(sock, data, fds));
 }
 
 // One real receive: the data and the fds (which the caller owns).
