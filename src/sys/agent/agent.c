@@ -239,9 +239,9 @@ static struct k_pollfd* scratch(const struct state* s) { return (struct k_pollfd
  * files stay in flight there, held at no fd number and costing pipecr nothing, until it closes its
  * end after the resume (or dies); when that socket's buffer is full, on the control socket, where
  * pipecr receives and parks them. */
-static long send_files_msg(struct state* s, uint32_t type, const int* fds, int n) {
-  struct pipecr_agent_msg m = {type, 0, (uint32_t)n, 0};
-  struct k_iovec iov = {&m, sizeof m};
+/* Attaches n files to message h (SCM_RIGHTS), in the control page's message buffer; fds may be that
+ * buffer's own array already (files_msg_data()). */
+static void attach_files(struct state* s, struct k_msghdr* h, const int* fds, int n) {
   char* cbuf = (char*)s->ctl + CMSG_BUF_OFF;
   struct k_cmsghdr* c = (struct k_cmsghdr*)cbuf;
   c->len = sizeof *c + (ulong)n * 4;
@@ -250,7 +250,15 @@ static long send_files_msg(struct state* s, uint32_t type, const int* fds, int n
   int* data = (int*)(c + 1);
   if (data != fds)
     for (int i = 0; i < n; ++i) data[i] = fds[i];
-  struct k_msghdr h = {0, 0, &iov, 1, cbuf, (c->len + 7) & ~7ul, 0};
+  h->control = cbuf;
+  h->controllen = (c->len + 7) & ~7ul;
+}
+
+static long send_files_msg(struct state* s, uint32_t type, const int* fds, int n) {
+  struct pipecr_agent_msg m = {type, 0, (uint32_t)n, 0};
+  struct k_iovec iov = {&m, sizeof m};
+  struct k_msghdr h = {0, 0, &iov, 1, 0, 0, 0};
+  attach_files(s, &h, fds, n);
   if (type == PIPECR_MSG_OLDFILES && SYS(__NR_sendmsg, s->files, &h, K_MSG_NOSIGNAL | K_MSG_DONTWAIT, 0, 0) >= 0)
     return 0;
   return SYS(__NR_sendmsg, s->sock, &h, K_MSG_NOSIGNAL, 0, 0);
@@ -660,17 +668,7 @@ static long survey_send(struct state* s, uint32_t type, uint32_t first, const st
   struct pipecr_agent_msg m = {type, first, k, status};
   struct k_iovec iov[2] = {{&m, sizeof m}, {(void*)ent, (ulong)k * sizeof *ent}};
   struct k_msghdr h = {0, 0, iov, k ? 2 : 1, 0, 0, 0};
-  if (nfds) {
-    char* cbuf = (char*)s->ctl + CMSG_BUF_OFF;
-    struct k_cmsghdr* c = (struct k_cmsghdr*)cbuf;
-    c->len = sizeof *c + (ulong)nfds * 4;
-    c->level = K_SOL_SOCKET;
-    c->type = K_SCM_RIGHTS;
-    int* data = (int*)(c + 1);
-    for (uint32_t i = 0; i < nfds; ++i) data[i] = fds[i];
-    h.control = cbuf;
-    h.controllen = (c->len + 7) & ~7ul;
-  }
+  if (nfds) attach_files(s, &h, fds, (int)nfds);
   for (int tries = 0;; ++tries) {
     long r = SYS(__NR_sendmsg, s->sock, &h, K_MSG_NOSIGNAL, 0, 0);
     if (r != -K_ETOOMANYREFS || tries >= 10000) return r;
