@@ -12,6 +12,8 @@
 //   floor_ms         the loop no dump can avoid, timed in the same run on the same pipes from
 //                    this process: pidfd_getfd of every fd, tee of every pipe into a scratch pipe
 //                    and splice of it to /dev/null; no stop, no metadata. ratio = dump_ms / floor_ms;
+//   floor_copy_ms, ratio_copy (pipes with bytes): the same loop reading the bytes into memory
+//                    instead of splicing them to /dev/null, and dump_ms against it;
 //   dump_cpu_ms, floor_cpu_ms, cpu_ratio: the same on pipecr's CPU time (user + system), which
 //                    load on the machine inflates far less than wall time;
 //   rss_growth_kb    peak resident memory added by the dump (VmHWM, reset before it);
@@ -19,7 +21,10 @@
 //                    agent (DumpStats::agents) and what its start, its survey and its end before
 //                    the resume cost of stopped_ms; resume_ms: the resume, with the agent's own
 //                    return. PIPECR_BENCH_NO_AGENT=1 in the environment dumps without the agent
-//                    (pidfd_getfd of every number, FD_CLOEXEC from fdinfo): the comparison.
+//                    (pidfd_getfd of every number, FD_CLOEXEC from fdinfo): the comparison;
+//   before_stop_ms, after_resume_ms, write_ms: the rest of dump_ms (DumpStats): before the stop,
+//                    after the resume (grouping, status flags, owner, signal, capacity), and writing
+//                    the image (the bytes read out of the scratch pipes, checksummed, slot-walked).
 // BM_DumpUnrelated: 1,000 empty pipes (or 1,000 FIFOs opened for reading without a writer) in a
 // victim, next to a hog process holding `hog_fds` unrelated fds (pipes of its own): dump_ms must
 // not grow with the hog's fds for pipes (the outside-holder scan is off by default); a FIFO reader
@@ -42,6 +47,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <fstream>
@@ -189,8 +195,10 @@ std::vector<std::pair<int, bool>> pipe_fds(pid_t pid, bool fifos = false) {
 }
 
 // The unavoidable loop: pidfd_getfd of every pipe fd, tee of every read end into one scratch
-// pipe and splice of it to /dev/null. Returns milliseconds.
-double floor_ms(pid_t pid, const std::vector<std::pair<int, bool>>& fds, double* cpu_ms = nullptr) {
+// pipe and splice of it to /dev/null. Returns milliseconds. With `read_bytes`, the bytes are read out of
+// the scratch pipe into memory instead (read_bytes: what an image that holds them must do once).
+double floor_ms(pid_t pid, const std::vector<std::pair<int, bool>>& fds, double* cpu_ms = nullptr, bool read_bytes = false) {
+  static std::vector<char> buf(1 << 20);
   int null = open("/dev/null", O_WRONLY | O_CLOEXEC);
   int s[2];
   pipe2(s, O_NONBLOCK | O_CLOEXEC);
@@ -205,7 +213,14 @@ double floor_ms(pid_t pid, const std::vector<std::pair<int, bool>>& fds, double*
     copies.push_back(copy);
     if (rd && copy >= 0) {
       ssize_t n = tee(copy, s[1], 1 << 20, SPLICE_F_NONBLOCK);
-      if (n > 0) (void)!splice(s[0], nullptr, null, nullptr, static_cast<size_t>(n), SPLICE_F_NONBLOCK);
+      if (n > 0 && read_bytes)
+        for (ssize_t left = n; left > 0;) {
+          ssize_t r = read(s[0], buf.data(), std::min<size_t>(buf.size(), static_cast<size_t>(left)));
+          if (r <= 0) break;
+          left -= r;
+        }
+      else if (n > 0)
+        (void)!splice(s[0], nullptr, null, nullptr, static_cast<size_t>(n), SPLICE_F_NONBLOCK);
     }
   }
   for (int c : copies) close(c);
@@ -235,6 +250,7 @@ void BM_Dump(benchmark::State& state) {
   double stall = 0, noise = 0, stopped = 0, seize = 0, dump = 0, flr = 0, growth = 0, last_ms = 20;
   double dump_cpu = 0, floor_cpu = 0;
   double agents = 0, agent_start = 0, agent_survey = 0, agent_return = 0, resume = 0;
+  double before_stop = 0, after_resume = 0, writing = 0, flr_copy = 0;
   for (auto _ : state) {
     // Noise: the victim's longest gap over as long as the dump takes, without a dump.
     v.reset_gap();
@@ -265,8 +281,12 @@ void BM_Dump(benchmark::State& state) {
     agent_survey += static_cast<double>(st->agent_survey_ns) / 1e6;
     agent_return += static_cast<double>(st->agent_return_ns) / 1e6;
     resume += static_cast<double>(st->resume_ns) / 1e6;
+    before_stop += static_cast<double>(st->before_stop_ns) / 1e6;
+    after_resume += static_cast<double>(st->after_resume_ns) / 1e6;
+    writing += static_cast<double>(st->write_ns) / 1e6;
     growth += static_cast<double>(vm_hwm_kb() - before);
     flr += floor_ms(v.pid, fds, &floor_cpu);
+    if (bytes) flr_copy += floor_ms(v.pid, fds, nullptr, true);
     benchmark::DoNotOptimize(sink.bytes);
   }
   double it = static_cast<double>(state.iterations());
@@ -286,6 +306,13 @@ void BM_Dump(benchmark::State& state) {
   state.counters["agent_survey_ms"] = agent_survey / it;
   state.counters["agent_return_ms"] = agent_return / it;
   state.counters["resume_ms"] = resume / it;
+  state.counters["before_stop_ms"] = before_stop / it;
+  state.counters["after_resume_ms"] = after_resume / it;
+  state.counters["write_ms"] = writing / it;
+  if (bytes) {
+    state.counters["floor_copy_ms"] = flr_copy / it;
+    state.counters["ratio_copy"] = dump / flr_copy;
+  }
   state.SetBytesProcessed(static_cast<int64_t>(state.iterations()) * n * static_cast<int64_t>(bytes));
 }
 

@@ -219,6 +219,7 @@ class Dumper {
   }
 
   Expected<DumpStats> run(image::Sink& sink, Image* records) {
+    const uint64_t start = now_ns();
     if (auto r = collect_processes(); !r) return tl::unexpected(r.error());
     NofileRaise nofile;
     base_fds_ = open_fds_of_self();
@@ -230,6 +231,7 @@ class Dumper {
     }
     check_copies_harmless();  // /proc reads kept out of the stop (--tree adds the descendants found in it)
     stop_start_ = now_ns();
+    stats_.before_stop_ns = stop_start_ - start;
     Expected<void> taken = stop_all();
     stats_.seize_ns = now_ns() - stop_start_;
     if (taken) taken = find_tables();
@@ -249,9 +251,14 @@ class Dumper {
     packer_.seal();
     if (!taken) return tl::unexpected(taken.error());
     if (!resumed) return tl::unexpected(resumed.error());
+    const uint64_t resumed_at = now_ns();
     if (auto r = after_resume(); !r) return tl::unexpected(r.error());
     mark_outside_holders(!opts_.outside_holders);
-    return write(sink, records);
+    const uint64_t write_start = now_ns();
+    stats_.after_resume_ns = write_start - resumed_at;
+    auto written = write(sink, records);
+    if (written) written->write_ns = now_ns() - write_start;
+    return written;
   }
 
  private:

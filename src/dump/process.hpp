@@ -62,6 +62,9 @@ struct DumpStats {
   uint64_t agent_survey_ns = 0;  // the surveys (fcntl per number, files received)
   uint64_t agent_return_ns = 0;  // ending them before the resume (the decision, the thread interrupted)
   uint64_t resume_ns = 0;      // resuming every target (with the agents' own return and unmap)
+  uint64_t before_stop_ns = 0;  // from the call to the stop: the targets listed, gadgets found, checks
+  uint64_t after_resume_ns = 0; // after it: grouping, flags, owner, signal, capacity, copies closed
+  uint64_t write_ns = 0;        // writing the image: records, and the bytes read out of the scratch pipes
 };
 
 // Dump into sink. `records`, when not null, receives the records written (without data).
