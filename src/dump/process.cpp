@@ -145,6 +145,7 @@ struct Table {             // one fd table
   bool own = false;        // a thread's own table (unshare(CLONE_FILES)), not the process's
   sys::UniqueFd pidfd;     // of tid (PIDFD_THREAD when tid is not the leader)
   uint32_t max_fds = 0;    // FDSize: slots in the table, above every open fd
+  uint32_t open_fds = 0;   // fds open in it (st_size of /proc/PID/task/TID/fd, Linux 6.2); 0: not known
   bool seccomp = true;     // the thread runs under a seccomp mode (Seccomp: in status is not 0)
 };
 
@@ -224,9 +225,17 @@ class Dumper {
     NofileRaise nofile;
     base_fds_ = open_fds_of_self();
     // The code the survey agents return through, found while the targets still run (a scan of their
-    // executable mappings: most of a millisecond each, kept out of the stop).
+    // executable mappings: most of a millisecond each, kept out of the stop). Not for a process
+    // holding too few fds for an agent to pay (counted now; the stop counts again): it is read
+    // without one.
     if (opts_.survey_agent && !opts_.leave_stopped) {
-      for (pid_t pid : pids_) gadgets_[pid] = sys::find_agent_gadgets(pid);
+      for (pid_t pid : pids_) {
+        struct stat dir {};
+        if (::stat(fmt::format("/proc/{}/fd", pid).c_str(), &dir) == 0 && dir.st_size > 0 && dir.st_size < kSurveyMinFds)
+          no_agent_.insert(pid);
+        else
+          gadgets_[pid] = sys::find_agent_gadgets(pid);
+      }
       if (auto cp = sys::CommitPoint::create()) survey_commit_.emplace(std::move(*cp));  // else each agent makes one
     }
     check_copies_harmless();  // /proc reads kept out of the stop (--tree adds the descendants found in it)
@@ -483,24 +492,49 @@ class Dumper {
     if (auto surveyed = survey_fd_table(ti); !surveyed || *surveyed)
       return surveyed ? Expected<void>{} : tl::unexpected(surveyed.error());
     const Table& t = tables_[ti];
+    if (sparse(t)) return take_listed_fds(ti);
     size_t hits = 0, misses = 0;
     for (int fd = 0; fd < static_cast<int>(t.max_fds); ++fd) {
       if (misses > hits + 4096) return list_fd_table(ti, fd);
-      long r = ::syscall(SYS_pidfd_getfd, t.pidfd.get(), fd, 0);
-      if (r < 0) {
-        if (errno == EBADF) {
-          ++misses;
-          continue;
-        }
-        Error e = sys::call_error("pidfd_getfd", fmt::format("pid={}, fd={}", t.tid, fd));
-        if (e.err == ESRCH) e.kind = Errc::gone;
-        if (e.err == EPERM) e.kind = Errc::permission;
-        return tl::unexpected(in_process(e, t.pid));
+      auto copy = take_fd(t, fd);
+      if (!copy) return tl::unexpected(copy.error());
+      if (!*copy) {
+        ++misses;
+        continue;
       }
       ++hits;
-      if (auto ok = take_copy(ti, fd, sys::UniqueFd(static_cast<int>(r)), -1); !ok) return ok;
+      if (auto ok = take_copy(ti, fd, std::move(*copy), -1); !ok) return ok;
     }
     return {};
+  }
+
+  // A sparse table (sparse()), fast path: its fd numbers listed (one getdents of
+  // /proc/PID/task/TID/fd) and a pidfd_getfd() of each, instead of one of every slot.
+  Expected<void> take_listed_fds(size_t ti) {
+    const Table& t = tables_[ti];
+    sys::UniqueFd dir;
+    auto fds = sys::list_task_fds(t.pid, t.tid, dir);
+    if (!fds) return tl::unexpected(in_process(fds.error(), t.pid));
+    std::sort(fds->begin(), fds->end());
+    ++stats_.listed_tables;
+    for (int fd : *fds) {
+      auto copy = take_fd(t, fd);
+      if (!copy) return tl::unexpected(copy.error());
+      if (*copy)
+        if (auto ok = take_copy(ti, fd, std::move(*copy), -1); !ok) return ok;
+    }
+    return {};
+  }
+
+  // pidfd_getfd() of fd in table t; an empty fd when it is not open.
+  Expected<sys::UniqueFd> take_fd(const Table& t, int fd) {
+    long r = ::syscall(SYS_pidfd_getfd, t.pidfd.get(), fd, 0);
+    if (r >= 0) return sys::UniqueFd(static_cast<int>(r));
+    if (errno == EBADF) return sys::UniqueFd();
+    Error e = sys::call_error("pidfd_getfd", fmt::format("pid={}, fd={}", t.tid, fd));
+    if (e.err == ESRCH) e.kind = Errc::gone;
+    if (e.err == EPERM) e.kind = Errc::permission;
+    return tl::unexpected(in_process(e, t.pid));
   }
 
   // A copy of the file at fd of table ti (pidfd_getfd, or received from the agent's survey): kept
@@ -546,19 +580,25 @@ class Dumper {
   // process's first thread), --leave-stopped and a process in a group stop (the agent's thread
   // must run to return, and a stopped one would stop inside the agent), a thread
   // under seccomp (a filter could kill the target for the agent's socketpair or sendmsg), copies
-  // taken in batches, a table too small for the agent's start to pay (kSurveyMinFds) or too large
-  // to walk number by number (kSurveyMaxFds), DumpOptions::survey_agent off, or an agent that could
-  // not start or survey (the target is then as it was, and the fallback reads it).
+  // taken in batches, too few fds for the agent's start to pay (kSurveyMinFds: counted where the
+  // kernel counts them, else the table's slots), a sparse table (sparse(): the agent walks every
+  // number) or one too large to walk (kSurveyMaxFds), DumpOptions::survey_agent off, or an agent
+  // that could not start or survey (the target is then as it was, and the fallback reads it).
   // The kernel's smallest table (64 slots) is read without the agent: measured (BM_Dump/20/0, 40
   // pipe fds) the agent saved no CPU there and its start (0.3-0.7 ms) only lengthened the stop; at
   // 100 pipes (256 slots) it already saved a third of the dump's CPU.
   static constexpr uint32_t kSurveyMinFds = 65;
   static constexpr uint32_t kSurveyMaxFds = 1u << 16;
+  // Slots per open fd above which a table is sparse: the agent's F_GETFD of every number (0.25 us
+  // each here) then costs the stop more than a listing and a pidfd_getfd per fd (about 2 us a fd).
+  static constexpr uint32_t kSparse = 8;
   Expected<bool> survey_fd_table(size_t ti) {
     const Table& t = tables_[ti];
+    const uint32_t fds = t.open_fds != 0 ? t.open_fds : t.max_fds;
     if (self_ || !opts_.survey_agent || t.own || opts_.leave_stopped || t.seccomp || batch_ != SIZE_MAX ||
-        t.max_fds < kSurveyMinFds || t.max_fds > kSurveyMaxFds)
+        fds < kSurveyMinFds || sparse(t) || t.max_fds > kSurveyMaxFds)
       return false;
+    if (no_agent_.count(t.pid)) return false;  // too few fds before the stop: no gadgets were found
     sys::StoppedProcess& sp = *stopped_[t.proc];
     if (sp.was_stopped()) return false;  // the agent would go into the group stop before it returned
     // The syscall the thread stands in, for mark_blocked(): once the agent ran, its registers are the
@@ -682,8 +722,21 @@ class Dumper {
     t.seccomp = sc == std::string::npos || std::strtoul(text->c_str() + sc + 9, nullptr, 10) != 0;
     size_t at = text->find("\nFDSize:");
     if (at == std::string::npos) return fail(Errc::system, 0, fmt::format("no FDSize in /proc/{}/status", t.tid));
+    struct stat dir {};
+    if (::stat(fmt::format("/proc/{}/task/{}/fd", t.pid, t.tid).c_str(), &dir) == 0 && dir.st_size > 0)
+      t.open_fds = static_cast<uint32_t>(std::min<off_t>(dir.st_size, UINT32_MAX));
     return static_cast<uint32_t>(std::strtoul(text->c_str() + at + 8, nullptr, 10));
   }
+
+  // Copies one table may need at once: its open fds, with room for a few opened meanwhile by a
+  // process that shares the table and is not stopped, when the count is known; else every slot.
+  static uint64_t copies_needed(const Table& t) {
+    return t.open_fds != 0 ? std::min<uint64_t>(t.max_fds, uint64_t{t.open_fds} + 64) : t.max_fds;
+  }
+
+  // A table whose slots are mostly empty (a process that once held many more fds): reading it
+  // number by number, by the agent's F_GETFD or by pidfd_getfd, costs more than listing its fds.
+  static bool sparse(const Table& t) { return t.open_fds != 0 && uint64_t{t.open_fds} * kSparse < t.max_fds; }
 
   // Every table: the fast path (probe_fd_table) where taking a socket changes nothing (see
   // check_copies_harmless), else the slow path (list_fd_table). When pipecr cannot hold a copy of
@@ -695,7 +748,7 @@ class Dumper {
       auto n = table_size(t);
       if (!n) return tl::unexpected(n.error());
       t.max_fds = *n;
-      slots += *n;
+      slots += copies_needed(t);
     }
     limit_ = nofile.soft();
     uint64_t reserve = base_fds_ + 64;
@@ -1313,7 +1366,8 @@ class Dumper {
   std::vector<ProcessRecord> procs_;
   std::vector<std::unique_ptr<sys::StoppedProcess>> stopped_;
   std::map<pid_t, sys::SyscallState> agent_threads_;
-  std::map<pid_t, sys::AgentGadgets> gadgets_;  // per process, found before the stop  // threads an agent ran in: their syscall state before it
+  std::map<pid_t, sys::AgentGadgets> gadgets_;  // per process, found before the stop
+  std::set<pid_t> no_agent_;  // processes holding too few fds before the stop for an agent  // threads an agent ran in: their syscall state before it
   std::vector<Table> tables_;
   std::vector<SharedFdTable> shared_;
   std::vector<Holder> holders_;

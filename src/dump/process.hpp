@@ -42,6 +42,7 @@ struct DumpStats {
   uint64_t seize_ns = 0;       // of which seizing (PTRACE_SEIZE + INTERRUPT + wait, every thread)
   uint64_t tables = 0;         // fd tables read (a thread's own table counts; a shared one once)
   uint64_t batches = 0;        // pidfd_getfd() batches: 1 unless pipecr's fd limit was short
+  uint64_t listed_tables = 0;  // sparse tables whose fds were listed, not probed slot by slot
   uint64_t scratch_pipes = 0;  // scratch pipes the snapshots were packed into
   uint64_t changed_after_resume = 0;  // fds closed or reused between the resume and their fdinfo read
   uint64_t pipes = 0;

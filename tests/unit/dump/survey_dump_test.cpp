@@ -211,7 +211,8 @@ TEST(SurveyDump, AProcessUnderSeccompIsReadWithoutTheAgent) {
     int p[2];
     if (::pipe(p) < 0 || ::write(p[1], "abc", 3) != 3) return 4;
     ::fcntl(p[0], F_SETFD, FD_CLOEXEC);
-    if (::dup2(p[1], 100) < 0) return 6;  // a table of 128 slots: large enough for the agent
+    for (int fd = 30; fd <= 100; ++fd)  // 73 fds in a table of 128 slots: enough for the agent
+      if (::dup2(p[1], fd) < 0) return 6;
     ::close(ready);
     testing::wait_usr1();
     int q = 0;
@@ -230,6 +231,55 @@ TEST(SurveyDump, AProcessUnderSeccompIsReadWithoutTheAgent) {
   for (const FdRecord& r : img->fds) cloexec += r.cloexec;
   EXPECT_EQ(cloexec, 1);
   EXPECT_EQ(c.finish(), 0);
+}
+
+// A table that once held thousands of fds and now holds few (FDSize stays): its fds are listed and
+// taken one by one, not probed slot by slot, and without the agent, which would walk every slot; the
+// records are what the child made. With 100 pipes (more than the agent's minimum) as with 20.
+TEST(SurveyDump, ASparseTableIsListedNotWalked) {
+  testing::raise_nofile();
+  for (int pipes : {20, 100}) {
+    SCOPED_TRACE(fmt::format("{} pipes", pipes));
+    DumpChild c([pipes](int ready) {
+      testing::block_usr1();
+      if (::dup2(0, 5000) < 0) return 2;  // the table grows to 8,192 slots and keeps them
+      ::close(5000);
+      for (int i = 0; i < pipes; ++i) {
+        int p[2];
+        if (::pipe(p) < 0 || ::write(p[1], "abc", static_cast<size_t>(i % 4)) != i % 4) return 3;
+        if (i % 3 == 0) ::fcntl(p[0], F_SETFD, FD_CLOEXEC);
+      }
+      ::close(ready);
+      testing::wait_usr1();
+      return 0;
+    });
+    ASSERT_TRUE(c.ready());
+    int slots = 0;
+    {
+      std::ifstream status(fmt::format("/proc/{}/status", c.pid()));
+      std::string line;
+      while (std::getline(status, line))
+        if (line.rfind("FDSize:", 0) == 0) slots = std::stoi(line.substr(7));
+    }
+    ASSERT_GE(slots, 8192);
+    std::vector<std::byte> bytes;
+    dump::DumpStats stats{};
+    auto img = dump(c.pid(), true, bytes, stats);
+    ASSERT_TRUE(img) << img.error().what;
+    expect_running(c.pid());
+    EXPECT_EQ(stats.agents, 0u);
+    EXPECT_EQ(stats.listed_tables, 1u);
+    ASSERT_EQ(img->pipes.size(), static_cast<size_t>(pipes));
+    size_t queued = 0, cloexec = 0;
+    for (const PipeRecord& p : img->pipes) queued += p.bytes();
+    for (const FdRecord& r : img->fds) cloexec += r.cloexec;
+    size_t want = 0;
+    for (int i = 0; i < pipes; ++i) want += static_cast<size_t>(i % 4);
+    EXPECT_EQ(queued, want);
+    EXPECT_EQ(cloexec, static_cast<size_t>((pipes + 2) / 3));
+    EXPECT_EQ(img->fds.size(), static_cast<size_t>(2 * pipes));
+    EXPECT_EQ(c.finish(), 0);
+  }
 }
 
 // A table of the kernel's smallest size (64 slots) is read without the agent: its start would cost
