@@ -10,6 +10,7 @@
 #include <sys/mman.h>
 #include <sys/ptrace.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <sys/uio.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -96,6 +97,22 @@ Feature probe_dupfd_query(bool& ok) {
   int err = 0;
   ok = f.ok = dupfd_query_answers(&err);
   f.detail = f.ok ? "works" : err ? errno_text(err) : "gave wrong answers";
+  return f;
+}
+
+// stat() of /proc/self/fd: its st_size is the number of open fds (Linux 6.2), checked against one
+// more fd opened.
+Feature probe_proc_fd_count(bool& ok) {
+  Feature f{"proc_fd_count", false, "",
+            "Linux 6.2+; optional: without it the dump tells a table's fds by its size alone (a table that "
+            "once held many fds is then walked slot by slot, and may get the survey agent for few fds)",
+            false, false};
+  struct stat a {}, b {};
+  const bool before = ::stat("/proc/self/fd", &a) == 0;
+  UniqueFd extra(::open("/dev/null", O_RDONLY | O_CLOEXEC));
+  const bool after = extra && ::stat("/proc/self/fd", &b) == 0;
+  ok = f.ok = before && after && a.st_size > 0 && b.st_size == a.st_size + 1;
+  f.detail = f.ok ? "works" : !before || !after ? "stat(/proc/self/fd) failed" : "not counted (st_size 0)";
   return f;
 }
 
@@ -302,6 +319,7 @@ KernelFeatures probe_kernel_features() {
   k.kcmp = kcmp.ok;
   k.report.push_back(std::move(kcmp));
   k.report.push_back(probe_dupfd_query(k.dupfd_query));
+  k.report.push_back(probe_proc_fd_count(k.proc_fd_count));
   Feature seize = probe_ptrace_seize();
   k.ptrace_seize = seize.ok;
   k.report.push_back(std::move(seize));
