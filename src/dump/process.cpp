@@ -230,8 +230,8 @@ class Dumper {
     // without one.
     if (opts_.survey_agent && !opts_.leave_stopped) {
       for (pid_t pid : pids_) {
-        struct stat dir {};
-        if (::stat(fmt::format("/proc/{}/fd", pid).c_str(), &dir) == 0 && dir.st_size > 0 && dir.st_size < kSurveyMinFds)
+        const uint32_t fds = sys::open_fd_count(pid);
+        if (fds != 0 && fds < kSurveyMinFds)
           no_agent_.insert(pid);
         else
           gadgets_[pid] = sys::find_agent_gadgets(pid);
@@ -722,9 +722,7 @@ class Dumper {
     t.seccomp = sc == std::string::npos || std::strtoul(text->c_str() + sc + 9, nullptr, 10) != 0;
     size_t at = text->find("\nFDSize:");
     if (at == std::string::npos) return fail(Errc::system, 0, fmt::format("no FDSize in /proc/{}/status", t.tid));
-    struct stat dir {};
-    if (::stat(fmt::format("/proc/{}/task/{}/fd", t.pid, t.tid).c_str(), &dir) == 0 && dir.st_size > 0)
-      t.open_fds = static_cast<uint32_t>(std::min<off_t>(dir.st_size, UINT32_MAX));
+    t.open_fds = sys::open_fd_count(t.pid, t.tid);
     return static_cast<uint32_t>(std::strtoul(text->c_str() + at + 8, nullptr, 10));
   }
 
@@ -1365,9 +1363,9 @@ class Dumper {
   std::vector<pid_t> pids_;
   std::vector<ProcessRecord> procs_;
   std::vector<std::unique_ptr<sys::StoppedProcess>> stopped_;
-  std::map<pid_t, sys::SyscallState> agent_threads_;
+  std::map<pid_t, sys::SyscallState> agent_threads_;  // threads an agent ran in: their syscall state before it
   std::map<pid_t, sys::AgentGadgets> gadgets_;  // per process, found before the stop
-  std::set<pid_t> no_agent_;  // processes holding too few fds before the stop for an agent  // threads an agent ran in: their syscall state before it
+  std::set<pid_t> no_agent_;  // processes holding too few fds before the stop for an agent
   std::vector<Table> tables_;
   std::vector<SharedFdTable> shared_;
   std::vector<Holder> holders_;

@@ -7,6 +7,7 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -221,6 +222,14 @@ Expected<ProcStat> read_stat(pid_t pid) {
 Expected<ProcStat> read_task_stat(pid_t pid, pid_t tid) {
   PathBuf p;
   return stat_at(pid, make_path(p, "/proc/{}/task/{}/stat", pid, tid));
+}
+
+uint32_t open_fd_count(pid_t pid, pid_t tid) {
+  PathBuf p;
+  const char* path = tid ? make_path(p, "/proc/{}/task/{}/fd", pid, tid) : make_path(p, "/proc/{}/fd", pid);
+  struct stat st {};
+  if (::stat(path, &st) < 0 || st.st_size <= 0) return 0;
+  return static_cast<uint32_t>(std::min<off_t>(st.st_size, UINT32_MAX));
 }
 
 Expected<pid_t> read_ppid(pid_t pid) {

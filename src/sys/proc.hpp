@@ -47,6 +47,9 @@ struct ProcStat {
 // Same, for one thread (/proc/PID/task/TID/stat).
 [[nodiscard]] Expected<ProcStat> read_task_stat(pid_t pid, pid_t tid);
 [[nodiscard]] Expected<pid_t> read_ppid(pid_t pid);
+// The fds open in the table of thread tid of pid (tid 0: of pid), as the kernel counts them (st_size
+// of /proc/PID/task/TID/fd, Linux 6.2: no listing); 0 when it does not count them (or none is open).
+[[nodiscard]] uint32_t open_fd_count(pid_t pid, pid_t tid = 0);
 [[nodiscard]] Expected<char> read_state(pid_t pid);
 // Parse the text of a stat file (exposed for tests).
 [[nodiscard]] Expected<ProcStat> parse_stat(std::string_view text);

@@ -7,11 +7,13 @@
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <thread>
 
@@ -179,6 +181,35 @@ TEST(ProcFds, ListsPipeWithInode) {
   auto bare = list_fds(::getpid(), false);
   ASSERT_TRUE(bare);
   EXPECT_EQ(bare->size(), fds->size());
+}
+
+// The kernel's count of a table's open fds (Linux 6.2) is the listing's, for the process and for one
+// of its threads (the same table), and follows fds opened and closed; a table that grew keeps its
+// slots but not its count. Where the kernel does not count, 0.
+TEST(ProcFds, OpenFdCountIsTheListingsCount) {
+  if (open_fd_count(::getpid()) == 0) GTEST_SKIP() << "the kernel does not count open fds in /proc/PID/fd (Linux 6.2)";
+  auto listed = [] { return list_fds(::getpid(), false)->size() - 1; };  // less the listing's own fd
+  EXPECT_EQ(open_fd_count(::getpid()), listed());
+  std::vector<UniqueFd> more;
+  for (int i = 0; i < 100; ++i) more.emplace_back(::open("/dev/null", O_RDONLY | O_CLOEXEC));
+  UniqueFd high(::fcntl(more[0].get(), F_DUPFD_CLOEXEC, 3000));
+  ASSERT_TRUE(high);
+  const uint32_t with = open_fd_count(::getpid());
+  EXPECT_EQ(with, listed());
+  std::atomic<pid_t> live{0};
+  std::atomic<bool> done{false};
+  std::thread t([&] {
+    live = static_cast<pid_t>(::syscall(SYS_gettid));
+    while (!done) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  });
+  while (!live) std::this_thread::yield();
+  EXPECT_EQ(open_fd_count(::getpid(), live), with);
+  done = true;
+  t.join();
+  more.clear();
+  high.reset();
+  EXPECT_EQ(open_fd_count(::getpid()), with - 101);
+  EXPECT_EQ(open_fd_count(::getpid()), listed());
 }
 
 TEST(ProcFds, TenThousandFdsQuickly) {
