@@ -47,12 +47,32 @@ Expected<Image> dump(pid_t pid, bool agent, std::vector<std::byte>& bytes, dump:
   return image::parse(bytes);
 }
 
+// dump() with the agent allowed, of a process that must be read without it: checks that, and that
+// the process runs on.
+Expected<Image> dump_without_agent(pid_t pid, std::vector<std::byte>& bytes, dump::DumpStats& stats) {
+  auto img = dump(pid, true, bytes, stats);
+  if (img) {
+    expect_running(pid);
+    EXPECT_EQ(stats.agents, 0u);
+  }
+  return img;
+}
+
 // A copy of the child's fd (pidfd_getfd), to write into.
 int fd_of_child(pid_t pid, int fd) {
   int pfd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
   int copy = static_cast<int>(::syscall(SYS_pidfd_getfd, pfd, fd, 0));
   ::close(pfd);
   return copy;
+}
+
+// The slots of pid's fd table (FDSize in its status).
+int fd_slots(pid_t pid) {
+  std::ifstream status(fmt::format("/proc/{}/status", pid));
+  std::string line;
+  while (std::getline(status, line))
+    if (line.rfind("FDSize:", 0) == 0) return std::stoi(line.substr(7));
+  return 0;
 }
 
 std::string fifo_path() { return fmt::format("/tmp/pipecr-survey-test-{}", ::getpid()); }
@@ -221,10 +241,8 @@ TEST(SurveyDump, AProcessUnderSeccompIsReadWithoutTheAgent) {
   ASSERT_TRUE(c.ready());
   std::vector<std::byte> bytes;
   dump::DumpStats stats{};
-  auto img = dump(c.pid(), true, bytes, stats);
+  auto img = dump_without_agent(c.pid(), bytes, stats);
   ASSERT_TRUE(img) << img.error().what;
-  expect_running(c.pid());
-  EXPECT_EQ(stats.agents, 0u);
   ASSERT_EQ(img->pipes.size(), 1u);
   EXPECT_EQ(img->pipes[0].bytes(), 3u);
   int cloexec = 0;
@@ -254,20 +272,11 @@ TEST(SurveyDump, ASparseTableIsListedNotWalked) {
       return 0;
     });
     ASSERT_TRUE(c.ready());
-    int slots = 0;
-    {
-      std::ifstream status(fmt::format("/proc/{}/status", c.pid()));
-      std::string line;
-      while (std::getline(status, line))
-        if (line.rfind("FDSize:", 0) == 0) slots = std::stoi(line.substr(7));
-    }
-    ASSERT_GE(slots, 8192);
+    ASSERT_GE(fd_slots(c.pid()), 8192);
     std::vector<std::byte> bytes;
     dump::DumpStats stats{};
-    auto img = dump(c.pid(), true, bytes, stats);
+    auto img = dump_without_agent(c.pid(), bytes, stats);
     ASSERT_TRUE(img) << img.error().what;
-    expect_running(c.pid());
-    EXPECT_EQ(stats.agents, 0u);
     EXPECT_EQ(stats.listed_tables, 1u);
     ASSERT_EQ(img->pipes.size(), static_cast<size_t>(pipes));
     size_t queued = 0, cloexec = 0;
@@ -306,20 +315,11 @@ TEST(SurveyDump, ASmallTableIsReadWithoutTheAgent) {
   std::ifstream kids(fmt::format("/proc/{}/task/{}/children", c.pid(), c.pid()));
   pid_t g = 0;
   ASSERT_TRUE(kids >> g);
-  int slots = 0;
-  {
-    std::ifstream status(fmt::format("/proc/{}/status", g));
-    std::string line;
-    while (std::getline(status, line))
-      if (line.rfind("FDSize:", 0) == 0) slots = std::stoi(line.substr(7));
-  }
-  ASSERT_EQ(slots, 64);
+  ASSERT_EQ(fd_slots(g), 64);
   std::vector<std::byte> bytes;
   dump::DumpStats stats{};
-  auto img = dump(g, true, bytes, stats);
+  auto img = dump_without_agent(g, bytes, stats);
   ASSERT_TRUE(img) << img.error().what;
-  expect_running(g);
-  EXPECT_EQ(stats.agents, 0u);
   ASSERT_EQ(img->pipes.size(), 1u);
   EXPECT_EQ(img->pipes[0].bytes(), 2u);
   ::kill(g, SIGUSR1);
