@@ -76,6 +76,14 @@ Expected<int> run_dump(const Options& o, CommandContext& ctx) {
                "{:.3f} ms\n",
                records.processes.size(), stats->pipes, stats->files, stats->fds, stats->in_flight, stats->bytes,
                static_cast<double>(stats->stopped_ns) / 1e6);
+  if (o.verbose) {
+    const auto ms = [](uint64_t ns) { return static_cast<double>(ns) / 1e6; };
+    fmt::print(ctx.err,
+               "pipecr dump: {} fd tables: {} read by an agent in the target, {} listed (few fds in many slots), "
+               "the rest slot by slot; {:.3f} ms before the stop, {:.3f} ms after it, {:.3f} ms writing\n",
+               stats->tables, stats->agents, stats->listed_tables, ms(stats->before_stop_ns),
+               ms(stats->after_resume_ns), ms(stats->write_ns));
+  }
   if (stats->other_in_flight > 0)
     fmt::print(ctx.err, "pipecr dump: note: {} files in flight in unix sockets are not pipes or FIFOs: not recorded\n",
                stats->other_in_flight);
