@@ -27,6 +27,7 @@
 
 #include "sys/agent/agent_abi.h"
 #include "sys/arch.hpp"
+#include "sys/proc.hpp"
 #include "sys/remote.hpp"
 #include "sys/syscalls.hpp"
 
@@ -168,14 +169,21 @@ void boot_step(AgentBootStep step, uint64_t base, bool chained) {
 #define KCMP_VM 1
 #endif
 
+// Whether process `other` uses pid's address space (kcmp KCMP_VM); one that kcmp may not inspect
+// (EPERM, EACCES: another user's, for a pipecr without CAP_SYS_PTRACE) or that ended meanwhile
+// (ESRCH) counts as not; any other failure as sharing, since it cannot be ruled out.
+bool shares_mm(pid_t pid, pid_t other) {
+  const long r = ::syscall(SYS_kcmp, pid, other, KCMP_VM, 0, 0);
+  return r == 0 || (r < 0 && errno != ESRCH && errno != EPERM && errno != EACCES);
+}
+
 // Whether a task outside pid's thread group uses its address space (clone(CLONE_VM) without
 // CLONE_THREAD: a vfork or posix_spawn child before its exec, a process made with clone(CLONE_VM),
 // another target of the same restore): kcmp(KCMP_VM) against every process in /proc. Such a task is
 // not stopped with pid, so it could map at the agent's chosen address before the bootstrap's mmap,
 // and the chain's munmap would then remove its mapping. True when that cannot be ruled out (no
-// kcmp, /proc unreadable). Processes that kcmp may not inspect (EPERM: another user's, for a pipecr
-// without CAP_SYS_PTRACE) or that ended meanwhile are skipped. A process that stands at a thread
-// whose leader has exited is seen through the leader's entry, whose mm is gone: it is missed.
+// kcmp, /proc unreadable); see shares_mm() for the processes skipped. A process that stands at a
+// thread whose leader has exited is seen through the leader's entry, whose mm is gone: it is missed.
 bool mm_shared_outside(pid_t pid) {
   DIR* d = ::opendir("/proc");
   if (!d) return true;
@@ -185,8 +193,7 @@ bool mm_shared_outside(pid_t pid) {
     char* end = nullptr;
     const long other = std::strtol(e->d_name, &end, 10);
     if (*end || other == pid) continue;
-    const long r = ::syscall(SYS_kcmp, pid, static_cast<pid_t>(other), KCMP_VM, 0, 0);
-    if (r == 0 || (r < 0 && errno != ESRCH && errno != EPERM && errno != EACCES)) {
+    if (shares_mm(pid, static_cast<pid_t>(other))) {
       shared = true;
       break;
     }
@@ -195,54 +202,23 @@ bool mm_shared_outside(pid_t pid) {
   return shared;
 }
 
-// The children of every thread of p (/proc/P/task/TID/children); nullopt when the kernel does not
-// list them (no CONFIG_PROC_CHILDREN) or p is gone.
-std::optional<std::vector<pid_t>> children_of(pid_t p) {
-  if (::access("/proc/thread-self/children", R_OK) != 0) return std::nullopt;
-  DIR* d = ::opendir(fmt::format("/proc/{}/task", p).c_str());
-  if (!d) return std::nullopt;
-  std::vector<pid_t> out;
-  while (dirent* e = ::readdir(d)) {
-    if (e->d_name[0] == '.') continue;
-    std::FILE* f = std::fopen(fmt::format("/proc/{}/task/{}/children", p, e->d_name).c_str(), "re");
-    if (!f) continue;  // a thread that exited meanwhile
-    for (int c; std::fscanf(f, "%d", &c) == 1;) out.push_back(c);
-    std::fclose(f);
-  }
-  ::closedir(d);
-  return out;
-}
-
 // mm_shared_outside(pid) while pid is stopped, knowing what find_agent_gadgets() saw before the stop.
 // No other process shared the address space then: one that does now was made since by a thread of
 // pid (clone(CLONE_VM), a child of that thread, or with CLONE_PARENT a child of pid's parent), since
 // only a task in that address space can give it to a new one, and every other was seen. Those are
-// the only ones checked (a few /proc reads). Else (not looked, or one did: it may have exec'd since),
-// the whole of /proc.
+// the only ones checked (a few /proc reads: sys::children() lists the children of every thread).
+// Else (not looked, or one did: it may have exec'd since; children not listed), the whole of /proc.
 bool mm_shared_at_stop(pid_t pid, const std::optional<AgentGadgets>& before) {
   if (!before || before->mm_shared != 0) return mm_shared_outside(pid);
-  std::vector<pid_t> candidates;
-  auto children = children_of(pid);
-  if (!children) return mm_shared_outside(pid);
-  candidates = std::move(*children);
-  pid_t parent = 0;
-  if (std::FILE* f = std::fopen(fmt::format("/proc/{}/stat", pid).c_str(), "re")) {
-    char buf[1024];
-    const size_t n = std::fread(buf, 1, sizeof buf - 1, f);
-    std::fclose(f);
-    buf[n] = 0;
-    if (const char* close = std::strrchr(buf, ')')) (void)std::sscanf(close + 1, " %*c %d", &parent);
-  }
-  if (parent > 0) {
-    auto siblings = children_of(parent);
+  auto candidates = children(pid);
+  if (!candidates) return mm_shared_outside(pid);
+  if (auto parent = read_ppid(pid); parent && *parent > 0) {
+    auto siblings = children(*parent);
     if (!siblings) return mm_shared_outside(pid);
-    candidates.insert(candidates.end(), siblings->begin(), siblings->end());
+    candidates->insert(candidates->end(), siblings->begin(), siblings->end());
   }
-  for (pid_t other : candidates) {
-    if (other == pid) continue;
-    const long r = ::syscall(SYS_kcmp, pid, other, KCMP_VM, 0, 0);
-    if (r == 0 || (r < 0 && errno != ESRCH && errno != EPERM && errno != EACCES)) return true;
-  }
+  for (pid_t other : *candidates)
+    if (other != pid && shares_mm(pid, other)) return true;
   return false;
 }
 
