@@ -46,9 +46,6 @@
 #include "sys/syscalls.hpp"
 #include "sys/unix_peek.hpp"
 
-#ifndef KCMP_FILES
-#define KCMP_FILES 2
-#endif
 #ifndef PIDFD_THREAD
 #define PIDFD_THREAD O_EXCL
 #endif
@@ -74,17 +71,6 @@ Error in_process(Error e, pid_t pid) {
     e.what = fmt::format("process {}: {}", pid, e.what);
   }
   return e;
-}
-
-// Whether two threads (of any processes) use one fd table: kcmp(KCMP_FILES) orders table pointers.
-Expected<int> kcmp_files(pid_t a, pid_t b) {
-  long r = ::syscall(SYS_kcmp, a, b, KCMP_FILES, 0, 0);
-  if (r < 0) {
-    Error e = sys::call_error("kcmp", fmt::format("pid1={}, pid2={}, KCMP_FILES", a, b));
-    if (e.err == ESRCH) e.kind = Errc::gone;
-    return tl::unexpected(e);
-  }
-  return r == 0 ? 0 : r == 1 ? -1 : 1;
 }
 
 // A pidfd of one thread (PIDFD_THREAD, Linux 6.9+) or of a process: pidfd_getfd() takes the fd
@@ -339,7 +325,7 @@ class Dumper {
       tables_.push_back(Table{.proc = i, .pid = pids_[i], .tid = first, .own = false, .pidfd = {}});
       std::vector<pid_t> others;  // first threads of the extra tables
       for (size_t k = 1; k < tids.size(); ++k) {
-        auto c = kcmp_files(first, tids[k]);
+        auto c = sys::kcmp_files(first, tids[k]);
         if (!c) {
           if (c.error().kind == Errc::gone) continue;  // that thread exited
           return tl::unexpected(in_process(c.error(), pids_[i]));
@@ -347,7 +333,7 @@ class Dumper {
         if (*c == 0) continue;
         bool known = false;
         for (pid_t o : others) {
-          auto c2 = kcmp_files(o, tids[k]);
+          auto c2 = sys::kcmp_files(o, tids[k]);
           if (c2 && *c2 == 0) known = true;
         }
         if (known) continue;
@@ -364,7 +350,7 @@ class Dumper {
           table_of.push_back(t);
         }
       auto groups = sys::group_by_open_file(
-          firsts, [](const sys::FdRef& a, const sys::FdRef& b) { return kcmp_files(a.pid, b.pid); });
+          firsts, [](const sys::FdRef& a, const sys::FdRef& b) { return sys::kcmp_files(a.pid, b.pid); });
       if (!groups) return tl::unexpected(groups.error());
       std::vector<bool> drop(tables_.size(), false);
       for (const sys::FdGroup& g : *groups)
@@ -1102,7 +1088,7 @@ class Dumper {
     }
     for (const Table& t : tables_)
       if (t.pid == pid && t.own) {
-        auto c = kcmp_files(t.tid, tid);
+        auto c = sys::kcmp_files(t.tid, tid);
         if (c && *c == 0) return t.tid;
       }
     return main;

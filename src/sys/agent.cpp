@@ -41,24 +41,6 @@ constexpr uint64_t kAgentStackGap = 64;    // between the register block and the
 uint64_t round_up(uint64_t v, uint64_t to) { return (v + to - 1) / to * to; }
 
 
-Expected<void> write_remote(pid_t pid, uint64_t addr, const void* data, size_t len) {
-  iovec local{const_cast<void*>(data), len};
-  iovec remote{reinterpret_cast<void*>(addr), len};
-  ssize_t n = ::process_vm_writev(pid, &local, 1, &remote, 1, 0);
-  if (n != static_cast<ssize_t>(len))
-    return fail_errno(n < 0 ? errno : EFAULT, fmt::format("process_vm_writev(pid={}, addr={:#x}, len={})", pid, addr, len));
-  return {};
-}
-
-Expected<void> read_remote(pid_t pid, uint64_t addr, void* data, size_t len) {
-  iovec local{data, len};
-  iovec remote{reinterpret_cast<void*>(addr), len};
-  ssize_t n = ::process_vm_readv(pid, &local, 1, &remote, 1, 0);
-  if (n != static_cast<ssize_t>(len))
-    return fail_errno(n < 0 ? errno : EFAULT, fmt::format("process_vm_readv(pid={}, addr={:#x}, len={})", pid, addr, len));
-  return {};
-}
-
 // Looks for the two pieces of the target's own code that the rt_sigframe return needs (arch.hpp):
 // a `syscall; ret` and a restorer, in its executable file mappings and [vdso], read in chunks with
 // process_vm_readv (nothing is written). 0 where one is missing.

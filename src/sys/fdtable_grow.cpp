@@ -2,10 +2,7 @@
 // fdtable_grow.hpp for the kernel fact and the kill-safe way the dup3 runs).
 #include "sys/fdtable_grow.hpp"
 
-#include <dirent.h>
-#include <linux/kcmp.h>
 #include <sys/syscall.h>
-#include <sys/uio.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -14,7 +11,6 @@
 #include <climits>
 #include <cstdio>
 #include <cstring>
-#include <fstream>
 #include <optional>
 #include <string>
 #include <vector>
@@ -22,7 +18,9 @@
 #include <fmt/format.h>
 
 #include "sys/arch.hpp"
+#include "sys/proc.hpp"
 #include "sys/ptrace.hpp"
+#include "sys/syscalls.hpp"
 
 namespace pipecr::sys {
 namespace {
@@ -32,30 +30,17 @@ std::atomic<bool> g_enabled{true};
 // An fd number above every table (fs.nr_open is at most about 2^30): dup3 finds nothing there.
 constexpr int kNeverOpen = INT_MAX;
 
-// The state letter of /proc/PID/task/TID/stat, or 0 when the task is gone (comm may hold ')').
+// The state letter of /proc/PID/task/TID/stat, or 0 when the task is gone.
 char task_state(pid_t pid, pid_t tid) {
-  std::ifstream in(fmt::format("/proc/{}/task/{}/stat", pid, tid));
-  std::string line;
-  if (!in || !std::getline(in, line)) return 0;
-  const auto paren = line.rfind(')');
-  return paren == std::string::npos || paren + 2 >= line.size() ? 0 : line[paren + 2];
-}
-
-std::vector<pid_t> tasks_of(pid_t pid) {
-  std::vector<pid_t> out;
-  DIR* d = ::opendir(fmt::format("/proc/{}/task", pid).c_str());
-  if (!d) return out;
-  while (dirent* e = ::readdir(d))
-    if (e->d_name[0] >= '0' && e->d_name[0] <= '9') out.push_back(static_cast<pid_t>(std::atol(e->d_name)));
-  ::closedir(d);
-  return out;
+  auto st = read_task_stat(pid, tid);
+  return st ? st->state : 0;
 }
 
 // Whether tasks a and b use the same fd table: 1 yes, 0 no, -1 unknown (kcmp refused or missing).
 int same_table(pid_t a, pid_t b) {
   if (a == b) return 1;
-  const long r = ::syscall(SYS_kcmp, a, b, KCMP_FILES, 0, 0);
-  return r < 0 ? -1 : r == 0;
+  auto c = kcmp_files(a, b);
+  return c ? *c == 0 : -1;
 }
 
 Error frame_error(pid_t pid, pid_t tid, const std::string& what) {
@@ -111,16 +96,10 @@ Expected<long> dup3_in_thread(pid_t pid, pid_t tid, int oldfd, int newfd, const 
   const bool no_signal = !p.signal_pending(tid);
   const arch::SigFrame frame =
       arch::build_sigframe(arch::as_resumed_by_sigreturn(*saved, no_signal), *mask, *fpu, g.restorer);
-  {
-    iovec local{const_cast<unsigned char*>(frame.bytes.data()), frame.bytes.size()};
-    iovec remote{reinterpret_cast<void*>(frame.frame), frame.bytes.size()};
-    const ssize_t n = ::process_vm_writev(pid, &local, 1, &remote, 1, 0);
-    if (n != static_cast<ssize_t>(frame.bytes.size()))
-      return fail_errno(n < 0 ? errno : EFAULT,
-                        fmt::format("pid {} (thread {}): no room for the signal frame on its stack: "
-                                    "process_vm_writev(addr={:#x}, len={})",
-                                    pid, tid, frame.frame, frame.bytes.size()));
-  }
+  if (auto ok = write_remote(pid, frame.frame, frame.bytes.data(), frame.bytes.size()); !ok)
+    return tl::unexpected(Error{ok.error().kind, ok.error().err,
+                                fmt::format("pid {} (thread {}): no room for the signal frame on its stack: {}", pid,
+                                            tid, ok.error().what)});
   // From here pipecr's death at any moment returns the thread through the frame: the registers
   // point at the gadget first (a death now runs the dup3 and returns), then every signal is blocked
   // (the frame holds the real mask, which rt_sigreturn restores).
@@ -183,7 +162,7 @@ Expected<FdTableGrowth> pregrow_fd_table(pid_t pid, pid_t owner, int want, uint6
   // parent, or the stop would wait), stopped or dead.
   size_t sharers = 0;
   pid_t sleeping = 0, running = 0;
-  for (pid_t tid : tasks_of(pid)) {
+  for (pid_t tid : list_threads(pid).value_or(std::vector<pid_t>{})) {
     const int same = same_table(owner, tid);
     if (same == 0) continue;
     if (same < 0 && tid != owner && owner != pid) continue;  // unknown, and the holder has a table of its own

@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <sys/ioctl.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -11,6 +12,9 @@
 
 #ifndef KCMP_FILE
 #define KCMP_FILE 0
+#endif
+#ifndef KCMP_FILES
+#define KCMP_FILES 2
 #endif
 
 namespace pipecr::sys {
@@ -106,6 +110,34 @@ Expected<int> kcmp_file(pid_t pid1, int fd1, pid_t pid2, int fd2) {
     return tl::unexpected(
         call_error("kcmp", fmt::format("pid1={}, pid2={}, KCMP_FILE, fd1={}, fd2={}", pid1, pid2, fd1, fd2)));
   return r == 0 ? 0 : (r == 1 ? -1 : 1);
+}
+
+Expected<int> kcmp_files(pid_t a, pid_t b) {
+  long r = ::syscall(SYS_kcmp, a, b, KCMP_FILES, 0, 0);
+  if (r < 0) {
+    Error e = call_error("kcmp", fmt::format("pid1={}, pid2={}, KCMP_FILES", a, b));
+    if (e.err == ESRCH) e.kind = Errc::gone;
+    return tl::unexpected(e);
+  }
+  return r == 0 ? 0 : r == 1 ? -1 : 1;
+}
+
+Expected<void> write_remote(pid_t pid, uint64_t addr, const void* data, size_t len) {
+  iovec local{const_cast<void*>(data), len};
+  iovec remote{reinterpret_cast<void*>(addr), len};
+  ssize_t n = ::process_vm_writev(pid, &local, 1, &remote, 1, 0);
+  if (n != static_cast<ssize_t>(len))
+    return fail_errno(n < 0 ? errno : EFAULT, fmt::format("process_vm_writev(pid={}, addr={:#x}, len={})", pid, addr, len));
+  return {};
+}
+
+Expected<void> read_remote(pid_t pid, uint64_t addr, void* data, size_t len) {
+  iovec local{data, len};
+  iovec remote{reinterpret_cast<void*>(addr), len};
+  ssize_t n = ::process_vm_readv(pid, &local, 1, &remote, 1, 0);
+  if (n != static_cast<ssize_t>(len))
+    return fail_errno(n < 0 ? errno : EFAULT, fmt::format("process_vm_readv(pid={}, addr={:#x}, len={})", pid, addr, len));
+  return {};
 }
 
 Expected<UniqueFd> pidfd_open(pid_t pid) {

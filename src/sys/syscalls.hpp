@@ -41,6 +41,13 @@ struct PipePair {
 
 // kcmp(KCMP_FILE): <0, 0, >0 like strcmp: orders open file descriptions across processes.
 [[nodiscard]] Expected<int> kcmp_file(pid_t pid1, int fd1, pid_t pid2, int fd2);
+// kcmp(KCMP_FILES): the same for the fd tables two threads (of any processes) use; Errc::gone when
+// one of them does not exist.
+[[nodiscard]] Expected<int> kcmp_files(pid_t a, pid_t b);
+// len bytes at addr in pid's memory, written from data / read into data in one process_vm_writev /
+// process_vm_readv; an error (EFAULT for a short one) names the call.
+[[nodiscard]] Expected<void> write_remote(pid_t pid, uint64_t addr, const void* data, size_t len);
+[[nodiscard]] Expected<void> read_remote(pid_t pid, uint64_t addr, void* data, size_t len);
 [[nodiscard]] Expected<UniqueFd> pidfd_open(pid_t pid);
 [[nodiscard]] Expected<UniqueFd> pidfd_getfd(int pidfd, int fd, pid_t pid_for_errors);
 
