@@ -7,6 +7,7 @@
 //   anything else without an event             signal-delivery-stop: the signal is WSTOPSIG.
 #include "sys/ptrace.hpp"
 
+#include "sys/proc.hpp"
 #include "sys/remote.hpp"
 
 #include <dirent.h>
@@ -40,14 +41,11 @@ using arch::is_restart_code;
 bool is_stop_signal(int sig) { return sig == SIGSTOP || sig == SIGTSTP || sig == SIGTTIN || sig == SIGTTOU; }
 
 // The state letter of /proc/PID/task/TID/stat ('R', 'S', 'T', 't', 'Z'...), or nullopt when the task
-// does not exist. comm may contain ')' and spaces: the state follows the last ')'.
+// does not exist.
 std::optional<char> task_state(pid_t pid, pid_t tid) {
-  std::ifstream in(fmt::format("/proc/{}/task/{}/stat", pid, tid));
-  std::string line;
-  if (!in || !std::getline(in, line)) return std::nullopt;
-  auto paren = line.rfind(')');
-  if (paren == std::string::npos || paren + 2 >= line.size()) return std::nullopt;
-  return line[paren + 2];
+  auto st = read_task_stat(pid, tid);
+  if (!st) return std::nullopt;
+  return st->state;
 }
 
 // A vfork parent waits for its child to exec or exit in an uninterruptible sleep that no ptrace stop
