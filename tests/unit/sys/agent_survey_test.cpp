@@ -343,11 +343,9 @@ TEST(AgentSurvey, KilledAtRandomMomentsLeavesTheTargetAsItWas) {
       }
     });
     std::this_thread::sleep_for(std::chrono::microseconds(std::uniform_int_distribution<int>(0, 15000)(rng)));
-    ::kill(dumper.pid, SIGKILL);
-    int status = 0;
-    ASSERT_EQ(::waitpid(dumper.pid, &status, 0), dumper.pid);
-    dumper.pid = -1;
-    ASSERT_TRUE(WIFSIGNALED(status)) << "the dumper failed on its own: exit " << WEXITSTATUS(status);
+    const auto status = dumper.kill_and_reap();
+    ASSERT_TRUE(status);
+    ASSERT_TRUE(WIFSIGNALED(*status)) << "the dumper failed on its own: exit " << WEXITSTATUS(*status);
     const bool leak = windows->leak.load() % 2 == 1;
     leaks += leak;
     expect_untouched(sc, before, maps, leak);

@@ -16,6 +16,7 @@
 #include <fstream>
 #include <functional>
 #include <map>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -75,6 +76,18 @@ struct Child {
     ::kill(pid, SIGKILL);
     while (::waitpid(pid, nullptr, __WALL) < 0 && errno == EINTR) {
     }
+  }
+  // SIGKILLs it now and reaps it (the destructor then has nothing to do): its wait status, or
+  // nullopt when waitpid() did not return it.
+  std::optional<int> kill_and_reap() {
+    ::kill(pid, SIGKILL);
+    int status = 0;
+    pid_t got;
+    while ((got = ::waitpid(pid, &status, 0)) < 0 && errno == EINTR) {
+    }
+    if (got != pid) return std::nullopt;
+    pid = -1;
+    return status;
   }
 };
 

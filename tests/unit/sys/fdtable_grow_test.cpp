@@ -328,11 +328,9 @@ TEST(FdTableGrow, KilledAtRandomMomentsLeavesTheTargetAsItWas) {
       }
     });
     std::this_thread::sleep_for(std::chrono::microseconds(std::uniform_int_distribution<int>(0, 8000)(rng)));
-    ::kill(grower.pid, SIGKILL);
-    int status = 0;
-    ASSERT_EQ(::waitpid(grower.pid, &status, 0), grower.pid);
-    grower.pid = -1;
-    ASSERT_TRUE(WIFSIGNALED(status)) << "the grower failed on its own: exit " << WEXITSTATUS(status);
+    const auto status = grower.kill_and_reap();
+    ASSERT_TRUE(status);
+    ASSERT_TRUE(WIFSIGNALED(*status)) << "the grower failed on its own: exit " << WEXITSTATUS(*status);
     ASSERT_TRUE(eventually([&] { return tracer_of(pid) == 0; }));
     ASSERT_TRUE(eventually([&] { return victim_blocked(*v); })) << "round " << round;
     EXPECT_EQ(fd_table(pid), fds);
