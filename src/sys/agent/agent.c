@@ -182,21 +182,28 @@ static long send_msg(int sock, uint32_t type, uint32_t first, uint32_t count, in
   return SYS(__NR_sendmsg, sock, &h, K_MSG_NOSIGNAL, 0, 0);
 }
 
+/* recvmsg(), once more after ECONNRESET: pipecr's end closed with messages of ours unread (an
+ * OLDFILES the agent had just sent, pipecr dying): the kernel sets the error on this end
+ * (unix_release_sock), and the next receive reports it, once, before what is still queued here.
+ * Every receive of the agent goes through here. */
+static long recvmsg_past_reset(int sock, struct k_msghdr* h, int flags) {
+  const ulong controllen = h->controllen;
+  long n = SYS(__NR_recvmsg, sock, h, flags, 0, 0);
+  if (n == -K_ECONNRESET) {
+    h->controllen = controllen;
+    h->flags = 0;
+    n = SYS(__NR_recvmsg, sock, h, flags, 0, 0);
+  }
+  return n;
+}
+
 /* One message; its files (at most max) go to fds, their number to *nfds. Returns the length, 0 at
  * EOF, or -errno. */
 static long recv_msg(struct state* s, int sock, int flags, struct pipecr_agent_msg* m, int* fds, int max, int* nfds) {
   char* cbuf = (char*)s->ctl + CMSG_BUF_OFF;
   struct k_iovec iov = {m, sizeof *m};
   struct k_msghdr h = {0, 0, &iov, 1, cbuf, CMSG_BUF_LEN, 0};
-  long n = SYS(__NR_recvmsg, sock, &h, flags, 0, 0);
-  /* ECONNRESET: pipecr's end closed with messages of ours unread (an OLDFILES the agent had just
-   * sent, pipecr dying): the kernel sets the error on this end (unix_release_sock), and the next
-   * receive reports it, once, before what is still queued here. Once more gets the message. */
-  if (n == -K_ECONNRESET) {
-    h.controllen = CMSG_BUF_LEN;
-    h.flags = 0;
-    n = SYS(__NR_recvmsg, sock, &h, flags, 0, 0);
-  }
+  long n = recvmsg_past_reset(sock, &h, flags);
   *nfds = 0;
   if (n <= 0) return n;
   ulong off = 0;
@@ -437,8 +444,7 @@ static void fill_below(struct state* s, uint32_t at) {
   struct pipecr_agent_msg m;
   struct k_iovec iov = {&m, sizeof m};
   struct k_msghdr h = {0, 0, &iov, 1, 0, 0, 0};
-  long pk = SYS(__NR_recvmsg, s->files, &h, K_MSG_DONTWAIT | K_MSG_PEEK, 0, 0);
-  if (pk == -K_ECONNRESET) pk = SYS(__NR_recvmsg, s->files, &h, K_MSG_DONTWAIT | K_MSG_PEEK, 0, 0);  /* see recv_msg() */
+  long pk = recvmsg_past_reset(s->files, &h, K_MSG_DONTWAIT | K_MSG_PEEK);
   int count = 0;
   if (pk == (long)sizeof m && m.type == PIPECR_MSG_FILES && m.first == at && m.count <= K_MAX_FDS &&
       m.count <= s->ctl->nops - at)
