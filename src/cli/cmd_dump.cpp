@@ -109,7 +109,9 @@ RunFn setup(CLI::App& app, CommandContext& ctx) {
   app.add_flag("--json", o->json, "print the records written, as `pipecr show --json` would");
   app.add_flag("--leave-stopped", o->leave_stopped,
                "leave the processes in a group stop (SIGCONT resumes them) instead of resuming them");
-  app.add_flag("-v,--verbose", o->verbose, "say how much was dumped and how long the processes stood stopped");
+  app.add_flag("-v,--verbose", o->verbose,
+               "say how much was dumped, how long the processes stood stopped, how each fd table was read, and "
+               "how long the dump took before the stop, after it and writing");
   app.add_option("--timeout", o->timeout,
                  "SECONDS: the longest wait for a target to stop (default 10); then the dump fails and every "
                  "target is resumed");
