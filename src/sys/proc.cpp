@@ -211,6 +211,9 @@ Expected<ProcStat> parse_stat(std::string_view text) {
   if (!parse_num(next_token(rest), st.ppid) || !parse_num(next_token(rest), st.pgrp) ||
       !parse_num(next_token(rest), st.session))
     return bad();
+  // Field 39, the CPU the task last ran on: 32 fields after session (Linux 2.2 and later).
+  for (int field = 7; field < 39 && !rest.empty(); ++field) next_token(rest);
+  if (!parse_num(next_token(rest), st.processor)) st.processor = -1;
   return st;
 }
 

@@ -42,6 +42,7 @@ struct ProcStat {
   pid_t ppid = 0;
   pid_t pgrp = 0;
   pid_t session = 0;
+  int processor = -1;  // the CPU it last ran on (or runs on); -1 when the line has no such field
 };
 [[nodiscard]] Expected<ProcStat> read_stat(pid_t pid);
 // Same, for one thread (/proc/PID/task/TID/stat).

@@ -155,4 +155,16 @@ Expected<UniqueFd> pidfd_getfd(int pidfd, int fd, pid_t pid_for_errors) {
   return UniqueFd(static_cast<int>(r));
 }
 
+CpuApart::CpuApart(int cpu) {
+  if (cpu < 0 || cpu >= CPU_SETSIZE || ::sched_getaffinity(0, sizeof old_, &old_) != 0) return;
+  if (!CPU_ISSET(cpu, &old_) || CPU_COUNT(&old_) < 2) return;
+  cpu_set_t apart = old_;
+  CPU_CLR(cpu, &apart);
+  moved_ = ::sched_setaffinity(0, sizeof apart, &apart) == 0;
+}
+
+CpuApart::~CpuApart() {
+  if (moved_) (void)::sched_setaffinity(0, sizeof old_, &old_);
+}
+
 }  // namespace pipecr::sys

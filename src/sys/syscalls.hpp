@@ -5,6 +5,7 @@
 // (kcmp, pidfd_open, pidfd_getfd) go through syscall(2).
 #pragma once
 
+#include <sched.h>
 #include <sys/types.h>
 
 #include <cstddef>
@@ -50,6 +51,25 @@ struct PipePair {
 [[nodiscard]] Expected<void> read_remote(pid_t pid, uint64_t addr, void* data, size_t len);
 [[nodiscard]] Expected<UniqueFd> pidfd_open(pid_t pid);
 [[nodiscard]] Expected<UniqueFd> pidfd_getfd(int pidfd, int fd, pid_t pid_for_errors);
+
+// While alive, the calling thread runs anywhere its affinity allows but on `cpu`, so that a thread
+// it works with (an agent in a target, which pipecr may not pin) has that CPU to itself; the old
+// affinity comes back at the end. A unix socket's wakeups are "sync": the woken thread is put on
+// the waker's CPU, and two busy threads then share one CPU until the load balancer parts them
+// (1-2 ms, measured). Does nothing when cpu < 0, when pipecr may run on `cpu` only, or when the
+// kernel refuses (the work is then only slower).
+class CpuApart {
+ public:
+  explicit CpuApart(int cpu);
+  ~CpuApart();
+  CpuApart(const CpuApart&) = delete;
+  CpuApart& operator=(const CpuApart&) = delete;
+  [[nodiscard]] bool moved() const { return moved_; }
+
+ private:
+  cpu_set_t old_{};
+  bool moved_ = false;
+};
 
 // An errno from a call named `call` with printf-style arguments already formatted in `args`.
 [[nodiscard]] Error call_error(const char* call, const std::string& args);

@@ -3,6 +3,7 @@
 #include "sys/proc.hpp"
 
 #include <fcntl.h>
+#include <sched.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
@@ -84,6 +85,29 @@ TEST(ProcStat, ParsesCommWithSpacesAndParens) {
   EXPECT_EQ(st->session, 9);
   EXPECT_FALSE(parse_stat("garbage"));
   EXPECT_FALSE(parse_stat("1 (x) S"));
+}
+
+// Field 39 of stat, the CPU a thread last ran on: on a line without it, -1; for a thread bound to
+// one CPU, that CPU, for each CPU it may use in turn.
+TEST(ProcStat, ProcessorIsTheCpuTheThreadRunsOn) {
+  EXPECT_EQ(parse_stat("42 (a) (b c) S 7 8 9 34816 8 4194560 ...")->processor, -1);
+  cpu_set_t all;
+  ASSERT_EQ(::sched_getaffinity(0, sizeof all, &all), 0);
+  const pid_t tid = static_cast<pid_t>(::syscall(SYS_gettid));
+  int tried = 0;
+  for (int cpu = 0; cpu < CPU_SETSIZE && tried < 8; ++cpu) {
+    if (!CPU_ISSET(cpu, &all)) continue;
+    ++tried;
+    cpu_set_t one;
+    CPU_ZERO(&one);
+    CPU_SET(cpu, &one);
+    ASSERT_EQ(::sched_setaffinity(0, sizeof one, &one), 0);
+    auto st = read_task_stat(::getpid(), tid);
+    ASSERT_TRUE(st) << st.error().what;
+    EXPECT_EQ(st->processor, cpu);
+  }
+  ASSERT_EQ(::sched_setaffinity(0, sizeof all, &all), 0);
+  EXPECT_GT(tried, 0);
 }
 
 TEST(ProcStat, ReadsSelf) {
