@@ -6,6 +6,7 @@
 // target is left as it was every time. Every child is killed and reaped by its guard.
 #include <fcntl.h>
 #include <linux/kcmp.h>
+#include <sched.h>
 #include <signal.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
@@ -197,7 +198,8 @@ TEST(AgentSurvey, ReportsEveryOpenFdItsCloexecAndTheSameOpenFiles) {
 // The survey comes a message at a time (at most 253 fds, in fd order) while the agent goes on; a
 // message sent while pipecr is still busy with an earlier one carries the agent's fstat() of each
 // file (the sink here sleeps, so the third and later ones must), and that is what fstat() says of
-// the file received. An error from the sink ends the survey; the agent can still survey again.
+// the file received. The first carries none: nothing was queued while the agent made it, so pipecr
+// had time for its own. An error from the sink ends the survey; the agent can still survey again.
 TEST(AgentSurvey, ComesInMessagesWithTheTargetsFstatWhilePipecrIsBusy) {
   constexpr int kPipes = 400;  // 800 pipe fds: four messages
   SurveyChild sc = start_survey_child(kPipes);
@@ -212,12 +214,13 @@ TEST(AgentSurvey, ComesInMessagesWithTheTargetsFstatWhilePipecrIsBusy) {
     ASSERT_TRUE(agent) << agent.error().what;
     std::vector<size_t> sizes;
     std::vector<int> numbers;
-    size_t with_stat_late = 0;
+    size_t with_stat_late = 0, with_stat_first = 0;
     auto seen = (*agent)->survey(fd_size(pid), [&](std::span<SurveyedFd> batch) -> Expected<void> {
       sizes.push_back(batch.size());
       for (SurveyedFd& f : batch) {
         numbers.push_back(f.fd);
         if (!f.stat_known) continue;
+        if (sizes.size() == 1) ++with_stat_first;
         if (sizes.size() >= 3) ++with_stat_late;
         struct stat st {};
         EXPECT_EQ(::fstat(f.file.get(), &st), 0);
@@ -237,6 +240,7 @@ TEST(AgentSurvey, ComesInMessagesWithTheTargetsFstatWhilePipecrIsBusy) {
     ASSERT_GE(sizes.size(), 4u);
     for (size_t n : sizes) EXPECT_LE(n, kAgentBatch);  // SCM_MAX_FD
     EXPECT_GT(with_stat_late, 0u) << "no message sent while pipecr was busy carried the agent's fstat";
+    EXPECT_EQ(with_stat_first, 0u) << "the first message carried fstats that pipecr had the time to make";
 
     size_t calls = 0;
     auto stopped = (*agent)->survey(fd_size(pid), [&](std::span<SurveyedFd>) -> Expected<void> {
@@ -252,6 +256,59 @@ TEST(AgentSurvey, ComesInMessagesWithTheTargetsFstatWhilePipecrIsBusy) {
     ASSERT_TRUE((*agent)->restore());
     ASSERT_TRUE((*sp)->resume());
   }
+  expect_untouched(sc, before, maps);
+}
+
+// The survey wants a CPU for the agent and one for pipecr. Here pipecr starts on the very CPU the
+// target's thread is bound to (the test may pin its own child; pipecr never touches a target's
+// affinity): pipecr moves off it for the survey, takes in every message elsewhere, and has its own
+// affinity back afterwards. With one CPU allowed there is nowhere to go, and nothing moves.
+TEST(AgentSurvey, PipecrLeavesTheAgentsCpuForTheSurvey) {
+  cpu_set_t all;
+  ASSERT_EQ(::sched_getaffinity(0, sizeof all, &all), 0);
+  const int cpu = ::sched_getcpu();
+  ASSERT_GE(cpu, 0);
+  SurveyChild sc = start_survey_child(300);
+  const pid_t pid = sc.child.pid;
+  ASSERT_EQ(ask(sc), "ok");
+  cpu_set_t one;
+  CPU_ZERO(&one);
+  CPU_SET(cpu, &one);
+  ASSERT_EQ(::sched_setaffinity(pid, sizeof one, &one), 0);  // the child's thread: on `cpu` only
+  ASSERT_EQ(ask(sc), "ok");                                  // and it ran there since
+  ASSERT_EQ(::sched_setaffinity(0, sizeof one, &one), 0);    // this thread: on `cpu` now...
+  ASSERT_EQ(::sched_setaffinity(0, sizeof all, &all), 0);    // ...and free to stay there
+  const auto before = table_of(pid);
+  std::string maps = maps_without_stack(pid);
+  std::vector<int> cpus;
+  bool allowed_there = false;
+  {
+    auto sp = StoppedProcess::seize(pid);
+    ASSERT_TRUE(sp) << sp.error().what;
+    auto agent = Agent::start_survey(**sp, pid);
+    ASSERT_TRUE(agent) << agent.error().what;
+    auto seen = (*agent)->survey(fd_size(pid), [&](std::span<SurveyedFd>) -> Expected<void> {
+      cpus.push_back(::sched_getcpu());
+      cpu_set_t now;
+      if (::sched_getaffinity(0, sizeof now, &now) == 0 && CPU_ISSET(cpu, &now)) allowed_there = true;
+      return {};
+    });
+    ASSERT_TRUE(seen) << seen.error().what;
+    EXPECT_EQ(*seen, before.size());
+    ASSERT_TRUE((*agent)->restore());
+    ASSERT_TRUE((*sp)->resume());
+  }
+  cpu_set_t after;
+  ASSERT_EQ(::sched_getaffinity(0, sizeof after, &after), 0);
+  EXPECT_TRUE(CPU_EQUAL(&after, &all)) << "pipecr's affinity was not given back";
+  ASSERT_GE(cpus.size(), 3u);
+  if (CPU_COUNT(&all) < 2) {
+    EXPECT_TRUE(allowed_there);
+  } else {
+    EXPECT_FALSE(allowed_there) << "pipecr could still run on the agent's CPU during the survey";
+    for (int c : cpus) EXPECT_NE(c, cpu) << "a message was taken in on the agent's CPU";
+  }
+  ASSERT_EQ(::sched_setaffinity(pid, sizeof all, &all), 0);
   expect_untouched(sc, before, maps);
 }
 
