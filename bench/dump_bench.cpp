@@ -249,7 +249,7 @@ void BM_Dump(benchmark::State& state) {
   auto fds = pipe_fds(v.pid);
   double stall = 0, noise = 0, stopped = 0, seize = 0, dump = 0, flr = 0, growth = 0, last_ms = 20;
   double dump_cpu = 0, floor_cpu = 0;
-  double agents = 0, agent_start = 0, agent_survey = 0, agent_return = 0, resume = 0;
+  double agents = 0, agent_start = 0, agent_survey = 0, agent_return = 0, survey_take = 0, resume = 0;
   double before_stop = 0, after_resume = 0, writing = 0, flr_copy = 0;
   for (auto _ : state) {
     // Noise: the victim's longest gap over as long as the dump takes, without a dump.
@@ -280,6 +280,7 @@ void BM_Dump(benchmark::State& state) {
     agent_start += static_cast<double>(st->agent_start_ns) / 1e6;
     agent_survey += static_cast<double>(st->agent_survey_ns) / 1e6;
     agent_return += static_cast<double>(st->agent_return_ns) / 1e6;
+    survey_take += static_cast<double>(st->survey_take_ns) / 1e6;
     resume += static_cast<double>(st->resume_ns) / 1e6;
     before_stop += static_cast<double>(st->before_stop_ns) / 1e6;
     after_resume += static_cast<double>(st->after_resume_ns) / 1e6;
@@ -305,6 +306,7 @@ void BM_Dump(benchmark::State& state) {
   state.counters["agent_start_ms"] = agent_start / it;
   state.counters["agent_survey_ms"] = agent_survey / it;
   state.counters["agent_return_ms"] = agent_return / it;
+  state.counters["survey_take_ms"] = survey_take / it;
   state.counters["resume_ms"] = resume / it;
   state.counters["before_stop_ms"] = before_stop / it;
   state.counters["after_resume_ms"] = after_resume / it;

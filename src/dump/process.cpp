@@ -611,7 +611,9 @@ class Dumper {
     holders_.reserve(holders_.size() + t.max_fds);
     auto seen = (*agent)->survey(t.max_fds, [&](std::span<sys::SurveyedFd> batch) -> Expected<void> {
       taken = true;
+      uint64_t b0 = now_ns();
       auto r = take_survey_batch(ti, batch);
+      stats_.survey_take_ns += now_ns() - b0;
       if (!r) ours = r.error();
       return r;
     });

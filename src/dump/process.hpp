@@ -61,6 +61,7 @@ struct DumpStats {
   uint64_t agents = 0;         // fd tables read through an agent's survey (docs/design.md, section 8)
   uint64_t agent_start_ns = 0; // of stopped_ns: starting them (bootstrap and handshake)
   uint64_t agent_survey_ns = 0;  // the surveys (fcntl per number, files received)
+  uint64_t survey_take_ns = 0;  // of agent_survey_ns: pipecr's own part (files taken in, pipes tee'd)
   uint64_t agent_return_ns = 0;  // ending them before the resume (the decision, the thread interrupted)
   uint64_t resume_ns = 0;      // resuming every target (with the agents' own return and unmap)
   uint64_t before_stop_ns = 0;  // from the call to the stop: the targets listed, gadgets found, checks
