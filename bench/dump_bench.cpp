@@ -19,8 +19,9 @@
 //   rss_growth_kb    peak resident memory added by the dump (VmHWM, reset before it);
 //   agents, agent_start_ms, agent_survey_ms, agent_return_ms: fd tables read through the in-target
 //                    agent (DumpStats::agents) and what its start, its survey and its end before
-//                    the resume cost of stopped_ms; resume_ms: the resume, with the agent's own
-//                    return. PIPECR_BENCH_NO_AGENT=1 in the environment dumps without the agent
+//                    the resume cost of stopped_ms; survey_take_ms: pipecr's own part of the survey
+//                    (files taken in, pipes tee'd; the rest it waited for the agent); resume_ms: the
+//                    resume, with the agent's own return. PIPECR_BENCH_NO_AGENT=1 in the environment dumps without the agent
 //                    (pidfd_getfd of every number, FD_CLOEXEC from fdinfo): the comparison;
 //   before_stop_ms, after_resume_ms, write_ms: the rest of dump_ms (DumpStats): before the stop,
 //                    after the resume (grouping, status flags, owner, signal, capacity), and writing
