@@ -10,7 +10,6 @@
 #include "sys/proc.hpp"
 #include "sys/remote.hpp"
 
-#include <dirent.h>
 #include <sys/ptrace.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -60,21 +59,11 @@ bool in_vfork_wait(pid_t pid, pid_t tid) {
 
 bool is_dead_state(std::optional<char> s) { return !s || *s == 'Z' || *s == 'X' || *s == 'x'; }
 
-// Threads listed in /proc/PID/task, or an errno.
+// Threads listed in /proc/PID/task (sys::list_threads), with the error a seize names: the process
+// does not exist (Errc::gone).
 Expected<std::vector<pid_t>> list_tasks(pid_t pid) {
-  std::string path = fmt::format("/proc/{}/task", pid);
-  DIR* dir = ::opendir(path.c_str());
-  if (!dir) {
-    int e = errno;
-    if (e == ENOENT) return fail(Errc::gone, ESRCH, fmt::format("process {} does not exist", pid));
-    return fail_errno(e, fmt::format("opendir({})", path));
-  }
-  std::vector<pid_t> tids;
-  while (dirent* d = ::readdir(dir)) {
-    if (d->d_name[0] < '0' || d->d_name[0] > '9') continue;
-    tids.push_back(static_cast<pid_t>(std::stol(d->d_name)));
-  }
-  ::closedir(dir);
+  auto tids = list_threads(pid);
+  if (!tids && tids.error().kind == Errc::gone) return fail(Errc::gone, ESRCH, fmt::format("process {} does not exist", pid));
   return tids;
 }
 
