@@ -704,14 +704,12 @@ class Dumper {
   // FDSize of a table: the number of fd slots it has, above every open fd. And whether its thread
   // runs under seccomp (t.seccomp), read from the same file.
   Expected<uint32_t> table_size(Table& t) {
-    auto text = sys::read_proc_file(fmt::format("/proc/{}/task/{}/status", t.pid, t.tid), 1 << 16);
-    if (!text) return tl::unexpected(in_process(text.error(), t.pid));
-    size_t sc = text->find("\nSeccomp:");
-    t.seccomp = sc == std::string::npos || std::strtoul(text->c_str() + sc + 9, nullptr, 10) != 0;
-    size_t at = text->find("\nFDSize:");
-    if (at == std::string::npos) return fail(Errc::system, 0, fmt::format("no FDSize in /proc/{}/status", t.tid));
+    auto st = sys::read_status(t.pid, t.tid);
+    if (!st) return tl::unexpected(in_process(st.error(), t.pid));
+    t.seccomp = st->seccomp != 0;  // a kernel without the line: as if under seccomp (no agent)
+    if (!st->fd_size) return fail(Errc::system, 0, fmt::format("no FDSize in /proc/{}/status", t.tid));
     t.open_fds = sys::open_fd_count(t.pid, t.tid);
-    return static_cast<uint32_t>(std::strtoul(text->c_str() + at + 8, nullptr, 10));
+    return *st->fd_size;
   }
 
   // Copies one table may need at once: its open fds, with room for a few opened meanwhile by a

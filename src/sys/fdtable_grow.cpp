@@ -9,8 +9,6 @@
 #include <atomic>
 #include <cerrno>
 #include <climits>
-#include <cstdio>
-#include <cstring>
 #include <optional>
 #include <string>
 #include <vector>
@@ -61,20 +59,13 @@ Expected<void> put_back(StoppedProcess& p, pid_t tid, const Regs& saved, uint64_
 void set_fd_table_pregrow(bool enabled) { g_enabled = enabled; }
 
 Expected<uint32_t> fd_table_slots(pid_t pid, pid_t tid) {
-  const std::string path = fmt::format("/proc/{}/task/{}/status", pid, tid);
-  std::FILE* f = std::fopen(path.c_str(), "re");
-  if (!f) {
-    const int e = errno;
-    if (e == ENOENT || e == ESRCH) return fail(Errc::gone, ESRCH, fmt::format("thread {} of process {} does not exist", tid, pid));
-    return fail_errno(e, fmt::format("open({})", path));
-  }
-  char line[256];
-  std::optional<uint32_t> slots;
-  while (std::fgets(line, sizeof line, f))
-    if (std::strncmp(line, "FDSize:", 7) == 0) slots = static_cast<uint32_t>(std::strtoul(line + 7, nullptr, 10));
-  std::fclose(f);
-  if (!slots) return fail(Errc::gone, ESRCH, fmt::format("{}: no FDSize line (the thread has exited)", path));
-  return *slots;
+  auto st = read_status(pid, tid);
+  if (!st && st.error().kind == Errc::gone)
+    return fail(Errc::gone, ESRCH, fmt::format("thread {} of process {} does not exist", tid, pid));
+  if (!st) return tl::unexpected(st.error());
+  if (!st->fd_size)
+    return fail(Errc::gone, ESRCH, fmt::format("/proc/{}/task/{}/status: no FDSize line (the thread has exited)", pid, tid));
+  return *st->fd_size;
 }
 
 Expected<long> dup3_in_thread(pid_t pid, pid_t tid, int oldfd, int newfd, const AgentGadgets& g) {

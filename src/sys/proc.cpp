@@ -239,6 +239,48 @@ Expected<pid_t> read_ppid(pid_t pid) {
   return read_stat(pid).map([](const ProcStat& s) { return s.ppid; });
 }
 
+TaskStatus parse_status(std::string_view text) {
+  TaskStatus st;
+  while (!text.empty()) {
+    const size_t eol = text.find('\n');
+    std::string_view line = text.substr(0, eol);
+    text.remove_prefix(eol == std::string_view::npos ? text.size() : eol + 1);
+    const size_t colon = line.find(':');
+    if (colon == std::string_view::npos) continue;
+    const std::string_view key = line.substr(0, colon);
+    std::string_view value = line.substr(colon + 1);
+    value = next_token(value);
+    uint64_t bits = 0;
+    if (key == "FDSize") {
+      uint32_t n = 0;
+      if (parse_num(value, n)) st.fd_size = n;
+    } else if (key == "Seccomp") {
+      (void)parse_num(value, st.seccomp);
+    } else if (key == "Threads") {
+      (void)parse_num(value, st.threads);
+    } else if (key == "TracerPid") {
+      (void)parse_num(value, st.tracer);
+    } else if ((key == "SigPnd" || key == "ShdPnd") && parse_num(value, bits, 16)) {
+      st.pending |= bits;
+    } else if (key == "SigBlk" && parse_num(value, bits, 16)) {
+      st.blocked = bits;
+    }
+  }
+  return st;
+}
+
+Expected<TaskStatus> read_status(pid_t pid, pid_t tid) {
+  PathBuf p;
+  const char* path = tid ? make_path(p, "/proc/{}/task/{}/status", pid, tid) : make_path(p, "/proc/{}/status", pid);
+  char buf[4096];  // about 1.5 KiB, but Groups: (before the lines pipecr reads) may list thousands
+  auto text = read_small(pid, path, buf);
+  if (!text) return tl::unexpected(text.error());
+  if (text->size() < sizeof buf) return parse_status(*text);
+  auto whole = read_proc_file(path, 1 << 20);
+  if (!whole) return tl::unexpected(whole.error());
+  return parse_status(*whole);
+}
+
 Expected<char> read_state(pid_t pid) {
   return read_stat(pid).map([](const ProcStat& s) { return s.state; });
 }

@@ -48,6 +48,20 @@ struct ProcStat {
 // Same, for one thread (/proc/PID/task/TID/stat).
 [[nodiscard]] Expected<ProcStat> read_task_stat(pid_t pid, pid_t tid);
 [[nodiscard]] Expected<pid_t> read_ppid(pid_t pid);
+
+// The fields of /proc/PID/status (of one thread: /proc/PID/task/TID/status) pipecr uses, read with
+// one open and parsed in one pass.
+struct TaskStatus {
+  std::optional<uint32_t> fd_size;  // FDSize: the slots of its fd table (none: the task is gone)
+  int seccomp = -1;                 // Seccomp: 0 none, 1 strict, 2 filter; -1 without the line
+  uint32_t threads = 0;             // Threads: of its thread group
+  pid_t tracer = 0;                 // TracerPid
+  uint64_t pending = 0;             // SigPnd | ShdPnd: signals pending for it or its group
+  uint64_t blocked = 0;             // SigBlk
+};
+[[nodiscard]] TaskStatus parse_status(std::string_view text);
+// tid 0: the process's own file.
+[[nodiscard]] Expected<TaskStatus> read_status(pid_t pid, pid_t tid = 0);
 // The fds open in the table of thread tid of pid (tid 0: of pid), as the kernel counts them (st_size
 // of /proc/PID/task/TID/fd, Linux 6.2: no listing); 0 when it does not count them (or none is open).
 [[nodiscard]] uint32_t open_fd_count(pid_t pid, pid_t tid = 0);

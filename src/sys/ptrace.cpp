@@ -20,7 +20,6 @@
 #include <cerrno>
 #include <chrono>
 #include <csignal>
-#include <cstdio>
 #include <fstream>
 #include <optional>
 #include <string>
@@ -69,11 +68,9 @@ Expected<std::vector<pid_t>> list_tasks(pid_t pid) {
 
 // The kernel's count of the threads of pid (signal->nr_threads), from /proc/PID/status.
 Expected<size_t> thread_count(pid_t pid) {
-  std::ifstream in(fmt::format("/proc/{}/status", pid));
-  std::string line;
-  while (std::getline(in, line))
-    if (line.rfind("Threads:", 0) == 0) return static_cast<size_t>(std::stoul(line.substr(8)));
-  return fail(Errc::gone, ESRCH, fmt::format("read /proc/{}/status: the process has exited", pid));
+  auto st = read_status(pid);
+  if (!st || st->threads == 0) return fail(Errc::gone, ESRCH, fmt::format("read /proc/{}/status: the process has exited", pid));
+  return size_t{st->threads};
 }
 
 Error ptrace_error(int err, const char* req, pid_t pid, pid_t tid) {
@@ -114,15 +111,10 @@ Expected<int> wait_thread(pid_t pid, pid_t tid) {
 
 // "TracerPid:" of /proc/PID/status and the tracer's comm, or 0.
 std::pair<pid_t, std::string> tracer_of(pid_t pid) {
-  std::ifstream in(fmt::format("/proc/{}/status", pid));
-  std::string line;
-  pid_t tracer = 0;
-  while (std::getline(in, line))
-    if (line.rfind("TracerPid:", 0) == 0) tracer = static_cast<pid_t>(std::stol(line.substr(10)));
+  auto st = read_status(pid);
+  const pid_t tracer = st ? st->tracer : 0;
   if (tracer <= 0) return {0, {}};
-  std::ifstream c(fmt::format("/proc/{}/comm", tracer));
-  std::string comm;
-  std::getline(c, comm);
+  const std::string comm = read_comm(tracer).value_or("");
   std::string safe;
   for (char ch : comm) safe += (static_cast<unsigned char>(ch) < 0x20 || ch == 0x7f) ? '?' : ch;
   return {tracer, safe};
@@ -130,14 +122,8 @@ std::pair<pid_t, std::string> tracer_of(pid_t pid) {
 
 // A signal is pending for tid and not blocked by it (SigPnd/ShdPnd against SigBlk of its status).
 bool unblocked_signal_pending(pid_t pid, pid_t tid) {
-  std::ifstream in(fmt::format("/proc/{}/task/{}/status", pid, tid));
-  std::string line;
-  unsigned long long pending = 0, blocked = 0;
-  while (std::getline(in, line)) {
-    if (line.rfind("SigPnd:", 0) == 0 || line.rfind("ShdPnd:", 0) == 0) pending |= std::stoull(line.substr(7), nullptr, 16);
-    if (line.rfind("SigBlk:", 0) == 0) blocked = std::stoull(line.substr(7), nullptr, 16);
-  }
-  return (pending & ~blocked) != 0;
+  auto st = read_status(pid, tid);
+  return st && (st->pending & ~st->blocked) != 0;
 }
 
 bool died(int status) { return WIFEXITED(status) || WIFSIGNALED(status); }
@@ -147,13 +133,8 @@ bool died(int status) { return WIFEXITED(status) || WIFSIGNALED(status); }
 // way it ended the group stop (prepare_signal clears SIGNAL_STOP_STOPPED): the detach then lets the
 // process run.
 bool sigcont_pending(pid_t pid) {
-  std::ifstream in(fmt::format("/proc/{}/status", pid));
-  std::string line;
-  const unsigned long long bit = 1ull << (SIGCONT - 1);
-  while (std::getline(in, line))
-    if (line.rfind("ShdPnd:", 0) == 0 || line.rfind("SigPnd:", 0) == 0)
-      if (std::stoull(line.substr(7), nullptr, 16) & bit) return true;
-  return false;
+  auto st = read_status(pid);
+  return st && (st->pending & (1ull << (SIGCONT - 1))) != 0;
 }
 
 Error thread_died(pid_t pid, pid_t tid) {

@@ -3,6 +3,7 @@
 #include "sys/proc.hpp"
 
 #include <fcntl.h>
+#include <grp.h>
 #include <sched.h>
 #include <signal.h>
 #include <sys/prctl.h>
@@ -108,6 +109,62 @@ TEST(ProcStat, ProcessorIsTheCpuTheThreadRunsOn) {
   }
   ASSERT_EQ(::sched_setaffinity(0, sizeof all, &all), 0);
   EXPECT_GT(tried, 0);
+}
+
+TEST(ProcStatus, ParsesTheFieldsPipecrUses) {
+  const auto st = parse_status(
+      "Name:\tx\nTracerPid:\t77\nFDSize:\t256\nGroups:\t0 1 2\nThreads:\t3\nSigPnd:\t0000000000000100\n"
+      "ShdPnd:\t0000000000020000\nSigBlk:\t0000000000000104\nSeccomp:\t2\nSeccomp_filters:\t1\n");
+  EXPECT_EQ(st.tracer, 77);
+  EXPECT_EQ(st.fd_size, 256u);
+  EXPECT_EQ(st.threads, 3u);
+  EXPECT_EQ(st.pending, 0x20100u);
+  EXPECT_EQ(st.blocked, 0x104u);
+  EXPECT_EQ(st.seccomp, 2);
+  const auto none = parse_status("Name:\tx\nState:\tZ (zombie)\n");
+  EXPECT_FALSE(none.fd_size);
+  EXPECT_EQ(none.seccomp, -1);
+  EXPECT_EQ(none.threads, 0u);
+}
+
+// A child with a signal pending and blocked, and (as root) thousands of supplementary groups: its
+// Groups: line, before the others, pushes them far past the first 4 KiB read.
+TEST(ProcStatus, ReadsAChildsPendingSignalPastALongGroupsLine) {
+  const bool root = ::geteuid() == 0;
+  ChildGuard child(fork_ready([root] {
+    if (root) {
+      std::vector<gid_t> groups(3000);
+      for (size_t i = 0; i < groups.size(); ++i) groups[i] = static_cast<gid_t>(100000 + i);
+      if (::setgroups(groups.size(), groups.data()) < 0) ::_exit(2);
+    }
+    sigset_t usr2;
+    sigemptyset(&usr2);
+    sigaddset(&usr2, SIGUSR2);
+    ::sigprocmask(SIG_BLOCK, &usr2, nullptr);
+    ::raise(SIGUSR2);
+  }));
+  ASSERT_GT(child.pid, 0);
+  if (root) {
+    auto text = read_proc_file(fmt::format("/proc/{}/status", child.pid));
+    ASSERT_TRUE(text);
+    ASSERT_GT(text->find("\nThreads:"), 4096u) << "the Groups: line is not long enough to test the fallback";
+  }
+  for (pid_t tid : {pid_t{0}, child.pid}) {
+    auto st = read_status(child.pid, tid);
+    ASSERT_TRUE(st) << st.error().what;
+    const uint64_t bit = 1ull << (SIGUSR2 - 1);
+    EXPECT_EQ(st->pending & bit, bit);
+    EXPECT_EQ(st->blocked & bit, bit);
+    EXPECT_EQ(st->threads, 1u);
+    EXPECT_EQ(st->tracer, 0);
+    ASSERT_TRUE(st->fd_size);
+    EXPECT_GE(*st->fd_size, 64u);
+  }
+  const pid_t pid = child.pid;
+  child.reap();
+  auto gone = read_status(pid);
+  ASSERT_FALSE(gone);
+  EXPECT_EQ(gone.error().kind, Errc::gone);
 }
 
 TEST(ProcStat, ReadsSelf) {
