@@ -60,7 +60,7 @@ void set_fd_table_pregrow(bool enabled) { g_enabled = enabled; }
 
 Expected<uint32_t> fd_table_slots(pid_t pid, pid_t tid) {
   auto st = read_status(pid, tid);
-  if (!st && st.error().kind == Errc::gone)
+  if (!st && (st.error().kind == Errc::gone || st.error().err == ENOENT || st.error().err == ESRCH))
     return fail(Errc::gone, ESRCH, fmt::format("thread {} of process {} does not exist", tid, pid));
   if (!st) return tl::unexpected(st.error());
   if (!st->fd_size)

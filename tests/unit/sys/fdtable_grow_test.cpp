@@ -67,6 +67,26 @@ uint64_t soft_nofile() {
 // The kernel fact, in a child of its own (with a second thread, as in the targets that matter):
 // dup3(<closed>, 1000, 0) fails with EBADF, the table holds 1000 afterwards, fd 1000 is not open;
 // with newfd at or above RLIMIT_NOFILE it fails before growing anything.
+// The table's slots as the kernel counts them (FDSize), and a thread that is gone named as such
+// (Errc::gone), whether its process lives on (an exited thread) or not.
+TEST(FdTableGrow, SlotsOfATableAndOfAGoneThread) {
+  auto mine = fd_table_slots(::getpid(), static_cast<pid_t>(::syscall(SYS_gettid)));
+  ASSERT_TRUE(mine) << mine.error().what;
+  EXPECT_GE(*mine, 64u);
+  const int high = static_cast<int>(*mine) + 10;
+  ASSERT_GE(::dup2(0, high), 0);  // grows this process's table past `high`
+  auto grown = fd_table_slots(::getpid(), ::getpid());
+  ::close(high);
+  ASSERT_TRUE(grown) << grown.error().what;
+  EXPECT_GT(*grown, static_cast<uint32_t>(high));
+  pid_t tid = 0;
+  std::thread([&] { tid = static_cast<pid_t>(::syscall(SYS_gettid)); }).join();
+  auto gone = fd_table_slots(::getpid(), tid);
+  ASSERT_FALSE(gone);
+  EXPECT_EQ(gone.error().kind, Errc::gone) << gone.error().what;
+  EXPECT_NE(gone.error().what.find("does not exist"), std::string::npos) << gone.error().what;
+}
+
 TEST(FdTableGrow, Dup3OfAClosedFdGrowsTheTableOnly) {
   PipePair report = *make_pipe(0);
   const int out = report.write.get();
