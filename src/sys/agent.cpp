@@ -455,13 +455,15 @@ Expected<std::vector<SurveyedFd>> Agent::survey(uint32_t below) {
 
 Expected<size_t> Agent::survey(uint32_t below, const SurveySink& sink) {
   if (!running_ || !sock_ || decided_) return fail(Errc::invalid_argument, EINVAL, "agent: no survey after the decision");
-  if (auto ok = send(sock_.get(), PIPECR_MSG_SURVEY, 0, below, {}); !ok) return tl::unexpected(ok.error());
+  const int here = ::sched_getcpu();  // the agent yields its CPU at once if it was woken on this one
+  if (auto ok = send(sock_.get(), PIPECR_MSG_SURVEY, here >= 0 ? static_cast<uint32_t>(here) + 1 : 0, below, {}); !ok)
+    return tl::unexpected(ok.error());
   // The survey wants two CPUs, one for the agent and one for pipecr, and the scheduler puts them on
   // one: a unix socket's wakeup is "sync" (the woken thread goes to the waker's CPU), and in a
   // virtual machine a halted vCPU is not taken for idle. Left alone, the two shared a CPU for 1-2 ms
-  // at each survey's start while the other CPU idled. So once the agent has the request (and has
-  // yielded, agent.c), pipecr keeps off the CPU the agent is on for the survey (CpuApart), which
-  // also keeps the agent's own wakeups of pipecr from pulling pipecr back there.
+  // at each survey's start while the other CPU idled. So once the agent has the request (and, woken
+  // on pipecr's CPU, has yielded it: agent.c), pipecr keeps off the CPU the agent is on for the
+  // survey (CpuApart), which also keeps the agent's own wakeups of pipecr from pulling it back.
   std::optional<CpuApart> apart;
   if (auto st = read_task_stat(pid_, tid_)) apart.emplace(st->processor);
   size_t seen = 0;

@@ -718,16 +718,19 @@ enum { STAT_CHECK = 32 }; /* survey entries between two looks at the socket's qu
  * its kind and inode) and sends each file, up to 253 a message, then SURVEY_DONE. pipecr takes in
  * one message while the agent prepares the next. Nothing of the target changes: the files travel as
  * references, the table is only read. Returns 0, or -errno when pipecr's end is gone. */
-static long survey(struct state* s, uint32_t n) {
+static long survey(struct state* s, uint32_t n, int pipecr_cpu) {
   struct pipecr_survey_ent* ent =
       s->ctl->survey_offset ? (struct pipecr_survey_ent*)((char*)s->ctl - s->ctl->ctl_offset + s->ctl->survey_offset) : 0;
   int fds[PIPECR_SURVEY_BATCH];
   uint32_t k = 0, sent = 0;
-  /* pipecr's request woke this thread on pipecr's own CPU (a unix socket's wakeup is "sync", and a
-   * guest's halted vCPU does not count as idle), where it took the CPU from pipecr. Handing it back
-   * once lets pipecr move to the other CPU at once (Agent::survey) instead of after this thread's
-   * slice (1-2 ms measured); alone on its CPU the yield returns at once. */
-  SYS(__NR_sched_yield, 0, 0, 0, 0, 0);
+  /* pipecr's request may have woken this thread on pipecr's own CPU (a unix socket's wakeup is
+   * "sync", and a guest's halted vCPU does not count as idle), where it took the CPU from pipecr.
+   * Handing it back once lets pipecr move to another CPU at once (Agent::survey) instead of after
+   * this thread's slice (1-2 ms measured). On a CPU of its own it does not yield: on a busy machine
+   * a yield could hand the CPU to some other process for a slice while the target stands stopped. */
+  unsigned cpu = 0;
+  if (pipecr_cpu >= 0 && SYS(__NR_getcpu, &cpu, 0, 0, 0, 0) == 0 && (int)cpu == pipecr_cpu)
+    SYS(__NR_sched_yield, 0, 0, 0, 0, 0);
   if (!ent) {
     long r = survey_send(s, PIPECR_MSG_SURVEY_DONE, 0, 0, 0, fds, 0, -K_EINVAL);
     return r < 0 ? r : 0;
@@ -853,7 +856,7 @@ static void converse(struct state* s) {
     }
     if (m.type == PIPECR_MSG_DECIDE) return;
     if (m.type == PIPECR_MSG_SURVEY) {
-      if (survey(s, m.count) < 0) { /* pipecr is gone: nobody takes the thread back */
+      if (survey(s, m.count, (int)m.first - 1) < 0) { /* pipecr is gone: nobody takes the thread back */
         s->orphan = 1;
         return;
       }

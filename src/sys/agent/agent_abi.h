@@ -63,7 +63,8 @@ enum {
   PIPECR_MSG_SURVEY = 5,   /* pipecr -> agent (dump): report every open fd below `count` (fcntl F_GETFD
                               of each number but the agent's own) and send each open file over
                               SCM_RIGHTS; answered by SURVEY_FILES messages then one SURVEY_DONE.
-                              Changes nothing in the target */
+                              `first`: the CPU pipecr sent it from + 1 (0: not known). Changes
+                              nothing in the target */
   PIPECR_MSG_ACK = 0x81,   /* agent -> pipecr, after HELLO */
   PIPECR_MSG_PREPARED = 0x83, /* agent -> pipecr, status 0 or -errno at operation `first` */
   PIPECR_MSG_DONE = 0x84,     /* agent -> pipecr, count = 1 if committed; status 0 or -errno at `first` */
