@@ -50,10 +50,7 @@ using ReturnGadgets = AgentGadgets;
 bool gadgets_still_there(pid_t pid, const ReturnGadgets& g) {
   auto holds = [pid](uint64_t at, const auto& pattern) {
     unsigned char got[16];
-    iovec local{got, pattern.size()};
-    iovec remote{reinterpret_cast<void*>(at), pattern.size()};
-    return at && ::process_vm_readv(pid, &local, 1, &remote, 1, 0) == static_cast<ssize_t>(pattern.size()) &&
-           std::memcmp(got, pattern.data(), pattern.size()) == 0;
+    return at && read_remote(pid, at, got, pattern.size()) && std::memcmp(got, pattern.data(), pattern.size()) == 0;
   };
   return holds(g.syscall_ret, arch::kSyscallRet) &&
          (holds(g.restorer, arch::kRestorer) || holds(g.restorer, arch::kRestorerShort));
@@ -1142,10 +1139,7 @@ void Agent::after_detach() {
   using namespace std::chrono;
   const auto deadline = steady_clock::now() + milliseconds(std::min<long long>(wait_timeout().count(), 2000)) + seconds(1);
   for (;;) {
-    uint32_t ph = 0;
-    iovec local{&ph, sizeof ph};
-    iovec remote{reinterpret_cast<void*>(ctl_addr_ + offsetof(pipecr_agent_ctl, phase)), sizeof ph};
-    if (::process_vm_readv(pid_, &local, 1, &remote, 1, 0) != static_cast<ssize_t>(sizeof ph)) return;  // gone
+    if (!phase()) return;  // its mapping is gone: it has returned
     if (steady_clock::now() > deadline) return;  // it returns by itself all the same (park_ms)
     std::this_thread::sleep_for(microseconds(20));
   }
