@@ -37,6 +37,8 @@
 // BM_DumpScale: 16 bytes in each of N pipes, spread over victims of up to 9,000 pipes each
 // (18,000 fds, under the 20,000 fd limit of these machines), pipecr under the same limit: time per
 // pipe from 100 to 100,000 pipes (the slope), time stopped, scratch pipes and batches.
+// BM_TeeFloor: the tees of 1,000 pipes of 64 KiB alone, with their metadata cold and warm in the
+// caches: the per-buffer cost no user-space dump avoids while its targets stand stopped.
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/ioctl.h>
@@ -471,6 +473,67 @@ void BM_DumpScale(benchmark::State& state) {
 
 BENCHMARK(BM_DumpScale)->Arg(100)->Arg(1000)->Arg(10000)->Arg(100000)
     ->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(2);
+
+// BM_TeeFloor: the part of the stop that grows with the bytes queued, alone, in this process: a tee
+// of each of 1,000 pipes (`bytes` queued in each, written with write(): one 4 KiB page a buffer)
+// into scratch pipes of pipe-max-size, each tee taking a reference on every page it links. cold=1
+// first streams through 64 MiB to push the pages' and buffers' metadata out of the caches, as it is
+// in a target whose pipes were filled long before the dump; cold=0 tees them again at once.
+// Counters: tee_ms (the tees, with the switch to a fresh scratch pipe when one is full),
+// per_buffer_ns (tee_ms per page linked), scratch_ms (making the scratch pipes, timed apart).
+void BM_TeeFloor(benchmark::State& state) {
+  raise_nofile();
+  const size_t bytes = static_cast<size_t>(state.range(0));
+  const bool cold = state.range(1) != 0;
+  constexpr int kPipes = 1000;
+  std::vector<int> src;
+  std::string chunk(bytes, 'x');
+  for (int i = 0; i < kPipes; ++i) {
+    int p[2];
+    if (pipe2(p, O_NONBLOCK | O_CLOEXEC) != 0 || fcntl(p[1], F_SETPIPE_SZ, static_cast<int>(std::max<size_t>(bytes, 4096))) < 0 ||
+        write(p[1], chunk.data(), bytes) != static_cast<ssize_t>(bytes)) {
+      state.SkipWithError("cannot make the source pipes");
+      return;
+    }
+    close(p[1]);
+    src.push_back(p[0]);
+  }
+  std::vector<char> flush(64u << 20, 1);
+  const int max_size = std::max(fcntl(src[0], F_GETPIPE_SZ), 1 << 20);
+  double tee_ms = 0, scratch_ms = 0, buffers = 0;
+  for (auto _ : state) {
+    const size_t per_scratch = static_cast<size_t>(max_size) / 4096 / std::max<size_t>(1, (bytes + 4095) / 4096);
+    std::vector<int> scratch;
+    auto s0 = Clock::now();
+    for (size_t i = 0; i < kPipes / std::max<size_t>(per_scratch, 1) + 1; ++i) {
+      int p[2];
+      if (pipe2(p, O_CLOEXEC) != 0) break;
+      fcntl(p[1], F_SETPIPE_SZ, max_size);
+      scratch.push_back(p[0]);
+      scratch.push_back(p[1]);
+    }
+    scratch_ms += std::chrono::duration<double, std::milli>(Clock::now() - s0).count();
+    if (cold)
+      for (size_t i = 0; i < flush.size(); i += 64) flush[i] = static_cast<char>(flush[i] + 1);
+    benchmark::DoNotOptimize(flush.data());
+    size_t k = 0;
+    auto t0 = Clock::now();
+    for (int fd : src) {
+      ssize_t r = tee(fd, scratch[2 * k + 1], SIZE_MAX >> 1, SPLICE_F_NONBLOCK);
+      if (r < 0 && errno == EAGAIN && 2 * (k + 1) < scratch.size()) r = tee(fd, scratch[2 * ++k + 1], SIZE_MAX >> 1, SPLICE_F_NONBLOCK);
+      if (r > 0) buffers += static_cast<double>((static_cast<size_t>(r) + 4095) / 4096);
+    }
+    tee_ms += std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+    for (int fd : scratch) close(fd);
+  }
+  for (int fd : src) close(fd);
+  double it = static_cast<double>(state.iterations());
+  state.counters["tee_ms"] = tee_ms / it;
+  state.counters["scratch_ms"] = scratch_ms / it;
+  state.counters["per_buffer_ns"] = buffers > 0 ? tee_ms * 1e6 / buffers : 0;
+}
+
+BENCHMARK(BM_TeeFloor)->Args({65536, 1})->Args({65536, 0})->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(20);
 
 }  // namespace
 
