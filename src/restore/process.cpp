@@ -60,11 +60,22 @@ int highest_fd(const Holder& h) {
   return m;
 }
 
+// A /proc read of pid's that failed: a process gone meanwhile (ENOENT, ESRCH) is Errc::gone, as
+// every other step says it; anything else is the call's error.
+Error proc_error(const char* call, const std::string& path, pid_t pid) {
+  Error e = sys::call_error(call, path);
+  if (e.err == ENOENT || e.err == ESRCH) {
+    e.kind = Errc::gone;
+    e.what = fmt::format("process {} exited", pid);
+  }
+  return e;
+}
+
 // The soft RLIMIT_NOFILE of pid, from /proc/PID/limits (readable whatever the owner).
 Expected<uint64_t> target_nofile_limit(pid_t pid) {
   std::string path = fmt::format("/proc/{}/limits", pid);
   sys::UniqueFd in(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-  if (!in) return tl::unexpected(sys::call_error("open", path));
+  if (!in) return tl::unexpected(proc_error("open", path, pid));
   std::string text;
   char buf[4096];
   for (ssize_t n; (n = ::read(in.get(), buf, sizeof buf)) > 0;) text.append(buf, static_cast<size_t>(n));
@@ -80,7 +91,7 @@ Expected<uint64_t> target_nofile_limit(pid_t pid) {
 Expected<std::vector<int>> target_fds(pid_t pid) {
   std::string path = fmt::format("/proc/{}/fd", pid);
   DIR* dir = ::opendir(path.c_str());
-  if (!dir) return tl::unexpected(sys::call_error("opendir", path));
+  if (!dir) return tl::unexpected(proc_error("opendir", path, pid));
   std::vector<int> fds;
   while (dirent* d = ::readdir(dir))
     if (d->d_name[0] != '.') fds.push_back(std::atoi(d->d_name));

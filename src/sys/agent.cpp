@@ -594,7 +594,11 @@ Expected<void> Agent::boot(const CommitPoint&, std::span<const AgentOp> ops, int
     return tl::unexpected(error("no return through an rt_sigframe here (no `syscall; ret` or restorer in the target, a "
                                 "shadow stack, or turned off): a survey does not take the fallback's harm window",
                                 ENOTSUP));
-  if (g.syscall_ret && g.restorer) {
+  // A process that was in a group stop when seized goes back into it as it is detached, before an
+  // agent that returns by itself could run: that agent would stay in it (its socket at its number,
+  // its mapping) until a SIGCONT, and then close that number, which a later restore may have filled.
+  // There pipecr takes the thread back itself, while it still holds it (the register block).
+  if (g.syscall_ret && g.restorer && !process_->was_stopped()) {
     auto fpu = arch::fpu_state(tid_);
     if (!fpu) return tl::unexpected(fpu.error());
     const arch::SigFrame frame =

@@ -12,6 +12,8 @@
 #include <sys/resource.h>
 #include <sys/stat.h>
 
+#include <algorithm>
+#include <filesystem>
 #include <fstream>
 #include <thread>
 
@@ -286,6 +288,18 @@ TEST(RestoreProcess, DroppedWriterGivesEofAfterTheData) {
   EXPECT_EQ(child.finish(), "");
 }
 
+// "N -> target" for each open fd of pid.
+std::vector<std::string> fd_links(pid_t pid) {
+  std::vector<std::string> out;
+  const std::string dir = fmt::format("/proc/{}/fd", pid);
+  for (const auto& e : std::filesystem::directory_iterator(dir)) {
+    std::error_code ec;
+    out.push_back(e.path().filename().string() + " -> " + std::filesystem::read_symlink(e.path(), ec).string());
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
 TEST(RestoreProcess, StoppedTargetStaysStopped) {
   ImageBuilder b;
   b.process(kRec);
@@ -296,6 +310,7 @@ TEST(RestoreProcess, StoppedTargetStaysStopped) {
   ASSERT_TRUE(child.ready());
   ::kill(child.pid(), SIGSTOP);
   for (int i = 0; i < 200 && testing::state_of(child.pid()) != 'T'; ++i) ::usleep(5000);
+  const std::vector<std::string> fds_before = fd_links(child.pid());
   auto sum = restore_processes(img, {{{child.pid(), kRec}}, std::nullopt});
   ASSERT_TRUE(sum) << sum.error().what;
   // The kernel puts it back into the group stop as it is detached: allow it a moment.
@@ -304,6 +319,15 @@ TEST(RestoreProcess, StoppedTargetStaysStopped) {
   ::usleep(50000);
   EXPECT_EQ(testing::state_of(child.pid()), 'T') << "it must stay stopped";
   EXPECT_UNTRACED(child.pid());
+  // Still stopped, it holds its own fds and the restored one, and nothing of the agent: no socket
+  // at some number, no mapping (an agent left to return by itself would wait for the SIGCONT, then
+  // close its socket's number, which a later restore may have filled).
+  std::vector<std::string> fds_after = fd_links(child.pid());
+  ASSERT_EQ(fds_after.size(), fds_before.size());
+  for (const std::string& l : fds_after) EXPECT_EQ(l.find("socket:"), std::string::npos) << l;
+  std::ifstream maps(fmt::format("/proc/{}/maps", child.pid()));
+  std::string line;
+  while (std::getline(maps, line)) EXPECT_EQ(line.find("pipecr"), std::string::npos) << line;
   ::kill(child.pid(), SIGCONT);
   EXPECT_EQ(child.finish(), "");
 }
@@ -474,6 +498,30 @@ TEST(RestoreProcess, DeadTargetIsGone) {
   auto r = restore_processes(img, {{{dead, kRec}}, std::nullopt});
   ASSERT_FALSE(r);
   EXPECT_EQ(r.error().kind, Errc::gone) << r.error().what;
+}
+
+// A target that exits (and is reaped) once the plan is made, before its limits are read from
+// /proc: gone, as at any later step (not a "no such file" about /proc/PID/limits).
+TEST(RestoreProcess, TargetGoneBeforeItsLimitsAreReadIsGone) {
+  ImageBuilder b;
+  b.process(kRec);
+  b.fd(kRec, 11, b.file(b.pipe({{"x", false}}), O_RDONLY));
+  Image img = b.parsed();
+  pid_t target = ::fork();
+  if (target == 0) {
+    ::pause();
+    ::_exit(0);
+  }
+  ProcessRestoreOptions opts;
+  opts.hook = [&](Stage s) {
+    if (s != Stage::planned) return;
+    ::kill(target, SIGKILL);
+    ::waitpid(target, nullptr, 0);  // reaped: its /proc directory is gone
+  };
+  auto r = restore_processes(img, {{{target, kRec}}, std::nullopt}, opts);
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().kind, Errc::gone) << r.error().what;
+  EXPECT_NE(r.error().what.find("exited"), std::string::npos) << r.error().what;
 }
 
 TEST(RestoreProcess, UnknownRecordedPidIsABadArgument) {
