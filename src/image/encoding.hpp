@@ -216,87 +216,116 @@ class Cursor {
 };
 
 // ---- checks shared by writer and reader ---------------------------------------------------
-// Each returns an empty string when the record is acceptable, else the problem in a few words.
+// Each returns an empty string when the record is acceptable, else what is wrong and the rule it
+// breaks, in a few words ("pipe id 0: ids start at 1"). validate() says the same where it checks
+// the same fields.
 
 [[nodiscard]] inline std::string check_info(const ImageInfo& i) {
   if (i.page_size < kMinPageSize || i.page_size > kMaxPageSize || !std::has_single_bit(i.page_size))
     return fmt::format("page size {} is not a power of two in [{}, {}]", i.page_size, kMinPageSize, kMaxPageSize);
-  if (i.kernel.size() > kMaxShortString) return "kernel string too long";
-  if (i.tool.size() > kMaxShortString) return "tool string too long";
-  if (i.boot_id.size() > kMaxBootId) return "boot id string too long";
+  if (i.kernel.size() > kMaxShortString)
+    return fmt::format("kernel string is {} bytes long, over {}", i.kernel.size(), kMaxShortString);
+  if (i.tool.size() > kMaxShortString)
+    return fmt::format("tool string is {} bytes long, over {}", i.tool.size(), kMaxShortString);
+  if (i.boot_id.size() > kMaxBootId)
+    return fmt::format("boot id string is {} bytes long, over {}", i.boot_id.size(), kMaxBootId);
   return {};
 }
 
 [[nodiscard]] inline std::string check_process(const ProcessRecord& p) {
   if (p.pid <= 0) return fmt::format("process pid {} is not positive", p.pid);
-  if (p.ppid < 0) return fmt::format("process {} has negative ppid {}", p.pid, p.ppid);
-  if (p.comm.size() > kMaxComm) return fmt::format("process {} comm longer than {}", p.pid, kMaxComm);
+  if (p.ppid < 0) return fmt::format("process {} has ppid {}: a ppid is 0 or positive", p.pid, p.ppid);
+  if (p.comm.size() > kMaxComm) return fmt::format("process {} comm is longer than {} bytes", p.pid, kMaxComm);
   uint64_t total = 0;
   for (const std::string& a : p.argv) total += a.size();
   if (total > kMaxArgvBytes) return fmt::format("process {} argv totals {} bytes, over {}", p.pid, total, kMaxArgvBytes);
   return {};
 }
 
+// The rules on a pipe's id and kind, which validate() checks again.
+[[nodiscard]] inline std::string check_pipe_kind(const PipeRecord& p) {
+  if (p.id == 0) return "pipe id 0: ids start at 1";
+  if (p.kind != PipeKind::anonymous && p.kind != PipeKind::fifo)
+    return fmt::format("pipe {} has kind {}: a pipe is anonymous (0) or a FIFO (1)", p.id,
+                       static_cast<unsigned>(p.kind));
+  if (p.kind == PipeKind::anonymous && (!p.path.empty() || p.unlinked))
+    return fmt::format("anonymous pipe {} has a FIFO path: only a FIFO has one", p.id);
+  return {};
+}
+
 // The pipe's own fields, given the image's page size.
 [[nodiscard]] inline std::string check_pipe(const PipeRecord& p, uint32_t page_size) {
-  if (p.id == 0) return "pipe id 0";
-  if (p.kind != PipeKind::anonymous && p.kind != PipeKind::fifo)
-    return fmt::format("pipe {} has unknown kind {}", p.id, static_cast<unsigned>(p.kind));
-  if (p.path.size() > kMaxPath) return fmt::format("pipe {} path longer than {}", p.id, kMaxPath);
-  if (p.kind == PipeKind::anonymous && (!p.path.empty() || p.unlinked))
-    return fmt::format("anonymous pipe {} has a FIFO path", p.id);
-  if (p.kind == PipeKind::fifo && p.path.empty()) return fmt::format("FIFO {} has no path", p.id);
+  if (auto e = check_pipe_kind(p); !e.empty()) return e;
+  if (p.path.size() > kMaxPath)
+    return fmt::format("pipe {} path is {} bytes long, over {} (PATH_MAX)", p.id, p.path.size(), kMaxPath);
+  if (p.kind == PipeKind::fifo && p.path.empty())
+    return fmt::format("FIFO {} has no path: a FIFO is restored at its path", p.id);
   uint64_t max_slots = page_size ? p.capacity / page_size : 0;
   if (p.slots.size() > max_slots)
-    return fmt::format("pipe {} has {} slots but capacity {} holds {}", p.id, p.slots.size(), p.capacity, max_slots);
+    return fmt::format("pipe {} has {} slots but capacity {} holds {} pages of {} bytes", p.id, p.slots.size(),
+                       p.capacity, max_slots, page_size);
   for (size_t i = 0; i < p.slots.size(); ++i)
     if (p.slots[i].len == 0 || p.slots[i].len > page_size)
-      return fmt::format("pipe {} slot {} length {} is not in 1..{}", p.id, i, p.slots[i].len, page_size);
+      return fmt::format("pipe {} slot {} holds {} bytes: a pipe buffer holds 1..{} bytes (the page size)", p.id, i,
+                         p.slots[i].len, page_size);
   return {};
 }
 
 [[nodiscard]] inline std::string check_file(const FileRecord& f) {
-  if (f.id == 0) return "file id 0";
-  if (f.pipe_id == 0) return fmt::format("file {} has pipe id 0", f.id);
-  if ((f.flags & 3) == 3) return fmt::format("file {} has access mode 3", f.id);
-  if (f.owner.type < 0 || f.owner.type > 2) return fmt::format("file {} has owner type {}", f.id, f.owner.type);
-  if (f.signal < 0 || f.signal > 64) return fmt::format("file {} has signal {}", f.id, f.signal);
+  if (f.id == 0) return "file id 0: ids start at 1";
+  if (f.pipe_id == 0) return fmt::format("file {} has pipe id 0: it must name a PIPE record, and ids start at 1", f.id);
+  if ((f.flags & 3) == 3)
+    return fmt::format("file {} has access mode 3: a pipe end is opened O_RDONLY, O_WRONLY or O_RDWR (0, 1, 2)", f.id);
+  if (f.owner.type < 0 || f.owner.type > 2)
+    return fmt::format("file {} has owner type {}: F_SETOWN_EX takes a thread (0), a process (1) or a group (2)",
+                       f.id, f.owner.type);
+  if (f.signal < 0 || f.signal > 64)
+    return fmt::format("file {} has signal {}: F_SETSIG takes 0 (SIGIO) to 64", f.id, f.signal);
   if (static_cast<unsigned>(f.fifo_reader) > 2)
-    return fmt::format("file {} has FIFO reader state {}", f.id, static_cast<unsigned>(f.fifo_reader));
+    return fmt::format("file {} has FIFO reader state {}: the states are 0, 1 and 2", f.id,
+                       static_cast<unsigned>(f.fifo_reader));
   return {};
 }
 
 [[nodiscard]] inline std::string check_fd(const FdRecord& f) {
-  if (f.pid < 0) return fmt::format("fd {} has negative pid {}", f.fd, f.pid);
-  if (f.fd < 0) return fmt::format("fd number {} is negative", f.fd);
-  if (f.file_id == 0) return fmt::format("fd {} has file id 0", f.fd);
+  if (f.pid < 0) return fmt::format("fd {} has pid {}: a pid is positive (0: the caller itself)", f.fd, f.pid);
+  if (f.fd < 0) return fmt::format("fd number {} is negative: fd numbers start at 0", f.fd);
+  if (f.file_id == 0) return fmt::format("fd {} has file id 0: it must name a FILE record, and ids start at 1", f.fd);
   if (static_cast<unsigned>(f.blocked) > 2)
-    return fmt::format("fd {} has blocked state {}", f.fd, static_cast<unsigned>(f.blocked));
-  if (f.tid < 0) return fmt::format("fd {} has negative thread id {}", f.fd, f.tid);
-  if (f.tid != 0 && f.pid == 0) return fmt::format("fd {} is in thread {} of no process", f.fd, f.tid);
+    return fmt::format("fd {} has blocked state {}: the states are 0 (none), 1 (reading) and 2 (writing)", f.fd,
+                       static_cast<unsigned>(f.blocked));
+  if (f.tid < 0)
+    return fmt::format("fd {} has thread id {}: a thread id is positive (0: the process's own table)", f.fd, f.tid);
+  if (f.tid != 0 && f.pid == 0)
+    return fmt::format("fd {} is in thread {} of pid 0: a thread's own table belongs to a recorded process", f.fd,
+                       f.tid);
   return {};
 }
 
 [[nodiscard]] inline std::string check_in_flight(const InFlightRecord& f) {
-  if (f.file_id == 0) return "end in flight with file id 0";
-  if (f.pid <= 0) return fmt::format("file {} in flight in pid {}", f.file_id, f.pid);
-  if (f.sock_fd < 0) return fmt::format("file {} in flight in socket fd {}", f.file_id, f.sock_fd);
+  if (f.file_id == 0) return "end in flight with file id 0: it must name a FILE record, and ids start at 1";
+  if (f.pid <= 0) return fmt::format("file {} in flight in pid {}: a pid is positive", f.file_id, f.pid);
+  if (f.sock_fd < 0)
+    return fmt::format("file {} in flight in socket fd {}: fd numbers start at 0", f.file_id, f.sock_fd);
   return {};
 }
 
 [[nodiscard]] inline std::string check_shared(const SharedFdTable& s) {
   if (s.pid <= 0 || s.with_pid <= 0 || s.pid == s.with_pid)
-    return fmt::format("shared fd table of pid {} with pid {}", s.pid, s.with_pid);
+    return fmt::format("shared fd table of pid {} with pid {}: two different positive pids", s.pid, s.with_pid);
   return {};
 }
 
 [[nodiscard]] inline std::string check_epoll_watch(const EpollWatch& w) {
-  if (w.epoll_id == 0) return "epoll id 0";
-  if (w.pid <= 0) return fmt::format("epoll {} has holder pid {}", w.epoll_id, w.pid);
+  if (w.epoll_id == 0) return "epoll id 0: ids start at 1";
+  if (w.pid <= 0) return fmt::format("epoll {} has holder pid {}: a pid is positive", w.epoll_id, w.pid);
   if (w.epoll_fd < 0 || w.fd < 0)
-    return fmt::format("epoll {} has a negative fd number ({} watching {})", w.epoll_id, w.epoll_fd, w.fd);
-  if (w.epoll_fd == w.fd) return fmt::format("epoll {} fd {} watches itself", w.epoll_id, w.fd);
-  if (w.file_id == 0) return fmt::format("epoll {} watches file id 0", w.epoll_id);
+    return fmt::format("epoll {} has a negative fd number ({} watching {}): fd numbers start at 0", w.epoll_id,
+                       w.epoll_fd, w.fd);
+  if (w.epoll_fd == w.fd)
+    return fmt::format("epoll {} fd {} watches itself: an epoll cannot watch its own fd", w.epoll_id, w.fd);
+  if (w.file_id == 0)
+    return fmt::format("epoll {} watches file id 0: it must name a FILE record, and ids start at 1", w.epoll_id);
   return {};
 }
 

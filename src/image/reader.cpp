@@ -142,7 +142,10 @@ Expected<FdRecord> decode_fd(const RawRecord& r) {
   if (r.type == static_cast<uint32_t>(RecordType::thread_fd)) {
     auto tid = c.i32("tid");
     if (!tid) return bad_field(r, c);
-    if (*tid <= 0) return bad(r.offset, fmt::format("record THREAD_FD: fd {} has thread id {}", f.fd, *tid));
+    if (*tid <= 0)
+      return bad(r.offset,
+                 fmt::format("record THREAD_FD: fd {} has thread id {}: a THREAD_FD names a thread (id above 0)", f.fd,
+                             *tid));
     f.tid = *tid;
   }
   return f;

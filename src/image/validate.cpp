@@ -2,7 +2,6 @@
 // sysconf), so validate() is cheap, deterministic, and safe to run on any parsed image.
 #include "image/validate.hpp"
 
-#include <fcntl.h>
 #include <unistd.h>
 
 #include <bit>
@@ -45,9 +44,7 @@ std::string path_problem(const std::string& path) {
 
 Expected<void> validate_pipe(const PipeRecord& p, uint32_t page) {
   const std::string name = fmt::format("pipe {}", p.id);
-  if (p.id == 0) return refuse("pipe id 0");
-  if (p.kind != PipeKind::anonymous && p.kind != PipeKind::fifo)
-    return refuse(fmt::format("{} has unknown kind {}", name, static_cast<unsigned>(p.kind)));
+  if (auto e = check_pipe_kind(p); !e.empty()) return refuse(e);  // id, kind, a path only on a FIFO
   // Capacity: what F_SETPIPE_SZ(capacity) sets is round_pipe_size(capacity); only a value it keeps
   // as it is can be restored exactly, and a kernel only ever reports such values.
   if (p.capacity < page || p.capacity > kMaxPipeCapacity || !std::has_single_bit(p.capacity))
@@ -68,26 +65,23 @@ Expected<void> validate_pipe(const PipeRecord& p, uint32_t page) {
     total += s.len;
   }
   if (p.data.size() != total)
-    return refuse(fmt::format("{} has {} bytes of data but its slots hold {}", name, p.data.size(), total));
+    return refuse(fmt::format("{} has {} bytes of data but its slots hold {}: they must match", name, p.data.size(),
+                              total));
   if (p.mode & ~uint32_t{0777})
     return refuse(fmt::format("{} mode {:#o} has bits beyond 0777 (setuid, setgid or sticky): refused", name, p.mode));
-  if (p.kind == PipeKind::anonymous) {
-    if (!p.path.empty() || p.unlinked) return refuse(fmt::format("anonymous {} has a FIFO path", name));
-  } else if (auto why = path_problem(p.path); !why.empty()) {
-    return refuse(fmt::format("FIFO {} path {}", p.id, why));
-  }
+  if (p.kind == PipeKind::fifo)
+    if (auto why = path_problem(p.path); !why.empty())
+      return refuse(fmt::format("FIFO {} path {}: a FIFO path is absolute, below PATH_MAX, without NUL, . or ..",
+                                p.id, why));
   return {};
 }
 
 Expected<void> validate_file(const FileRecord& f, const std::unordered_set<uint64_t>& pipes) {
-  if (f.id == 0) return refuse("file id 0");
+  // id, pipe id, access mode, owner type, signal, FIFO reader state: the reader's rules
+  if (auto e = check_file(f); !e.empty()) return refuse(e);
   if (!pipes.count(f.pipe_id)) return refuse(fmt::format("file {} names pipe {}, which the image does not hold", f.id, f.pipe_id));
-  if ((f.flags & O_ACCMODE) == O_ACCMODE) return refuse(fmt::format("file {} has access mode 3", f.id));
-  if (f.owner.type < 0 || f.owner.type > 2) return refuse(fmt::format("file {} has owner type {}", f.id, f.owner.type));
-  if (f.owner.pid < 0) return refuse(fmt::format("file {} has negative owner pid {}", f.id, f.owner.pid));
-  if (f.signal < 0 || f.signal > 64) return refuse(fmt::format("file {} has signal {}", f.id, f.signal));
-  if (static_cast<unsigned>(f.fifo_reader) > 2)
-    return refuse(fmt::format("file {} has FIFO reader state {}", f.id, static_cast<unsigned>(f.fifo_reader)));
+  if (f.owner.pid < 0)
+    return refuse(fmt::format("file {} has owner pid {}: an owner is a positive id, or 0 for none", f.id, f.owner.pid));
   return {};
 }
 
@@ -110,21 +104,24 @@ Expected<void> validate_epoll_watches(const Image& img, const std::unordered_set
   std::set<std::tuple<int32_t, int32_t, uint64_t, int32_t>> seen;
   for (const EpollWatch& w : img.epoll_watches) {
     const std::string name = fmt::format("epoll {} (fd {} of pid {})", w.epoll_id, w.epoll_fd, w.pid);
-    if (w.epoll_id == 0) return refuse("epoll watch with epoll id 0");
+    if (w.epoll_id == 0) return refuse("epoll watch with epoll id 0: ids start at 1");
     if (w.pid <= 0 || !pids.count(w.pid))
       return refuse(fmt::format("{} belongs to a process the image does not record", name));
-    if (w.epoll_fd < 0 || w.fd < 0) return refuse(fmt::format("{} watches fd {}: negative fd number", name, w.fd));
+    if (w.epoll_fd < 0 || w.fd < 0)
+      return refuse(fmt::format("{} watches fd {}: fd numbers start at 0", name, w.fd));
     if (!files.count(w.file_id))
       return refuse(fmt::format("{} watches file {}, which the image does not hold", name, w.file_id));
     int32_t table = table_of.count(w.pid) ? table_of.at(w.pid) : w.pid;
     if (!held.count({table, w.file_id}))
       return refuse(fmt::format("{} watches file {}, but pid {} holds no fd of it", name, w.file_id, table));
-    if (fd_slots.count({table, w.epoll_fd})) return refuse(fmt::format("{}: that fd is a recorded pipe end", name));
+    if (fd_slots.count({table, w.epoll_fd}))
+      return refuse(fmt::format("{}: that fd is a recorded pipe end, so it is no epoll", name));
     auto [it, fresh] = epolls.emplace(std::pair(w.pid, w.epoll_fd), w.epoll_id);
     if (!fresh && it->second != w.epoll_id)
-      return refuse(fmt::format("fd {} of pid {} is epoll {} and epoll {}", w.epoll_fd, w.pid, it->second, w.epoll_id));
+      return refuse(fmt::format("fd {} of pid {} is epoll {} and epoll {}: an fd is one epoll instance", w.epoll_fd,
+                                w.pid, it->second, w.epoll_id));
     if (!seen.insert({w.pid, w.epoll_fd, w.file_id, w.fd}).second)
-      return refuse(fmt::format("{}: the watch of fd {} appears twice", name, w.fd));
+      return refuse(fmt::format("{}: the watch of fd {} appears twice: an epoll watches an fd once", name, w.fd));
   }
   return {};
 }
@@ -148,46 +145,45 @@ Expected<void> validate(const Image& img, uint32_t page_size) {
   std::unordered_set<int32_t> pids;
   for (const ProcessRecord& p : img.processes) {
     if (p.pid <= 0) return refuse(fmt::format("process pid {} is not positive", p.pid));
-    if (!pids.insert(p.pid).second) return refuse(fmt::format("process {} appears twice", p.pid));
+    if (!pids.insert(p.pid).second) return refuse(fmt::format("process {} appears twice: pids are unique", p.pid));
   }
   std::unordered_set<uint64_t> pipes;
   for (const PipeRecord& p : img.pipes) {
     if (auto ok = validate_pipe(p, page); !ok) return ok;
-    if (!pipes.insert(p.id).second) return refuse(fmt::format("pipe id {} appears twice", p.id));
+    if (!pipes.insert(p.id).second) return refuse(fmt::format("pipe id {} appears twice: ids are unique", p.id));
   }
   std::unordered_set<uint64_t> files;
   for (const FileRecord& f : img.files) {
     if (auto ok = validate_file(f, pipes); !ok) return ok;
-    if (!files.insert(f.id).second) return refuse(fmt::format("file id {} appears twice", f.id));
+    if (!files.insert(f.id).second) return refuse(fmt::format("file id {} appears twice: ids are unique", f.id));
   }
   for (const SharedFdTable& t : img.shared_tables)
     if (t.pid <= 0 || t.with_pid <= 0 || t.pid == t.with_pid || !pids.count(t.pid) || !pids.count(t.with_pid))
-      return refuse(fmt::format("shared fd table of pids {} and {}, which the image does not record", t.pid,
+      return refuse(fmt::format("shared fd table of pids {} and {}: two different processes the image records", t.pid,
                                 t.with_pid));
   std::set<std::tuple<int32_t, int32_t, int32_t>> slots;  // (pid, tid, fd): a thread's own table is another table
   for (const FdRecord& d : img.fds) {
-    if (d.tid < 0 || (d.tid != 0 && d.pid == 0))
-      return refuse(fmt::format("fd {} of pid {} is in thread {}", d.fd, d.pid, d.tid));
-    if (d.fd < 0) return refuse(fmt::format("fd number {} is negative", d.fd));
-    if (d.pid < 0 || (d.pid != 0 && !pids.count(d.pid)))
+    // pid, fd number, file id, blocked state and thread id on their own: the reader's rules
+    if (auto e = check_fd(d); !e.empty()) return refuse(e);
+    if (d.pid != 0 && !pids.count(d.pid))
       return refuse(fmt::format("fd {} belongs to pid {}, which the image does not record", d.fd, d.pid));
     if (!files.count(d.file_id))
       return refuse(fmt::format("fd {} of pid {} names file {}, which the image does not hold", d.fd, d.pid, d.file_id));
-    if (static_cast<unsigned>(d.blocked) > 2)
-      return refuse(fmt::format("fd {} has blocked state {}", d.fd, static_cast<unsigned>(d.blocked)));
     if (!slots.insert({d.pid, d.tid, d.fd}).second)
-      return refuse(fmt::format("fd {} of pid {} appears twice", d.fd, d.pid));
+      return refuse(fmt::format("fd {} of pid {} appears twice: a table holds one file at each number", d.fd, d.pid));
   }
   std::set<std::tuple<int32_t, int32_t, uint32_t, uint32_t>> places;  // (pid, sock_fd, msg, slot)
   for (const InFlightRecord& f : img.in_flight) {
     if (f.pid <= 0 || !pids.count(f.pid))
       return refuse(fmt::format("end in flight of file {} is in pid {}, which the image does not record", f.file_id,
                                 f.pid));
-    if (f.sock_fd < 0) return refuse(fmt::format("end in flight of file {} is in socket fd {}", f.file_id, f.sock_fd));
+    if (f.sock_fd < 0)
+      return refuse(fmt::format("end in flight of file {} is in socket fd {}: fd numbers start at 0", f.file_id,
+                                f.sock_fd));
     if (!files.count(f.file_id)) return refuse(fmt::format("end in flight names file {}, which the image does not hold", f.file_id));
     if (!places.insert({f.pid, f.sock_fd, f.msg, f.slot}).second)
-      return refuse(fmt::format("place {}/{} of socket fd {} of pid {} holds two ends in flight", f.msg, f.slot,
-                                f.sock_fd, f.pid));
+      return refuse(fmt::format("place {}/{} of socket fd {} of pid {} holds two ends in flight: a place holds one",
+                                f.msg, f.slot, f.sock_fd, f.pid));
   }
   return validate_epoll_watches(img, pids, files);
 }

@@ -608,10 +608,17 @@ TEST(ImageIo, InconsistentReferencesRefused) {
                Errc::bad_image, "fd 3 of pid 0 appears twice");
   expect_error(pipe_file().add(record(RecordType::file, file_payload(2, 1))).done(), Errc::bad_image,
                "file id 2 appears twice");
-  expect_error(Raw().info().add(record(RecordType::file, file_payload(0, 1))).done(), Errc::bad_image, "file id 0");
+  // A zero id says the rule it breaks, not only the value.
+  expect_error(Raw().info().add(record(RecordType::file, file_payload(0, 1))).done(), Errc::bad_image,
+               "record FILE: file id 0: ids start at 1");
+  expect_error(Raw().info().add(one_pipe()).add(its_data()).add(record(RecordType::file, file_payload(1, 0))).done(),
+               Errc::bad_image,
+               "record FILE: file 1 has pipe id 0: it must name a PIPE record, and ids start at 1");
+  expect_error(pipe_file().add(record(RecordType::fd, fd_payload(0, 3, 0))).done(), Errc::bad_image,
+               "record FD: fd 3 has file id 0: it must name a FILE record, and ids start at 1");
   expect_error(Raw().info().add(one_pipe()).add(one_pipe()).done(), Errc::bad_image, "pipe id 1 appears twice");
   expect_error(Raw().info().add(record(RecordType::pipe, pipe_payload(0, 4096, {}))).done(), Errc::bad_image,
-               "pipe id 0");
+               "record PIPE: pipe id 0: ids start at 1");
 }
 
 TEST(ImageIo, InconsistentDataRefused) {
@@ -629,8 +636,10 @@ TEST(ImageIo, InconsistentDataRefused) {
 
 TEST(ImageIo, BadSlotTablesRefused) {
   auto with = [](const Bytes& pl) { return Raw().info().add(record(RecordType::pipe, pl)).done(); };
-  expect_error(with(pipe_payload(1, 8192, {{0, false}})), Errc::bad_image, "slot 0 length 0");
-  expect_error(with(pipe_payload(1, 8192, {{4097, false}})), Errc::bad_image, "length 4097 is not in 1..4096");
+  expect_error(with(pipe_payload(1, 8192, {{0, false}})), Errc::bad_image,
+               "slot 0 holds 0 bytes: a pipe buffer holds 1..4096 bytes");
+  expect_error(with(pipe_payload(1, 8192, {{4097, false}})), Errc::bad_image,
+               "slot 0 holds 4097 bytes: a pipe buffer holds 1..4096 bytes");
   expect_error(with(pipe_payload(1, 4096, {{1, false}, {1, false}})), Errc::bad_image,
                "slot count 2 exceeds capacity 4096");
   // A slot count the payload cannot hold is refused before anything is allocated.
@@ -645,7 +654,8 @@ TEST(ImageIo, BadSlotTablesRefused) {
   expect_error(with(nul), Errc::bad_image, "path contains a NUL byte");
   expect_error(with(pipe_payload(1, 8192, {}, 1, "")), Errc::bad_image, "FIFO 1 has no path");
   expect_error(with(pipe_payload(1, 8192, {}, 0, "/x")), Errc::bad_image, "anonymous pipe 1 has a FIFO path");
-  expect_error(with(pipe_payload(1, 8192, {}, 9, "/x")), Errc::bad_image, "unknown kind 9");
+  expect_error(with(pipe_payload(1, 8192, {}, 9, "/x")), Errc::bad_image,
+               "pipe 1 has kind 9: a pipe is anonymous (0) or a FIFO (1)");
   Bytes proc;
   put_i32(proc, 5);
   put_i32(proc, 1);

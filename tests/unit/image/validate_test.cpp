@@ -99,7 +99,8 @@ TEST(Validate, IdsAndReferencesAreConsistent) {
   expect_refused([](Fixture& f) { f.img.files[1].pipe_id = 9; }, "names pipe 9");
   expect_refused([](Fixture& f) { f.img.files[1].id = 1; }, "file id 1 appears twice");
   expect_refused([](Fixture& f) { f.img.files[0].flags = O_ACCMODE; }, "access mode 3");
-  expect_refused([](Fixture& f) { f.img.files[0].owner.pid = -5; }, "negative owner pid");
+  expect_refused([](Fixture& f) { f.img.files[0].owner.pid = -5; },
+                 "owner pid -5: an owner is a positive id, or 0 for none");
   expect_refused([](Fixture& f) { f.img.fds[1].file_id = 7; }, "names file 7");
   expect_refused([](Fixture& f) { f.img.fds[1].pid = 11; }, "does not record");
   expect_refused([](Fixture& f) { f.img.fds[1].fd = 0; }, "fd 0 of pid 10 appears twice");
