@@ -162,7 +162,6 @@ RunFn setup(CLI::App& app, CommandContext& ctx) {
                "restore a FIFO even when processes outside the restore have it open (they share the restored "
                "FIFO: they may read its bytes); refused without it");
   app.add_flag("-v,--verbose", o->verbose, "say for each pipe whether it was refilled in place or replaced, and why");
-  app.footer("Ends held by recorded processes that are not restored are dropped (a note on stderr each).");
   return [o, &ctx]() -> Expected<int> { return run(*o, ctx); };
 }
 

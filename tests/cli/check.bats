@@ -35,6 +35,17 @@ PY
   echo "$output" | grep -E "^  75 +a target process is gone"
 }
 
+@test "every subcommand's --help ends with the exit codes" {
+  local cmds
+  cmds=$("$PIPECR" --help | sed -n '/^Subcommands:/,/^$/p' | sed -n 's/^  \([a-z][a-z-]*\) .*/\1/p')
+  [ -n "$cmds" ]
+  for cmd in $cmds; do
+    "$PIPECR" "$cmd" --help >"$TMP/help"
+    grep -qx "Exit codes:" "$TMP/help" || { echo "pipecr $cmd --help has no exit codes"; false; }
+    tail -1 "$TMP/help" | grep -E "^  77 +permission denied$" || { echo "pipecr $cmd --help does not end with them"; false; }
+  done
+}
+
 @test "a bad command line exits 64 with one message" {
   run "$PIPECR"
   [ "$status" -eq 64 ]
