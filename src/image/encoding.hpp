@@ -69,6 +69,12 @@ inline constexpr uint32_t kRecordRequired = 1u << 0;  // record flags bit 0
   return fmt::format("type {:#x}", type);
 }
 
+// Whether this build knows the record type (record_name() names it).
+[[nodiscard]] inline bool is_known_record(uint32_t type) {
+  return type == static_cast<uint32_t>(RecordType::end) ||
+         (type >= static_cast<uint32_t>(RecordType::info) && type <= static_cast<uint32_t>(RecordType::shared_files));
+}
+
 // PIPE flags.
 inline constexpr uint32_t kPipeUnlinked = 1u << 0;
 inline constexpr uint32_t kPipeOutsideHolders = 1u << 1;

@@ -89,13 +89,27 @@ class Writer {
 // required record type this build does not know).
 [[nodiscard]] Expected<Image> parse(std::span<const std::byte> bytes);
 
+// The first bytes of an image that check_head() looks at: the file header and the header of the
+// first record.
+inline constexpr size_t kHeadSize = 40;
+// Checks the first bytes of an image before the rest is read, so that a source that is no image
+// (a log file, /dev/zero on stdin) is refused at once instead of being copied whole: the magic, the
+// file header's checksum and version, and that the first record is an INFO record whose length
+// could fit in the `size` bytes of the image (pass UINT64_MAX when the size is not known, e.g. a
+// pipe). `head` is the first min(kHeadSize, image size) bytes; what it does not hold is left to
+// parse(), which reports a short image as truncated. Errors as parse(), with the same offsets (a
+// first record that is not INFO is named as such before its length and checksum are read).
+[[nodiscard]] Expected<void> check_head(std::span<const std::byte> head, uint64_t size);
+
 // Encode a complete Image held in memory (PipeRecord::data set for every pipe with slots).
 [[nodiscard]] Expected<std::vector<std::byte>> encode(const Image& img);
 
 // An image file, or stdin, copied into a private unnamed spool file and mapped read-only
 // (mapped_file.cpp says why). open("-") reads stdin. Errors: Errc::not_found (missing, or not a
 // regular file: a FIFO, a directory, a device; opened without blocking), Errc::permission,
-// Errc::invalid_argument (stdin is a terminal), Errc::system. An empty image maps to an empty span
+// Errc::invalid_argument (stdin is a terminal), Errc::bad_image or Errc::image_version (its first
+// bytes are no image, check_head(): refused before anything is copied, the message starts with the
+// file's name or "stdin"), Errc::system. An empty image maps to an empty span
 // (which parse() refuses as truncated). The source may change or shrink afterwards: the mapping
 // does not see it (no SIGBUS).
 // What a file that is not a regular file is, for messages: "a directory", "a FIFO", "a socket" ...

@@ -5,6 +5,9 @@
 // An image is untrusted input, and so is the file that holds it:
 //   - the path is opened O_NONBLOCK|O_NOCTTY, and only a regular file is read: a FIFO would block
 //     forever, a directory or a device is not an image (Errc::not_found, exit 66, naming the type);
+//   - the first bytes (the file header and the first record's header, image::check_head()) are
+//     checked before anything is copied: a file or a stdin that is no image (/dev/zero piped in) is
+//     refused at once (Errc::bad_image, exit 65) instead of filling $TMPDIR;
 //   - the bytes are copied (copy_file_range(), read()/write() where it is refused) into an unnamed
 //     file (O_TMPFILE) in $TMPDIR or /tmp, which is then mapped. Mapping the user's file itself
 //     would let anyone who can truncate it kill pipecr with SIGBUS in the middle of a show or a
@@ -51,6 +54,48 @@ Expected<sys::UniqueFd> make_spool() {
   return fd;
 }
 
+// Waits until fd can be read (stdin may be a non-blocking pipe or socket).
+void wait_readable(int fd) {
+  pollfd p{fd, POLLIN, 0};
+  ::poll(&p, 1, -1);
+}
+
+Expected<void> write_all(int out, const std::byte* data, size_t len) {
+  for (size_t done = 0; done < len;) {
+    ssize_t w = ::write(out, data + done, len - done);
+    if (w < 0 && errno == EINTR) continue;
+    if (w < 0) return tl::unexpected(sys::call_error("write", "the image spool"));
+    done += static_cast<size_t>(w);
+  }
+  return {};
+}
+
+// Reads the first kHeadSize bytes of `in` (fewer at its end) for check_head().
+Expected<std::vector<std::byte>> read_head(int in, const std::string& name) {
+  std::vector<std::byte> head(kHeadSize);
+  size_t got = 0;
+  while (got < head.size()) {
+    ssize_t n = ::read(in, head.data() + got, head.size() - got);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && errno == EAGAIN) {
+      wait_readable(in);
+      continue;
+    }
+    if (n < 0) return tl::unexpected(sys::call_error("read", name));
+    if (n == 0) break;
+    got += static_cast<size_t>(n);
+  }
+  head.resize(got);
+  return head;
+}
+
+// check_head()'s refusal, named after the source as parse()'s are by the commands.
+Expected<void> check_head_of(std::span<const std::byte> head, uint64_t size, const std::string& name) {
+  auto ok = check_head(head, size);
+  if (!ok) return tl::unexpected(Error{ok.error().kind, EBADMSG, fmt::format("{}: {}", name, ok.error().what)});
+  return {};
+}
+
 // Copies everything `in` has left to `out`. Returns the bytes copied.
 Expected<uint64_t> copy_all(int in, int out, const std::string& name) {
   uint64_t total = 0;
@@ -67,19 +112,13 @@ Expected<uint64_t> copy_all(int in, int out, const std::string& name) {
     } else {
       if (buf.empty()) buf.resize(1 << 20);
       n = ::read(in, buf.data(), buf.size());
-      if (n > 0) {
-        for (ssize_t done = 0; done < n;) {
-          ssize_t w = ::write(out, buf.data() + done, static_cast<size_t>(n - done));
-          if (w < 0 && errno == EINTR) continue;
-          if (w < 0) return tl::unexpected(sys::call_error("write", "the image spool"));
-          done += w;
-        }
-      }
+      if (n > 0)
+        if (auto ok = write_all(out, reinterpret_cast<const std::byte*>(buf.data()), static_cast<size_t>(n)); !ok)
+          return tl::unexpected(ok.error());
     }
     if (n < 0 && errno == EINTR) continue;
     if (n < 0 && errno == EAGAIN) {  // stdin is a non-blocking pipe or socket: wait for it
-      pollfd p{in, POLLIN, 0};
-      ::poll(&p, 1, -1);
+      wait_readable(in);
       continue;
     }
     if (n < 0) return tl::unexpected(sys::call_error(kernel_copy ? "copy_file_range" : "read", name));
@@ -125,15 +164,19 @@ Expected<MappedFile> MappedFile::open(const std::string& path) {
     return fail(Errc::not_found, EINVAL,
                 fmt::format("image \"{}\" is {}, not a regular file (give `-` to read an image from stdin)", path,
                             file_type_name(st.st_mode)));
-  // A file that does not start with the magic is refused before it is copied (a log file, a disk
-  // image given by mistake); a short file is copied and refused by parse() with its offset.
-  std::array<std::byte, kMagic.size()> head{};
+  // A file that is no image (a log file, a disk image given by mistake) is refused before it is
+  // copied; a short file is copied and refused by parse() with its offset.
+  const std::string name = fmt::format("\"{}\"", path);
+  std::array<std::byte, kHeadSize> head{};
   ssize_t got = ::pread(fd.get(), head.data(), head.size(), 0);
-  if (got == static_cast<ssize_t>(head.size()) && head != kMagic)
-    return fail(Errc::bad_image, EBADMSG, fmt::format("\"{}\": image offset 0: not a pipecr image (bad magic)", path));
+  if (got < 0) return tl::unexpected(sys::call_error("pread", name));
+  if (auto ok = check_head_of(std::span(head).first(static_cast<size_t>(got)), static_cast<uint64_t>(st.st_size),
+                              name);
+      !ok)
+    return tl::unexpected(ok.error());
   auto spool = make_spool();
   if (!spool) return tl::unexpected(spool.error());
-  auto size = copy_all(fd.get(), spool->get(), fmt::format("\"{}\"", path));
+  auto size = copy_all(fd.get(), spool->get(), name);
   if (!size) return tl::unexpected(size.error());
   auto m = map_spool(spool->get(), *size, fmt::format("\"{}\"", path));
   if (!m) return tl::unexpected(m.error());
@@ -147,10 +190,17 @@ Expected<MappedFile> MappedFile::from_stdin() {
     return fail(Errc::invalid_argument, EINVAL, "stdin is a terminal: pipe an image into `-` (pipecr dump -o - | ...)");
   if (S_ISDIR(st.st_mode))
     return fail(Errc::not_found, EINVAL, "stdin is a directory, not an image");
+  // The head is read and checked before the spool is made: garbage on stdin (/dev/zero) is refused
+  // at once, not copied until $TMPDIR is full. Its size is not known (a pipe).
+  auto head = read_head(STDIN_FILENO, "stdin");
+  if (!head) return tl::unexpected(head.error());
+  if (auto ok = check_head_of(*head, UINT64_MAX, "stdin"); !ok) return tl::unexpected(ok.error());
   auto spool = make_spool();
   if (!spool) return tl::unexpected(spool.error());
+  if (auto ok = write_all(spool->get(), head->data(), head->size()); !ok) return tl::unexpected(ok.error());
   auto size = copy_all(STDIN_FILENO, spool->get(), "stdin");
   if (!size) return tl::unexpected(size.error());
+  *size += head->size();
   auto m = map_spool(spool->get(), *size, "stdin");
   if (!m) return tl::unexpected(m.error());
   return MappedFile(m->addr, m->size);

@@ -10,6 +10,8 @@
 // the input, which must outlive the Image.
 #include <xxhash.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <map>
 #include <set>
 #include <tuple>
@@ -160,6 +162,27 @@ Expected<EpollWatch> decode_epoll_watch(const RawRecord& r) {
   return w;
 }
 
+// The 24-byte file header at the start of bytes: the magic (checked first, on as many bytes as there
+// are, so that a short file that is no image is named as such), the length, the checksum, then the
+// version. Returns the version.
+Expected<uint32_t> check_file_header(std::span<const std::byte> bytes) {
+  if (bytes.size() >= kMagic.size() && !std::equal(kMagic.begin(), kMagic.end(), bytes.begin()))
+    return bad(0, "not a pipecr image (bad magic)");
+  if (bytes.size() < kFileHeaderSize)
+    return bad(0, fmt::format("file header needs {} bytes but the image has {} (truncated)", kFileHeaderSize,
+                              bytes.size()));
+  uint64_t stored = get_le<uint64_t>(bytes.data() + 16);
+  uint64_t computed = XXH3_64bits(bytes.data(), 16);
+  if (stored != computed)
+    return bad(16, fmt::format("file header checksum mismatch (stored {:#018x}, computed {:#018x})", stored, computed));
+  uint32_t version = get_le<uint32_t>(bytes.data() + 8);
+  if (version != kFormatVersion)
+    return fail(Errc::image_version, 0,
+                fmt::format("image offset 8: format version {} is not supported (this build reads version {})",
+                            version, kFormatVersion));
+  return version;
+}
+
 class Parser {
  public:
   explicit Parser(std::span<const std::byte> bytes) : bytes_(bytes) {}
@@ -183,20 +206,9 @@ class Parser {
 
  private:
   Expected<void> header() {
-    if (bytes_.size() >= kMagic.size() && !std::equal(kMagic.begin(), kMagic.end(), bytes_.begin()))
-      return bad(0, "not a pipecr image (bad magic)");
-    if (bytes_.size() < kFileHeaderSize)
-      return bad(0, fmt::format("file header needs {} bytes but the image has {} (truncated)", kFileHeaderSize,
-                                bytes_.size()));
-    uint64_t stored = get_le<uint64_t>(bytes_.data() + 16);
-    uint64_t computed = XXH3_64bits(bytes_.data(), 16);
-    if (stored != computed)
-      return bad(16, fmt::format("file header checksum mismatch (stored {:#018x}, computed {:#018x})", stored, computed));
-    img_.format_version = get_le<uint32_t>(bytes_.data() + 8);
-    if (img_.format_version != kFormatVersion)
-      return fail(Errc::image_version, 0,
-                  fmt::format("image offset 8: format version {} is not supported (this build reads version {})",
-                              img_.format_version, kFormatVersion));
+    auto version = check_file_header(bytes_);
+    if (!version) return tl::unexpected(version.error());
+    img_.format_version = *version;
     return {};
   }
 
@@ -437,6 +449,39 @@ class Parser {
 };
 
 }  // namespace
+
+Expected<void> check_head(std::span<const std::byte> head, uint64_t size) {
+  // What head does not hold is left to parse(), which names what is missing (an empty file maps).
+  if (head.size() < kFileHeaderSize) {
+    if (head.size() >= kMagic.size() && !std::equal(kMagic.begin(), kMagic.end(), head.begin()))
+      return bad(0, "not a pipecr image (bad magic)");
+    return {};
+  }
+  if (auto v = check_file_header(head.first(kFileHeaderSize)); !v) return tl::unexpected(v.error());
+  if (head.size() < kFileHeaderSize + kRecordHeaderSize) return {};
+  // The first record: INFO (parse() refuses anything else there, and a required type it does not
+  // know as a version it does not read), with a payload and checksum that fit in the image.
+  const uint64_t pos = kFileHeaderSize;
+  const uint32_t type = get_le<uint32_t>(head.data() + pos);
+  const uint32_t flags = get_le<uint32_t>(head.data() + pos + 4);
+  const uint64_t len = get_le<uint64_t>(head.data() + pos + 8);
+  if (type != static_cast<uint32_t>(RecordType::info)) {
+    if (!is_known_record(type) && (flags & kRecordRequired))
+      return fail(Errc::image_version, 0,
+                  fmt::format("image offset {}: required record type {:#x} is not known to this build", pos, type));
+    return bad(pos, fmt::format("first record is {}, not INFO", record_name(type)));
+  }
+  // An image whose size is not known (a pipe) is at most what a file can hold: off_t is signed.
+  const uint64_t cap = std::min<uint64_t>(size, static_cast<uint64_t>(INT64_MAX));
+  const uint64_t room = cap >= pos + kRecordOverhead ? cap - pos - kRecordOverhead : 0;
+  if (len > room) {
+    if (size == UINT64_MAX)
+      return bad(pos, fmt::format("record INFO length {} cannot fit in any image (a file holds at most {} bytes)", len,
+                                  INT64_MAX));
+    return bad(pos, fmt::format("record INFO length {} exceeds the {} bytes left", len, room));
+  }
+  return {};
+}
 
 Expected<Image> parse(std::span<const std::byte> bytes) { return Parser(bytes).run(); }
 

@@ -154,6 +154,46 @@ target_unchanged() {
   echo "$output" | grep -F "not a pipecr image (bad magic)"
 }
 
+# show - / restore - with SOURCE on stdin: the spool may not grow past 10 MiB (ulimit -f), so a pipecr
+# that copied garbage before looking at it dies of SIGXFSZ instead of filling $TMPDIR.
+stdin_image() {
+  local source=$1
+  shift
+  run timeout 20 bash -c "ulimit -f 10240; export TMPDIR='$TMP/spool'; $source | '$PIPECR' $*"
+}
+
+@test "show -, restore -: garbage on stdin is refused (65) from its first bytes, before it is copied" {
+  start_target
+  mkdir "$TMP/spool"
+  local t0 ms
+  for cmd in "show -" "restore - --into $T"; do
+    t0=$(date +%s%N)
+    stdin_image "cat /dev/zero" "$cmd"
+    ms=$((($(date +%s%N) - t0) / 1000000))
+    echo "$cmd: exit $status after $ms ms: $output"
+    [ "$status" -eq 65 ]
+    [ "${#lines[@]}" -eq 1 ]
+    [ "$output" = "pipecr ${cmd%% *}: stdin: image offset 0: not a pipecr image (bad magic)" ]
+    [ "$ms" -lt 3000 ]
+  done
+  target_unchanged
+  # a good file header, then no INFO record: refused at the first record's header
+  "$MKIMAGE" bigpage "$TMP/img"
+  stdin_image "{ head -c 24 '$TMP/img'; cat /dev/zero; }" show -
+  echo "$output"
+  [ "$status" -eq 65 ]
+  [ "$output" = "pipecr show: stdin: image offset 24: first record is type 0x0, not INFO" ]
+  # an INFO record whose length no image can hold
+  stdin_image "{ head -c 32 '$TMP/img'; printf '\\377\\377\\377\\377\\377\\377\\377\\377'; cat /dev/zero; }" show -
+  echo "$output"
+  [ "$status" -eq 65 ]
+  [[ "$output" == "pipecr show: stdin: image offset 24: record INFO length 18446744073709551615 cannot fit in any image"* ]]
+  # nothing was left in the spool directory, and a real image still reads from stdin
+  [ -z "$(ls -A "$TMP/spool")" ]
+  stdin_image "cat '$TMP/img'" show -
+  [ "$status" -eq 0 ]
+}
+
 @test "dump -o: a device, a FIFO and links to them are refused (73) and left as they were" {
   start_holder
   mkfifo "$TMP/fifo"

@@ -7,6 +7,7 @@
 #include <fcntl.h>
 #include <xxhash.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -619,6 +620,59 @@ TEST(ImageIo, InconsistentReferencesRefused) {
   expect_error(Raw().info().add(one_pipe()).add(one_pipe()).done(), Errc::bad_image, "pipe id 1 appears twice");
   expect_error(Raw().info().add(record(RecordType::pipe, pipe_payload(0, 4096, {}))).done(), Errc::bad_image,
                "record PIPE: pipe id 0: ids start at 1");
+}
+
+// check_head(): what the first kHeadSize bytes tell before the rest of an image is read (MappedFile
+// spools stdin only after it), with parse()'s message for the same fault.
+TEST(ImageIo, HeadIsCheckedBeforeTheRest) {
+  auto head = [](const Bytes& b) { return std::span<const std::byte>(b.data(), std::min(b.size(), kHeadSize)); };
+  auto refused = [&](const Bytes& b, uint64_t size, Errc kind, const std::string& text) {
+    auto r = check_head(head(b), size);
+    ASSERT_FALSE(r) << text;
+    EXPECT_EQ(r.error().kind, kind) << r.error().what;
+    EXPECT_THAT(r.error().what, HasSubstr(text));
+  };
+  Bytes full = *encode(sample().img);
+  EXPECT_TRUE(check_head(head(full), full.size()));
+  EXPECT_TRUE(check_head(head(full), UINT64_MAX));
+  // The file header and the first record's header only: a 30-byte image is left to parse().
+  EXPECT_TRUE(check_head(head(Bytes(full.begin(), full.begin() + 30)), 30));
+
+  Bytes zeros(4096);
+  refused(zeros, UINT64_MAX, Errc::bad_image, "image offset 0: not a pipecr image (bad magic)");
+  EXPECT_EQ(check_head(head(zeros), zeros.size()).error().what, parse(zeros).error().what);
+  // A head too short for the magic is left to parse() (MappedFile maps an empty file); one that holds
+  // the magic's 8 bytes is checked.
+  EXPECT_TRUE(check_head(head(Bytes(zeros.begin(), zeros.begin() + 5)), 5));
+  refused(Bytes(zeros.begin(), zeros.begin() + 10), 10, Errc::bad_image, "not a pipecr image (bad magic)");
+  EXPECT_TRUE(check_head(head(Bytes(full.begin(), full.begin() + 10)), 10));
+
+  Bytes flipped = full;
+  flipped[17] ^= std::byte{1};
+  refused(flipped, flipped.size(), Errc::bad_image, "image offset 16: file header checksum mismatch");
+  Bytes v2 = full;
+  Bytes h = file_header(2);
+  std::copy(h.begin(), h.end(), v2.begin());
+  refused(v2, v2.size(), Errc::image_version, "format version 2 is not supported");
+
+  Bytes pipe_first = Raw().add(one_pipe()).done();
+  refused(pipe_first, pipe_first.size(), Errc::bad_image, "image offset 24: first record is PIPE, not INFO");
+  EXPECT_EQ(check_head(head(pipe_first), pipe_first.size()).error().what, parse(pipe_first).error().what);
+  Bytes unknown = Raw().add(record(0x77, kRecordRequired, Bytes(8))).done();
+  refused(unknown, unknown.size(), Errc::image_version, "required record type 0x77 is not known to this build");
+
+  // An INFO length beyond the image: beyond its size when known, beyond any file when not.
+  Bytes info_len = file_header(1);
+  put_u32(info_len, static_cast<uint32_t>(RecordType::info));
+  put_u32(info_len, kRecordRequired);
+  put_u64(info_len, 1000);
+  info_len.resize(100);
+  refused(info_len, 100, Errc::bad_image, "image offset 24: record INFO length 1000 exceeds the 52 bytes left");
+  EXPECT_EQ(check_head(head(info_len), 100).error().what, parse(info_len).error().what);
+  EXPECT_TRUE(check_head(head(info_len), UINT64_MAX));  // a pipe may still bring them
+  Bytes huge = info_len;
+  for (size_t i = 32; i < 40; ++i) huge[i] = std::byte{0xff};
+  refused(huge, UINT64_MAX, Errc::bad_image, "record INFO length 18446744073709551615 cannot fit in any image");
 }
 
 TEST(ImageIo, InconsistentDataRefused) {
