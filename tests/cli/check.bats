@@ -49,9 +49,13 @@ PY
 @test "a bad command line exits 64 with one message" {
   run "$PIPECR"
   [ "$status" -eq 64 ]
+  [ "${#lines[@]}" -eq 1 ]
   run "$PIPECR" no-such-command
   [ "$status" -eq 64 ]
+  [ "${#lines[@]}" -eq 1 ]
+  [[ "$output" == "pipecr: unknown command 'no-such-command'"* ]]
   run "$PIPECR" check --bogus
   [ "$status" -eq 64 ]
-  [[ "$output" == "pipecr check: "* ]]
+  [ "${#lines[@]}" -eq 1 ]
+  [[ "$output" == "pipecr check: unknown option '--bogus'"* ]]
 }
