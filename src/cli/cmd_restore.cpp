@@ -7,9 +7,10 @@
 // nothing touched. The queued bytes stream from the mapping into the new pipes.
 // Everything is prepared before any target is stopped and the install is all-or-nothing
 // (restore/process.hpp, docs/restore.md). Ends that no restored process holds are dropped: one
-// "note:" line each on stderr, not an error. With --exec nothing is printed on stdout (it belongs to
-// the command); without it, one summary line. Exit codes as for every command (exit_codes.hpp); an
-// exec that fails after the targets were restored exits 71.
+// "note:" line each on stderr, not an error, printed only when the restore succeeded (the library
+// hands notes over only then), so a failure is its one error line. With --exec nothing is printed
+// on stdout (it belongs to the command); without it, one summary line. Exit codes as for every
+// command (exit_codes.hpp); an exec that fails after the targets were restored exits 71.
 #include <charconv>
 #include <memory>
 #include <vector>

@@ -658,9 +658,12 @@ Expected<ProcessRestoreSummary> restore_processes(const Image& img, const Proces
   auto plan = make_plan(img, request, opts);
   if (!plan) return tl::unexpected(plan.error());
   ProcessRestoreSummary sum;
-  auto note = [&](const std::string& n) {
-    sum.notes.push_back(n);
-    if (opts.note) opts.note(n);
+  // Notes describe what the restore did: they reach opts.note only once it has succeeded (before the
+  // exec with --exec), never ahead of an error about a restore that did not happen.
+  auto note = [&](const std::string& n) { sum.notes.push_back(n); };
+  auto hand_notes = [&] {
+    if (opts.note)
+      for (const std::string& n : sum.notes) opts.note(n);
   };
   for (const std::string& n : plan->notes) note(n);
   sum.dropped = plan->dropped;
@@ -712,7 +715,10 @@ Expected<ProcessRestoreSummary> restore_processes(const Image& img, const Proces
     sum.fd_table_growth = tx.table_growth();
     if (opts.hook) opts.hook(Stage::resumed);
   }
-  if (!exec_holder) return sum;
+  if (!exec_holder) {
+    hand_notes();
+    return sum;
+  }
   if (exec_holder->caller) {
     // O_ASYNC at the final numbers (si_fd names the number it was set through), then keep them.
     for (size_t i = 0; i < exec_holder->fds.size(); ++i) {
@@ -726,8 +732,10 @@ Expected<ProcessRestoreSummary> restore_processes(const Image& img, const Proces
       sum.caller_fds.push_back(ProcessRestoreSummary::CallerFd{f.rec->file_id, placed[i]});
     }
     self.commit();
+    hand_notes();
     return sum;
   }
+  hand_notes();
   Error e = exec_now(*plan, *exec_holder, *request.exec, soft_before);
   self.rollback();
   bool targets = plan->holders.size() > 1;

@@ -19,7 +19,8 @@
 // The soft RLIMIT_NOFILE of this process is raised to the hard one during the call; the fds it needs
 // (one chunk of files, the --exec process's files, in-place copies) are counted before anything is
 // made, and so is each target's room (its fd table is read before the stop).
-// The library never prints: notes (dropped ends, owners that cannot be mapped) go to a callback.
+// The library never prints: notes (dropped ends, owners that cannot be mapped) go to a callback,
+// once the restore has succeeded.
 #pragma once
 
 #include <sys/types.h>
@@ -79,7 +80,9 @@ struct ProcessRestoreOptions {
   bool create_fifos = false;                               // mkfifo a recorded FIFO path that is missing
   bool replace = false;                                    // --replace: a new pipe for every pipe, none in place
   bool allow_outside_fifo_holders = false;                 // restore a FIFO that processes outside the restore hold
-  std::function<void(const std::string&)> note;            // one line per dropped end / unmapped owner
+  // One line per dropped end / unmapped owner, called only once the restore has succeeded (with
+  // an exec: just before it), never on a failed one: the notes describe what was done.
+  std::function<void(const std::string&)> note;
   std::function<void(Stage)> hook;                         // tests only
 };
 
