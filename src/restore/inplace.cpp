@@ -87,7 +87,9 @@ void scan_holders(std::vector<Candidate>& cands, const std::unordered_set<pid_t>
       for (size_t i : hits) {
         const PipeRecord& p = *cands[i].pipe;
         bool same = st.st_ino == p.inode && (p.kind == PipeKind::fifo ? st.st_dev == p.dev : st.st_dev == pipefs);
-        if (same) cands[i].choice.held.push_back(LiveEnd{pid, e.fd, info->flags & O_ACCMODE});
+        if (same)
+          cands[i].choice.held.push_back(LiveEnd{pid, e.fd, info->flags & O_ACCMODE, info->flags & ~O_CLOEXEC,
+                                                 (info->flags & O_CLOEXEC) != 0});
       }
     }
   }
@@ -205,9 +207,13 @@ void mark_kept(Plan& plan) {
       auto c = choice.find(pf.pipe->id);
       if (c == choice.end()) continue;
       const int acc = accmode_of(pf.rec.flags);
-      f.keep = std::any_of(c->second->held.begin(), c->second->held.end(), [&](const LiveEnd& e) {
-        return e.pid == h.target && e.fd == f.rec->fd && e.accmode == acc;
-      });
+      f.keep = f.set_cloexec = false;
+      for (const LiveEnd& e : c->second->held) {
+        if (e.pid != h.target || e.fd != f.rec->fd || e.accmode != acc) continue;
+        f.keep = true;
+        f.set_cloexec = e.cloexec != f.rec->cloexec;  // FD_CLOEXEC is the fd's: set at its number
+        break;
+      }
     }
   }
   for (PlannedPipe& pp : plan.pipes) pp.choice.kept = 0;
@@ -237,7 +243,7 @@ void fit_fd_limit(Plan& plan, size_t limit, size_t open_now) {
   if (replaced.empty()) return;
   for (Holder& h : plan.holders)  // one pass, whatever the number of pipes replaced
     for (PlannedFd& f : h.fds)
-      if (f.keep && replaced.count(plan.files[plan.file_index.at(f.rec->file_id)].pipe)) f.keep = false;
+      if (f.keep && replaced.count(plan.files[plan.file_index.at(f.rec->file_id)].pipe)) f.keep = f.set_cloexec = false;
 }
 
 namespace {

@@ -63,6 +63,8 @@ struct LiveEnd {
   pid_t pid = -1;
   int fd = -1;
   int accmode = O_RDONLY;
+  int flags = 0;         // status flags (fdinfo), without O_CLOEXEC
+  bool cloexec = false;  // FD_CLOEXEC of that fd
 };
 
 // The plan's choice for one pipe.

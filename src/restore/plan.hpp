@@ -28,6 +28,7 @@ struct PlannedFd {
   const FdRecord* rec = nullptr;
   bool set_async = false;  // O_ASYNC is set through this fd (the file's first restored fd, image order)
   bool keep = false;       // in place: the target holds the recorded file here already; nothing is installed
+  bool set_cloexec = false;  // kept, with another FD_CLOEXEC than recorded: the agent sets it (F_SETFD)
 };
 
 // One restored process: a running target (--into), or this process: before exec (--exec), or the

@@ -369,9 +369,13 @@ class TargetTransaction {
     Parcel& p = *s.parcel;
     for (const PlannedFd* f : p.order)
       s.ops.push_back(sys::AgentOp{sys::AgentOp::install, f->rec->fd, f->rec->cloexec ? 1 : 0, 0, 0, -1});
-    for (const PlannedFd& f : h.fds)
+    for (const PlannedFd& f : h.fds) {
+      // A kept fd keeps its slot: FD_CLOEXEC, the slot's own flag, is set there where it differs.
+      if (f.keep && f.set_cloexec)
+        s.ops.push_back(sys::AgentOp{sys::AgentOp::setfd, f.rec->fd, f.rec->cloexec ? 1 : 0, 0, 0, -1});
       if (f.keep ? wants_async_kept(f) : f.set_async)
         s.ops.push_back(sys::AgentOp{sys::AgentOp::setfl_or, f.rec->fd, 0, O_ASYNC, 0, -1});
+    }
     // Epoll watches on the files installed (epoll.hpp), checked now that the target is stopped. An
     // install they need (the watched file at a number that ends up with another) takes its file
     // from the queue too, after every other: queued here, before the agent gets the queue.

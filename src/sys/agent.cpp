@@ -316,6 +316,7 @@ const char* op_name(uint32_t code) {
     case AgentOp::epoll_add: return "epoll_ctl(ADD)";
     case AgentOp::setfl_or: return "fcntl(F_SETFL)";
     case AgentOp::close_fd: return "close";
+    case AgentOp::setfd: return "fcntl(F_SETFD)";
   }
   return "?";
 }

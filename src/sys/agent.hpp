@@ -28,7 +28,7 @@
 // taking fd numbers in the target (nor in pipecr, which closes its copies); PREPARE / PREPARED (every
 // epoll fd valid, and room for the largest FILES message); then the CommitPoint decides for
 // every target at once, and DECIDE / DONE lets each agent act on it: run every operation in order
-// (receive a batch of up to 253 files, each on its own number or dup3ed there; epoll_ctl ADD; F_SETFL;
+// (receive a batch of up to 253 files, each on its own number or dup3ed there; epoll_ctl ADD; F_SETFL; F_SETFD;
 // close: agent.c, install_batch) or close the files
 // socket, which drops what is queued. Finally pipecr stops the thread where the agent waits
 // (PTRACE_INTERRUPT), changes nothing, closes its socket and detaches it with the process: the agent
@@ -84,10 +84,10 @@ class CommitPoint {
 
 // One operation of a target's install, run in order at commit (see agent_abi.h).
 struct AgentOp {
-  enum Code : uint32_t { install = 1, epoll_add = 2, setfl_or = 3, close_fd = 4 };
+  enum Code : uint32_t { install = 1, epoll_add = 2, setfl_or = 3, close_fd = 4, setfd = 5 };
   Code code = install;
   int fd = -1;           // the number in the target
-  int a = 0;             // install: cloexec; epoll_add: the epoll fd in the target
+  int a = 0;             // install, setfd: cloexec; epoll_add: the epoll fd in the target
   uint64_t b = 0;        // epoll_add: events; setfl_or: the flags
   uint64_t c = 0;        // epoll_add: data
   int source = -1;       // install: the file, an fd of this process (sent over the socket)

@@ -526,7 +526,7 @@ static int32_t prepare(struct state* s, uint32_t* at) {
       long r = SYS(__NR_fcntl, op->a, K_F_GETFD, 0, 0, 0);
       if (r < 0) return (int32_t)r;
     }
-    if (op->code < PIPECR_AGENT_OP_INSTALL || op->code > PIPECR_AGENT_OP_CLOSE) return -K_EINVAL;
+    if (op->code < PIPECR_AGENT_OP_INSTALL || op->code > PIPECR_AGENT_OP_SETFD) return -K_EINVAL;
   }
   return 0;
 }
@@ -633,6 +633,8 @@ static int32_t apply(struct state* s, uint32_t* at) {
       if (r >= 0) r = SYS(__NR_fcntl, op->fd, K_F_SETFL, (ulong)r | op->b, 0, 0);
     } else if (op->code == PIPECR_AGENT_OP_CLOSE) {
       r = SYS(__NR_close, op->fd, 0, 0, 0, 0);
+    } else if (op->code == PIPECR_AGENT_OP_SETFD) {
+      r = SYS(__NR_fcntl, op->fd, K_F_SETFD, op->a ? K_FD_CLOEXEC : 0, 0, 0);
     }
     if (r < 0 && !first) {
       first = (int32_t)r;

@@ -27,6 +27,7 @@ enum {
   PIPECR_AGENT_OP_EPOLL_ADD = 2, /* epoll_ctl(a, EPOLL_CTL_ADD, fd, {events = b, data = c}) */
   PIPECR_AGENT_OP_SETFL_OR = 3,  /* fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | b) */
   PIPECR_AGENT_OP_CLOSE = 4,     /* close(fd): a number an earlier operation filled for a moment */
+  PIPECR_AGENT_OP_SETFD = 5,     /* fcntl(fd, F_SETFD, a ? FD_CLOEXEC : 0): an fd kept as it is */
 };
 
 struct pipecr_agent_op {

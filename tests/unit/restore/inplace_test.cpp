@@ -5,14 +5,20 @@
 // boot). The restore must keep the child's open file (same description: an epoll watch on it
 // still reports), refill it and set capacity and flags; a failure after the refill must put the old
 // bytes back; --replace and a second holder must make it a replacement.
+#include <pthread.h>
 #include <sys/epoll.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
+
+#include <atomic>
 
 #include <gtest/gtest.h>
 
 #include "image/info.hpp"
 #include "restore/process.hpp"
 #include "restore_helpers.hpp"
+#include "sys/syscalls.hpp"
 
 namespace pipecr::restore {
 namespace {
@@ -166,6 +172,55 @@ TEST(RestoreInPlace, AnotherHolderLeavesItOrReplaceMeansANewPipe) {
     if (!force) live.let_go();
     EXPECT_EQ(child.finish(), "");
   }
+}
+
+
+// The image of the child holding `live` with "recorded" queued: kR reads (file flags rd_flags,
+// FD_CLOEXEC rd_cloexec), kW writes (FD_CLOEXEC wr_cloexec).
+ImageBuilder plain_image(const LivePipe& live, uint32_t rd_flags = O_RDONLY, bool rd_cloexec = false,
+                         bool wr_cloexec = false, Owner rd_owner = {}) {
+  ImageBuilder b;
+  b.process(kRec);
+  uint64_t p = b.pipe({{"recorded", false}});
+  b.raw().pipes.back().inode = live.inode;
+  b.raw().info.boot_id = image::boot_id();
+  b.fd(kRec, kR, b.file(p, rd_flags, rd_owner), rd_cloexec).fd(kRec, kW, b.file(p, O_WRONLY), wr_cloexec);
+  return b;
+}
+
+std::string fd_flags_are(int fd, int want) {
+  int got = ::fcntl(fd, F_GETFD);
+  if (got == want) return "";
+  return fmt::format("fd {}: F_GETFD {}, want {}", fd, got, want);
+}
+
+// FD_CLOEXEC belongs to the fd, not to the description: a kept fd gets the recorded one back (the
+// agent sets it at the target's number), and stays the same description (its epoll watch reports).
+TEST(RestoreInPlace, KeptFdsGetTheRecordedCloexec) {
+  LivePipe live("old bytes");
+  ImageBuilder b = plain_image(live, O_RDONLY, /*rd_cloexec=*/false, /*wr_cloexec=*/true);
+  Image img = b.parsed();
+  Scenario child(
+      [&] {
+        live.take();
+        ::fcntl(kR, F_SETFD, FD_CLOEXEC);  // both flipped since the dump
+        ::fcntl(kW, F_SETFD, 0);
+      },
+      []() -> std::string {
+        if (auto e = fd_flags_are(kR, 0); !e.empty()) return e;
+        if (auto e = fd_flags_are(kW, FD_CLOEXEC); !e.empty()) return e;
+        if (auto e = epoll_reports_in(); !e.empty()) return e;
+        return testing::expect_bytes(kR, "recorded");
+      });
+  ASSERT_TRUE(child.ready());
+  live.let_go();
+  auto sum = restore_processes(img, {{{child.pid(), kRec}}, std::nullopt});
+  ASSERT_TRUE(sum) << sum.error().what;
+  ASSERT_EQ(sum->outcomes.size(), 1u);
+  EXPECT_TRUE(sum->outcomes[0].in_place) << sum->outcomes[0].why;
+  EXPECT_EQ(sum->outcomes[0].kept, 2u);
+  EXPECT_UNTRACED(child.pid());
+  EXPECT_EQ(child.finish(), "");
 }
 
 }  // namespace
