@@ -395,8 +395,9 @@ Expected<void> move_all(int from, int to, const std::string& what) {
   }
 }
 
-// Status flags (O_ASYNC as it is: process.cpp sets it at the target's number), owner and signal of
-// a kept description, through pipecr's copy; the old ones saved for the undo.
+// Status flags (O_ASYNC as it is: process.cpp sets it at the target's number, clear_async_in_place()
+// clears it), owner and signal of a kept description, through pipecr's copy; the old ones saved for
+// the undo.
 Expected<void> set_kept(KeptFile& k) {
   const int fd = k.copy.get();
   auto fl = sys::get_fl(fd);
@@ -477,6 +478,18 @@ Expected<void> swap_in_place(InPlacePipe& p, const ProcessRestoreOptions& opts) 
     return fail(Errc::system, EIO, fmt::format("{}: {} bytes queued after the refill, expected {}", name, *now, rec.bytes()));
   for (KeptFile& k : p.kept)
     if (auto ok = set_kept(k); !ok) return wrap(ok.error());
+  return {};
+}
+
+Expected<void> clear_async_in_place(InPlacePipe& p) {
+  for (KeptFile& k : p.kept) {
+    if (k.rec->flags & O_ASYNC) continue;
+    auto fl = sys::get_fl(k.copy.get());
+    if (!fl) return tl::unexpected(fl.error());
+    if (*fl & O_ASYNC)
+      if (auto ok = sys::set_fl(k.copy.get(), *fl & ~O_ASYNC); !ok)
+        return tl::unexpected(Error{ok.error().kind, ok.error().err, fmt::format("{}: {}", pipe_name(*p.pipe), ok.error().what)});
+  }
   return {};
 }
 

@@ -29,9 +29,10 @@
 //            (splice pipe->pipe moves buffers, no bytes are copied), the capacity is set, the
 //            scratch buffers move in (measured on 6.18: a moved buffer keeps its packet and
 //            mergeable flags, so the slot layout is exactly the one refill built), then status
-//            flags (never O_ASYNC: that is set at the target's number, see process.cpp), owner and
-//            signal go onto the kept descriptions through pipecr's copies. The stop does not grow
-//            with the bytes: each move is a few splice() calls.
+//            flags (not O_ASYNC: set at the target's number by its agent, see process.cpp, and
+//            cleared by clear_async_in_place() once committed), owner and signal go onto the kept
+//            descriptions through pipecr's copies. The stop does not grow with the bytes: each
+//            move is a few splice() calls.
 //   undo     undo_in_place(): the new buffers are dropped, the old capacity set, the old buffers
 //            moved back, the old flags, owner and signal put back.
 //   commit   the holding pipe, the scratch pipe and the copies are closed, once the targets run again
@@ -127,6 +128,12 @@ struct InPlacePipe {
 
 // Stage 3, all targets stopped: swap the content, set the state of the kept descriptions.
 [[nodiscard]] Expected<void> swap_in_place(InPlacePipe& p, const ProcessRestoreOptions& opts);
+
+// Past the commit store, the targets still stopped: O_ASYNC cleared on each kept description whose
+// file does not record it. Clearing goes through any fd of the description (pipecr's copy; it drops
+// the description's fasync entry whatever number set it); it is not done in swap_in_place() because
+// an undo could not set it again at the target's number (si_fd would name pipecr's copy).
+[[nodiscard]] Expected<void> clear_async_in_place(InPlacePipe& p);
 
 // Undo what swap_in_place() did, as far as it got. Best effort: errors cannot be reported better
 // than the one that caused the rollback.

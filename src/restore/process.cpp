@@ -330,6 +330,8 @@ class TargetTransaction {
       return abort(Error{Errc::system, ECANCELED, "an agent gave up before the commit (timeout or failure); every target rolled back"});
     std::optional<Error> first;
     committed_ = true;  // in-place swaps are not undone from here (their old buffers go after the resume)
+    for (InPlacePipe& p : built_.in_place)  // O_ASYNC off where the image has none (the targets still stopped)
+      if (auto ok = clear_async_in_place(p); !ok && !first) first = ok.error();
     for (auto& s : sessions_) s->agent->send_decide();  // every agent installs at once
     for (auto& s : sessions_) {
       auto done = s->agent->decide();

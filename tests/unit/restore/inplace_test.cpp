@@ -223,5 +223,57 @@ TEST(RestoreInPlace, KeptFdsGetTheRecordedCloexec) {
   EXPECT_EQ(child.finish(), "");
 }
 
+// Signals pending for this process now, SIGIO flushed first if `flush`.
+bool sigio_pending() {
+  sigset_t pending;
+  sigpending(&pending);
+  return sigismember(&pending, SIGIO);
+}
+void flush_sigio() {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGIO);
+  timespec zero{0, 0};
+  while (::sigtimedwait(&set, nullptr, &zero) == SIGIO) {
+  }
+}
+
+// O_ASYNC set on a kept description since the dump goes again: the flags come back exactly, and
+// new data in the pipe raises no SIGIO any more. (The refill itself may raise one while O_ASYNC is
+// still on: it is flushed before the check.)
+TEST(RestoreInPlace, OAsyncSetSinceTheDumpIsCleared) {
+  LivePipe live("old bytes");
+  ImageBuilder b = plain_image(live, O_RDONLY);
+  Image img = b.parsed();
+  Scenario child(
+      [&] {
+        live.take();
+        sigset_t set;
+        sigemptyset(&set);
+        sigaddset(&set, SIGIO);
+        ::sigprocmask(SIG_BLOCK, &set, nullptr);
+        ::fcntl(kR, F_SETOWN, ::getpid());
+        ::fcntl(kR, F_SETFL, O_ASYNC | O_NONBLOCK);
+      },
+      []() -> std::string {
+        int fl = ::fcntl(kR, F_GETFL);
+        if (fl & (O_ASYNC | O_NONBLOCK)) return fmt::format("fd {}: flags {:#o}: O_ASYNC or O_NONBLOCK left", kR, fl);
+        flush_sigio();
+        if (::write(kW, "x", 1) != 1) return "write";
+        if (sigio_pending()) return "SIGIO still comes for new data";
+        if (auto e = epoll_reports_in(); !e.empty()) return e;
+        return testing::expect_bytes(kR, "recordedx");
+      });
+  ASSERT_TRUE(child.ready());
+  live.let_go();
+  auto sum = restore_processes(img, {{{child.pid(), kRec}}, std::nullopt});
+  ASSERT_TRUE(sum) << sum.error().what;
+  ASSERT_EQ(sum->outcomes.size(), 1u);
+  EXPECT_TRUE(sum->outcomes[0].in_place) << sum->outcomes[0].why;
+  EXPECT_EQ(sum->outcomes[0].kept, 2u);
+  EXPECT_UNTRACED(child.pid());
+  EXPECT_EQ(child.finish(), "");
+}
+
 }  // namespace
 }  // namespace pipecr::restore
