@@ -196,26 +196,91 @@ std::unordered_map<uint64_t, PipeChoice> choose_in_place(const Image& img, const
   return out;
 }
 
+namespace {
+
+// A restored fd the target holds already, and the live end there.
+struct KeptAt {
+  PlannedFd* fd = nullptr;
+  const LiveEnd* live = nullptr;
+  size_t order = 0;  // image order over every holder
+};
+
+// Whether two live ends are the same open file description (kcmp KCMP_FILE). Different status flags
+// or access modes cannot be one description, which spares the syscall for the usual read end and
+// write end. An end that cannot be compared (gone meanwhile) counts as another description.
+bool same_description(const LiveEnd& a, const LiveEnd& b) {
+  if (a.pid == b.pid && a.fd == b.fd) return true;
+  if (a.flags != b.flags) return false;
+  auto r = sys::kcmp_file(a.pid, a.fd, b.pid, b.fd);
+  return r && *r == 0;
+}
+
+// An fd is kept only where the description structure is the image's: the kept fds of one recorded
+// file must be one live description, and the kept fds of two recorded files two descriptions. The
+// kept fds of one pipe are grouped by live description; each recorded file keeps at most one of
+// its groups and each group serves at most one recorded file, the largest pairs first (then image
+// order). Every other fd is installed anew: a copy of its file's kept description where there is
+// one, else a new open (build_in_place()).
+void keep_matching_descriptions(std::vector<KeptAt>& kept) {
+  std::vector<const LiveEnd*> groups;  // one live end per description
+  std::vector<size_t> group_of(kept.size());
+  for (size_t i = 0; i < kept.size(); ++i) {
+    size_t g = 0;
+    while (g < groups.size() && !same_description(*groups[g], *kept[i].live)) ++g;
+    if (g == groups.size()) groups.push_back(kept[i].live);
+    group_of[i] = g;
+  }
+  struct Pair {
+    uint64_t file;
+    size_t group, count = 0, first = 0;
+  };
+  std::vector<Pair> pairs;
+  for (size_t i = 0; i < kept.size(); ++i) {
+    const uint64_t file = kept[i].fd->rec->file_id;
+    auto it = std::find_if(pairs.begin(), pairs.end(), [&](const Pair& p) { return p.file == file && p.group == group_of[i]; });
+    if (it == pairs.end()) it = pairs.insert(pairs.end(), Pair{file, group_of[i], 0, kept[i].order});
+    ++it->count;
+  }
+  std::sort(pairs.begin(), pairs.end(),
+            [](const Pair& a, const Pair& b) { return a.count != b.count ? a.count > b.count : a.first < b.first; });
+  std::unordered_map<uint64_t, size_t> file_group;  // recorded file -> the live description it keeps
+  std::unordered_set<size_t> taken;
+  for (const Pair& p : pairs)
+    if (!file_group.count(p.file) && taken.insert(p.group).second) file_group.emplace(p.file, p.group);
+  for (size_t i = 0; i < kept.size(); ++i) {
+    auto it = file_group.find(kept[i].fd->rec->file_id);
+    if (it == file_group.end() || it->second != group_of[i]) kept[i].fd->keep = kept[i].fd->set_cloexec = false;
+  }
+}
+
+}  // namespace
+
 void mark_kept(Plan& plan) {
   std::unordered_map<uint64_t, const PipeChoice*> choice;
   for (const PlannedPipe& pp : plan.pipes)
     if (pp.choice.in_place) choice[pp.pipe->id] = &pp.choice;
+  std::unordered_map<uint64_t, std::vector<KeptAt>> kept_of;  // pipe id -> its kept fds
+  size_t order = 0;
   for (Holder& h : plan.holders) {
     if (h.exec) continue;
     for (PlannedFd& f : h.fds) {
+      ++order;
+      f.keep = f.set_cloexec = false;
       const PlannedFile& pf = plan.files[plan.file_index.at(f.rec->file_id)];
       auto c = choice.find(pf.pipe->id);
       if (c == choice.end()) continue;
       const int acc = accmode_of(pf.rec.flags);
-      f.keep = f.set_cloexec = false;
       for (const LiveEnd& e : c->second->held) {
         if (e.pid != h.target || e.fd != f.rec->fd || e.accmode != acc) continue;
         f.keep = true;
         f.set_cloexec = e.cloexec != f.rec->cloexec;  // FD_CLOEXEC is the fd's: set at its number
+        kept_of[pf.pipe->id].push_back(KeptAt{&f, &e, order});
         break;
       }
     }
   }
+  for (auto& [id, kept] : kept_of)
+    if (kept.size() > 1) keep_matching_descriptions(kept);
   for (PlannedPipe& pp : plan.pipes) pp.choice.kept = 0;
   std::unordered_map<uint64_t, PlannedPipe*> by_id;
   for (PlannedPipe& pp : plan.pipes) by_id[pp.pipe->id] = &pp;

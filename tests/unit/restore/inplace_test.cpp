@@ -275,5 +275,117 @@ TEST(RestoreInPlace, OAsyncSetSinceTheDumpIsCleared) {
   EXPECT_EQ(child.finish(), "");
 }
 
+constexpr int kDup = 21;
+
+// Whether a and b are one open file description in this process.
+bool shares(int a, int b) { return testing::same_file(a, b); }
+
+// The read end made an open of the pipe (O_LARGEFILE, as every open adds): a separate open made
+// later has the same status flags, so only kcmp tells the two descriptions apart.
+void reopen_read_end(LivePipe& live) {
+  int n = ::open(fmt::format("/proc/self/fd/{}", live.r).c_str(), O_RDONLY | O_CLOEXEC);
+  if (n < 0 || ::dup2(n, live.r) < 0) throw std::runtime_error("reopen");
+  ::close(n);
+}
+
+// The image's sharing of descriptions is restored on kept fds too. joined: the image has kDup as a
+// dup of kR, which the process made a separate open since (it gets kR's description back). split:
+// the image has kDup as a separate open with O_NONBLOCK, which the process made a dup of kR since
+// (kR keeps its description and its flags, kDup gets a description of its own).
+TEST(RestoreInPlace, KeptFdsFollowTheRecordedSharing) {
+  for (bool joined : {true, false}) {
+    SCOPED_TRACE(joined ? "joined" : "split");
+    LivePipe live("old bytes");
+    reopen_read_end(live);
+    ImageBuilder b;
+    b.process(kRec);
+    uint64_t p = b.pipe({{"recorded", false}});
+    b.raw().pipes.back().inode = live.inode;
+    b.raw().info.boot_id = image::boot_id();
+    uint64_t rd = b.file(p, O_RDONLY);
+    b.fd(kRec, kR, rd).fd(kRec, kW, b.file(p, O_WRONLY)).fd(kRec, kDup, joined ? rd : b.file(p, O_RDONLY | O_NONBLOCK));
+    Image img = b.parsed();
+    Scenario child(
+        [&] {
+          live.take();
+          if (joined) {  // the same status flags as kR: only kcmp tells them apart
+            int n = ::open(fmt::format("/proc/self/fd/{}", kR).c_str(), O_RDONLY);
+            ::dup2(n, kDup);
+            ::close(n);
+          } else {
+            ::dup2(kR, kDup);
+          }
+        },
+        [joined]() -> std::string {
+          if (shares(kR, kDup) != joined) return joined ? "kDup is not kR's description" : "kDup is still kR's description";
+          if (auto e = epoll_reports_in(); !e.empty()) return e;  // kR kept its description
+          if ((::fcntl(kR, F_GETFL) & O_NONBLOCK) != 0) return "kR has O_NONBLOCK";
+          if (((::fcntl(kDup, F_GETFL) & O_NONBLOCK) != 0) == joined) return "kDup: O_NONBLOCK wrong";
+          return testing::expect_bytes(kR, "recorded");
+        });
+    ASSERT_TRUE(child.ready());
+    live.let_go();
+    auto sum = restore_processes(img, {{{child.pid(), kRec}}, std::nullopt});
+    ASSERT_TRUE(sum) << sum.error().what;
+    ASSERT_EQ(sum->outcomes.size(), 1u);
+    EXPECT_TRUE(sum->outcomes[0].in_place) << sum->outcomes[0].why;
+    EXPECT_EQ(sum->outcomes[0].kept, 2u);  // kR and kW; kDup installed anew
+    EXPECT_UNTRACED(child.pid());
+    EXPECT_EQ(child.finish(), "");
+  }
+}
+
+// The same across processes: one recorded file held by two targets must be one description in
+// both (joined: the second made its kR a separate open since), and two recorded files two
+// (split: both inherited one description, the image has two).
+TEST(RestoreInPlace, KeptFdsFollowTheRecordedSharingAcrossTargets) {
+  for (bool joined : {true, false}) {
+    SCOPED_TRACE(joined ? "joined" : "split");
+    LivePipe live("old bytes");
+    reopen_read_end(live);
+    ImageBuilder b;
+    b.process(kRec).process(kRec2);
+    uint64_t p = b.pipe({{"recorded", false}});
+    b.raw().pipes.back().inode = live.inode;
+    b.raw().info.boot_id = image::boot_id();
+    uint64_t rd = b.file(p, O_RDONLY);
+    b.fd(kRec, kR, rd).fd(kRec, kW, b.file(p, O_WRONLY)).fd(kRec2, kR, joined ? rd : b.file(p, O_RDONLY | O_NONBLOCK));
+    Image img = b.parsed();
+    Scenario first([&] { live.take(); },
+                   []() -> std::string {
+                     if (auto e = epoll_reports_in(); !e.empty()) return e;
+                     if ((::fcntl(kR, F_GETFL) & O_NONBLOCK) != 0) return "kR has O_NONBLOCK";
+                     return testing::expect_bytes(kR, "recorded");
+                   });
+    Scenario second(
+        [&] {
+          live.take();
+          ::close(kW);
+          if (joined) {
+            int n = ::open(fmt::format("/proc/self/fd/{}", kR).c_str(), O_RDONLY);
+            ::dup2(n, kR);
+            ::close(n);
+          }
+        },
+        [joined]() -> std::string {
+          if (((::fcntl(kR, F_GETFL) & O_NONBLOCK) != 0) == joined) return "kR: O_NONBLOCK wrong";
+          return "";
+        });
+    ASSERT_TRUE(first.ready() && second.ready());
+    live.let_go();
+    ASSERT_EQ(sys::kcmp_file(first.pid(), kR, second.pid(), kR).value_or(-2) == 0, !joined);
+    auto sum = restore_processes(img, {{{first.pid(), kRec}, {second.pid(), kRec2}}, std::nullopt});
+    ASSERT_TRUE(sum) << sum.error().what;
+    ASSERT_EQ(sum->outcomes.size(), 1u);
+    EXPECT_TRUE(sum->outcomes[0].in_place) << sum->outcomes[0].why;
+    EXPECT_EQ(sum->outcomes[0].kept, 2u);  // the first's kR and kW; the second's kR installed anew
+    EXPECT_EQ(sys::kcmp_file(first.pid(), kR, second.pid(), kR).value_or(-2) == 0, joined);
+    EXPECT_UNTRACED(first.pid());
+    EXPECT_UNTRACED(second.pid());
+    EXPECT_EQ(first.finish(), "");
+    EXPECT_EQ(second.finish(), "");
+  }
+}
+
 }  // namespace
 }  // namespace pipecr::restore
