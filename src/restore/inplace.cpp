@@ -478,8 +478,10 @@ Expected<void> set_kept(KeptFile& k) {
   k.saved = true;
   FileRecord want = *k.rec;
   want.flags = (want.flags & ~static_cast<uint32_t>(O_ASYNC)) | (*fl & O_ASYNC);
+  // The owner it has already is left as it is (the kernel's reference to it stays, uids included).
+  if (want.owner.pid != 0 && want.owner.type == own.type && want.owner.pid == own.pid) want.owner = Owner{};
   if (auto ok = set_file_state(fd, want, true); !ok) return ok;
-  if (want.owner.pid == 0 && own.pid != 0) {
+  if (k.rec->owner.pid == 0 && own.pid != 0) {
     f_owner_ex none{F_OWNER_PID, 0};
     if (::fcntl(fd, F_SETOWN_EX, &none) < 0)
       return tl::unexpected(sys::call_error("fcntl", fmt::format("fd={}, F_SETOWN_EX, pid=0", fd)));

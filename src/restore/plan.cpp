@@ -10,16 +10,18 @@
 //
 // Owners (F_SETOWN_EX) name pids of the dumped world: an owner that is a restored recorded process
 // becomes its target (a process group owner: the target's process group); any other owner cannot be
-// mapped and is left unset, with a note.
+// mapped and is left unset, with a note, except on a description kept in place (settle_owners()).
 #include "restore/plan.hpp"
 
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <climits>
 #include <cstdlib>
 #include <optional>
@@ -163,13 +165,53 @@ void add_file(const Image& img, uint64_t file_id, Plan& plan) {
     if (auto o = map_owner(f->owner, plan)) {
       pf.rec.owner = *o;
     } else {
-      plan.notes.push_back(fmt::format("pipe {} file {}: signal owner pid {} is not a restored process: owner not set",
-                                       f->pipe_id, f->id, f->owner.pid));
+      pf.owner_unmapped = true;  // settle_owners(), once the plan knows which descriptions are kept
       pf.rec.owner = Owner{};
     }
   }
   plan.file_index[file_id] = plan.files.size();
   plan.files.push_back(std::move(pf));
+}
+
+const char* owner_kind(int32_t type) {
+  return type == F_OWNER_TID ? "thread" : type == F_OWNER_PGRP ? "process group" : "process";
+}
+
+// Whether the owner a kept description recorded exists now: a thread or process that is not a
+// zombie, or a process group with a member.
+bool owner_exists(const Owner& o) {
+  if (o.pid <= 0) return false;
+  if (o.type == F_OWNER_PGRP) return ::kill(-o.pid, 0) == 0 || errno == EPERM;
+  auto st = sys::read_stat(o.pid);  // /proc/N/stat: a thread's own too
+  return st && st->state != 'Z' && st->state != 'X';
+}
+
+// Owners that are not restored processes. A new description (replaced pipe, --exec, a file no target
+// holds any more) gets none, with a note: its ids belong to the dumped world. A description kept in
+// place is the one the owner was set on, in this boot: the recorded owner (a thread, a process, a
+// process group outside the restore) is set again (or left, when it is the owner now) where it still
+// exists; where it is gone the owner is cleared, with a note (a number reused since would name
+// another process).
+void settle_owners(Plan& plan) {
+  std::unordered_set<uint64_t> kept;  // recorded files whose description is kept
+  for (const Holder& h : plan.holders)
+    for (const PlannedFd& f : h.fds)
+      if (f.keep) kept.insert(f.rec->file_id);
+  for (PlannedFile& pf : plan.files) {
+    if (!pf.owner_unmapped) continue;
+    const FileRecord* f = plan.img->find_file(pf.rec.id);
+    const Owner& o = f->owner;
+    if (!kept.count(pf.rec.id)) {
+      plan.notes.push_back(fmt::format("pipe {} file {}: signal owner pid {} is not a restored process: owner not set",
+                                       f->pipe_id, f->id, o.pid));
+    } else if (owner_exists(o)) {
+      pf.rec.owner = o;
+    } else {
+      plan.notes.push_back(fmt::format("pipe {} file {}: signal owner {} {} no longer exists: owner cleared on the "
+                                       "description kept in place",
+                                       f->pipe_id, f->id, owner_kind(o.type), o.pid));
+    }
+  }
 }
 
 // A pipe that processes outside the restore hold too (a terminal's log pipe, a supervisor's stdout
@@ -358,6 +400,7 @@ Expected<Plan> make_plan(const Image& img, const ProcessRestoreRequest& request,
   auto open_now = sys::list_fds(::getpid(), false);
   if (::getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_max != RLIM_INFINITY && open_now)
     fit_fd_limit(plan, static_cast<size_t>(rl.rlim_max), open_now->size());
+  settle_owners(plan);
   plan_epoll(img, plan);
   for (std::string& n : cut_links_notes(plan)) plan.notes.push_back(std::move(n));
   for (std::string& n : in_flight_notes(plan)) plan.notes.push_back(std::move(n));

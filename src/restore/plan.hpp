@@ -47,6 +47,7 @@ struct Holder {
 struct PlannedFile {
   FileRecord rec;          // owner.pid mapped to a live pid (0 when it could not be)
   const PipeRecord* pipe = nullptr;
+  bool owner_unmapped = false;  // the recorded owner is not a restored process (settled by make_plan)
 };
 
 struct PlannedPipe {

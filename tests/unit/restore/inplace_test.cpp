@@ -387,5 +387,133 @@ TEST(RestoreInPlace, KeptFdsFollowTheRecordedSharingAcrossTargets) {
   }
 }
 
+// A page shared with the child (two thread ids).
+struct SharedWord {
+  std::atomic<pid_t>* word = nullptr;
+  SharedWord() {
+    void* m = ::mmap(nullptr, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED) throw std::runtime_error("mmap");
+    word = new (m) std::atomic<pid_t>[2]{0, 0};
+  }
+  ~SharedWord() { ::munmap(word, 4096); }
+};
+
+void* sleep_forever(void* arg) {
+  static_cast<std::atomic<pid_t>*>(arg)->store(static_cast<pid_t>(::syscall(SYS_gettid)));
+  for (;;) ::pause();
+  return nullptr;
+}
+
+// pid 0: no owner, whatever the type.
+std::string owner_is(int fd, int type, pid_t pid) {
+  f_owner_ex o{};
+  ::fcntl(fd, F_GETOWN_EX, &o);
+  if (o.pid == pid && (pid == 0 || o.type == type)) return "";
+  return fmt::format("fd {}: owner type {} pid {}, want type {} pid {}", fd, static_cast<int>(o.type), o.pid, type, pid);
+}
+
+// A kept description whose recorded owner is not a restored process but still exists (a thread
+// other than the main one; a process group outside the restore) gets that owner, left as it is or
+// set again where the process changed it since the dump. changed: the process made itself the
+// owner (F_OWNER_PID) since.
+TEST(RestoreInPlace, KeptDescriptionKeepsAnOwnerThatStillExists) {
+  for (int type : {F_OWNER_TID, F_OWNER_PGRP})
+    for (bool changed : {false, true}) {
+      SCOPED_TRACE(fmt::format("type {}, changed {}", type, changed));
+      LivePipe live("old bytes");
+      SharedWord tid;
+      const pid_t pgrp = ::getpgrp();  // the test's group: the child's, not a restored process
+      Scenario child(
+          [&] {
+            live.take();
+            pthread_t t;
+            ::pthread_create(&t, nullptr, sleep_forever, tid.word);
+            while (tid.word->load() == 0) ::usleep(1000);
+            f_owner_ex o{static_cast<__pid_type>(type), type == F_OWNER_TID ? tid.word->load() : pgrp};
+            ::fcntl(kR, F_SETOWN_EX, &o);
+            ::fcntl(kR, F_SETSIG, SIGRTMIN);
+            if (changed) ::fcntl(kR, F_SETOWN, ::getpid());
+          },
+          [&]() -> std::string {
+            if (auto e = owner_is(kR, type, type == F_OWNER_TID ? tid.word->load() : pgrp); !e.empty()) return e;
+            if (::fcntl(kR, F_GETSIG) != SIGRTMIN) return "F_GETSIG";
+            return testing::expect_bytes(kR, "recorded");
+          });
+      ASSERT_TRUE(child.ready());
+      live.let_go();
+      ASSERT_NE(tid.word->load(), child.pid());
+      ImageBuilder b;
+      b.process(kRec);
+      uint64_t p = b.pipe({{"recorded", false}});
+      b.raw().pipes.back().inode = live.inode;
+      b.raw().info.boot_id = image::boot_id();
+      Owner own{type, type == F_OWNER_TID ? tid.word->load() : pgrp, false, 0, 0};
+      b.fd(kRec, kR, b.file(p, O_RDONLY, own, SIGRTMIN)).fd(kRec, kW, b.file(p, O_WRONLY));
+      Image img = b.parsed();
+      auto sum = restore_processes(img, {{{child.pid(), kRec}}, std::nullopt});
+      ASSERT_TRUE(sum) << sum.error().what;
+      ASSERT_EQ(sum->outcomes.size(), 1u);
+      EXPECT_TRUE(sum->outcomes[0].in_place) << sum->outcomes[0].why;
+      for (const std::string& n : sum->notes) EXPECT_EQ(n.find("owner"), std::string::npos) << n;
+      EXPECT_UNTRACED(child.pid());
+      EXPECT_EQ(child.finish(), "");
+    }
+}
+
+// An owner gone since the dump is cleared on a kept description, with a note: its number may name
+// another process by now. A new description (--replace) gets no owner that is not a restored
+// process, as before.
+TEST(RestoreInPlace, OwnerGoneOrNewDescriptionGetsNone) {
+  for (bool replace : {false, true}) {
+    SCOPED_TRACE(replace ? "--replace" : "in place");
+    LivePipe live("old bytes");
+    SharedWord tid;
+    Scenario child(
+        [&] {
+          live.take();
+          pthread_t t;
+          ::pthread_create(&t, nullptr, sleep_forever, tid.word);
+          while (tid.word->load() == 0) ::usleep(1000);
+          f_owner_ex o{F_OWNER_TID, tid.word->load()};
+          ::fcntl(kR, F_SETOWN_EX, &o);
+          if (replace) return;
+          // A thread that is gone: one that exits at once.
+          std::atomic<pid_t>* gone = tid.word + 1;
+          ::pthread_create(&t, nullptr, [](void* a) -> void* {
+            static_cast<std::atomic<pid_t>*>(a)->store(static_cast<pid_t>(::syscall(SYS_gettid)));
+            return nullptr;
+          }, gone);
+          ::pthread_join(t, nullptr);
+          tid.word->store(gone->load());
+        },
+        []() -> std::string {
+          if (auto e = owner_is(kR, F_OWNER_PID, 0); !e.empty()) return e;
+          return testing::expect_bytes(kR, "recorded");
+        });
+    ASSERT_TRUE(child.ready());
+    live.let_go();
+    ImageBuilder b;
+    b.process(kRec);
+    uint64_t p = b.pipe({{"recorded", false}});
+    b.raw().pipes.back().inode = live.inode;
+    b.raw().info.boot_id = image::boot_id();
+    b.fd(kRec, kR, b.file(p, O_RDONLY, Owner{F_OWNER_TID, tid.word->load(), false, 0, 0})).fd(kRec, kW, b.file(p, O_WRONLY));
+    Image img = b.parsed();
+    ProcessRestoreOptions opts;
+    opts.replace = replace;
+    auto sum = restore_processes(img, {{{child.pid(), kRec}}, std::nullopt}, opts);
+    ASSERT_TRUE(sum) << sum.error().what;
+    ASSERT_EQ(sum->outcomes.size(), 1u);
+    EXPECT_EQ(sum->outcomes[0].in_place, !replace) << sum->outcomes[0].why;
+    bool noted = false;
+    for (const std::string& n : sum->notes)
+      noted |= n.find(replace ? "is not a restored process: owner not set" : "no longer exists: owner cleared") !=
+               std::string::npos;
+    EXPECT_TRUE(noted);
+    EXPECT_UNTRACED(child.pid());
+    EXPECT_EQ(child.finish(), "");
+  }
+}
+
 }  // namespace
 }  // namespace pipecr::restore
