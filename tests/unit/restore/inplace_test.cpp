@@ -67,13 +67,20 @@ struct LivePipe {
   }
 };
 
+// A pipe record in b for the live pipe: its inode, on this boot (what makes it one to refill in place).
+uint64_t live_pipe(ImageBuilder& b, const LivePipe& live, std::vector<std::pair<std::string, bool>> slots,
+                   uint32_t capacity = 65536) {
+  uint64_t p = b.pipe(std::move(slots), capacity);
+  b.raw().pipes.back().inode = live.inode;
+  b.raw().info.boot_id = image::boot_id();
+  return p;
+}
+
 // The image of the child holding `pipe` with `bytes` queued, at capacity 16384, read end O_NONBLOCK.
 ImageBuilder image_of(const LivePipe& live, const std::string& bytes) {
   ImageBuilder b;
   b.process(kRec);
-  uint64_t p = b.pipe({{bytes, false}}, 16384);
-  b.raw().pipes.back().inode = live.inode;
-  b.raw().info.boot_id = image::boot_id();
+  uint64_t p = live_pipe(b, live, {{bytes, false}}, 16384);
   b.fd(kRec, kR, b.file(p, O_RDONLY | O_NONBLOCK)).fd(kRec, kW, b.file(p, O_WRONLY));
   return b;
 }
@@ -84,6 +91,19 @@ std::string epoll_reports_in() {
   if (n == 1 && ev.data.u64 == 7 && (ev.events & EPOLLIN)) return "";
   return fmt::format("the epoll watch on fd {} does not report (epoll_wait {}, events {:#x})", kR, n,
                      static_cast<unsigned>(ev.events));
+}
+
+// Restores img into child (recorded as kRec): its one pipe refilled in place with `kept` fds kept,
+// the child left untraced, and the child's own checks passed.
+void refill_in_place(const Image& img, Scenario& child, size_t kept) {
+  auto sum = restore_processes(img, {{{child.pid(), kRec}}, std::nullopt});
+  ASSERT_TRUE(sum) << sum.error().what;
+  EXPECT_EQ(sum->in_place, 1u);
+  ASSERT_EQ(sum->outcomes.size(), 1u);
+  EXPECT_TRUE(sum->outcomes[0].in_place) << sum->outcomes[0].why;
+  EXPECT_EQ(sum->outcomes[0].kept, kept);
+  EXPECT_UNTRACED(child.pid());
+  EXPECT_EQ(child.finish(), "");
 }
 
 TEST(RestoreInPlace, KeepsTheOpenFileAndRefillsIt) {
@@ -99,14 +119,7 @@ TEST(RestoreInPlace, KeepsTheOpenFileAndRefillsIt) {
                  });
   ASSERT_TRUE(child.ready());
   live.let_go();
-  auto sum = restore_processes(img, {{{child.pid(), kRec}}, std::nullopt});
-  ASSERT_TRUE(sum) << sum.error().what;
-  EXPECT_EQ(sum->in_place, 1u);
-  ASSERT_EQ(sum->outcomes.size(), 1u);
-  EXPECT_TRUE(sum->outcomes[0].in_place) << sum->outcomes[0].why;
-  EXPECT_EQ(sum->outcomes[0].kept, 2u);
-  EXPECT_UNTRACED(child.pid());
-  EXPECT_EQ(child.finish(), "");
+  refill_in_place(img, child, 2);
 }
 
 TEST(RestoreInPlace, FailureAfterTheRefillPutsTheOldBytesBack) {
@@ -181,9 +194,7 @@ ImageBuilder plain_image(const LivePipe& live, uint32_t rd_flags = O_RDONLY, boo
                          bool wr_cloexec = false, Owner rd_owner = {}) {
   ImageBuilder b;
   b.process(kRec);
-  uint64_t p = b.pipe({{"recorded", false}});
-  b.raw().pipes.back().inode = live.inode;
-  b.raw().info.boot_id = image::boot_id();
+  uint64_t p = live_pipe(b, live, {{"recorded", false}});
   b.fd(kRec, kR, b.file(p, rd_flags, rd_owner), rd_cloexec).fd(kRec, kW, b.file(p, O_WRONLY), wr_cloexec);
   return b;
 }
@@ -214,13 +225,7 @@ TEST(RestoreInPlace, KeptFdsGetTheRecordedCloexec) {
       });
   ASSERT_TRUE(child.ready());
   live.let_go();
-  auto sum = restore_processes(img, {{{child.pid(), kRec}}, std::nullopt});
-  ASSERT_TRUE(sum) << sum.error().what;
-  ASSERT_EQ(sum->outcomes.size(), 1u);
-  EXPECT_TRUE(sum->outcomes[0].in_place) << sum->outcomes[0].why;
-  EXPECT_EQ(sum->outcomes[0].kept, 2u);
-  EXPECT_UNTRACED(child.pid());
-  EXPECT_EQ(child.finish(), "");
+  refill_in_place(img, child, 2);
 }
 
 // Signals pending for this process now, SIGIO flushed first if `flush`.
@@ -266,13 +271,7 @@ TEST(RestoreInPlace, OAsyncSetSinceTheDumpIsCleared) {
       });
   ASSERT_TRUE(child.ready());
   live.let_go();
-  auto sum = restore_processes(img, {{{child.pid(), kRec}}, std::nullopt});
-  ASSERT_TRUE(sum) << sum.error().what;
-  ASSERT_EQ(sum->outcomes.size(), 1u);
-  EXPECT_TRUE(sum->outcomes[0].in_place) << sum->outcomes[0].why;
-  EXPECT_EQ(sum->outcomes[0].kept, 2u);
-  EXPECT_UNTRACED(child.pid());
-  EXPECT_EQ(child.finish(), "");
+  refill_in_place(img, child, 2);
 }
 
 constexpr int kDup = 21;
@@ -299,9 +298,7 @@ TEST(RestoreInPlace, KeptFdsFollowTheRecordedSharing) {
     reopen_read_end(live);
     ImageBuilder b;
     b.process(kRec);
-    uint64_t p = b.pipe({{"recorded", false}});
-    b.raw().pipes.back().inode = live.inode;
-    b.raw().info.boot_id = image::boot_id();
+    uint64_t p = live_pipe(b, live, {{"recorded", false}});
     uint64_t rd = b.file(p, O_RDONLY);
     b.fd(kRec, kR, rd).fd(kRec, kW, b.file(p, O_WRONLY)).fd(kRec, kDup, joined ? rd : b.file(p, O_RDONLY | O_NONBLOCK));
     Image img = b.parsed();
@@ -325,13 +322,7 @@ TEST(RestoreInPlace, KeptFdsFollowTheRecordedSharing) {
         });
     ASSERT_TRUE(child.ready());
     live.let_go();
-    auto sum = restore_processes(img, {{{child.pid(), kRec}}, std::nullopt});
-    ASSERT_TRUE(sum) << sum.error().what;
-    ASSERT_EQ(sum->outcomes.size(), 1u);
-    EXPECT_TRUE(sum->outcomes[0].in_place) << sum->outcomes[0].why;
-    EXPECT_EQ(sum->outcomes[0].kept, 2u);  // kR and kW; kDup installed anew
-    EXPECT_UNTRACED(child.pid());
-    EXPECT_EQ(child.finish(), "");
+    refill_in_place(img, child, 2);  // kR and kW; kDup installed anew
   }
 }
 
@@ -345,9 +336,7 @@ TEST(RestoreInPlace, KeptFdsFollowTheRecordedSharingAcrossTargets) {
     reopen_read_end(live);
     ImageBuilder b;
     b.process(kRec).process(kRec2);
-    uint64_t p = b.pipe({{"recorded", false}});
-    b.raw().pipes.back().inode = live.inode;
-    b.raw().info.boot_id = image::boot_id();
+    uint64_t p = live_pipe(b, live, {{"recorded", false}});
     uint64_t rd = b.file(p, O_RDONLY);
     b.fd(kRec, kR, rd).fd(kRec, kW, b.file(p, O_WRONLY)).fd(kRec2, kR, joined ? rd : b.file(p, O_RDONLY | O_NONBLOCK));
     Image img = b.parsed();
@@ -444,9 +433,7 @@ TEST(RestoreInPlace, KeptDescriptionKeepsAnOwnerThatStillExists) {
       ASSERT_NE(tid.word->load(), child.pid());
       ImageBuilder b;
       b.process(kRec);
-      uint64_t p = b.pipe({{"recorded", false}});
-      b.raw().pipes.back().inode = live.inode;
-      b.raw().info.boot_id = image::boot_id();
+      uint64_t p = live_pipe(b, live, {{"recorded", false}});
       Owner own{type, type == F_OWNER_TID ? tid.word->load() : pgrp, false, 0, 0};
       b.fd(kRec, kR, b.file(p, O_RDONLY, own, SIGRTMIN)).fd(kRec, kW, b.file(p, O_WRONLY));
       Image img = b.parsed();
@@ -494,9 +481,7 @@ TEST(RestoreInPlace, OwnerGoneOrNewDescriptionGetsNone) {
     live.let_go();
     ImageBuilder b;
     b.process(kRec);
-    uint64_t p = b.pipe({{"recorded", false}});
-    b.raw().pipes.back().inode = live.inode;
-    b.raw().info.boot_id = image::boot_id();
+    uint64_t p = live_pipe(b, live, {{"recorded", false}});
     b.fd(kRec, kR, b.file(p, O_RDONLY, Owner{F_OWNER_TID, tid.word->load(), false, 0, 0})).fd(kRec, kW, b.file(p, O_WRONLY));
     Image img = b.parsed();
     ProcessRestoreOptions opts;
