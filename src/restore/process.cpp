@@ -24,7 +24,6 @@
 // front that the fds needed fit) and set back when restore_processes() returns, or before the exec.
 #include "restore/process.hpp"
 
-#include <dirent.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/resource.h>
@@ -43,6 +42,7 @@
 #include "restore/plan.hpp"
 #include "sys/agent.hpp"
 #include "sys/fdtable_grow.hpp"
+#include "sys/proc.hpp"
 #include "sys/ptrace.hpp"
 #include "sys/remote.hpp"
 #include "sys/syscalls.hpp"
@@ -60,25 +60,12 @@ int highest_fd(const Holder& h) {
   return m;
 }
 
-// A /proc read of pid's that failed: a process gone meanwhile (ENOENT, ESRCH) is Errc::gone, as
-// every other step says it; anything else is the call's error.
-Error proc_error(const char* call, const std::string& path, pid_t pid) {
-  Error e = sys::call_error(call, path);
-  if (e.err == ENOENT || e.err == ESRCH) {
-    e.kind = Errc::gone;
-    e.what = fmt::format("process {} exited", pid);
-  }
-  return e;
-}
-
 // The soft RLIMIT_NOFILE of pid, from /proc/PID/limits (readable whatever the owner).
 Expected<uint64_t> target_nofile_limit(pid_t pid) {
-  std::string path = fmt::format("/proc/{}/limits", pid);
-  sys::UniqueFd in(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-  if (!in) return tl::unexpected(proc_error("open", path, pid));
-  std::string text;
-  char buf[4096];
-  for (ssize_t n; (n = ::read(in.get(), buf, sizeof buf)) > 0;) text.append(buf, static_cast<size_t>(n));
+  const std::string path = fmt::format("/proc/{}/limits", pid);
+  auto read = sys::read_proc_file(path);  // a process gone meanwhile: Errc::gone
+  if (!read) return tl::unexpected(read.error());
+  const std::string& text = *read;
   auto at = text.find("Max open files");
   if (at == std::string::npos) return fail(Errc::system, EIO, fmt::format("{}: no \"Max open files\" line", path));
   const char* p = text.c_str() + at + std::strlen("Max open files");
@@ -87,16 +74,13 @@ Expected<uint64_t> target_nofile_limit(pid_t pid) {
   return std::strtoull(p, nullptr, 10);
 }
 
-// The fd numbers open in pid, sorted.
+// The fd numbers open in pid (a thread id: that thread's table), sorted.
 Expected<std::vector<int>> target_fds(pid_t pid) {
-  std::string path = fmt::format("/proc/{}/fd", pid);
-  DIR* dir = ::opendir(path.c_str());
-  if (!dir) return tl::unexpected(proc_error("opendir", path, pid));
+  auto listed = sys::list_fds(pid, false);  // a process gone meanwhile: Errc::gone
+  if (!listed) return tl::unexpected(listed.error());
   std::vector<int> fds;
-  while (dirent* d = ::readdir(dir))
-    if (d->d_name[0] != '.') fds.push_back(std::atoi(d->d_name));
-  ::closedir(dir);
-  std::sort(fds.begin(), fds.end());
+  fds.reserve(listed->size());
+  for (const sys::FdEntry& e : *listed) fds.push_back(e.fd);
   return fds;
 }
 

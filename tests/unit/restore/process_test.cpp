@@ -521,7 +521,7 @@ TEST(RestoreProcess, TargetGoneBeforeItsLimitsAreReadIsGone) {
   auto r = restore_processes(img, {{{target, kRec}}, std::nullopt}, opts);
   ASSERT_FALSE(r);
   EXPECT_EQ(r.error().kind, Errc::gone) << r.error().what;
-  EXPECT_NE(r.error().what.find("exited"), std::string::npos) << r.error().what;
+  EXPECT_NE(r.error().what.find("is gone"), std::string::npos) << r.error().what;
 }
 
 TEST(RestoreProcess, UnknownRecordedPidIsABadArgument) {
