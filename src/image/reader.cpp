@@ -162,6 +162,17 @@ Expected<EpollWatch> decode_epoll_watch(const RawRecord& r) {
   return w;
 }
 
+// A record of a type this build does not know, marked required: an image of a later format.
+tl::unexpected<Error> unknown_required(uint64_t pos, uint32_t type) {
+  return fail(Errc::image_version, 0,
+              fmt::format("image offset {}: required record type {:#x} is not known to this build", pos, type));
+}
+
+// Any first record but INFO.
+tl::unexpected<Error> not_info_first(uint64_t pos, uint32_t type) {
+  return bad(pos, fmt::format("first record is {}, not INFO", record_name(type)));
+}
+
 // The 24-byte file header at the start of bytes: the magic (checked first, on as many bytes as there
 // are, so that a short file that is no image is named as such), the length, the checksum, then the
 // version. Returns the version.
@@ -239,8 +250,7 @@ class Parser {
 
   // Place a known record in the grammar: INFO first, then sections in order.
   Expected<void> enter(const RawRecord& r, Section s) {
-    if (!saw_info_ && s != Section::info)
-      return bad(r.offset, fmt::format("first record is {}, not INFO", record_name(r.type)));
+    if (!saw_info_ && s != Section::info) return not_info_first(r.offset, r.type);
     if (saw_info_ && s == Section::info) return bad(r.offset, "second INFO record");
     if (s < section_)
       return bad(r.offset, fmt::format("{} record after a {} record", record_name(r.type), section_name(section_)));
@@ -264,11 +274,8 @@ class Parser {
       case RecordType::shared_files: return shared(r);
       case RecordType::end: break;  // handled by run()
     }
-    if (r.flags & kRecordRequired)
-      return fail(Errc::image_version, 0,
-                  fmt::format("image offset {}: required record type {:#x} is not known to this build", r.offset,
-                              r.type));
-    if (!saw_info_) return bad(r.offset, fmt::format("first record is {}, not INFO", record_name(r.type)));
+    if (r.flags & kRecordRequired) return unknown_required(r.offset, r.type);
+    if (!saw_info_) return not_info_first(r.offset, r.type);
     return {};  // an optional record from a later writer: skipped
   }
 
@@ -466,10 +473,8 @@ Expected<void> check_head(std::span<const std::byte> head, uint64_t size) {
   const uint32_t flags = get_le<uint32_t>(head.data() + pos + 4);
   const uint64_t len = get_le<uint64_t>(head.data() + pos + 8);
   if (type != static_cast<uint32_t>(RecordType::info)) {
-    if (!is_known_record(type) && (flags & kRecordRequired))
-      return fail(Errc::image_version, 0,
-                  fmt::format("image offset {}: required record type {:#x} is not known to this build", pos, type));
-    return bad(pos, fmt::format("first record is {}, not INFO", record_name(type)));
+    if (!is_known_record(type) && (flags & kRecordRequired)) return unknown_required(pos, type);
+    return not_info_first(pos, type);
   }
   // An image whose size is not known (a pipe) is at most what a file can hold: off_t is signed.
   const uint64_t cap = std::min<uint64_t>(size, static_cast<uint64_t>(INT64_MAX));
