@@ -37,7 +37,28 @@ std::string pipe_name(const PipeRecord& p) {
   return p.kind == PipeKind::fifo ? fmt::format("FIFO {}", p.path) : fmt::format("pipe:[{}]", p.inode);
 }
 
+// The threads of pid whose fd table is not pid's (unshare(CLONE_FILES)), one per table: the first
+// in /proc/PID/task order, the thread the dump records that table's fds under (FdRecord::tid).
+std::vector<pid_t> own_table_threads(pid_t pid) {
+  std::vector<pid_t> out;
+  auto tids = sys::list_threads(pid);
+  if (!tids) return out;
+  for (pid_t t : *tids) {
+    if (t == pid) continue;
+    auto c = sys::kcmp_files(pid, t);
+    if (!c || *c == 0) continue;
+    bool known = std::any_of(out.begin(), out.end(), [&](pid_t o) {
+      auto same = sys::kcmp_files(o, t);
+      return same && *same == 0;
+    });
+    if (!known) out.push_back(t);
+  }
+  return out;
+}
+
 // Every process's fds, once: which targets hold each candidate where, and who else holds it.
+// /proc/PID/fd is the process's own table only: the own tables of a target's threads are read
+// through /proc/TID/fd (a thread's table in a process that is not a target is not seen).
 void scan_holders(std::vector<Candidate>& cands, const std::unordered_set<pid_t>& targets) {
   std::unordered_map<uint64_t, size_t> anon;
   std::unordered_map<uint64_t, std::vector<size_t>> fifo_by_ino;
@@ -56,21 +77,21 @@ void scan_holders(std::vector<Candidate>& cands, const std::unordered_set<pid_t>
     return;
   }
   const dev_t pipefs = sys::pipefs_dev();
-  // This process is scanned too: it holds nothing of its own yet, so what it holds is the
-  // caller's (a program calling the library holds the pipe: it is a holder like any other).
-  for (pid_t pid : *all) {
+  // One fd table: pid's (tid 0), or the own table of its thread tid (/proc/TID/... is that table).
+  auto scan_table = [&](pid_t pid, pid_t tid) {
+    const pid_t task = tid ? tid : pid;
     // A process whose fds pipecr may not read (another user's, not dumpable, or one that gone
     // meanwhile) is not seen, as dump does not see it either (dump/process.cpp,
     // mark_outside_holders): pipecr cannot ptrace it, so it could not have dumped it either.
-    auto fds = sys::list_fds(pid, true);
-    if (!fds) continue;
+    auto fds = sys::list_fds(task, true);
+    if (!fds) return;
     for (const sys::FdEntry& e : *fds) {
       std::vector<size_t> hits;
       if (auto ino = sys::pipe_inode_from_link(e.target)) {
         if (auto it = anon.find(*ino); it != anon.end()) hits.push_back(it->second);
       } else if (!fifo_by_ino.empty() && !e.target.empty() && e.target[0] == '/') {
         struct stat st {};
-        if (::stat(fmt::format("/proc/{}/fd/{}", pid, e.fd).c_str(), &st) < 0 || !S_ISFIFO(st.st_mode)) continue;
+        if (::stat(fmt::format("/proc/{}/fd/{}", task, e.fd).c_str(), &st) < 0 || !S_ISFIFO(st.st_mode)) continue;
         if (auto it = fifo_by_ino.find(st.st_ino); it != fifo_by_ino.end())
           for (size_t i : it->second)
             if (cands[i].pipe->dev == st.st_dev) hits.push_back(i);
@@ -81,17 +102,24 @@ void scan_holders(std::vector<Candidate>& cands, const std::unordered_set<pid_t>
         continue;
       }
       struct stat st {};
-      if (::stat(fmt::format("/proc/{}/fd/{}", pid, e.fd).c_str(), &st) < 0) continue;
-      auto info = sys::read_fdinfo(pid, e.fd);
+      if (::stat(fmt::format("/proc/{}/fd/{}", task, e.fd).c_str(), &st) < 0) continue;
+      auto info = sys::read_fdinfo(task, e.fd);
       if (!info) continue;
       for (size_t i : hits) {
         const PipeRecord& p = *cands[i].pipe;
         bool same = st.st_ino == p.inode && (p.kind == PipeKind::fifo ? st.st_dev == p.dev : st.st_dev == pipefs);
         if (same)
-          cands[i].choice.held.push_back(LiveEnd{pid, e.fd, info->flags & O_ACCMODE, info->flags & ~O_CLOEXEC,
+          cands[i].choice.held.push_back(LiveEnd{pid, tid, e.fd, info->flags & O_ACCMODE, info->flags & ~O_CLOEXEC,
                                                  (info->flags & O_CLOEXEC) != 0});
       }
     }
+  };
+  // This process is scanned too: it holds nothing of its own yet, so what it holds is the
+  // caller's (a program calling the library holds the pipe: it is a holder like any other).
+  for (pid_t pid : *all) {
+    scan_table(pid, 0);
+    if (targets.count(pid))
+      for (pid_t tid : own_table_threads(pid)) scan_table(pid, tid);
   }
 }
 
@@ -209,9 +237,9 @@ struct KeptAt {
 // or access modes cannot be one description, which spares the syscall for the usual read end and
 // write end. An end that cannot be compared (gone meanwhile) counts as another description.
 bool same_description(const LiveEnd& a, const LiveEnd& b) {
-  if (a.pid == b.pid && a.fd == b.fd) return true;
+  if (a.pid == b.pid && a.tid == b.tid && a.fd == b.fd) return true;
   if (a.flags != b.flags) return false;
-  auto r = sys::kcmp_file(a.pid, a.fd, b.pid, b.fd);
+  auto r = sys::kcmp_file(a.tid ? a.tid : a.pid, a.fd, b.tid ? b.tid : b.pid, b.fd);
   return r && *r == 0;
 }
 
@@ -271,7 +299,8 @@ void mark_kept(Plan& plan) {
       if (c == choice.end()) continue;
       const int acc = accmode_of(pf.rec.flags);
       for (const LiveEnd& e : c->second->held) {
-        if (e.pid != h.target || e.fd != f.rec->fd || e.accmode != acc) continue;
+        // The fd table the fd was recorded in: a thread's own (h.thread), else the process's.
+        if (e.pid != h.target || e.tid != h.thread || e.fd != f.rec->fd || e.accmode != acc) continue;
         f.keep = true;
         f.set_cloexec = e.cloexec != f.rec->cloexec;  // FD_CLOEXEC is the fd's: set at its number
         kept_of[pf.pipe->id].push_back(KeptAt{&f, &e, order});
@@ -328,25 +357,28 @@ Expected<void> build_in_place(const Plan& plan, const PlannedPipe& pp, const Pro
   ip.pipe = &p;
   // Copies of every end the targets hold, checked to be the recorded pipe.
   const dev_t pipefs = sys::pipefs_dev();
-  std::unordered_map<pid_t, sys::UniqueFd> pidfds;
+  std::unordered_map<pid_t, sys::UniqueFd> pidfds;  // per fd table: a thread's pidfd reads its own
   for (const LiveEnd& e : pp.choice.held) {
-    auto& pidfd = pidfds[e.pid];
+    const pid_t task = e.tid ? e.tid : e.pid;
+    const std::string where = e.tid ? fmt::format("fd {} of thread {} of process {}", e.fd, e.tid, e.pid)
+                                    : fmt::format("fd {} of process {}", e.fd, e.pid);
+    auto& pidfd = pidfds[task];
     if (!pidfd) {
-      auto fd = sys::pidfd_open(e.pid);
+      auto fd = sys::pidfd_open(task);
       if (!fd) return tl::unexpected(fd.error());
       pidfd = std::move(*fd);
     }
-    auto copy = sys::pidfd_getfd(pidfd.get(), e.fd, e.pid);
+    auto copy = sys::pidfd_getfd(pidfd.get(), e.fd, task);
     if (!copy) return tl::unexpected(copy.error());
     struct stat st {};
     if (::fstat(copy->get(), &st) < 0)
-      return tl::unexpected(sys::call_error("fstat", fmt::format("copy of fd {} of process {}", e.fd, e.pid)));
+      return tl::unexpected(sys::call_error("fstat", fmt::format("copy of {}", where)));
     bool same = S_ISFIFO(st.st_mode) && st.st_ino == p.inode &&
                 (p.kind == PipeKind::fifo ? st.st_dev == p.dev : st.st_dev == pipefs);
     if (!same)
       return fail(Errc::gone, ESRCH,
-                  fmt::format("fd {} of process {} changed while the restore was prepared (it no longer holds {})",
-                              e.fd, e.pid, pipe_name(p)));
+                  fmt::format("{} changed while the restore was prepared (it no longer holds {})", where,
+                              pipe_name(p)));
     ip.held.push_back(std::move(*copy));
   }
   if (ip.held.empty()) return fail(Errc::gone, ESRCH, fmt::format("no target holds {} any more", pipe_name(p)));
@@ -379,7 +411,7 @@ Expected<void> build_in_place(const Plan& plan, const PlannedPipe& pp, const Pro
       const PlannedFile& pf = plan.files[plan.file_index.at(f.rec->file_id)];
       for (size_t i = 0; i < pp.choice.held.size(); ++i) {
         const LiveEnd& e = pp.choice.held[i];
-        if (e.pid != h.target || e.fd != f.rec->fd) continue;
+        if (e.pid != h.target || e.tid != h.thread || e.fd != f.rec->fd) continue;
         auto copy = dup_cloexec(ip.held[i].get());
         if (!copy) return tl::unexpected(copy.error());
         kept_copy.emplace(pf.rec.id, copy->get());

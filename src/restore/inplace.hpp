@@ -14,7 +14,9 @@
 //     (/proc/TARGET/root/PATH) equal the recorded ones, and a target holds that inode (an unlinked
 //     FIFO: device and inode of a held end, in the same boot).
 // "Nobody else": every process whose fd table holds the pipe (a scan of /proc/*/fd at plan time)
-// is a target of this restore (--into; not the --exec process, which gets new pipes).
+// is a target of this restore (--into; not the --exec process, which gets new pipes). A target's
+// threads with fd tables of their own (unshare(CLONE_FILES)) are read too, through /proc/TID/fd:
+// an fd recorded in such a table is kept only where that table holds the recorded file.
 //
 // Stages, as for a replacement (process.hpp):
 //   plan     choose_in_place(): per pipe, in place or replaced and why; per restored fd whether the
@@ -62,6 +64,7 @@ struct ProcessRestoreOptions;
 // An fd of a target on the live pipe, found by the plan's scan.
 struct LiveEnd {
   pid_t pid = -1;
+  pid_t tid = 0;  // not 0: the fd is in the own fd table of this thread of pid (FdRecord::tid)
   int fd = -1;
   int accmode = O_RDONLY;
   int flags = 0;         // status flags (fdinfo), without O_CLOEXEC

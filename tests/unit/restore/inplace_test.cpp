@@ -6,12 +6,14 @@
 // still reports), refill it and set capacity and flags; a failure after the refill must put the old
 // bytes back; --replace and a second holder must make it a replacement.
 #include <pthread.h>
+#include <sched.h>
 #include <sys/epoll.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 
 #include <atomic>
+#include <functional>
 
 #include <gtest/gtest.h>
 
@@ -497,6 +499,107 @@ TEST(RestoreInPlace, OwnerGoneOrNewDescriptionGetsNone) {
     EXPECT_TRUE(noted);
     EXPECT_UNTRACED(child.pid());
     EXPECT_EQ(child.finish(), "");
+  }
+}
+
+
+// A thread of the child with an fd table of its own (unshare(CLONE_FILES)): setup runs in that
+// table, then the thread publishes its tid and waits; asked to, it runs check in its table.
+struct OwnTableThread {
+  std::atomic<pid_t>* tid = nullptr;  // shared with the test
+  std::function<void()> setup;
+  std::function<std::string()> check;
+  std::atomic<int> step{0};  // 1: check now; 2: checked, result set
+  std::string result;
+};
+
+void* own_table_main(void* arg) {
+  auto* t = static_cast<OwnTableThread*>(arg);
+  if (::unshare(CLONE_FILES) != 0) t->result = "unshare(CLONE_FILES) failed";
+  else t->setup();
+  t->tid->store(static_cast<pid_t>(::syscall(SYS_gettid)));
+  while (t->step.load() != 1) ::usleep(1000);
+  if (t->result.empty()) t->result = t->check();
+  t->step = 2;
+  for (;;) ::pause();
+  return nullptr;
+}
+
+// Fds recorded in a thread's own fd table are kept only where that table holds the recorded file,
+// not where the process's (the leader's) table holds something at the same numbers. Since the
+// dump, the leader's table got kR and kW: another pipe (other), or new opens of the very pipe
+// (same). The thread's table still holds its recorded ends (both kept), or it replaced them with
+// /dev/null (installed anew, in place). The thread's table ends as recorded; the leader's is left
+// as it is (its mark, F_SETSIG, and its flags).
+TEST(RestoreInPlace, ThreadOwnTableIsMatchedAgainstItsOwnFds) {
+  struct Case {
+    bool same_pipe, thread_closed;
+    size_t kept;
+  };
+  for (Case c : {Case{false, false, 2}, Case{true, false, 2}, Case{true, true, 0}}) {
+    SCOPED_TRACE(fmt::format("leader holds {}, thread {}", c.same_pipe ? "the pipe anew" : "another pipe",
+                             c.thread_closed ? "closed its ends" : "holds its ends"));
+    LivePipe live("old bytes");
+    SharedWord tid;
+    OwnTableThread* own = nullptr;  // the child's
+    auto thread_check = [&live, c]() -> std::string {
+      struct stat st {};
+      for (int fd : {kR, kW})
+        if (::fstat(fd, &st) != 0 || st.st_ino != live.inode) return fmt::format("fd {} is not the pipe", fd);
+      if (!(::fcntl(kR, F_GETFL) & O_NONBLOCK)) return "kR lacks the recorded O_NONBLOCK";
+      if ((::fcntl(kW, F_GETFL) & O_ACCMODE) != O_WRONLY) return "kW is not the write end";
+      if (!c.thread_closed)
+        if (auto e = epoll_reports_in(); !e.empty()) return e;  // kept: its description, watched
+      const pid_t me = static_cast<pid_t>(::syscall(SYS_gettid));
+      if (::syscall(SYS_kcmp, ::getpid(), me, 0 /* KCMP_FILE */, kR, kR) == 0) return "kR is the leader's description";
+      return testing::expect_bytes(kR, "recorded");
+    };
+    Scenario child(
+        [&] {
+          live.take();
+          ::fcntl(kR, F_SETFL, O_NONBLOCK);  // the thread's read end as recorded
+          own = new OwnTableThread;
+          own->tid = tid.word;
+          own->setup = [c] {
+            if (c.thread_closed) testing::dev_null_at({kR, kW});
+          };
+          own->check = thread_check;
+          pthread_t t;
+          ::pthread_create(&t, nullptr, own_table_main, own);
+          while (tid.word->load() == 0) ::usleep(1000);
+          if (c.same_pipe) {  // new descriptions on the very pipe
+            for (auto [fd, acc] : {std::pair{kR, O_RDONLY}, std::pair{kW, O_WRONLY}}) {
+              int n = ::open(fmt::format("/proc/self/fd/{}", fd).c_str(), acc);
+              ::dup2(n, fd);
+              ::close(n);
+            }
+          } else {
+            int q[2];
+            if (::pipe(q) != 0 || ::write(q[1], "leader", 6) != 6) ::_exit(3);
+            ::dup2(q[0], kR);
+            ::dup2(q[1], kW);
+            ::close(q[0]);
+            ::close(q[1]);
+          }
+          ::fcntl(kR, F_SETSIG, SIGRTMIN + 1);  // the leader's mark
+        },
+        [&]() -> std::string {
+          own->step = 1;
+          while (own->step.load() != 2) ::usleep(1000);
+          if (!own->result.empty()) return "thread: " + own->result;
+          if (::fcntl(kR, F_GETSIG) != SIGRTMIN + 1) return "leader: kR lost its F_SETSIG";
+          if (::fcntl(kR, F_GETFL) & O_NONBLOCK) return "leader: kR got O_NONBLOCK";
+          return testing::expect_bytes(kR, c.same_pipe ? "" : "leader");  // the thread read "recorded"
+        });
+    ASSERT_TRUE(child.ready());
+    live.let_go();
+    ImageBuilder b;
+    b.process(kRec);
+    uint64_t p = live_pipe(b, live, {{"recorded", false}});
+    b.fd(kRec, kR, b.file(p, O_RDONLY | O_NONBLOCK)).fd(kRec, kW, b.file(p, O_WRONLY));
+    for (FdRecord& d : b.raw().fds) d.tid = tid.word->load();  // the thread's own table
+    Image img = b.parsed();
+    refill_in_place(img, child, c.kept);
   }
 }
 
