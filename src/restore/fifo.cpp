@@ -30,6 +30,7 @@
 
 #include "restore/open_file.hpp"
 #include "restore/pipe.hpp"
+#include "sys/proc.hpp"
 #include "sys/syscalls.hpp"
 
 namespace pipecr::restore {
@@ -109,6 +110,43 @@ Expected<std::string> fifo_path_in_namespace(const Plan& plan, const PlannedPipe
   return fmt::format("/proc/{}/root{}", first->first, path);
 }
 
+// Whose bytes a FIFO about to be refilled already holds, for the refusal to say (an error path: the
+// targets' tables are read here, not in the plan). A FIFO keeps one buffer while anyone has it open,
+// so the opens a replacement makes would keep those bytes before the recorded ones, and the build
+// runs before any target is stopped: dropping them here would change a running target, outside
+// the transaction. Refill in place is what swaps a held FIFO's bytes (inplace.hpp).
+std::string who_holds_bytes(const Plan& plan, const PlannedPipe& pp, int fifo) {
+  struct stat at {};
+  if (::fstat(fifo, &at) < 0) return "a process has it open with data";
+  const PipeRecord& p = *pp.pipe;
+  if (at.st_dev == p.dev && at.st_ino == p.inode && !pp.choice.strangers.empty()) {
+    const pid_t who = pp.choice.strangers.front();
+    auto comm = sys::read_comm(who);
+    return fmt::format("process {} ({}), which is not restored, has it open with data", who, comm ? *comm : "?");
+  }
+  for (const Holder& h : plan.holders) {
+    if (h.exec) continue;
+    const pid_t task = h.thread ? h.thread : h.target;
+    auto fds = sys::list_fds(task, true);
+    if (!fds) continue;
+    for (const sys::FdEntry& e : *fds) {
+      struct stat st {};
+      if (e.target.empty() || e.target[0] != '/') continue;
+      if (::stat(fmt::format("/proc/{}/fd/{}", task, e.fd).c_str(), &st) < 0) continue;
+      if (!S_ISFIFO(st.st_mode) || st.st_dev != at.st_dev || st.st_ino != at.st_ino) continue;
+      std::string holder = h.thread ? fmt::format("thread {} of target {}", h.thread, h.target)
+                                    : fmt::format("target {}", h.target);
+      return fmt::format("{} itself holds it (fd {}), and a FIFO keeps its bytes while anyone has it open (new "
+                         "opens would read them before the recorded ones): {}",
+                         holder, e.fd,
+                         pp.choice.why == "--replace"
+                             ? "restore it without --replace, which refills it in place while the targets are stopped"
+                             : fmt::format("it is replaced ({}), so drain it first", pp.choice.why));
+    }
+  }
+  return "a process pipecr cannot see (another user's, or not dumpable) has it open with data";
+}
+
 bool latched_reader(const FileRecord& f) {
   return accmode(f) == O_RDONLY && f.fifo_reader == FifoReaderState::no_writer_yet;
 }
@@ -148,7 +186,7 @@ Expected<void> build_fifo(const Plan& plan, const PlannedPipe& pp, const Process
   if (!queued) return tl::unexpected(queued.error());
   if (*queued != 0)
     return fail(Errc::unsupported, EBUSY,
-                fmt::format("it already holds {} bytes: another process has it open with data", *queued));
+                fmt::format("it already holds {} bytes: {}", *queued, who_holds_bytes(plan, pp, keep->get())));
   if (auto ok = fill(keep->get(), p, opts.refill); !ok) return ok;
   if (created)
     if (auto ok = set_inode_owner(keep->get(), p); !ok) return ok;

@@ -19,6 +19,7 @@
 
 #include <gtest/gtest.h>
 
+#include "image/info.hpp"
 #include "restore/plan.hpp"
 #include "restore_helpers.hpp"
 
@@ -436,6 +437,58 @@ TEST(RestoreProcess, PathThatIsNotAFifoIsRefused) {
     EXPECT_EQ(r.error().kind, Errc::unsupported) << r.error().what;
     EXPECT_EQ(child.finish(), "");
   }
+}
+
+// A FIFO that only the target holds, with bytes queued in it since the dump: a replacement opens
+// the same FIFO, whose buffer stays while the target holds it, so --replace is refused, saying the
+// bytes are the target's own (not "another process"), and nothing changes; without --replace it is
+// refilled in place.
+TEST(RestoreProcess, FifoWithBytesHeldOnlyByTheTargetIsRefilledInPlaceNotReplaced) {
+  TempDir dir;
+  std::string path = dir.path + "/f";
+  ASSERT_EQ(::mkfifo(path.c_str(), 0600), 0);
+  struct stat f {};
+  ASSERT_EQ(::stat(path.c_str(), &f), 0);
+  ImageBuilder b;
+  b.process(kRec);
+  auto p = b.pipe({{"recorded", false}}, 65536, PipeKind::fifo, path);
+  b.raw().pipes.back().dev = f.st_dev;  // the very FIFO, as a dump records it
+  b.raw().pipes.back().inode = f.st_ino;
+  b.raw().info.boot_id = image::boot_id();
+  b.fd(kRec, 11, b.file(p, O_RDWR));
+  Image img = b.parsed();
+  Scenario child(
+      [path] {
+        int fd = ::open(path.c_str(), O_RDWR);
+        ::dup2(fd, 11);
+        ::close(fd);
+        (void)!::write(11, "live", 4);
+      },
+      [] { return testing::expect_bytes(11, "recorded"); });
+  ASSERT_TRUE(child.ready());
+  ProcessRestoreOptions replace;
+  replace.replace = true;
+  auto r = restore_processes(img, {{{child.pid(), kRec}}, std::nullopt}, replace);
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().kind, Errc::unsupported) << r.error().what;
+  EXPECT_NE(r.error().what.find(fmt::format("already holds 4 bytes: target {} itself holds it (fd 11)", child.pid())),
+            std::string::npos)
+      << r.error().what;
+  EXPECT_EQ(r.error().what.find("another process"), std::string::npos) << r.error().what;
+  EXPECT_UNTRACED(child.pid());
+  int queued = -1;
+  {
+    int fd = ::open(fmt::format("/proc/{}/fd/11", child.pid()).c_str(), O_RDWR | O_NONBLOCK | O_CLOEXEC);
+    ASSERT_GE(fd, 0);
+    ::ioctl(fd, FIONREAD, &queued);
+    ::close(fd);
+  }
+  EXPECT_EQ(queued, 4);  // the target's bytes, untouched
+  auto sum = restore_processes(img, {{{child.pid(), kRec}}, std::nullopt});
+  ASSERT_TRUE(sum) << sum.error().what;
+  EXPECT_EQ(sum->in_place, 1u);
+  EXPECT_UNTRACED(child.pid());
+  EXPECT_EQ(child.finish(), "");
 }
 
 // --- failures: every target as it was ----------------------------------------------------------
