@@ -272,7 +272,9 @@ void select_fds(const Image& img, Plan& plan, std::unordered_map<uint64_t, PipeC
     const FileRecord* fr = img.find_file(d.file_id);
     const PipeRecord* pr = fr ? img.find_pipe(fr->pipe_id) : nullptr;
     const bool outside_now = c && !c->strangers.empty() && pr && pr->kind == PipeKind::anonymous;
-    if (!in_place && !plan.holders[*hi].caller && still_connected(img, d, plan.holders[*hi].target, outside_now)) {
+    // A thread's own table is /proc/TID/...: its fds are looked up there, not in the process's table.
+    const pid_t table = plan.holders[*hi].thread ? plan.holders[*hi].thread : plan.holders[*hi].target;
+    if (!in_place && !plan.holders[*hi].caller && still_connected(img, d, table, outside_now)) {
       plan.notes.push_back(fmt::format("fd {} of process {} left as it is: its pipe is also held outside the image, "
                                        "and the process still holds that pipe there",
                                        d.fd, plan.holders[*hi].target));

@@ -603,5 +603,56 @@ TEST(RestoreInPlace, ThreadOwnTableIsMatchedAgainstItsOwnFds) {
   }
 }
 
+// The same for a pipe held outside the restore (here: by the test), which is left as it is where
+// the target still holds it: a thread's recorded fds are looked up in the thread's own table, not
+// in the leader's, which holds another pipe at those numbers since the dump.
+TEST(RestoreInPlace, ThreadOwnTableKeepsAPipeHeldOutside) {
+  LivePipe live("old bytes");
+  SharedWord tid;
+  OwnTableThread* own = nullptr;  // the child's
+  Scenario child(
+      [&] {
+        live.take();
+        own = new OwnTableThread;
+        own->tid = tid.word;
+        own->setup = [] {};
+        own->check = [&live]() -> std::string {
+          struct stat st {};
+          if (::fstat(kR, &st) != 0 || st.st_ino != live.inode) return "kR is not the pipe";
+          if (auto e = epoll_reports_in(); !e.empty()) return e;
+          return testing::expect_bytes(kR, "old bytes");
+        };
+        pthread_t t;
+        ::pthread_create(&t, nullptr, own_table_main, own);
+        while (tid.word->load() == 0) ::usleep(1000);
+        int q[2];
+        if (::pipe(q) != 0 || ::write(q[1], "leader", 6) != 6) ::_exit(3);
+        ::dup2(q[0], kR);
+        ::dup2(q[1], kW);
+        ::close(q[0]);
+        ::close(q[1]);
+      },
+      [&]() -> std::string {
+        own->step = 1;
+        while (own->step.load() != 2) ::usleep(1000);
+        if (!own->result.empty()) return "thread: " + own->result;
+        return testing::expect_bytes(kR, "leader");
+      });
+  ASSERT_TRUE(child.ready());
+  ImageBuilder b;
+  b.process(kRec);
+  uint64_t p = live_pipe(b, live, {{"recorded", false}});
+  b.fd(kRec, kR, b.file(p, O_RDONLY)).fd(kRec, kW, b.file(p, O_WRONLY));
+  for (FdRecord& d : b.raw().fds) d.tid = tid.word->load();
+  Image img = b.parsed();
+  auto sum = restore_processes(img, {{{child.pid(), kRec}}, std::nullopt});
+  ASSERT_TRUE(sum) << sum.error().what;
+  EXPECT_EQ(sum->in_place, 0u);
+  EXPECT_EQ(sum->fds, 0u);
+  live.let_go();
+  EXPECT_UNTRACED(child.pid());
+  EXPECT_EQ(child.finish(), "");
+}
+
 }  // namespace
 }  // namespace pipecr::restore
