@@ -241,6 +241,8 @@ pipecr::dump::DumpOptions dump_options(std::vector<pid_t> pids) {
   pipecr::dump::DumpOptions o{.pids = std::move(pids)};
   const char* off = std::getenv("PIPECR_BENCH_NO_AGENT");
   o.survey_agent = !(off && *off && *off != '0');
+  const char* no_tees = std::getenv("PIPECR_BENCH_NO_AGENT_TEES");
+  o.agent_tees = !(no_tees && *no_tees && *no_tees != '0');
   return o;
 }
 
@@ -252,7 +254,7 @@ void BM_Dump(benchmark::State& state) {
   auto fds = pipe_fds(v.pid);
   double stall = 0, noise = 0, stopped = 0, seize = 0, dump = 0, flr = 0, growth = 0, last_ms = 20;
   double dump_cpu = 0, floor_cpu = 0;
-  double agents = 0, agent_start = 0, agent_survey = 0, agent_return = 0, survey_take = 0, resume = 0;
+  double agents = 0, agent_start = 0, agent_survey = 0, agent_return = 0, survey_take = 0, resume = 0, agent_tees = 0;
   double before_stop = 0, after_resume = 0, writing = 0, flr_copy = 0;
   for (auto _ : state) {
     // Noise: the victim's longest gap over as long as the dump takes, without a dump.
@@ -284,6 +286,7 @@ void BM_Dump(benchmark::State& state) {
     agent_survey += static_cast<double>(st->agent_survey_ns) / 1e6;
     agent_return += static_cast<double>(st->agent_return_ns) / 1e6;
     survey_take += static_cast<double>(st->survey_take_ns) / 1e6;
+    agent_tees += static_cast<double>(st->agent_tees);
     resume += static_cast<double>(st->resume_ns) / 1e6;
     before_stop += static_cast<double>(st->before_stop_ns) / 1e6;
     after_resume += static_cast<double>(st->after_resume_ns) / 1e6;
@@ -310,6 +313,7 @@ void BM_Dump(benchmark::State& state) {
   state.counters["agent_survey_ms"] = agent_survey / it;
   state.counters["agent_return_ms"] = agent_return / it;
   state.counters["survey_take_ms"] = survey_take / it;
+  state.counters["agent_tees"] = agent_tees / it;
   state.counters["resume_ms"] = resume / it;
   state.counters["before_stop_ms"] = before_stop / it;
   state.counters["after_resume_ms"] = after_resume / it;

@@ -176,6 +176,7 @@ Expected<void> SnapshotPacker::fresh(uint32_t capacity) {
   auto p = scratch_pipe(size);
   if (!p) return tl::unexpected(p.error());
   scratch_.push_back(std::move(p->read));
+  cur_ = static_cast<uint32_t>(scratch_.size() - 1);
   write_ = std::move(p->write);
   write_cap_ = size;
   write_used_ = false;
@@ -265,7 +266,7 @@ Expected<SnapshotPacker::Piece> SnapshotPacker::add_unknown(int read_end, Writer
     return Piece{};
   }
   if (*r > 0) {  // linked: the piece before it in this scratch pipe is whole (there was room after it)
-    Piece piece{static_cast<uint32_t>(scratch_.size() - 1), static_cast<uint32_t>(*r),
+    Piece piece{cur_, static_cast<uint32_t>(*r),
                 static_cast<uint32_t>(placed_.size())};
     placed_.push_back(piece);
     unproven_ = Unproven{read_end, piece.id};
@@ -304,7 +305,7 @@ Expected<SnapshotPacker::Piece> SnapshotPacker::add_from(int read_end, uint32_t 
     // -EAGAIN: the scratch pipe is full, or the source emptied meanwhile.
     size_t got = *r > 0 ? static_cast<size_t>(*r) : 0;
     if (got > 0 && attempt == 0) unproven_ = Unproven{};
-    if (got >= queued) return Piece{static_cast<uint32_t>(scratch_.size() - 1), static_cast<uint32_t>(got)};
+    if (got >= queued) return Piece{cur_, static_cast<uint32_t>(got)};
     if (attempt > 0) {
       // Short into a fresh scratch pipe: either the source has more slots than pipe-max-size (a
       // capacity set with CAP_SYS_RESOURCE), so a scratch pipe its size is needed, or a reader
@@ -312,13 +313,21 @@ Expected<SnapshotPacker::Piece> SnapshotPacker::add_from(int read_end, uint32_t 
       auto cap = sys::get_pipe_size(read_end);
       if (!cap) return tl::unexpected(cap.error());
       if (attempt > 1 || static_cast<uint32_t>(*cap) <= write_cap_)
-        return Piece{static_cast<uint32_t>(scratch_.size() - 1), static_cast<uint32_t>(got)};
+        return Piece{cur_, static_cast<uint32_t>(got)};
       capacity = static_cast<uint32_t>(*cap);
     } else if (auto s = settle(); !s) {
       return tl::unexpected(s.error());
     }
     if (auto f = fresh(capacity); !f) return tl::unexpected(f.error());
   }
+}
+
+Expected<sys::UniqueFd> SnapshotPacker::lend(uint32_t* index) {
+  auto p = scratch_pipe(pipe_max_size());
+  if (!p) return tl::unexpected(p.error());
+  *index = static_cast<uint32_t>(scratch_.size());
+  scratch_.push_back(std::move(p->read));
+  return std::move(p->write);
 }
 
 void SnapshotPacker::seal() { write_.reset(); }
@@ -472,6 +481,11 @@ Expected<bool> sixteen_pages(const SnapshotReader::Tools& t, int s, bool* packet
 }
 
 }  // namespace
+
+Expected<void> SnapshotReader::skip_head(int s, uint64_t total) {
+  if (auto m = make_tools(*tools_, kWindow * kPage); !m) return tl::unexpected(m.error());
+  return discard(*tools_, s, total);
+}
 
 Expected<std::vector<Slot>> SnapshotReader::read_head(int s, uint64_t total, std::vector<std::byte>& bytes) {
   std::vector<Slot> slots;

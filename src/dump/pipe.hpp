@@ -102,6 +102,11 @@ class SnapshotPacker {
   [[nodiscard]] size_t fionread_calls() const { return fionread_calls_; }
   // Scratch pipes made so far (each holds one fd once sealed).
   [[nodiscard]] size_t scratch_pipes() const { return scratch_.size(); }
+  // A scratch pipe for someone else to tee into (the survey agent, docs/design.md section 8),
+  // made now as scratch pipe *index of this packer (the current one stays current): its write end,
+  // to hand over. What is linked into it is the caller's to account for, as pieces in the order
+  // they were linked, each one read back or skipped (SnapshotReader::skip_head).
+  [[nodiscard]] Expected<sys::UniqueFd> lend(uint32_t* index);
   // Closes the write ends: after the stop, nothing is added any more.
   void seal();
   // The read end of scratch pipe i; its pieces are at its head in the order they were added.
@@ -115,7 +120,8 @@ class SnapshotPacker {
   Expected<ssize_t> tee(int read_end);
   Expected<bool> scratch_full() const;
   std::vector<sys::UniqueFd> scratch_;  // read ends
-  sys::UniqueFd write_;                 // write end of scratch_.back()
+  sys::UniqueFd write_;                 // write end of scratch_[cur_]
+  uint32_t cur_ = 0;
   uint32_t write_cap_ = 0;
   bool write_used_ = false;             // some tee linked bytes into scratch_.back()
   size_t fionread_calls_ = 0;
@@ -141,6 +147,8 @@ class SnapshotReader {
   // The same for the `total` bytes at the head of the scratch pipe `scratch` (a piece of a
   // SnapshotPacker, slot-aligned): consumed from it, the rest left in place.
   [[nodiscard]] Expected<std::vector<Slot>> read_head(int scratch, uint64_t total, std::vector<std::byte>& bytes);
+  // Drops the `total` bytes at the head of the scratch pipe `scratch` (a piece nobody needs).
+  [[nodiscard]] Expected<void> skip_head(int scratch, uint64_t total);
 
   struct Tools;  // the reader's own pipes (pipe.cpp)
 

@@ -578,6 +578,13 @@ class Dumper {
   // Slots per open fd above which a table is sparse: the agent's F_GETFD of every number (0.25 us
   // each here) then costs the stop more than a listing and a pidfd_getfd per fd (about 2 us a fd).
   static constexpr uint32_t kSparse = 8;
+  // Scratch pipes for an agent to tee into: one per 64 open fds, which at 64 KiB a pipe (16
+  // buffers) is about half of what that table's pipes need, the agent's share when it keeps up
+  // with pipecr; none for fds not counted (a kernel before 6.2).
+  static size_t agent_scratch(uint32_t fds) { return std::min<size_t>(sys::kSurveyScratchMax, fds / 64); }
+  // Only where pipecr's pipes are exempt from the user's pipe quota: else each lent pipe would take
+  // 256 slots of pipe-user-pages-soft, which pipecr's own scratch pipes and the targets' pipes share.
+  static bool lend_ok() { return sys::pipe_quota_exempt(); }
   Expected<bool> survey_fd_table(size_t ti) {
     const Table& t = tables_[ti];
     const uint32_t fds = t.open_fds != 0 ? t.open_fds : t.max_fds;
@@ -609,14 +616,37 @@ class Dumper {
     std::optional<Error> ours;
     bool taken = false;  // some message was taken in: a failure then cannot fall back cleanly
     holders_.reserve(holders_.size() + t.max_fds);
-    auto seen = (*agent)->survey(t.max_fds, [&](std::span<sys::SurveyedFd> batch) -> Expected<void> {
-      taken = true;
-      uint64_t b0 = now_ns();
-      auto r = take_survey_batch(ti, batch);
-      stats_.survey_take_ns += now_ns() - b0;
-      if (!r) ours = r.error();
-      return r;
-    });
+    // Scratch pipes it tees into while pipecr is busy: they take free numbers of the target's table
+    // for the survey, never so many that the table would have to grow (a grace period, section 8).
+    const size_t free_slots = t.open_fds != 0 && t.max_fds > t.open_fds + 16 ? t.max_fds - t.open_fds - 16 : 0;
+    std::vector<uint32_t> lent;      // the packer's numbers of the scratch pipes lent, in order
+    std::vector<sys::UniqueFd> ends;  // their write ends, closed once the agent has its own copies
+    sys::SurveyScratch scratch;
+    if (opts_.agent_tees && lend_ok()) {
+      scratch.want = std::min(free_slots / 2, agent_scratch(t.open_fds));  // two numbers each
+      scratch.always = opts_.agent_tees_always;
+      scratch.make = [&]() -> std::pair<int, int> {
+        uint32_t index = 0;
+        auto w = packer_.lend(&index);
+        if (!w) return {-1, -1};  // the user's pipe quota, or the fd limit: pipecr tees the rest
+        lent.push_back(index);
+        ends.push_back(std::move(*w));
+        ++stats_.lent_scratch_pipes;
+        return {ends.back().get(), packer_.scratch_fd(index)};
+      };
+    }
+    auto seen = (*agent)->survey(
+        t.max_fds,
+        [&](std::span<sys::SurveyedFd> batch) -> Expected<void> {
+          taken = true;
+          uint64_t b0 = now_ns();
+          auto r = take_survey_batch(ti, batch, lent);
+          stats_.survey_take_ns += now_ns() - b0;
+          if (!r) ours = r.error();
+          return r;
+        },
+        scratch);
+    ends.clear();
     uint64_t t2 = now_ns();
     stats_.agent_survey_ns += t2 - t1;
     auto back = (*agent)->restore();  // it returns by itself once the thread is let go (resume)
@@ -634,18 +664,31 @@ class Dumper {
   }
 
   // One message of a survey: each file taken (take_copy, with the fstat the agent made), then the
-  // pipes first seen in it tee'd, so that the stop's per-pipe work overlaps the agent's.
-  Expected<void> take_survey_batch(size_t ti, std::span<sys::SurveyedFd> batch) {
+  // pipes first seen in it tee'd, so that the stop's per-pipe work overlaps the agent's. A pipe
+  // the agent tee'd itself (into the scratch pipes `lent`, by their packer numbers) has its piece; a
+  // second piece of the same pipe, or one of a file not kept, is skipped when read back.
+  Expected<void> take_survey_batch(size_t ti, std::span<sys::SurveyedFd> batch, std::span<const uint32_t> lent) {
     const Table& t = tables_[ti];
     for (sys::SurveyedFd& f : batch) {
-      if (!f.file) {  // a file SCM_RIGHTS may not carry: taken directly
+      const size_t before = holders_.size();
+      const SnapshotPacker::Piece teed{f.teed != 0 ? lent[f.scratch] : 0, f.teed};
+      if (!f.file && f.teed == 0) {  // a file SCM_RIGHTS may not carry: taken directly
         long r = ::syscall(SYS_pidfd_getfd, t.pidfd.get(), f.fd, 0);
-        if (r < 0) continue;
-        f.file.reset(static_cast<int>(r));
-        f.stat_known = false;
+        if (r >= 0) {
+          f.file.reset(static_cast<int>(r));
+          f.stat_known = false;
+        }
       }
-      if (auto r = take_copy(ti, f.fd, std::move(f.file), f.cloexec ? 1 : 0, f.stat_known ? &f.st : nullptr); !r)
-        return r;
+      if (f.file)
+        if (auto r = take_copy(ti, f.fd, std::move(f.file), f.cloexec ? 1 : 0, f.stat_known ? &f.st : nullptr); !r)
+          return r;
+      if (teed.bytes == 0) continue;
+      ++stats_.agent_tees;
+      PipeState* p = holders_.size() > before ? &pipes_[holders_.back().pipe] : nullptr;
+      if (p && !p->snapped)
+        mark_snapped(*p, teed);
+      else
+        unused_pieces_.push_back({seq_++, teed});
     }
     return flush(false);
   }
@@ -1278,19 +1321,44 @@ class Dumper {
       if (ok) ok = w.add(p);
     for (const SharedFdTable& s : shared_)
       if (ok) ok = w.add(s);
-    // Pipes in the order their snapshots were packed: each piece is at the head of its scratch pipe.
-    std::vector<size_t> order(pipes_.size());
-    for (size_t i = 0; i < order.size(); ++i) order[i] = i;
-    std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return pipes_[a].seq < pipes_[b].seq; });
-    uint32_t open_scratch = 0;
-    for (size_t i : order) {
+    // Pipes in the order their snapshots were packed, the agents' unused pieces among them (skipped):
+    // each piece is then at the head of its scratch pipe, since each scratch pipe (pipecr's own, or
+    // one lent to an agent) was filled in that order. A scratch pipe is closed once its last piece
+    // is read.
+    struct Item {
+      uint64_t seq;
+      size_t pipe;  // SIZE_MAX: an unused piece, unused_pieces_[unused]
+      size_t unused;
+    };
+    std::vector<Item> order;
+    order.reserve(pipes_.size() + unused_pieces_.size());
+    std::vector<uint32_t> pieces_left(packer_.scratch_pipes());
+    for (size_t i = 0; i < pipes_.size(); ++i) {
+      order.push_back({pipes_[i].seq, i, 0});
+      if (const SnapshotPacker::Piece piece = packer_.where(pipes_[i].piece); piece.bytes > 0) ++pieces_left[piece.scratch];
+    }
+    for (size_t i = 0; i < unused_pieces_.size(); ++i) {
+      order.push_back({unused_pieces_[i].first, SIZE_MAX, i});
+      ++pieces_left[unused_pieces_[i].second.scratch];
+    }
+    std::stable_sort(order.begin(), order.end(), [](const Item& a, const Item& b) { return a.seq < b.seq; });
+    auto piece_read = [&](uint32_t scratch) {
+      if (--pieces_left[scratch] == 0) packer_.release(scratch);
+    };
+    for (const Item& item : order) {
       if (!ok) break;
-      PipeState& p = pipes_[i];
+      if (item.pipe == SIZE_MAX) {
+        const SnapshotPacker::Piece piece = unused_pieces_[item.unused].second;
+        if (auto r = reader.skip_head(packer_.scratch_fd(piece.scratch), piece.bytes); !r) return tl::unexpected(r.error());
+        piece_read(piece.scratch);
+        continue;
+      }
+      PipeState& p = pipes_[item.pipe];
       const SnapshotPacker::Piece piece = packer_.where(p.piece);
       if (piece.bytes > 0) {
-        for (; open_scratch < piece.scratch; ++open_scratch) packer_.release(open_scratch);
         auto slots = reader.read_head(packer_.scratch_fd(piece.scratch), piece.bytes, bytes);
         if (!slots) return tl::unexpected(slots.error());
+        piece_read(piece.scratch);
         p.rec.slots = std::move(*slots);
       } else {
         p.rec.slots.clear();
@@ -1331,12 +1399,13 @@ class Dumper {
     stats_.pipes = pipes_.size();
     stats_.files = files_.size();
     stats_.fds = fds.size();
-    stats_.scratch_pipes = packer_.scratch_pipes();
+    stats_.scratch_pipes = packer_.scratch_pipes() - stats_.lent_scratch_pipes;
     if (records) {
       records->info = image::current_info();
       records->processes = procs_;
       records->shared_tables = shared_;
-      for (size_t i : order) records->pipes.push_back(pipes_[i].rec);
+      for (const Item& item : order)
+        if (item.pipe != SIZE_MAX) records->pipes.push_back(pipes_[item.pipe].rec);
       for (const OpenFile& f : files_) records->files.push_back(f.rec);
       records->fds = std::move(fds);
       records->in_flight = in_flight_;
@@ -1380,6 +1449,9 @@ class Dumper {
   uint64_t limit_ = 0;
   size_t base_fds_ = 0;
   uint64_t seq_ = 0;
+  // Pieces the agents tee'd that no pipe takes (a pipe tee'd twice, a file not kept), in the
+  // order of seq_: read back they are skipped.
+  std::vector<std::pair<uint64_t, SnapshotPacker::Piece>> unused_pieces_;
   uint64_t stop_start_ = 0;
   DumpStats stats_;
 };

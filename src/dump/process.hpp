@@ -35,6 +35,10 @@ struct DumpOptions {
   // Read each process's fd table through an agent in it (docs/design.md, section 8) where it can;
   // false: pidfd_getfd of every number and fdinfo after the resume (tests and bench compare them).
   bool survey_agent = true;
+  // Let the agent tee the pipes it surveys while pipecr is busy with earlier ones, into scratch
+  // pipes made before the stop (docs/design.md, section 8); false: pipecr tees every pipe.
+  bool agent_tees = true;
+  bool agent_tees_always = false;  // tests: the agent tees whenever it can, pipecr busy or not
 };
 
 struct DumpStats {
@@ -43,7 +47,8 @@ struct DumpStats {
   uint64_t tables = 0;         // fd tables read (a thread's own table counts; a shared one once)
   uint64_t batches = 0;        // pidfd_getfd() batches: 1 unless pipecr's fd limit was short
   uint64_t listed_tables = 0;  // sparse tables whose fds were listed, not probed slot by slot
-  uint64_t scratch_pipes = 0;  // scratch pipes the snapshots were packed into
+  uint64_t scratch_pipes = 0;  // scratch pipes pipecr packed the snapshots into
+  uint64_t lent_scratch_pipes = 0;  // scratch pipes lent to the agents to tee into (agent_tees)
   uint64_t changed_after_resume = 0;  // fds closed or reused between the resume and their fdinfo read
   uint64_t pipes = 0;
   uint64_t files = 0;
@@ -62,6 +67,7 @@ struct DumpStats {
   uint64_t agent_start_ns = 0; // of stopped_ns: starting them (bootstrap and handshake)
   uint64_t agent_survey_ns = 0;  // the surveys (fcntl per number, files received)
   uint64_t survey_take_ns = 0;  // of agent_survey_ns: pipecr's own part (files taken in, pipes tee'd)
+  uint64_t agent_tees = 0;     // pipes the agents tee'd themselves, into scratch pipes pipecr lent them
   uint64_t agent_return_ns = 0;  // ending them before the resume (the decision, the thread interrupted)
   uint64_t resume_ns = 0;      // resuming every target (with the agents' own return and unmap)
   uint64_t before_stop_ns = 0;  // from the call to the stop: the targets listed, gadgets found, checks

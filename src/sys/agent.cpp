@@ -390,6 +390,10 @@ void CommitPoint::abort() {
 
 uint32_t CommitPoint::state() const { return __atomic_load_n(word_, __ATOMIC_SEQ_CST); }
 
+void CommitPoint::set_survey_taken(uint32_t n) const {
+  __atomic_store_n(word_ + PIPECR_SURVEY_TAKEN_OFF / sizeof *word_, n, __ATOMIC_RELEASE);
+}
+
 // ---------------------------------------------------------------- Agent
 
 Error Agent::error(const std::string& what, int err) const {
@@ -420,15 +424,15 @@ Expected<Agent*> Agent::start_survey(StoppedProcess& process, pid_t tid, uint64_
 
 Expected<std::unique_ptr<Agent>> Agent::create(StoppedProcess& process, pid_t tid, SurveyOnly survey,
                                                uint64_t vdso_hint, const AgentGadgets* gadgets) {
-  std::optional<CommitPoint> own;  // the agent maps it at HELLO; never committed: it aborts
-  if (!survey.commit) {
+  std::unique_ptr<Agent> a(new Agent(process, tid));
+  if (!survey.commit) {  // the agent maps it at HELLO; never committed: it aborts
     auto cp = CommitPoint::create();
     if (!cp) return tl::unexpected(cp.error());
-    own.emplace(std::move(*cp));
-    survey.commit = &*own;
+    a->own_commit_.emplace(std::move(*cp));
+    survey.commit = &*a->own_commit_;
   }
   const CommitPoint& commit = *survey.commit;
-  std::unique_ptr<Agent> a(new Agent(process, tid));
+  a->commit_ = survey.commit;
   a->batch_ = 1;
   a->frame_only_ = true;
   a->vdso_hint_ = vdso_hint;
@@ -451,11 +455,49 @@ Expected<std::vector<SurveyedFd>> Agent::survey(uint32_t below) {
   return out;
 }
 
-Expected<size_t> Agent::survey(uint32_t below, const SurveySink& sink) {
+static_assert(kSurveyScratchMax == PIPECR_SURVEY_SCRATCH);
+
+Expected<size_t> Agent::survey(uint32_t below, const SurveySink& sink, const SurveyScratch& scratch) {
   if (!running_ || !sock_ || decided_) return fail(Errc::invalid_argument, EINVAL, "agent: no survey after the decision");
+  uint32_t taken = 0;
+  if (commit_) commit_->set_survey_taken(0);
+  // The scratch pipes are made while pipecr would only wait for a message (the agent looks for them
+  // after each message it sends; it tees nothing before its third, see agent.c); when it is to tee
+  // always (tests), all of them at once, first.
+  std::vector<int> lent;  // pairs: write end, read end
+  size_t want = scratch.make ? std::min(scratch.want, kSurveyScratchMax) : 0;
+  auto make_one = [&] {
+    auto [w, r] = scratch.make();
+    if (w < 0 || r < 0) {
+      want = lent.size() / 2;
+      return false;
+    }
+    lent.push_back(w);
+    lent.push_back(r);
+    return true;
+  };
+  auto send_from = [&](size_t before) -> Expected<void> {
+    if (lent.size() == before) return {};
+    return send(sock_.get(), PIPECR_MSG_SCRATCH, static_cast<uint32_t>(before / 2),
+                static_cast<uint32_t>((lent.size() - before) / 2), std::span<const int>(lent).subspan(before));
+  };
+  auto lend_while_idle = [&]() -> Expected<void> {
+    const size_t before = lent.size();
+    for (pollfd p{sock_.get(), POLLIN, 0}; lent.size() / 2 < want && ::poll(&p, 1, 0) == 0;)
+      if (!make_one()) break;
+    return send_from(before);
+  };
+  if (scratch.always)
+    while (lent.size() / 2 < want && make_one()) {
+    }
   const int here = ::sched_getcpu();  // the agent yields its CPU at once if it was woken on this one
-  if (auto ok = send(sock_.get(), PIPECR_MSG_SURVEY, here >= 0 ? static_cast<uint32_t>(here) + 1 : 0, below, {}); !ok)
+  if (auto ok = send(sock_.get(), PIPECR_MSG_SURVEY, here >= 0 ? static_cast<uint32_t>(here) + 1 : 0, below, {},
+                     scratch.always ? PIPECR_SURVEY_TEE_ALWAYS : 0);
+      !ok)
     return tl::unexpected(ok.error());
+  if (scratch.always)  // the agent waits for this one, even empty
+    if (auto ok = send(sock_.get(), PIPECR_MSG_SCRATCH, 0, static_cast<uint32_t>(lent.size() / 2), lent); !ok)
+      return tl::unexpected(ok.error());
   // The survey wants two CPUs, one for the agent and one for pipecr, and the scheduler puts them on
   // one: a unix socket's wakeup is "sync" (the woken thread goes to the waker's CPU), and in a
   // virtual machine a halted vCPU is not taken for idle. Left alone, the two shared a CPU for 1-2 ms
@@ -478,6 +520,10 @@ Expected<size_t> Agent::survey(uint32_t below, const SurveySink& sink) {
     bool truncated = false;
     const ssize_t n = recv_message(sock_.get(), &buf, sizeof buf, files, &truncated);
     if (n < 0 && (errno == EAGAIN || errno == EINTR)) {
+      if (lent.size() / 2 < want) {
+        if (auto ok = lend_while_idle(); !ok) return tl::unexpected(ok.error());
+        continue;
+      }
       pollfd p{sock_.get(), POLLIN, 0};
       if (::poll(&p, 1, 2) > 0) continue;
       if (auto ok = process_->check_running(tid_); !ok) return tl::unexpected(ok.error());
@@ -517,12 +563,20 @@ Expected<size_t> Agent::survey(uint32_t below, const SurveySink& sink) {
         s.st.st_uid = e.uid;
         s.st.st_gid = e.gid;
       }
+      if (e.teed != 0) {
+        if (e.scratch >= lent.size() / 2 || !S_ISFIFO(e.mode))
+          return tl::unexpected(error(
+              fmt::format("survey: fd {} tee'd into scratch pipe {} of {}", s.fd, e.scratch, lent.size() / 2), EPROTO));
+        s.teed = e.teed;
+        s.scratch = e.scratch;
+      }
       batch.push_back(std::move(s));
     }
     seen += count;
     if (m.type == PIPECR_MSG_SURVEY_DONE && m.status != 0) return tl::unexpected(error("survey failed in the target", -m.status));
     if (!batch.empty() && !refused)
       if (auto ok = sink(std::span<SurveyedFd>(batch)); !ok) refused = ok.error();
+    if (commit_ && m.type == PIPECR_MSG_SURVEY_FILES) commit_->set_survey_taken(++taken);
     if (m.type == PIPECR_MSG_SURVEY_DONE) {
       if (refused) return tl::unexpected(*refused);
       return seen;
@@ -857,8 +911,9 @@ Expected<void> Agent::died_meanwhile() {
   return {};
 }
 
-Expected<void> Agent::send(int sock, uint32_t type, uint32_t first, uint32_t count, std::span<const int> fds) {
-  const pipecr_agent_msg m{type, first, count, 0};
+Expected<void> Agent::send(int sock, uint32_t type, uint32_t first, uint32_t count, std::span<const int> fds,
+                           int32_t status) {
+  const pipecr_agent_msg m{type, first, count, status};
   for (;;) {
     if (send_message(sock, m, fds) == static_cast<ssize_t>(sizeof m)) return {};
     if (errno == EAGAIN) {  // the agent has not drained the queue yet

@@ -75,6 +75,8 @@ class CommitPoint {
   // OPEN -> ABORTED (nothing when decided already).
   void abort();
   [[nodiscard]] uint32_t state() const;
+  // The survey's progress word in the same page (PIPECR_SURVEY_TAKEN_OFF): messages taken in.
+  void set_survey_taken(uint32_t n) const;
 
  private:
   CommitPoint() = default;
@@ -151,6 +153,21 @@ struct SurveyedFd {
                          // kernel would not send it (the caller may take it with pidfd_getfd)
   bool stat_known = false;  // fstat() in the target worked: st holds its mode, inode, device, uid, gid
   struct stat st {};        // (only those fields)
+  uint32_t teed = 0;        // bytes the agent tee'd from its pipe into scratch pipe `scratch` (of
+  uint32_t scratch = 0;     // those given to survey()), after that one's earlier pieces; 0: none
+};
+// Scratch pipes one survey can be given to tee into (Agent::survey), at most.
+inline constexpr size_t kSurveyScratchMax = 32;
+// Up to `want` (at most kSurveyScratchMax) empty pipes for a survey's agent to tee the pipes it
+// surveys into while pipecr is busy with earlier messages (SurveyedFd::teed, whose index is the
+// order they were made in): `make` makes one and returns its write end and read end (the caller
+// keeps both; -1: no more), called whenever pipecr would otherwise wait for the agent's next
+// message. Both ends take free numbers of the target's table during the survey, which the caller
+// must leave room for; the agent closes them before its last message.
+struct SurveyScratch {
+  size_t want = 0;
+  std::function<std::pair<int, int>()> make;
+  bool always = false;  // tests: the agent tees whenever it has a scratch pipe, pipecr busy or not
 };
 // Takes one message's worth of a survey (up to 253 fds, in fd order); an error ends the survey.
 using SurveySink = std::function<Expected<void>(std::span<SurveyedFd>)>;
@@ -205,7 +222,8 @@ class Agent : public Injector {
   // surveys the next fds (pipecr and the agent each have a CPU). Returns the number of fds seen.
   // This process needs room for every file received (RLIMIT_NOFILE). When the sink fails, the rest
   // is received and closed (the agent stays ready for another request) and the sink's error returned.
-  [[nodiscard]] Expected<size_t> survey(uint32_t below, const SurveySink& sink);
+  // scratch: empty pipes for the agent to tee into (SurveyScratch).
+  [[nodiscard]] Expected<size_t> survey(uint32_t below, const SurveySink& sink, const SurveyScratch& scratch = {});
   // The same, collected into one vector.
   [[nodiscard]] Expected<std::vector<SurveyedFd>> survey(uint32_t below);
   // Asks the agent whether everything can run; an error (naming the operation) when not.
@@ -259,7 +277,8 @@ class Agent : public Injector {
   [[nodiscard]] Expected<uint32_t> phase();
   [[nodiscard]] Expected<void> wait_phase(uint32_t at_least, std::chrono::milliseconds limit);
   [[nodiscard]] Expected<::pipecr_agent_msg> receive(std::chrono::milliseconds limit);
-  [[nodiscard]] Expected<void> send(int sock, uint32_t type, uint32_t first, uint32_t count, std::span<const int> fds);
+  [[nodiscard]] Expected<void> send(int sock, uint32_t type, uint32_t first, uint32_t count, std::span<const int> fds,
+                                    int32_t status = 0);
   [[nodiscard]] Expected<void> take_back();
   [[nodiscard]] Expected<void> died_meanwhile();
   [[nodiscard]] Error error(const std::string& what, int err = 0) const;
@@ -276,6 +295,8 @@ class Agent : public Injector {
   uint64_t vdso_hint_ = 0;   // vdso_syscall_address(), found before the stop
   std::optional<AgentGadgets> pre_gadgets_;  // find_agent_gadgets(), found before the stop
   bool frame_only_ = false;   // a survey: refuse the fallback (its remote syscalls are a harm window)
+  std::optional<CommitPoint> own_commit_;  // a survey's, when not given one
+  const CommitPoint* commit_ = nullptr;    // the page the agent mapped (a survey's progress word)
   UniqueFd sock_;             // control messages
   UniqueFd files_;            // the files, queued for the agent; and, the other way, the files the
                               // installs replaced (OLDFILES), in flight until this agent is destroyed

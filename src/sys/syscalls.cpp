@@ -1,6 +1,7 @@
 #include "sys/syscalls.hpp"
 
 #include <fcntl.h>
+#include <linux/capability.h>
 #include <sys/ioctl.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
@@ -161,6 +162,14 @@ CpuApart::CpuApart(int cpu) {
   cpu_set_t apart = old_;
   CPU_CLR(cpu, &apart);
   moved_ = ::sched_setaffinity(0, sizeof apart, &apart) == 0;
+}
+
+bool pipe_quota_exempt() {
+  __user_cap_header_struct hdr{_LINUX_CAPABILITY_VERSION_3, 0};
+  __user_cap_data_struct data[_LINUX_CAPABILITY_U32S_3] = {};
+  if (::syscall(SYS_capget, &hdr, data) != 0) return false;
+  const uint32_t eff = data[0].effective;
+  return (eff >> CAP_SYS_RESOURCE & 1) || (eff >> CAP_SYS_ADMIN & 1);
 }
 
 CpuApart::~CpuApart() {

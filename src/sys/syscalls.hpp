@@ -27,6 +27,9 @@ struct PipePair {
 [[nodiscard]] Expected<int> get_pipe_size(int fd);
 [[nodiscard]] Expected<int> set_pipe_size(int fd, int size);
 [[nodiscard]] Expected<int> bytes_queued(int fd);  // FIONREAD
+// Whether this process's pipes are exempt from pipe-user-pages-soft and -hard (CAP_SYS_RESOURCE
+// or CAP_SYS_ADMIN in effect: the kernel's pipe_is_unprivileged_user() is false).
+[[nodiscard]] bool pipe_quota_exempt();
 [[nodiscard]] Expected<int> get_fl(int fd);
 [[nodiscard]] Expected<void> set_fl(int fd, int flags);
 [[nodiscard]] Expected<int> get_fd_flags(int fd);  // F_GETFD

@@ -82,6 +82,11 @@ void agent_return(uint64_t frame, uint64_t gadget, void* base, uint64_t len) __a
 #define K_FD_CLOEXEC 1
 #define K_MAX_FDS 253 /* SCM_MAX_FD */
 #define K_SIOCOUTQ 0x5411 /* TIOCOUTQ: bytes sent on a unix socket not yet received */
+#define K_FIONREAD 0x541B
+#define K_SPLICE_F_NONBLOCK 2
+#define K_EAGAIN 11
+#define K_S_IFMT 0170000
+#define K_S_IFIFO 0010000
 
 struct k_iovec { void* base; ulong len; };
 struct k_msghdr {
@@ -220,8 +225,8 @@ static long recv_msg(struct state* s, int sock, int flags, struct pipecr_agent_m
     }
     off += (c->len + 7) & ~7ul;
   }
-  if (h.flags & K_MSG_CTRUNC) return -K_EMFILE;
   if ((ulong)n != sizeof *m) return -K_EPROTO;
+  if (h.flags & K_MSG_CTRUNC) return -K_EMFILE; /* *m is whole: some callers can do with fewer files */
   return n;
 }
 
@@ -716,13 +721,136 @@ struct k_stat {
 
 enum { STAT_CHECK = 32 }; /* survey entries between two looks at the socket's queue */
 
+static struct pipecr_survey_ent* survey_ent(const struct state* s) {
+  return (struct pipecr_survey_ent*)((char*)s->ctl - s->ctl->ctl_offset + s->ctl->survey_offset);
+}
+
+/* The scratch pipes pipecr sends during a survey (SCRATCH messages, their write ends on the lowest
+ * free numbers of the target's table): the survey skips those numbers and tees into them in turn. */
+struct scratch_set {
+  int fd[PIPECR_SURVEY_SCRATCH];         /* write ends, in the order received: pipecr's names for them */
+  int rd[PIPECR_SURVEY_SCRATCH];         /* their read ends: held so that a tee never finds a scratch
+                                            pipe without readers (EPIPE and a SIGPIPE for the target,
+                                            pending under the agent's mask) when pipecr is gone */
+  int sorted[2 * PIPECR_SURVEY_SCRATCH]; /* both ends' numbers, ascending */
+  int n;
+  int cur;  /* the one tee'd into now; n: none left (until more come) */
+  int skip; /* the next of sorted[] the survey's walk will meet */
+  ulong last_ino; /* the pipe tee'd last: its other end (pipe() gives the next number) is skipped */
+  uint32_t empty; /* pipes found empty in a row: past EMPTY_RUN, only every EMPTY_RUN-th is asked */
+};
+
+/* A table of empty pipes costs the agent a FIONREAD each for nothing: after this many in a row it
+ * asks one in EMPTY_RUN, until one holds bytes. */
+enum { EMPTY_RUN = 32 };
+
+/* Adds fd to the first `count` numbers of sorted[], keeping them ascending. */
+static void sorted_insert(struct scratch_set* sc, int count, int fd) {
+  int j = count;
+  for (; j > 0 && sc->sorted[j - 1] > fd; --j) sc->sorted[j] = sc->sorted[j - 1];
+  sc->sorted[j] = fd;
+}
+
+/* fds: pairs (write end, read end); an odd one out is closed. */
+static void scratch_add(struct scratch_set* sc, const int* fds, int n) {
+  for (int i = 0; i < n; i += 2) {
+    if (sc->n == PIPECR_SURVEY_SCRATCH || i + 1 == n) {
+      close_fd(fds[i]);
+      if (i + 1 < n) close_fd(fds[i + 1]);
+      continue;
+    }
+    sorted_insert(sc, 2 * sc->n, fds[i]);
+    sorted_insert(sc, 2 * sc->n + 1, fds[i + 1]);
+    sc->fd[sc->n] = fds[i];
+    sc->rd[sc->n] = fds[i + 1];
+    ++sc->n;
+  }
+  sc->skip = 0; /* scratch_own() walks past those below the walk's place again */
+}
+
+static void scratch_drop(struct scratch_set* sc) {
+  for (int i = 0; i < sc->n; ++i) {
+    close_fd(sc->fd[i]);
+    close_fd(sc->rd[i]);
+  }
+  sc->n = 0;
+  sc->cur = 0;
+}
+
+/* After each message sent: the scratch pipes pipecr has sent meanwhile (it makes them while it would
+ * otherwise wait for a message). Returns 0, or -errno when pipecr's end is gone. */
+static long scratch_poll(struct state* s, struct scratch_set* sc) {
+  for (;;) {
+    struct pipecr_agent_msg m;
+    int fds[2 * PIPECR_SURVEY_SCRATCH];
+    int nfds = 0;
+    long r = recv_msg(s, s->sock, K_MSG_DONTWAIT | K_MSG_CMSG_CLOEXEC, &m, fds, 2 * PIPECR_SURVEY_SCRATCH, &nfds);
+    if (r == -K_EAGAIN) return 0;
+    if (r == 0) return -K_EPIPE;
+    if ((r > 0 || r == -K_EMFILE) && m.type == PIPECR_MSG_SCRATCH) { /* EMFILE: fewer fit (RLIMIT_NOFILE) */
+      scratch_add(sc, fds, nfds);
+      continue;
+    }
+    for (int i = 0; i < nfds; ++i) close_fd(fds[i]);
+    return r < 0 && r != -K_EMFILE && r != -K_EPROTO ? r : -K_EPROTO;
+  }
+}
+
+/* Whether fd is one of the scratch pipes (the walk asks in ascending order). */
+static int scratch_own(struct scratch_set* sc, uint32_t fd) {
+  while (sc->skip < 2 * sc->n && (uint32_t)sc->sorted[sc->skip] < fd) ++sc->skip;
+  return sc->skip < 2 * sc->n && (uint32_t)sc->sorted[sc->skip] == fd;
+}
+
+/* Tees every buffer of the pipe behind fd (inode ino) into the current scratch pipe: the bytes
+ * linked into scratch pipe *which, or 0 when it did not (an empty pipe, a write end, a notification
+ * pipe, the scratch pipes used up, the other end of the pipe tee'd just before): pipecr then tees
+ * it itself, or skips the second piece. A piece is whole when the tee linked at least what FIONREAD
+ * counted before it (pipecr's own rule: what is queued at the tee is the snapshot). A tee cut short
+ * by a full scratch pipe leaves what it linked at that scratch pipe's tail, which is never used
+ * again, and goes once into the next one. */
+static uint32_t scratch_tee(struct scratch_set* sc, int fd, ulong ino, uint32_t* which) {
+  int queued = 0;
+  if (sc->cur >= sc->n || ino == sc->last_ino) return 0;
+  if (sc->empty >= EMPTY_RUN && ++sc->empty % EMPTY_RUN != 0) return 0;
+  if (SYS(__NR_ioctl, fd, K_FIONREAD, &queued, 0, 0) < 0 || queued <= 0) {
+    if (sc->empty < EMPTY_RUN) ++sc->empty;
+    return 0;
+  }
+  sc->empty = 0;
+  for (int tries = 0; tries < 2 && sc->cur < sc->n; ++tries) {
+    long r = SYS(__NR_tee, fd, sc->fd[sc->cur], 1ul << 30, K_SPLICE_F_NONBLOCK, 0);
+    if (r < 0 && r != -K_EAGAIN) return 0; /* EBADF: a write end; EINVAL: a notification pipe */
+    if (r >= queued) {
+      *which = (uint32_t)sc->cur;
+      sc->last_ino = ino;
+      return (uint32_t)r;
+    }
+    ++sc->cur; /* full: on to the next */
+  }
+  return 0;
+}
+
 /* Reports every open fd below n but the agent's own (fcntl F_GETFD: open or not, FD_CLOEXEC; fstat:
  * its kind and inode) and sends each file, up to 253 a message, then SURVEY_DONE. pipecr takes in
- * one message while the agent prepares the next. Nothing of the target changes: the files travel as
- * references, the table is only read. Returns 0, or -errno when pipecr's end is gone. */
-static long survey(struct state* s, uint32_t n, int pipecr_cpu) {
-  struct pipecr_survey_ent* ent =
-      s->ctl->survey_offset ? (struct pipecr_survey_ent*)((char*)s->ctl - s->ctl->ctl_offset + s->ctl->survey_offset) : 0;
+ * one message while the agent prepares the next. While pipecr is behind (the same test as for the
+ * fstat()s) the agent also tees the pipes it meets into the scratch pipes of *sc. Nothing of the
+ * target changes: the files travel as references, the table is only read, the tees only link
+ * buffers, and the scratch pipes are closed before SURVEY_DONE. Returns 0, or -errno when pipecr's
+ * end is gone. */
+static long survey_walk(struct state* s, uint32_t n, int pipecr_cpu, int always, struct scratch_set* sc);
+static long survey(struct state* s, uint32_t n, int pipecr_cpu, int always) {
+  struct scratch_set sc = {.n = 0, .cur = 0, .skip = 0, .last_ino = 0, .empty = 0};
+  long r = survey_walk(s, n, pipecr_cpu, always, &sc);
+  scratch_drop(&sc);
+  if (r < 0) return r;
+  r = survey_send(s, PIPECR_MSG_SURVEY_DONE, (uint32_t)r, s->ctl->survey_offset ? survey_ent(s) : 0, 0, 0, 0,
+                  s->ctl->survey_offset ? 0 : -K_EINVAL);
+  return r < 0 ? r : 0;
+}
+
+static long survey_walk(struct state* s, uint32_t n, int pipecr_cpu, int always, struct scratch_set* sc) {
+  struct pipecr_survey_ent* ent = s->ctl->survey_offset ? survey_ent(s) : 0;
   int fds[PIPECR_SURVEY_BATCH];
   uint32_t k = 0, sent = 0;
   /* pipecr's request may have woken this thread on pipecr's own CPU (a unix socket's wakeup is
@@ -733,42 +861,56 @@ static long survey(struct state* s, uint32_t n, int pipecr_cpu) {
   unsigned cpu = 0;
   if (pipecr_cpu >= 0 && SYS(__NR_getcpu, &cpu, 0, 0, 0, 0) == 0 && (int)cpu == pipecr_cpu)
     SYS(__NR_sched_yield, 0, 0, 0, 0, 0);
-  if (!ent) {
-    long r = survey_send(s, PIPECR_MSG_SURVEY_DONE, 0, 0, 0, fds, 0, -K_EINVAL);
-    return r < 0 ? r : 0;
-  }
+  if (!ent) return 0;
   if (n > PIPECR_SURVEY_FD_MASK + 1u) n = PIPECR_SURVEY_FD_MASK + 1u;
-  int with_stat = 0;
+  if (always) { /* pipecr sends the scratch pipes (maybe none) right after the request: waited for */
+    long r = wait_readable(s->sock, s->ctl->idle_ms);
+    if (r > 0) r = scratch_poll(s, sc);
+    if (r < 0) return r;
+  }
+  /* The fstat()s and tees go to whichever side has time (each has a CPU): the agent makes them
+   * while pipecr has not yet dealt with every message sent (the progress word pipecr writes in the
+   * shared page), and else leaves them to pipecr, which would otherwise wait. Without the page,
+   * every STAT_CHECK entries: while the message sent last is still queued (asked right after a
+   * send, the queue always holds that message, so the answer carries over the start of each). */
+  const volatile uint32_t* taken = s->word ? s->word + PIPECR_SURVEY_TAKEN_OFF / sizeof *s->word : 0;
+  uint32_t messages = 0;
+  int behind = 0;
   for (uint32_t fd = 0; fd < n; ++fd) {
-    if ((int)fd == s->sock || (int)fd == s->files) continue;
-    if (k % STAT_CHECK == 0 && k != 0) {
-      /* The fstat()s go to whichever side has time (each has a CPU): the agent makes them while
-       * the message it sent last is still queued some way into the next (pipecr is still busy with
-       * the one before), and else leaves them to pipecr. Asked right after a send, the queue always
-       * holds that message, so the answer carries over the start of each message. */
+    if ((int)fd == s->sock || (int)fd == s->files || scratch_own(sc, fd)) continue;
+    if (always) {
+      behind = 1;
+    } else if (taken) {
+      behind = __atomic_load_n(taken, __ATOMIC_ACQUIRE) + 1 < messages;
+    } else if (k % STAT_CHECK == 0 && k != 0) {
       int queued = 0;
-      with_stat = SYS(__NR_ioctl, s->sock, K_SIOCOUTQ, &queued, 0, 0) == 0 && queued > 0;
+      behind = SYS(__NR_ioctl, s->sock, K_SIOCOUTQ, &queued, 0, 0) == 0 && queued > 0;
     }
     long fl = SYS(__NR_fcntl, fd, K_F_GETFD, 0, 0, 0);
     if (fl < 0) continue; /* EBADF: not open */
     struct k_stat st;
     struct pipecr_survey_ent* e = &ent[k];
     e->fd = fd | ((fl & K_FD_CLOEXEC) ? PIPECR_SURVEY_CLOEXEC : 0);
-    if (with_stat && SYS(__NR_fstat, fd, &st, 0, 0, 0) == 0) {
+    e->teed = 0;
+    e->scratch = 0;
+    if (behind && SYS(__NR_fstat, fd, &st, 0, 0, 0) == 0) {
       e->mode = st.mode;
       e->ino = st.ino;
       e->dev = st.dev;
       e->uid = st.uid;
       e->gid = st.gid;
+      if ((st.mode & K_S_IFMT) == K_S_IFIFO) e->teed = scratch_tee(sc, (int)fd, st.ino, &e->scratch);
     } else {
       e->mode = 0;
     }
     fds[k++] = (int)fd;
     if (k == PIPECR_SURVEY_BATCH) {
       long r = survey_flush(s, sent, ent, fds, k);
+      if (r == 0) r = scratch_poll(s, sc);
       if (r < 0) return r;
       sent += k;
       k = 0;
+      ++messages;
     }
   }
   if (k) {
@@ -776,8 +918,7 @@ static long survey(struct state* s, uint32_t n, int pipecr_cpu) {
     if (r < 0) return r;
     sent += k;
   }
-  long r = survey_send(s, PIPECR_MSG_SURVEY_DONE, sent, ent, 0, fds, 0, 0);
-  return r < 0 ? r : 0;
+  return (long)sent;
 }
 
 static void converse(struct state* s) {
@@ -857,8 +998,9 @@ static void converse(struct state* s) {
       return;
     }
     if (m.type == PIPECR_MSG_DECIDE) return;
+    if (m.type == PIPECR_MSG_SCRATCH) continue; /* came after the survey's last look: closed above */
     if (m.type == PIPECR_MSG_SURVEY) {
-      if (survey(s, m.count, (int)m.first - 1) < 0) { /* pipecr is gone: nobody takes the thread back */
+      if (survey(s, m.count, (int)m.first - 1, m.status & PIPECR_SURVEY_TEE_ALWAYS) < 0) { /* pipecr is gone: nobody takes the thread back */
         s->orphan = 1;
         return;
       }

@@ -51,6 +51,10 @@ enum {
 
 /* The commit word (offset 0 of the memfd page every agent of one restore maps). */
 enum { PIPECR_COMMIT_OPEN = 0, PIPECR_COMMIT_COMMITTED = 1, PIPECR_COMMIT_ABORTED = 2 };
+/* A survey's progress, in the same page (its own cache line): the SURVEY_FILES messages pipecr has
+ * taken in and dealt with, written by pipecr (0 before each SURVEY), read by the agent, which makes
+ * the fstat()s and tees itself while pipecr is still busy with one it sent. */
+#define PIPECR_SURVEY_TAKEN_OFF 64
 
 /* Messages (SOCK_SEQPACKET, one struct per packet). */
 enum {
@@ -64,8 +68,17 @@ enum {
   PIPECR_MSG_SURVEY = 5,   /* pipecr -> agent (dump): report every open fd below `count` (fcntl F_GETFD
                               of each number but the agent's own) and send each open file over
                               SCM_RIGHTS; answered by SURVEY_FILES messages then one SURVEY_DONE.
-                              `first`: the CPU pipecr sent it from + 1 (0: not known). Changes
-                              nothing in the target */
+                              `first`: the CPU pipecr sent it from + 1 (0: not known); `status`
+                              PIPECR_SURVEY_TEE_ALWAYS: tee whenever there is a scratch pipe,
+                              pipecr busy or not (tests). Changes nothing in the target */
+  PIPECR_MSG_SCRATCH = 6,  /* pipecr -> agent during a survey (the agent looks for it after each
+                              message it sends): empty scratch pipes, `count` pairs of fds (write
+                              end, read end; SCM_RIGHTS), up to PIPECR_SURVEY_SCRATCH in all, which
+                              the agent tees some of the pipes it surveys into
+                              (pipecr_survey_ent.teed, through the write ends; it holds the read
+                              ends so that no tee meets a pipe without readers, which would raise
+                              SIGPIPE in the target) and closes before SURVEY_DONE. `first`: the
+                              pairs sent before */
   PIPECR_MSG_ACK = 0x81,   /* agent -> pipecr, after HELLO */
   PIPECR_MSG_PREPARED = 0x83, /* agent -> pipecr, status 0 or -errno at operation `first` */
   PIPECR_MSG_DONE = 0x84,     /* agent -> pipecr, count = 1 if committed; status 0 or -errno at `first` */
@@ -89,11 +102,17 @@ struct pipecr_survey_ent {
   uint64_t dev;   /* st_dev, as fstat() gives it to a program */
   uint32_t uid;   /* st_uid */
   uint32_t gid;   /* st_gid */
+  uint32_t teed;    /* bytes the agent linked from this fd's pipe into scratch pipe `scratch` (the
+                       SCRATCH message's files, in the order sent), right after that scratch pipe's
+                       earlier pieces; every buffer the pipe held. 0: not tee'd (pipecr tees it) */
+  uint32_t scratch;
 };
 #define PIPECR_SURVEY_CLOEXEC 0x80000000u /* FD_CLOEXEC is set on it */
 #define PIPECR_SURVEY_UNSENT 0x40000000u  /* open, but its file could not be sent (SCM_RIGHTS refused it) */
 #define PIPECR_SURVEY_FD_MASK 0x3fffffffu
 #define PIPECR_SURVEY_BATCH 253           /* entries per message at most (SCM_MAX_FD) */
+#define PIPECR_SURVEY_TEE_ALWAYS 1
+#define PIPECR_SURVEY_SCRATCH 32          /* scratch pipes a SCRATCH message carries at most */
 
 struct pipecr_agent_msg {
   uint32_t type;

@@ -304,6 +304,7 @@ TEST(AgentKill, RestoreAndDumpKilledAtRandomLeaveTheVictimWhole) {
     sys::set_agent_sigreturn(!fallback);
     dump::DumpOptions o;
     o.pids = {victim};
+    o.agent_tees_always = true;  // scratch pipes in the victim's table while it is surveyed: killed too
     return bool(dump::dump_to_file(o, image_path, nullptr));
   };
 

@@ -114,9 +114,10 @@ inline void expect_running(pid_t pid) {
 
 // Dumps into memory and parses the image back (as a reader would see it).
 inline Expected<Image> dump_image(std::vector<pid_t> pids, std::vector<std::byte>& bytes,
-                                  dump::DumpStats* stats = nullptr) {
+                                  dump::DumpStats* stats = nullptr, bool agent_tees = true) {
   image::MemorySink sink;
   dump::DumpOptions opts{.pids = std::move(pids)};
+  opts.agent_tees = agent_tees;
   auto st = dump::dump_processes(opts, sink);
   if (!st) return tl::unexpected(st.error());
   if (stats) *stats = *st;

@@ -18,7 +18,9 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <filesystem>
 #include <fstream>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -324,6 +326,110 @@ TEST(SurveyDump, ASmallTableIsReadWithoutTheAgent) {
   EXPECT_EQ(img->pipes[0].bytes(), 2u);
   ::kill(g, SIGUSR1);
   EXPECT_EQ(c.reap(), 0);
+}
+
+// The bytes of pipe i of tee_child: its number, then a pattern of its own, `bytes_of(i)` long.
+size_t bytes_of(int i) { return static_cast<size_t>(i % 16) * 4096 + static_cast<size_t>(i % 97); }
+std::string pattern_of(int i) {
+  std::string s(bytes_of(i), '\0');
+  for (size_t k = 0; k < s.size(); ++k) s[k] = static_cast<char>('a' + (k * 7 + static_cast<size_t>(i)) % 26);
+  if (s.size() >= 4) std::memcpy(s.data(), &i, 4);
+  return s;
+}
+
+// 300 pipes at 10.. (read, write), pipe i holding bytes_of(i) bytes written in one go (a buffer a
+// page), pipe 7 in packet mode holding three packets; a dup of pipe 5's read end at 6 and of pipe
+// 9's at 7, away from the other ends (the agent tees those pipes twice, and pipecr must skip the
+// second pieces). SIGUSR1 ends it: every pipe must still hold what it held.
+int tee_child(int ready) {
+  testing::block_usr1();
+  for (int i = 0; i < 300; ++i) {
+    int p[2];
+    if (::pipe2(p, i == 7 ? O_DIRECT : 0) < 0) return 2;
+    if (::dup2(p[0], 10 + 2 * i) < 0 || ::dup2(p[1], 11 + 2 * i) < 0) return 2;
+    ::close(p[0]);
+    ::close(p[1]);
+    if (i == 7) {
+      for (const char* pk : {"one", "three", "seventeen"})
+        if (::write(11 + 2 * i, pk, std::strlen(pk)) != static_cast<ssize_t>(std::strlen(pk))) return 3;
+      continue;
+    }
+    const std::string b = pattern_of(i);
+    if (!b.empty() && ::write(11 + 2 * i, b.data(), b.size()) != static_cast<ssize_t>(b.size())) return 3;
+  }
+  if (::dup2(20, 6) < 0 || ::dup2(28, 7) < 0) return 4;
+  ::close(ready);
+  testing::wait_usr1();
+  for (int i = 0; i < 300; ++i) {
+    int q = -1;
+    const size_t want = i == 7 ? 3 + 5 + 9 : bytes_of(i);
+    if (::ioctl(10 + 2 * i, FIONREAD, &q) < 0 || static_cast<size_t>(q) != want) return 10;
+  }
+  return 0;
+}
+
+size_t open_fds(pid_t pid) {
+  size_t n = 0;
+  for (const auto& e : std::filesystem::directory_iterator(fmt::format("/proc/{}/fd", pid))) n += !e.path().empty();
+  return n;
+}
+
+// The agent tees pipes itself (into scratch pipes pipecr lends it) while pipecr takes in earlier
+// messages. Forced to tee whatever it can, its pieces (packets, pipes tee'd twice through a dup,
+// scratch pipes running full) come back exactly as pipecr's own tees give them, and the target is
+// left with its fds alone.
+TEST(SurveyDump, PipesTheAgentTeesComeBackWhole) {
+  testing::raise_nofile();
+  DumpChild c(tee_child);
+  ASSERT_TRUE(c.ready());
+  const size_t fds_before = open_fds(c.pid());
+  image::MemorySink with_sink, without_sink;
+  dump::DumpOptions opts{.pids = {c.pid()}};
+  opts.agent_tees_always = true;
+  auto with = dump::dump_processes(opts, with_sink);
+  ASSERT_TRUE(with) << with.error().what;
+  expect_running(c.pid());
+  EXPECT_EQ(open_fds(c.pid()), fds_before);
+  opts.survey_agent = false;
+  auto without = dump::dump_processes(opts, without_sink);
+  ASSERT_TRUE(without) << without.error().what;
+  EXPECT_EQ(with->agents, 1u);
+  EXPECT_GT(with->agent_tees, 0u) << with->lent_scratch_pipes << " lent";
+  EXPECT_EQ(without->agent_tees, 0u);
+  auto a = image::parse(with_sink.bytes());
+  auto b = image::parse(without_sink.bytes());
+  ASSERT_TRUE(a && b);
+  ASSERT_EQ(a->pipes.size(), 300u);
+  ASSERT_EQ(b->pipes.size(), 300u);
+  std::map<uint64_t, const PipeRecord*> by_inode;
+  for (const PipeRecord& p : b->pipes) by_inode[p.inode] = &p;
+  for (const PipeRecord& p : a->pipes) {
+    auto it = by_inode.find(p.inode);
+    ASSERT_NE(it, by_inode.end());
+    EXPECT_EQ(p.slots, it->second->slots) << "pipe " << p.id;
+    EXPECT_TRUE(p.data.size() == it->second->data.size() &&
+                std::equal(p.data.begin(), p.data.end(), it->second->data.begin()))
+        << "pipe " << p.id;
+  }
+  // And against what the child wrote: each pipe by the fd of its read end.
+  std::map<uint64_t, const PipeRecord*> by_id;
+  for (const PipeRecord& p : a->pipes) by_id[p.id] = &p;
+  for (const FdRecord& r : a->fds) {
+    if (r.fd < 10 || r.fd >= 610 || r.fd % 2 != 0) continue;
+    const int i = (r.fd - 10) / 2;
+    const FileRecord* f = a->find_file(r.file_id);
+    ASSERT_TRUE(f);
+    const PipeRecord* p = by_id.at(f->pipe_id);
+    if (i == 7) {
+      ASSERT_EQ(p->slots.size(), 3u);
+      EXPECT_TRUE(p->slots[0].packet && p->slots[1].packet && p->slots[2].packet);
+      continue;
+    }
+    const std::string want = pattern_of(i);
+    ASSERT_EQ(p->data.size(), want.size()) << "pipe " << i;
+    EXPECT_EQ(std::memcmp(p->data.data(), want.data(), want.size()), 0) << "pipe " << i;
+  }
+  EXPECT_EQ(c.finish(), 0);
 }
 
 }  // namespace

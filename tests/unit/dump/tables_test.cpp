@@ -206,7 +206,7 @@ TEST(DumpTables, SnapshotsPackedIntoSharedScratchPipes) {
   ASSERT_TRUE(c.ready());
   std::vector<std::byte> bytes;
   dump::DumpStats st;
-  auto img = dump_image({c.pid()}, bytes, &st);
+  auto img = dump_image({c.pid()}, bytes, &st, false);  // pipecr's packing alone: the agent tees nothing
   ASSERT_TRUE(img) << img.error().what;
   ASSERT_EQ(img->pipes.size(), static_cast<size_t>(kPipes));
   // 80 pipes of 16 slots, 80 of 2, 80 of 1, 80 of 2: 1,600 slots in 256-slot scratch pipes.
