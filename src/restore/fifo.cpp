@@ -8,7 +8,7 @@
 // FIFO made in a private directory, opened and unlinked again.
 // A FIFO a target holds (the plan's scan) is the target's own buffer: it is not refilled here but
 // in the stop, from a scratch pipe, like a pipe refilled in place (stage_replaced_fifo(),
-// inplace.hpp), so that a restore that fails or is killed leaves its bytes and capacity as they were.
+// inplace.hpp), so that a restore that fails leaves its bytes and capacity as they were.
 // A FIFO reader opened O_RDONLY|O_NONBLOCK remembers the writer counter at its open, and only when no
 // writer is open at that moment (fs/pipe.c: fifo_open sets filp->f_pipe = pipe->w_counter only if
 // !pipe->writers; pipe_poll shows EPOLLHUP when !pipe->writers && filp->f_pipe != pipe->w_counter).
