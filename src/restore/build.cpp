@@ -106,7 +106,7 @@ size_t fds_needed(const Plan& plan) {
   size_t n = exec_files.size() + std::min(others, kBuildChunk + widest) + kFdSlack;
   for (const PlannedPipe& pp : plan.pipes) {
     if (pp.choice.in_place) n += in_place_fds(pp, pp.choice.kept);  // copies, scratch, holding, own ends
-    else if (pp.pipe->kind == PipeKind::fifo) ++n;  // the read-write open or the temporary reader, kept
+    else n += replaced_fds(pp);  // a FIFO: the read-write open or the temporary reader, kept (and its staging)
   }
   bool targets = false;
   for (const Holder& h : plan.holders) {

@@ -6,6 +6,9 @@
 // buffer alive until every end is installed; every file is then a new open of /proc/self/fd/<that
 // open>, never of the path again, so nothing can swap the path in between. An unlinked FIFO is a
 // FIFO made in a private directory, opened and unlinked again.
+// A FIFO a target holds (the plan's scan) is the target's own buffer: it is not refilled here but
+// in the stop, from a scratch pipe, like a pipe refilled in place (stage_replaced_fifo(),
+// inplace.hpp), so that a restore that fails leaves its bytes and capacity as they were.
 // A FIFO reader opened O_RDONLY|O_NONBLOCK remembers the writer counter at its open, and only when no
 // writer is open at that moment (fs/pipe.c: fifo_open sets filp->f_pipe = pipe->w_counter only if
 // !pipe->writers; pipe_poll shows EPOLLHUP when !pipe->writers && filp->f_pipe != pipe->w_counter).
@@ -28,6 +31,7 @@
 
 #include <fmt/format.h>
 
+#include "restore/inplace.hpp"
 #include "restore/open_file.hpp"
 #include "restore/pipe.hpp"
 #include "sys/proc.hpp"
@@ -187,13 +191,21 @@ Expected<void> build_fifo(const Plan& plan, const PlannedPipe& pp, const Process
   if (*queued != 0)
     return fail(Errc::unsupported, EBUSY,
                 fmt::format("it already holds {} bytes: {}", *queued, who_holds_bytes(plan, pp, keep->get())));
-  if (auto ok = fill(keep->get(), p, opts.refill); !ok) return ok;
+  bool any_latched = false;
+  for (size_t i : pp.files) any_latched = any_latched || latched_reader(plan.files[i].rec);
+  // A FIFO a target holds keeps its buffer through the target's open: its capacity and content go
+  // in inside the stop (stage_replaced_fifo()), so that a restore that fails leaves it as it was.
+  const bool staged = pp.choice.target_holds && !created;
+  if (staged && any_latched && !p.slots.empty())
+    return fail(Errc::unsupported, ENOTSUP,
+                "a target holds it, and a reader of it has not seen a writer yet: its bytes could go in only "
+                "through a writer opened while the targets are stopped, which that reader would see");
+  if (!staged)
+    if (auto ok = fill(keep->get(), p, opts.refill); !ok) return ok;
   if (created)
     if (auto ok = set_inode_owner(keep->get(), p); !ok) return ok;
   auto seen_reader = [](const FileRecord& f) { return accmode(f) == O_RDONLY && !latched_reader(f); };
   if (auto ok = open_fifo_files(plan, pp, keep->get(), seen_reader, built); !ok) return ok;
-  bool any_latched = false;
-  for (size_t i : pp.files) any_latched = any_latched || latched_reader(plan.files[i].rec);
   if (any_latched) {
     auto hold = reopen(keep->get(), O_RDONLY);
     if (!hold) return tl::unexpected(hold.error());
@@ -202,6 +214,8 @@ Expected<void> build_fifo(const Plan& plan, const PlannedPipe& pp, const Process
   }
   auto writer = [](const FileRecord& f) { return accmode(f) != O_RDONLY; };
   if (auto ok = open_fifo_files(plan, pp, keep->get(), writer, built); !ok) return ok;
+  if (staged)
+    if (auto ok = stage_replaced_fifo(keep->get(), p, opts, built); !ok) return ok;
   built.keep.push_back(std::move(*keep));
   return {};
 }

@@ -13,9 +13,11 @@ namespace pipecr::restore {
 
 // Builds the FIFO pp: refilled through one read-write open (kept in built.keep until every end is
 // installed), each of its files opened in the order that keeps the readers' state, with its flags,
-// owner and signal. Errors: Errc::not_found (a missing path without --create-fifos),
-// Errc::unsupported (not a FIFO, a symbolic link, already holding data, targets in different mount
-// namespaces), and those of the pipe steps.
+// owner and signal. A FIFO a target holds (PipeChoice::target_holds) is not refilled here: its
+// content and capacity are staged for the stop (stage_replaced_fifo(), into built.in_place).
+// Errors: Errc::not_found (a missing path without --create-fifos), Errc::unsupported (not a FIFO, a
+// symbolic link, already holding data, targets in different mount namespaces, bytes to refill into
+// a FIFO a target holds while a reader has not seen a writer), and those of the pipe steps.
 [[nodiscard]] Expected<void> build_fifo(const Plan& plan, const PlannedPipe& pp, const ProcessRestoreOptions& opts,
                                         Built& built);
 

@@ -217,6 +217,7 @@ std::unordered_map<uint64_t, PipeChoice> choose_in_place(const Image& img, const
           c.choice.why = "refilling it would need a writer, and a reader of it has not seen one yet";
       }
     }
+    c.choice.target_holds = !c.choice.held.empty();
     if (!c.choice.why.empty()) c.choice.held.clear();
     c.choice.in_place = c.choice.why.empty();
     out.emplace(p.id, std::move(c.choice));
@@ -327,11 +328,11 @@ void fit_fd_limit(Plan& plan, size_t limit, size_t open_now) {
     PlannedPipe& pp = *it;
     if (!pp.choice.in_place) continue;
     size_t saved = in_place_fds(pp, pp.choice.kept);
-    size_t costs = pp.pipe->kind == PipeKind::fifo ? 1 : 0;
     need -= std::min(need, saved);
-    need += costs;
     pp.choice = PipeChoice{};
+    pp.choice.target_holds = true;  // in place: a target held it (a FIFO's content then goes in inside the stop)
     pp.choice.why = fmt::format("pipecr's fd limit ({}) does not allow more pipes refilled in place at once", limit);
+    need += replaced_fds(pp);
     replaced.insert(pp.pipe);
   }
   if (replaced.empty()) return;
@@ -348,7 +349,34 @@ Expected<sys::UniqueFd> dup_cloexec(int fd) {
   return out;
 }
 
+// The recorded content of ip.pipe, in a pipe of pipecr's: moved in while the targets are stopped.
+Expected<void> build_scratch(InPlacePipe& ip, const ProcessRestoreOptions& opts) {
+  const PipeRecord& p = *ip.pipe;
+  auto scratch = sys::make_pipe(O_CLOEXEC);
+  if (!scratch) return tl::unexpected(scratch.error());
+  auto cap = set_capacity(scratch->write.get(), p, opts.refill);
+  if (!cap) return tl::unexpected(cap.error());
+  if (auto ok = refill(scratch->write.get(), p, opts.refill); !ok) return ok;
+  if (!p.slots.empty()) {  // an empty one only checked the capacity early
+    ip.scratch_r = std::move(scratch->read);
+    ip.scratch_w = std::move(scratch->write);
+  }
+  return {};
+}
+
 }  // namespace
+
+Expected<void> stage_replaced_fifo(int live, const PipeRecord& p, const ProcessRestoreOptions& opts, Built& built) {
+  InPlacePipe ip;
+  ip.pipe = &p;
+  ip.replacing = true;
+  auto copy = dup_cloexec(live);
+  if (!copy) return tl::unexpected(copy.error());
+  ip.held.push_back(std::move(*copy));
+  if (auto ok = build_scratch(ip, opts); !ok) return ok;
+  built.in_place.push_back(std::move(ip));
+  return {};
+}
 
 Expected<void> build_in_place(const Plan& plan, const PlannedPipe& pp, const ProcessRestoreOptions& opts,
                               Built& built, const FdsByPipe* index) {
@@ -383,16 +411,7 @@ Expected<void> build_in_place(const Plan& plan, const PlannedPipe& pp, const Pro
   }
   if (ip.held.empty()) return fail(Errc::gone, ESRCH, fmt::format("no target holds {} any more", pipe_name(p)));
 
-  // The recorded content, in a pipe of pipecr's: moved in while the targets are stopped.
-  auto scratch = sys::make_pipe(O_CLOEXEC);
-  if (!scratch) return tl::unexpected(scratch.error());
-  auto cap = set_capacity(scratch->write.get(), p, opts.refill);
-  if (!cap) return tl::unexpected(cap.error());
-  if (auto ok = refill(scratch->write.get(), p, opts.refill); !ok) return ok;
-  if (!p.slots.empty()) {  // an empty one only checked the capacity early
-    ip.scratch_r = std::move(scratch->read);
-    ip.scratch_w = std::move(scratch->write);
-  }
+  if (auto ok = build_scratch(ip, opts); !ok) return ok;
 
   // Kept descriptions: one copy per restored fd the target still holds (the same description may
   // come twice; setting it twice is harmless).
@@ -449,6 +468,13 @@ Expected<void> build_in_place(const Plan& plan, const PlannedPipe& pp, const Pro
 size_t in_place_fds(const PlannedPipe& pp, size_t kept) {
   // kept copies (or one end), scratch, holding pipe, pipecr's own reader and writer
   return std::max<size_t>(kept, 1) + (pp.pipe->slots.empty() ? 0 : 2) + 2 + 2;
+}
+
+size_t replaced_fds(const PlannedPipe& pp) {
+  if (pp.pipe->kind != PipeKind::fifo) return 0;
+  if (!pp.choice.target_holds || pp.pipe->unlinked) return 1;  // the read-write open (or temporary reader), kept
+  // that, its copy, scratch, pipecr's own reader and writer (no holding pipe: it must be empty)
+  return 1 + 1 + (pp.pipe->slots.empty() ? 0 : 2) + 2;
 }
 
 namespace {
@@ -547,6 +573,11 @@ Expected<void> swap_in_place(InPlacePipe& p, const ProcessRestoreOptions& opts) 
   p.old_cap = *cap;
   auto queued = sys::bytes_queued(any);
   if (!queued) return wrap(queued.error());
+  if (*queued > 0 && p.replacing)
+    return fail(Errc::unsupported, EBUSY,
+                fmt::format("{}: {} bytes were written into it since it was built, and it is replaced: its new "
+                            "descriptions would read them before the recorded ones",
+                            name, *queued));
   if (*queued > 0) {
     auto r = live_end(p, false);
     if (!r) return wrap(r.error());

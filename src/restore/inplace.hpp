@@ -39,6 +39,9 @@
 //            moved back, the old flags, owner and signal put back.
 //   commit   the holding pipe, the scratch pipe and the copies are closed, once the targets run again
 //            (freeing the old buffers costs no stop).
+// A replaced FIFO that a target holds goes through the same swap and undo, with no kept
+// descriptions (stage_replaced_fifo()): its new descriptions are installed as for any replacement,
+// but its content and capacity are the target's FIFO's, so they change only inside the stop.
 #pragma once
 
 #include <fcntl.h>
@@ -78,6 +81,9 @@ struct PipeChoice {
   std::vector<LiveEnd> held;   // in place: every fd of every target on the live pipe
   size_t kept = 0;             // in place: restored fds the targets hold already (mark_kept)
   std::vector<pid_t> strangers;  // processes holding it now that are not targets (ascending)
+  // A target holds it now (the scan), in place or not: a replaced FIFO a target holds gets its
+  // content and capacity inside the stop (stage_replaced_fifo()), not at the build.
+  bool target_holds = false;
 };
 
 struct Holder;
@@ -119,6 +125,9 @@ struct InPlacePipe {
   std::vector<KeptFile> kept;
   int old_cap = 0;
   bool emptied = false, capacity_set = false, filled = false;
+  // A replaced FIFO a target holds (stage_replaced_fifo()): no kept descriptions, and it must still
+  // be empty at the swap (its new descriptions would read bytes written since before the recorded ones).
+  bool replacing = false;
 };
 
 // Stage 2 for one in-place pipe: scratch content, copies, reopened files (into built.files).
@@ -126,8 +135,21 @@ struct InPlacePipe {
 [[nodiscard]] Expected<void> build_in_place(const Plan& plan, const PlannedPipe& pp, const ProcessRestoreOptions& opts,
                                             Built& built, const std::unordered_map<const PipeRecord*, std::vector<std::pair<const Holder*, const PlannedFd*>>>* index = nullptr);
 
+// Stage 2 for a FIFO that is replaced (a new open file description at every recorded fd) while a
+// target holds it (PipeChoice::target_holds): a FIFO keeps one buffer while anyone has it open, so
+// the target's FIFO is the one being refilled, and filling it before the stop would change the
+// target however the restore ends. The recorded content is built in a scratch pipe instead (the
+// capacity checked there), and swap_in_place() sets the capacity and moves the content in with the
+// targets stopped; undo_in_place() takes both back. `live` is an open of the FIFO (empty; copied).
+[[nodiscard]] Expected<void> stage_replaced_fifo(int live, const PipeRecord& p, const ProcessRestoreOptions& opts,
+                                                 Built& built);
+
 // The most fds pipecr holds for one in-place pipe until the commit, with `kept` kept descriptions.
 [[nodiscard]] size_t in_place_fds(const PlannedPipe& pp, size_t kept);
+
+// The most fds pipecr holds for one replaced pipe until the commit besides its files: for a FIFO the
+// open that keeps its buffer, and for one a target holds, what stage_replaced_fifo() adds.
+[[nodiscard]] size_t replaced_fds(const PlannedPipe& pp);
 
 // Stage 3, all targets stopped: swap the content, set the state of the kept descriptions.
 [[nodiscard]] Expected<void> swap_in_place(InPlacePipe& p, const ProcessRestoreOptions& opts);

@@ -548,6 +548,16 @@ Expected<void> place_self(const Holder& h, Built& built, SelfInstall& self, std:
     if (auto ok = move_up(fd, floor); !ok) return ok;
   for (sys::UniqueFd& fd : built.keep)
     if (auto ok = move_up(fd, floor); !ok) return ok;
+  // The copies and scratch pipes of pipes swapped inside the stop (in place, or a replaced FIFO a
+  // target holds, which the exec process may hold too) stay until the commit.
+  for (InPlacePipe& ip : built.in_place) {
+    for (sys::UniqueFd& fd : ip.held)
+      if (auto ok = move_up(fd, floor); !ok) return ok;
+    for (KeptFile& k : ip.kept)
+      if (auto ok = move_up(k.copy, floor); !ok) return ok;
+    for (sys::UniqueFd* fd : {&ip.reader, &ip.writer, &ip.scratch_r, &ip.scratch_w, &ip.hold_r, &ip.hold_w})
+      if (auto ok = move_up(*fd, floor); !ok) return ok;
+  }
   // Numbers asked for first, then any free number (fd -1, the caller only): so a free pick never
   // takes a number asked for.
   placed.assign(h.fds.size(), -1);

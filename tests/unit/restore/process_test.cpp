@@ -491,6 +491,94 @@ TEST(RestoreProcess, FifoWithBytesHeldOnlyByTheTargetIsRefilledInPlaceNotReplace
   EXPECT_EQ(child.finish(), "");
 }
 
+// A replaced FIFO (--replace) that the target itself holds, empty: the FIFO keeps one buffer while
+// the target has it open, so the recorded bytes and capacity may go into it only while the targets
+// are stopped. A restore that fails after the build (a second target gone: at the seize, or after
+// the swap inside the stop) leaves the FIFO empty, at its capacity, and the target's fd 11 the
+// description it had (fd 12, a dup of it the image does not record, is the witness); one that
+// succeeds gives fd 11 a new description with the recorded flags, and the FIFO the recorded bytes
+// and capacity.
+TEST(RestoreProcess, ReplacedFifoTheTargetHoldsIsFilledInsideTheStop) {
+  TempDir dir;
+  std::string path = dir.path + "/f";
+  ASSERT_EQ(::mkfifo(path.c_str(), 0600), 0);
+  struct stat f {};
+  ASSERT_EQ(::stat(path.c_str(), &f), 0);
+  ImageBuilder b;
+  b.process(kRec).process(kRec2);
+  auto p = b.pipe({{"recorded", false}}, 16384, PipeKind::fifo, path);
+  b.raw().pipes.back().dev = f.st_dev;  // the very FIFO, as a dump records it
+  b.raw().pipes.back().inode = f.st_ino;
+  b.raw().info.boot_id = image::boot_id();
+  b.fd(kRec, 11, b.file(p, O_RDWR | O_NONBLOCK));
+  b.fd(kRec2, 13, b.file(b.pipe({{"x", false}}), O_RDONLY));
+  Image img = b.parsed();
+  auto holds_fifo = [path] {
+    int fd = ::open(path.c_str(), O_RDWR);
+    ::dup2(fd, 11);
+    ::dup2(fd, 12);
+    ::close(fd);
+  };
+  auto queued_in = [](int fd) {
+    int n = -1;
+    return ::ioctl(fd, FIONREAD, &n) == 0 ? n : -1;
+  };
+  for (Stage when : {Stage::built, Stage::stashed}) {
+    SCOPED_TRACE(when == Stage::built ? "second target killed once built" : "second target killed once stashed");
+    Scenario child(holds_fifo, [queued_in]() -> std::string {
+      if (!testing::same_file(11, 12)) return "fd 11 is no longer the description it was";
+      if (auto e = flags_is(11, O_ACCMODE | O_NONBLOCK, O_RDWR); !e.empty()) return e;
+      if (::fcntl(11, F_GETPIPE_SZ) != 65536) return fmt::format("capacity {}, want 65536", ::fcntl(11, F_GETPIPE_SZ));
+      if (int n = queued_in(11); n != 0) return fmt::format("the FIFO holds {} bytes, want 0", n);
+      return "";
+    });
+    Scenario victim([] {}, [] { return std::string(); });
+    ASSERT_TRUE(child.ready() && victim.ready());
+    int queued_at_built = -1;
+    ProcessRestoreOptions opts;
+    opts.replace = true;
+    opts.hook = [&](Stage s) {
+      if (s == Stage::built) {
+        int fd = ::open(fmt::format("/proc/{}/fd/12", child.pid()).c_str(), O_RDWR | O_NONBLOCK | O_CLOEXEC);
+        queued_at_built = fd < 0 ? -2 : queued_in(fd);
+        if (fd >= 0) ::close(fd);
+      }
+      if (s == when) ::kill(victim.pid(), SIGKILL);
+    };
+    auto r = restore_processes(img, {{{child.pid(), kRec}, {victim.pid(), kRec2}}, std::nullopt}, opts);
+    ASSERT_FALSE(r);
+    EXPECT_EQ(r.error().kind, Errc::gone) << r.error().what;
+    EXPECT_EQ(queued_at_built, 0);  // nothing goes into the target's FIFO before the stop
+    EXPECT_UNTRACED(child.pid());
+    EXPECT_EQ(child.finish(), "");
+  }
+  Scenario child(holds_fifo, [queued_in]() -> std::string {
+    if (testing::same_file(11, 12)) return "fd 11 is still the description it was, not a new one";
+    if (auto e = flags_is(11, O_ACCMODE | O_NONBLOCK, O_RDWR | O_NONBLOCK); !e.empty()) return e;
+    if (::fcntl(11, F_GETPIPE_SZ) != 16384) return fmt::format("capacity {}, want 16384", ::fcntl(11, F_GETPIPE_SZ));
+    if (int n = queued_in(12); n != 8) return fmt::format("the FIFO holds {} bytes, want 8", n);
+    return testing::expect_bytes(11, "recorded");
+  });
+  ASSERT_TRUE(child.ready());
+  ImageBuilder one;
+  one.process(kRec);
+  auto q = one.pipe({{"recorded", false}}, 16384, PipeKind::fifo, path);
+  one.raw().pipes.back().dev = f.st_dev;
+  one.raw().pipes.back().inode = f.st_ino;
+  one.raw().info.boot_id = image::boot_id();
+  one.fd(kRec, 11, one.file(q, O_RDWR | O_NONBLOCK));
+  Image img1 = one.parsed();
+  ProcessRestoreOptions replace;
+  replace.replace = true;
+  auto sum = restore_processes(img1, {{{child.pid(), kRec}}, std::nullopt}, replace);
+  ASSERT_TRUE(sum) << sum.error().what;
+  EXPECT_EQ(sum->in_place, 0u);
+  ASSERT_EQ(sum->outcomes.size(), 1u);
+  EXPECT_EQ(sum->outcomes[0].why, "--replace");
+  EXPECT_UNTRACED(child.pid());
+  EXPECT_EQ(child.finish(), "");
+}
+
 // --- failures: every target as it was ----------------------------------------------------------
 
 TEST(RestoreProcess, FdLimitTooLowLeavesTargetUnchanged) {
