@@ -323,11 +323,21 @@ Expected<SnapshotPacker::Piece> SnapshotPacker::add_from(int read_end, uint32_t 
 }
 
 Expected<sys::UniqueFd> SnapshotPacker::lend(uint32_t* index) {
-  auto p = scratch_pipe(pipe_max_size());
-  if (!p) return tl::unexpected(p.error());
+  if (spares_.empty()) make_spares(1);
+  if (spares_.empty()) return fail(Errc::system, EMFILE, "no scratch pipe to lend");  // the caller tees itself
   *index = static_cast<uint32_t>(scratch_.size());
-  scratch_.push_back(std::move(p->read));
-  return std::move(p->write);
+  scratch_.push_back(std::move(spares_.back().first));
+  sys::UniqueFd write = std::move(spares_.back().second);
+  spares_.pop_back();
+  return write;
+}
+
+void SnapshotPacker::make_spares(size_t n) {
+  while (spares_.size() < n) {
+    auto p = scratch_pipe(pipe_max_size());
+    if (!p) return;  // the fd limit: fewer, and pipecr tees the rest
+    spares_.emplace_back(std::move(p->read), std::move(p->write));
+  }
 }
 
 void SnapshotPacker::seal() { write_.reset(); }

@@ -107,6 +107,9 @@ class SnapshotPacker {
   // to hand over. What is linked into it is the caller's to account for, as pieces in the order
   // they were linked, each one read back or skipped (SnapshotReader::skip_head).
   [[nodiscard]] Expected<sys::UniqueFd> lend(uint32_t* index);
+  // Makes up to n scratch pipes for lend() ahead (before the stop), fewer when the kernel refuses.
+  void make_spares(size_t n);
+  [[nodiscard]] size_t spares() const { return spares_.size(); }
   // Closes the write ends: after the stop, nothing is added any more.
   void seal();
   // The read end of scratch pipe i; its pieces are at its head in the order they were added.
@@ -122,6 +125,7 @@ class SnapshotPacker {
   std::vector<sys::UniqueFd> scratch_;  // read ends
   sys::UniqueFd write_;                 // write end of scratch_[cur_]
   uint32_t cur_ = 0;
+  std::vector<std::pair<sys::UniqueFd, sys::UniqueFd>> spares_;  // made ahead for lend(): read, write
   uint32_t write_cap_ = 0;
   bool write_used_ = false;             // some tee linked bytes into scratch_.back()
   size_t fionread_calls_ = 0;

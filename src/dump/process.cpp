@@ -215,14 +215,21 @@ class Dumper {
     // holding too few fds for an agent to pay (counted now; the stop counts again): it is read
     // without one.
     if (opts_.survey_agent && !opts_.leave_stopped) {
+      size_t spares = 0;
       for (pid_t pid : pids_) {
         const uint32_t fds = sys::open_fd_count(pid);
-        if (fds != 0 && fds < kSurveyMinFds)
+        if (fds != 0 && fds < kSurveyMinFds) {
           no_agent_.insert(pid);
-        else
+        } else {
           gadgets_[pid] = sys::find_agent_gadgets(pid);
+          spares += agent_scratch(fds) / 2;
+        }
       }
       if (auto cp = sys::CommitPoint::create()) survey_commit_.emplace(std::move(*cp));  // else each agent makes one
+      // Half the agents' scratch pipes made now (5-6 us each, for pipes that may hold nothing), the
+      // rest while pipecr waits in the stop: only the first few messages leave it time for any.
+      if (opts_.agent_tees && lend_ok()) packer_.make_spares(spares);
+      base_fds_ += 2 * packer_.spares();
     }
     check_copies_harmless();  // /proc reads kept out of the stop (--tree adds the descendants found in it)
     stop_start_ = now_ns();
@@ -623,16 +630,16 @@ class Dumper {
     std::vector<sys::UniqueFd> ends;  // their write ends, closed once the agent has its own copies
     sys::SurveyScratch scratch;
     if (opts_.agent_tees && lend_ok()) {
-      scratch.want = std::min(free_slots / 2, agent_scratch(t.open_fds));  // two numbers each
+      scratch.want = std::min(free_slots, agent_scratch(t.open_fds));
       scratch.always = opts_.agent_tees_always;
-      scratch.make = [&]() -> std::pair<int, int> {
+      scratch.make = [&]() -> int {
         uint32_t index = 0;
         auto w = packer_.lend(&index);
-        if (!w) return {-1, -1};  // the user's pipe quota, or the fd limit: pipecr tees the rest
+        if (!w) return -1;  // the fd limit: pipecr tees the rest
         lent.push_back(index);
         ends.push_back(std::move(*w));
         ++stats_.lent_scratch_pipes;
-        return {ends.back().get(), packer_.scratch_fd(index)};
+        return ends.back().get();
       };
     }
     auto seen = (*agent)->survey(

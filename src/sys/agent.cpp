@@ -464,31 +464,24 @@ Expected<size_t> Agent::survey(uint32_t below, const SurveySink& sink, const Sur
   // The scratch pipes are made while pipecr would only wait for a message (the agent looks for them
   // after each message it sends; it tees nothing before its third, see agent.c); when it is to tee
   // always (tests), all of them at once, first.
-  std::vector<int> lent;  // pairs: write end, read end
+  std::vector<int> lent;  // their write ends
   size_t want = scratch.make ? std::min(scratch.want, kSurveyScratchMax) : 0;
   auto make_one = [&] {
-    auto [w, r] = scratch.make();
-    if (w < 0 || r < 0) {
-      want = lent.size() / 2;
-      return false;
-    }
-    lent.push_back(w);
-    lent.push_back(r);
-    return true;
-  };
-  auto send_from = [&](size_t before) -> Expected<void> {
-    if (lent.size() == before) return {};
-    return send(sock_.get(), PIPECR_MSG_SCRATCH, static_cast<uint32_t>(before / 2),
-                static_cast<uint32_t>((lent.size() - before) / 2), std::span<const int>(lent).subspan(before));
+    const int w = scratch.make();
+    if (w < 0) want = lent.size();
+    else lent.push_back(w);
+    return w >= 0;
   };
   auto lend_while_idle = [&]() -> Expected<void> {
     const size_t before = lent.size();
-    for (pollfd p{sock_.get(), POLLIN, 0}; lent.size() / 2 < want && ::poll(&p, 1, 0) == 0;)
+    for (pollfd p{sock_.get(), POLLIN, 0}; lent.size() < want && ::poll(&p, 1, 0) == 0;)
       if (!make_one()) break;
-    return send_from(before);
+    if (lent.size() == before) return {};
+    return send(sock_.get(), PIPECR_MSG_SCRATCH, static_cast<uint32_t>(before), static_cast<uint32_t>(lent.size() - before),
+                std::span<const int>(lent).subspan(before));
   };
   if (scratch.always)
-    while (lent.size() / 2 < want && make_one()) {
+    while (lent.size() < want && make_one()) {
     }
   const int here = ::sched_getcpu();  // the agent yields its CPU at once if it was woken on this one
   if (auto ok = send(sock_.get(), PIPECR_MSG_SURVEY, here >= 0 ? static_cast<uint32_t>(here) + 1 : 0, below, {},
@@ -496,7 +489,7 @@ Expected<size_t> Agent::survey(uint32_t below, const SurveySink& sink, const Sur
       !ok)
     return tl::unexpected(ok.error());
   if (scratch.always)  // the agent waits for this one, even empty
-    if (auto ok = send(sock_.get(), PIPECR_MSG_SCRATCH, 0, static_cast<uint32_t>(lent.size() / 2), lent); !ok)
+    if (auto ok = send(sock_.get(), PIPECR_MSG_SCRATCH, 0, static_cast<uint32_t>(lent.size()), lent); !ok)
       return tl::unexpected(ok.error());
   // The survey wants two CPUs, one for the agent and one for pipecr, and the scheduler puts them on
   // one: a unix socket's wakeup is "sync" (the woken thread goes to the waker's CPU), and in a
@@ -520,7 +513,7 @@ Expected<size_t> Agent::survey(uint32_t below, const SurveySink& sink, const Sur
     bool truncated = false;
     const ssize_t n = recv_message(sock_.get(), &buf, sizeof buf, files, &truncated);
     if (n < 0 && (errno == EAGAIN || errno == EINTR)) {
-      if (lent.size() / 2 < want) {
+      if (lent.size() < want) {
         if (auto ok = lend_while_idle(); !ok) return tl::unexpected(ok.error());
         continue;
       }
@@ -564,9 +557,9 @@ Expected<size_t> Agent::survey(uint32_t below, const SurveySink& sink, const Sur
         s.st.st_gid = e.gid;
       }
       if (e.teed != 0) {
-        if (e.scratch >= lent.size() / 2 || !S_ISFIFO(e.mode))
-          return tl::unexpected(error(
-              fmt::format("survey: fd {} tee'd into scratch pipe {} of {}", s.fd, e.scratch, lent.size() / 2), EPROTO));
+        if (e.scratch >= lent.size() || !S_ISFIFO(e.mode))
+          return tl::unexpected(
+              error(fmt::format("survey: fd {} tee'd into scratch pipe {} of {}", s.fd, e.scratch, lent.size()), EPROTO));
         s.teed = e.teed;
         s.scratch = e.scratch;
       }

@@ -160,13 +160,13 @@ struct SurveyedFd {
 inline constexpr size_t kSurveyScratchMax = 32;
 // Up to `want` (at most kSurveyScratchMax) empty pipes for a survey's agent to tee the pipes it
 // surveys into while pipecr is busy with earlier messages (SurveyedFd::teed, whose index is the
-// order they were made in): `make` makes one and returns its write end and read end (the caller
-// keeps both; -1: no more), called whenever pipecr would otherwise wait for the agent's next
-// message. Both ends take free numbers of the target's table during the survey, which the caller
-// must leave room for; the agent closes them before its last message.
+// order they were made in): `make` makes one and returns its write end (the caller keeps both
+// ends; -1: no more), called whenever pipecr would otherwise wait for the agent's next message.
+// They take free numbers of the target's table during the survey, which the caller must leave room
+// for; the agent closes them before its last message.
 struct SurveyScratch {
   size_t want = 0;
-  std::function<std::pair<int, int>()> make;
+  std::function<int()> make;
   bool always = false;  // tests: the agent tees whenever it has a scratch pipe, pipecr busy or not
 };
 // Takes one message's worth of a survey (up to 253 fds, in fd order); an error ends the survey.

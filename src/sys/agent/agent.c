@@ -728,13 +728,11 @@ static struct pipecr_survey_ent* survey_ent(const struct state* s) {
 /* The scratch pipes pipecr sends during a survey (SCRATCH messages, their write ends on the lowest
  * free numbers of the target's table): the survey skips those numbers and tees into them in turn. */
 struct scratch_set {
-  int fd[PIPECR_SURVEY_SCRATCH];         /* write ends, in the order received: pipecr's names for them */
-  int rd[PIPECR_SURVEY_SCRATCH];         /* their read ends: held so that a tee never finds a scratch
-                                            pipe without readers (EPIPE and a SIGPIPE for the target,
-                                            pending under the agent's mask) when pipecr is gone */
-  int sorted[2 * PIPECR_SURVEY_SCRATCH]; /* both ends' numbers, ascending */
+  int fd[PIPECR_SURVEY_SCRATCH];     /* write ends, in the order received: pipecr's names for them */
+  int sorted[PIPECR_SURVEY_SCRATCH]; /* the same numbers, ascending */
   int n;
   int cur;  /* the one tee'd into now; n: none left (until more come) */
+  int off;  /* no tee any more: pipecr is gone (EPIPE), or a SIGPIPE was pending before the survey */
   int skip; /* the next of sorted[] the survey's walk will meet */
   ulong last_ino; /* the pipe tee'd last: its other end (pipe() gives the next number) is skipped */
   uint32_t empty; /* pipes found empty in a row: past EMPTY_RUN, only every EMPTY_RUN-th is asked */
@@ -744,37 +742,42 @@ struct scratch_set {
  * asks one in EMPTY_RUN, until one holds bytes. */
 enum { EMPTY_RUN = 32 };
 
-/* Adds fd to the first `count` numbers of sorted[], keeping them ascending. */
-static void sorted_insert(struct scratch_set* sc, int count, int fd) {
-  int j = count;
-  for (; j > 0 && sc->sorted[j - 1] > fd; --j) sc->sorted[j] = sc->sorted[j - 1];
-  sc->sorted[j] = fd;
-}
-
-/* fds: pairs (write end, read end); an odd one out is closed. */
 static void scratch_add(struct scratch_set* sc, const int* fds, int n) {
-  for (int i = 0; i < n; i += 2) {
-    if (sc->n == PIPECR_SURVEY_SCRATCH || i + 1 == n) {
+  for (int i = 0; i < n; ++i) {
+    if (sc->n == PIPECR_SURVEY_SCRATCH) {
       close_fd(fds[i]);
-      if (i + 1 < n) close_fd(fds[i + 1]);
       continue;
     }
-    sorted_insert(sc, 2 * sc->n, fds[i]);
-    sorted_insert(sc, 2 * sc->n + 1, fds[i + 1]);
     sc->fd[sc->n] = fds[i];
-    sc->rd[sc->n] = fds[i + 1];
-    ++sc->n;
+    int j = sc->n++;
+    for (; j > 0 && sc->sorted[j - 1] > fds[i]; --j) sc->sorted[j] = sc->sorted[j - 1];
+    sc->sorted[j] = fds[i];
   }
   sc->skip = 0; /* scratch_own() walks past those below the walk's place again */
 }
 
 static void scratch_drop(struct scratch_set* sc) {
-  for (int i = 0; i < sc->n; ++i) {
-    close_fd(sc->fd[i]);
-    close_fd(sc->rd[i]);
-  }
+  for (int i = 0; i < sc->n; ++i) close_fd(sc->fd[i]);
   sc->n = 0;
   sc->cur = 0;
+}
+
+#define K_SIGPIPE_BIT (1ul << (13 - 1))
+
+/* A tee into a pipe without readers (pipecr died with the scratch pipes' read ends) fails with
+ * EPIPE and queues a SIGPIPE for this thread, which the agent's mask holds and the target would get
+ * after the agent's return. The survey tees only when none was pending at its start (else the two
+ * would be one and could not be told apart), and takes the one a tee raised at once. */
+static void scratch_check_sigpipe(struct scratch_set* sc) {
+  ulong pending = 0;
+  if (SYS(__NR_rt_sigpending, &pending, 8, 0, 0, 0) < 0 || (pending & K_SIGPIPE_BIT)) sc->off = 1;
+}
+
+static void scratch_take_sigpipe(struct scratch_set* sc) {
+  ulong set = K_SIGPIPE_BIT;
+  struct k_timespec zero = {0, 0};
+  SYS(__NR_rt_sigtimedwait, &set, 0, &zero, 8, 0);
+  sc->off = 1;
 }
 
 /* After each message sent: the scratch pipes pipecr has sent meanwhile (it makes them while it would
@@ -782,9 +785,9 @@ static void scratch_drop(struct scratch_set* sc) {
 static long scratch_poll(struct state* s, struct scratch_set* sc) {
   for (;;) {
     struct pipecr_agent_msg m;
-    int fds[2 * PIPECR_SURVEY_SCRATCH];
+    int fds[PIPECR_SURVEY_SCRATCH];
     int nfds = 0;
-    long r = recv_msg(s, s->sock, K_MSG_DONTWAIT | K_MSG_CMSG_CLOEXEC, &m, fds, 2 * PIPECR_SURVEY_SCRATCH, &nfds);
+    long r = recv_msg(s, s->sock, K_MSG_DONTWAIT | K_MSG_CMSG_CLOEXEC, &m, fds, PIPECR_SURVEY_SCRATCH, &nfds);
     if (r == -K_EAGAIN) return 0;
     if (r == 0) return -K_EPIPE;
     if ((r > 0 || r == -K_EMFILE) && m.type == PIPECR_MSG_SCRATCH) { /* EMFILE: fewer fit (RLIMIT_NOFILE) */
@@ -798,8 +801,8 @@ static long scratch_poll(struct state* s, struct scratch_set* sc) {
 
 /* Whether fd is one of the scratch pipes (the walk asks in ascending order). */
 static int scratch_own(struct scratch_set* sc, uint32_t fd) {
-  while (sc->skip < 2 * sc->n && (uint32_t)sc->sorted[sc->skip] < fd) ++sc->skip;
-  return sc->skip < 2 * sc->n && (uint32_t)sc->sorted[sc->skip] == fd;
+  while (sc->skip < sc->n && (uint32_t)sc->sorted[sc->skip] < fd) ++sc->skip;
+  return sc->skip < sc->n && (uint32_t)sc->sorted[sc->skip] == fd;
 }
 
 /* Tees every buffer of the pipe behind fd (inode ino) into the current scratch pipe: the bytes
@@ -811,7 +814,7 @@ static int scratch_own(struct scratch_set* sc, uint32_t fd) {
  * again, and goes once into the next one. */
 static uint32_t scratch_tee(struct scratch_set* sc, int fd, ulong ino, uint32_t* which) {
   int queued = 0;
-  if (sc->cur >= sc->n || ino == sc->last_ino) return 0;
+  if (sc->off || sc->cur >= sc->n || ino == sc->last_ino) return 0;
   if (sc->empty >= EMPTY_RUN && ++sc->empty % EMPTY_RUN != 0) return 0;
   if (SYS(__NR_ioctl, fd, K_FIONREAD, &queued, 0, 0) < 0 || queued <= 0) {
     if (sc->empty < EMPTY_RUN) ++sc->empty;
@@ -820,6 +823,7 @@ static uint32_t scratch_tee(struct scratch_set* sc, int fd, ulong ino, uint32_t*
   sc->empty = 0;
   for (int tries = 0; tries < 2 && sc->cur < sc->n; ++tries) {
     long r = SYS(__NR_tee, fd, sc->fd[sc->cur], 1ul << 30, K_SPLICE_F_NONBLOCK, 0);
+    if (r == -K_EPIPE) scratch_take_sigpipe(sc);
     if (r < 0 && r != -K_EAGAIN) return 0; /* EBADF: a write end; EINVAL: a notification pipe */
     if (r >= queued) {
       *which = (uint32_t)sc->cur;
@@ -834,13 +838,14 @@ static uint32_t scratch_tee(struct scratch_set* sc, int fd, ulong ino, uint32_t*
 /* Reports every open fd below n but the agent's own (fcntl F_GETFD: open or not, FD_CLOEXEC; fstat:
  * its kind and inode) and sends each file, up to 253 a message, then SURVEY_DONE. pipecr takes in
  * one message while the agent prepares the next. While pipecr is behind (the same test as for the
- * fstat()s) the agent also tees the pipes it meets into the scratch pipes of *sc. Nothing of the
- * target changes: the files travel as references, the table is only read, the tees only link
- * buffers, and the scratch pipes are closed before SURVEY_DONE. Returns 0, or -errno when pipecr's
- * end is gone. */
+ * fstat()s; `always`: at once, for tests) the agent also tees the pipes it meets into the scratch
+ * pipes pipecr sends it (SCRATCH). Nothing of the target changes: the files travel as references,
+ * the table is only read, the tees only link buffers, and the scratch pipes are closed before
+ * SURVEY_DONE. Returns 0, or -errno when pipecr's end is gone. */
 static long survey_walk(struct state* s, uint32_t n, int pipecr_cpu, int always, struct scratch_set* sc);
 static long survey(struct state* s, uint32_t n, int pipecr_cpu, int always) {
-  struct scratch_set sc = {.n = 0, .cur = 0, .skip = 0, .last_ino = 0, .empty = 0};
+  struct scratch_set sc = {.n = 0, .cur = 0, .off = 0, .skip = 0, .last_ino = 0, .empty = 0};
+  scratch_check_sigpipe(&sc);
   long r = survey_walk(s, n, pipecr_cpu, always, &sc);
   scratch_drop(&sc);
   if (r < 0) return r;
@@ -869,8 +874,9 @@ static long survey_walk(struct state* s, uint32_t n, int pipecr_cpu, int always,
     if (r < 0) return r;
   }
   /* The fstat()s and tees go to whichever side has time (each has a CPU): the agent makes them
-   * while pipecr has not yet dealt with every message sent (the progress word pipecr writes in the
-   * shared page), and else leaves them to pipecr, which would otherwise wait. Without the page,
+   * while pipecr is a whole message behind (two sent that it has not dealt with, by the progress
+   * word pipecr writes in the shared page), and else leaves them to pipecr, which would otherwise
+   * wait; taking them whenever pipecr was busy at all made the agent the slower side. Without the page,
    * every STAT_CHECK entries: while the message sent last is still queued (asked right after a
    * send, the queue always holds that message, so the answer carries over the start of each). */
   const volatile uint32_t* taken = s->word ? s->word + PIPECR_SURVEY_TAKEN_OFF / sizeof *s->word : 0;

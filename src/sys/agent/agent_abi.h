@@ -72,13 +72,10 @@ enum {
                               PIPECR_SURVEY_TEE_ALWAYS: tee whenever there is a scratch pipe,
                               pipecr busy or not (tests). Changes nothing in the target */
   PIPECR_MSG_SCRATCH = 6,  /* pipecr -> agent during a survey (the agent looks for it after each
-                              message it sends): empty scratch pipes, `count` pairs of fds (write
-                              end, read end; SCM_RIGHTS), up to PIPECR_SURVEY_SCRATCH in all, which
-                              the agent tees some of the pipes it surveys into
-                              (pipecr_survey_ent.teed, through the write ends; it holds the read
-                              ends so that no tee meets a pipe without readers, which would raise
-                              SIGPIPE in the target) and closes before SURVEY_DONE. `first`: the
-                              pairs sent before */
+                              message it sends): the write ends of `count` empty scratch pipes
+                              (SCM_RIGHTS), up to PIPECR_SURVEY_SCRATCH in all, which the agent tees
+                              some of the pipes it surveys into (pipecr_survey_ent.teed) and closes
+                              before SURVEY_DONE. `first`: how many were sent before */
   PIPECR_MSG_ACK = 0x81,   /* agent -> pipecr, after HELLO */
   PIPECR_MSG_PREPARED = 0x83, /* agent -> pipecr, status 0 or -errno at operation `first` */
   PIPECR_MSG_DONE = 0x84,     /* agent -> pipecr, count = 1 if committed; status 0 or -errno at `first` */

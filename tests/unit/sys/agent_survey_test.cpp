@@ -200,6 +200,59 @@ TEST(AgentSurvey, ReportsEveryOpenFdItsCloexecAndTheSameOpenFiles) {
 // file (the sink here sleeps, so the third and later ones must), and that is what fstat() says of
 // the file received. The first carries none: nothing was queued while the agent made it, so pipecr
 // had time for its own. An error from the sink ends the survey; the agent can still survey again.
+// The agent tees into the scratch pipes pipecr sends it. If their read ends are gone (pipecr
+// died), a tee fails with EPIPE and raises SIGPIPE in the target's thread, held by the agent's mask:
+// the agent must take it back, or the target dies of it once the agent returns. Here the read ends
+// are closed from the start; the child does not block SIGPIPE.
+TEST(AgentSurvey, ATeeIntoAScratchPipeWithoutReadersLeavesNoSigpipe) {
+  constexpr int kPipes = 300;
+  SurveyChild sc = start_survey_child(kPipes);
+  const pid_t pid = sc.child.pid;
+  ASSERT_EQ(ask(sc), "ok");
+  ASSERT_TRUE(eventually([&] { return blocked_in(pid, pid, SYS_read, 5); }));
+  const auto before = table_of(pid);
+  std::string maps = maps_without_stack(pid);
+  std::vector<UniqueFd> writes;
+  {
+    auto sp = StoppedProcess::seize(pid);
+    ASSERT_TRUE(sp) << sp.error().what;
+    auto agent = Agent::start_survey(**sp, pid);
+    ASSERT_TRUE(agent) << agent.error().what;
+    SurveyScratch scratch;
+    scratch.want = 4;
+    scratch.always = true;
+    scratch.make = [&]() -> int {
+      auto p = make_pipe(O_CLOEXEC);
+      if (!p) return -1;
+      writes.push_back(std::move(p->write));  // the read end closes here: no reader
+      return writes.back().get();
+    };
+    size_t teed = 0, seen = 0;
+    auto got = (*agent)->survey(
+        fd_size(pid),
+        [&](std::span<SurveyedFd> batch) -> Expected<void> {
+          for (const SurveyedFd& f : batch) teed += f.teed != 0;
+          seen += batch.size();
+          return {};
+        },
+        scratch);
+    ASSERT_TRUE(got) << got.error().what;
+    EXPECT_EQ(seen, before.size());
+    EXPECT_EQ(teed, 0u);
+    EXPECT_EQ(writes.size(), 4u);
+    ASSERT_TRUE((*agent)->restore());
+    ASSERT_TRUE((*sp)->resume());
+  }
+  expect_untouched(sc, before, maps);
+  std::ifstream status(fmt::format("/proc/{}/status", pid));
+  std::string line;
+  while (std::getline(status, line)) {
+    if (line.rfind("SigPnd:", 0) == 0 || line.rfind("ShdPnd:", 0) == 0) {
+      EXPECT_EQ(std::stoull(line.substr(7), nullptr, 16) & (1ull << (SIGPIPE - 1)), 0u) << line;
+    }
+  }
+}
+
 TEST(AgentSurvey, ComesInMessagesWithTheTargetsFstatWhilePipecrIsBusy) {
   constexpr int kPipes = 400;  // 800 pipe fds: four messages
   SurveyChild sc = start_survey_child(kPipes);
