@@ -427,7 +427,7 @@ TEST(SurveyDump, PipesTheAgentTeesComeBackWhole) {
     }
     const std::string want = pattern_of(i);
     ASSERT_EQ(p->data.size(), want.size()) << "pipe " << i;
-    EXPECT_EQ(std::memcmp(p->data.data(), want.data(), want.size()), 0) << "pipe " << i;
+    EXPECT_TRUE(std::equal(want.begin(), want.end(), reinterpret_cast<const char*>(p->data.data()))) << "pipe " << i;
   }
   EXPECT_EQ(c.finish(), 0);
 }
