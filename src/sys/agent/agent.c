@@ -844,7 +844,10 @@ static uint32_t scratch_tee(struct scratch_set* sc, int fd, ulong ino, uint32_t*
  * SURVEY_DONE. Returns 0, or -errno when pipecr's end is gone. */
 static long survey_walk(struct state* s, uint32_t n, int pipecr_cpu, int always, struct scratch_set* sc);
 static long survey(struct state* s, uint32_t n, int pipecr_cpu, int always) {
-  struct scratch_set sc = {.n = 0, .cur = 0, .off = 0, .skip = 0, .last_ino = 0, .empty = 0};
+  struct scratch_set sc; /* field by field: zeroing its arrays could become a memset call (clang) */
+  sc.n = sc.cur = sc.off = sc.skip = 0;
+  sc.last_ino = 0;
+  sc.empty = 0;
   scratch_check_sigpipe(&sc);
   long r = survey_walk(s, n, pipecr_cpu, always, &sc);
   scratch_drop(&sc);
