@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
+#include <stdexcept>
 #include <thread>
 
 #include <gtest/gtest.h>
@@ -439,6 +440,19 @@ TEST(RestoreProcess, PathThatIsNotAFifoIsRefused) {
   }
 }
 
+// A record in b for the FIFO at path as a dump records it: its device and inode, on this boot (what
+// tells the restore that a target may hold that very FIFO).
+uint64_t the_fifo(ImageBuilder& b, const std::string& path, std::vector<std::pair<std::string, bool>> slots,
+                  uint32_t capacity) {
+  struct stat f {};
+  if (::stat(path.c_str(), &f) != 0 || !S_ISFIFO(f.st_mode)) throw std::runtime_error("no FIFO at " + path);
+  uint64_t p = b.pipe(std::move(slots), capacity, PipeKind::fifo, path);
+  b.raw().pipes.back().dev = f.st_dev;
+  b.raw().pipes.back().inode = f.st_ino;
+  b.raw().info.boot_id = image::boot_id();
+  return p;
+}
+
 // A FIFO that only the target holds, with bytes queued in it since the dump: a replacement opens
 // the same FIFO, whose buffer stays while the target holds it, so --replace is refused, saying the
 // bytes are the target's own (not "another process"), and nothing changes; without --replace it is
@@ -447,14 +461,9 @@ TEST(RestoreProcess, FifoWithBytesHeldOnlyByTheTargetIsRefilledInPlaceNotReplace
   TempDir dir;
   std::string path = dir.path + "/f";
   ASSERT_EQ(::mkfifo(path.c_str(), 0600), 0);
-  struct stat f {};
-  ASSERT_EQ(::stat(path.c_str(), &f), 0);
   ImageBuilder b;
   b.process(kRec);
-  auto p = b.pipe({{"recorded", false}}, 65536, PipeKind::fifo, path);
-  b.raw().pipes.back().dev = f.st_dev;  // the very FIFO, as a dump records it
-  b.raw().pipes.back().inode = f.st_ino;
-  b.raw().info.boot_id = image::boot_id();
+  auto p = the_fifo(b, path, {{"recorded", false}}, 65536);
   b.fd(kRec, 11, b.file(p, O_RDWR));
   Image img = b.parsed();
   Scenario child(
@@ -502,14 +511,9 @@ TEST(RestoreProcess, ReplacedFifoTheTargetHoldsIsFilledInsideTheStop) {
   TempDir dir;
   std::string path = dir.path + "/f";
   ASSERT_EQ(::mkfifo(path.c_str(), 0600), 0);
-  struct stat f {};
-  ASSERT_EQ(::stat(path.c_str(), &f), 0);
   ImageBuilder b;
   b.process(kRec).process(kRec2);
-  auto p = b.pipe({{"recorded", false}}, 16384, PipeKind::fifo, path);
-  b.raw().pipes.back().dev = f.st_dev;  // the very FIFO, as a dump records it
-  b.raw().pipes.back().inode = f.st_ino;
-  b.raw().info.boot_id = image::boot_id();
+  auto p = the_fifo(b, path, {{"recorded", false}}, 16384);
   b.fd(kRec, 11, b.file(p, O_RDWR | O_NONBLOCK));
   b.fd(kRec2, 13, b.file(b.pipe({{"x", false}}), O_RDONLY));
   Image img = b.parsed();
@@ -562,10 +566,7 @@ TEST(RestoreProcess, ReplacedFifoTheTargetHoldsIsFilledInsideTheStop) {
   ASSERT_TRUE(child.ready());
   ImageBuilder one;
   one.process(kRec);
-  auto q = one.pipe({{"recorded", false}}, 16384, PipeKind::fifo, path);
-  one.raw().pipes.back().dev = f.st_dev;
-  one.raw().pipes.back().inode = f.st_ino;
-  one.raw().info.boot_id = image::boot_id();
+  auto q = the_fifo(one, path, {{"recorded", false}}, 16384);
   one.fd(kRec, 11, one.file(q, O_RDWR | O_NONBLOCK));
   Image img1 = one.parsed();
   ProcessRestoreOptions replace;
