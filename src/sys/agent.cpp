@@ -472,13 +472,15 @@ Expected<size_t> Agent::survey(uint32_t below, const SurveySink& sink, const Sur
     else lent.push_back(w);
     return w >= 0;
   };
+  auto send_lent = [&](size_t before) {  // those made since `before`
+    return send(sock_.get(), PIPECR_MSG_SCRATCH, static_cast<uint32_t>(before), static_cast<uint32_t>(lent.size() - before),
+                std::span<const int>(lent).subspan(before));
+  };
   auto lend_while_idle = [&]() -> Expected<void> {
     const size_t before = lent.size();
     for (pollfd p{sock_.get(), POLLIN, 0}; lent.size() < want && ::poll(&p, 1, 0) == 0;)
       if (!make_one()) break;
-    if (lent.size() == before) return {};
-    return send(sock_.get(), PIPECR_MSG_SCRATCH, static_cast<uint32_t>(before), static_cast<uint32_t>(lent.size() - before),
-                std::span<const int>(lent).subspan(before));
+    return lent.size() == before ? Expected<void>{} : send_lent(before);
   };
   if (scratch.always)
     while (lent.size() < want && make_one()) {
@@ -489,8 +491,7 @@ Expected<size_t> Agent::survey(uint32_t below, const SurveySink& sink, const Sur
       !ok)
     return tl::unexpected(ok.error());
   if (scratch.always)  // the agent waits for this one, even empty
-    if (auto ok = send(sock_.get(), PIPECR_MSG_SCRATCH, 0, static_cast<uint32_t>(lent.size()), lent); !ok)
-      return tl::unexpected(ok.error());
+    if (auto ok = send_lent(0); !ok) return tl::unexpected(ok.error());
   // The survey wants two CPUs, one for the agent and one for pipecr, and the scheduler puts them on
   // one: a unix socket's wakeup is "sync" (the woken thread goes to the waker's CPU), and in a
   // virtual machine a halted vCPU is not taken for idle. Left alone, the two shared a CPU for 1-2 ms

@@ -795,7 +795,7 @@ static long scratch_poll(struct state* s, struct scratch_set* sc) {
       continue;
     }
     for (int i = 0; i < nfds; ++i) close_fd(fds[i]);
-    return r < 0 && r != -K_EMFILE && r != -K_EPROTO ? r : -K_EPROTO;
+    return r < 0 && r != -K_EMFILE ? r : -K_EPROTO; /* another message, or a failure */
   }
 }
 
