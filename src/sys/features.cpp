@@ -212,12 +212,7 @@ void probe_pipe_limits(KernelFeatures& k) {
 }
 
 void probe_caps(KernelFeatures& k) {
-  uint64_t eff = 0;
-  auto status = read_proc_file("/proc/self/status");
-  if (status) {
-    size_t at = status->find("\nCapEff:");
-    if (at != std::string::npos) eff = std::strtoull(status->c_str() + at + 8, nullptr, 16);
-  }
+  const uint64_t eff = effective_caps();
   struct Cap { const char* name; const char* cap; int bit; bool* field; const char* why; };
   const Cap caps[] = {
       {"cap_sys_ptrace", "CAP_SYS_PTRACE", 19, &k.cap_sys_ptrace, "needed to dump or restore processes of other users"},

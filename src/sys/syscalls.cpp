@@ -164,11 +164,15 @@ CpuApart::CpuApart(int cpu) {
   moved_ = ::sched_setaffinity(0, sizeof apart, &apart) == 0;
 }
 
-bool pipe_quota_exempt() {
+uint64_t effective_caps() {
   __user_cap_header_struct hdr{_LINUX_CAPABILITY_VERSION_3, 0};
   __user_cap_data_struct data[_LINUX_CAPABILITY_U32S_3] = {};
-  if (::syscall(SYS_capget, &hdr, data) != 0) return false;
-  const uint32_t eff = data[0].effective;
+  if (::syscall(SYS_capget, &hdr, data) != 0) return 0;
+  return uint64_t{data[1].effective} << 32 | data[0].effective;
+}
+
+bool pipe_quota_exempt() {
+  const uint64_t eff = effective_caps();
   return (eff >> CAP_SYS_RESOURCE & 1) || (eff >> CAP_SYS_ADMIN & 1);
 }
 

@@ -27,6 +27,8 @@ struct PipePair {
 [[nodiscard]] Expected<int> get_pipe_size(int fd);
 [[nodiscard]] Expected<int> set_pipe_size(int fd, int size);
 [[nodiscard]] Expected<int> bytes_queued(int fd);  // FIONREAD
+// This process's effective capabilities (capget: bit N is capability N; 0 when it cannot be read).
+[[nodiscard]] uint64_t effective_caps();
 // Whether this process's pipes are exempt from pipe-user-pages-soft and -hard (CAP_SYS_RESOURCE
 // or CAP_SYS_ADMIN in effect: the kernel's pipe_is_unprivileged_user() is false).
 [[nodiscard]] bool pipe_quota_exempt();
