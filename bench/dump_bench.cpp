@@ -39,6 +39,8 @@
 // pipe from 100 to 100,000 pipes (the slope), time stopped, scratch pipes and batches.
 // BM_TeeFloor: the tees of 1,000 pipes of 64 KiB alone, with their metadata cold and warm in the
 // caches: the per-buffer cost no user-space dump avoids while its targets stand stopped.
+// BM_AgentAddress: where an agent goes in a target of thousands of mappings, asked of the kernel
+// (PROCMAP_QUERY) and read from /proc/PID/maps: a step of the agent's start, inside the stop.
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/ioctl.h>
@@ -64,6 +66,8 @@
 
 #include "dump/process.hpp"
 #include "image/image_io.hpp"
+#include "sys/agent.hpp"
+#include "sys/proc.hpp"
 
 namespace {
 
@@ -538,6 +542,50 @@ void BM_TeeFloor(benchmark::State& state) {
 }
 
 BENCHMARK(BM_TeeFloor)->Args({65536, 1})->Args({65536, 0})->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(20);
+
+// BM_AgentAddress: choosing where an agent goes (sys::choose_agent_address), a step of its start
+// inside the stop, in a child holding `mappings` extra mappings (one page each, a page apart, so
+// that none merge; the libraries of a JVM or a browser come to thousands) and paused meanwhile.
+// way 0 asks the kernel (PROCMAP_QUERY, Linux 6.11: a few ioctls), way 1 reads the text of
+// /proc/PID/maps. Counter: choose_us, one choice.
+void BM_AgentAddress(benchmark::State& state) {
+  const long mappings = state.range(0);
+  const bool listing = state.range(1) != 0;
+  int ready[2];
+  if (pipe(ready) != 0) return state.SkipWithError("pipe");
+  const pid_t child = fork();
+  if (child == 0) {
+    for (long i = 0; i < mappings; ++i) {
+      void* p = mmap(nullptr, 2 * 4096, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (p != MAP_FAILED) munmap(static_cast<char*>(p) + 4096, 4096);  // a hole between neighbours
+    }
+    (void)!write(ready[1], "r", 1);
+    pause();
+    _exit(0);
+  }
+  close(ready[1]);
+  char c;
+  const bool up = read(ready[0], &c, 1) == 1;
+  close(ready[0]);
+  auto stat = pipecr::sys::read_stat(child);
+  if (up && stat && !listing && !pipecr::sys::agent_address_by_query(child, 16 * 4096, stat->start_stack, stat->start_stack))
+    state.SkipWithError("no PROCMAP_QUERY here (Linux 6.11)");
+  double us = 0;
+  for (auto _ : state) {
+    if (!up || !stat) break;
+    auto t0 = Clock::now();
+    uint64_t at = listing ? pipecr::sys::agent_address_by_listing(child, 16 * 4096, stat->start_stack)
+                          : pipecr::sys::agent_address_by_query(child, 16 * 4096, stat->start_stack, stat->start_stack).value_or(0);
+    us += std::chrono::duration<double, std::micro>(Clock::now() - t0).count();
+    benchmark::DoNotOptimize(at);
+  }
+  kill(child, SIGKILL);
+  waitpid(child, nullptr, 0);
+  if (!up || !stat) return state.SkipWithError("the child did not start");
+  state.counters["choose_us"] = us / static_cast<double>(state.iterations());
+}
+
+BENCHMARK(BM_AgentAddress)->ArgsProduct({{0, 1000, 10000}, {0, 1}})->Unit(benchmark::kMicrosecond)->UseRealTime()->Iterations(200);
 
 }  // namespace
 

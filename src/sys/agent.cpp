@@ -6,6 +6,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
@@ -187,11 +188,12 @@ bool mm_shared_outside(pid_t pid) {
 // only a task in that address space can give it to a new one, and every other was seen. Those are
 // the only ones checked (a few /proc reads: sys::children() lists the children of every thread).
 // Else (not looked, or one did: it may have exec'd since; children not listed), the whole of /proc.
-bool mm_shared_at_stop(pid_t pid, const std::optional<AgentGadgets>& before) {
+// stat: pid's /proc/PID/stat when the caller has read it (its parent is taken from there).
+bool mm_shared_at_stop(pid_t pid, const std::optional<AgentGadgets>& before, const ProcStat* stat) {
   if (!before || before->mm_shared != 0) return mm_shared_outside(pid);
   auto candidates = children(pid);
   if (!candidates) return mm_shared_outside(pid);
-  if (auto parent = read_ppid(pid); parent && *parent > 0) {
+  if (auto parent = stat ? Expected<pid_t>(stat->ppid) : read_ppid(pid); parent && *parent > 0) {
     auto siblings = children(*parent);
     if (!siblings) return mm_shared_outside(pid);
     candidates->insert(candidates->end(), siblings->begin(), siblings->end());
@@ -215,6 +217,10 @@ constexpr uint64_t kLowestAgent = uint64_t{16} << 20;  // far above mmap_min_add
 // RLIMIT_STACK of pid (its soft limit, /proc/PID/limits: readable whoever the owner), 0 if unknown,
 // UINT64_MAX when unlimited.
 uint64_t stack_limit(pid_t pid) {
+  // prlimit() answers for a process of pipecr's own user (one syscall); another's needs
+  // CAP_SYS_RESOURCE, which pipecr may not have, and is read from the text.
+  rlimit lim{};
+  if (::prlimit(pid, RLIMIT_STACK, nullptr, &lim) == 0) return lim.rlim_cur == RLIM_INFINITY ? UINT64_MAX : lim.rlim_cur;
   std::FILE* f = std::fopen(fmt::format("/proc/{}/limits", pid).c_str(), "re");
   if (!f) return 0;
   char line[256];
@@ -229,13 +235,63 @@ uint64_t stack_limit(pid_t pid) {
   return out;
 }
 
-// An address for the agent's len bytes in pid's address space, from /proc/PID/maps read while every
-// thread using it is stopped: the highest page-aligned place with kAgentGuard free on both sides, below
-// the reserve of the main stack ([stack]; stack_limit()) and of the mapping holding sp, the stack of
-// the thread the agent runs on (the same one, or a thread's fixed stack; a main stack that lost its
-// label, too); 0 when there is none. Nothing else can map there until the bootstrap's mmap
-// (MAP_FIXED_NOREPLACE) takes it, since nothing else runs in that mm.
-uint64_t choose_agent_address(pid_t pid, uint64_t len, uint64_t sp) {
+// Where the agent's len bytes go in pid's address space, chosen while every thread using it is
+// stopped: the highest page-aligned place with kAgentGuard free on both sides, below the reserve of
+// the main stack (its mapping, the one holding start_stack, the [stack] of /proc/PID/maps;
+// stack_limit()) and of the mapping holding sp, the stack of the thread the agent runs on (the same
+// one, or a thread's fixed stack; a main stack that lost its label, too); 0 when there is none.
+// Nothing else can map there until the bootstrap's mmap (MAP_FIXED_NOREPLACE) takes it, since
+// nothing else runs in that mm. Two ways to the same answer: PROCMAP_QUERY (Linux 6.11), a few
+// ioctls however many mappings the process has, and else the text of /proc/PID/maps, which a
+// process of thousands of mappings (a JVM, a browser) takes milliseconds to produce, in the stop.
+
+// The stack reserve's top: where an agent may end at the highest; 0 when the stack leaves no room.
+uint64_t below_stack(pid_t pid, uint64_t stack_lo) {
+  uint64_t top = uint64_t{0x7ffffffff000};  // the 47-bit user space (a 5-level process may use more)
+  if (!stack_lo) return top;
+  const uint64_t reserve = std::clamp<uint64_t>(stack_limit(pid), kStackReserveMin, kStackReserveMax) + kStackGuardGap;
+  return stack_lo <= reserve ? 0 : stack_lo - reserve;
+}
+
+// The highest place for len bytes below top in a gap of the address space: free(lo, hi) answers the
+// lowest mapping start in [lo, hi), or hi when that range is free (UINT64_MAX: cannot tell).
+template <typename Free>
+uint64_t highest_place(uint64_t top, uint64_t len, Free free) {
+  for (uint64_t hi = top; hi > kLowestAgent + len + 2 * kAgentGuard;) {
+    const uint64_t at = (hi - kAgentGuard - len) & ~uint64_t{kPage - 1};
+    if (at < kLowestAgent + kAgentGuard) return 0;
+    const uint64_t first = free(at - kAgentGuard, hi);
+    if (first == UINT64_MAX) return UINT64_MAX;
+    if (first >= hi) return at;
+    hi = first;  // every gap above the mapping found is too small: below it
+  }
+  return 0;
+}
+
+}  // namespace
+
+std::optional<uint64_t> agent_address_by_query(pid_t pid, uint64_t len, uint64_t sp, uint64_t start_stack) {
+  if (!start_stack) return std::nullopt;  // not told where the main stack is
+  UniqueFd maps(::open(fmt::format("/proc/{}/maps", pid).c_str(), O_RDONLY | O_CLOEXEC));
+  if (!maps) return std::nullopt;
+  uint64_t stack_lo = 0;
+  for (uint64_t addr : {start_stack, sp}) {
+    auto m = query_mapping(maps.get(), addr, false);
+    if (!m) return std::nullopt;  // no PROCMAP_QUERY here (ENOTTY): the listing
+    if (*m) stack_lo = stack_lo ? std::min(stack_lo, (*m)->start) : (*m)->start;
+  }
+  const uint64_t top = below_stack(pid, stack_lo);
+  if (!top) return 0;
+  const uint64_t at = highest_place(top, len, [&](uint64_t lo, uint64_t hi) -> uint64_t {
+    auto m = query_mapping(maps.get(), lo, true);
+    if (!m) return UINT64_MAX;
+    return *m ? std::min((*m)->start, hi) : hi;
+  });
+  if (at == UINT64_MAX) return std::nullopt;
+  return at;
+}
+
+uint64_t agent_address_by_listing(pid_t pid, uint64_t len, uint64_t sp) {
   std::FILE* maps = std::fopen(fmt::format("/proc/{}/maps", pid).c_str(), "re");
   if (!maps) return 0;
   std::vector<std::pair<uint64_t, uint64_t>> used;
@@ -250,25 +306,23 @@ uint64_t choose_agent_address(pid_t pid, uint64_t len, uint64_t sp) {
   }
   std::fclose(maps);
   std::sort(used.begin(), used.end());
-  uint64_t top = uint64_t{0x7ffffffff000};  // the 47-bit user space (a 5-level process may use more)
-  if (stack_lo) {
-    const uint64_t rlim = stack_limit(pid);
-    const uint64_t reserve =
-        std::clamp<uint64_t>(rlim, kStackReserveMin, kStackReserveMax) + kStackGuardGap;
-    if (stack_lo <= reserve) return 0;
-    top = stack_lo - reserve;
-  }
-  // The gaps, from the highest down: between used[i - 1] and used[i], and below used[0].
-  for (size_t i = used.size() + 1; i-- > 0;) {
-    const uint64_t gap_hi = std::min(top, i < used.size() ? used[i].first : top);
-    const uint64_t gap_lo = std::max(kLowestAgent, i > 0 ? used[i - 1].second : kLowestAgent);
-    if (gap_hi > gap_lo && gap_hi - gap_lo >= len + 2 * kAgentGuard) {
-      const uint64_t at = (gap_hi - kAgentGuard - len) & ~uint64_t{kPage - 1};
-      if (at >= gap_lo + kAgentGuard) return at;
-    }
-  }
-  return 0;
+  const uint64_t top = below_stack(pid, stack_lo);
+  if (!top) return 0;
+  const uint64_t at = highest_place(top, len, [&](uint64_t lo, uint64_t hi) -> uint64_t {
+    // The first mapping ending above lo: it starts in [lo, hi) or covers lo, or starts at hi or above.
+    auto it = std::upper_bound(used.begin(), used.end(), lo,
+                               [](uint64_t a, const std::pair<uint64_t, uint64_t>& m) { return a < m.second; });
+    return it == used.end() ? hi : std::min(it->first, hi);
+  });
+  return at == UINT64_MAX ? 0 : at;
 }
+
+uint64_t choose_agent_address(pid_t pid, uint64_t len, uint64_t sp, uint64_t start_stack) {
+  if (auto at = agent_address_by_query(pid, len, sp, start_stack)) return *at;
+  return agent_address_by_listing(pid, len, sp);
+}
+
+namespace {
 
 // The bootstrap's remote syscalls are used for one step: the process discards them (puts the
 // thread back if they did not, and destroys them) when the step ends.
@@ -733,9 +787,10 @@ Expected<void> Agent::boot_with_frame(pipecr_agent_ctl& ctl, std::vector<unsigne
   // agent's own pushes grow it, a remote write does not): the old bootstrap, with its leak window
   // open until the agent runs.
   bool chain_room = true;
-  if (!mm_shared_at_stop(pid_, pre_gadgets_)) {
+  const auto stat = read_stat(pid_);  // the parent, and where the main stack is
+  if (!mm_shared_at_stop(pid_, pre_gadgets_, stat ? &*stat : nullptr)) {
     for (int attempt = 0; attempt < 3 && !base_; ++attempt) {
-      const uint64_t at = choose_agent_address(pid_, map_len_, saved_.sp());
+      const uint64_t at = choose_agent_address(pid_, map_len_, saved_.sp(), stat ? stat->start_stack : 0);
       if (!at) break;
       if (!write_chain(at)) {
         chain_room = false;

@@ -5,7 +5,7 @@
 // an rt_sigframe holding the thread's context (registers as the kernel would restart its
 // interrupted syscall, FPU state, signal mask; arch.hpp) is written on its own stack below the red
 // zone, and below it a chain frame that runs munmap of the agent's range and returns into the first.
-// The agent's address is chosen from /proc/PID/maps and mapped there (MAP_FIXED_NOREPLACE): one remote
+// The agent's address is chosen (choose_agent_address()) and mapped there (MAP_FIXED_NOREPLACE): one remote
 // mmap (RW) and one mprotect (code R+X) run at a `syscall; ret` of the target's code with rsp at the
 // chain and every signal blocked: whenever pipecr dies, the thread finishes the syscall, returns into
 // the target's restorer, rt_sigreturn runs the chain's munmap and then puts it back: no mapping is
@@ -144,6 +144,15 @@ struct AgentGadgets {
 [[nodiscard]] size_t agent_gadget_scans();
 // Whether gadgets found earlier are still there in pid (one process_vm_readv each).
 [[nodiscard]] bool agent_gadgets_still_there(pid_t pid, const AgentGadgets& g);
+
+// Where an agent of len bytes goes in pid's address space, pid stopped (agent.cpp tells the rule);
+// sp: the stack pointer of the thread it runs on; start_stack: ProcStat::start_stack. 0: no room.
+// Asked with PROCMAP_QUERY where the kernel has it (6.11), a few ioctls whatever the number of
+// mappings; else from the text of /proc/PID/maps. Both ways are public for the tests, which hold
+// them to the same answer; agent_address_by_query() gives nullopt where it cannot answer.
+[[nodiscard]] uint64_t choose_agent_address(pid_t pid, uint64_t len, uint64_t sp, uint64_t start_stack);
+[[nodiscard]] std::optional<uint64_t> agent_address_by_query(pid_t pid, uint64_t len, uint64_t sp, uint64_t start_stack);
+[[nodiscard]] uint64_t agent_address_by_listing(pid_t pid, uint64_t len, uint64_t sp);
 
 // One open fd of a target as an agent's survey saw it, the target stopped (Agent::survey).
 struct SurveyedFd {

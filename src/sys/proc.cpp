@@ -7,6 +7,7 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -211,10 +212,38 @@ Expected<ProcStat> parse_stat(std::string_view text) {
   if (!parse_num(next_token(rest), st.ppid) || !parse_num(next_token(rest), st.pgrp) ||
       !parse_num(next_token(rest), st.session))
     return bad();
-  // Field 39, the CPU the task last ran on: 32 fields after session (Linux 2.2 and later).
-  for (int field = 7; field < 39 && !rest.empty(); ++field) next_token(rest);
+  // Field 28, the address at the main stack's start (0 to a reader that may not ptrace the process);
+  // field 39, the CPU the task last ran on: 32 fields after session (Linux 2.2 and later).
+  for (int field = 7; field < 39 && !rest.empty(); ++field) {
+    std::string_view tok = next_token(rest);
+    if (field == 28 && !parse_num(tok, st.start_stack)) st.start_stack = 0;
+  }
   if (!parse_num(next_token(rest), st.processor)) st.processor = -1;
   return st;
+}
+
+namespace {
+// struct procmap_query of <linux/fs.h> (Linux 6.11), which the build machine's headers may predate;
+// the ABI is fixed.
+struct ProcmapQuery {
+  uint64_t size, query_flags, query_addr;
+  uint64_t vma_start, vma_end, vma_flags, vma_page_size, vma_offset, inode;
+  uint32_t dev_major, dev_minor, vma_name_size, build_id_size;
+  uint64_t vma_name_addr, build_id_addr;
+};
+static_assert(sizeof(ProcmapQuery) == 104);
+constexpr unsigned long kProcmapQuery = 0xc0686611;  // _IOWR('f', 17, struct procmap_query)
+constexpr uint64_t kCoveringOrNextVma = 0x10;
+}  // namespace
+
+Expected<std::optional<MapRange>> query_mapping(int maps_fd, uint64_t addr, bool or_next) {
+  ProcmapQuery q{};
+  q.size = sizeof q;
+  q.query_flags = or_next ? kCoveringOrNextVma : 0;
+  q.query_addr = addr;
+  if (::ioctl(maps_fd, kProcmapQuery, &q) == 0) return MapRange{q.vma_start, q.vma_end};
+  if (errno == ENOENT) return std::nullopt;
+  return fail_errno(errno, fmt::format("ioctl(PROCMAP_QUERY, {:#x})", addr));
 }
 
 Expected<ProcStat> read_stat(pid_t pid) {

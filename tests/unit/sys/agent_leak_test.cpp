@@ -30,6 +30,7 @@
 #include <gtest/gtest.h>
 
 #include "sys/agent.hpp"
+#include "sys/proc.hpp"
 #include "sys/syscalls.hpp"
 #include "unit/sys/child_helpers.hpp"
 #include "unit/sys/vector_helpers.hpp"
@@ -307,6 +308,54 @@ TEST(AgentLeakWindow, ASharerMadeAfterTheGadgetsWereFoundIsSeenAtTheStop) {
         }
     }
   }
+}
+
+
+// The agent's address, asked of the kernel with PROCMAP_QUERY and read out of /proc/PID/maps: the
+// same answer, in a child whose mappings crowd the place the rule looks first. The child maps a
+// "stack" S (the sp given), so that the agent must stay 129 MiB (the least stack reserve, 128 MiB,
+// and the guard gap) below it, and puts a one-page mapping every MiB in the 48 MiB below that, so
+// that no gap there fits the agent and its guards: both ways must step down past every one of them.
+// The answer must lie below that crowd, with a MiB free on each side in the child's maps.
+TEST(AgentAddress, TheKernelsQueryAndTheListingAgreeBelowACrowd) {
+  constexpr uint64_t kMiB = 1 << 20, kLen = 5 * 4096;
+  int ready[2];
+  ASSERT_EQ(::pipe(ready), 0);
+  Child child = spawn([&] {
+    void* s = ::mmap(nullptr, 8 * kMiB, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    uint64_t stack = reinterpret_cast<uint64_t>(s);
+    const uint64_t crowd_hi = stack - 129 * kMiB;
+    for (uint64_t at = crowd_hi - 48 * kMiB; at < crowd_hi; at += kMiB)
+      (void)::mmap(reinterpret_cast<void*>(at), 4096, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
+                   -1, 0);
+    (void)!::write(ready[1], &stack, sizeof stack);
+    ::pause();
+  });
+  ::close(ready[1]);
+  uint64_t stack = 0;
+  ASSERT_EQ(::read(ready[0], &stack, sizeof stack), static_cast<ssize_t>(sizeof stack));
+  ::close(ready[0]);
+  auto stat = read_stat(child.pid);
+  ASSERT_TRUE(stat) << stat.error().what;
+  ASSERT_NE(stat->start_stack, 0u);
+  const uint64_t sp = stack + 4 * kMiB;
+  auto by_query = agent_address_by_query(child.pid, kLen, sp, stat->start_stack);
+  const uint64_t by_listing = agent_address_by_listing(child.pid, kLen, sp);
+  if (!by_query) GTEST_SKIP() << "PROCMAP_QUERY (Linux 6.11) missing: the listing is the only way";
+  EXPECT_EQ(*by_query, by_listing);
+  EXPECT_EQ(choose_agent_address(child.pid, kLen, sp, stat->start_stack), by_listing);
+  const uint64_t at = by_listing;
+  ASSERT_NE(at, 0u);
+  EXPECT_LT(at + kLen + kMiB, stack - 129 * kMiB - 48 * kMiB + 4096);
+  std::ifstream maps(fmt::format("/proc/{}/maps", child.pid));
+  std::string line;
+  while (std::getline(maps, line)) {
+    unsigned long lo = 0, hi = 0;
+    ASSERT_EQ(std::sscanf(line.c_str(), "%lx-%lx", &lo, &hi), 2);
+    EXPECT_TRUE(hi + kMiB <= at || lo >= at + kLen + kMiB) << line;
+  }
+  // Without the main stack's place (start_stack unknown), the query does not answer.
+  EXPECT_FALSE(agent_address_by_query(child.pid, kLen, sp, 0));
 }
 
 }  // namespace
