@@ -632,6 +632,7 @@ class Dumper {
     if (opts_.agent_tees && lend_ok()) {
       scratch.want = std::min(free_slots, agent_scratch(t.open_fds));
       scratch.always = opts_.agent_tees_always;
+      scratch.ready = packer_.spares();
       scratch.make = [&]() -> int {
         uint32_t index = 0;
         auto w = packer_.lend(&index);

@@ -544,8 +544,12 @@ Expected<size_t> Agent::survey(uint32_t below, const SurveySink& sink, const Sur
                      scratch.always ? PIPECR_SURVEY_TEE_ALWAYS : 0);
       !ok)
     return tl::unexpected(ok.error());
-  if (scratch.always)  // the agent waits for this one, even empty
+  if (!scratch.always)  // those at hand go with the request; the rest are made while pipecr waits
+    while (lent.size() < std::min(want, scratch.ready) && make_one()) {
+    }
+  if (scratch.always || !lent.empty())  // with always, the agent waits for this one, even empty
     if (auto ok = send_lent(0); !ok) return tl::unexpected(ok.error());
+  if (auto ok = await_ack(); !ok) return tl::unexpected(ok.error());
   // The survey wants two CPUs, one for the agent and one for pipecr, and the scheduler puts them on
   // one: a unix socket's wakeup is "sync" (the woken thread goes to the waker's CPU), and in a
   // virtual machine a halted vCPU is not taken for idle. Left alone, the two shared a CPU for 1-2 ms
@@ -1018,7 +1022,7 @@ Expected<::pipecr_agent_msg> Agent::receive(std::chrono::milliseconds limit) {
   }
 }
 
-// Handshake: take the agent's socket end, send the commit memfd, wait for ACK.
+// Handshake: take the agent's socket end, send the commit memfd, and take the ACK (a survey agent's after its request).
 Expected<void> Agent::connect(const CommitPoint& commit) {
   if (auto ok = wait_phase(PIPECR_AGENT_SOCKET_READY, wait_timeout()); !ok) return ok;
   pipecr_agent_ctl ctl{};
@@ -1047,6 +1051,16 @@ Expected<void> Agent::connect(const CommitPoint& commit) {
   const int hello[2] = {commit.fd(), queue_.get()};
   if (auto ok = send(sock_.get(), PIPECR_MSG_HELLO, 0, 0, std::span(hello, queue_ ? 2 : 1)); !ok) return ok;
   queue_.reset();  // the agent holds it now (and drops its files if it aborts)
+  // A survey's request follows HELLO at once (survey(), which takes the ACK after it): the agent
+  // goes from one to the other without waiting for pipecr's turn.
+  ack_pending_ = true;
+  if (frame_only_) return {};
+  return await_ack();
+}
+
+Expected<void> Agent::await_ack() {
+  if (!ack_pending_) return {};
+  ack_pending_ = false;
   auto m = receive(wait_timeout());
   if (!m) return tl::unexpected(m.error());
   if (m->type != PIPECR_MSG_ACK) return tl::unexpected(error("handshake refused", -m->status));
@@ -1148,6 +1162,7 @@ Expected<bool> Agent::decide() {
   decided_ = true;
   send_decide();
   if (decide_error_) return tl::unexpected(*decide_error_);
+  if (auto ok = await_ack(); !ok) return tl::unexpected(ok.error());  // a survey agent never asked
   for (;;) {
     auto m = receive(wait_timeout());
     if (!m) return tl::unexpected(m.error());

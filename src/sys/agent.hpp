@@ -176,6 +176,7 @@ inline constexpr size_t kSurveyScratchMax = 32;
 struct SurveyScratch {
   size_t want = 0;
   std::function<int()> make;
+  size_t ready = 0;     // of them, how many `make` has at hand (made before the stop): sent at once
   bool always = false;  // tests: the agent tees whenever it has a scratch pipe, pipecr busy or not
 };
 // Takes one message's worth of a survey (up to 253 fds, in fd order); an error ends the survey.
@@ -283,6 +284,7 @@ class Agent : public Injector {
                                              std::optional<AgentBootStep> step = std::nullopt, bool chained = false);
   [[nodiscard]] Expected<void> put_back();
   [[nodiscard]] Expected<void> connect(const CommitPoint& commit);
+  [[nodiscard]] Expected<void> await_ack();
   [[nodiscard]] Expected<uint32_t> phase();
   [[nodiscard]] Expected<void> wait_phase(uint32_t at_least, std::chrono::milliseconds limit);
   [[nodiscard]] Expected<::pipecr_agent_msg> receive(std::chrono::milliseconds limit);
@@ -319,6 +321,7 @@ class Agent : public Injector {
   std::vector<UniqueFd> replaced_;
   bool running_ = false;      // the thread runs the agent
   bool decided_ = false;
+  bool ack_pending_ = false;  // HELLO sent, its ACK not taken yet (await_ack())
   bool decide_sent_ = false;
   std::optional<Error> decide_error_;  // send_decide() failed
   bool done_ = false;
