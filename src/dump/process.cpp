@@ -635,11 +635,16 @@ class Dumper {
       scratch.ready = packer_.spares();
       scratch.make = [&]() -> int {
         uint32_t index = 0;
+        const bool spare = packer_.spares() > 0;  // made before the stop: both ends in base_fds_
         auto w = packer_.lend(&index);
         if (!w) return -1;  // the fd limit: pipecr tees the rest
         lent.push_back(index);
         ends.push_back(std::move(*w));
         ++stats_.lent_scratch_pipes;
+        // The fd budget (check_scratch_room): the read end is one of the packer's scratch pipes
+        // now; base_fds_ keeps the write end until the survey is over.
+        if (spare) --base_fds_;
+        else ++base_fds_;
         return ends.back().get();
       };
     }
@@ -654,6 +659,7 @@ class Dumper {
           return r;
         },
         scratch);
+    base_fds_ -= ends.size();
     ends.clear();
     uint64_t t2 = now_ns();
     stats_.agent_survey_ns += t2 - t1;
