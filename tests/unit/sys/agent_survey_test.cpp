@@ -129,6 +129,26 @@ std::map<int, Slot> table_of(pid_t pid) {
   return out;
 }
 
+// A survey child of n pipes that has answered "ok" (with `parked`, and sits in its read() of fd 5
+// again), and its fd table and mappings then, which the test compares it with at the end.
+struct ReadyChild {
+  SurveyChild sc;
+  pid_t pid = -1;
+  std::map<int, Slot> before;
+  std::string maps;
+};
+
+void start_ready(int n, bool parked, ReadyChild* r) {
+  r->sc = start_survey_child(n);
+  const pid_t pid = r->pid = r->sc.child.pid;
+  ASSERT_EQ(ask(r->sc), "ok");
+  if (parked) {
+    ASSERT_TRUE(eventually([&] { return blocked_in(pid, pid, SYS_read, 5); }));
+  }
+  r->before = table_of(pid);
+  r->maps = maps_without_stack(pid);
+}
+
 std::string agent_maps(pid_t pid) {
   std::ifstream in(fmt::format("/proc/{}/maps", pid));
   std::string line, out;
@@ -164,12 +184,9 @@ void expect_untouched(SurveyChild& sc, const std::map<int, Slot>& before, std::s
 
 TEST(AgentSurvey, ReportsEveryOpenFdItsCloexecAndTheSameOpenFiles) {
   constexpr int kPipes = 300;  // 600 pipe fds: three SCM_RIGHTS messages
-  SurveyChild sc = start_survey_child(kPipes);
-  const pid_t pid = sc.child.pid;
-  ASSERT_EQ(ask(sc), "ok");
-  ASSERT_TRUE(eventually([&] { return blocked_in(pid, pid, SYS_read, 5); }));
-  const auto before = table_of(pid);
-  std::string maps = maps_without_stack(pid);
+  ReadyChild ready;
+  ASSERT_NO_FATAL_FAILURE(start_ready(kPipes, true, &ready));
+  auto& [sc, pid, before, maps] = ready;
   {
     auto sp = StoppedProcess::seize(pid);
     ASSERT_TRUE(sp) << sp.error().what;
@@ -195,23 +212,15 @@ TEST(AgentSurvey, ReportsEveryOpenFdItsCloexecAndTheSameOpenFiles) {
   expect_untouched(sc, before, maps);
 }
 
-// The survey comes a message at a time (at most 253 fds, in fd order) while the agent goes on; a
-// message sent while pipecr is still busy with an earlier one carries the agent's fstat() of each
-// file (the sink here sleeps, so the third and later ones must), and that is what fstat() says of
-// the file received. The first carries none: nothing was queued while the agent made it, so pipecr
-// had time for its own. An error from the sink ends the survey; the agent can still survey again.
 // The agent tees into the scratch pipes pipecr sends it. If their read ends are gone (pipecr
 // died), a tee fails with EPIPE and raises SIGPIPE in the target's thread, held by the agent's mask:
 // the agent must take it back, or the target dies of it once the agent returns. Here the read ends
 // are closed from the start; the child does not block SIGPIPE.
 TEST(AgentSurvey, ATeeIntoAScratchPipeWithoutReadersLeavesNoSigpipe) {
   constexpr int kPipes = 300;
-  SurveyChild sc = start_survey_child(kPipes);
-  const pid_t pid = sc.child.pid;
-  ASSERT_EQ(ask(sc), "ok");
-  ASSERT_TRUE(eventually([&] { return blocked_in(pid, pid, SYS_read, 5); }));
-  const auto before = table_of(pid);
-  std::string maps = maps_without_stack(pid);
+  ReadyChild ready;
+  ASSERT_NO_FATAL_FAILURE(start_ready(kPipes, true, &ready));
+  auto& [sc, pid, before, maps] = ready;
   std::vector<UniqueFd> writes;
   {
     auto sp = StoppedProcess::seize(pid);
@@ -253,13 +262,16 @@ TEST(AgentSurvey, ATeeIntoAScratchPipeWithoutReadersLeavesNoSigpipe) {
   }
 }
 
+// The survey comes a message at a time (at most 253 fds, in fd order) while the agent goes on; a
+// message sent while pipecr is still busy with an earlier one carries the agent's fstat() of each
+// file (the sink here sleeps, so the third and later ones must), and that is what fstat() says of
+// the file received. The first carries none: nothing was queued while the agent made it, so pipecr
+// had time for its own. An error from the sink ends the survey; the agent can still survey again.
 TEST(AgentSurvey, ComesInMessagesWithTheTargetsFstatWhilePipecrIsBusy) {
   constexpr int kPipes = 400;  // 800 pipe fds: four messages
-  SurveyChild sc = start_survey_child(kPipes);
-  const pid_t pid = sc.child.pid;
-  ASSERT_EQ(ask(sc), "ok");
-  const auto before = table_of(pid);
-  std::string maps = maps_without_stack(pid);
+  ReadyChild ready;
+  ASSERT_NO_FATAL_FAILURE(start_ready(kPipes, false, &ready));
+  auto& [sc, pid, before, maps] = ready;
   {
     auto sp = StoppedProcess::seize(pid);
     ASSERT_TRUE(sp) << sp.error().what;
@@ -366,11 +378,9 @@ TEST(AgentSurvey, PipecrLeavesTheAgentsCpuForTheSurvey) {
 }
 
 TEST(AgentSurvey, ASecondSurveyOfTheSameStopGivesTheSameAnswer) {
-  SurveyChild sc = start_survey_child(10);
-  const pid_t pid = sc.child.pid;
-  ASSERT_EQ(ask(sc), "ok");
-  const auto before = table_of(pid);
-  std::string maps = maps_without_stack(pid);
+  ReadyChild ready;
+  ASSERT_NO_FATAL_FAILURE(start_ready(10, false, &ready));
+  auto& [sc, pid, before, maps] = ready;
   {
     auto sp = StoppedProcess::seize(pid);
     ASSERT_TRUE(sp) << sp.error().what;
@@ -398,11 +408,9 @@ TEST(AgentSurvey, ASecondSurveyOfTheSameStopGivesTheSameAnswer) {
 // Without a return through an rt_sigframe the survey refuses to start (the fallback's remote
 // syscalls would be a harm window the dump otherwise does not have), before touching the target.
 TEST(AgentSurvey, RefusesTheRegisterBlockFallback) {
-  SurveyChild sc = start_survey_child(5);
-  const pid_t pid = sc.child.pid;
-  ASSERT_EQ(ask(sc), "ok");
-  const auto before = table_of(pid);
-  std::string maps = maps_without_stack(pid);
+  ReadyChild ready;
+  ASSERT_NO_FATAL_FAILURE(start_ready(5, false, &ready));
+  auto& [sc, pid, before, maps] = ready;
   {
     auto sp = StoppedProcess::seize(pid);
     ASSERT_TRUE(sp) << sp.error().what;
@@ -418,15 +426,28 @@ TEST(AgentSurvey, RefusesTheRegisterBlockFallback) {
 
 // The survey's owner (a forked child running seize, agent, survey, return, resume in a loop) is
 // SIGKILLed at random moments: the kernel detaches the target, the agent sees its socket close
-// (or its tracer gone), drops what it was sending and returns through its frame.
+// (or its tracer gone), drops what it was sending and returns through its frame. The moments are
+// drawn from up to three times one cycle as this machine runs it (timed first, here), at least
+// 15 ms: on a loaded machine a fixed range could end before the first survey did, every round.
 TEST(AgentSurvey, KilledAtRandomMomentsLeavesTheTargetAsItWas) {
   constexpr int kPipes = 600;
-  SurveyChild sc = start_survey_child(kPipes);
-  const pid_t pid = sc.child.pid;
-  ASSERT_EQ(ask(sc), "ok");
-  const auto before = table_of(pid);
-  std::string maps = maps_without_stack(pid);
+  ReadyChild ready;
+  ASSERT_NO_FATAL_FAILURE(start_ready(kPipes, false, &ready));
+  auto& [sc, pid, before, maps] = ready;
   const uint32_t slots = fd_size(pid);
+  const auto t0 = std::chrono::steady_clock::now();
+  {
+    auto sp = StoppedProcess::seize(pid);
+    ASSERT_TRUE(sp) << sp.error().what;
+    auto agent = Agent::start_survey(**sp, pid);
+    ASSERT_TRUE(agent) << agent.error().what;
+    auto got = (*agent)->survey(slots);
+    ASSERT_TRUE(got) << got.error().what;
+    ASSERT_TRUE((*agent)->restore());
+    ASSERT_TRUE((*sp)->resume());
+  }
+  const auto cycle = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - t0);
+  const int window_us = std::max(15000, static_cast<int>(3 * cycle.count()));
   std::mt19937 rng(std::random_device{}());
   SharedCounter cycles;
   struct Windows {  // the dumper's harm and leak windows (sys::set_harm_window), shared across fork
@@ -452,7 +473,7 @@ TEST(AgentSurvey, KilledAtRandomMomentsLeavesTheTargetAsItWas) {
         cycles.value->fetch_add(1);
       }
     });
-    std::this_thread::sleep_for(std::chrono::microseconds(std::uniform_int_distribution<int>(0, 15000)(rng)));
+    std::this_thread::sleep_for(std::chrono::microseconds(std::uniform_int_distribution<int>(0, window_us)(rng)));
     const auto status = dumper.kill_and_reap();
     ASSERT_TRUE(status);
     ASSERT_TRUE(WIFSIGNALED(*status)) << "the dumper failed on its own: exit " << WEXITSTATUS(*status);
