@@ -599,6 +599,19 @@ class Dumper {
         fds < kSurveyMinFds || sparse(t) || t.max_fds > kSurveyMaxFds)
       return false;
     if (no_agent_.count(t.pid)) return false;  // too few fds before the stop: no gadgets were found
+    auto known = gadgets_.find(t.pid);
+    // A process that uses this very table and is not dumped runs on, and could close or replace the
+    // numbers the agent takes in it (its sockets, the scratch pipes lent): read it without the agent.
+    if (known != gadgets_.end())
+      for (pid_t other : known->second.files_sharers)
+        if (std::find(pids_.begin(), pids_.end(), other) == pids_.end()) {
+          stats_.notes.push_back(fmt::format(
+              "process {}: process {} uses the same fd table (clone(CLONE_FILES)) and is not dumped: the table was "
+              "read without the agent, and what that process changed in it meanwhile may show; dump both (--tree, "
+              "or -t for each)",
+              t.pid, other));
+          return false;
+        }
     sys::StoppedProcess& sp = *stopped_[t.proc];
     if (sp.was_stopped()) return false;  // the agent would go into the group stop before it returned
     // The syscall the thread stands in, for mark_blocked(): once the agent ran, its registers are the
@@ -607,7 +620,6 @@ class Dumper {
     if (!before) return tl::unexpected(in_process(before.error(), t.pid));
     agent_threads_.emplace(t.tid, *before);
     uint64_t t0 = now_ns();
-    auto known = gadgets_.find(t.pid);
     auto agent = sys::Agent::start_survey(sp, t.tid, 0, known != gadgets_.end() ? &known->second : nullptr,
                                           survey_commit_ ? &*survey_commit_ : nullptr);
     uint64_t t1 = now_ns();

@@ -241,6 +241,23 @@ std::optional<size_t> thread_holder(Plan& plan, size_t h, pid_t tid) {
   return plan.holders.size() - 1;
 }
 
+// Why an fd is left as it is (the process still holds its pipe there, which a process outside the
+// restore holds too), for its note: who that is, and what to do when it uses the very fd table
+// (clone(CLONE_FILES) without CLONE_THREAD: a dump of one of them records the other as outside).
+std::string held_outside(const PipeChoice* c, pid_t table) {
+  if (!c || c->strangers.empty()) return "it still holds that pipe, which is also held outside the image";
+  const pid_t who = c->strangers.front();
+  auto comm = sys::read_comm(who);
+  const std::string name = fmt::format("process {} ({})", who, comm ? *comm : "?");
+  if (auto same = sys::kcmp_files(table, who); same && *same == 0)
+    return fmt::format("it still holds that pipe, and {} uses the same fd table (clone(CLONE_FILES)) without being "
+                       "restored: dump and restore both (--tree, or -t and --into for each)",
+                       name);
+  const std::string more = c->strangers.size() > 1 ? fmt::format(" and {} more", c->strangers.size() - 1) : "";
+  return fmt::format("it still holds that pipe, which {}{} {} too, outside the restore", name, more,
+                     c->strangers.size() > 1 ? "hold" : "holds");
+}
+
 // Fds of restored processes, the files and pipes they need; the rest is dropped. A process that
 // shared the fd table of a recorded one (SHARED_FILES) receives that table's fds when only it is
 // restored; when both are, they are installed once.
@@ -275,9 +292,8 @@ void select_fds(const Image& img, Plan& plan, std::unordered_map<uint64_t, PipeC
     // A thread's own table is /proc/TID/...: its fds are looked up there, not in the process's table.
     const pid_t table = plan.holders[*hi].thread ? plan.holders[*hi].thread : plan.holders[*hi].target;
     if (!in_place && !plan.holders[*hi].caller && still_connected(img, d, table, outside_now)) {
-      plan.notes.push_back(fmt::format("fd {} of process {} left as it is: its pipe is also held outside the image, "
-                                       "and the process still holds that pipe there",
-                                       d.fd, plan.holders[*hi].target));
+      plan.notes.push_back(
+          fmt::format("fd {} of process {} left as it is: {}", d.fd, plan.holders[*hi].target, held_outside(c, table)));
       continue;
     }
     add_file(img, d.file_id, plan);

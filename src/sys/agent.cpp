@@ -157,30 +157,48 @@ bool shares_mm(pid_t pid, pid_t other) {
   return r == 0 || (r < 0 && errno != ESRCH && errno != EPERM && errno != EACCES);
 }
 
-// Whether a task outside pid's thread group uses its address space (clone(CLONE_VM) without
-// CLONE_THREAD: a vfork or posix_spawn child before its exec, a process made with clone(CLONE_VM),
-// another target of the same restore): kcmp(KCMP_VM) against every process in /proc. Such a task is
-// not stopped with pid, so it could map at the agent's chosen address before the bootstrap's mmap,
-// and the chain's munmap would then remove its mapping. True when that cannot be ruled out (no
-// kcmp, /proc unreadable); see shares_mm() for the processes skipped. A process that stands at a
-// thread whose leader has exited is seen through the leader's entry, whose mm is gone: it is missed.
-bool mm_shared_outside(pid_t pid) {
+#ifndef KCMP_FILES
+#define KCMP_FILES 2
+#endif
+
+// What other processes share of pid: its address space, its fd table; kcmp against every process
+// in /proc (about 1.5 us a process each).
+// - The address space (KCMP_VM; clone(CLONE_VM) without CLONE_THREAD: a vfork or posix_spawn child
+//   before its exec, a process made with clone(CLONE_VM), another target of the same restore): such
+//   a task is not stopped with pid, so it could map at the agent's chosen address before the
+//   bootstrap's mmap, and the chain's munmap would then remove its mapping. True when that cannot be
+//   ruled out (no kcmp, /proc unreadable); see shares_mm() for the processes skipped.
+// - The fd table (KCMP_FILES; clone(CLONE_FILES) without CLONE_THREAD): such a process runs on while
+//   the agent holds numbers of that table, and could close or replace them (AgentGadgets).
+// A process that stands at a thread whose leader has exited is seen through the leader's entry,
+// whose mm and table are gone: it is missed.
+struct Sharers {
+  bool mm = false;
+  std::vector<pid_t> files;
+};
+Sharers sharers_outside(pid_t pid, bool mm_only) {
+  Sharers out;
   DIR* d = ::opendir("/proc");
-  if (!d) return true;
-  bool shared = false;
+  if (!d) {
+    out.mm = true;
+    return out;
+  }
   while (dirent* e = ::readdir(d)) {
     if (e->d_name[0] < '1' || e->d_name[0] > '9') continue;
     char* end = nullptr;
     const long other = std::strtol(e->d_name, &end, 10);
     if (*end || other == pid) continue;
-    if (shares_mm(pid, static_cast<pid_t>(other))) {
-      shared = true;
-      break;
+    if (!out.mm && shares_mm(pid, static_cast<pid_t>(other))) {
+      out.mm = true;
+      if (mm_only) break;
     }
+    if (!mm_only && ::syscall(SYS_kcmp, pid, other, KCMP_FILES, 0, 0) == 0) out.files.push_back(static_cast<pid_t>(other));
   }
   ::closedir(d);
-  return shared;
+  return out;
 }
+
+bool mm_shared_outside(pid_t pid) { return sharers_outside(pid, true).mm; }
 
 // mm_shared_outside(pid) while pid is stopped, knowing what find_agent_gadgets() saw before the stop.
 // No other process shared the address space then: one that does now was made since by a thread of
@@ -406,7 +424,9 @@ void set_agent_boot_hook(AgentBootHook hook) { g_boot_hook = hook; }
 
 AgentGadgets find_agent_gadgets(pid_t pid) {
   AgentGadgets g = find_return_gadgets(pid);
-  g.mm_shared = mm_shared_outside(pid) ? 1 : 0;
+  Sharers sharers = sharers_outside(pid, false);
+  g.mm_shared = sharers.mm ? 1 : 0;
+  g.files_sharers = std::move(sharers.files);
   return g;
 }
 bool agent_gadgets_still_there(pid_t pid, const AgentGadgets& g) { return gadgets_still_there(pid, g); }

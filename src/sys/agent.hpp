@@ -128,8 +128,9 @@ class FileQueue {
 // restorer (arch.hpp); 0 where missing. Finding them scans the target's executable mappings (most of
 // a millisecond with glibc), which may be done before the stop: start_survey() then checks them with
 // one read each instead of scanning while the target stands still.
-// find_agent_gadgets() also looks (kcmp KCMP_VM over /proc, before the stop, 0.1-0.3 ms with about
-// 100 processes) for another process sharing the target's address space, which makes the agent's
+// find_agent_gadgets() also looks (kcmp KCMP_VM and KCMP_FILES over /proc, before the stop, 0.1-0.3
+// ms with about 100 processes) for another process sharing the target's fd table (the dump reads
+// that table without an agent unless the process is dumped too) or its address space, which makes the agent's
 // bootstrap keep its leak window (agent.hpp, top): with none then, the bootstrap only checks, while
 // stopped, the processes that could have been made since (children of the target's threads and of
 // its parent: clone(CLONE_VM), with or without CLONE_PARENT), instead of all of /proc.
@@ -137,6 +138,9 @@ struct AgentGadgets {
   uint64_t syscall_ret = 0;
   uint64_t restorer = 0;
   int mm_shared = -1;  // -1: not looked; 0: no other process shared the address space; 1: one did
+  // Other processes that used the same fd table then (clone(CLONE_FILES) without CLONE_THREAD):
+  // one not stopped with the target could close or replace the numbers an agent takes in it.
+  std::vector<pid_t> files_sharers;
 };
 [[nodiscard]] AgentGadgets find_agent_gadgets(pid_t pid);
 // How many times find_agent_gadgets() (or an agent's start without them) had to scan a process's

@@ -253,6 +253,64 @@ TEST(SurveyDump, AProcessUnderSeccompIsReadWithoutTheAgent) {
   EXPECT_EQ(c.finish(), 0);
 }
 
+// A process whose fd table another process uses too (clone(CLONE_FILES) without CLONE_THREAD) is
+// read without the agent when that other one is not dumped: it runs on and could close or replace
+// the numbers the agent takes in the table. The note names it. Dumped together, the two are both
+// stopped and the table is read by the agent, once.
+TEST(SurveyDump, ATableSharedWithAProcessNotDumpedIsReadWithoutTheAgent) {
+  DumpChild c([](int ready) {
+    testing::block_usr1();
+    int p[2];
+    if (::pipe(p) < 0 || ::write(p[1], "abc", 3) != 3) return 4;
+    for (int fd = 30; fd <= 100; ++fd)  // 73 fds in a table of 128 slots: enough for the agent
+      if (::dup2(p[1], fd) < 0) return 6;
+    static char stack[64 * 1024];
+    const pid_t sharer = ::clone(
+        [](void*) -> int {
+          ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+          for (;;) ::pause();
+        },
+        stack + sizeof stack, CLONE_FILES | SIGCHLD, nullptr);
+    if (sharer < 0) return 7;
+    ::close(ready);
+    testing::wait_usr1();
+    int q = 0;
+    return ::ioctl(p[0], FIONREAD, &q) == 0 && q == 3 ? 0 : 5;
+  });
+  ASSERT_TRUE(c.ready());
+  pid_t sharer = 0;  // the child's only child
+  std::ifstream(fmt::format("/proc/{}/task/{}/children", c.pid(), c.pid())) >> sharer;
+  ASSERT_GT(sharer, 0);
+  {
+    std::vector<std::byte> bytes;
+    dump::DumpStats stats{};
+    auto img = dump_without_agent(c.pid(), bytes, stats);
+    ASSERT_TRUE(img) << img.error().what;
+    ASSERT_EQ(img->pipes.size(), 1u);
+    EXPECT_EQ(img->pipes[0].bytes(), 3u);
+    size_t named = 0;
+    for (const std::string& n : stats.notes)
+      named += n.find(fmt::format("process {} uses the same fd table", sharer)) != std::string::npos;
+    EXPECT_EQ(named, 1u) << fmt::format("{}", fmt::join(stats.notes, "\n"));
+  }
+  {
+    image::MemorySink sink;
+    dump::DumpOptions opts{.pids = {c.pid(), sharer}};
+    auto stats = dump::dump_processes(opts, sink);
+    ASSERT_TRUE(stats) << stats.error().what;
+    EXPECT_EQ(stats->agents, 1u);
+    EXPECT_EQ(stats->tables, 1u);
+    auto img = image::parse(sink.bytes());
+    ASSERT_TRUE(img) << img.error().what;
+    ASSERT_EQ(img->pipes.size(), 1u);
+    EXPECT_EQ(img->pipes[0].bytes(), 3u);
+    EXPECT_EQ(img->shared_tables.size(), 1u);
+  }
+  expect_running(c.pid());
+  expect_running(sharer);
+  EXPECT_EQ(c.finish(), 0);
+}
+
 // A table that once held thousands of fds and now holds few (FDSize stays): its fds are listed and
 // taken one by one, not probed slot by slot, and without the agent, which would walk every slot; the
 // records are what the child made. With 100 pipes (more than the agent's minimum) as with 20.

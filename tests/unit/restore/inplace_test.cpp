@@ -7,6 +7,7 @@
 // bytes back; --replace and a second holder must make it a replacement.
 #include <pthread.h>
 #include <sched.h>
+#include <sys/prctl.h>
 #include <sys/epoll.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -189,6 +190,39 @@ TEST(RestoreInPlace, AnotherHolderLeavesItOrReplaceMeansANewPipe) {
   }
 }
 
+
+// A process that uses the target's very fd table (clone(CLONE_FILES) without CLONE_THREAD) and is
+// not restored holds every pipe of that table: the fds are left as they are, and the note names it
+// as the table's other user and says what to do, not merely "held outside".
+TEST(RestoreInPlace, AProcessSharingTheTableIsNamedInTheNote) {
+  LivePipe live("old bytes");
+  ImageBuilder b = image_of(live, "recorded");
+  Image img = b.parsed();
+  Scenario child(
+      [&] {
+        live.take();
+        static char stack[64 * 1024];
+        const pid_t sharer = ::clone(
+            [](void*) -> int {
+              ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+              for (;;) ::pause();
+            },
+            stack + sizeof stack, CLONE_FILES | SIGCHLD, nullptr);
+        if (sharer < 0) ::_exit(3);
+      },
+      [] { return testing::expect_bytes(kR, "old bytes"); });
+  ASSERT_TRUE(child.ready());
+  live.let_go();  // the sharer is the only other holder
+  auto sum = restore_processes(img, {{{child.pid(), kRec}}, std::nullopt}, {});
+  ASSERT_TRUE(sum) << sum.error().what;
+  EXPECT_EQ(sum->fds, 0u);
+  size_t named = 0;
+  for (const std::string& n : sum->notes)
+    named += n.find("left as it is") != std::string::npos &&
+             n.find("uses the same fd table (clone(CLONE_FILES))") != std::string::npos;
+  EXPECT_EQ(named, 2u) << fmt::format("{}", fmt::join(sum->notes, "\n"));
+  EXPECT_EQ(child.finish(), "");
+}
 
 // The image of the child holding `live` with "recorded" queued: kR reads (file flags rd_flags,
 // FD_CLOEXEC rd_cloexec), kW writes (FD_CLOEXEC wr_cloexec).
