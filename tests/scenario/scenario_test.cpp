@@ -218,6 +218,7 @@ const Info kScenarios[] = {
     {"pipe00", true},     {"pipe01", true},        {"pipe02", true},      {"pipe03", true},
     {"packet", true},     {"write_only", true},    {"file_fown", true},   {"fifo", true},
     {"fifo_ro", true},    {"fifo_nowriter", false}, {"fifo_wronly", false}, {"fifo_ghost", true},
+    {"fifo_rowo_pair", true}, {"fifo_loop", true},
     {"freespace", true},  {"many_pipes", true, false, false},    {"vmsplice", true},    {"pipe_exec", true},
     {"epoll_links", true}, {"scm_inflight", true, true},
 };
