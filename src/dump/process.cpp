@@ -132,7 +132,6 @@ struct Table {             // one fd table
   sys::UniqueFd pidfd;     // of tid (PIDFD_THREAD when tid is not the leader)
   uint32_t max_fds = 0;    // FDSize: slots in the table, above every open fd
   uint32_t open_fds = 0;   // fds open in it (st_size of /proc/PID/task/TID/fd, Linux 6.2); 0: not known
-  bool seccomp = true;     // the thread runs under a seccomp mode (Seccomp: in status is not 0)
 };
 
 struct Holder {            // one fd slot
@@ -571,9 +570,9 @@ class Dumper {
   // returns untouched; FD_CLOEXEC then needs no fdinfo read after the resume. True when done; false
   // when this table is read by pidfd_getfd instead: a thread's own table (the agent runs in the
   // process's first thread), --leave-stopped and a process in a group stop (the agent's thread
-  // must run to return, and a stopped one would stop inside the agent), a thread
-  // under seccomp (a filter could kill the target for the agent's socketpair or sendmsg), copies
-  // taken in batches, too few fds for the agent's start to pay (kSurveyMinFds: counted where the
+  // must run to return, and a stopped one would stop inside the agent), a thread whose seccomp
+  // filters would not allow every call the agent makes (sys/seccomp.hpp: its start refuses, and the
+  // note says why), copies taken in batches, too few fds for the agent's start to pay (kSurveyMinFds: counted where the
   // kernel counts them, else the table's slots), a sparse table (sparse(): the agent walks every
   // number) or one too large to walk (kSurveyMaxFds), DumpOptions::survey_agent off, or an agent
   // that could not start or survey (the target is then as it was, and the fallback reads it).
@@ -595,7 +594,7 @@ class Dumper {
   Expected<bool> survey_fd_table(size_t ti) {
     const Table& t = tables_[ti];
     const uint32_t fds = t.open_fds != 0 ? t.open_fds : t.max_fds;
-    if (self_ || !opts_.survey_agent || t.own || opts_.leave_stopped || t.seccomp || batch_ != SIZE_MAX ||
+    if (self_ || !opts_.survey_agent || t.own || opts_.leave_stopped || batch_ != SIZE_MAX ||
         fds < kSurveyMinFds || sparse(t) || t.max_fds > kSurveyMaxFds)
       return false;
     if (no_agent_.count(t.pid)) return false;  // too few fds before the stop: no gadgets were found
@@ -770,12 +769,10 @@ class Dumper {
     return added(std::move(h));
   }
 
-  // FDSize of a table: the number of fd slots it has, above every open fd. And whether its thread
-  // runs under seccomp (t.seccomp), read from the same file.
+  // FDSize of a table: the number of fd slots it has, above every open fd.
   Expected<uint32_t> table_size(Table& t) {
     auto st = sys::read_status(t.pid, t.tid);
     if (!st) return tl::unexpected(in_process(st.error(), t.pid));
-    t.seccomp = st->seccomp != 0;  // a kernel without the line: as if under seccomp (no agent)
     if (!st->fd_size) return fail(Errc::system, 0, fmt::format("no FDSize in /proc/{}/status", t.tid));
     t.open_fds = sys::open_fd_count(t.pid, t.tid);
     return *st->fd_size;

@@ -663,6 +663,7 @@ Agent::~Agent() {
 
 // Maps the agent, writes it, its control block, operations and return path, and lets it run.
 Expected<void> Agent::boot(const CommitPoint&, std::span<const AgentOp> ops, int floor) {
+  if (auto ok = process_->may_run_code(tid_); !ok) return tl::unexpected(ok.error());  // its seccomp filters
   auto regs = process_->regs(tid_);
   if (!regs) return tl::unexpected(regs.error());
   saved_ = *regs;

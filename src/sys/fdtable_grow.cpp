@@ -76,6 +76,7 @@ Expected<long> dup3_in_thread(pid_t pid, pid_t tid, int oldfd, int newfd, const 
   auto seized = StoppedProcess::seize_thread(pid, tid);
   if (!seized) return tl::unexpected(seized.error());
   StoppedProcess& p = **seized;  // its destructor detaches the thread on every path below
+  if (auto ok = p.may_run_code(tid); !ok) return tl::unexpected(ok.error());  // its seccomp filters
   if (!agent_gadgets_still_there(pid, g))
     return tl::unexpected(frame_error(pid, tid, "its `syscall; ret` or restorer is gone (code unmapped since)"));
   auto saved = p.regs(tid);

@@ -8,6 +8,7 @@
 #include "sys/ptrace.hpp"
 
 #include "sys/proc.hpp"
+#include "sys/seccomp.hpp"
 #include "sys/remote.hpp"
 
 #include <sys/ptrace.h>
@@ -416,7 +417,15 @@ bool StoppedProcess::signal_pending(pid_t tid) const {
   return unblocked_signal_pending(pid_, tid);
 }
 
+Expected<void> StoppedProcess::may_run_code(pid_t tid) {
+  for (const auto& [t, answer] : code_allowed_)
+    if (t == tid) return answer;
+  code_allowed_.emplace_back(tid, seccomp_allows(pid_, tid, injected_syscalls()));
+  return code_allowed_.back().second;
+}
+
 Expected<void> StoppedProcess::let_run(pid_t tid) {
+  if (auto ok = may_run_code(tid); !ok) return ok;  // asked before by each injector: a last guard
   if (::ptrace(PTRACE_CONT, tid, nullptr, nullptr) < 0) return tl::unexpected(ptrace_error(errno, "PTRACE_CONT", pid_, tid));
   running_.push_back(tid);
   return {};
@@ -482,6 +491,7 @@ Expected<SyscallState> StoppedProcess::syscall_state(pid_t tid) const {
 }
 
 Expected<void> StoppedProcess::run_syscall(pid_t tid, long nr) {
+  if (auto ok = may_run_code(tid); !ok) return ok;  // asked before by each injector: a last guard
   bool entered = false;
   long request = PTRACE_SYSCALL;
   int deliver = 0;

@@ -166,6 +166,10 @@ class StoppedProcess {
   [[nodiscard]] Expected<void> set_signal_mask(pid_t tid, uint64_t mask);
   // A signal is pending for tid that it does not block (/proc status), or held back by us for it.
   [[nodiscard]] bool signal_pending(pid_t tid) const;
+  // Whether code of pipecr's may run as thread tid under its seccomp filters: every call it may
+  // make there allowed by each of them (sys/seccomp.hpp). Asked by each injector before it changes
+  // anything; found once per thread.
+  [[nodiscard]] Expected<void> may_run_code(pid_t tid);
 
   // Runs code in this process through an injector it makes and owns: T::create(*this, args...) (a
   // private factory: RemoteSyscalls, Agent), kept until discard() or until this process is destroyed,
@@ -228,6 +232,7 @@ class StoppedProcess {
   std::vector<Injector*> injectors_;                // open on this process (remote syscalls, agents)
   std::vector<std::unique_ptr<Injector>> owned_;    // every injector made by inject(), destroyed last
   std::vector<pid_t> running_;                      // let_run() and not yet interrupt()ed
+  std::vector<std::pair<pid_t, Expected<void>>> code_allowed_;  // may_run_code(), per thread
 };
 
 }  // namespace pipecr::sys

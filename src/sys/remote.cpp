@@ -25,8 +25,6 @@
 namespace pipecr::sys {
 namespace {
 
-constexpr size_t kMaxFdsPerMessage = 253;  // SCM_MAX_FD
-
 bool is_errno_result(long v) { return v < 0 && v >= -4095; }
 
 Expected<long> peek(pid_t pid, pid_t tid, uint64_t addr) {
@@ -52,6 +50,7 @@ Expected<std::unique_ptr<RemoteSyscalls>> RemoteSyscalls::create(StoppedProcess&
   if (std::find(t.begin(), t.end(), tid) == t.end())
     return fail(Errc::invalid_argument, EINVAL,
                 fmt::format("RemoteSyscalls(pid={}, tid={}): not a stopped thread of the process", process.pid(), tid));
+  if (auto ok = process.may_run_code(tid); !ok) return tl::unexpected(ok.error());  // its seccomp filters
   std::unique_ptr<RemoteSyscalls> r(new RemoteSyscalls(process, tid));
   auto ok = r->prepare(insn, vdso_hint);
   if (!ok) return tl::unexpected(ok.error());

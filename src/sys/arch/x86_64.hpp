@@ -36,6 +36,8 @@ inline constexpr std::array<unsigned char, 2> kSyscallInsn = {0x0f, 0x05};
 inline constexpr uint64_t kSyscallInsnLen = 2;
 // Bytes below the stack pointer that leaf code may use without moving it (the ABI's red zone).
 inline constexpr uint64_t kRedZone = 128;
+// seccomp_data.arch of this architecture's system calls (AUDIT_ARCH_X86_64 of <linux/audit.h>).
+inline constexpr uint32_t kAuditArch = 0xc000003e;
 
 // The general registers of one stopped thread.
 struct Regs {

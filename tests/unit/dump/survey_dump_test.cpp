@@ -221,41 +221,51 @@ TEST(SurveyDump, TheAgentAndTheFallbackGiveTheSameRecords) {
   EXPECT_EQ(c.reap(), 0);
 }
 
-// A process under a seccomp filter is read without the agent: a filter could kill it for the agent's
-// socketpair() or sendmsg(). This one allows everything; the dump must still not use the agent.
-TEST(SurveyDump, AProcessUnderSeccompIsReadWithoutTheAgent) {
-  DumpChild c([](int ready) {
-    testing::block_usr1();
-    sock_filter allow[] = {BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW)};
-    sock_fprog prog{1, allow};
-    if (::prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0) return 2;
-    if (::syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &prog) < 0) return 3;
-    int p[2];
-    if (::pipe(p) < 0 || ::write(p[1], "abc", 3) != 3) return 4;
-    ::fcntl(p[0], F_SETFD, FD_CLOEXEC);
-    for (int fd = 30; fd <= 100; ++fd)  // 73 fds in a table of 128 slots: enough for the agent
-      if (::dup2(p[1], fd) < 0) return 6;
-    ::close(ready);
-    testing::wait_usr1();
-    int q = 0;
-    return ::ioctl(p[0], FIONREAD, &q) == 0 && q == 3 ? 0 : 5;
-  });
-  ASSERT_TRUE(c.ready());
-  std::vector<std::byte> bytes;
-  dump::DumpStats stats{};
-  auto img = dump_without_agent(c.pid(), bytes, stats);
-  ASSERT_TRUE(img) << img.error().what;
-  ASSERT_EQ(img->pipes.size(), 1u);
-  EXPECT_EQ(img->pipes[0].bytes(), 3u);
-  int cloexec = 0;
-  for (const FdRecord& r : img->fds) cloexec += r.cloexec;
-  EXPECT_EQ(cloexec, 1);
-  EXPECT_EQ(c.finish(), 0);
+// A process under a seccomp filter gets the agent only where the filter allows every call the
+// agent makes (sys/seccomp.hpp: pipecr reads the filter and runs it first). One that kills on
+// socketpair() is read without it, with a note, and lives on with its pipe; one that allows all
+// (here: kills only on getppid()) is read by the agent.
+TEST(SurveyDump, AProcessUnderSeccompGetsTheAgentOnlyWhereItsFilterAllowsIt) {
+  for (const int nr : {SYS_socketpair, SYS_getppid}) {
+    SCOPED_TRACE(nr);
+    DumpChild c([nr](int ready) {
+      testing::block_usr1();
+      sock_filter f[] = {BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(seccomp_data, nr)),
+                         BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, static_cast<uint32_t>(nr), 0, 1),
+                         BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS), BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW)};
+      sock_fprog prog{4, f};
+      if (::prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0) return 2;
+      if (::syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &prog) < 0) return 3;
+      int p[2];
+      if (::pipe(p) < 0 || ::write(p[1], "abc", 3) != 3) return 4;
+      ::fcntl(p[0], F_SETFD, FD_CLOEXEC);
+      for (int fd = 30; fd <= 100; ++fd)  // 73 fds in a table of 128 slots: enough for the agent
+        if (::dup2(p[1], fd) < 0) return 6;
+      ::close(ready);
+      testing::wait_usr1();
+      int q = 0;
+      return ::ioctl(p[0], FIONREAD, &q) == 0 && q == 3 ? 0 : 5;
+    });
+    ASSERT_TRUE(c.ready());
+    std::vector<std::byte> bytes;
+    dump::DumpStats stats{};
+    auto img = dump(c.pid(), true, bytes, stats);
+    ASSERT_TRUE(img) << img.error().what;
+    expect_running(c.pid());
+    const bool allowed = nr != SYS_socketpair;
+    EXPECT_EQ(stats.agents, allowed ? 1u : 0u);
+    size_t noted = 0;
+    for (const std::string& n : stats.notes) noted += n.find("seccomp filter would kill the process for socketpair()") != std::string::npos;
+    EXPECT_EQ(noted, allowed ? 0u : 1u) << fmt::format("{}", fmt::join(stats.notes, "\n"));
+    ASSERT_EQ(img->pipes.size(), 1u);
+    EXPECT_EQ(img->pipes[0].bytes(), 3u);
+    int cloexec = 0;
+    for (const FdRecord& r : img->fds) cloexec += r.cloexec;
+    EXPECT_EQ(cloexec, 1);
+    EXPECT_EQ(c.finish(), 0);
+  }
 }
 
-// A process whose fd table another process uses too (clone(CLONE_FILES) without CLONE_THREAD) is
-// read without the agent when that other one is not dumped: it runs on and could close or replace
-// the numbers the agent takes in the table. The note names it. Dumped together, the two are both
 // stopped and the table is read by the agent, once.
 TEST(SurveyDump, ATableSharedWithAProcessNotDumpedIsReadWithoutTheAgent) {
   DumpChild c([](int ready) {

@@ -7,12 +7,17 @@
 // in a tracing stop.
 #include "restore/process.hpp"
 
+#include <linux/filter.h>
+#include <linux/seccomp.h>
 #include <poll.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
 #include <sys/ioctl.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 
 #include <algorithm>
+#include <cstddef>
 #include <filesystem>
 #include <fstream>
 #include <stdexcept>
@@ -627,6 +632,41 @@ TEST(RestoreProcess, TargetDyingHalfWayRollsBackTheOthers) {
   EXPECT_EQ(r.error().kind, Errc::gone) << r.error().what;
   EXPECT_UNTRACED(a.pid());
   EXPECT_EQ(a.finish(), "");
+}
+
+// A target whose seccomp filter would kill it for a call pipecr's agent makes there (socketpair())
+// is refused before anything is done in any target: the restore fails (Errc::unsupported, the
+// filter's verdict named), both targets keep their fds, live on and are not traced.
+TEST(RestoreProcess, ASeccompFilterThatWouldKillTheAgentRefusesTheRestore) {
+  ImageBuilder b;
+  b.process(kRec).process(kRec2);
+  auto p = b.pipe({{"x", false}});
+  b.fd(kRec, 11, b.file(p, O_RDONLY)).fd(kRec2, 12, b.file(p, O_WRONLY));
+  Image img = b.parsed();
+  Scenario a([] { testing::dev_null_at({11}); },
+             []() -> std::string { return testing::is_dev_null(11) ? "" : "fd 11 is no longer /dev/null"; });
+  Scenario filtered(
+      [] {
+        testing::dev_null_at({12});
+        sock_filter f[] = {BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(seccomp_data, nr)),
+                           BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_socketpair, 0, 1),
+                           BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS),
+                           BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW)};
+        sock_fprog prog{4, f};
+        if (::prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 || ::syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &prog) < 0)
+          ::_exit(7);
+      },
+      []() -> std::string { return testing::is_dev_null(12) ? "" : "fd 12 is no longer /dev/null"; });
+  ASSERT_TRUE(a.ready() && filtered.ready());
+  auto r = restore_processes(img, {{{a.pid(), kRec}, {filtered.pid(), kRec2}}, std::nullopt});
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().kind, Errc::unsupported) << r.error().what;
+  EXPECT_NE(r.error().what.find("seccomp filter would kill the process for socketpair()"), std::string::npos)
+      << r.error().what;
+  EXPECT_UNTRACED(a.pid());
+  EXPECT_UNTRACED(filtered.pid());
+  EXPECT_EQ(a.finish(), "");
+  EXPECT_EQ(filtered.finish(), "");
 }
 
 TEST(RestoreProcess, DeadTargetIsGone) {
