@@ -233,7 +233,9 @@ void probe_caps(KernelFeatures& k) {
       {"cap_sys_ptrace", "CAP_SYS_PTRACE", 19, &k.cap_sys_ptrace, "needed to dump or restore processes of other users"},
       {"cap_sys_resource", "CAP_SYS_RESOURCE", 24, &k.cap_sys_resource, "needed to restore pipes larger than pipe-max-size"},
       {"cap_checkpoint_restore", "CAP_CHECKPOINT_RESTORE", 40, &k.cap_checkpoint_restore, "lets a non-root tool checkpoint (Linux 5.9+)"},
-      {"cap_sys_admin", "CAP_SYS_ADMIN", 21, &k.cap_sys_admin, "covers the others on older kernels"},
+      {"cap_sys_admin", "CAP_SYS_ADMIN", 21, &k.cap_sys_admin,
+       "needed to read a target's seccomp filter, without which a process under one gets no agent and no restore; "
+       "covers the others on older kernels"},
   };
   for (const Cap& c : caps) {
     *c.field = (eff >> c.bit) & 1;
