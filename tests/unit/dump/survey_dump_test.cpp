@@ -31,6 +31,7 @@
 #include "image/image_io.hpp"
 #include "dump_child.hpp"
 #include "unit/send_fds.hpp"
+#include "unit/table_sharer.hpp"
 
 namespace pipecr {
 namespace {
@@ -274,14 +275,7 @@ TEST(SurveyDump, ATableSharedWithAProcessNotDumpedIsReadWithoutTheAgent) {
     if (::pipe(p) < 0 || ::write(p[1], "abc", 3) != 3) return 4;
     for (int fd = 30; fd <= 100; ++fd)  // 73 fds in a table of 128 slots: enough for the agent
       if (::dup2(p[1], fd) < 0) return 6;
-    static char stack[64 * 1024];
-    const pid_t sharer = ::clone(
-        [](void*) -> int {
-          ::prctl(PR_SET_PDEATHSIG, SIGKILL);
-          for (;;) ::pause();
-        },
-        stack + sizeof stack, CLONE_FILES | SIGCHLD, nullptr);
-    if (sharer < 0) return 7;
+    if (testing::spawn_table_sharer() < 0) return 7;
     ::close(ready);
     testing::wait_usr1();
     int q = 0;

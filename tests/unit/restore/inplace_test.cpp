@@ -7,7 +7,6 @@
 // bytes back; --replace and a second holder must make it a replacement.
 #include <pthread.h>
 #include <sched.h>
-#include <sys/prctl.h>
 #include <sys/epoll.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -22,6 +21,7 @@
 #include "restore/process.hpp"
 #include "restore_helpers.hpp"
 #include "sys/syscalls.hpp"
+#include "unit/table_sharer.hpp"
 
 namespace pipecr::restore {
 namespace {
@@ -201,14 +201,7 @@ TEST(RestoreInPlace, AProcessSharingTheTableIsNamedInTheNote) {
   Scenario child(
       [&] {
         live.take();
-        static char stack[64 * 1024];
-        const pid_t sharer = ::clone(
-            [](void*) -> int {
-              ::prctl(PR_SET_PDEATHSIG, SIGKILL);
-              for (;;) ::pause();
-            },
-            stack + sizeof stack, CLONE_FILES | SIGCHLD, nullptr);
-        if (sharer < 0) ::_exit(3);
+        if (testing::spawn_table_sharer() < 0) ::_exit(3);
       },
       [] { return testing::expect_bytes(kR, "old bytes"); });
   ASSERT_TRUE(child.ready());

@@ -613,14 +613,25 @@ TEST(RestoreProcess, FdLimitTooLowLeavesTargetUnchanged) {
   EXPECT_EQ(child.finish(), "");
 }
 
-TEST(RestoreProcess, TargetDyingHalfWayRollsBackTheOthers) {
+// Two recorded processes on one pipe: kRec reads it at fd 11, kRec2 writes it at fd 12.
+Image two_targets_one_pipe() {
   ImageBuilder b;
   b.process(kRec).process(kRec2);
   auto p = b.pipe({{"x", false}});
   b.fd(kRec, 11, b.file(p, O_RDONLY)).fd(kRec2, 12, b.file(p, O_WRONLY));
-  Image img = b.parsed();
-  Scenario a([] { testing::dev_null_at({11}); },
-             []() -> std::string { return testing::is_dev_null(11) ? "" : "fd 11 is no longer /dev/null"; });
+  return b.parsed();
+}
+
+// A target holding /dev/null at fd, which must still hold it at the end (a failed restore changes
+// nothing).
+Scenario dev_null_target(int fd) {
+  return Scenario([fd] { testing::dev_null_at({fd}); },
+                  [fd]() -> std::string { return testing::is_dev_null(fd) ? "" : fmt::format("fd {} is no longer /dev/null", fd); });
+}
+
+TEST(RestoreProcess, TargetDyingHalfWayRollsBackTheOthers) {
+  Image img = two_targets_one_pipe();
+  Scenario a = dev_null_target(11);
   Scenario victim([] {}, [] { return std::string(); });
   ASSERT_TRUE(a.ready() && victim.ready());
   ProcessRestoreOptions opts;
@@ -638,13 +649,8 @@ TEST(RestoreProcess, TargetDyingHalfWayRollsBackTheOthers) {
 // is refused before anything is done in any target: the restore fails (Errc::unsupported, the
 // filter's verdict named), both targets keep their fds, live on and are not traced.
 TEST(RestoreProcess, ASeccompFilterThatWouldKillTheAgentRefusesTheRestore) {
-  ImageBuilder b;
-  b.process(kRec).process(kRec2);
-  auto p = b.pipe({{"x", false}});
-  b.fd(kRec, 11, b.file(p, O_RDONLY)).fd(kRec2, 12, b.file(p, O_WRONLY));
-  Image img = b.parsed();
-  Scenario a([] { testing::dev_null_at({11}); },
-             []() -> std::string { return testing::is_dev_null(11) ? "" : "fd 11 is no longer /dev/null"; });
+  Image img = two_targets_one_pipe();
+  Scenario a = dev_null_target(11);
   Scenario filtered(
       [] {
         testing::dev_null_at({12});
