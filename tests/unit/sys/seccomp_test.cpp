@@ -2,10 +2,11 @@
 // would make there before it runs any code in it (sys/seccomp.hpp).
 //
 // The interpreter is checked on filters written here (what real ones do: the arch check, lists of
-// numbers, an argument compared, an errno, the instruction pointer), then on real processes: a
-// child whose filter kills on socketpair() (the agent's first call) must be refused by the agent's
-// start and live on untouched, one whose filter allows all must get the agent. Real filters, real
-// ptrace; every child is killed and reaped.
+// numbers, an argument compared, an errno, the instruction pointer) and on filters compiled by
+// libseccomp, as systemd and container runtimes make them; then on real processes: a child whose
+// filter kills on socketpair() (the agent's first call) must be refused by the agent's start and
+// live on untouched, one whose filter allows every call the agent makes must get the agent. Real
+// filters, real ptrace; every child is reaped.
 #include <linux/audit.h>
 #include <linux/filter.h>
 #include <linux/seccomp.h>
@@ -21,6 +22,7 @@
 #include <vector>
 
 #include <gtest/gtest.h>
+#include <seccomp.h>
 
 #include "sys/agent.hpp"
 #include "sys/arch.hpp"
@@ -86,14 +88,77 @@ TEST(SeccompVerdict, NumbersArchArgumentsAndWhatCannotBeKnown) {
     EXPECT_NE(std::find(listed.begin(), listed.end(), nr), listed.end()) << nr;
 }
 
-// A child holding a pipe with bytes under a filter (after PR_SET_NO_NEW_PRIVS) that does `then` on
-// syscall nr; it reports through `report` what it finds once woken (a byte on `wake`).
-Child filtered_child(int nr, uint32_t then, int wake_r, int report_w) {
+// A filter as container runtimes and systemd make them, compiled by libseccomp: a default of
+// EPERM, a long allow list (its binary tree of JGE/JGT jumps, the x32 check), and rules on
+// arguments (socket() for AF_UNIX only, personality(0), clone() without namespace flags). With
+// every call pipecr makes in the list, the interpreter must say ALLOW for each; with tee() left
+// out, EPERM for tee(); an AF_INET socketpair() is refused by the rule on its argument.
+std::optional<SeccompProgram> compiled(bool with_tee, bool socketpair_unix_only) {
+  scmp_filter_ctx ctx = seccomp_init(SCMP_ACT_ERRNO(EPERM));
+  if (!ctx) return std::nullopt;
+  std::vector<int> allow = {SYS_read, SYS_write, SYS_openat, SYS_close, SYS_fstat, SYS_mmap, SYS_mprotect,
+                            SYS_munmap, SYS_brk, SYS_rt_sigaction, SYS_rt_sigprocmask, SYS_rt_sigreturn,
+                            SYS_ioctl, SYS_pread64, SYS_readv, SYS_writev, SYS_sched_yield, SYS_dup3,
+                            SYS_fcntl, SYS_getpid, SYS_sendmsg, SYS_recvmsg, SYS_exit, SYS_exit_group,
+                            SYS_futex, SYS_ppoll, SYS_close_range, SYS_epoll_ctl, SYS_prctl, SYS_prlimit64,
+                            SYS_rt_sigpending, SYS_rt_sigtimedwait, SYS_getcpu, SYS_nanosleep, SYS_wait4,
+                            SYS_kill, SYS_getppid, SYS_pipe2, SYS_splice};
+  if (with_tee) allow.push_back(SYS_tee);
+  bool ok = true;
+  for (int nr : allow) ok = ok && seccomp_rule_add(ctx, SCMP_ACT_ALLOW, nr, 0) == 0;
+  if (socketpair_unix_only)
+    ok = ok && seccomp_rule_add(ctx, SCMP_ACT_ALLOW, SYS_socketpair, 1, SCMP_A0(SCMP_CMP_EQ, AF_UNIX)) == 0;
+  else
+    ok = ok && seccomp_rule_add(ctx, SCMP_ACT_ALLOW, SYS_socketpair, 0) == 0;
+  ok = ok && seccomp_rule_add(ctx, SCMP_ACT_ALLOW, SYS_socket, 1, SCMP_A0(SCMP_CMP_EQ, AF_UNIX)) == 0;
+  ok = ok && seccomp_rule_add(ctx, SCMP_ACT_ALLOW, SYS_personality, 1, SCMP_A0(SCMP_CMP_EQ, 0)) == 0;
+  ok = ok && seccomp_rule_add(ctx, SCMP_ACT_ALLOW, SYS_clone, 1, SCMP_A0(SCMP_CMP_MASKED_EQ, 0x7e020000, 0)) == 0;
+  int fds[2];
+  std::optional<SeccompProgram> out;
+  if (ok && ::pipe(fds) == 0) {
+    if (seccomp_export_bpf(ctx, fds[1]) == 0) {
+      ::close(fds[1]);
+      fds[1] = -1;
+      sock_filter f{};
+      SeccompProgram prog;
+      while (::read(fds[0], &f, sizeof f) == static_cast<ssize_t>(sizeof f))
+        prog.push_back({static_cast<uint32_t>(f.code) | static_cast<uint32_t>(f.jt) << 16 |
+                            static_cast<uint32_t>(f.jf) << 24,
+                        f.k});
+      out = std::move(prog);
+    }
+    ::close(fds[0]);
+    if (fds[1] >= 0) ::close(fds[1]);
+  }
+  seccomp_release(ctx);
+  return out;
+}
+
+TEST(SeccompVerdict, WhatLibseccompCompiles) {
+  auto full = compiled(true, true);
+  ASSERT_TRUE(full);
+  ASSERT_GT(full->size(), 40u);
+  for (const SyscallCase& c : injected_syscalls())
+    EXPECT_EQ(seccomp_verdict(*full, c, arch::kAuditArch), SECCOMP_RET_ALLOW) << "syscall " << c.nr;
+  EXPECT_EQ(seccomp_verdict(*full, call(SYS_socketpair, AF_INET), arch::kAuditArch), SECCOMP_RET_ERRNO | EPERM);
+  EXPECT_EQ(seccomp_verdict(*full, call(SYS_socketpair), arch::kAuditArch), std::nullopt);  // the domain unknown
+  EXPECT_EQ(seccomp_verdict(*full, call(SYS_personality, 0), arch::kAuditArch), SECCOMP_RET_ALLOW);
+  EXPECT_EQ(seccomp_verdict(*full, call(SYS_personality, 8), arch::kAuditArch), SECCOMP_RET_ERRNO | EPERM);
+  EXPECT_EQ(seccomp_verdict(*full, call(SYS_mount), arch::kAuditArch), SECCOMP_RET_ERRNO | EPERM);
+  EXPECT_EQ(seccomp_verdict(*full, call(SYS_close), AUDIT_ARCH_I386), SECCOMP_RET_KILL_THREAD);  // another arch
+  auto no_tee = compiled(false, false);
+  ASSERT_TRUE(no_tee);
+  EXPECT_EQ(seccomp_verdict(*no_tee, call(SYS_tee), arch::kAuditArch), SECCOMP_RET_ERRNO | EPERM);
+  EXPECT_EQ(seccomp_verdict(*no_tee, call(SYS_socketpair, AF_INET), arch::kAuditArch), SECCOMP_RET_ALLOW);
+}
+
+// A child holding a pipe with bytes under `filter` (after PR_SET_NO_NEW_PRIVS); it reports through `report` what it finds once woken (a byte on `wake`).
+Child filtered_child(const SeccompProgram& filter, int wake_r, int report_w) {
   return spawn([=] {
     int p[2];
     if (::pipe(p) < 0 || ::write(p[1], "bytes", 5) != 5) ::_exit(2);
     std::vector<sock_filter> f;
-    for (const auto& [code, k] : deny(nr, then))
+    for (const auto& [code, k] : filter)
       f.push_back(sock_filter{static_cast<uint16_t>(code & 0xffff), static_cast<uint8_t>(code >> 16),
                               static_cast<uint8_t>(code >> 24), k});
     sock_fprog prog{static_cast<unsigned short>(f.size()), f.data()};
@@ -109,22 +174,27 @@ Child filtered_child(int nr, uint32_t then, int wake_r, int report_w) {
 }
 
 // The agent's start refuses a thread whose filter would kill it for socketpair() (or fail its
-// mprotect), before it changes anything: the child lives on with its pipe and is not traced. A
-// filter that allows every call the agent makes lets it run and return.
+// mprotect, or tee() under a filter compiled by libseccomp), before it changes anything: the child
+// lives on with its pipe and is not traced. A filter that allows every call the agent makes (one
+// that kills only on getppid(), and libseccomp's full one) lets it run and return.
 TEST(SeccompAgent, RefusedWhereTheFilterWouldStopAnAgentCallAllowedElse) {
   struct Case {
-    int nr;
-    uint32_t then;
+    const char* what;
+    std::optional<SeccompProgram> filter;
     bool allowed;
   };
-  for (const Case& k : {Case{SYS_socketpair, SECCOMP_RET_KILL_PROCESS, false},
-                        Case{SYS_mprotect, SECCOMP_RET_ERRNO | EPERM, false},
-                        Case{SYS_getppid, SECCOMP_RET_KILL_PROCESS, true}}) {
-    SCOPED_TRACE(k.nr);
+  const Case cases[] = {{"kill on socketpair", deny(SYS_socketpair, SECCOMP_RET_KILL_PROCESS), false},
+                        {"EPERM on mprotect", deny(SYS_mprotect, SECCOMP_RET_ERRNO | EPERM), false},
+                        {"kill on getppid", deny(SYS_getppid, SECCOMP_RET_KILL_PROCESS), true},
+                        {"libseccomp, all", compiled(true, true), true},
+                        {"libseccomp, no tee", compiled(false, true), false}};
+  for (const Case& k : cases) {
+    SCOPED_TRACE(k.what);
+    ASSERT_TRUE(k.filter);
     int wake[2], report[2];
     ASSERT_EQ(::pipe2(wake, O_CLOEXEC), 0);
     ASSERT_EQ(::pipe2(report, O_CLOEXEC), 0);
-    Child child = filtered_child(k.nr, k.then, wake[0], report[1]);
+    Child child = filtered_child(*k.filter, wake[0], report[1]);
     ::close(report[1]);
     ASSERT_TRUE(eventually([&] { return blocked_in(child.pid, child.pid, SYS_read, wake[0]); }));  // filtered by now
     {
@@ -153,6 +223,7 @@ TEST(SeccompAgent, RefusedWhereTheFilterWouldStopAnAgentCallAllowedElse) {
     ::close(report[0]);
   }
 }
+
 
 }  // namespace
 }  // namespace pipecr::sys
