@@ -41,6 +41,8 @@
 // caches: the per-buffer cost no user-space dump avoids while its targets stand stopped.
 // BM_AgentAddress: where an agent goes in a target of thousands of mappings, asked of the kernel
 // (PROCMAP_QUERY) and read from /proc/PID/maps: a step of the agent's start, inside the stop.
+// BM_ExecMappings: the executable mappings of such a target (where the return gadgets are looked
+// for, before the stop), asked of the kernel and read from /proc/PID/maps.
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/ioctl.h>
@@ -543,49 +545,88 @@ void BM_TeeFloor(benchmark::State& state) {
 
 BENCHMARK(BM_TeeFloor)->Args({65536, 1})->Args({65536, 0})->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(20);
 
-// BM_AgentAddress: choosing where an agent goes (sys::choose_agent_address), a step of its start
-// inside the stop, in a child holding `mappings` extra mappings (one page each, a page apart, so
-// that none merge; the libraries of a JVM or a browser come to thousands) and paused meanwhile.
-// way 0 asks the kernel (PROCMAP_QUERY, Linux 6.11: a few ioctls), way 1 reads the text of
-// /proc/PID/maps. Counter: choose_us, one choice.
-void BM_AgentAddress(benchmark::State& state) {
-  const long mappings = state.range(0);
-  const bool listing = state.range(1) != 0;
-  int ready[2];
-  if (pipe(ready) != 0) return state.SkipWithError("pipe");
-  const pid_t child = fork();
-  if (child == 0) {
-    for (long i = 0; i < mappings; ++i) {
-      void* p = mmap(nullptr, 2 * 4096, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-      if (p != MAP_FAILED) munmap(static_cast<char*>(p) + 4096, 4096);  // a hole between neighbours
+// A paused child holding `mappings` extra mappings (one page each, a page apart, so that none
+// merge; the libraries and code of a JVM or a browser come to thousands), killed and reaped at the
+// end; read-only ones, or executable ones (exec). pid -1: it did not start.
+struct MappedChild {
+  pid_t pid = -1;
+  MappedChild(long mappings, bool exec) {
+    int ready[2];
+    if (pipe(ready) != 0) return;
+    const pid_t child = fork();
+    if (child == 0) {
+      for (long i = 0; i < mappings; ++i) {
+        void* p = mmap(nullptr, 2 * 4096, PROT_READ | (exec ? PROT_EXEC : 0), MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p != MAP_FAILED) munmap(static_cast<char*>(p) + 4096, 4096);  // a hole between neighbours
+      }
+      (void)!write(ready[1], "r", 1);
+      pause();
+      _exit(0);
     }
-    (void)!write(ready[1], "r", 1);
-    pause();
-    _exit(0);
+    close(ready[1]);
+    char c;
+    if (child > 0 && read(ready[0], &c, 1) == 1) pid = child;
+    else if (child > 0) kill(child, SIGKILL), waitpid(child, nullptr, 0);
+    close(ready[0]);
   }
-  close(ready[1]);
-  char c;
-  const bool up = read(ready[0], &c, 1) == 1;
-  close(ready[0]);
-  auto stat = pipecr::sys::read_stat(child);
-  if (up && stat && !listing && !pipecr::sys::agent_address_by_query(child, 16 * 4096, stat->start_stack, stat->start_stack))
-    state.SkipWithError("no PROCMAP_QUERY here (Linux 6.11)");
+  ~MappedChild() {
+    if (pid <= 0) return;
+    kill(pid, SIGKILL);
+    waitpid(pid, nullptr, 0);
+  }
+};
+
+// BM_AgentAddress: choosing where an agent goes (sys::choose_agent_address), a step of its start
+// inside the stop, in a MappedChild (paused meanwhile). way 0 asks the kernel (PROCMAP_QUERY, Linux
+// 6.11: a few ioctls), way 1 reads the text of /proc/PID/maps. Counter: choose_us, one choice.
+void BM_AgentAddress(benchmark::State& state) {
+  const bool listing = state.range(1) != 0;
+  MappedChild child(state.range(0), false);
+  auto stat = child.pid > 0 ? pipecr::sys::read_stat(child.pid) : tl::unexpected(pipecr::Error{});
+  if (!stat) return state.SkipWithError("the child did not start");
+  const uint64_t stack = stat->start_stack;
+  if (!listing && !pipecr::sys::agent_address_by_query(child.pid, 16 * 4096, stack, stack))
+    return state.SkipWithError("no PROCMAP_QUERY here (Linux 6.11)");
   double us = 0;
   for (auto _ : state) {
-    if (!up || !stat) break;
     auto t0 = Clock::now();
-    uint64_t at = listing ? pipecr::sys::agent_address_by_listing(child, 16 * 4096, stat->start_stack)
-                          : pipecr::sys::agent_address_by_query(child, 16 * 4096, stat->start_stack, stat->start_stack).value_or(0);
+    uint64_t at = listing ? pipecr::sys::agent_address_by_listing(child.pid, 16 * 4096, stack)
+                          : pipecr::sys::agent_address_by_query(child.pid, 16 * 4096, stack, stack).value_or(0);
     us += std::chrono::duration<double, std::micro>(Clock::now() - t0).count();
     benchmark::DoNotOptimize(at);
   }
-  kill(child, SIGKILL);
-  waitpid(child, nullptr, 0);
-  if (!up || !stat) return state.SkipWithError("the child did not start");
   state.counters["choose_us"] = us / static_cast<double>(state.iterations());
 }
 
 BENCHMARK(BM_AgentAddress)->ArgsProduct({{0, 1000, 10000}, {0, 1}})->Unit(benchmark::kMicrosecond)->UseRealTime()->Iterations(200);
+
+// BM_ExecMappings: listing a target's executable mappings, where the agent's return gadgets are
+// looked for before the stop (sys::executable_mappings), in a MappedChild whose extra mappings are
+// read-only (the usual case: few executable ones among many) or executable. way 0: PROCMAP_QUERY
+// for the executable ones only; way 1: the text of /proc/PID/maps. Counter: list_us.
+void BM_ExecMappings(benchmark::State& state) {
+  const bool exec = state.range(1) != 0, listing = state.range(2) != 0;
+  MappedChild child(state.range(0), exec);
+  if (child.pid <= 0) return state.SkipWithError("the child did not start");
+  if (!listing && !pipecr::sys::executable_mappings_by_query(child.pid))
+    return state.SkipWithError("no PROCMAP_QUERY here (Linux 6.11)");
+  double us = 0, found = 0;
+  for (auto _ : state) {
+    auto t0 = Clock::now();
+    auto m = listing ? pipecr::sys::executable_mappings_by_listing(child.pid)
+                     : pipecr::sys::executable_mappings_by_query(child.pid).value_or(std::vector<pipecr::sys::ExecMapping>{});
+    us += std::chrono::duration<double, std::micro>(Clock::now() - t0).count();
+    found = static_cast<double>(m.size());
+  }
+  state.counters["list_us"] = us / static_cast<double>(state.iterations());
+  state.counters["executable"] = found;
+}
+
+BENCHMARK(BM_ExecMappings)
+    ->ArgsProduct({{0, 10000}, {0, 1}, {0, 1}})
+    ->Unit(benchmark::kMicrosecond)
+    ->UseRealTime()
+    ->Iterations(50);
 
 }  // namespace
 

@@ -69,25 +69,14 @@ std::map<std::pair<std::string, uint64_t>, FileGadgets> g_file_gadgets;
 
 ReturnGadgets find_return_gadgets(pid_t pid) {
   ReturnGadgets g;
-  std::FILE* maps = std::fopen(fmt::format("/proc/{}/maps", pid).c_str(), "re");
-  if (!maps) return g;
   struct Range {
     uint64_t lo, hi, offset;
     std::pair<std::string, uint64_t> file;  // (device, inode); inode 0: no file ([vdso])
     bool libc;
   };
   std::vector<Range> ranges;
-  char line[4096];
-  while (std::fgets(line, sizeof line, maps)) {
-    unsigned long lo = 0, hi = 0, offset = 0, inode = 0;
-    char perms[8] = {}, dev[16] = {};
-    if (std::sscanf(line, "%lx-%lx %7s %lx %15s %lu", &lo, &hi, perms, &offset, dev, &inode) != 6 || hi <= lo ||
-        perms[2] != 'x')
-      continue;
-    if (std::strstr(line, "[vsyscall]")) continue;
-    ranges.push_back({lo, hi, offset, {dev, inode}, std::strstr(line, "/libc") != nullptr});
-  }
-  std::fclose(maps);
+  for (ExecMapping& m : executable_mappings(pid))
+    ranges.push_back({m.start, m.end, m.offset, {std::move(m.dev), m.inode}, m.name.find("/libc") != std::string::npos});
   std::stable_partition(ranges.begin(), ranges.end(), [](const Range& r) { return r.libc; });  // glibc first
   {
     std::lock_guard<std::mutex> lock(g_file_gadgets_lock);

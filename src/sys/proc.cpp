@@ -16,6 +16,7 @@
 #include <cerrno>
 #include <charconv>
 #include <climits>
+#include <cstdio>
 #include <span>
 
 #include <fmt/format.h>
@@ -233,7 +234,7 @@ struct ProcmapQuery {
 };
 static_assert(sizeof(ProcmapQuery) == 104);
 constexpr unsigned long kProcmapQuery = 0xc0686611;  // _IOWR('f', 17, struct procmap_query)
-constexpr uint64_t kCoveringOrNextVma = 0x10;
+constexpr uint64_t kCoveringOrNextVma = 0x10, kExecutableVma = 0x04;
 }  // namespace
 
 Expected<std::optional<MapRange>> query_mapping(int maps_fd, uint64_t addr, bool or_next) {
@@ -244,6 +245,54 @@ Expected<std::optional<MapRange>> query_mapping(int maps_fd, uint64_t addr, bool
   if (::ioctl(maps_fd, kProcmapQuery, &q) == 0) return MapRange{q.vma_start, q.vma_end};
   if (errno == ENOENT) return std::nullopt;
   return fail_errno(errno, fmt::format("ioctl(PROCMAP_QUERY, {:#x})", addr));
+}
+
+std::optional<std::vector<ExecMapping>> executable_mappings_by_query(pid_t pid) {
+  UniqueFd maps(::open(fmt::format("/proc/{}/maps", pid).c_str(), O_RDONLY | O_CLOEXEC));
+  if (!maps) return std::nullopt;
+  std::vector<ExecMapping> out;
+  char name[PATH_MAX];
+  for (uint64_t addr = 0;;) {
+    ProcmapQuery q{};
+    q.size = sizeof q;
+    q.query_flags = kCoveringOrNextVma | kExecutableVma;
+    q.query_addr = addr;
+    q.vma_name_addr = reinterpret_cast<uint64_t>(name);
+    q.vma_name_size = sizeof name;
+    if (::ioctl(maps.get(), kProcmapQuery, &q) < 0) {
+      if (errno == ENOENT) return out;
+      return std::nullopt;  // ENOTTY before 6.11; a name longer than PATH_MAX (ENAMETOOLONG)
+    }
+    out.push_back(ExecMapping{q.vma_start, q.vma_end, q.vma_offset, fmt::format("{:02x}:{:02x}", q.dev_major, q.dev_minor),
+                              q.inode, q.vma_name_size ? std::string(name) : std::string()});
+    addr = q.vma_end;
+  }
+}
+
+std::vector<ExecMapping> executable_mappings_by_listing(pid_t pid) {
+  std::vector<ExecMapping> out;
+  std::FILE* maps = std::fopen(fmt::format("/proc/{}/maps", pid).c_str(), "re");
+  if (!maps) return out;
+  char line[PATH_MAX + 256];
+  while (std::fgets(line, sizeof line, maps)) {
+    unsigned long lo = 0, hi = 0, offset = 0, inode = 0;
+    char perms[8] = {}, dev[16] = {};
+    int at = 0;
+    if (std::sscanf(line, "%lx-%lx %7s %lx %15s %lu %n", &lo, &hi, perms, &offset, dev, &inode, &at) < 6 || hi <= lo ||
+        perms[2] != 'x')
+      continue;
+    std::string_view rest(line + at);
+    while (!rest.empty() && (rest.back() == '\n' || rest.back() == ' ')) rest.remove_suffix(1);
+    if (rest == "[vsyscall]") continue;
+    out.push_back(ExecMapping{lo, hi, offset, dev, inode, std::string(rest)});
+  }
+  std::fclose(maps);
+  return out;
+}
+
+std::vector<ExecMapping> executable_mappings(pid_t pid) {
+  if (auto q = executable_mappings_by_query(pid)) return std::move(*q);
+  return executable_mappings_by_listing(pid);
 }
 
 Expected<ProcStat> read_stat(pid_t pid) {

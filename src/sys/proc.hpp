@@ -73,6 +73,23 @@ struct MapRange {
 // mappings the process has, where the text of /proc/PID/maps costs about 0.5 us a mapping. An
 // Error where the kernel cannot answer (ENOTTY before 6.11).
 [[nodiscard]] Expected<std::optional<MapRange>> query_mapping(int maps_fd, uint64_t addr, bool or_next);
+
+// One executable mapping of a process: its range, where it starts in its file, the file (device as
+// /proc/PID/maps writes it, "fd:01", and inode; inode 0: none, as [vdso]) and its path or name.
+struct ExecMapping {
+  uint64_t start = 0, end = 0, offset = 0;
+  std::string dev;
+  uint64_t inode = 0;
+  std::string name;
+  bool operator==(const ExecMapping&) const = default;
+};
+// The executable mappings of pid, in address order ([vsyscall], which no process maps, left out):
+// asked with PROCMAP_QUERY for the executable ones only (a few dozen ioctls in a process of
+// thousands of mappings), else read from the text of /proc/PID/maps. Both ways are public for the
+// tests, which hold them to one answer; the query gives nullopt where the kernel cannot answer.
+[[nodiscard]] std::vector<ExecMapping> executable_mappings(pid_t pid);
+[[nodiscard]] std::optional<std::vector<ExecMapping>> executable_mappings_by_query(pid_t pid);
+[[nodiscard]] std::vector<ExecMapping> executable_mappings_by_listing(pid_t pid);
 // The fds open in the table of thread tid of pid (tid 0: of pid), as the kernel counts them (st_size
 // of /proc/PID/task/TID/fd, Linux 6.2: no listing); 0 when it does not count them (or none is open).
 [[nodiscard]] uint32_t open_fd_count(pid_t pid, pid_t tid = 0);
