@@ -613,13 +613,14 @@ TEST(RestoreProcess, FdLimitTooLowLeavesTargetUnchanged) {
   EXPECT_EQ(child.finish(), "");
 }
 
-// Two recorded processes on one pipe: kRec reads it at fd 11, kRec2 writes it at fd 12.
-Image two_targets_one_pipe() {
+// Two recorded processes on one pipe: kRec reads it at fd 11, kRec2 writes it at fd 12. (The
+// image parsed from the builder reads the builder's bytes: the builder must outlive it.)
+ImageBuilder two_targets_one_pipe() {
   ImageBuilder b;
   b.process(kRec).process(kRec2);
   auto p = b.pipe({{"x", false}});
   b.fd(kRec, 11, b.file(p, O_RDONLY)).fd(kRec2, 12, b.file(p, O_WRONLY));
-  return b.parsed();
+  return b;
 }
 
 // A target holding /dev/null at fd, which must still hold it at the end (a failed restore changes
@@ -630,7 +631,8 @@ Scenario dev_null_target(int fd) {
 }
 
 TEST(RestoreProcess, TargetDyingHalfWayRollsBackTheOthers) {
-  Image img = two_targets_one_pipe();
+  ImageBuilder b = two_targets_one_pipe();
+  Image img = b.parsed();
   Scenario a = dev_null_target(11);
   Scenario victim([] {}, [] { return std::string(); });
   ASSERT_TRUE(a.ready() && victim.ready());
@@ -649,7 +651,8 @@ TEST(RestoreProcess, TargetDyingHalfWayRollsBackTheOthers) {
 // is refused before anything is done in any target: the restore fails (Errc::unsupported, the
 // filter's verdict named), both targets keep their fds, live on and are not traced.
 TEST(RestoreProcess, ASeccompFilterThatWouldKillTheAgentRefusesTheRestore) {
-  Image img = two_targets_one_pipe();
+  ImageBuilder b = two_targets_one_pipe();
+  Image img = b.parsed();
   Scenario a = dev_null_target(11);
   Scenario filtered(
       [] {
