@@ -129,6 +129,18 @@ Feature probe_procmap_query(bool& ok) {
   return f;
 }
 
+// pipecr's own seccomp mode: the kernel shows a target's seccomp filter only to a tracer under none.
+Feature probe_own_seccomp(bool& ok) {
+  Feature f{"own_seccomp", false, "",
+            "run pipecr outside any seccomp filter (a container's included); optional: under one it cannot read a "
+            "target's filter, so a process under a filter gets no agent and no restore",
+            false, false};
+  auto st = read_status(::getpid());
+  ok = f.ok = st && st->seccomp <= 0;
+  f.detail = !st ? err_text(st.error()) : f.ok ? "none" : fmt::format("pipecr runs under seccomp (mode {})", st->seccomp);
+  return f;
+}
+
 Feature probe_ptrace_seize() {
   Feature f{"ptrace_seize", false, "",
             "CAP_SYS_PTRACE, or the same uid with kernel.yama.ptrace_scope <= 1; not blocked by seccomp", true, true};
@@ -331,6 +343,7 @@ KernelFeatures probe_kernel_features() {
   k.report.push_back(probe_dupfd_query(k.dupfd_query));
   k.report.push_back(probe_proc_fd_count(k.proc_fd_count));
   k.report.push_back(probe_procmap_query(k.procmap_query));
+  k.report.push_back(probe_own_seccomp(k.own_seccomp_free));
   Feature seize = probe_ptrace_seize();
   k.ptrace_seize = seize.ok;
   k.report.push_back(std::move(seize));

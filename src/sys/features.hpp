@@ -32,6 +32,7 @@ struct KernelFeatures {
   bool dupfd_query = false;        // fcntl(F_DUPFD_QUERY), Linux 6.10
   bool proc_fd_count = false;      // st_size of /proc/PID/fd counts the open fds, Linux 6.2
   bool procmap_query = false;      // ioctl(PROCMAP_QUERY) on /proc/PID/maps, Linux 6.11
+  bool own_seccomp_free = false;   // pipecr itself under no seccomp filter (it can read a target's)
   bool ptrace_seize = false;
   bool getowner_uids = false;      // F_GETOWNER_UIDS
   bool packet_pipes = false;       // pipe2(O_DIRECT)

@@ -6,6 +6,7 @@
 #include <linux/seccomp.h>
 #include <sys/ptrace.h>
 #include <sys/syscall.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <cstring>
@@ -268,12 +269,19 @@ Expected<void> seccomp_allows(pid_t pid, pid_t tid, std::span<const SyscallCase>
     if (n < 0 && errno == ENOENT && index > 0) return {};  // every filter said yes
     if (n <= 0) {
       const int err = n < 0 ? errno : EINVAL;
+      // The kernel shows filters only to a tracer with CAP_SYS_ADMIN that is under none itself.
+      std::string why;
+      if (err == EACCES || err == EPERM) {
+        auto own = read_status(::getpid());
+        why = own && own->seccomp > 0 ? ": pipecr itself runs under seccomp, and the kernel shows filters only to a "
+                                        "tracer under none"
+                                      : ": it needs CAP_SYS_ADMIN";
+      }
       return fail(Errc::unsupported, err,
                   fmt::format("{} runs under a seccomp filter that pipecr cannot read (PTRACE_SECCOMP_GET_FILTER: {}{}), "
                               "so it cannot tell whether the filter would kill it for the calls pipecr makes there; "
                               "nothing was changed",
-                              where(), std::strerror(err),
-                              err == EACCES || err == EPERM ? ": it needs CAP_SYS_ADMIN" : ""));
+                              where(), std::strerror(err), why));
     }
     std::vector<sock_filter> raw(static_cast<size_t>(n));
     if (::ptrace(static_cast<__ptrace_request>(PTRACE_SECCOMP_GET_FILTER), tid, reinterpret_cast<void*>(index),

@@ -20,7 +20,7 @@ import json, sys
 doc = json.load(open(sys.argv[1]))
 assert doc["dump_ready"] is True and doc["restore_ready"] is True
 names = {f["name"] for f in doc["features"]}
-for n in ("tee", "pidfd_getfd", "kcmp", "ptrace_seize", "cap_sys_resource", "pipe_max_size", "proc_fd_count", "procmap_query"):
+for n in ("tee", "pidfd_getfd", "kcmp", "ptrace_seize", "cap_sys_resource", "pipe_max_size", "proc_fd_count", "procmap_query", "own_seccomp"):
     assert n in names, n
 PY
 }
