@@ -8,6 +8,7 @@
 
 #include <fcntl.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -140,8 +141,13 @@ class Scenario {
     sigemptyset(&set);
     sigaddset(&set, SIGUSR1);
     ::sigprocmask(SIG_BLOCK, &set, &old);
+    const pid_t parent = ::getpid();
     pid_ = ::fork();
     if (pid_ == 0) {
+      // Dies with the test, whatever ends it: an orphan would keep ctest's output pipe open and
+      // turn a crash into a timeout.
+      ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+      if (::getppid() != parent) ::_exit(1);
       int r = ::fcntl(result[1], F_DUPFD_CLOEXEC, 900);
       int w = ::fcntl(ready[1], F_DUPFD_CLOEXEC, 901);
       ::close(ready[0]);

@@ -6,6 +6,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -92,8 +93,13 @@ struct Child {
 };
 
 inline Child spawn(const std::function<void()>& body) {
+  const pid_t parent = ::getpid();
   pid_t p = ::fork();
   if (p == 0) {
+    // Dies with the test, whatever ends it: an orphan would keep ctest's output pipe open and turn
+    // a crash into a timeout.
+    ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (::getppid() != parent) ::_exit(1);
     body();
     ::_exit(0);
   }
