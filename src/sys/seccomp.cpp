@@ -46,84 +46,53 @@ constexpr uint64_t kAtFdcwd = static_cast<uint64_t>(-100), kSigsetSize = 8;
 constexpr std::nullopt_t any = std::nullopt;
 
 using A = std::optional<uint64_t>;
-SyscallCase c(int nr, A a0 = any, A a1 = any, A a2 = any, A a3 = any, A a4 = any, A a5 = any) {
-  return SyscallCase{nr, {a0, a1, a2, a3, a4, a5}};
+SyscallCase c(int nr, const char* name, A a0 = any, A a1 = any, A a2 = any, A a3 = any, A a4 = any, A a5 = any) {
+  return SyscallCase{nr, {a0, a1, a2, a3, a4, a5}, name};
 }
 
 const std::vector<SyscallCase>& all_cases() {
   static const std::vector<SyscallCase> cases = {
       // The bootstrap (rt_sigframe and fallback), the remote syscalls, the return.
-      c(SYS_mmap, any, any, kProtRw, kMapPrivateAnon | kMapFixedNoreplace, static_cast<uint64_t>(-1), 0),
-      c(SYS_mmap, any, any, kProtRw, kMapPrivateAnon, static_cast<uint64_t>(-1), 0),
-      c(SYS_mprotect, any, any, kProtRx),
-      c(SYS_munmap),
-      c(SYS_rt_sigreturn),
-      c(SYS_dup3, any, any, 0),  // the fd table's pre-grow
+      c(SYS_mmap, "mmap", any, any, kProtRw, kMapPrivateAnon | kMapFixedNoreplace, static_cast<uint64_t>(-1), 0),
+      c(SYS_mmap, "mmap", any, any, kProtRw, kMapPrivateAnon, static_cast<uint64_t>(-1), 0),
+      c(SYS_mprotect, "mprotect", any, any, kProtRx),
+      c(SYS_munmap, "munmap"),
+      c(SYS_rt_sigreturn, "rt_sigreturn"),
+      c(SYS_dup3, "dup3", any, any, 0),  // the fd table's pre-grow
       // The agent.
-      c(SYS_rt_sigprocmask, kSigBlock, any, 0, kSigsetSize),
-      c(SYS_rt_sigprocmask, kSigSetmask, any, 0, kSigsetSize),
-      c(SYS_prctl, kPrSetVma, 0 /* PR_SET_VMA_ANON_NAME */),
-      c(SYS_socketpair, kAfUnix, kSockSeqpacket | kSockCloexec, 0),
-      c(SYS_mmap, 0, 4096, kProtRw, kMapShared, any, 0),  // the commit page
-      c(SYS_sendmsg, any, any, kMsgNosignal),
-      c(SYS_sendmsg, any, any, kMsgNosignal | kMsgDontwait),
-      c(SYS_recvmsg, any, any, kMsgCmsgCloexec),
-      c(SYS_recvmsg, any, any, kMsgDontwait | kMsgCmsgCloexec),
-      c(SYS_recvmsg, any, any, kMsgDontwait),
-      c(SYS_ppoll, any, any, any, 0, kSigsetSize),
-      c(SYS_fcntl, any, kFDupfdCloexec),
-      c(SYS_fcntl, any, kFGetfd),
-      c(SYS_fcntl, any, kFSetfd),
-      c(SYS_fcntl, any, kFGetfl),
-      c(SYS_fcntl, any, kFSetfl),
-      c(SYS_dup3, any, any, kOCloexec),
-      c(SYS_close),
-      c(SYS_close_range, any, any, 0),
-      c(SYS_epoll_ctl, any, kEpollCtlAdd),
-      c(SYS_ioctl, any, kFionread),
-      c(SYS_ioctl, any, kSiocoutq),
-      c(SYS_tee, any, any, uint64_t{1} << 30, kSpliceFNonblock),
-      c(SYS_openat, kAtFdcwd, any, kOCloexec /* O_RDONLY | O_CLOEXEC */, 0),
-      c(SYS_read),
-      c(SYS_fstat),
-      c(SYS_prlimit64, 0, kRlimitNofile, 0),
-      c(SYS_rt_sigpending, any, kSigsetSize),
-      c(SYS_rt_sigtimedwait, any, 0, any, kSigsetSize),
-      c(SYS_getcpu, any, 0, 0),
-      c(SYS_sched_yield),
+      c(SYS_rt_sigprocmask, "rt_sigprocmask", kSigBlock, any, 0, kSigsetSize),
+      c(SYS_rt_sigprocmask, "rt_sigprocmask", kSigSetmask, any, 0, kSigsetSize),
+      c(SYS_prctl, "prctl", kPrSetVma, 0 /* PR_SET_VMA_ANON_NAME */),
+      c(SYS_socketpair, "socketpair", kAfUnix, kSockSeqpacket | kSockCloexec, 0),
+      c(SYS_mmap, "mmap", 0, 4096, kProtRw, kMapShared, any, 0),  // the commit page
+      c(SYS_sendmsg, "sendmsg", any, any, kMsgNosignal),
+      c(SYS_sendmsg, "sendmsg", any, any, kMsgNosignal | kMsgDontwait),
+      c(SYS_recvmsg, "recvmsg", any, any, kMsgCmsgCloexec),
+      c(SYS_recvmsg, "recvmsg", any, any, kMsgDontwait | kMsgCmsgCloexec),
+      c(SYS_recvmsg, "recvmsg", any, any, kMsgDontwait),
+      c(SYS_ppoll, "ppoll", any, any, any, 0, kSigsetSize),
+      c(SYS_fcntl, "fcntl", any, kFDupfdCloexec),
+      c(SYS_fcntl, "fcntl", any, kFGetfd),
+      c(SYS_fcntl, "fcntl", any, kFSetfd),
+      c(SYS_fcntl, "fcntl", any, kFGetfl),
+      c(SYS_fcntl, "fcntl", any, kFSetfl),
+      c(SYS_dup3, "dup3", any, any, kOCloexec),
+      c(SYS_close, "close"),
+      c(SYS_close_range, "close_range", any, any, 0),
+      c(SYS_epoll_ctl, "epoll_ctl", any, kEpollCtlAdd),
+      c(SYS_ioctl, "ioctl", any, kFionread),
+      c(SYS_ioctl, "ioctl", any, kSiocoutq),
+      c(SYS_tee, "tee", any, any, uint64_t{1} << 30, kSpliceFNonblock),
+      c(SYS_openat, "openat", kAtFdcwd, any, kOCloexec /* O_RDONLY | O_CLOEXEC */, 0),
+      c(SYS_read, "read"),
+      c(SYS_fstat, "fstat"),
+      c(SYS_prlimit64, "prlimit64", 0, kRlimitNofile, 0),
+      c(SYS_rt_sigpending, "rt_sigpending", any, kSigsetSize),
+      c(SYS_rt_sigtimedwait, "rt_sigtimedwait", any, 0, any, kSigsetSize),
+      c(SYS_getcpu, "getcpu", any, 0, 0),
+      c(SYS_sched_yield, "sched_yield"),
   };
   return cases;
-}
-
-const char* syscall_name(int nr) {
-  switch (nr) {
-    case SYS_mmap: return "mmap";
-    case SYS_mprotect: return "mprotect";
-    case SYS_munmap: return "munmap";
-    case SYS_rt_sigreturn: return "rt_sigreturn";
-    case SYS_dup3: return "dup3";
-    case SYS_rt_sigprocmask: return "rt_sigprocmask";
-    case SYS_prctl: return "prctl";
-    case SYS_socketpair: return "socketpair";
-    case SYS_sendmsg: return "sendmsg";
-    case SYS_recvmsg: return "recvmsg";
-    case SYS_ppoll: return "ppoll";
-    case SYS_fcntl: return "fcntl";
-    case SYS_close: return "close";
-    case SYS_close_range: return "close_range";
-    case SYS_epoll_ctl: return "epoll_ctl";
-    case SYS_ioctl: return "ioctl";
-    case SYS_tee: return "tee";
-    case SYS_openat: return "openat";
-    case SYS_read: return "read";
-    case SYS_fstat: return "fstat";
-    case SYS_prlimit64: return "prlimit64";
-    case SYS_rt_sigpending: return "rt_sigpending";
-    case SYS_rt_sigtimedwait: return "rt_sigtimedwait";
-    case SYS_getcpu: return "getcpu";
-    case SYS_sched_yield: return "sched_yield";
-  }
-  return "?";
 }
 
 std::string action_text(uint32_t action) {
@@ -168,9 +137,7 @@ std::optional<uint32_t> seccomp_verdict(const SeccompProgram& prog, const Syscal
   Val a, x;
   Val mem[BPF_MEMWORDS];
   for (size_t pc = 0, steps = 0; pc < prog.size() && steps <= prog.size(); ++pc, ++steps) {
-    const uint16_t code = static_cast<uint16_t>(prog[pc][0] & 0xffff);
-    const uint8_t jt = static_cast<uint8_t>(prog[pc][0] >> 16), jf = static_cast<uint8_t>(prog[pc][0] >> 24);
-    const uint32_t k = prog[pc][1];
+    const auto [code, jt, jf, k] = prog[pc];
     switch (BPF_CLASS(code)) {
       case BPF_LD:
       case BPF_LDX: {
@@ -283,25 +250,20 @@ Expected<void> seccomp_allows(pid_t pid, pid_t tid, std::span<const SyscallCase>
                               "nothing was changed",
                               where(), std::strerror(err), why));
     }
-    std::vector<sock_filter> raw(static_cast<size_t>(n));
+    SeccompProgram prog(static_cast<size_t>(n));
     if (::ptrace(static_cast<__ptrace_request>(PTRACE_SECCOMP_GET_FILTER), tid, reinterpret_cast<void*>(index),
-                 raw.data()) != n)
+                 prog.data()) != n)
       return fail(Errc::unsupported, errno, fmt::format("{}: PTRACE_SECCOMP_GET_FILTER: {}", where(), std::strerror(errno)));
-    SeccompProgram prog;
-    prog.reserve(raw.size());
-    for (const sock_filter& f : raw)
-      prog.push_back({static_cast<uint32_t>(f.code) | static_cast<uint32_t>(f.jt) << 16 | static_cast<uint32_t>(f.jf) << 24,
-                      f.k});
     for (const SyscallCase& call : calls) {
       auto v = seccomp_verdict(prog, call, arch::kAuditArch);
       if (v && allowed(*v)) continue;
       return fail(Errc::unsupported, EPERM,
                   v ? fmt::format("{}: its seccomp filter would {} for {}(), which pipecr must make there; nothing "
                                   "was changed",
-                                  where(), action_text(*v), syscall_name(call.nr))
+                                  where(), action_text(*v), call.name)
                     : fmt::format("{}: its seccomp filter decides on {}() by an argument pipecr cannot know "
                                   "beforehand, so it might kill the process for it; nothing was changed",
-                                  where(), syscall_name(call.nr)));
+                                  where(), call.name));
     }
   }
 }

@@ -10,6 +10,7 @@
 // descriptor, an address) that a filter decides on makes the answer "cannot tell", which refuses.
 #pragma once
 
+#include <linux/filter.h>
 #include <sys/types.h>
 
 #include <array>
@@ -23,18 +24,20 @@
 
 namespace pipecr::sys {
 
-// One system call as a filter sees it: its number and the arguments known (nullopt: any value).
+// One system call as a filter sees it: its number and the arguments known (nullopt: any value),
+// and its name, for the refusal's message.
 struct SyscallCase {
   int nr = -1;
   std::array<std::optional<uint64_t>, 6> args{};
+  const char* name = "?";
 };
 
 // Every call pipecr may run in a target: the agent's (src/sys/agent/agent.c), the rt_sigframe
 // bootstrap's and return's, the fd table's pre-grow, and the remote syscalls of the fallbacks.
 [[nodiscard]] std::span<const SyscallCase> injected_syscalls();
 
-// One classic-BPF seccomp program.
-using SeccompProgram = std::vector<std::array<uint32_t, 2>>;  // {code | jt << 16 | jf << 24, k}
+// One classic-BPF seccomp program, as the kernel gives it (PTRACE_SECCOMP_GET_FILTER) and takes it.
+using SeccompProgram = std::vector<sock_filter>;
 
 // What a program answers for one call: the action (SECCOMP_RET_* with its data), or nullopt when it
 // decides on something not known (an unknown argument, the instruction pointer) or is malformed.

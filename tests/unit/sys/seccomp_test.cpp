@@ -37,10 +37,8 @@ constexpr uint32_t kNr = offsetof(seccomp_data, nr), kArch = offsetof(seccomp_da
 constexpr uint32_t kIp = offsetof(seccomp_data, instruction_pointer);
 constexpr uint32_t arg_lo(int i) { return offsetof(seccomp_data, args) + 8 * static_cast<uint32_t>(i); }
 
-std::array<uint32_t, 2> stmt(uint16_t code, uint32_t k) { return {code, k}; }
-std::array<uint32_t, 2> jump(uint16_t code, uint32_t k, uint8_t jt, uint8_t jf) {
-  return {static_cast<uint32_t>(code) | static_cast<uint32_t>(jt) << 16 | static_cast<uint32_t>(jf) << 24, k};
-}
+sock_filter stmt(uint16_t code, uint32_t k) { return BPF_STMT(code, k); }
+sock_filter jump(uint16_t code, uint32_t k, uint8_t jt, uint8_t jf) { return BPF_JUMP(code, k, jt, jf); }
 
 // nr == `nr`: `then`; else ALLOW. The arch is checked first (another arch: kill), as filters do.
 SeccompProgram deny(int nr, uint32_t then) {
@@ -123,10 +121,7 @@ std::optional<SeccompProgram> compiled(bool with_tee, bool socketpair_unix_only)
       fds[1] = -1;
       sock_filter f{};
       SeccompProgram prog;
-      while (::read(fds[0], &f, sizeof f) == static_cast<ssize_t>(sizeof f))
-        prog.push_back({static_cast<uint32_t>(f.code) | static_cast<uint32_t>(f.jt) << 16 |
-                            static_cast<uint32_t>(f.jf) << 24,
-                        f.k});
+      while (::read(fds[0], &f, sizeof f) == static_cast<ssize_t>(sizeof f)) prog.push_back(f);
       out = std::move(prog);
     }
     ::close(fds[0]);
@@ -159,10 +154,7 @@ Child filtered_child(const SeccompProgram& filter, int wake_r, int report_w) {
   return spawn([=] {
     int p[2];
     if (::pipe(p) < 0 || ::write(p[1], "bytes", 5) != 5) ::_exit(2);
-    std::vector<sock_filter> f;
-    for (const auto& [code, k] : filter)
-      f.push_back(sock_filter{static_cast<uint16_t>(code & 0xffff), static_cast<uint8_t>(code >> 16),
-                              static_cast<uint8_t>(code >> 24), k});
+    SeccompProgram f = filter;  // the kernel's sock_fprog takes a non-const pointer
     sock_fprog prog{static_cast<unsigned short>(f.size()), f.data()};
     if (::prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 || ::syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &prog) < 0)
       ::_exit(3);
