@@ -69,23 +69,19 @@ std::map<std::pair<std::string, uint64_t>, FileGadgets> g_file_gadgets;
 
 ReturnGadgets find_return_gadgets(pid_t pid) {
   ReturnGadgets g;
-  struct Range {
-    uint64_t lo, hi, offset;
-    std::pair<std::string, uint64_t> file;  // (device, inode); inode 0: no file ([vdso])
-    bool libc;
-  };
-  std::vector<Range> ranges;
-  for (ExecMapping& m : executable_mappings(pid))
-    ranges.push_back({m.start, m.end, m.offset, {std::move(m.dev), m.inode}, m.name.find("/libc") != std::string::npos});
-  std::stable_partition(ranges.begin(), ranges.end(), [](const Range& r) { return r.libc; });  // glibc first
+  std::vector<ExecMapping> ranges = executable_mappings(pid);
+  std::stable_partition(ranges.begin(), ranges.end(),  // glibc first
+                        [](const ExecMapping& r) { return r.name.find("/libc") != std::string::npos; });
+  // The key of a mapped file's remembered offsets: (device, inode); inode 0: no file ([vdso]).
+  auto file_of = [](const ExecMapping& r) { return std::pair(r.dev, r.inode); };
   {
     std::lock_guard<std::mutex> lock(g_file_gadgets_lock);
-    for (const Range& r : ranges) {
-      if (r.file.second == 0) continue;
-      auto it = g_file_gadgets.find(r.file);
+    for (const ExecMapping& r : ranges) {
+      if (r.inode == 0) continue;
+      auto it = g_file_gadgets.find(file_of(r));
       if (it == g_file_gadgets.end()) continue;
       auto at = [&](uint64_t off) -> uint64_t {
-        return off && off - 1 >= r.offset && off - 1 - r.offset < r.hi - r.lo ? r.lo + (off - 1 - r.offset) : 0;
+        return off && off - 1 >= r.offset && off - 1 - r.offset < r.end - r.start ? r.start + (off - 1 - r.offset) : 0;
       };
       if (!g.syscall_ret) g.syscall_ret = at(it->second.syscall_ret);
       if (!g.restorer) g.restorer = at(it->second.restorer);
@@ -100,22 +96,22 @@ ReturnGadgets find_return_gadgets(pid_t pid) {
     const void* hit = ::memmem(buf.data(), n, pattern.data(), pattern.size());
     return hit ? at + static_cast<uint64_t>(static_cast<const unsigned char*>(hit) - buf.data()) : 0;
   };
-  for (const Range& r : ranges) {
-    for (uint64_t at = r.lo; at < r.hi && !(g.syscall_ret && g.restorer);) {
-      const size_t n = std::min<uint64_t>(kChunk, r.hi - at);
+  for (const ExecMapping& r : ranges) {
+    for (uint64_t at = r.start; at < r.end && !(g.syscall_ret && g.restorer);) {
+      const size_t n = std::min<uint64_t>(kChunk, r.end - at);
       iovec local{buf.data(), n};
       iovec remote{reinterpret_cast<void*>(at), n};
       if (::process_vm_readv(pid, &local, 1, &remote, 1, 0) != static_cast<ssize_t>(n)) break;
       if (!g.syscall_ret) g.syscall_ret = find(arch::kSyscallRet, n, at);
       if (!g.restorer) g.restorer = find(arch::kRestorer, n, at);
       if (!g.restorer) g.restorer = find(arch::kRestorerShort, n, at);
-      if (at + n >= r.hi) break;
+      if (at + n >= r.end) break;
       at += n - kOverlap;
     }
-    if (r.file.second != 0) {  // remembered for the next process that maps this file
-      auto off = [&](uint64_t addr) { return addr >= r.lo && addr < r.hi ? addr - r.lo + r.offset + 1 : 0; };
+    if (r.inode != 0) {  // remembered for the next process that maps this file
+      auto off = [&](uint64_t addr) { return addr >= r.start && addr < r.end ? addr - r.start + r.offset + 1 : 0; };
       std::lock_guard<std::mutex> lock(g_file_gadgets_lock);
-      FileGadgets& f = g_file_gadgets[r.file];
+      FileGadgets& f = g_file_gadgets[file_of(r)];
       if (uint64_t o = off(g.syscall_ret)) f.syscall_ret = o;
       if (uint64_t o = off(g.restorer)) f.restorer = o;
     }
