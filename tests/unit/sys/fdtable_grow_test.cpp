@@ -323,6 +323,9 @@ TEST(FdTableGrow, NoGadgetLeavesItToTheStop) {
 // scripts/kill_loop.sh runs 200): each time the victim is
 // untraced, back in its read, its fds, mappings (nothing is ever mapped) and signal mask as they
 // were, and its read returns only what the test writes, with vector registers and altstack intact.
+// The moments are drawn from up to three times one cycle as this machine runs it (timed first,
+// here, on fd 0, which grows nothing), at least 8 ms: under ASan on a loaded machine a fixed range
+// could end before the first dup3 did, every round.
 TEST(FdTableGrow, KilledAtRandomMomentsLeavesTheTargetAsItWas) {
   const uint64_t nofile = soft_nofile();  // raised before the victim's fork: its limit too
   auto v = start_victim(SYS_read);
@@ -333,6 +336,13 @@ TEST(FdTableGrow, KilledAtRandomMomentsLeavesTheTargetAsItWas) {
   const uint32_t slots_before = slots_of(pid);
   const std::string mask = sig_blocked(pid, pid);
   const AgentGadgets gadgets = find_agent_gadgets(pid);
+  const auto t0 = std::chrono::steady_clock::now();
+  auto timed = dup3_in_thread(pid, pid, INT_MAX, 0, gadgets);
+  ASSERT_TRUE(timed) << timed.error().what;
+  ASSERT_EQ(*timed, -EBADF);
+  const auto cycle = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - t0);
+  const int window_us = std::max(8000, static_cast<int>(3 * cycle.count()));
+  ASSERT_TRUE(eventually([&] { return victim_blocked(*v); }));
   std::mt19937 rng(std::random_device{}());
   SharedCounter cycles;
   const char* env = std::getenv("PIPECR_KILLS");
@@ -347,7 +357,7 @@ TEST(FdTableGrow, KilledAtRandomMomentsLeavesTheTargetAsItWas) {
         cycles.value->fetch_add(1);
       }
     });
-    std::this_thread::sleep_for(std::chrono::microseconds(std::uniform_int_distribution<int>(0, 8000)(rng)));
+    std::this_thread::sleep_for(std::chrono::microseconds(std::uniform_int_distribution<int>(0, window_us)(rng)));
     const auto status = grower.kill_and_reap();
     ASSERT_TRUE(status);
     ASSERT_TRUE(WIFSIGNALED(*status)) << "the grower failed on its own: exit " << WEXITSTATUS(*status);
