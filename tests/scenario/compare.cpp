@@ -140,6 +140,18 @@ std::vector<std::string> compare(const json& want, const json& got, bool strict)
   // fd slots by (pid, fd).
   std::map<std::pair<int, int>, json> got_fds;
   for (const json& f : got.value("fds", json::array())) got_fds[{f.value("pid", 0), f.value("fd", -1)}] = f;
+  // A process that used another's fd table (clone(CLONE_FILES)) holds every fd listed under it.
+  for (const json& t : got.value("shared_fd_tables", json::array())) {
+    const int pid = t.value("pid", 0), with = t.value("with_pid", 0);
+    std::vector<json> theirs;
+    for (auto& [k, f] : got_fds)
+      if (k.first == with) theirs.push_back(f);
+    for (json f : theirs) {
+      const int fd = f.value("fd", -1);
+      f["pid"] = pid;
+      got_fds[{pid, fd}] = std::move(f);
+    }
+  }
   Bijection files, pipes;
   std::set<std::pair<int, int>> seen;
   for (const json& f : want.value("fds", json::array())) {
