@@ -12,6 +12,9 @@
 //   floor_ms         the loop no dump can avoid, timed in the same run on the same pipes from
 //                    this process: pidfd_getfd of every fd, tee of every pipe into a scratch pipe
 //                    and splice of it to /dev/null; no stop, no metadata. ratio = dump_ms / floor_ms;
+//   floor_state_ms, ratio_state: the same loop also reading, with one fcntl each, the state the
+//                    image records besides the bytes: status flags, owner and signal of every copy,
+//                    capacity of every pipe (no interface gives them in bulk: see BM_BtfLoad);
 //   floor_copy_ms, ratio_copy (pipes with bytes): the same loop reading the bytes into memory
 //                    instead of splicing them to /dev/null, and dump_ms against it;
 //   dump_cpu_ms, floor_cpu_ms, cpu_ratio: the same on pipecr's CPU time (user + system), which
@@ -41,8 +44,11 @@
 // caches: the per-buffer cost no user-space dump avoids while its targets stand stopped.
 // BM_AgentAddress: where an agent goes in a target of thousands of mappings, asked of the kernel
 // (PROCMAP_QUERY) and read from /proc/PID/maps: a step of the agent's start, inside the stop.
+// BM_BtfLoad: what a BPF task_file iterator (the one bulk interface to every file's flags, owner,
+// signal and pipe size) costs before its first read: libbpf parsing the kernel's BTF.
 // BM_ExecMappings: the executable mappings of such a target (where the return gadgets are looked
 // for, before the stop), asked of the kernel and read from /proc/PID/maps.
+#include <dlfcn.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/ioctl.h>
@@ -203,10 +209,16 @@ std::vector<std::pair<int, bool>> pipe_fds(pid_t pid, bool fifos = false) {
   return out;
 }
 
+// What the loop reads besides the bytes (FloorState::with): the state the image records of each
+// copy (status flags, owner, signal) and of each pipe (capacity, through its read end), one fcntl
+// each, as no interface gives them in bulk.
+enum class FloorState { without, with };
+
 // The unavoidable loop: pidfd_getfd of every pipe fd, tee of every read end into one scratch
 // pipe and splice of it to /dev/null. Returns milliseconds. With `read_bytes`, the bytes are read out of
 // the scratch pipe into memory instead (read_bytes: what an image that holds them must do once).
-double floor_ms(pid_t pid, const std::vector<std::pair<int, bool>>& fds, double* cpu_ms = nullptr, bool read_bytes = false) {
+double floor_ms(pid_t pid, const std::vector<std::pair<int, bool>>& fds, double* cpu_ms = nullptr, bool read_bytes = false,
+                FloorState state = FloorState::without) {
   static std::vector<char> buf(1 << 20);
   int null = open("/dev/null", O_WRONLY | O_CLOEXEC);
   int s[2];
@@ -220,6 +232,13 @@ double floor_ms(pid_t pid, const std::vector<std::pair<int, bool>>& fds, double*
   for (auto [fd, rd] : fds) {
     int copy = static_cast<int>(syscall(SYS_pidfd_getfd, pidfd, fd, 0));
     copies.push_back(copy);
+    if (state == FloorState::with && copy >= 0) {
+      struct f_owner_ex own {};
+      benchmark::DoNotOptimize(fcntl(copy, F_GETFL));
+      benchmark::DoNotOptimize(fcntl(copy, F_GETOWN_EX, &own));
+      benchmark::DoNotOptimize(fcntl(copy, F_GETSIG));
+      if (rd) benchmark::DoNotOptimize(fcntl(copy, F_GETPIPE_SZ));
+    }
     if (rd && copy >= 0) {
       ssize_t n = tee(copy, s[1], 1 << 20, SPLICE_F_NONBLOCK);
       if (n > 0 && read_bytes)
@@ -261,7 +280,7 @@ void BM_Dump(benchmark::State& state) {
   double stall = 0, noise = 0, stopped = 0, seize = 0, dump = 0, flr = 0, growth = 0, last_ms = 20;
   double dump_cpu = 0, floor_cpu = 0;
   double agents = 0, agent_start = 0, agent_survey = 0, agent_return = 0, survey_take = 0, resume = 0, agent_tees = 0;
-  double before_stop = 0, after_resume = 0, writing = 0, flr_copy = 0;
+  double before_stop = 0, after_resume = 0, writing = 0, flr_copy = 0, flr_state = 0;
   for (auto _ : state) {
     // Noise: the victim's longest gap over as long as the dump takes, without a dump.
     v.reset_gap();
@@ -299,6 +318,7 @@ void BM_Dump(benchmark::State& state) {
     writing += static_cast<double>(st->write_ns) / 1e6;
     growth += static_cast<double>(vm_hwm_kb() - before);
     flr += floor_ms(v.pid, fds, &floor_cpu);
+    flr_state += floor_ms(v.pid, fds, nullptr, false, FloorState::with);
     if (bytes) flr_copy += floor_ms(v.pid, fds, nullptr, true);
     benchmark::DoNotOptimize(sink.bytes);
   }
@@ -310,6 +330,8 @@ void BM_Dump(benchmark::State& state) {
   state.counters["dump_ms"] = dump / it;
   state.counters["floor_ms"] = flr / it;
   state.counters["ratio"] = dump / flr;
+  state.counters["floor_state_ms"] = flr_state / it;
+  state.counters["ratio_state"] = dump / flr_state;
   state.counters["dump_cpu_ms"] = dump_cpu / it;
   state.counters["floor_cpu_ms"] = floor_cpu / it;
   state.counters["cpu_ratio"] = dump_cpu / floor_cpu;
@@ -544,6 +566,54 @@ void BM_TeeFloor(benchmark::State& state) {
 }
 
 BENCHMARK(BM_TeeFloor)->Args({65536, 1})->Args({65536, 0})->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(20);
+
+// BM_BtfLoad: the fixed cost of the one interface that would give every file's state in bulk (a
+// BPF task_file iterator), which a dump would pay on every run before its first read: libbpf
+// parsing the kernel's BTF (/sys/kernel/btf/vmlinux) to find the iterator's attach point and
+// resolve a portable program's field offsets. The verifier's check and the attach come on top and
+// are not counted. libbpf is loaded with dlopen() (the Debian package libbpf1): pipecr does not
+// link it. Counters: load_ms (parse, look up the attach point, free), btf_mb (the BTF's size).
+void BM_BtfLoad(benchmark::State& state) {
+  struct stat st {};
+  if (stat("/sys/kernel/btf/vmlinux", &st) != 0) {
+    state.SkipWithError("no /sys/kernel/btf/vmlinux: this kernel was built without CONFIG_DEBUG_INFO_BTF");
+    return;
+  }
+  void* lib = dlopen("libbpf.so.1", RTLD_NOW | RTLD_LOCAL);
+  if (!lib) {
+    state.SkipWithError("libbpf.so.1 not found (Debian: apt-get install libbpf1)");
+    return;
+  }
+  using Load = void* (*)();
+  using Find = int (*)(const void*, const char*, uint32_t);
+  using Free = void (*)(void*);
+  auto load = reinterpret_cast<Load>(dlsym(lib, "btf__load_vmlinux_btf"));
+  auto find = reinterpret_cast<Find>(dlsym(lib, "btf__find_by_name_kind"));
+  auto free_btf = reinterpret_cast<Free>(dlsym(lib, "btf__free"));
+  if (!load || !find || !free_btf) {
+    state.SkipWithError("libbpf.so.1 lacks btf__load_vmlinux_btf");
+    dlclose(lib);
+    return;
+  }
+  constexpr uint32_t kBtfKindFunc = 12;  // <linux/btf.h> BTF_KIND_FUNC
+  double ms = 0;
+  for (auto _ : state) {
+    auto t0 = Clock::now();
+    void* btf = load();
+    int id = btf ? find(btf, "bpf_iter_task_file", kBtfKindFunc) : -1;
+    if (btf) free_btf(btf);
+    ms += std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+    if (id <= 0) {
+      state.SkipWithError("the kernel's BTF has no bpf_iter_task_file");
+      break;
+    }
+  }
+  dlclose(lib);
+  state.counters["load_ms"] = ms / static_cast<double>(state.iterations());
+  state.counters["btf_mb"] = static_cast<double>(st.st_size) / (1 << 20);
+}
+
+BENCHMARK(BM_BtfLoad)->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(10);
 
 // A paused child holding `mappings` extra mappings (one page each, a page apart, so that none
 // merge; the libraries and code of a JVM or a browser come to thousands), killed and reaped at the
