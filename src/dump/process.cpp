@@ -1103,6 +1103,7 @@ class Dumper {
     std::vector<sys::FdRef> refs;
     std::vector<size_t> who;
     refs.reserve(holders_.size());
+    who.reserve(holders_.size());
     pid_t self = ::getpid();
     for (size_t i = 0; i < holders_.size(); ++i) {
       const Holder& h = holders_[i];
@@ -1112,17 +1113,18 @@ class Dumper {
                          : sys::FdRef{tables_[h.table].tid, h.fd, h.ino, h.access});
       who.push_back(i);
     }
-    auto groups = sys::group_by_open_file(refs, sys::kcmp_compare(), copies ? sys::own_file_equal() : sys::FileEqual());
-    if (!groups) return tl::unexpected(groups.error());
-    std::unordered_map<uint64_t, size_t> at;  // (pid, fd) -> index into who
-    auto key = [](pid_t pid, int fd) { return (static_cast<uint64_t>(pid) << 32) | static_cast<uint32_t>(fd); };
-    for (size_t k = 0; k < refs.size(); ++k) at[key(refs[k].pid, refs[k].fd)] = who[k];
-    for (const sys::FdGroup& g : *groups) {
-      OpenFile f;
-      f.rec.id = files_.size() + 1;
-      for (const sys::FdRef& m : g.members) holders_[at.at(key(m.pid, m.fd))].file = files_.size();
-      f.first_holder = at.at(key(g.members[0].pid, g.members[0].fd));
-      files_.push_back(std::move(f));
+    auto ids = sys::open_file_ids(refs, sys::kcmp_compare(), copies ? sys::own_file_equal() : sys::FileEqual());
+    if (!ids) return tl::unexpected(ids.error());
+    const size_t base = files_.size();
+    for (size_t k = 0; k < refs.size(); ++k) {
+      const size_t file = base + (*ids)[k];
+      if (file == files_.size()) {  // the first fd of a new open file description
+        OpenFile f;
+        f.rec.id = file + 1;
+        f.first_holder = who[k];
+        files_.push_back(std::move(f));
+      }
+      holders_[who[k]].file = file;
     }
     return {};
   }

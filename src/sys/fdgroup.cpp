@@ -157,8 +157,7 @@ FileCompare kcmp_compare() {
   return [](const FdRef& a, const FdRef& b) { return kcmp_file(a.pid, a.fd, b.pid, b.fd); };
 }
 
-Expected<std::vector<FdGroup>> group_by_open_file(std::span<const FdRef> fds, const FileCompare& cmp,
-                                                  const FileEqual& eq) {
+Expected<std::vector<size_t>> open_file_ids(std::span<const FdRef> fds, const FileCompare& cmp, const FileEqual& eq) {
   // Bucket by inode first (no kernel calls): fds of different pipes never share a description.
   // Within an inode, by access mode where every member's is known (-1 sorts first).
   std::vector<size_t> order(fds.size());
@@ -167,21 +166,32 @@ Expected<std::vector<FdGroup>> group_by_open_file(std::span<const FdRef> fds, co
     return fds[a].ino != fds[b].ino ? fds[a].ino < fds[b].ino : fds[a].access < fds[b].access;
   });
 
+  // rep[i]: the first fd (in input order) of i's group. A lone fd is its own and costs nothing
+  // more: most buckets (a pipe's read end, its write end) hold one fd.
+  std::vector<size_t> rep(fds.size());
+  std::iota(rep.begin(), rep.end(), size_t{0});
+  auto join = [&](const std::vector<Group>& groups) {
+    for (const Group& g : groups) {
+      const size_t first = *std::min_element(g.begin(), g.end());
+      for (size_t i : g) rep[i] = first;
+    }
+  };
   Grouper grouper(fds, cmp);
   std::vector<Group> groups;
   auto bucket = [&](std::span<const size_t> idx) -> Expected<void> {
-    if (eq && idx.size() > 1) {
+    if (idx.size() == 1) return {};  // nothing to compare
+    groups.clear();
+    if (eq) {
       auto done = group_equal(fds, idx, eq, groups);
       if (!done) return tl::unexpected(done.error());
-      if (*done) return {};
-    }
-    if (idx.size() == 1) {  // nothing to compare
-      groups.push_back(Group{idx[0]});
-      return {};
+      if (*done) {
+        join(groups);
+        return {};
+      }
     }
     auto run = grouper.sort(idx);
     if (!run) return tl::unexpected(run.error());
-    for (Group& g : *run) groups.push_back(std::move(g));
+    join(*run);
     return {};
   };
   for (size_t lo = 0; lo < order.size();) {
@@ -201,14 +211,21 @@ Expected<std::vector<FdGroup>> group_by_open_file(std::span<const FdRef> fds, co
     lo = hi;
   }
 
-  // Stable output: members in input order, groups by their first member.
-  for (Group& g : groups) std::sort(g.begin(), g.end());
-  std::sort(groups.begin(), groups.end(), [](const Group& a, const Group& b) { return a.front() < b.front(); });
-  std::vector<FdGroup> out(groups.size());
-  for (size_t k = 0; k < groups.size(); ++k) {
-    out[k].members.reserve(groups[k].size());
-    for (size_t i : groups[k]) out[k].members.push_back(fds[i]);
-  }
+  // Numbered by first member: a group's first member comes before every other, so its id is known
+  // by the time they are reached.
+  std::vector<size_t> id(fds.size());
+  size_t next = 0;
+  for (size_t i = 0; i < fds.size(); ++i) id[i] = rep[i] == i ? next++ : id[rep[i]];
+  return id;
+}
+
+Expected<std::vector<FdGroup>> group_by_open_file(std::span<const FdRef> fds, const FileCompare& cmp,
+                                                  const FileEqual& eq) {
+  auto id = open_file_ids(fds, cmp, eq);
+  if (!id) return tl::unexpected(id.error());
+  const size_t count = id->empty() ? 0 : *std::max_element(id->begin(), id->end()) + 1;
+  std::vector<FdGroup> out(count);
+  for (size_t i = 0; i < fds.size(); ++i) out[(*id)[i]].members.push_back(fds[i]);
   return out;
 }
 

@@ -68,6 +68,13 @@ using FileEqual = std::function<Expected<bool>(const FdRef&, const FdRef&)>;
                                                                 const FileCompare& cmp = kcmp_compare(),
                                                                 const FileEqual& eq = {});
 
+// The same grouping as one number per fd: ids[i] is the open file description of fds[i], numbered
+// 0, 1, ... in the order of their first members (the index of its group in group_by_open_file's
+// answer). For callers that keep their own per-fd records: nothing is allocated per description.
+[[nodiscard]] Expected<std::vector<size_t>> open_file_ids(std::span<const FdRef> fds,
+                                                          const FileCompare& cmp = kcmp_compare(),
+                                                          const FileEqual& eq = {});
+
 // Closes the caller's fds `fds` (each open, no duplicates; the vector is sorted in place): one
 // close_range() per run of consecutive numbers (Linux 5.9; a run holds only fds of the list, so
 // nothing else is closed), close() where a run is one fd or close_range is missing. Returns the

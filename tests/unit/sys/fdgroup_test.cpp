@@ -2,7 +2,8 @@
 // a reopen of /proc/self/fd/N makes a new one; across two processes; and the number of kcmp calls
 // for 2,000 fds stays n log n. F_DUPFD_QUERY grouping (own_file_equal) against kcmp on real dup'd,
 // forked (taken with pidfd_getfd) and reopened fds, the access-mode split, the fall-back to the
-// sort for a bucket of many descriptions, and close_fds() over runs.
+// sort for a bucket of many descriptions, open_file_ids() (the same answer, one number per fd),
+// and close_fds() over runs.
 #include "sys/fdgroup.hpp"
 
 #include <fcntl.h>
@@ -112,6 +113,10 @@ TEST_F(FdGroupTest, ForkSharesAcrossProcesses) {
   ASSERT_TRUE(groups) << groups.error().what;
   ASSERT_EQ(groups->size(), 3u);
   EXPECT_EQ(group_index(*groups, in), (std::vector<size_t>{0, 1, 2, 1, 0, 2}));
+  // The same answer as one number per fd, with F_DUPFD_QUERY between our own fds where it works.
+  auto ids = open_file_ids(in, kcmp_compare(), own_file_equal());
+  ASSERT_TRUE(ids) << ids.error().what;
+  EXPECT_EQ(*ids, (std::vector<size_t>{0, 1, 2, 1, 0, 2}));
 }
 
 TEST_F(FdGroupTest, DifferentInodesAreNeverCompared) {
