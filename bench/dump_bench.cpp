@@ -46,6 +46,7 @@
 // (PROCMAP_QUERY) and read from /proc/PID/maps: a step of the agent's start, inside the stop.
 // BM_BtfLoad: what a BPF task_file iterator (the one bulk interface to every file's flags, owner,
 // signal and pipe size) costs before its first read: libbpf parsing the kernel's BTF.
+// BM_GadgetScan: the search for the agent's return gadgets in a target's code, before the stop.
 // BM_ExecMappings: the executable mappings of such a target (where the return gadgets are looked
 // for, before the stop), asked of the kernel and read from /proc/PID/maps.
 #include <dlfcn.h>
@@ -691,6 +692,26 @@ void BM_ExecMappings(benchmark::State& state) {
   state.counters["list_us"] = us / static_cast<double>(state.iterations());
   state.counters["executable"] = found;
 }
+
+// BM_GadgetScan: the search for the agent's return gadgets in a target's code (sys::
+// scan_return_gadgets: its executable mappings, glibc's first, read 256 KiB at a time until a
+// `syscall; ret` and a restorer are found), which a dump pays before the stop the first time it
+// meets a mapped file, so once per run of the command. The target is a paused MappedChild, a fork of
+// this process. Counter: scan_us, one scan.
+void BM_GadgetScan(benchmark::State& state) {
+  MappedChild child(0, false);
+  if (child.pid <= 0) return state.SkipWithError("the child did not start");
+  double us = 0;
+  for (auto _ : state) {
+    auto t0 = Clock::now();
+    const pipecr::sys::AgentGadgets g = pipecr::sys::scan_return_gadgets(child.pid);
+    us += std::chrono::duration<double, std::micro>(Clock::now() - t0).count();
+    if (!g.syscall_ret || !g.restorer) return state.SkipWithError("no return gadgets in the child's code");
+  }
+  state.counters["scan_us"] = us / static_cast<double>(state.iterations());
+}
+
+BENCHMARK(BM_GadgetScan)->Unit(benchmark::kMicrosecond)->UseRealTime()->Iterations(50);
 
 BENCHMARK(BM_ExecMappings)
     ->ArgsProduct({{0, 10000}, {0, 1}, {0, 1}})

@@ -67,18 +67,101 @@ std::mutex g_file_gadgets_lock;
 std::atomic<size_t> g_gadget_scans{0};
 std::map<std::pair<std::string, uint64_t>, FileGadgets> g_file_gadgets;
 
-ReturnGadgets find_return_gadgets(pid_t pid) {
+// Where the syscall instruction sits in a gadget's bytes (each holds it once).
+template <size_t N>
+constexpr size_t insn_offset(const std::array<unsigned char, N>& pattern) {
+  for (size_t k = 0; k + arch::kSyscallInsn.size() <= N; ++k) {
+    bool at = true;
+    for (size_t j = 0; j < arch::kSyscallInsn.size(); ++j) at = at && pattern[k + j] == arch::kSyscallInsn[j];
+    if (at) return k;
+  }
+  return N;
+}
+
+// The first syscall instruction in buf at or after i, or n. Blocks of 64 bytes are passed over with
+// a test of the instruction's first two bytes that the compiler turns into vector compares; the
+// block that holds one is then walked a byte at a time. (memchr for the first byte stops at every
+// 0x0f, common in x86 code; glibc's memmem walks a short needle a byte at a time: BM_GadgetScan.)
+size_t next_syscall_insn(const unsigned char* buf, size_t n, size_t i) {
+  constexpr auto& insn = arch::kSyscallInsn;
+  static_assert(insn.size() >= 2);
+  constexpr size_t kBlock = 64;
+  for (; i + kBlock + insn.size() <= n; i += kBlock) {
+    unsigned char any = 0;
+    for (size_t j = 0; j < kBlock; ++j)
+      any |= static_cast<unsigned char>((buf[i + j] == insn[0]) & (buf[i + j + 1] == insn[1]));
+    if (any) break;
+  }
+  for (; i + insn.size() <= n; ++i)
+    if (std::memcmp(buf + i, insn.data(), insn.size()) == 0) return i;
+  return n;
+}
+
+// The gadgets not found yet in buf (n bytes read from address at), in one pass over its syscall
+// instructions, each compared with the gadgets around it. The first of each gadget in the chunk is
+// taken.
+void find_in_chunk(const unsigned char* buf, size_t n, uint64_t at, ReturnGadgets& g) {
+  auto match = [&](size_t hit, const auto& pattern) -> uint64_t {
+    const size_t k = insn_offset(pattern);
+    if (hit < k || hit - k + pattern.size() > n) return 0;
+    return std::memcmp(buf + hit - k, pattern.data(), pattern.size()) == 0 ? at + (hit - k) : 0;
+  };
+  for (size_t hit = next_syscall_insn(buf, n, 0); hit < n; hit = next_syscall_insn(buf, n, hit + 1)) {
+    if (!g.syscall_ret) g.syscall_ret = match(hit, arch::kSyscallRet);
+    if (!g.restorer) g.restorer = match(hit, arch::kRestorer);
+    if (!g.restorer) g.restorer = match(hit, arch::kRestorerShort);
+    if (g.syscall_ret && g.restorer) return;
+  }
+}
+
+// The scan itself, over ranges in order, remembering the offsets found per mapped file.
+ReturnGadgets scan_ranges(pid_t pid, const std::vector<ExecMapping>& ranges) {
   ReturnGadgets g;
+  g_gadget_scans.fetch_add(1, std::memory_order_relaxed);
+  // 64 KiB: under malloc's mmap threshold (a 256 KiB buffer was mapped and unmapped by every scan), and
+  // little read past the gadgets. A gadget across two chunks is whole in the second.
+  constexpr size_t kChunk = 64 * 1024, kOverlap = 16;
+  std::vector<unsigned char> buf(kChunk);
+  for (const ExecMapping& r : ranges) {
+    for (uint64_t at = r.start; at < r.end && !(g.syscall_ret && g.restorer);) {
+      const size_t n = std::min<uint64_t>(kChunk, r.end - at);
+      iovec local{buf.data(), n};
+      iovec remote{reinterpret_cast<void*>(at), n};
+      if (::process_vm_readv(pid, &local, 1, &remote, 1, 0) != static_cast<ssize_t>(n)) break;
+      find_in_chunk(buf.data(), n, at, g);
+      if (at + n >= r.end) break;
+      at += n - kOverlap;
+    }
+    // Remembered for the next process that maps this file, by (device, inode); inode 0 is no
+    // file ([vdso]).
+    if (r.inode != 0) {
+      auto off = [&](uint64_t addr) { return addr >= r.start && addr < r.end ? addr - r.start + r.offset + 1 : 0; };
+      std::lock_guard<std::mutex> lock(g_file_gadgets_lock);
+      FileGadgets& f = g_file_gadgets[std::pair(r.dev, r.inode)];
+      if (uint64_t o = off(g.syscall_ret)) f.syscall_ret = o;
+      if (uint64_t o = off(g.restorer)) f.restorer = o;
+    }
+    if (g.syscall_ret && g.restorer) break;
+  }
+  return g;
+}
+
+// The target's executable mappings, glibc's first: where the gadgets are looked for.
+std::vector<ExecMapping> gadget_ranges(pid_t pid) {
   std::vector<ExecMapping> ranges = executable_mappings(pid);
   std::stable_partition(ranges.begin(), ranges.end(),  // glibc first
                         [](const ExecMapping& r) { return r.name.find("/libc") != std::string::npos; });
-  // The key of a mapped file's remembered offsets: (device, inode); inode 0: no file ([vdso]).
-  auto file_of = [](const ExecMapping& r) { return std::pair(r.dev, r.inode); };
+  return ranges;
+}
+
+ReturnGadgets find_return_gadgets(pid_t pid) {
+  ReturnGadgets g;
+  const std::vector<ExecMapping> ranges = gadget_ranges(pid);
   {
     std::lock_guard<std::mutex> lock(g_file_gadgets_lock);
     for (const ExecMapping& r : ranges) {
       if (r.inode == 0) continue;
-      auto it = g_file_gadgets.find(file_of(r));
+      auto it = g_file_gadgets.find(std::pair(r.dev, r.inode));
       if (it == g_file_gadgets.end()) continue;
       auto at = [&](uint64_t off) -> uint64_t {
         return off && off - 1 >= r.offset && off - 1 - r.offset < r.end - r.start ? r.start + (off - 1 - r.offset) : 0;
@@ -88,36 +171,7 @@ ReturnGadgets find_return_gadgets(pid_t pid) {
     }
   }
   if (g.syscall_ret && g.restorer && gadgets_still_there(pid, g)) return g;
-  g = ReturnGadgets{};
-  g_gadget_scans.fetch_add(1, std::memory_order_relaxed);
-  constexpr size_t kChunk = 256 * 1024, kOverlap = 16;
-  std::vector<unsigned char> buf(kChunk);
-  auto find = [&](auto& pattern, size_t n, uint64_t at) -> uint64_t {  // memmem: several times std::search's speed
-    const void* hit = ::memmem(buf.data(), n, pattern.data(), pattern.size());
-    return hit ? at + static_cast<uint64_t>(static_cast<const unsigned char*>(hit) - buf.data()) : 0;
-  };
-  for (const ExecMapping& r : ranges) {
-    for (uint64_t at = r.start; at < r.end && !(g.syscall_ret && g.restorer);) {
-      const size_t n = std::min<uint64_t>(kChunk, r.end - at);
-      iovec local{buf.data(), n};
-      iovec remote{reinterpret_cast<void*>(at), n};
-      if (::process_vm_readv(pid, &local, 1, &remote, 1, 0) != static_cast<ssize_t>(n)) break;
-      if (!g.syscall_ret) g.syscall_ret = find(arch::kSyscallRet, n, at);
-      if (!g.restorer) g.restorer = find(arch::kRestorer, n, at);
-      if (!g.restorer) g.restorer = find(arch::kRestorerShort, n, at);
-      if (at + n >= r.end) break;
-      at += n - kOverlap;
-    }
-    if (r.inode != 0) {  // remembered for the next process that maps this file
-      auto off = [&](uint64_t addr) { return addr >= r.start && addr < r.end ? addr - r.start + r.offset + 1 : 0; };
-      std::lock_guard<std::mutex> lock(g_file_gadgets_lock);
-      FileGadgets& f = g_file_gadgets[file_of(r)];
-      if (uint64_t o = off(g.syscall_ret)) f.syscall_ret = o;
-      if (uint64_t o = off(g.restorer)) f.restorer = o;
-    }
-    if (g.syscall_ret && g.restorer) break;
-  }
-  return g;
+  return scan_ranges(pid, ranges);
 }
 
 std::atomic<bool> g_sigreturn{true};
@@ -417,6 +471,8 @@ AgentGadgets find_agent_gadgets(pid_t pid) {
 bool agent_gadgets_still_there(pid_t pid, const AgentGadgets& g) { return gadgets_still_there(pid, g); }
 
 size_t agent_gadget_scans() { return g_gadget_scans.load(std::memory_order_relaxed); }
+
+AgentGadgets scan_return_gadgets(pid_t pid) { return scan_ranges(pid, gadget_ranges(pid)); }
 
 // ---------------------------------------------------------------- CommitPoint
 

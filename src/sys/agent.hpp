@@ -146,6 +146,9 @@ struct AgentGadgets {
 // How many times find_agent_gadgets() (or an agent's start without them) had to scan a process's
 // code: offsets found once are remembered per mapped file and only checked in the next process.
 [[nodiscard]] size_t agent_gadget_scans();
+// The scan itself, without the offsets remembered from earlier scans (syscall_ret and restorer
+// only): what find_agent_gadgets() costs the first time it meets a mapped file (BM_GadgetScan).
+[[nodiscard]] AgentGadgets scan_return_gadgets(pid_t pid);
 // Whether gadgets found earlier are still there in pid (one process_vm_readv each).
 [[nodiscard]] bool agent_gadgets_still_there(pid_t pid, const AgentGadgets& g);
 

@@ -12,6 +12,7 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <array>
 #include <chrono>
 #include <cstring>
@@ -213,6 +214,36 @@ TEST(AgentGadgets, FoundInOneProcessServeAnotherOfTheSameLibcAtItsOwnAddresses) 
                 holds(kids[i].pid, found[i].restorer, arch::kRestorerShort))
         << "process " << i;
   }
+}
+
+// The scan finds the first `syscall; ret` and the first restorer of the target's libc, as a plain
+// search of its whole text (read back from the process) finds them: its one pass for the syscall
+// instruction misses none of the three gadgets, within a chunk or across two.
+TEST(AgentGadgets, TheScanFindsTheFirstOfEachInLibcAsAPlainSearchDoes) {
+  Child k = spawn([] { ::execl("/bin/sleep", "sleep", "30", static_cast<char*>(nullptr)); });
+  ASSERT_GT(k.pid, 0);
+  ASSERT_TRUE(eventually([&] { return state_of(k.pid, k.pid) == 'S'; }));
+  std::ifstream maps(fmt::format("/proc/{}/maps", k.pid));
+  uint64_t lo = 0, hi = 0;
+  for (std::string line; std::getline(maps, line);)
+    if (line.find(" r-xp ") != std::string::npos && line.find("/libc") != std::string::npos) {
+      ASSERT_EQ(std::sscanf(line.c_str(), "%lx-%lx", &lo, &hi), 2);
+      break;
+    }
+  if (hi == 0) GTEST_SKIP() << "/bin/sleep maps no glibc here";
+  std::vector<unsigned char> text(hi - lo);
+  iovec local{text.data(), text.size()}, remote{reinterpret_cast<void*>(lo), text.size()};
+  ASSERT_EQ(::process_vm_readv(k.pid, &local, 1, &remote, 1, 0), static_cast<ssize_t>(text.size()));
+  auto first = [&](const auto& pattern) -> uint64_t {
+    auto it = std::search(text.begin(), text.end(), pattern.begin(), pattern.end());
+    return it == text.end() ? UINT64_MAX : lo + static_cast<uint64_t>(it - text.begin());
+  };
+  const uint64_t want_ret = first(arch::kSyscallRet);
+  const uint64_t want_restorer = std::min(first(arch::kRestorer), first(arch::kRestorerShort));
+  if (want_ret == UINT64_MAX || want_restorer == UINT64_MAX) GTEST_SKIP() << "this glibc holds no such gadget";
+  const AgentGadgets g = scan_return_gadgets(k.pid);
+  EXPECT_EQ(g.syscall_ret, want_ret);
+  EXPECT_EQ(g.restorer, want_restorer);
 }
 
 }  // namespace
