@@ -358,8 +358,9 @@ std::string describe(const DroppedEnd& d, const Image& img) {
 
 // Fds recorded in a thread's own fd table go back into that thread of that process only: the
 // thread must exist in the target (so the target is the recorded process) and still have a table
-// of its own. The transaction stops each holder's process once, so one restore installs into one
-// table per process: the process's own holder goes when it has nothing to install.
+// of its own. The transaction stops each process once and runs an agent in each table it restores
+// (the process's own, by its first thread; a thread's own, by that thread); the process's own holder
+// goes when it has nothing to install, so that no agent starts for nothing.
 Expected<void> check_thread_tables(Plan& plan) {
   for (size_t ti = 0; ti < plan.holders.size(); ++ti) {
     const Holder& t = plan.holders[ti];
@@ -377,11 +378,7 @@ Expected<void> check_thread_tables(Plan& plan) {
                               t.target));
     for (size_t i = 0; i < plan.holders.size(); ++i) {
       const Holder& h = plan.holders[i];
-      if (i == ti || h.target != t.target || h.exec) continue;
-      if (!h.fds.empty())
-        return fail(Errc::unsupported, ENOTSUP,
-                    fmt::format("{}: restoring into two fd tables of process {} in one restore is not supported yet",
-                                what, t.target));
+      if (i == ti || h.target != t.target || h.exec || h.thread != 0 || !h.fds.empty()) continue;
       plan.holders.erase(plan.holders.begin() + static_cast<std::ptrdiff_t>(i));
       return check_thread_tables(plan);  // indices moved: start over
     }

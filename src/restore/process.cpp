@@ -233,11 +233,12 @@ class Parcels {
   std::unordered_set<uint64_t> queued_;
 };
 
-// One stopped target and its agent.
+// One fd table of a stopped target and the agent that installs into it: a process's own table, or
+// the table of one of its threads (unshare(CLONE_FILES)); a process with both has one session
+// each, on one StoppedProcess, with an agent in each of the two threads.
 struct Session {
-  Session(std::unique_ptr<sys::StoppedProcess> p, const Holder& h, Parcel& pc)
-      : proc(std::move(p)), holder(&h), parcel(&pc) {}
-  std::unique_ptr<sys::StoppedProcess> proc;  // declared first: destroyed after the agent
+  Session(sys::StoppedProcess* p, const Holder& h, Parcel& pc) : proc(p), holder(&h), parcel(&pc) {}
+  sys::StoppedProcess* proc;    // owned by the transaction (procs_), which outlives its sessions
   sys::Agent* agent = nullptr;  // owned by proc
   std::vector<sys::AgentOp> ops;
   const Holder* holder;
@@ -278,9 +279,16 @@ class TargetTransaction {
     for (const Holder& h : plan_.holders) {
       if (h.exec) continue;
       if (auto ok = check_interrupt(); !ok) return abort(ok.error());
-      auto sp = sys::StoppedProcess::seize(h.target);
-      if (!sp) return abort(in_target(h, sp.error()));
-      sessions_.push_back(std::make_unique<Session>(std::move(*sp), h, parcels_.of(h)));
+      sys::StoppedProcess* proc = nullptr;
+      for (const auto& p : procs_)
+        if (p->pid() == h.target) proc = p.get();
+      if (!proc) {  // each process is stopped once, whatever number of its tables is restored
+        auto sp = sys::StoppedProcess::seize(h.target);
+        if (!sp) return abort(in_target(h, sp.error()));
+        procs_.push_back(std::move(*sp));
+        proc = procs_.back().get();
+      }
+      sessions_.push_back(std::make_unique<Session>(proc, h, parcels_.of(h)));
     }
     stage(Stage::seized);
     using Phase = Expected<void> (TargetTransaction::*)(Session&);
@@ -324,15 +332,16 @@ class TargetTransaction {
       if (!ok && !first) first = in_target(*s->holder, ok.error());
     }
     stage(Stage::committed);
-    for (auto& s : sessions_) {
-      Expected<void> ok = s->agent->restore();
-      if (auto r = s->proc->resume(); ok && !r) ok = r;
-      if (!ok && !first) first = in_target(*s->holder, ok.error());
-    }
+    for (auto& s : sessions_)
+      if (auto ok = s->agent->restore(); !ok && !first) first = in_target(*s->holder, ok.error());
+    for (auto& p : procs_)  // once every agent of the process is back
+      if (auto ok = p->resume(); !ok && !first) first = in_target(holder_of(*p), ok.error());
     // The agents hold the files their installs replaced: closing them may free big pipes, which is
     // done when the transaction goes away, after the targets run again.
     finished_ = std::move(sessions_);
     sessions_.clear();
+    finished_procs_ = std::move(procs_);
+    procs_.clear();
     built_.in_place.clear();  // the old buffers, the copies of the kept files: freed with the targets running
     if (first) return tl::unexpected(*first);
     return {};
@@ -440,11 +449,18 @@ class TargetTransaction {
     if (!committed_)
       for (auto it = built_.in_place.rbegin(); it != built_.in_place.rend(); ++it) undo_in_place(*it);
     built_.in_place.clear();
-    for (auto& s : sessions_) {
+    for (auto& s : sessions_)
       if (s->agent) (void)s->agent->restore();
-      (void)s->proc->resume();
-    }
+    for (auto& p : procs_) (void)p->resume();
     sessions_.clear();
+    procs_.clear();
+  }
+
+  // A holder restored into p, to name the process in an error.
+  const Holder& holder_of(const sys::StoppedProcess& p) const {
+    for (const auto& s : sessions_)
+      if (s->proc == &p) return *s->holder;
+    return plan_.holders.front();  // not reached: every stopped process has a session
   }
 
   const Plan& plan_;
@@ -453,8 +469,11 @@ class TargetTransaction {
   const ProcessRestoreOptions& opts_;
   std::optional<sys::CommitPoint> commit_;
   bool committed_ = false;
-  std::vector<std::unique_ptr<Session>> sessions_;  // stable addresses: the agent points at proc
-  std::vector<std::unique_ptr<Session>> finished_;  // committed and let go; destroyed last
+  // Declared before the sessions, so destroyed after them: a session points at its process.
+  std::vector<std::unique_ptr<sys::StoppedProcess>> procs_;
+  std::vector<std::unique_ptr<sys::StoppedProcess>> finished_procs_;  // committed and let go; destroyed last
+  std::vector<std::unique_ptr<Session>> sessions_;
+  std::vector<std::unique_ptr<Session>> finished_;
   std::unordered_set<uint64_t> async_seen_;          // recorded files whose kept O_ASYNC is asked for
   std::vector<pid_t> register_block_;
   std::vector<std::string> table_growth_;

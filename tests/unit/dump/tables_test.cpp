@@ -450,6 +450,74 @@ TEST(DumpTables, ThreadTableRestoredIntoItsThread) {
   EXPECT_EQ(c.reap(), 0);
 }
 
+// The names of the fds in a table (/proc/PID/task/TID/fd), to compare a table before and after.
+std::set<std::string> fd_names(pid_t pid, pid_t tid) {
+  std::set<std::string> out;
+  for (const auto& e : std::filesystem::directory_iterator(fmt::format("/proc/{}/task/{}/fd", pid, tid)))
+    out.insert(e.path().filename().string());
+  return out;
+}
+
+// A process whose own table and whose thread's own table both hold a pipe at fds 30 and 31: one
+// restore puts each back in its table (an agent in each of the two threads of the one stopped
+// process), each with its own bytes, and neither table gains or loses an fd.
+TEST(DumpTables, ProcessAndThreadTablesRestoredInOneRestore) {
+  Shared* s = shared_page();
+  DumpChild c([s](int ready) {
+    int p[2];
+    if (pipe(p) != 0) return 2;
+    dup2(p[0], 30);
+    dup2(p[1], 31);
+    close(p[0]);
+    close(p[1]);
+    (void)!write(31, "main-data", 9);
+    int dup_ready = dup(ready);
+    close(ready);
+    ThreadArgs a{s, dup_ready};
+    pthread_t t;
+    pthread_create(&t, nullptr, restore_thread, &a);
+    while (s->tid.load() == 0) usleep(1000);
+    close(dup_ready);
+    wait_step(s, 2);  // the thread drained its pipe; the test drains this one
+    pthread_join(t, nullptr);
+    char buf[64];
+    ssize_t n = read(30, buf, sizeof buf);
+    bool data = n == 9 && memcmp(buf, "main-data", 9) == 0;
+    bool linked = write(31, "m", 1) == 1 && read(30, buf, 1) == 1 && buf[0] == 'm';
+    return s->result.load() != 0 ? 10 + s->result.load() : data && linked ? 0 : data ? 5 : 6;
+  });
+  ASSERT_TRUE(c.ready());
+  const pid_t tid = s->tid.load();
+  ASSERT_NE(tid, 0);
+  std::vector<std::byte> bytes;
+  auto img = testing::dump_image({c.pid()}, bytes);
+  ASSERT_TRUE(img) << img.error().what;
+  size_t in_thread = 0, in_process = 0;
+  for (const FdRecord& d : img->fds) (d.tid == tid ? in_thread : in_process) += d.fd == 30 || d.fd == 31;
+  EXPECT_EQ(in_thread, 2u);
+  EXPECT_EQ(in_process, 2u);
+
+  s->step = 1;
+  wait_step(s, 2);
+  ASSERT_EQ(s->step.load(), 2);
+  {  // drain the process's own pipe too, through its table
+    sys::UniqueFd r(::open(fmt::format("/proc/{}/fd/30", c.pid()).c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC));
+    ASSERT_TRUE(r);
+    char buf[64];
+    ASSERT_EQ(::read(r.get(), buf, sizeof buf), 9);
+  }
+  const auto main_before = fd_names(c.pid(), c.pid()), thread_before = fd_names(c.pid(), tid);
+  auto sum = restore::restore_processes(*img, restore::ProcessRestoreRequest{{{c.pid(), std::nullopt}}, std::nullopt});
+  ASSERT_TRUE(sum) << sum.error().what;
+  EXPECT_EQ(fd_names(c.pid(), c.pid()), main_before);
+  EXPECT_EQ(fd_names(c.pid(), tid), thread_before);
+  testing::expect_running(c.pid());
+  s->step = 3;
+  wait_step(s, 4);
+  EXPECT_EQ(s->result.load(), 0);
+  EXPECT_EQ(c.reap(), 0) << "10 + n: the thread's check n failed; 5, 6: the process's bytes or link";
+}
+
 // The same image into another process, which has no such thread: refused, nothing done.
 TEST(DumpTables, ThreadTableIntoAnotherProcessIsRefused) {
   Shared* s = shared_page();
