@@ -137,26 +137,32 @@ std::vector<std::string> compare(const json& want, const json& got, bool strict)
   Ctx c{strict, &out};
   compare_processes(want, got, c);
 
-  // fd slots by (pid, fd).
-  std::map<std::pair<int, int>, json> got_fds;
-  for (const json& f : got.value("fds", json::array())) got_fds[{f.value("pid", 0), f.value("fd", -1)}] = f;
+  // fd slots by (pid, tid, fd): tid 0 for the process's table, else the thread whose own table it is.
+  using Slot = std::tuple<int, int, int>;
+  auto slot_of = [](const json& f) { return Slot{f.value("pid", 0), f.value("tid", 0), f.value("fd", -1)}; };
+  auto name = [](const Slot& k) {
+    auto [pid, tid, fd] = k;
+    return std::to_string(pid) + (tid ? "/" + std::to_string(tid) : "") + ":" + std::to_string(fd);
+  };
+  std::map<Slot, json> got_fds;
+  for (const json& f : got.value("fds", json::array())) got_fds[slot_of(f)] = f;
   // A process that used another's fd table (clone(CLONE_FILES)) holds every fd listed under it.
   for (const json& t : got.value("shared_fd_tables", json::array())) {
     const int pid = t.value("pid", 0), with = t.value("with_pid", 0);
     std::vector<json> theirs;
     for (auto& [k, f] : got_fds)
-      if (k.first == with) theirs.push_back(f);
+      if (std::get<0>(k) == with && std::get<1>(k) == 0) theirs.push_back(f);
     for (json f : theirs) {
-      const int fd = f.value("fd", -1);
       f["pid"] = pid;
-      got_fds[{pid, fd}] = std::move(f);
+      const Slot k = slot_of(f);  // before the move: json's operator= takes its argument by value
+      got_fds[k] = std::move(f);
     }
   }
   Bijection files, pipes;
-  std::set<std::pair<int, int>> seen;
+  std::set<Slot> seen;
   for (const json& f : want.value("fds", json::array())) {
-    std::pair<int, int> k{f.value("pid", 0), f.value("fd", -1)};
-    std::string what = "fd " + std::to_string(k.first) + ":" + std::to_string(k.second);
+    const Slot k = slot_of(f);
+    std::string what = "fd " + name(k);
     seen.insert(k);
     auto it = got_fds.find(k);
     if (it == got_fds.end()) {
@@ -170,7 +176,7 @@ std::vector<std::string> compare(const json& want, const json& got, bool strict)
       out.push_back(what + ": open file description sharing differs: " + why);
   }
   for (auto& [k, f] : got_fds)
-    if (!seen.count(k)) out.push_back("unexpected fd " + std::to_string(k.first) + ":" + std::to_string(k.second));
+    if (!seen.count(k)) out.push_back("unexpected fd " + name(k));
 
   // Ends in flight, by (pid, socket fd, message, slot): they pair files too. The live view (/proc)
   // cannot see them: compared only when the document has them or in strict mode.
@@ -265,8 +271,33 @@ long kcmp_file(int pid1, int fd1, int pid2, int fd2) {
   return syscall(SYS_kcmp, pid1, pid2, 0 /* KCMP_FILE */, fd1, fd2);
 }
 
-unsigned long fdinfo_flags(int pid, int fd) {
-  std::string s = slurp("/proc/" + std::to_string(pid) + "/fdinfo/" + std::to_string(fd));
+// One fd table of a process: its own (tid 0), or a thread's after unshare(CLONE_FILES).
+struct Table {
+  int pid = 0, tid = 0;
+  [[nodiscard]] int task() const { return tid ? tid : pid; }  // for kcmp, which takes any task id
+  [[nodiscard]] std::string dir() const {
+    return "/proc/" + std::to_string(pid) + (tid ? "/task/" + std::to_string(tid) : "");
+  }
+};
+
+// The process's table, then each thread's own.
+std::vector<Table> tables_of(int pid) {
+  std::vector<Table> out{{pid, 0}};
+  std::string dir = "/proc/" + std::to_string(pid) + "/task";
+  DIR* d = opendir(dir.c_str());
+  if (!d) return out;
+  while (struct dirent* e = readdir(d)) {
+    if (e->d_name[0] == '.') continue;
+    int tid = atoi(e->d_name);
+    if (tid != pid && syscall(SYS_kcmp, pid, tid, 2 /* KCMP_FILES */, 0, 0) != 0) out.push_back({pid, tid});
+  }
+  closedir(d);
+  std::sort(out.begin() + 1, out.end(), [](const Table& a, const Table& b) { return a.tid < b.tid; });
+  return out;
+}
+
+unsigned long fdinfo_flags(const Table& t, int fd) {
+  std::string s = slurp(t.dir() + "/fdinfo/" + std::to_string(fd));
   size_t at = s.find("flags:");
   return at == std::string::npos ? 0 : std::stoul(s.substr(at + 6), nullptr, 8);
 }
@@ -310,9 +341,9 @@ FileProbe probe(int pidfd, int fd) {
   return p;
 }
 
-std::vector<int> pipe_fds(int pid) {
+std::vector<int> pipe_fds(const Table& t) {
   std::vector<int> out;
-  std::string dir = "/proc/" + std::to_string(pid) + "/fd";
+  std::string dir = t.dir() + "/fd";
   DIR* d = opendir(dir.c_str());
   if (!d) return out;
   while (struct dirent* e = readdir(d)) {
@@ -330,7 +361,7 @@ std::vector<int> pipe_fds(int pid) {
 json live_view(const json& want) {
   json processes = json::array(), pipes = json::array(), files = json::array(), fds = json::array();
   std::map<unsigned long, json> pipe_by_ino;
-  // Representatives of the open files met so far, per pipe inode: (pid, fd, file id).
+  // Representatives of the open files met so far, per pipe inode: (task, fd, file id).
   std::map<unsigned long, std::vector<std::tuple<int, int, int>>> reps;
   int next_file = 1;
   for (const json& proc : want.value("processes", json::array())) {
@@ -340,46 +371,51 @@ json live_view(const json& want) {
                                              if (!s.empty() && s.back() == '\n') s.pop_back();
                                              return s;
                                            }()}});
-    int pidfd = static_cast<int>(syscall(SYS_pidfd_open, pid, 0));
-    for (int fd : pipe_fds(pid)) {
-      std::string link = "/proc/" + std::to_string(pid) + "/fd/" + std::to_string(fd);
-      struct stat st;
-      if (stat(link.c_str(), &st) != 0) continue;
-      char target[4096];
-      ssize_t n = readlink(link.c_str(), target, sizeof target - 1);
-      std::string path = n > 0 ? std::string(target, static_cast<size_t>(n)) : "";
-      bool fifo = path.rfind("pipe:", 0) != 0;
-      unsigned long flags = fdinfo_flags(pid, fd);
-      FileProbe pr = pidfd >= 0 ? probe(pidfd, fd) : FileProbe{};
-      unsigned long ino = st.st_ino;
-      if (!pipe_by_ino.count(ino)) {
-        json p{{"id", ino}, {"kind", fifo ? "fifo" : "pipe"}, {"capacity", pr.capacity}, {"bytes", pr.bytes}};
-        p["path"] = fifo ? json(path) : json(nullptr);
-        if (fifo) p["unlinked"] = st.st_nlink == 0;
-        pipe_by_ino[ino] = p;
-        pipes.push_back(p);
+    for (const Table& t : tables_of(pid)) {
+      // A thread's pidfd (PIDFD_THREAD, Linux 6.9) takes files from that thread's own table.
+      int pidfd = static_cast<int>(syscall(SYS_pidfd_open, t.task(), t.tid ? 0x80 /* PIDFD_THREAD */ : 0));
+      for (int fd : pipe_fds(t)) {
+        std::string link = t.dir() + "/fd/" + std::to_string(fd);
+        struct stat st;
+        if (stat(link.c_str(), &st) != 0) continue;
+        char target[4096];
+        ssize_t n = readlink(link.c_str(), target, sizeof target - 1);
+        std::string path = n > 0 ? std::string(target, static_cast<size_t>(n)) : "";
+        bool fifo = path.rfind("pipe:", 0) != 0;
+        unsigned long flags = fdinfo_flags(t, fd);
+        FileProbe pr = pidfd >= 0 ? probe(pidfd, fd) : FileProbe{};
+        unsigned long ino = st.st_ino;
+        if (!pipe_by_ino.count(ino)) {
+          json p{{"id", ino}, {"kind", fifo ? "fifo" : "pipe"}, {"capacity", pr.capacity}, {"bytes", pr.bytes}};
+          p["path"] = fifo ? json(path) : json(nullptr);
+          if (fifo) p["unlinked"] = st.st_nlink == 0;
+          pipe_by_ino[ino] = p;
+          pipes.push_back(p);
+        }
+        int file_id = 0;
+        for (auto& [rtask, rfd, rid] : reps[ino])
+          if (kcmp_file(t.task(), fd, rtask, rfd) == 0) file_id = rid;
+        if (file_id == 0) {
+          file_id = next_file++;
+          reps[ino].emplace_back(t.task(), fd, file_id);
+          unsigned long acc = flags & O_ACCMODE;
+          files.push_back(json{{"id", file_id},
+                               {"pipe", ino},
+                               {"access", acc == O_RDONLY ? "read" : acc == O_WRONLY ? "write" : "readwrite"},
+                               {"flags", flag_list(flags)},
+                               {"owner", pr.owner},
+                               {"signal", pr.signal}});
+        }
+        json f{{"pid", pid},
+               {"fd", fd},
+               {"file", file_id},
+               {"cloexec", (flags & O_CLOEXEC) != 0},
+               {"blocked", t.tid ? json(nullptr) : blocked_on(pid, fd)}};
+        if (t.tid) f["tid"] = t.tid;
+        fds.push_back(std::move(f));
       }
-      int file_id = 0;
-      for (auto& [rpid, rfd, rid] : reps[ino])
-        if (kcmp_file(pid, fd, rpid, rfd) == 0) file_id = rid;
-      if (file_id == 0) {
-        file_id = next_file++;
-        reps[ino].emplace_back(pid, fd, file_id);
-        unsigned long acc = flags & O_ACCMODE;
-        files.push_back(json{{"id", file_id},
-                             {"pipe", ino},
-                             {"access", acc == O_RDONLY ? "read" : acc == O_WRONLY ? "write" : "readwrite"},
-                             {"flags", flag_list(flags)},
-                             {"owner", pr.owner},
-                             {"signal", pr.signal}});
-      }
-      fds.push_back(json{{"pid", pid},
-                         {"fd", fd},
-                         {"file", file_id},
-                         {"cloexec", (flags & O_CLOEXEC) != 0},
-                         {"blocked", blocked_on(pid, fd)}});
+      if (pidfd >= 0) close(pidfd);
     }
-    if (pidfd >= 0) close(pidfd);
   }
   return json{{"processes", processes}, {"pipes", pipes}, {"files", files}, {"fds", fds}};
 }

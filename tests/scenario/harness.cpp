@@ -221,13 +221,22 @@ std::string wait_not_stopped(pid_t pid, milliseconds timeout) {
 }
 
 size_t drain(pid_t pid) {
-  std::string fd_dir = "/proc/" + std::to_string(pid) + "/fd";
-  DIR* d = opendir(fd_dir.c_str());
-  if (!d) return 0;
+  // Every table of the process: /proc/PID/task/TID/fd of each thread (one that shares the
+  // process's table lists the same pipes: drained once, the second finds them empty).
   std::vector<std::string> paths;
-  while (struct dirent* e = readdir(d))
-    if (e->d_name[0] != '.') paths.push_back(fd_dir + "/" + e->d_name);
-  closedir(d);
+  std::string task_dir = "/proc/" + std::to_string(pid) + "/task";
+  DIR* tasks = opendir(task_dir.c_str());
+  if (!tasks) return 0;
+  while (struct dirent* t = readdir(tasks)) {
+    if (t->d_name[0] == '.') continue;
+    std::string fd_dir = task_dir + "/" + t->d_name + "/fd";
+    DIR* d = opendir(fd_dir.c_str());
+    if (!d) continue;
+    while (struct dirent* e = readdir(d))
+      if (e->d_name[0] != '.') paths.push_back(fd_dir + "/" + e->d_name);
+    closedir(d);
+  }
+  closedir(tasks);
   size_t total = 0;
   std::vector<char> buf(1 << 16);
   for (const std::string& p : paths) {

@@ -220,7 +220,7 @@ const Info kScenarios[] = {
     {"fifo_ro", true},    {"fifo_nowriter", false}, {"fifo_wronly", false}, {"fifo_ghost", true},
     {"fifo_rowo_pair", true}, {"fifo_loop", true},
     {"freespace", true},  {"many_pipes", true, false, false},    {"vmsplice", true},    {"pipe_exec", true},
-    {"epoll_links", true}, {"scm_inflight", true, true}, {"fdt_shared", true},
+    {"epoll_links", true}, {"scm_inflight", true, true}, {"fdt_shared", true}, {"thread_fdt", true},
 };
 
 class Zdtm : public ::testing::TestWithParam<Info> {};

@@ -352,6 +352,7 @@ class Expect {
     std::string file;
     bool cloexec = false;
     std::string blocked;                 // "", "reading", "writing"
+    pid_t tid = 0;                       // not 0: the fd is in this thread's own table (unshare(CLONE_FILES))
   };
   struct InFlight {                      // a file sent with SCM_RIGHTS, not received yet
     pid_t pid;
@@ -379,7 +380,7 @@ class Expect {
     return f;
   }
   Fd& fd(pid_t pid, int fd, std::string file, bool cloexec = false) {
-    fds_.push_back(Fd{pid, fd, std::move(file), cloexec, ""});
+    fds_.push_back(Fd{pid, fd, std::move(file), cloexec, "", 0});
     return fds_.back();
   }
 
@@ -474,7 +475,8 @@ class Expect {
   static std::string fd_json(const Fd& f) {
     return "{\"pid\": " + std::to_string(f.pid) + ", \"fd\": " + std::to_string(f.fd) + ", \"file\": " + str(f.file) +
            ", \"cloexec\": " + (f.cloexec ? "true" : "false") +
-           ", \"blocked\": " + (f.blocked.empty() ? std::string("null") : str(f.blocked)) + "}";
+           ", \"blocked\": " + (f.blocked.empty() ? std::string("null") : str(f.blocked)) +
+           (f.tid ? ", \"tid\": " + std::to_string(f.tid) : std::string()) + "}";
   }
 
   std::vector<pid_t> procs_;
