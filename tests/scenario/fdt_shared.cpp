@@ -49,22 +49,6 @@ pid_t clone_sharer() {
   return pid;
 }
 
-// Waits (up to 10 s) until pid waits in sigwaitinfo().
-void wait_waiting(pid_t pid) {
-  char path[64];
-  snprintf(path, sizeof path, "/proc/%d/syscall", static_cast<int>(pid));
-  for (int i = 0; i < 10000; ++i) {
-    FILE* f = fopen(path, "re");
-    long nr = -1;
-    if (f) {
-      if (fscanf(f, "%ld", &nr) != 1) nr = -1;
-      fclose(f);
-    }
-    if (nr == SYS_rt_sigtimedwait) return;
-    usleep(1000);
-  }
-  zdtm::fail("process %d did not get ready", static_cast<int>(pid));
-}
 }  // namespace
 
 int main() {
@@ -94,8 +78,8 @@ int main() {
     zdtm::pass();
   }
   pid_t sharer = clone_sharer();
-  wait_waiting(copier);
-  wait_waiting(sharer);
+  zdtm::wait_waiting(copier);
+  zdtm::wait_waiting(sharer);
 
   zdtm::Expect e;
   e.process(getpid());

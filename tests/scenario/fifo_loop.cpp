@@ -52,23 +52,6 @@ void check(int i) {
   ZDTM_CHECK(n == 0, "%s: no EOF once its writer closed (read returned %zd): a writer survived", what, n);
 }
 
-// Waits (up to 10 s) until pid waits in sigwaitinfo(), which a child enters only once its bytes
-// are written and its own reader holds what it should.
-void wait_waiting(pid_t pid) {
-  char path[64];
-  snprintf(path, sizeof path, "/proc/%d/syscall", static_cast<int>(pid));
-  for (int i = 0; i < 10000; ++i) {
-    FILE* f = fopen(path, "re");
-    long nr = -1;
-    if (f) {
-      if (fscanf(f, "%ld", &nr) != 1) nr = -1;
-      fclose(f);
-    }
-    if (nr == SYS_rt_sigtimedwait) return;
-    usleep(1000);
-  }
-  zdtm::fail("process %d did not get ready", static_cast<int>(pid));
-}
 
 void wait_for_input(int i) {
   const int prev = (i + kProcs - 1) % kProcs;
@@ -95,7 +78,8 @@ int main() {
   }
   open_ends(0);
   wait_for_input(0);
-  for (int i = 1; i < kProcs; ++i) wait_waiting(kids[i]);
+  // A child waits for SIGUSR1 only once its bytes are written and its own reader holds what it should.
+  for (int i = 1; i < kProcs; ++i) zdtm::wait_waiting(kids[i]);
 
   zdtm::Expect e;
   for (pid_t p : kids) e.process(p);

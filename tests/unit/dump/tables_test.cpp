@@ -385,19 +385,24 @@ struct ThreadArgs {
   int ready;
 };
 
+// A pipe at fds 30 (read) and 31 (write) of the caller's table, holding `data`.
+bool pipe_at_30(const char* data) {
+  int p[2];
+  if (pipe(p) != 0) return false;
+  dup2(p[0], 30);
+  dup2(p[1], 31);
+  close(p[0]);
+  close(p[1]);
+  const size_t n = strlen(data);
+  return write(31, data, n) == static_cast<ssize_t>(n);
+}
+
 // The thread: its own table, a pipe at 30 (read) and 31 (write) with "thread-data". Step 1: drain
 // it. Step 3 (after the restore): the data is back at 30, and 31 writes into the same pipe.
 void* restore_thread(void* arg) {
   auto* a = static_cast<ThreadArgs*>(arg);
   Shared* s = a->s;
-  if (unshare(CLONE_FILES) != 0) return nullptr;
-  int p[2];
-  if (pipe(p) != 0) return nullptr;
-  dup2(p[0], 30);
-  dup2(p[1], 31);
-  close(p[0]);
-  close(p[1]);
-  (void)!write(31, "thread-data", 11);
+  if (unshare(CLONE_FILES) != 0 || !pipe_at_30("thread-data")) return nullptr;
   s->tid = static_cast<pid_t>(syscall(SYS_gettid));
   close(a->ready);
   wait_step(s, 1);
@@ -464,13 +469,7 @@ std::set<std::string> fd_names(pid_t pid, pid_t tid) {
 TEST(DumpTables, ProcessAndThreadTablesRestoredInOneRestore) {
   Shared* s = shared_page();
   DumpChild c([s](int ready) {
-    int p[2];
-    if (pipe(p) != 0) return 2;
-    dup2(p[0], 30);
-    dup2(p[1], 31);
-    close(p[0]);
-    close(p[1]);
-    (void)!write(31, "main-data", 9);
+    if (!pipe_at_30("main-data")) return 2;
     int dup_ready = dup(ready);
     close(ready);
     ThreadArgs a{s, dup_ready};
@@ -559,13 +558,7 @@ TEST(DumpTables, SharedTableRestoredThroughTheSharer) {
   Shared* s = shared_page();
   DumpChild c([s](int ready) {
     block_usr1();
-    int p[2];
-    if (pipe(p) != 0) return 2;
-    dup2(p[0], 30);
-    dup2(p[1], 31);
-    close(p[0]);
-    close(p[1]);
-    (void)!write(31, "shared", 6);
+    if (!pipe_at_30("shared")) return 2;
     long kid = syscall(SYS_clone, CLONE_FILES | SIGCHLD, 0, 0, 0, 0);
     if (kid == 0) {
       prctl(PR_SET_PDEATHSIG, SIGKILL);
