@@ -418,18 +418,26 @@ void* restore_thread(void* arg) {
   return nullptr;
 }
 
+// Starts restore_thread; returns once it has a table of its own. The child's ready fd is then in
+// both tables: the thread closes its copy, this closes the process's, so it closes for the test
+// once both are made.
+pthread_t start_table_thread(Shared* s, int ready) {
+  int dup_ready = dup(ready);
+  close(ready);
+  ThreadArgs a{s, dup_ready};
+  pthread_t t;
+  pthread_create(&t, nullptr, restore_thread, &a);
+  while (s->tid.load() == 0) usleep(1000);
+  close(dup_ready);
+  return t;
+}
+
 // A thread's own fd table: dumped, drained, restored into that very thread's table.
 TEST(DumpTables, ThreadTableRestoredIntoItsThread) {
   Shared* s = shared_page();
   DumpChild c([s](int ready) {
     // The process's own table holds no pipe: only the thread's does.
-    int dup_ready = dup(ready);
-    close(ready);
-    ThreadArgs a{s, dup_ready};
-    pthread_t t;
-    pthread_create(&t, nullptr, restore_thread, &a);
-    while (s->tid.load() == 0) usleep(1000);
-    close(dup_ready);  // the main table's copy, once the thread has its own table
+    pthread_t t = start_table_thread(s, ready);
     pthread_join(t, nullptr);
     return s->result.load();
   });
@@ -470,13 +478,7 @@ TEST(DumpTables, ProcessAndThreadTablesRestoredInOneRestore) {
   Shared* s = shared_page();
   DumpChild c([s](int ready) {
     if (!pipe_at_30("main-data")) return 2;
-    int dup_ready = dup(ready);
-    close(ready);
-    ThreadArgs a{s, dup_ready};
-    pthread_t t;
-    pthread_create(&t, nullptr, restore_thread, &a);
-    while (s->tid.load() == 0) usleep(1000);
-    close(dup_ready);
+    pthread_t t = start_table_thread(s, ready);
     wait_step(s, 2);  // the thread drained its pipe; the test drains this one
     pthread_join(t, nullptr);
     char buf[64];
@@ -521,13 +523,7 @@ TEST(DumpTables, ProcessAndThreadTablesRestoredInOneRestore) {
 TEST(DumpTables, ThreadTableIntoAnotherProcessIsRefused) {
   Shared* s = shared_page();
   DumpChild c([s](int ready) {
-    int dup_ready = dup(ready);
-    close(ready);
-    ThreadArgs a{s, dup_ready};
-    pthread_t t;
-    pthread_create(&t, nullptr, restore_thread, &a);
-    while (s->tid.load() == 0) usleep(1000);
-    close(dup_ready);
+    pthread_t t = start_table_thread(s, ready);
     wait_step(s, 1);
     s->result = 0;
     s->step = 3;
