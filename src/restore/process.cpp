@@ -332,10 +332,12 @@ class TargetTransaction {
       if (!ok && !first) first = in_target(*s->holder, ok.error());
     }
     stage(Stage::committed);
-    for (auto& s : sessions_)
-      if (auto ok = s->agent->restore(); !ok && !first) first = in_target(*s->holder, ok.error());
-    for (auto& p : procs_)  // once every agent of the process is back
+    for (auto& p : procs_) {  // each process let go as soon as every agent of its own is back
+      for (auto& s : sessions_)
+        if (s->proc == p.get())
+          if (auto ok = s->agent->restore(); !ok && !first) first = in_target(*s->holder, ok.error());
       if (auto ok = p->resume(); !ok && !first) first = in_target(holder_of(*p), ok.error());
+    }
     // The agents hold the files their installs replaced: closing them may free big pipes, which is
     // done when the transaction goes away, after the targets run again.
     finished_ = std::move(sessions_);
