@@ -396,7 +396,9 @@ class TargetTransaction {
                                    p.queue.messages() ? p.queue.take_receiver() : sys::UniqueFd(), &p.gadgets);
     if (!agent) return tl::unexpected(agent.error());
     s.agent = *agent;
-    if (!s.agent->returns_by_sigreturn()) register_block_.push_back(h.target);
+    if (!s.agent->returns_by_sigreturn() &&  // once per process, whatever number of its tables
+        std::find(register_block_.begin(), register_block_.end(), h.target) == register_block_.end())
+      register_block_.push_back(h.target);
     return {};
   }
 
