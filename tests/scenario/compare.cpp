@@ -14,6 +14,8 @@
 #include <set>
 #include <tuple>
 
+#include "harness.hpp"
+
 namespace zdtm_harness {
 namespace {
 
@@ -269,31 +271,6 @@ std::string slurp(const std::string& path) {
 
 long kcmp_file(int pid1, int fd1, int pid2, int fd2) {
   return syscall(SYS_kcmp, pid1, pid2, 0 /* KCMP_FILE */, fd1, fd2);
-}
-
-// One fd table of a process: its own (tid 0), or a thread's after unshare(CLONE_FILES).
-struct Table {
-  int pid = 0, tid = 0;
-  [[nodiscard]] int task() const { return tid ? tid : pid; }  // for kcmp, which takes any task id
-  [[nodiscard]] std::string dir() const {
-    return "/proc/" + std::to_string(pid) + (tid ? "/task/" + std::to_string(tid) : "");
-  }
-};
-
-// The process's table, then each thread's own.
-std::vector<Table> tables_of(int pid) {
-  std::vector<Table> out{{pid, 0}};
-  std::string dir = "/proc/" + std::to_string(pid) + "/task";
-  DIR* d = opendir(dir.c_str());
-  if (!d) return out;
-  while (struct dirent* e = readdir(d)) {
-    if (e->d_name[0] == '.') continue;
-    int tid = atoi(e->d_name);
-    if (tid != pid && syscall(SYS_kcmp, pid, tid, 2 /* KCMP_FILES */, 0, 0) != 0) out.push_back({pid, tid});
-  }
-  closedir(d);
-  std::sort(out.begin() + 1, out.end(), [](const Table& a, const Table& b) { return a.tid < b.tid; });
-  return out;
 }
 
 unsigned long fdinfo_flags(const Table& t, int fd) {

@@ -16,6 +16,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <fstream>
 #include <sstream>
 #include <stdexcept>
@@ -220,23 +221,31 @@ std::string wait_not_stopped(pid_t pid, milliseconds timeout) {
   }
 }
 
+std::vector<Table> tables_of(int pid) {
+  std::vector<Table> out{{pid, 0}};
+  std::string dir = "/proc/" + std::to_string(pid) + "/task";
+  DIR* d = opendir(dir.c_str());
+  if (!d) return out;
+  while (struct dirent* e = readdir(d)) {
+    if (e->d_name[0] == '.') continue;
+    int tid = atoi(e->d_name);
+    if (tid != pid && syscall(SYS_kcmp, pid, tid, 2 /* KCMP_FILES */, 0, 0) != 0) out.push_back({pid, tid});
+  }
+  closedir(d);
+  std::sort(out.begin() + 1, out.end(), [](const Table& a, const Table& b) { return a.tid < b.tid; });
+  return out;
+}
+
 size_t drain(pid_t pid) {
-  // Every table of the process: /proc/PID/task/TID/fd of each thread (one that shares the
-  // process's table lists the same pipes: drained once, the second finds them empty).
   std::vector<std::string> paths;
-  std::string task_dir = "/proc/" + std::to_string(pid) + "/task";
-  DIR* tasks = opendir(task_dir.c_str());
-  if (!tasks) return 0;
-  while (struct dirent* t = readdir(tasks)) {
-    if (t->d_name[0] == '.') continue;
-    std::string fd_dir = task_dir + "/" + t->d_name + "/fd";
+  for (const Table& t : tables_of(pid)) {
+    std::string fd_dir = t.dir() + "/fd";
     DIR* d = opendir(fd_dir.c_str());
     if (!d) continue;
     while (struct dirent* e = readdir(d))
       if (e->d_name[0] != '.') paths.push_back(fd_dir + "/" + e->d_name);
     closedir(d);
   }
-  closedir(tasks);
   size_t total = 0;
   std::vector<char> buf(1 << 16);
   for (const std::string& p : paths) {

@@ -84,8 +84,19 @@ struct RunResult {
 // what was seen. A process that is gone or a zombie counts as not stopped.
 [[nodiscard]] std::string wait_not_stopped(pid_t pid, milliseconds timeout);
 
-// The wreck: for every fd of pid that is a pipe or FIFO, open /proc/PID/fd/N O_RDONLY|O_NONBLOCK
-// and read until EAGAIN or EOF. Returns the bytes drained.
+// One fd table of a process: its own (tid 0), or a thread's after unshare(CLONE_FILES).
+struct Table {
+  int pid = 0, tid = 0;
+  [[nodiscard]] int task() const { return tid ? tid : pid; }  // for kcmp, which takes any task id
+  [[nodiscard]] std::string dir() const {  // its /proc directory: fd/ and fdinfo/ below it
+    return "/proc/" + std::to_string(pid) + (tid ? "/task/" + std::to_string(tid) : "");
+  }
+};
+// The process's table, then each thread's own, by tid (kcmp(KCMP_FILES) against the process).
+[[nodiscard]] std::vector<Table> tables_of(int pid);
+
+// The wreck: for every fd that is a pipe or FIFO, in every fd table of pid, open its /proc link
+// O_RDONLY|O_NONBLOCK and read until EAGAIN or EOF. Returns the bytes drained.
 [[nodiscard]] size_t drain(pid_t pid);
 
 }  // namespace zdtm_harness
