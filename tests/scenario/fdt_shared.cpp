@@ -78,8 +78,8 @@ int main() {
     zdtm::pass();
   }
   pid_t sharer = clone_sharer();
-  zdtm::wait_waiting(copier);
-  zdtm::wait_waiting(sharer);
+  zdtm::wait_blocked(copier, SYS_rt_sigtimedwait, -1);
+  zdtm::wait_blocked(sharer, SYS_rt_sigtimedwait, -1);
 
   zdtm::Expect e;
   e.process(getpid());

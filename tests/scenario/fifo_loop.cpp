@@ -79,7 +79,7 @@ int main() {
   open_ends(0);
   wait_for_input(0);
   // A child waits for SIGUSR1 only once its bytes are written and its own reader holds what it should.
-  for (int i = 1; i < kProcs; ++i) zdtm::wait_waiting(kids[i]);
+  for (int i = 1; i < kProcs; ++i) zdtm::wait_blocked(kids[i], SYS_rt_sigtimedwait, -1);
 
   zdtm::Expect e;
   for (pid_t p : kids) e.process(p);

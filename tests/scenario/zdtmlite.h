@@ -297,7 +297,8 @@ inline void expect_filler(int fd, char filler, size_t n, const char* what) {
 
 // Wait (up to 10 s) until `pid` sleeps in system call `nr` with fd `fd` as first argument
 // (/proc/PID/syscall), e.g. a child blocked in read(11, ...). A dump taken before that would not
-// see the blocked reader the scenario is about.
+// see the blocked reader the scenario is about. fd < 0: any argument (a child in
+// wait_for_signal(): nr SYS_rt_sigtimedwait, once it has built its part of the state).
 inline void wait_blocked(pid_t pid, long nr, int fd) {
   char path[64];
   snprintf(path, sizeof path, "/proc/%d/syscall", static_cast<int>(pid));
@@ -312,24 +313,6 @@ inline void wait_blocked(pid_t pid, long nr, int fd) {
     usleep(1000);
   }
   fail("pid %d never blocked in syscall %ld on fd %d", static_cast<int>(pid), nr, fd);
-}
-
-// Wait (up to 10 s) until `pid` waits in sigwaitinfo() (zdtm::wait_for_signal): a child a
-// scenario made has built its part of the state.
-inline void wait_waiting(pid_t pid) {
-  char path[64];
-  snprintf(path, sizeof path, "/proc/%d/syscall", static_cast<int>(pid));
-  for (int i = 0; i < 10000; ++i) {
-    FILE* f = fopen(path, "re");
-    long nr = -1;
-    if (f) {
-      if (fscanf(f, "%ld", &nr) != 1) nr = -1;
-      fclose(f);
-    }
-    if (nr == SYS_rt_sigtimedwait) return;
-    usleep(1000);
-  }
-  fail("process %d did not get ready", static_cast<int>(pid));
 }
 
 inline std::string comm_of(pid_t pid) {
