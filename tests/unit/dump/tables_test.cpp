@@ -12,6 +12,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstring>
@@ -26,6 +27,7 @@
 
 #include "dump_child.hpp"
 #include "restore/process.hpp"
+#include "sys/proc.hpp"
 
 namespace pipecr {
 namespace {
@@ -463,12 +465,14 @@ TEST(DumpTables, ThreadTableRestoredIntoItsThread) {
   EXPECT_EQ(c.reap(), 0);
 }
 
-// The names of the fds in a table (/proc/PID/task/TID/fd), to compare a table before and after.
-std::set<std::string> fd_names(pid_t pid, pid_t tid) {
-  std::set<std::string> out;
-  for (const auto& e : std::filesystem::directory_iterator(fmt::format("/proc/{}/task/{}/fd", pid, tid)))
-    out.insert(e.path().filename().string());
-  return out;
+// The fds of the table thread tid of pid uses, ascending, to compare a table before and after.
+std::vector<int> fds_of_table(pid_t pid, pid_t tid) {
+  sys::UniqueFd dir;
+  auto fds = sys::list_task_fds(pid, tid, dir);
+  EXPECT_TRUE(fds) << fds.error().what;
+  if (!fds) return {};
+  std::sort(fds->begin(), fds->end());
+  return *fds;
 }
 
 // A process whose own table and whose thread's own table both hold a pipe at fds 30 and 31: one
@@ -507,11 +511,11 @@ TEST(DumpTables, ProcessAndThreadTablesRestoredInOneRestore) {
     char buf[64];
     ASSERT_EQ(::read(r.get(), buf, sizeof buf), 9);
   }
-  const auto main_before = fd_names(c.pid(), c.pid()), thread_before = fd_names(c.pid(), tid);
+  const auto main_before = fds_of_table(c.pid(), c.pid()), thread_before = fds_of_table(c.pid(), tid);
   auto sum = restore::restore_processes(*img, restore::ProcessRestoreRequest{{{c.pid(), std::nullopt}}, std::nullopt});
   ASSERT_TRUE(sum) << sum.error().what;
-  EXPECT_EQ(fd_names(c.pid(), c.pid()), main_before);
-  EXPECT_EQ(fd_names(c.pid(), tid), thread_before);
+  EXPECT_EQ(fds_of_table(c.pid(), c.pid()), main_before);
+  EXPECT_EQ(fds_of_table(c.pid(), tid), thread_before);
   testing::expect_running(c.pid());
   s->step = 3;
   wait_step(s, 4);
