@@ -694,7 +694,7 @@ void BM_ExecMappings(benchmark::State& state) {
 }
 
 // BM_GadgetScan: the search for the agent's return gadgets in a target's code (sys::
-// scan_return_gadgets: its executable mappings, glibc's first, read 256 KiB at a time until a
+// scan_return_gadgets: its executable mappings, glibc's first, read 64 KiB at a time until a
 // `syscall; ret` and a restorer are found), which a dump pays before the stop the first time it
 // meets a mapped file, so once per run of the command. The target is a paused MappedChild, a fork of
 // this process. Counter: scan_us, one scan.

@@ -10,10 +10,10 @@
 //
 // After SIGUSR1 (the parent passes it on): the sharer reads the first 2,000 bytes through fd 128
 // and dup2s fd 128 to fd 140, which the parent must then see (proof that the table is still
-// one); the copier reads the next 2,000 through its own fd 128 and closes both its fds; the
-// parent reads the last 2,000, checks fd 140, writes through fd 129 and reads it back. Each
-// checks that its fd 128 and the shared fd 129 are the same descriptions everywhere by toggling
-// O_NONBLOCK through one and looking at the other.
+// one); the copier reads the next 2,000 through its own fd 128, clears O_NONBLOCK through its
+// fd 129, which the parent must then see (one description across the fork), and closes both its
+// fds; the parent reads the last 2,000, checks fd 140, writes through fd 129 and reads it back.
+// The bytes read in turn show that fd 128 is one pipe, and one read position, in all three.
 #include <sched.h>
 
 #include "zdtmlite.h"

@@ -8,9 +8,9 @@
 // must put each table's pipes back in that table (same numbers, other pipes), keep S's write end
 // one description across the two tables, and leave each table without an extra fd.
 //
-// After SIGUSR1 the thread checks its table (bytes of T, flags, that 42 and 43-less), clears
-// O_NONBLOCK on its fd 42, and exits; the main thread then checks its own table, and that the
-// thread's change to fd 42 shows through its fd 42 (one description).
+// After SIGUSR1 the thread checks its table (the bytes of T and the flags of 40, 41 and 42; no fd
+// 43), clears O_NONBLOCK on its fd 42, and exits; the main thread then checks its own table, and
+// that the thread's change shows through its own fd 42 (one description).
 #include <pthread.h>
 #include <sched.h>
 

@@ -110,8 +110,8 @@ inline constexpr size_t kReturnWords = 17;
 // into the restorer, and rt_sigreturn puts the whole context back: the thread needs pipecr for
 // nothing, whenever pipecr dies.
 
-// Each holds the syscall instruction (kSyscallInsn) once: the search for them looks for it.
-// `syscall; ret`, and the two encodings of a restorer (`mov $15, %rax` and `mov $15, %eax`).
+// `syscall; ret`, and the two encodings of a restorer (`mov $15, %rax` and `mov $15, %eax`). Each
+// holds the syscall instruction (kSyscallInsn) once: the search for them looks for it.
 inline constexpr std::array<unsigned char, 3> kSyscallRet = {0x0f, 0x05, 0xc3};
 inline constexpr std::array<unsigned char, 9> kRestorer = {0x48, 0xc7, 0xc0, 0x0f, 0x00, 0x00, 0x00, 0x0f, 0x05};
 inline constexpr std::array<unsigned char, 7> kRestorerShort = {0xb8, 0x0f, 0x00, 0x00, 0x00, 0x0f, 0x05};
