@@ -132,6 +132,9 @@ struct EpollWatch {
   int32_t fd = -1;        // the fd number the watch was added with, in pid's fd table (an FD of file_id)
   uint32_t events = 0;    // EPOLLIN, EPOLLOUT, ... EPOLLET, EPOLLONESHOT, EPOLLEXCLUSIVE, EPOLLWAKEUP
   uint64_t data = 0;      // epoll_data as the program gave it
+  // Not 0: the epoll and fd are in the own fd table of this thread of pid (THREAD_EPOLL_WATCH), as
+  // FdRecord::tid; 0: in pid's table.
+  int32_t tid = 0;
   friend bool operator==(const EpollWatch&, const EpollWatch&) = default;
 };
 

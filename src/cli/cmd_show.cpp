@@ -204,7 +204,8 @@ void print_pipes(std::FILE* file, std::string& text, const Image& img, const Ind
   }
 }
 
-// "  epoll 1 (fd 9 of 4242) watches fd 3 (file 2, pipe 1): EPOLLIN,EPOLLET; data 0x2a".
+// "  epoll 1 (fd 9 of 4242) watches fd 3 (file 2, pipe 1): EPOLLIN,EPOLLET; data 0x2a"; "of 4242/4250"
+// for an epoll in the own fd table of thread 4250, as the fds are shown.
 void print_epoll_watches(Out out, const Image& img) {
   if (img.epoll_watches.empty()) return;
   std::unordered_map<uint64_t, uint64_t> pipe_of;
@@ -213,8 +214,9 @@ void print_epoll_watches(Out out, const Image& img) {
   for (const EpollWatch& w : img.epoll_watches) {
     auto names = epoll_event_names(w.events);
     auto pipe = pipe_of.find(w.file_id);
+    const std::string who = w.tid != 0 ? fmt::format("{}/{}", w.pid, w.tid) : fmt::format("{}", w.pid);
     fmt::format_to(out, "  epoll {} (fd {} of {}) watches fd {} (file {}, pipe {}): {}; data {:#x}\n", w.epoll_id,
-                   w.epoll_fd, w.pid, w.fd, w.file_id, pipe == pipe_of.end() ? 0 : pipe->second,
+                   w.epoll_fd, who, w.fd, w.file_id, pipe == pipe_of.end() ? 0 : pipe->second,
                    names.empty() ? std::string("no events") : fmt::format("{}", fmt::join(names, ",")), w.data);
   }
 }

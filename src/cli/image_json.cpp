@@ -104,15 +104,17 @@ Json in_flight_json(const InFlightRecord& f) {
 }
 
 Json epoll_watch_json(const EpollWatch& w) {
-  return Json{{"epoll", w.epoll_id},
-              {"pid", w.pid},
-              {"epoll_fd", w.epoll_fd},
-              {"fd", w.fd},
-              {"file", w.file_id},
-              {"events", epoll_event_names(w.events)},
-              {"events_hex", fmt::format("{:#x}", w.events)},
-              {"data", w.data},
-              {"data_hex", fmt::format("{:#x}", w.data)}};
+  Json j{{"epoll", w.epoll_id},
+         {"pid", w.pid},
+         {"epoll_fd", w.epoll_fd},
+         {"fd", w.fd},
+         {"file", w.file_id},
+         {"events", epoll_event_names(w.events)},
+         {"events_hex", fmt::format("{:#x}", w.events)},
+         {"data", w.data},
+         {"data_hex", fmt::format("{:#x}", w.data)}};
+  if (w.tid != 0) j["tid"] = w.tid;  // in that thread's own fd table (THREAD_EPOLL_WATCH)
+  return j;
 }
 
 }  // namespace

@@ -48,6 +48,7 @@ enum class RecordType : uint32_t {
   in_flight = 8,      // InFlightRecord; optional
   thread_fd = 9,      // an FD in a thread's own fd table (FdRecord::tid != 0); required
   shared_files = 10,  // SharedFdTable; optional
+  thread_epoll_watch = 11,  // an EpollWatch in a thread's own fd table (EpollWatch::tid != 0); optional
   end = 0xFFFF,
 };
 inline constexpr uint32_t kRecordRequired = 1u << 0;  // record flags bit 0
@@ -64,6 +65,7 @@ inline constexpr uint32_t kRecordRequired = 1u << 0;  // record flags bit 0
     case RecordType::in_flight: return "IN_FLIGHT";
     case RecordType::thread_fd: return "THREAD_FD";
     case RecordType::shared_files: return "SHARED_FILES";
+    case RecordType::thread_epoll_watch: return "THREAD_EPOLL_WATCH";
     case RecordType::end: return "END";
   }
   return fmt::format("type {:#x}", type);
@@ -325,6 +327,7 @@ class Cursor {
 [[nodiscard]] inline std::string check_epoll_watch(const EpollWatch& w) {
   if (w.epoll_id == 0) return "epoll id 0: ids start at 1";
   if (w.pid <= 0) return fmt::format("epoll {} has holder pid {}: a pid is positive", w.epoll_id, w.pid);
+  if (w.tid < 0) return fmt::format("epoll {} of pid {} has thread id {}: a thread id is positive", w.epoll_id, w.pid, w.tid);
   if (w.epoll_fd < 0 || w.fd < 0)
     return fmt::format("epoll {} has a negative fd number ({} watching {}): fd numbers start at 0", w.epoll_id,
                        w.epoll_fd, w.fd);

@@ -159,6 +159,15 @@ Expected<EpollWatch> decode_epoll_watch(const RawRecord& r) {
   if (!c.opt(w.epoll_id, "epoll_id") || !c.opt(w.pid, "pid") || !c.opt(w.epoll_fd, "epoll_fd") ||
       !c.opt(w.file_id, "file_id") || !c.opt(w.fd, "fd") || !c.opt(w.events, "events") || !c.opt(w.data, "data"))
     return bad_field(r, c);
+  if (r.type == static_cast<uint32_t>(RecordType::thread_epoll_watch)) {
+    auto tid = c.i32("tid");
+    if (!tid) return bad_field(r, c);
+    if (*tid <= 0)
+      return bad(r.offset, fmt::format("record THREAD_EPOLL_WATCH: epoll fd {} has thread id {}: a "
+                                       "THREAD_EPOLL_WATCH names a thread (id above 0)",
+                                       w.epoll_fd, *tid));
+    w.tid = *tid;
+  }
   return w;
 }
 
@@ -270,6 +279,7 @@ class Parser {
       case RecordType::fd: return fd(r);
       case RecordType::thread_fd: return fd(r);
       case RecordType::epoll_watch: return epoll_watch(r);
+      case RecordType::thread_epoll_watch: return epoll_watch(r);
       case RecordType::in_flight: return in_flight(r);
       case RecordType::shared_files: return shared(r);
       case RecordType::end: break;  // handled by run()
@@ -395,20 +405,21 @@ class Parser {
     if (auto e = enter(r, Section::fds); !e) return e;
     auto w = decode_epoll_watch(r);
     if (!w) return tl::unexpected(w.error());
-    if (auto e = check_epoll_watch(*w); !e.empty()) return bad(r.offset, "record EPOLL_WATCH: " + e);
+    const std::string rec = "record " + record_name(r.type);
+    if (auto e = check_epoll_watch(*w); !e.empty()) return bad(r.offset, rec + ": " + e);
     if (!pids_.count(w->pid))
-      return bad(r.offset, fmt::format("record EPOLL_WATCH: epoll {} belongs to pid {} which has no PROCESS record",
+      return bad(r.offset, fmt::format("{}: epoll {} belongs to pid {} which has no PROCESS record", rec,
                                        w->epoll_id, w->pid));
     if (!file_ids_.count(w->file_id))
-      return bad(r.offset, fmt::format("record EPOLL_WATCH: epoll {} watches file {} which has no FILE record",
-                                       w->epoll_id, w->file_id));
-    auto [it, fresh] = epolls_.emplace(std::pair(w->pid, w->epoll_fd), w->epoll_id);
+      return bad(r.offset, fmt::format("{}: epoll {} watches file {} which has no FILE record", rec, w->epoll_id,
+                                       w->file_id));
+    auto [it, fresh] = epolls_.emplace(std::tuple(w->pid, w->tid, w->epoll_fd), w->epoll_id);
     if (!fresh && it->second != w->epoll_id)
-      return bad(r.offset, fmt::format("record EPOLL_WATCH: fd {} of pid {} is epoll {} and epoll {}", w->epoll_fd,
-                                       w->pid, it->second, w->epoll_id));
-    if (!watches_.insert({w->pid, w->epoll_fd, w->file_id, w->fd}).second)
-      return bad(r.offset, fmt::format("record EPOLL_WATCH: the watch of fd {} in epoll fd {} of pid {} appears twice",
-                                       w->fd, w->epoll_fd, w->pid));
+      return bad(r.offset, fmt::format("{}: fd {} of pid {} is epoll {} and epoll {}", rec, w->epoll_fd, w->pid,
+                                       it->second, w->epoll_id));
+    if (!watches_.insert({w->pid, w->tid, w->epoll_fd, w->file_id, w->fd}).second)
+      return bad(r.offset, fmt::format("{}: the watch of fd {} in epoll fd {} of pid {} appears twice", rec, w->fd,
+                                       w->epoll_fd, w->pid));
     img_.epoll_watches.push_back(*w);
     return {};
   }
@@ -451,8 +462,8 @@ class Parser {
   std::unordered_set<int32_t> pids_;
   std::set<std::tuple<int32_t, int32_t, int32_t>> fds_;  // (pid, tid, fd)
   std::set<std::tuple<int32_t, int32_t, uint32_t, uint32_t>> in_flight_;  // (pid, sock_fd, msg, slot)
-  std::set<std::tuple<int32_t, int32_t, uint64_t, int32_t>> watches_;  // (pid, epoll fd, file, fd)
-  std::map<std::pair<int32_t, int32_t>, uint64_t> epolls_;            // (pid, epoll fd) -> epoll id
+  std::set<std::tuple<int32_t, int32_t, int32_t, uint64_t, int32_t>> watches_;  // (pid, tid, epoll fd, file, fd)
+  std::map<std::tuple<int32_t, int32_t, int32_t>, uint64_t> epolls_;          // (pid, tid, epoll fd) -> id
 };
 
 }  // namespace

@@ -85,25 +85,29 @@ Expected<void> validate_file(const FileRecord& f, const std::unordered_set<uint6
   return {};
 }
 
-// Each watch names a recorded process and a file that process holds (at the fd the watch was added
-// with, or at another: a table shared with with_pid is recorded under with_pid); the epoll fd is no
-// recorded pipe end; one (pid, epoll fd) is one epoll instance.
+// Each watch names a recorded process and a file that its fd table holds (at the fd the watch was
+// added with, or at another: a table shared with with_pid is recorded under with_pid; a thread's own
+// table under (pid, tid)); the epoll fd is no recorded pipe end of that table; one (pid, tid, epoll
+// fd) is one epoll instance.
 Expected<void> validate_epoll_watches(const Image& img, const std::unordered_set<int32_t>& pids,
                                       const std::unordered_set<uint64_t>& files) {
   if (img.epoll_watches.empty()) return {};
-  std::set<std::pair<int32_t, int32_t>> fd_slots;     // (pid, fd) of the process tables
-  std::set<std::pair<int32_t, uint64_t>> held;        // (pid, file) of the process tables
-  for (const FdRecord& d : img.fds)
-    if (d.tid == 0) {
-      fd_slots.emplace(d.pid, d.fd);
-      held.emplace(d.pid, d.file_id);
-    }
+  using Table = std::pair<int32_t, int32_t>;  // (pid, tid): tid 0 for the process's table
+  std::set<std::pair<Table, int32_t>> fd_slots;   // (table, fd)
+  std::set<std::pair<Table, uint64_t>> held;      // (table, file)
+  for (const FdRecord& d : img.fds) {
+    fd_slots.emplace(Table(d.pid, d.tid), d.fd);
+    held.emplace(Table(d.pid, d.tid), d.file_id);
+  }
   std::unordered_map<int32_t, int32_t> table_of;  // sharer -> the pid its fds are recorded under
   for (const SharedFdTable& t : img.shared_tables) table_of[t.pid] = t.with_pid;
-  std::map<std::pair<int32_t, int32_t>, uint64_t> epolls;
-  std::set<std::tuple<int32_t, int32_t, uint64_t, int32_t>> seen;
+  std::map<std::tuple<int32_t, int32_t, int32_t>, uint64_t> epolls;
+  std::set<std::tuple<int32_t, int32_t, int32_t, uint64_t, int32_t>> seen;
   for (const EpollWatch& w : img.epoll_watches) {
-    const std::string name = fmt::format("epoll {} (fd {} of pid {})", w.epoll_id, w.epoll_fd, w.pid);
+    const std::string name = w.tid != 0 ? fmt::format("epoll {} (fd {} of thread {} of pid {})", w.epoll_id,
+                                                      w.epoll_fd, w.tid, w.pid)
+                                        : fmt::format("epoll {} (fd {} of pid {})", w.epoll_id, w.epoll_fd, w.pid);
+    if (w.tid < 0) return refuse(fmt::format("{}: a thread id is positive", name));
     if (w.epoll_id == 0) return refuse("epoll watch with epoll id 0: ids start at 1");
     if (w.pid <= 0 || !pids.count(w.pid))
       return refuse(fmt::format("{} belongs to a process the image does not record", name));
@@ -111,16 +115,20 @@ Expected<void> validate_epoll_watches(const Image& img, const std::unordered_set
       return refuse(fmt::format("{} watches fd {}: fd numbers start at 0", name, w.fd));
     if (!files.count(w.file_id))
       return refuse(fmt::format("{} watches file {}, which the image does not hold", name, w.file_id));
-    int32_t table = table_of.count(w.pid) ? table_of.at(w.pid) : w.pid;
+    const Table table(w.tid == 0 && table_of.count(w.pid) ? table_of.at(w.pid) : w.pid, w.tid);
     if (!held.count({table, w.file_id}))
-      return refuse(fmt::format("{} watches file {}, but pid {} holds no fd of it", name, w.file_id, table));
+      return refuse(w.tid != 0 ? fmt::format("{} watches file {}, but that thread's table holds no fd of it", name,
+                                             w.file_id)
+                               : fmt::format("{} watches file {}, but pid {} holds no fd of it", name, w.file_id,
+                                             table.first));
     if (fd_slots.count({table, w.epoll_fd}))
       return refuse(fmt::format("{}: that fd is a recorded pipe end, so it is no epoll", name));
-    auto [it, fresh] = epolls.emplace(std::pair(w.pid, w.epoll_fd), w.epoll_id);
+    auto [it, fresh] = epolls.emplace(std::tuple(w.pid, w.tid, w.epoll_fd), w.epoll_id);
     if (!fresh && it->second != w.epoll_id)
-      return refuse(fmt::format("fd {} of pid {} is epoll {} and epoll {}: an fd is one epoll instance", w.epoll_fd,
-                                w.pid, it->second, w.epoll_id));
-    if (!seen.insert({w.pid, w.epoll_fd, w.file_id, w.fd}).second)
+      return refuse(fmt::format("fd {} of {}pid {} is epoll {} and epoll {}: an fd is one epoll instance", w.epoll_fd,
+                                w.tid ? fmt::format("thread {} of ", w.tid) : std::string(), w.pid, it->second,
+                                w.epoll_id));
+    if (!seen.insert({w.pid, w.tid, w.epoll_fd, w.file_id, w.fd}).second)
       return refuse(fmt::format("{}: the watch of fd {} appears twice: an epoll watches an fd once", name, w.fd));
   }
   return {};

@@ -101,6 +101,7 @@ void encode_epoll_watch(std::vector<std::byte>& out, const EpollWatch& w) {
   put_i32(out, w.fd);
   put_u32(out, w.events);
   put_u64(out, w.data);
+  if (w.tid != 0) put_i32(out, w.tid);  // THREAD_EPOLL_WATCH only
 }
 
 }  // namespace
@@ -120,8 +121,8 @@ struct Writer::State {
   std::unordered_set<uint64_t> files;
   std::set<std::tuple<int32_t, int32_t, int32_t>> fds;  // (pid, tid, fd)
   std::set<std::tuple<int32_t, int32_t, uint32_t, uint32_t>> in_flight;  // (pid, sock_fd, msg, slot)
-  std::set<std::tuple<int32_t, int32_t, uint64_t, int32_t>> watches;  // (pid, epoll fd, file, fd)
-  std::map<std::pair<int32_t, int32_t>, uint64_t> epolls;           // (pid, epoll fd) -> epoll id
+  std::set<std::tuple<int32_t, int32_t, int32_t, uint64_t, int32_t>> watches;  // (pid, tid, epoll fd, file, fd)
+  std::map<std::tuple<int32_t, int32_t, int32_t>, uint64_t> epolls;         // (pid, tid, epoll fd) -> epoll id
   // The PIPE_DATA record being streamed, if any.
   bool in_data = false;
   uint64_t data_pipe = 0, data_len = 0, data_written = 0;
@@ -325,16 +326,17 @@ Expected<void> Writer::add(const EpollWatch& w) {
   if (auto e = check_epoll_watch(w); !e.empty()) return misuse(e);
   if (!st_->pids.count(w.pid)) return misuse(fmt::format("epoll {} held by pid {} which has no PROCESS record", w.epoll_id, w.pid));
   if (!st_->files.count(w.file_id)) return misuse(fmt::format("epoll {} watches unknown file {}", w.epoll_id, w.file_id));
-  auto [it, fresh] = st_->epolls.emplace(std::pair(w.pid, w.epoll_fd), w.epoll_id);
+  auto [it, fresh] = st_->epolls.emplace(std::tuple(w.pid, w.tid, w.epoll_fd), w.epoll_id);
   if (!fresh && it->second != w.epoll_id)
     return misuse(fmt::format("fd {} of pid {} is epoll {} and epoll {}", w.epoll_fd, w.pid, it->second, w.epoll_id));
-  if (st_->watches.count({w.pid, w.epoll_fd, w.file_id, w.fd}))
+  if (st_->watches.count({w.pid, w.tid, w.epoll_fd, w.file_id, w.fd}))
     return misuse(fmt::format("watch of fd {} in epoll fd {} of pid {} added twice", w.fd, w.epoll_fd, w.pid));
   std::vector<std::byte>& pl = st_->payload();
   encode_epoll_watch(pl, w);
   st_->phase = Phase::fds;
-  st_->watches.insert({w.pid, w.epoll_fd, w.file_id, w.fd});
-  return st_->emit(RecordType::epoll_watch, pl, 0);  // optional: an older reader skips it
+  st_->watches.insert({w.pid, w.tid, w.epoll_fd, w.file_id, w.fd});
+  // Optional either way: an older reader skips them, and restores without re-adding those watches.
+  return st_->emit(w.tid != 0 ? RecordType::thread_epoll_watch : RecordType::epoll_watch, pl, 0);
 }
 
 Expected<void> Writer::finish() {

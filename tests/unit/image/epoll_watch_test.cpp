@@ -115,21 +115,14 @@ TEST(EpollWatch, WriterRefusesBadReferences) {
   refused([](Image& i) { i.epoll_watches[1].fd = -1; }, "negative fd");
 }
 
-TEST(EpollWatch, ReaderChecksReferences) {
-  // A hand-made EPOLL_WATCH naming a file the image does not have, between the FDs and END.
+// The sample without watches, with one hand-made record of type t (payload pl, flags 0) between the
+// FDs and END.
+Bytes with_record(RecordType t, const Bytes& pl) {
   Image img = sample();
   img.epoll_watches.clear();
   Bytes good = *encode(img);
   Bytes b(good.begin(), good.end() - (kRecordOverhead + 8));
-  Bytes pl;
-  put_u64(pl, 1);
-  put_i32(pl, 10);
-  put_i32(pl, 5);
-  put_u64(pl, 42);  // file 42: none
-  put_i32(pl, 3);
-  put_u32(pl, EPOLLIN);
-  put_u64(pl, 0);
-  std::vector<std::byte> rec = record_header(static_cast<uint32_t>(RecordType::epoll_watch), 0, pl.size());
+  std::vector<std::byte> rec = record_header(static_cast<uint32_t>(t), 0, pl.size());
   put_bytes(rec, pl);
   put_u64(rec, XXH3_64bits(rec.data(), rec.size()));
   put_bytes(b, rec);
@@ -140,10 +133,106 @@ TEST(EpollWatch, ReaderChecksReferences) {
   put_bytes(e, end);
   put_u64(e, XXH3_64bits(e.data(), e.size()));
   put_bytes(b, e);
-  auto r = parse(b);
+  return b;
+}
+
+// An EPOLL_WATCH payload: epoll 1 at fd 5 of pid 10 watching file `file` through fd 3.
+Bytes watch_payload(uint64_t file) {
+  Bytes pl;
+  put_u64(pl, 1);
+  put_i32(pl, 10);
+  put_i32(pl, 5);
+  put_u64(pl, file);
+  put_i32(pl, 3);
+  put_u32(pl, EPOLLIN);
+  put_u64(pl, 0);
+  return pl;
+}
+
+TEST(EpollWatch, ReaderChecksReferences) {
+  auto r = parse(with_record(RecordType::epoll_watch, watch_payload(42)));  // file 42: none
   ASSERT_FALSE(r);
   EXPECT_EQ(r.error().kind, Errc::bad_image);
   EXPECT_THAT(r.error().what, HasSubstr("record EPOLL_WATCH: epoll 1 watches file 42 which has no FILE record"));
+}
+
+// Thread 13 of process 10 has a table of its own (unshare(CLONE_FILES)): the read end at its fd 3
+// and fd 9, epoll 1 (the instance the process's fd 5 holds, copied by unshare()) at its fd 5 and
+// epoll 3 at its fd 6, both watching its fd 3. THREAD_EPOLL_WATCH records carry the tid.
+Image with_thread_table() {
+  Image img = sample();
+  img.fds.push_back(FdRecord{.pid = 10, .fd = 3, .file_id = 1, .tid = 13});
+  img.fds.push_back(FdRecord{.pid = 10, .fd = 9, .file_id = 1, .tid = 13});
+  img.epoll_watches.push_back({1, 10, 5, 1, 3, EPOLLIN | EPOLLET, 0x13, 13});
+  img.epoll_watches.push_back({3, 10, 6, 1, 3, EPOLLIN, 0x14, 13});
+  return img;
+}
+
+TEST(EpollWatch, AThreadsOwnTableHasItsOwnRecord) {
+  Image img = with_thread_table();
+  ASSERT_TRUE(validate(img)) << validate(img).error().what;
+  auto bytes = encode(img);
+  ASSERT_TRUE(bytes) << bytes.error().what;
+  auto back = parse(*bytes);
+  ASSERT_TRUE(back) << back.error().what;
+  EXPECT_EQ(back->epoll_watches, img.epoll_watches);
+  auto again = encode(*back);
+  ASSERT_TRUE(again);
+  EXPECT_EQ(*again, *bytes);
+  // Type 11, optional (an older reader skips it), the EPOLL_WATCH payload and then the tid.
+  size_t at = find_record(*bytes, RecordType::thread_epoll_watch);
+  ASSERT_NE(at, 0u);
+  EXPECT_EQ(get_le<uint32_t>(bytes->data() + at + 4), 0u) << "THREAD_EPOLL_WATCH must not be flagged required";
+  EXPECT_EQ(get_le<uint64_t>(bytes->data() + at + 8), 8u + 4 + 4 + 8 + 4 + 4 + 8 + 4);
+  const std::byte* p = bytes->data() + at + kRecordHeaderSize;
+  EXPECT_EQ(get_le<uint32_t>(p + 12), 5u);
+  EXPECT_EQ(get_le<uint64_t>(p + 32), 0x13u);
+  EXPECT_EQ(get_le<uint32_t>(p + 40), 13u);
+  // The process's own watches stay EPOLL_WATCH records.
+  EXPECT_NE(find_record(*bytes, RecordType::epoll_watch), 0u);
+}
+
+TEST(EpollWatch, AThreadsWatchesAreCheckedInItsTable) {
+  auto refused = [](auto change, const std::string& says) {
+    Image img = with_thread_table();
+    change(img);
+    auto r = validate(img);
+    ASSERT_FALSE(r) << says;
+    EXPECT_EQ(r.error().kind, Errc::bad_image);
+    EXPECT_THAT(r.error().what, HasSubstr(says));
+  };
+  // File 2 is held in the process's table only.
+  refused([](Image& i) { i.epoll_watches[5].file_id = 2; },
+          "epoll 1 (fd 5 of thread 13 of pid 10) watches file 2, but that thread's table holds no fd of it");
+  refused([](Image& i) { i.epoll_watches[6].epoll_fd = 9; }, "that fd is a recorded pipe end");
+  refused([](Image& i) { i.epoll_watches[6].epoll_fd = 5; }, "fd 5 of thread 13 of pid 10 is epoll 1 and epoll 3");
+  refused([](Image& i) { i.epoll_watches[5].tid = 14; }, "that thread's table holds no fd of it");
+  // One number in two tables is two epoll fds: the thread's fd 6 may be another instance than a
+  // process's fd 6 (the process has none here: its fd 6 holds epoll 1).
+  Image two = with_thread_table();
+  two.epoll_watches[6].epoll_fd = 6;
+  EXPECT_TRUE(validate(two));
+  // The writer and the reader check the tid.
+  Image img = with_thread_table();
+  img.epoll_watches[6].tid = -1;
+  auto w = encode(img);
+  ASSERT_FALSE(w);
+  EXPECT_THAT(w.error().what, HasSubstr("thread id -1"));
+  Bytes pl = watch_payload(1);
+  put_i32(pl, 0);
+  auto r = parse(with_record(RecordType::thread_epoll_watch, pl));
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().kind, Errc::bad_image);
+  EXPECT_THAT(r.error().what, HasSubstr("record THREAD_EPOLL_WATCH: epoll fd 5 has thread id 0"));
+  r = parse(with_record(RecordType::thread_epoll_watch, watch_payload(1)));  // the tid missing
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().kind, Errc::bad_image);
+  pl = watch_payload(1);
+  put_i32(pl, 13);
+  r = parse(with_record(RecordType::thread_epoll_watch, pl));
+  ASSERT_TRUE(r) << r.error().what;
+  ASSERT_EQ(r->epoll_watches.size(), 1u);
+  EXPECT_EQ(r->epoll_watches[0].tid, 13);
 }
 
 TEST(EpollWatch, ValidateChecksThatIdsAgree) {
