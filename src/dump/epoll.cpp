@@ -171,7 +171,7 @@ Expected<void> EpollDump::read_one(size_t ei, bool copies, const std::function<s
       }
     }
     if (gone) continue;
-    if (!found || e.own) {
+    if (!found) {
       ++unattributed;
       continue;
     }
@@ -187,10 +187,12 @@ Expected<void> EpollDump::read_one(size_t ei, bool copies, const std::function<s
     stats_.unattributed += unattributed;
     stats_.other += other;
     if (unattributed > 0)
-      lost_.push_back(fmt::format("epoll fd {} of process {}: {} not recorded: {}", e.fd, e.pid,
+      lost_.push_back(fmt::format("epoll fd {} of {}: {} not recorded: the {} no longer holds the watched pipe end at "
+                                  "any fd",
+                                  e.fd, e.own ? fmt::format("thread {} of process {}", e.tid, e.pid)
+                                              : fmt::format("process {}", e.pid),
                                   unattributed == 1 ? "1 watch" : fmt::format("{} watches", unattributed),
-                                  e.own ? "the epoll is in a thread's own fd table"
-                                        : "the process no longer holds the watched pipe end at any fd"));
+                                  e.own ? "thread's own fd table" : "process"));
   }
   return {};
 }
@@ -201,7 +203,7 @@ std::vector<EpollWatch> EpollDump::records(const std::function<uint64_t(size_t)>
     const Epoll& e = epolls_[w.epoll];
     uint64_t file = file_of(w.holder);
     if (file == 0) continue;
-    out.push_back(EpollWatch{e.id, e.pid, e.fd, file, w.fd, w.events, w.data});
+    out.push_back(EpollWatch{e.id, e.pid, e.fd, file, w.fd, w.events, w.data, e.own ? e.tid : 0});
   }
   return out;
 }

@@ -61,8 +61,8 @@ struct EpollDumpStats {
 
 class EpollDump {
  public:
-  // An epoll fd: `fd` in fd table `table` (process pid, reached through thread tid); `own`: a
-  // thread's own table (its watches are not recorded: EPOLL_WATCH names process tables only).
+  // An epoll fd: `fd` in fd table `table` (process pid, reached through thread tid); `own`: tid's
+  // own table (its watches are recorded with that tid: THREAD_EPOLL_WATCH).
   // `copy`: pipecr's pidfd_getfd() copy, or empty.
   void found(size_t table, pid_t pid, pid_t tid, int fd, bool own, sys::UniqueFd copy);
   [[nodiscard]] bool empty() const { return epolls_.empty(); }

@@ -18,19 +18,29 @@
 namespace pipecr::restore {
 namespace {
 
-// Whether fd of a running process is an epoll now (its /proc link).
-bool is_epoll_now(pid_t pid, int fd) {
+// fd of h's table in /proc: the process's table, or the own table of h.thread.
+std::string fd_path(const Holder& h, int fd) {
+  return h.thread ? fmt::format("/proc/{}/task/{}/fd/{}", h.target, h.thread, fd)
+                  : fmt::format("/proc/{}/fd/{}", h.target, fd);
+}
+
+// Whether fd of h's table is an epoll now (its /proc link).
+bool is_epoll_now(const Holder& h, int fd) {
   char link[64];
-  std::string path = fmt::format("/proc/{}/fd/{}", pid, fd);
-  ssize_t n = ::readlink(path.c_str(), link, sizeof link);
+  ssize_t n = ::readlink(fd_path(h, fd).c_str(), link, sizeof link);
   constexpr std::string_view kEpoll = "anon_inode:[eventpoll]";
   return n == static_cast<ssize_t>(kEpoll.size()) && std::string_view(link, kEpoll.size()) == kEpoll;
 }
 
-// Whether fd of a running process is free now (nothing open at that number).
-bool free_now(pid_t pid, int fd) {
+// Whether fd of h's table is free now (nothing open at that number).
+bool free_now(const Holder& h, int fd) {
   struct stat st {};
-  return ::lstat(fmt::format("/proc/{}/fd/{}", pid, fd).c_str(), &st) < 0 && errno == ENOENT;
+  return ::lstat(fd_path(h, fd).c_str(), &st) < 0 && errno == ENOENT;
+}
+
+// "process 4242", or "thread 4250 of process 4242" for a thread's own table.
+std::string table_name(const Holder& h) {
+  return h.thread ? fmt::format("thread {} of process {}", h.thread, h.target) : fmt::format("process {}", h.target);
 }
 
 const PlannedFd* planned_at(const Holder& h, int fd) {
@@ -58,10 +68,10 @@ std::string fd_list(const std::vector<int>& fds) {
 
 void plan_epoll(const Image& img, Plan& plan) {
   if (img.epoll_watches.empty()) return;
-  std::unordered_map<int32_t, size_t> holder_of;  // recorded pid -> its (process table) holder
+  std::map<std::pair<int32_t, int32_t>, size_t> holder_of;  // (recorded pid, tid or 0) -> its table's holder
   for (size_t i = 0; i < plan.holders.size(); ++i) {
     const Holder& h = plan.holders[i];
-    if (!h.exec && h.thread == 0) holder_of.emplace(h.recorded, i);
+    if (!h.exec) holder_of.emplace(std::pair(h.recorded, h.thread), i);
   }
   std::set<uint64_t> replaced;  // files some target receives anew
   for (const Holder& h : plan.holders)
@@ -76,11 +86,14 @@ void plan_epoll(const Image& img, Plan& plan) {
     if (!replaced.count(w.file_id)) continue;  // kept in place (the watch stands), or not restored
     const Key key{w.epoll_id, w.file_id, w.fd};
     if (plan.epoll.readded.count(key)) continue;  // through another fd of that epoll
-    auto hi = holder_of.find(w.pid);
+    auto hi = holder_of.find({w.pid, w.tid});
     if (hi == holder_of.end()) {
-      missed.emplace(key, fmt::format("epoll fd {} of recorded process {} watched fd {} (file {}): that process is "
-                                      "not restored, so the watch cannot follow the restored pipe",
-                                      w.epoll_fd, w.pid, w.fd, w.file_id));
+      missed.emplace(key, fmt::format("epoll fd {} of recorded {} watched fd {} (file {}): that {} is not restored, so "
+                                      "the watch cannot follow the restored pipe",
+                                      w.epoll_fd,
+                                      w.tid ? fmt::format("thread {} of process {}", w.tid, w.pid)
+                                            : fmt::format("process {}", w.pid),
+                                      w.fd, w.file_id, w.tid ? "thread's fd table" : "process"));
       continue;
     }
     const Holder& h = plan.holders[hi->second];
@@ -90,23 +103,23 @@ void plan_epoll(const Image& img, Plan& plan) {
     // The watch was added through an fd closed since (zdtm epoll's fd 999), and that number is free
     // in the target now and stays so: the agent puts the watched file there for the ADD, then closes
     // it again. The watch stays while the file lives at its own numbers.
-    const bool closed_since = !f && installs(h, w.file_id) && free_now(h.target, w.fd);
+    const bool closed_since = !f && installs(h, w.file_id) && free_now(h, w.fd);
     if (!direct && !through && !closed_since) {
       const char* why = !f        ? (installs(h, w.file_id) ? "leaves empty but is in use in the target now"
                                                             : "leaves empty while the process receives none of the watched file")
                         : f->keep ? "keeps as it is"
                                   : "gives another file while the process receives none of the watched one";
-      missed.emplace(key, fmt::format("epoll fd {} of process {} watched file {} through fd {}, which this restore "
+      missed.emplace(key, fmt::format("epoll fd {} of {} watched file {} through fd {}, which this restore "
                                       "{}: the watch is not re-added",
-                                      w.epoll_fd, h.target, w.file_id, w.fd, why));
+                                      w.epoll_fd, table_name(h), w.file_id, w.fd, why));
       continue;
     }
     auto [it, fresh] = epoll_now.emplace(std::pair(hi->second, w.epoll_fd), false);
-    if (fresh) it->second = is_epoll_now(h.target, w.epoll_fd);
+    if (fresh) it->second = is_epoll_now(h, w.epoll_fd);
     if (!it->second) {
-      missed.emplace(key, fmt::format("epoll fd {} of process {} is closed or no longer an epoll: its watch of fd {} "
+      missed.emplace(key, fmt::format("epoll fd {} of {} is closed or no longer an epoll: its watch of fd {} "
                                       "is not re-added",
-                                      w.epoll_fd, h.target, w.fd));
+                                      w.epoll_fd, table_name(h), w.fd));
       continue;
     }
     plan.epoll.readded.insert(key);
@@ -121,8 +134,8 @@ void plan_epoll(const Image& img, Plan& plan) {
     readded[{hi->second, w.epoll_fd}].push_back(w.fd);
   }
   for (auto& [at, fds] : readded)
-    plan.notes.push_back(fmt::format("epoll fd {} of process {}: {} re-added on the restored pipe ends (fd {})", at.second,
-                                     plan.holders[at.first].target,
+    plan.notes.push_back(fmt::format("epoll fd {} of {}: {} re-added on the restored pipe ends (fd {})", at.second,
+                                     table_name(plan.holders[at.first]),
                                      fds.size() == 1 ? std::string("1 watch") : fmt::format("{} watches", fds.size()),
                                      fd_list(fds)));
   for (auto& [key, why] : missed)
@@ -132,7 +145,7 @@ void plan_epoll(const Image& img, Plan& plan) {
 bool epoll_watch_readded(const Plan& plan, const Holder& h, int epoll_fd, int fd) {
   if (plan.img == nullptr) return false;
   for (const EpollWatch& w : plan.img->epoll_watches)
-    if (w.pid == h.recorded && w.epoll_fd == epoll_fd && w.fd == fd &&
+    if (w.pid == h.recorded && w.tid == h.thread && w.epoll_fd == epoll_fd && w.fd == fd &&
         plan.epoll.readded.count({w.epoll_id, w.file_id, w.fd}))
       return true;
   return false;
@@ -146,7 +159,7 @@ Expected<std::vector<sys::AgentOp>> epoll_ops(const Plan& plan, const Built& bui
   for (const EpollReAdd& a : plan.epoll.adds) {
     if (a.holder != holder_index) continue;
     if (!pidfd) {
-      auto p = sys::pidfd_open(h.target);
+      auto p = sys::pidfd_open(h.thread ? h.thread : h.target);  // a thread's pidfd reads its own table
       if (!p) return tl::unexpected(p.error());
       pidfd = std::move(*p);
       trial.reset(::epoll_create1(EPOLL_CLOEXEC));

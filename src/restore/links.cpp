@@ -3,17 +3,20 @@
 // The kernel drops an epoll watch when the watched file is released, so a target whose epoll
 // instance watches a file that the restore replaces stops hearing from it, unless the restore adds
 // the watch again (epoll.hpp: the watches the image records). The plan names every other one: for
-// every replaced fd of a target, the target's epoll instances (fds whose link is
-// anon_inode:[eventpoll]) are read from /proc/PID/fdinfo ("tfd: N events: E data: D ... ino: I"),
+// every replaced fd of a target's fd table, the epoll instances of that table (fds whose link is
+// anon_inode:[eventpoll]; a thread's own table is /proc/PID/task/TID) are read from its fdinfo
+// ("tfd: N events: E data: D ... ino: I"),
 // and a watch on that fd number whose inode is the inode the target holds there now, and that is
 // not re-added, is a watch the restore cuts (the image does not record it: made by an older pipecr,
 // or added after the dump).
 #include "restore/links.hpp"
 
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <cstdlib>
 #include <cstring>
+#include <string_view>
 #include <unordered_map>
 #include <unordered_set>
 
@@ -59,21 +62,30 @@ std::vector<std::string> cut_links_notes(const Plan& plan) {
     for (const PlannedFd& f : h.fds)
       if (!f.keep) replaced.insert(f.rec->fd);
     if (replaced.empty()) continue;
-    auto fds = sys::list_fds(h.target, true);
+    // The holder's table: the process's, or the own table of h.thread (/proc/PID/task/TID).
+    const std::string dir =
+        h.thread ? fmt::format("/proc/{}/task/{}", h.target, h.thread) : fmt::format("/proc/{}", h.target);
+    sys::UniqueFd fd_dir;
+    auto fds = sys::list_task_fds(h.target, h.thread ? h.thread : h.target, fd_dir);
     if (!fds) continue;
-    for (const sys::FdEntry& e : *fds) {
-      if (e.target != "anon_inode:[eventpoll]") continue;
-      auto info = sys::read_proc_file(fmt::format("/proc/{}/fdinfo/{}", h.target, e.fd));
+    for (int fd : *fds) {
+      char link[64];
+      const ssize_t n = ::readlinkat(fd_dir.get(), fmt::format("{}", fd).c_str(), link, sizeof link);
+      if (std::string_view(link, n > 0 ? static_cast<size_t>(n) : 0) != "anon_inode:[eventpoll]") continue;
+      auto info = sys::read_proc_file(fmt::format("{}/fdinfo/{}", dir, fd));
       if (!info) continue;
       for (const Watch& w : parse_watches(*info)) {
         if (!replaced.count(w.tfd)) continue;
         struct stat st {};
-        if (::stat(fmt::format("/proc/{}/fd/{}", h.target, w.tfd).c_str(), &st) < 0 || st.st_ino != w.ino) continue;
-        if (epoll_watch_readded(plan, h, e.fd, w.tfd)) continue;
-        notes.push_back(fmt::format("fd {} of process {} is watched by its epoll fd {}, a watch the image does not "
-                                    "record: it stays on the file being replaced, so the process will not hear from "
+        if (::stat(fmt::format("{}/fd/{}", dir, w.tfd).c_str(), &st) < 0 || st.st_ino != w.ino) continue;
+        if (epoll_watch_readded(plan, h, fd, w.tfd)) continue;
+        notes.push_back(fmt::format("fd {} of {} is watched by its epoll fd {}, a watch the image does not "
+                                    "record: it stays on the file being replaced, so the {} will not hear from "
                                     "the restored pipe there",
-                                    w.tfd, h.target, e.fd));
+                                    w.tfd,
+                                    h.thread ? fmt::format("thread {} of process {}", h.thread, h.target)
+                                             : fmt::format("process {}", h.target),
+                                    fd, h.thread ? "thread" : "process"));
       }
     }
   }

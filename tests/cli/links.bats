@@ -2,7 +2,8 @@
 # links.bats: a real event-loop program keeps hearing its pipe after `pipecr restore --into`
 # (issue 7). The program is Python asyncio (links/asyncio_reader.py): its loop watches the read
 # end of a pipe with epoll (loop.add_reader). A restore in place keeps the watch; one that puts a
-# new pipe there (--replace) adds the watch the dump recorded again on the new file.
+# new pipe there (--replace) adds the watch the dump recorded again on the new file. The same holds
+# for an epoll in a thread's own fd table (links/thread_epoll.py).
 
 load helpers
 
@@ -103,6 +104,37 @@ heard() {
       (.[0].data_hex | endswith("28"))' "$TMP/doc.json"
   say "END"
   heard "END"
+}
+
+@test "a thread's own fd table: its epoll watch is dumped with the thread, shown, and follows --replace" {
+  python3 "$BATS_TEST_DIRNAME/links/thread_epoll.py" "$TMP/loop.pid" "$TMP/heard" &
+  local i tid
+  PID=
+  for i in $(seq 1 200); do
+    [ -s "$TMP/loop.pid" ] && PID=$(cat "$TMP/loop.pid") && break
+    sleep 0.05
+  done
+  [ -n "$PID" ]
+  tid=$(cat "$TMP/loop.pid.tid")
+  [ "$tid" != "$PID" ]
+  printf 'one;' > "/proc/$PID/task/$tid/fd/41"
+  heard "one;"
+  "$PIPECR" dump -t "$PID" -o "$TMP/img"
+  run "$PIPECR" show "$TMP/img"
+  echo "$output"
+  echo "$output" | grep -E "^  epoll 1 \(fd 44 of $PID/$tid\) watches fd 40 \(file [0-9]+, pipe [0-9]+\): EPOLLIN,EPOLLERR,EPOLLHUP; data 0x[0-9a-f]*28$"
+  "$PIPECR" show --json "$TMP/img" > "$TMP/doc.json"
+  jq -e --argjson pid "$PID" --argjson tid "$tid" '.epoll_watches | length == 1 and .[0].pid == $pid and
+      .[0].tid == $tid and .[0].epoll_fd == 44 and .[0].fd == 40' "$TMP/doc.json"
+  run "$PIPECR" restore --replace "$TMP/img" --into "$PID"
+  echo "$output"
+  [ "$status" -eq 0 ]
+  [[ "$output" == *"(0 in place, 1 replaced;"* ]]
+  [[ "$output" == *"note: epoll fd 44 of thread $tid of process $PID: 1 watch re-added on the restored pipe ends (fd 40)"* ]]
+  [[ "$output" != *"will not hear"* ]]
+  # The thread, blocked in epoll_wait on its own table's epoll through the restore, hears the new pipe.
+  printf 'two;END' > "/proc/$PID/task/$tid/fd/41"
+  heard "one;two;END"
 }
 
 # fifo_bytes PATH: the bytes queued in the FIFO at PATH (opened O_RDWR|O_NONBLOCK: never blocks).

@@ -8,16 +8,22 @@
 // must put each table's pipes back in that table (same numbers, other pipes), keep S's write end
 // one description across the two tables, and leave each table without an extra fd.
 //
+// The thread's table also holds an epoll at fd 44 watching its fd 40 (T's read end, EPOLLIN, data
+// 0x7470); a restore that puts a new pipe T there must add that watch again in the thread's table.
+//
 // After SIGUSR1 the thread checks its table (the bytes of T and the flags of 40, 41 and 42; no fd
-// 43), clears O_NONBLOCK on its fd 42, and exits; the main thread then checks its own table, and
-// that the thread's change shows through its own fd 42 (one description).
+// 43; its epoll reports T readable, then nothing once T is drained, then a new write), clears
+// O_NONBLOCK on its fd 42, and exits; the main thread then checks its own table, and that the
+// thread's change shows through its own fd 42 (one description).
 #include <pthread.h>
 #include <sched.h>
+#include <sys/epoll.h>
 
 #include "zdtmlite.h"
 
 namespace {
-constexpr int kR = 40, kW = 41, kShared = 42, kSharedRead = 43;
+constexpr int kR = 40, kW = 41, kShared = 42, kSharedRead = 43, kEpoll = 44;
+constexpr uint64_t kEpollData = 0x7470;
 constexpr size_t kMain = 3000, kThread = 5000, kSharedBytes = 700;
 constexpr uint32_t kSeedMain = 61, kSeedThread = 62, kSeedShared = 63;
 
@@ -53,6 +59,13 @@ void* thread_main(void* arg) {
   zdtm::move_fd(p[1], kW);
   zdtm::write_pattern(kW, kSeedThread, 0, kThread, 1000, "thread's writer");
   zdtm::setfl(kR, O_NONBLOCK);
+  const int ep = epoll_create1(0);
+  if (ep < 0) ZDTM_SYSFAIL("epoll_create1");
+  zdtm::move_fd(ep, kEpoll);
+  epoll_event ev{};
+  ev.events = EPOLLIN;
+  ev.data.u64 = kEpollData;
+  if (epoll_ctl(kEpoll, EPOLL_CTL_ADD, kR, &ev) != 0) ZDTM_SYSFAIL("epoll_ctl(ADD %d)", kR);
   g_sync.tid = static_cast<pid_t>(syscall(SYS_gettid));
   set_step(1);
   wait_step(2);  // SIGUSR1 came
@@ -65,11 +78,24 @@ void* thread_main(void* arg) {
   ZDTM_CHECK(zdtm::inode_of(kR) == zdtm::inode_of(kW), "thread: fds %d and %d are not one pipe", kR, kW);
   ZDTM_CHECK(zdtm::fionread(kR) == static_cast<int>(kThread), "thread: %d bytes queued, expected %zu",
              zdtm::fionread(kR), kThread);
+  // The epoll of the thread's table hears the pipe now at its fd 40: the watch follows a new pipe.
+  epoll_event got{};
+  auto heard = [&] {
+    int n;
+    do n = epoll_wait(kEpoll, &got, 1, 0);
+    while (n < 0 && errno == EINTR);
+    if (n < 0) ZDTM_SYSFAIL("epoll_wait(%d)", kEpoll);
+    return n;
+  };
+  ZDTM_CHECK(heard() == 1 && got.data.u64 == kEpollData && got.events == EPOLLIN,
+             "thread: epoll fd %d does not report fd %d readable (the watch did not follow the pipe)", kEpoll, kR);
   zdtm::expect_pattern(kR, kSeedThread, 0, kThread, "thread's pipe");
   char c;
   errno = 0;
   ZDTM_CHECK(read(kR, &c, 1) < 0 && errno == EAGAIN, "thread: empty pipe gave no EAGAIN (errno %d)", errno);
+  ZDTM_CHECK(heard() == 0, "thread: epoll fd %d reports the drained pipe readable", kEpoll);
   zdtm::write_pattern(kW, kSeedThread + 10, 0, 50, 50, "thread's writer");
+  ZDTM_CHECK(heard() == 1 && got.data.u64 == kEpollData, "thread: epoll fd %d did not hear a new write", kEpoll);
   zdtm::expect_pattern(kR, kSeedThread + 10, 0, 50, "thread's own new bytes");
   if (fcntl(kShared, F_SETFL, 0) != 0) ZDTM_SYSFAIL("F_SETFL(thread's fd %d)", kShared);
   return nullptr;

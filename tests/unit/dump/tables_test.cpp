@@ -5,6 +5,7 @@
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
+#include <sys/epoll.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
@@ -420,15 +421,44 @@ void* restore_thread(void* arg) {
   return nullptr;
 }
 
-// Starts restore_thread; returns once it has a table of its own. The child's ready fd is then in
-// both tables: the thread closes its copy, this closes the process's, so it closes for the test
-// once both are made.
-pthread_t start_table_thread(Shared* s, int ready) {
+// The thread of the epoll test: its own table, a pipe at 30 (read) and 31 (write) with
+// "thread-data", and an epoll at fd 32 watching fd 30 (EPOLLIN, data 0x3030). Step 3 (after a
+// restore that replaced the pipe): the epoll reports fd 30 readable with that data, fd 30 holds
+// the bytes again, and once they are read the epoll reports nothing (it watches the new pipe).
+void* epoll_thread(void* arg) {
+  auto* a = static_cast<ThreadArgs*>(arg);
+  Shared* s = a->s;
+  if (unshare(CLONE_FILES) != 0 || !pipe_at_30("thread-data")) return nullptr;
+  const int ep = epoll_create1(0);
+  dup2(ep, 32);
+  close(ep);
+  epoll_event ev{};
+  ev.events = EPOLLIN;
+  ev.data.u64 = 0x3030;
+  if (epoll_ctl(32, EPOLL_CTL_ADD, 30, &ev) != 0) s->result = 2;
+  s->tid = static_cast<pid_t>(syscall(SYS_gettid));
+  close(a->ready);
+  wait_step(s, 3);
+  epoll_event got{};
+  const bool heard = epoll_wait(32, &got, 1, 0) == 1 && got.data.u64 == 0x3030 && got.events == EPOLLIN;
+  char buf[64];
+  const bool data = read(30, buf, sizeof buf) == 11 && memcmp(buf, "thread-data", 11) == 0;
+  const bool quiet = epoll_wait(32, &got, 1, 0) == 0;
+  const bool hears_writes = write(31, "z", 1) == 1 && epoll_wait(32, &got, 1, 0) == 1 && got.data.u64 == 0x3030;
+  if (s->result < 0) s->result = !heard ? 3 : !data ? 4 : !quiet ? 5 : !hears_writes ? 6 : 0;
+  s->step = 4;
+  return nullptr;
+}
+
+// Starts fn (restore_thread unless said); returns once it has a table of its own. The child's ready
+// fd is then in both tables: the thread closes its copy, this closes the process's, so it closes
+// for the test once both are made.
+pthread_t start_table_thread(Shared* s, int ready, void* (*fn)(void*) = restore_thread) {
   int dup_ready = dup(ready);
   close(ready);
   ThreadArgs a{s, dup_ready};
   pthread_t t;
-  pthread_create(&t, nullptr, restore_thread, &a);
+  pthread_create(&t, nullptr, fn, &a);
   while (s->tid.load() == 0) usleep(1000);
   close(dup_ready);
   return t;
@@ -521,6 +551,56 @@ TEST(DumpTables, ProcessAndThreadTablesRestoredInOneRestore) {
   wait_step(s, 4);
   EXPECT_EQ(s->result.load(), 0);
   EXPECT_EQ(c.reap(), 0) << "10 + n: the thread's check n failed; 5, 6: the process's bytes or link";
+}
+
+// An epoll in a thread's own table watching a pipe end of that table: dumped with the thread's id
+// (THREAD_EPOLL_WATCH), and re-added by the thread's agent when a restore replaces the pipe (the
+// kernel drops a watch with the file it watches).
+TEST(DumpTables, ThreadTableEpollWatchFollowsTheReplacedPipe) {
+  Shared* s = shared_page();
+  DumpChild c([s](int ready) {
+    pthread_t t = start_table_thread(s, ready, epoll_thread);
+    pthread_join(t, nullptr);
+    return s->result.load();
+  });
+  ASSERT_TRUE(c.ready());
+  const pid_t tid = s->tid.load();
+  ASSERT_NE(tid, 0);
+  std::vector<std::byte> bytes;
+  auto img = testing::dump_image({c.pid()}, bytes);
+  ASSERT_TRUE(img) << img.error().what;
+  ASSERT_EQ(img->epoll_watches.size(), 1u);
+  const EpollWatch& w = img->epoll_watches[0];
+  EXPECT_EQ(w.pid, c.pid());
+  EXPECT_EQ(w.tid, tid);
+  EXPECT_EQ(w.epoll_fd, 32);
+  EXPECT_EQ(w.fd, 30);
+  EXPECT_EQ(w.events, static_cast<uint32_t>(EPOLLIN | EPOLLERR | EPOLLHUP));  // the kernel adds the last two
+  EXPECT_EQ(w.data, 0x3030u);
+
+  const auto main_before = fds_of_table(c.pid(), c.pid()), thread_before = fds_of_table(c.pid(), tid);
+  restore::ProcessRestoreOptions replace;
+  replace.replace = true;
+  auto sum = restore::restore_processes(*img, restore::ProcessRestoreRequest{{{c.pid(), std::nullopt}}, std::nullopt},
+                                        replace);
+  ASSERT_TRUE(sum) << sum.error().what;
+  EXPECT_EQ(sum->epoll_readded, 1u);
+  std::string notes;
+  for (const std::string& n : sum->notes) notes += n + "\n";
+  EXPECT_NE(notes.find(fmt::format("epoll fd 32 of thread {} of process {}: 1 watch re-added on the restored pipe "
+                                   "ends (fd 30)",
+                                   tid, c.pid())),
+            std::string::npos)
+      << notes;
+  EXPECT_EQ(notes.find("will not hear"), std::string::npos) << notes;
+  EXPECT_EQ(fds_of_table(c.pid(), c.pid()), main_before);
+  EXPECT_EQ(fds_of_table(c.pid(), tid), thread_before);
+  testing::expect_running(c.pid());
+  s->step = 3;
+  wait_step(s, 4);
+  EXPECT_EQ(s->result.load(), 0) << "2: the program's own ADD; 3: no event with the data; 4: the bytes; 5: still "
+                                    "readable once read; 6: a new write not heard";
+  EXPECT_EQ(c.reap(), 0);
 }
 
 // The same image into another process, which has no such thread: refused, nothing done.
