@@ -697,10 +697,9 @@ class Dumper {
     for (sys::SurveyedFd& f : batch) {
       const size_t before = holders_.size();
       const SnapshotPacker::Piece teed{f.teed != 0 ? lent[f.scratch] : 0, f.teed};
-      if (!f.file && f.teed == 0) {  // a file SCM_RIGHTS may not carry: taken directly
-        long r = ::syscall(SYS_pidfd_getfd, t.pidfd.get(), f.fd, 0);
-        if (r >= 0) {
-          f.file.reset(static_cast<int>(r));
+      if (!f.file && f.teed == 0) {  // a file SCM_RIGHTS may not carry: taken directly, or left out
+        if (auto copy = take_fd(t, f.fd); copy && *copy) {
+          f.file = std::move(*copy);
           f.stat_known = false;
         }
       }

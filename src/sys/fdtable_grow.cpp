@@ -28,12 +28,6 @@ std::atomic<bool> g_enabled{true};
 // An fd number above every table (fs.nr_open is at most about 2^30): dup3 finds nothing there.
 constexpr int kNeverOpen = INT_MAX;
 
-// The state letter of /proc/PID/task/TID/stat, or 0 when the task is gone.
-char task_state(pid_t pid, pid_t tid) {
-  auto st = read_task_stat(pid, tid);
-  return st ? st->state : 0;
-}
-
 // Whether tasks a and b use the same fd table: 1 yes, 0 no, -1 unknown (kcmp refused or missing).
 int same_table(pid_t a, pid_t b) {
   if (a == b) return 1;
@@ -158,7 +152,7 @@ Expected<FdTableGrowth> pregrow_fd_table(pid_t pid, pid_t owner, int want, uint6
     const int same = same_table(owner, tid);
     if (same == 0) continue;
     if (same < 0 && tid != owner && owner != pid) continue;  // unknown, and the holder has a table of its own
-    const char st = task_state(pid, tid);
+    const char st = task_state(pid, tid).value_or(0);  // 0: gone
     if (st == 0 || st == 'Z' || st == 'X' || st == 'x') continue;
     ++sharers;
     if (st == 'S' && !sleeping) sleeping = tid;
@@ -181,7 +175,7 @@ Expected<FdTableGrowth> pregrow_fd_table(pid_t pid, pid_t owner, int want, uint6
       return g;
     }
     // Only the process's end stops the restore: a thread that exited alone leaves the rest to the stop.
-    if (r.error().kind == Errc::gone && task_state(pid, pid) == 0) return tl::unexpected(r.error());
+    if (r.error().kind == Errc::gone && !task_state(pid, pid)) return tl::unexpected(r.error());
     g.why = r.error().what;
     return g;
   }

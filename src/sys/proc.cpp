@@ -359,6 +359,12 @@ Expected<TaskStatus> read_status(pid_t pid, pid_t tid) {
   return parse_status(*whole);
 }
 
+std::optional<char> task_state(pid_t pid, pid_t tid) {
+  auto st = read_task_stat(pid, tid);
+  if (!st) return std::nullopt;
+  return st->state;
+}
+
 Expected<char> read_state(pid_t pid) {
   return read_stat(pid).map([](const ProcStat& s) { return s.state; });
 }

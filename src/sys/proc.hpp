@@ -48,6 +48,9 @@ struct ProcStat {
 [[nodiscard]] Expected<ProcStat> read_stat(pid_t pid);
 // Same, for one thread (/proc/PID/task/TID/stat).
 [[nodiscard]] Expected<ProcStat> read_task_stat(pid_t pid, pid_t tid);
+// The state letter of /proc/PID/task/TID/stat ('R', 'S', 'T', 't', 'Z'...), or nullopt when the task
+// does not exist (or its stat cannot be read).
+[[nodiscard]] std::optional<char> task_state(pid_t pid, pid_t tid);
 [[nodiscard]] Expected<pid_t> read_ppid(pid_t pid);
 
 // The fields of /proc/PID/status (of one thread: /proc/PID/task/TID/status) pipecr uses, read with

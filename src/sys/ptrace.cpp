@@ -39,14 +39,6 @@ using arch::is_restart_code;
 
 bool is_stop_signal(int sig) { return sig == SIGSTOP || sig == SIGTSTP || sig == SIGTTIN || sig == SIGTTOU; }
 
-// The state letter of /proc/PID/task/TID/stat ('R', 'S', 'T', 't', 'Z'...), or nullopt when the task
-// does not exist.
-std::optional<char> task_state(pid_t pid, pid_t tid) {
-  auto st = read_task_stat(pid, tid);
-  if (!st) return std::nullopt;
-  return st->state;
-}
-
 // A vfork parent waits for its child to exec or exit in an uninterruptible sleep that no ptrace stop
 // can end (wait_for_vfork_done, inlined into kernel_clone: /proc wchan shows kernel_clone).
 bool in_vfork_wait(pid_t pid, pid_t tid) {
