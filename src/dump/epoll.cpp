@@ -124,6 +124,21 @@ Expected<void> EpollDump::read(bool copies, const std::function<size_t(size_t, i
   if (auto g = group(copies); !g) return g;
   for (size_t e = 0; e < epolls_.size(); ++e)
     if (auto r = read_one(e, copies, holder_at, same_inode, reach); !r) return r;
+  // A watch no table could attribute is lost; one instance held in two tables (a thread's copy of
+  // the process's table) shows each table the watches added through the other too.
+  std::map<size_t, uint64_t> lost;  // epoll fd -> watches lost
+  for (const Miss& m : misses_)
+    if (!attributed_.count({epolls_[m.epoll].id, m.tfd, m.toff})) ++lost[m.epoll];
+  for (const auto& [ei, n] : lost) {
+    const Epoll& e = epolls_[ei];
+    stats_.unattributed += n;
+    lost_.push_back(fmt::format("epoll fd {} of {}: {} not recorded: the {} no longer holds the watched pipe end at "
+                                "any fd",
+                                e.fd, e.own ? fmt::format("thread {} of process {}", e.tid, e.pid)
+                                            : fmt::format("process {}", e.pid),
+                                n == 1 ? "1 watch" : fmt::format("{} watches", n),
+                                e.own ? "thread's own fd table" : "process"));
+  }
   return {};
 }
 
@@ -141,8 +156,12 @@ Expected<void> EpollDump::read_one(size_t ei, bool copies, const std::function<s
   }
   auto entries = parse_epoll_fdinfo(*text);
   if (!entries) return tl::unexpected(entries.error());
+  // Counted once per instance and table, not per fd of it.
+  bool first = true;
+  for (size_t k = 0; k < ei; ++k)
+    if (epolls_[k].id == e.id && epolls_[k].table == e.table) first = false;
   std::map<int, uint32_t> seen;  // tfd -> watches with that number so far (KCMP_EPOLL_TFD's toff)
-  uint64_t unattributed = 0, other = 0;
+  uint64_t other = 0;
   for (const EpollFdinfoEntry& w : *entries) {
     uint32_t toff = seen[w.tfd]++;
     // First the pipe end at the watch's own number; then the other ends of that inode in the table
@@ -172,27 +191,16 @@ Expected<void> EpollDump::read_one(size_t ei, bool copies, const std::function<s
     }
     if (gone) continue;
     if (!found) {
-      ++unattributed;
+      if (first) misses_.push_back(Miss{ei, w.tfd, toff});
       continue;
     }
+    attributed_.insert({e.id, w.tfd, toff});
     watches_.push_back(Watch{ei, *found, w.tfd, w.events, w.data});
   }
-  // Counted once per instance and table, not per fd of it.
-  bool first = true;
-  for (size_t k = 0; k < ei; ++k)
-    if (epolls_[k].id == e.id && epolls_[k].table == e.table) first = false;
   if (first) {
     stats_.watches += static_cast<uint64_t>(std::count_if(watches_.begin(), watches_.end(),
                                                           [&](const Watch& w) { return w.epoll == ei; }));
-    stats_.unattributed += unattributed;
     stats_.other += other;
-    if (unattributed > 0)
-      lost_.push_back(fmt::format("epoll fd {} of {}: {} not recorded: the {} no longer holds the watched pipe end at "
-                                  "any fd",
-                                  e.fd, e.own ? fmt::format("thread {} of process {}", e.tid, e.pid)
-                                              : fmt::format("process {}", e.pid),
-                                  unattributed == 1 ? "1 watch" : fmt::format("{} watches", unattributed),
-                                  e.own ? "thread's own fd table" : "process"));
   }
   return {};
 }

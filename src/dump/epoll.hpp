@@ -6,10 +6,12 @@
 // kcmp(KCMP_EPOLL_TFD), which compares an fd with the file a watch holds: first the pipe end at the
 // watch's own fd number, then the other dumped ends of that inode in the same table (a program may
 // have added the watch through a dup and closed it since: the watch stays, keyed by that number,
-// while the file lives at another one; CRIU's zdtm epoll and epoll01 do this). A watch on a pipe
-// inode the table holds whose very file the table no longer holds is counted as not attributable
-// and said in the dump's notes, per epoll fd; one whose fd number and inode match no dumped pipe end
-// is on another kind of file and is counted apart (DumpStats::epoll_other).
+// while the file lives at another one; CRIU's zdtm epoll and epoll01 do this). An instance in two
+// tables (a thread's copy of the process's table) shows each the watches of both: each table
+// records those it can attribute. A watch on a pipe inode the table holds whose very file no table
+// holding that epoll holds is counted as not attributable and said in the dump's notes, per epoll
+// fd; one whose fd number and inode match no dumped pipe end is on another kind of file and is
+// counted apart (DumpStats::epoll_other).
 //
 // When pipecr holds copies of the epolls and of the pipe ends (the fast path), the watches are read
 // after the targets run again, from the copies (the same epoll, the same files): a program that
@@ -22,8 +24,10 @@
 
 #include <cstdint>
 #include <functional>
+#include <set>
 #include <string>
 #include <string_view>
+#include <tuple>
 #include <vector>
 
 #include "pipecr/error.hpp"
@@ -55,7 +59,7 @@ struct FdAt {
 struct EpollDumpStats {
   uint64_t epolls = 0;          // epoll instances held by the dumped processes
   uint64_t watches = 0;         // watches on dumped pipe ends, attributed (records: per holding fd)
-  uint64_t unattributed = 0;    // watches on a dumped inode whose very file the table no longer holds
+  uint64_t unattributed = 0;    // watches on a dumped inode whose very file no table holding the epoll holds
   uint64_t other = 0;           // watches on fds that hold no dumped pipe end
 };
 
@@ -109,8 +113,15 @@ class EpollDump {
                                         const std::function<std::vector<size_t>(size_t, uint64_t)>& same_inode,
                                         const std::function<FdAt(size_t)>& reach);
 
+  struct Miss {  // a watch the table of `epoll` could not attribute (it may be another table's)
+    size_t epoll = 0;
+    int tfd = -1;
+    uint32_t toff = 0;
+  };
   std::vector<Epoll> epolls_;
   std::vector<Watch> watches_;
+  std::vector<Miss> misses_;  // of the first fd of each instance in each table
+  std::set<std::tuple<uint64_t, int, uint32_t>> attributed_;  // (instance, tfd, toff) of each watch attributed
   std::vector<std::string> lost_;  // one sentence per epoll fd with watches not recorded
   EpollDumpStats stats_;
 };

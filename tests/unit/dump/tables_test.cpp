@@ -450,6 +450,31 @@ void* epoll_thread(void* arg) {
   return nullptr;
 }
 
+// The thread of the shared-epoll test: the process made an epoll at fd 32 watching its pipe at
+// 30 (data 0xA0) before this thread's unshare(), so fd 32 of both tables is one instance. Here fd
+// 30 and 31 become pipe T ("thread-data"), watched through this table's fd 32 (data 0x70): the
+// instance holds both watches, keyed (A, 30) and (T, 30). Step 3 (after a restore that replaced
+// both pipes): one epoll_wait reports both, each with its data.
+void* shared_epoll_thread(void* arg) {
+  auto* a = static_cast<ThreadArgs*>(arg);
+  Shared* s = a->s;
+  if (unshare(CLONE_FILES) != 0 || !pipe_at_30("thread-data")) return nullptr;
+  epoll_event ev{};
+  ev.events = EPOLLIN;
+  ev.data.u64 = 0x70;
+  if (epoll_ctl(32, EPOLL_CTL_ADD, 30, &ev) != 0) s->result = 2;
+  s->tid = static_cast<pid_t>(syscall(SYS_gettid));
+  close(a->ready);
+  wait_step(s, 3);
+  epoll_event got[4]{};
+  const int n = epoll_wait(32, got, 4, 0);
+  std::set<uint64_t> data;
+  for (int i = 0; i < n; ++i) data.insert(got[i].data.u64);
+  if (s->result < 0) s->result = data == std::set<uint64_t>{0xA0, 0x70} ? 0 : 10 + n;
+  s->step = 4;
+  return nullptr;
+}
+
 // Starts fn (restore_thread unless said); returns once it has a table of its own. The child's ready
 // fd is then in both tables: the thread closes its copy, this closes the process's, so it closes
 // for the test once both are made.
@@ -600,6 +625,57 @@ TEST(DumpTables, ThreadTableEpollWatchFollowsTheReplacedPipe) {
   wait_step(s, 4);
   EXPECT_EQ(s->result.load(), 0) << "2: the program's own ADD; 3: no event with the data; 4: the bytes; 5: still "
                                     "readable once read; 6: a new write not heard";
+  EXPECT_EQ(c.reap(), 0);
+}
+
+// One epoll instance in the process's table and in its thread's copy of it, watching a pipe of
+// each table at the same fd number: each table's fdinfo shows both watches, and each table can
+// attribute only its own. Both are recorded (one per table, one epoll id), neither is called lost,
+// and a restore that replaces both pipes re-adds each through its own table's agent.
+TEST(DumpTables, OneEpollInTwoTablesKeepsTheWatchesOfBoth) {
+  Shared* s = shared_page();
+  DumpChild c([s](int ready) {
+    if (!pipe_at_30("main-data")) return 2;
+    const int ep = epoll_create1(0);
+    dup2(ep, 32);
+    close(ep);
+    epoll_event ev{};
+    ev.events = EPOLLIN;
+    ev.data.u64 = 0xA0;
+    if (epoll_ctl(32, EPOLL_CTL_ADD, 30, &ev) != 0) return 3;
+    pthread_t t = start_table_thread(s, ready, shared_epoll_thread);
+    pthread_join(t, nullptr);
+    return s->result.load();
+  });
+  ASSERT_TRUE(c.ready());
+  const pid_t tid = s->tid.load();
+  ASSERT_NE(tid, 0);
+  std::vector<std::byte> bytes;
+  dump::DumpStats stats;
+  auto img = testing::dump_image({c.pid()}, bytes, &stats);
+  ASSERT_TRUE(img) << img.error().what;
+  ASSERT_EQ(img->epoll_watches.size(), 2u);
+  std::map<int32_t, uint64_t> data_by_tid;
+  for (const EpollWatch& w : img->epoll_watches) {
+    EXPECT_EQ(w.epoll_id, img->epoll_watches[0].epoll_id) << "one instance";
+    EXPECT_EQ(w.epoll_fd, 32);
+    EXPECT_EQ(w.fd, 30);
+    data_by_tid[w.tid] = w.data;
+  }
+  EXPECT_EQ(data_by_tid, (std::map<int32_t, uint64_t>{{0, 0xA0}, {tid, 0x70}}));
+  EXPECT_EQ(stats.epoll_unattributed, 0u);
+  EXPECT_TRUE(stats.notes.empty()) << stats.notes.front();
+
+  restore::ProcessRestoreOptions replace;
+  replace.replace = true;
+  auto sum = restore::restore_processes(*img, restore::ProcessRestoreRequest{{{c.pid(), std::nullopt}}, std::nullopt},
+                                        replace);
+  ASSERT_TRUE(sum) << sum.error().what;
+  EXPECT_EQ(sum->epoll_readded, 2u);
+  testing::expect_running(c.pid());
+  s->step = 3;
+  wait_step(s, 4);
+  EXPECT_EQ(s->result.load(), 0) << "10 + n: epoll_wait reported n watches, not the two";
   EXPECT_EQ(c.reap(), 0);
 }
 
