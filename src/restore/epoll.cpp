@@ -38,11 +38,6 @@ bool free_now(const Holder& h, int fd) {
   return ::lstat(fd_path(h, fd).c_str(), &st) < 0 && errno == ENOENT;
 }
 
-// "process 4242", or "thread 4250 of process 4242" for a thread's own table.
-std::string table_name(const Holder& h) {
-  return h.thread ? fmt::format("thread {} of process {}", h.thread, h.target) : fmt::format("process {}", h.target);
-}
-
 const PlannedFd* planned_at(const Holder& h, int fd) {
   for (const PlannedFd& f : h.fds)
     if (f.rec->fd == fd) return &f;

@@ -82,10 +82,7 @@ std::vector<std::string> cut_links_notes(const Plan& plan) {
         notes.push_back(fmt::format("fd {} of {} is watched by its epoll fd {}, a watch the image does not "
                                     "record: it stays on the file being replaced, so the {} will not hear from "
                                     "the restored pipe there",
-                                    w.tfd,
-                                    h.thread ? fmt::format("thread {} of process {}", h.thread, h.target)
-                                             : fmt::format("process {}", h.target),
-                                    fd, h.thread ? "thread" : "process"));
+                                    w.tfd, table_name(h), fd, h.thread ? "thread" : "process"));
       }
     }
   }

@@ -35,6 +35,11 @@
 #include "sys/syscalls.hpp"
 
 namespace pipecr::restore {
+
+std::string table_name(const Holder& h) {
+  return h.thread ? fmt::format("thread {} of process {}", h.thread, h.target) : fmt::format("process {}", h.target);
+}
+
 namespace {
 
 std::string recorded_list(const Image& img) {

@@ -44,6 +44,10 @@ struct Holder {
   pid_t thread = 0;
 };
 
+// The holder's fd table in messages: "process 4242", or "thread 4250 of process 4242" for a
+// thread's own table.
+[[nodiscard]] std::string table_name(const Holder& h);
+
 struct PlannedFile {
   FileRecord rec;          // owner.pid mapped to a live pid (0 when it could not be)
   const PipeRecord* pipe = nullptr;
