@@ -2,7 +2,7 @@
 //
 // Each seed is small (a fuzzer mutates small inputs faster) and reaches a different part of the
 // reader: an empty image, stream and packet slots, FIFOs, processes with argv, signal owners, an
-// optional record from a "future" writer. The test checks that every seed parses; with
+// optional record from a "future" writer, every kind of fd table and epoll watch. The test checks that every seed parses; with
 // PIPECR_CORPUS_DIR set it also writes them there, which is how fuzz/corpus/ was made:
 //   PIPECR_CORPUS_DIR=fuzz/corpus build/tests/image_corpus_test
 #include <fcntl.h>
@@ -17,6 +17,7 @@
 
 #include "image/encoding.hpp"
 #include "image/image_io.hpp"
+#include "image/validate.hpp"
 #include "sys/syscalls.hpp"
 #include "sys/unique_fd.hpp"
 
@@ -116,6 +117,37 @@ Bytes seed_big_page() {
   return *encode(img);
 }
 
+// Every kind of fd table and epoll watch: process 300's table (fds 3 and 4), the own table of its
+// thread 301 (THREAD_FD: fd 3 on the read end), process 302 using 300's table (SHARED_FILES), and
+// one epoll instance at fd 9 of both tables watching fd 3 of each (EPOLL_WATCH, THREAD_EPOLL_WATCH).
+Bytes seed_tables_and_epolls() {
+  static const Bytes data = text("tables");
+  Image img;
+  img.processes.push_back({300, 1, "loop", {"loop"}});
+  img.processes.push_back({302, 300, "sharer", {"sharer"}});
+  img.shared_tables.push_back({302, 300});
+  PipeRecord p;
+  p.id = 1, p.capacity = 65536, p.mode = 0600, p.slots = {{6, false}}, p.data = data;
+  img.pipes.push_back(p);
+  FileRecord r, w;
+  r.id = 1, r.pipe_id = 1, r.flags = O_RDONLY;
+  w.id = 2, w.pipe_id = 1, w.flags = O_WRONLY | O_NONBLOCK;
+  img.files = {r, w};
+  img.fds = {{300, 3, 1, false, Blocked::none}, {300, 4, 2, false, Blocked::none}, {300, 3, 1, false, Blocked::none, 301}};
+  img.epoll_watches.push_back({1, 300, 9, 1, 3, 0x19, 0xA0});
+  img.epoll_watches.push_back({1, 300, 9, 1, 3, 0x80000019, 0x70, 301});
+  return *encode(img);
+}
+
+// The tables seed is a consistent image (validate() accepts it): restore_fuzz starts from it too.
+TEST(ImageCorpus, TablesSeedValidates) {
+  auto img = parse(seed_tables_and_epolls());
+  ASSERT_TRUE(img) << img.error().what;
+  auto ok = validate(*img);
+  EXPECT_TRUE(ok) << ok.error().what;
+  EXPECT_EQ(img->epoll_watches.size(), 2u);
+}
+
 TEST(ImageCorpus, SeedsParse) {
   std::vector<std::pair<const char*, Bytes>> seeds = {
       {"empty.img", seed_empty()},
@@ -124,6 +156,7 @@ TEST(ImageCorpus, SeedsParse) {
       {"unknown_optional.img", seed_unknown_optional()},
       {"vmsplice_pipe.img", seed_vmsplice_pipe()},
       {"big_page.img", seed_big_page()},
+      {"tables_epolls.img", seed_tables_and_epolls()},
   };
   const char* dir = std::getenv("PIPECR_CORPUS_DIR");
   for (const auto& [name, bytes] : seeds) {
