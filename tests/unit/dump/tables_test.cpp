@@ -400,14 +400,27 @@ bool pipe_at_30(const char* data) {
   return write(31, data, n) == static_cast<ssize_t>(n);
 }
 
+// The thread is set up: its id for the test, and its copy of the child's ready fd closed.
+void announce(const ThreadArgs* a) {
+  a->s->tid = static_cast<pid_t>(syscall(SYS_gettid));
+  close(a->ready);
+}
+
+// epoll_ctl(ep, EPOLL_CTL_ADD, fd) for EPOLLIN with data.
+bool watch(int ep, int fd, uint64_t data) {
+  epoll_event ev{};
+  ev.events = EPOLLIN;
+  ev.data.u64 = data;
+  return epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev) == 0;
+}
+
 // The thread: its own table, a pipe at 30 (read) and 31 (write) with "thread-data". Step 1: drain
 // it. Step 3 (after the restore): the data is back at 30, and 31 writes into the same pipe.
 void* restore_thread(void* arg) {
   auto* a = static_cast<ThreadArgs*>(arg);
   Shared* s = a->s;
   if (unshare(CLONE_FILES) != 0 || !pipe_at_30("thread-data")) return nullptr;
-  s->tid = static_cast<pid_t>(syscall(SYS_gettid));
-  close(a->ready);
+  announce(a);
   wait_step(s, 1);
   char buf[64];
   if (read(30, buf, sizeof buf) != 11) s->result = 2;
@@ -432,12 +445,8 @@ void* epoll_thread(void* arg) {
   const int ep = epoll_create1(0);
   dup2(ep, 32);
   close(ep);
-  epoll_event ev{};
-  ev.events = EPOLLIN;
-  ev.data.u64 = 0x3030;
-  if (epoll_ctl(32, EPOLL_CTL_ADD, 30, &ev) != 0) s->result = 2;
-  s->tid = static_cast<pid_t>(syscall(SYS_gettid));
-  close(a->ready);
+  if (!watch(32, 30, 0x3030)) s->result = 2;
+  announce(a);
   wait_step(s, 3);
   epoll_event got{};
   const bool heard = epoll_wait(32, &got, 1, 0) == 1 && got.data.u64 == 0x3030 && got.events == EPOLLIN;
@@ -459,12 +468,8 @@ void* shared_epoll_thread(void* arg) {
   auto* a = static_cast<ThreadArgs*>(arg);
   Shared* s = a->s;
   if (unshare(CLONE_FILES) != 0 || !pipe_at_30("thread-data")) return nullptr;
-  epoll_event ev{};
-  ev.events = EPOLLIN;
-  ev.data.u64 = 0x70;
-  if (epoll_ctl(32, EPOLL_CTL_ADD, 30, &ev) != 0) s->result = 2;
-  s->tid = static_cast<pid_t>(syscall(SYS_gettid));
-  close(a->ready);
+  if (!watch(32, 30, 0x70)) s->result = 2;
+  announce(a);
   wait_step(s, 3);
   epoll_event got[4]{};
   const int n = epoll_wait(32, got, 4, 0);
@@ -639,10 +644,7 @@ TEST(DumpTables, OneEpollInTwoTablesKeepsTheWatchesOfBoth) {
     const int ep = epoll_create1(0);
     dup2(ep, 32);
     close(ep);
-    epoll_event ev{};
-    ev.events = EPOLLIN;
-    ev.data.u64 = 0xA0;
-    if (epoll_ctl(32, EPOLL_CTL_ADD, 30, &ev) != 0) return 3;
+    if (!watch(32, 30, 0xA0)) return 3;
     pthread_t t = start_table_thread(s, ready, shared_epoll_thread);
     pthread_join(t, nullptr);
     return s->result.load();
