@@ -191,17 +191,15 @@ void group_ends(PipeView& p) {
   const pid_t self = ::getpid();
   for (const Holder& h : p.fds)
     refs.push_back(h.fd < 0 ? sys::FdRef{self, h.copy, p.ino} : sys::FdRef{h.pid, h.fd, p.ino});
-  auto groups = sys::group_by_open_file(refs);
-  if (!groups) {  // kcmp refused: one end per fd
+  auto ids = sys::open_file_ids(refs);  // numbered by first fd: the ends in the order of their first holder
+  if (!ids) {  // kcmp refused: one end per fd
     for (const Holder& h : p.fds) p.ends.push_back(End{{h}});
     return;
   }
-  for (const sys::FdGroup& g : *groups) {
-    End e;
-    for (const sys::FdRef& r : g.members)
-      for (const Holder& h : p.fds)
-        if (h.fd < 0 ? (r.pid == self && h.copy == r.fd) : (h.pid == r.pid && h.fd == r.fd)) e.holders.push_back(h);
-    p.ends.push_back(std::move(e));
+  for (size_t k = 0; k < p.fds.size(); ++k) {
+    const size_t end = (*ids)[k];
+    if (end == p.ends.size()) p.ends.emplace_back();
+    p.ends[end].holders.push_back(p.fds[k]);
   }
 }
 

@@ -9,7 +9,7 @@
 //     argument without ptrace; wchan says pipe_read / pipe_write / wait_for_partner. A thread in
 //     wait_for_partner is inside open() of a FIFO with no partner yet: it holds no fd, so its path
 //     is read from its memory (process_vm_readv) and matched to the FIFO by device and inode;
-//   - kcmp via sys::group_by_open_file, so that fds sharing one open file description (dup, fork)
+//   - kcmp via sys::open_file_ids, so that fds sharing one open file description (dup, fork)
 //     show as one end with several holders.
 // Processes we may not inspect are skipped silently unless named as targets.
 #pragma once

@@ -104,16 +104,13 @@ Expected<void> EpollDump::group(bool copies) {
   std::vector<sys::FdRef> refs;
   pid_t self = ::getpid();
   for (const Epoll& e : epolls_) refs.push_back(copies ? sys::FdRef{self, e.copy.get(), 0} : sys::FdRef{e.tid, e.fd, 0});
-  auto groups = sys::group_by_open_file(refs);
-  if (!groups) return tl::unexpected(groups.error());
-  std::map<std::pair<pid_t, int>, size_t> at;
-  for (size_t i = 0; i < refs.size(); ++i) at[{refs[i].pid, refs[i].fd}] = i;
-  uint64_t id = 0;
-  for (const sys::FdGroup& g : *groups) {
-    ++id;
-    for (const sys::FdRef& m : g.members) epolls_[at.at({m.pid, m.fd})].id = id;
+  auto ids = sys::open_file_ids(refs);  // numbered by first fd, from 0
+  if (!ids) return tl::unexpected(ids.error());
+  stats_.epolls = 0;
+  for (size_t i = 0; i < epolls_.size(); ++i) {
+    epolls_[i].id = (*ids)[i] + 1;
+    stats_.epolls = std::max(stats_.epolls, epolls_[i].id);
   }
-  stats_.epolls = id;
   return {};
 }
 
